@@ -1,0 +1,89 @@
+"""Discretization of a diagonal continuous-time system dx/dt = A x + B u.
+
+Every rule maps the continuous eigenvalues ``A`` and a positive step ``delta`` to a pair
+``(A_bar, gamma_bar)`` such that the discrete recurrence is
+
+    x_k = A_bar * x_{k-1} + gamma_bar * (B u_k)
+
+All functions are element-wise and broadcast ``A`` against ``delta``; real and complex ``A``
+are both accepted.  ``gamma_bar`` may be the Python float ``1.0`` when the rule leaves ``B``
+unscaled.
+
+============================  ===================================  ==============================
+name                          A_bar                                gamma_bar
+============================  ===================================  ==============================
+``zoh``                       exp(delta A)                         (exp(delta A) - 1) / A
+``bilinear`` (Tustin)         (1 + delta A / 2) / (1 - delta A / 2)  delta / (1 - delta A / 2)
+``dirac``                     exp(delta A)                         1
+``async`` (Event-SSM)         exp(delta * dt_k * A)                (exp(delta A) - 1) / A
+``no_discretization``         A                                    1
+============================  ===================================  ==============================
+
+For ``Re(A) < 0`` and ``delta > 0`` every rule but ``no_discretization`` gives ``|A_bar| < 1``.
+``async`` is the asynchronous rule of Event-SSM (arXiv 2404.18508): the state decays over the
+elapsed time ``dt_k`` (``integration_timesteps``) scaled by the learned step while the input is
+integrated over the learned step alone, so ``dt_k = 1`` recovers ``zoh``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+GammaBar = Union[Tensor, float]
+Discretization = Callable[..., tuple[Tensor, GammaBar]]
+
+
+def _phi1(z: Tensor, A: Tensor) -> Tensor:
+    """(exp(z) - 1) / A computed with expm1, accurate when z is small."""
+    return torch.expm1(z) / A
+
+
+def zoh(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
+    """Zero-order hold: the input is held constant over each step."""
+    dA = delta * A
+    return torch.exp(dA), _phi1(dA, A)
+
+
+def bilinear(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
+    """Bilinear (Tustin) transform: A_bar = (1 + dA/2) / (1 - dA/2), B_bar = delta / (1 - dA/2)."""
+    half = delta * A / 2
+    inv = 1.0 / (1.0 - half)
+    return (1.0 + half) * inv, delta * inv
+
+
+def dirac(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
+    """Dirac-delta input: the impulse enters the state unscaled, A_bar = exp(delta A)."""
+    return torch.exp(delta * A), 1.0
+
+
+def async_(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
+    """Asynchronous (event) rule: decay over ``delta * dt_k``, integrate the input over ``delta``."""
+    if integration_timesteps is None:
+        return zoh(A, delta)
+    dA = delta * A
+    return torch.exp(dA * integration_timesteps), _phi1(dA, A)
+
+
+def no_discretization(A: Tensor, delta=None, integration_timesteps: Optional[Tensor] = None):
+    """The parameters are already discrete: A_bar = A, B_bar = B."""
+    return A, 1.0
+
+
+DISCRETIZATIONS: dict[str, Discretization] = {
+    "zoh": zoh,
+    "bilinear": bilinear,
+    "dirac": dirac,
+    "async": async_,
+    "no_discretization": no_discretization,
+}
+
+
+def get_discretization(name: str, allowed: Optional[tuple[str, ...]] = None) -> Discretization:
+    """Look up a discretization rule by name, raising a ``ValueError`` that lists the valid names."""
+    valid = tuple(DISCRETIZATIONS) if allowed is None else allowed
+    if not isinstance(name, str) or name not in valid:
+        raise ValueError(f"discretization: expected one of {list(valid)}, got {name!r}")
+    return DISCRETIZATIONS[name]

@@ -1,0 +1,65 @@
+"""Causal convolution along the last axis: y_t = sum_{s <= t} k_s u_{t-s}.
+
+FFT for long sequences (zero-padded to at least 2L so nothing wraps around), a direct sum for
+short ones where the FFT's overhead dominates.  Real and complex inputs are both handled; a
+real kernel with a real input uses the real FFT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: below this length the direct O(L^2) sum is cheaper than three FFTs
+DIRECT_MAX_LEN = 32
+
+
+def _fast_len(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (sizes the FFT handles fastest)."""
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def causal_conv(u: Tensor, k: Tensor, method: str = "auto") -> Tensor:
+    """Causal convolution of ``u`` (..., L) with kernel ``k`` (..., Lk), time on the last axis.
+
+    ``u`` and ``k`` broadcast over their leading axes.  Only the first L kernel taps matter; a
+    shorter kernel is zero-extended.  ``method`` is ``"fft"``, ``"direct"`` or ``"auto"``.
+    Returns (..., L) in the promoted dtype (complex if either input is complex).
+    """
+    L = u.shape[-1]
+    if k.shape[-1] > L:
+        k = k[..., :L]
+    if method == "auto":
+        method = "direct" if L <= DIRECT_MAX_LEN else "fft"
+    if method == "direct":
+        return _direct(u, k)
+    if method != "fft":
+        raise ValueError(f"method: expected 'fft', 'direct' or 'auto', got {method!r}")
+    n = _fast_len(L + k.shape[-1] - 1) if k.shape[-1] < L else _fast_len(2 * L)
+    if u.is_complex() or k.is_complex():
+        y = torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n), n=n)
+    else:
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+    return y[..., :L]
+
+
+def _direct(u: Tensor, k: Tensor) -> Tensor:
+    L = u.shape[-1]
+    shape = torch.broadcast_shapes(u.shape[:-1], k.shape[:-1]) + (L,)
+    dtype = torch.promote_types(u.dtype, k.dtype)
+    terms = [torch.zeros(shape, dtype=dtype, device=u.device)]
+    for s in range(min(k.shape[-1], L)):
+        shifted = torch.cat([u.new_zeros(u.shape[:-1] + (s,)), u[..., : L - s]], dim=-1)
+        terms.append(k[..., s : s + 1] * shifted)
+    return torch.stack(terms).sum(0)
