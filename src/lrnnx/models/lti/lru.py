@@ -1,0 +1,103 @@
+"""Linear Recurrent Unit (Orvieto et al., "Resurrecting Recurrent Neural Networks for Long
+Sequences", arXiv 2303.06349).
+
+    h_t = Lambda * h_{t-1} + gamma * (B x_t)        Lambda = exp(-exp(nu_log) + i exp(theta_log))
+    y_t = Re(C h_t) + D * x_t                        gamma  = exp(gamma_log) = sqrt(1 - |Lambda|^2)
+
+The eigenvalues are initialised uniformly on the ring r_min <= |Lambda| <= r_max with phase in
+[0, max_phase]; the exponential parameterisation keeps |Lambda| < 1 throughout training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx.models.lti.base import LTI_LRNN
+
+
+class LRU(LTI_LRNN):
+    """Linear Recurrent Unit (LRU) layer.
+
+    Example:
+        >>> model = LRU(d_model=64, d_state=64)
+        >>> y = model(torch.randn(2, 128, 64))  # (B, L, H) -> (B, L, H)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        r_min: float = 0,
+        r_max: float = 1,
+        max_phase: float = 2 * math.pi,
+        mode: str = "fft",
+    ) -> None:
+        super().__init__("no_discretization", mode=mode)
+        if not 0 <= r_min < r_max <= 1:
+            raise ValueError(f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}")
+        self.d_model, self.d_state = d_model, d_state
+        H, N = d_model, d_state
+        u1, u2 = torch.rand(N), torch.rand(N)
+        # |Lambda|^2 uniform in [r_min^2, r_max^2]: uniform density on the ring
+        radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
+        nu = -0.5 * torch.log(radius_sq.clamp(min=1e-12))
+        theta = max_phase * u2
+        self.nu_log = nn.Parameter(torch.log(nu.clamp(min=1e-12)))
+        self.theta_log = nn.Parameter(torch.log(theta.clamp(min=1e-12)))
+        gamma = torch.sqrt((1 - radius_sq).clamp(min=1e-12))
+        self.gamma_log = nn.Parameter(torch.log(gamma))
+        self.B_re = nn.Parameter(torch.randn(N, H) / math.sqrt(2 * H))
+        self.B_im = nn.Parameter(torch.randn(N, H) / math.sqrt(2 * H))
+        self.C_re = nn.Parameter(torch.randn(H, N) / math.sqrt(N))
+        self.C_im = nn.Parameter(torch.randn(H, N) / math.sqrt(N))
+        self.D = nn.Parameter(torch.randn(H))
+
+    def _lambda(self) -> Tensor:
+        return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))
+
+    def discretize(self) -> tuple[Tensor, Tensor, Tensor]:
+        """LRU is parameterised in discrete time; this assembles its matrices.
+
+        Returns:
+            A (N, N) diagonal matrix of Lambda, B (N, H) complex, C (H, N) complex.
+        """
+        A = torch.diag(self._lambda())
+        return A, torch.complex(self.B_re, self.B_im), torch.complex(self.C_re, self.C_im)
+
+    def compute_kernel(self, L: int, Lambda: Tensor, B_complex: Tensor) -> tuple[Tensor, Tensor]:
+        """Lambda (N,) and the gamma-normalised input matrix B_norm (N, H)."""
+        return Lambda, B_complex * torch.exp(self.gamma_log)[:, None]
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tensor:
+        """(B, L, H) -> (B, L, H). ``lengths`` (B,) zeroes padded outputs; an ``inference_cache``
+        supplies the initial state and receives the final one."""
+        self._check_forward_args(x, integration_timesteps)
+        A, B, C = self.discretize()
+        Lambda, B_norm = self.compute_kernel(x.shape[1], torch.diagonal(A), B)
+        return self._diagonal_ssm(x, Lambda, B_norm, C, self.D, lengths, inference_cache)
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """Zero state (B, N) complex64 plus Lambda, B_norm, C and D."""
+        with torch.no_grad():  # the cache is for inference: constants, not graph nodes
+            A, B, C = self.discretize()
+            Lambda, B_norm = self.compute_kernel(max_seqlen, torch.diagonal(A), B)
+        state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
+        D = self.D.detach()
+        return {"lrnn_state": state, "A_bar": Lambda, "B_bar": B_norm, "C": C, "D": D, "seqlen_offset": 0}
+
+    def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
+        """x (B, H) -> y (B, H); the state in the cache advances by one step."""
+        return self._diagonal_step(x, inference_cache)
+
