@@ -1,5 +1,6 @@
 """Primitives behind every model. Models call these; each picks its backend by device."""
 
 from lrnnx.ops.linear_scan import linear_scan
+from lrnnx.ops.selective_scan import selective_scan_fn
 
-__all__ = ["linear_scan"]
+__all__ = ["linear_scan", "selective_scan_fn"]

@@ -1,0 +1,372 @@
+"""RG-LRU recurrent block of Griffin / Hawk (De et al., "Griffin: Mixing Gated Linear Recurrences
+with Local Attention for Efficient Language Models", arXiv 2402.19427, section 2.4 and figure 2).
+
+The block maps x (B, L, H) through two branches of width D = ``lru_width``:
+
+    g_t = GeLU(W_gate x_t)                                   gate branch
+    u_t = W_in x_t,   x'_t = Conv1D(u)_t                     causal depthwise conv, width d_conv, bias
+    r_t = sigmoid(W_a x'_t + b_a)                            recurrence gate
+    i_t = sigmoid(W_x x'_t + b_x)                            input gate
+    log a_t = c * r_t * log a,   a = sigmoid(Lambda)         i.e. a_t = a^(c r_t), c = 8
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x'_t)     the RG-LRU, one real state per channel
+    y_t = W_out (g_t * h_t)
+
+W_a and W_x are block-diagonal with ``num_heads`` blocks (as in DeepMind's recurrentgemma;
+``num_heads=1`` gives the dense gates written in the paper).  Lambda is initialised so that a^c
+is uniform in [0.9, 0.999] (the paper's choice), i.e. at r_t = 1 the decay per step lies there.
+
+The decay is kept in log space (log a = logsigmoid(Lambda)), so a_t never rounds to 1 from
+below where it matters, and the input normaliser is sqrt(1 - a_t^2) = sqrt(-expm1(2 log a_t)),
+which is accurate when a_t is close to 1.  The recurrence runs through
+:func:`lrnnx.ops.linear_scan` in float32 (or wider), also under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_step_input
+from lrnnx.models.ltv.base import LTV_LRNN
+from lrnnx.ops import linear_scan
+
+#: 1 - a_t^2 is floored here before the square root, so its derivative stays finite even if
+#: a_t rounds to exactly 1 (r_t or softplus(-Lambda) underflowing); far below any a_t reachable
+#: with a^c <= 0.999 and a gate that has not saturated to 0.
+_MIN_ONE_MINUS_A_SQ = 1e-12
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for the recurrence: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class BlockDiagonalLinear(nn.Module):
+    """y = x W + b with W block-diagonal: ``num_blocks`` independent (width/num_blocks)^2 blocks.
+
+    Args:
+        width: input and output features D.
+        num_blocks: number of diagonal blocks; must divide ``width``.
+        device, dtype: factory arguments for the parameters.
+
+    Shapes: x (..., D) -> (..., D).  ``weight`` is (num_blocks, D/num_blocks, D/num_blocks),
+    ``bias`` is (D,).
+    """
+
+    def __init__(self, width: int, num_blocks: int, device=None, dtype=None) -> None:
+        super().__init__()
+        if width % num_blocks:
+            raise ValueError(f"num_heads: must divide the RG-LRU width {width}, got {num_blocks}")
+        self.width, self.num_blocks = width, num_blocks
+        self.block_width = width // num_blocks
+        bw = self.block_width
+        self.weight = nn.Parameter(torch.empty(num_blocks, bw, bw, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # LeCun normal over each block's fan-in, zero bias (as recurrentgemma)
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.block_width))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.unflatten(-1, (self.num_blocks, self.block_width))
+        y = torch.einsum("...hi,hij->...hj", xs, self.weight.to(x.dtype))
+        return y.flatten(-2) + self.bias.to(x.dtype)
+
+
+class RGLRU(LTV_LRNN):
+    """Griffin's recurrent block: gated GeLU branch times (Linear -> Conv1D -> RG-LRU), then Linear.
+
+    Example:
+        >>> model = RGLRU(d_model=64, d_conv=4)
+        >>> y = model(torch.randn(2, 128, 64))  # (B, L, H) -> (B, L, H)
+
+    Args:
+        d_model: model width H (input and output features).
+        d_conv: temporal width of the causal depthwise convolution (Griffin uses 4).
+        expand: the recurrent width is ``int(expand * d_model)`` unless ``lru_width`` is given.
+        c: the fixed scalar c in a_t = a^(c r_t) (8 in the paper).
+        a_init_range: ``(lo, hi)`` with 0 < lo <= hi < 1: Lambda is initialised so that a^c is
+            uniform in [lo, hi] (the paper's [0.9, 0.999]).  Note this is the range of a^c, the
+            decay at a fully open recurrence gate, not of a itself.
+        conv_bias: whether the convolution has a bias (Griffin: yes).
+        bias: whether the three dense projections (gate branch, input, output) have biases.
+            The gate projections W_a, W_x always have theirs (b_a, b_x).
+        d_state: accepted for the lrnnx model signature; the RG-LRU keeps one real state per
+            channel, so only None or 1 are valid (the state is (B, lru_width)).
+        lru_width: recurrent width D_rnn; overrides ``expand`` (then ``expand`` must stay 1).
+        num_heads: number of diagonal blocks of the gate matrices W_a, W_x; must divide D_rnn.
+            1 (default) gives the dense gates of the paper's equations; recurrentgemma uses
+            blocks of width D_rnn / num_heads = 256.
+        layer_idx: index of this layer in a stack, for callers that key caches by layer.
+        device, dtype: factory arguments for the parameters (Lambda is at least float32).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_conv: int = 4,
+        expand: float = 1,
+        c: float = 8.0,
+        a_init_range: Tuple[float, float] = (0.9, 0.999),
+        conv_bias: bool = True,
+        bias: bool = False,
+        *,
+        d_state: int | None = None,
+        lru_width: int | None = None,
+        num_heads: int = 1,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(discretization=None)  # RG-LRU is parameterised in discrete time
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
+        if not isinstance(d_conv, int) or d_conv < 1:
+            raise ValueError(f"d_conv: expected an int >= 1, got {d_conv!r}")
+        if not c > 0:
+            raise ValueError(f"c: expected a positive scalar, got {c!r}")
+        lo, hi = a_init_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"a_init_range: expected 0 < lo <= hi < 1, got {a_init_range!r}")
+        if d_state not in (None, 1):
+            raise ValueError(
+                f"d_state: the RG-LRU has one real state per channel; expected None or 1, "
+                f"got {d_state!r} (use lru_width or expand to widen the recurrence)"
+            )
+        if lru_width is None:
+            if not expand > 0:
+                raise ValueError(f"expand: expected a positive factor, got {expand!r}")
+            lru_width = int(expand * d_model)
+        elif expand != 1:
+            raise ValueError(
+                f"expand: give either lru_width or expand, got lru_width={lru_width} and "
+                f"expand={expand}"
+            )
+        if not isinstance(lru_width, int) or lru_width < 1:
+            raise ValueError(f"lru_width: expected a positive int, got {lru_width!r}")
+        if not isinstance(num_heads, int) or num_heads < 1 or lru_width % num_heads:
+            raise ValueError(
+                f"num_heads: expected a positive int dividing lru_width={lru_width}, "
+                f"got {num_heads!r}"
+            )
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_conv, self.expand, self.c = d_model, d_conv, expand, float(c)
+        self.a_init_range = (float(lo), float(hi))
+        self.d_inner = self.lru_width = lru_width
+        self.d_state = 1
+        self.num_heads = num_heads
+        self.layer_idx = layer_idx
+        D = lru_width
+
+        self.gate_proj = nn.Linear(d_model, D, bias=bias, **fk)  # W_gate (GeLU branch)
+        self.in_proj = nn.Linear(d_model, D, bias=bias, **fk)  # W_in (recurrent branch)
+        # depthwise causal conv; forward/step do the causal padding with the cached inputs
+        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, bias=conv_bias, **fk)
+        self.recurrent_gate_proj = BlockDiagonalLinear(D, num_heads, **fk)  # W_a, b_a
+        self.input_gate_proj = BlockDiagonalLinear(D, num_heads, **fk)  # W_x, b_x
+        lam_dtype = None if dtype is None else _acc_dtype(dtype)
+        self.Lambda = nn.Parameter(torch.empty(D, device=device, dtype=lam_dtype))
+        self.Lambda._no_weight_decay = True
+        self.out_proj = nn.Linear(D, d_model, bias=bias, **fk)  # W_out
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as Griffin: LeCun-normal projections, small conv, a^c ~ U[a_init_range]."""
+        for lin in (self.gate_proj, self.in_proj, self.out_proj):
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        # recurrentgemma's Conv1D: variance 0.01 / d_conv, zero bias
+        nn.init.normal_(self.conv1d.weight, std=math.sqrt(0.01 / self.d_conv))
+        if self.conv1d.bias is not None:
+            nn.init.zeros_(self.conv1d.bias)
+        self.recurrent_gate_proj.reset_parameters()
+        self.input_gate_proj.reset_parameters()
+        with torch.no_grad():
+            lo, hi = self.a_init_range
+            ac = torch.empty(self.lru_width, dtype=torch.float64).uniform_(lo, hi)  # a^c
+            log_a = torch.log(ac) / self.c
+            # Lambda = logit(a) = log a - log(1 - a), with 1 - a from expm1 (a is close to 1)
+            self.Lambda.copy_(log_a - torch.log(-torch.expm1(log_a)))
+
+    # ------------------------------------------------------------------------------------------
+    # pieces shared by forward and step
+
+    def _decay_and_input(self, xc: Tensor) -> Tuple[Tensor, Tensor]:
+        """RG-LRU coefficients for conv features xc (..., D) in the accumulation dtype.
+
+        Returns (a_t, sqrt(1 - a_t^2) * i_t * xc), both (..., D), so h_t = a_t h_{t-1} + b_t.
+        """
+        r = torch.sigmoid(self.recurrent_gate_proj(xc))
+        i = torch.sigmoid(self.input_gate_proj(xc))
+        log_a = self.c * r * F.logsigmoid(self.Lambda.to(xc.dtype))  # c r_t log a  (< 0)
+        a_t = torch.exp(log_a)
+        # sqrt(1 - a_t^2) from log a_t: no cancellation when a_t is close to 1
+        mult = torch.sqrt((-torch.expm1(2.0 * log_a)).clamp(min=_MIN_ONE_MINUS_A_SQ))
+        return a_t, mult * (i * xc)
+
+    def rg_lru(
+        self,
+        xc: Tensor,
+        initial_state: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """The RG-LRU recurrence alone, on conv features.
+
+        Args:
+            xc: (B, L, D_rnn) conv-branch features x'_t.
+            initial_state: (B, D_rnn) h_{-1}; zero when None.
+            mask: (B, L) bool, True at valid positions; the state passes padded positions
+                unchanged (a_t = 1, input 0), so h[:, -1] is each sequence's state at its end.
+
+        Returns:
+            h (B, L, D_rnn) in float32 (float64 for a float64 model), also under autocast.
+        """
+        with torch.autocast(device_type=xc.device.type, enabled=False):
+            xf = xc.to(_acc_dtype(self.Lambda.dtype))
+            a_t, b_t = self._decay_and_input(xf)
+            if mask is not None:
+                valid = mask[..., None]
+                a_t = torch.where(valid, a_t, torch.ones_like(a_t))
+                b_t = torch.where(valid, b_t, torch.zeros_like(b_t))
+            h0 = None if initial_state is None else initial_state.to(xf.dtype)
+            return linear_scan(a_t, b_t, initial_state=h0)
+
+    def _check_cache(self, cache: Dict[str, Any], batch: int) -> None:
+        if not isinstance(cache, dict) or "lrnn_state" not in cache or "conv_state" not in cache:
+            raise ValueError(
+                "inference_cache: expected the dict of allocate_inference_cache with "
+                "'lrnn_state', 'conv_state' and 'seqlen_offset'"
+            )
+        expected = {
+            "lrnn_state": (batch, self.lru_width),
+            "conv_state": (batch, self.lru_width, self.d_conv - 1),
+        }
+        for key, shape in expected.items():
+            if tuple(cache[key].shape) != shape:
+                raise ValueError(
+                    f"inference_cache['{key}']: expected shape {shape}, "
+                    f"got {tuple(cache[key].shape)}"
+                )
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Tensor | None = None,
+        lengths: Tensor | None = None,
+        inference_cache: Dict[str, Any] | None = None,
+    ) -> Tensor:
+        """x (B, L, H) -> y (B, L, H), in x's dtype.
+
+        Args:
+            x: input sequence (B, L, d_model).
+            integration_timesteps: not supported (the RG-LRU has no continuous time); must be
+                None, else ValueError.
+            lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
+                valid outputs, and the cache receives each sequence's state at its own length.
+            inference_cache: from :meth:`allocate_inference_cache`; the conv and the recurrence
+                start from its state, and the final states are written back (``seqlen_offset``
+                advances by L), so :meth:`step` continues the sequence.
+        """
+        mask = self._check_forward_args(x, integration_timesteps, lengths, supports_timesteps=False)
+        Bsz, L, _ = x.shape
+        if inference_cache is not None:
+            self._check_cache(inference_cache, Bsz)
+        xin = x if mask is None else x.masked_fill(~mask[..., None], 0)
+
+        gate = F.gelu(self.gate_proj(xin), approximate="tanh")  # tanh GeLU as in recurrentgemma
+        u = self.in_proj(xin).transpose(1, 2)  # (B, D, L)
+        K = self.d_conv
+        if inference_cache is None:
+            prev = u.new_zeros(Bsz, self.lru_width, K - 1)
+        else:
+            prev = inference_cache["conv_state"].to(u.dtype)
+        window = torch.cat([prev, u], dim=-1)  # (B, D, K - 1 + L): causal left context
+        xc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.lru_width)
+        h0 = None if inference_cache is None else inference_cache["lrnn_state"]
+        h = self.rg_lru(xc.transpose(1, 2), initial_state=h0, mask=mask)  # (B, L, D)
+
+        y = self.out_proj(gate * h.to(gate.dtype))
+        if mask is not None:
+            y = y.masked_fill(~mask[..., None], 0)
+
+        if inference_cache is not None:
+            with torch.no_grad():
+                # the last K-1 conv inputs of each sequence: window positions len .. len+K-2
+                if lengths is None:
+                    ends = torch.full((Bsz,), L, device=x.device)
+                else:
+                    ends = torch.as_tensor(lengths, device=x.device).long()
+                idx = ends[:, None] + torch.arange(K - 1, device=x.device)  # (B, K - 1)
+                idx = idx[:, None, :].expand(Bsz, self.lru_width, K - 1)
+                inference_cache["conv_state"].copy_(window.gather(-1, idx))
+                # padded positions carry the state unchanged, so the last one is the final state
+                inference_cache["lrnn_state"].copy_(h[:, -1])
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+        return y.to(x.dtype)
+
+    def step(
+        self, x: Tensor, inference_cache: Dict[str, Any], **kwargs
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
+
+        The cache's ``conv_state`` and ``lrnn_state`` are updated in place and
+        ``seqlen_offset`` advances by one; the cache is returned too.
+        """
+        xin = check_step_input(x, self.d_model)
+        Bsz = xin.shape[0]
+        self._check_cache(inference_cache, Bsz)
+        conv_state, state = inference_cache["conv_state"], inference_cache["lrnn_state"]
+
+        gate = F.gelu(self.gate_proj(xin), approximate="tanh")
+        u = self.in_proj(xin)  # (B, D)
+        window = torch.cat([conv_state.to(u.dtype), u[..., None]], dim=-1)  # (B, D, K)
+        xc = (window * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        with torch.autocast(device_type=xin.device.type, enabled=False):
+            xf = xc.to(_acc_dtype(self.Lambda.dtype))
+            a_t, b_t = self._decay_and_input(xf)
+            h = a_t * state.to(xf.dtype) + b_t
+        y = self.out_proj(gate * h.to(gate.dtype))
+
+        # the cache holds inference constants: no graph through it
+        conv_state.copy_(window[..., 1:].detach())
+        state.copy_(h.detach())
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return y.to(x.dtype).reshape(x.shape), inference_cache
+
+    def allocate_inference_cache(
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> Dict[str, Any]:
+        """Zero states for ``batch_size`` sequences.
+
+        Returns:
+            ``"lrnn_state"`` (B, D_rnn) in float32 (float64 for a float64 model) whatever
+            ``dtype``; ``"conv_state"`` (B, D_rnn, d_conv - 1), the last d_conv - 1 conv inputs,
+            in ``dtype`` (default: the projection weights' dtype); ``"seqlen_offset"`` 0.
+            ``max_seqlen`` is unused: the state does not grow with the sequence.
+        """
+        device = self.Lambda.device
+        conv_dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        return {
+            "lrnn_state": torch.zeros(
+                batch_size, self.lru_width, device=device, dtype=_acc_dtype(self.Lambda.dtype)
+            ),
+            "conv_state": torch.zeros(
+                batch_size, self.lru_width, self.d_conv - 1, device=device, dtype=conv_dtype
+            ),
+            "seqlen_offset": 0,
+        }

@@ -1,0 +1,184 @@
+"""``selective_scan_fn``: the S6 (Mamba) selective scan, with mamba_ssm's signature.
+
+Backends (same signature, same results):
+
+- ``reference``: a plain Python loop over time, the specification.
+- ``torch``: chunked pure torch, any device; memory O(b d n CHUNK) in forward and backward.
+
+Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
+from torch import Tensor
+
+from lrnnx.ops import _dispatch
+from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS
+
+_dispatch.register(
+    "selective_scan", "reference", "lrnnx.ops.selective_scan.reference:selective_scan"
+)
+_dispatch.register("selective_scan", "torch", "lrnnx.ops.selective_scan.torch:selective_scan")
+
+_LOW_PRECISION = (_torch.float16, _torch.bfloat16)
+
+
+def _check_tensor(name: str, x: object, device: _torch.device, complex_ok: bool = False) -> Tensor:
+    """Require a floating (or, when allowed, complex) tensor on ``device``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or (complex_ok and x.is_complex())):
+        kind = "floating-point or complex" if complex_ok else "real floating-point"
+        raise TypeError(f"{name}: expected a {kind} tensor, got dtype {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on u's device {device}, got {x.device}")
+    return x
+
+
+def _check_shape(name: str, x: Tensor, expected: tuple[int, ...], label: str) -> None:
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name}: expected {label}={expected}, got {tuple(x.shape)}")
+
+
+def _check_bc(name: str, X: Tensor, b: int, d: int, n: int, L: int) -> Tensor:
+    """Accept (d, n), (b, n, L) or (b, g, n, L) with g dividing d; return (d, n) or (b, g, n, L)."""
+    shape = tuple(X.shape)
+    if shape == (d, n):
+        return X
+    if shape == (b, n, L):
+        return X.unsqueeze(1)  # one group shared by every channel
+    if X.dim() == 4 and shape[0] == b and shape[2:] == (n, L) and shape[1] > 0:
+        if d % shape[1] != 0:
+            raise ValueError(
+                f"{name}: expected (b, g, n, L) with g dividing d={d}, got g={shape[1]} "
+                f"in shape {shape}"
+            )
+        return X
+    raise ValueError(
+        f"{name}: expected (d, n)={(d, n)}, (b, n, L)={(b, n, L)} or (b, g, n, L)="
+        f"({b}, g, {n}, {L}), got {shape}"
+    )
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    discretization: str = "mamba",
+    deltaA: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Selective scan (S6): a diagonal SSM whose step size and B, C vary with the input.
+
+    With delta' = softplus(delta + delta_bias) if ``delta_softplus`` else delta + delta_bias,
+    for every batch element, channel i, state index k and time t::
+
+        h_t[k] = A_bar * h_{t-1}[k] + gamma_bar * B_t[k] * u_t
+        y_t    = sum_k C_t[k] h_t[k]   (2 * Re(.) when A is complex: conjugate pairs implied)
+        y_t    = (y_t + D[i] u_t) * silu(z_t)
+
+    Args:
+        u: input (b, d, L).
+        delta: step sizes (b, d, L).
+        A: continuous-time diagonal state matrix (d, n), real or complex.
+        B, C: (d, n) time-invariant, (b, n, L) input-dependent, or (b, g, n, L) grouped
+            (g divides d; channel i uses group i // (d // g)).  Complex only when A is.
+        D: skip connection (d,).
+        z: gate (b, d, L); the output is multiplied by silu(z).
+        delta_bias: (d,) added to delta before the optional softplus.
+        delta_softplus: apply softplus to delta + delta_bias.
+        return_last_state: also return the state after the last step.
+        discretization: ``"mamba"`` (A_bar = exp(delta' A), gamma_bar = delta'), ``"zoh"``,
+            ``"bilinear"`` or ``"dirac"`` (see :mod:`lrnnx.core.discretization`).
+        deltaA: (b, d, L) event-mode step used for A_bar instead of delta' (as given: no bias,
+            no softplus); gamma_bar still uses delta'.
+        initial_state: h_{-1} (b, d, n); zero when None.
+        backend: force a backend ("reference", "torch", ...).
+
+    Returns:
+        y (b, d, L) in u's dtype [, last state (b, d, n)].  bfloat16/float16 inputs are
+        accumulated in float32; the state is float32 (float64 for float64 inputs), complex
+        when A is.
+    """
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    device = u.device
+    _check_tensor("u", u, device)
+    if u.dim() != 3 or u.shape[2] == 0:
+        raise ValueError(f"u: expected (b, d, L) with L >= 1, got {tuple(u.shape)}")
+    b, d, L = u.shape
+    _check_tensor("delta", delta, device)
+    _check_shape("delta", delta, (b, d, L), "(b, d, L)")
+    _check_tensor("A", A, device, complex_ok=True)
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A: expected (d, n) with d={d}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    is_complex = A.is_complex()
+    for name, X in (("B", B), ("C", C)):
+        _check_tensor(name, X, device, complex_ok=True)
+        if X.is_complex() and not is_complex:
+            raise TypeError(f"{name}: complex {name} needs a complex A, got A of dtype {A.dtype}")
+    B = _check_bc("B", B, b, d, n, L)
+    C = _check_bc("C", C, b, d, n, L)
+    for name, X, shape, label in (
+        ("D", D, (d,), "(d,)"),
+        ("z", z, (b, d, L), "(b, d, L)"),
+        ("delta_bias", delta_bias, (d,), "(d,)"),
+        ("deltaA", deltaA, (b, d, L), "(b, d, L)"),
+    ):
+        if X is not None:
+            _check_tensor(name, X, device)
+            _check_shape(name, X, shape, label)
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, device, complex_ok=is_complex)
+        _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+    if not isinstance(discretization, str) or discretization not in DISCRETIZATIONS:
+        raise ValueError(
+            f"discretization: expected one of {list(DISCRETIZATIONS)}, got {discretization!r}"
+        )
+
+    # one compute dtype: the widest real dtype given, at least float32
+    reals = [X for X in (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state) if X is not None]
+    rdtype = u.dtype
+    for X in reals:
+        rdtype = _torch.promote_types(rdtype, X.real.dtype if X.is_complex() else X.dtype)
+    if rdtype in _LOW_PRECISION:
+        rdtype = _torch.float32
+    cdtype = _torch.complex128 if rdtype == _torch.float64 else _torch.complex64
+
+    def cast(X: Optional[Tensor]) -> Optional[Tensor]:
+        if X is None:
+            return None
+        return X.to(cdtype if X.is_complex() else rdtype)
+
+    A = A.to(cdtype if is_complex else rdtype)
+    if initial_state is not None:
+        initial_state = initial_state.to(cdtype if is_complex else rdtype)
+    fn = _dispatch.resolve("selective_scan", device, backend)
+    y, last_state = fn(
+        cast(u),
+        cast(delta),
+        A,
+        cast(B),
+        cast(C),
+        cast(D),
+        cast(z),
+        cast(delta_bias),
+        bool(delta_softplus),
+        discretization,
+        cast(deltaA),
+        initial_state,
+    )
+    y = y.to(u.dtype)
+    return (y, last_state) if return_last_state else y

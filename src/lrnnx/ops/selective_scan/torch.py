@@ -1,0 +1,240 @@
+"""Chunked selective scan in pure torch; runs on any device with O(b d n CHUNK) memory.
+
+The full state tensor (b, d, L, n) is never formed.  Forward walks the sequence in chunks of
+``CHUNK`` steps: it discretizes the chunk, runs the in-chunk recurrence from the carried state
+with the parallel :func:`lrnnx.ops.linear_scan.torch.linear_scan`, contracts with C at once and
+keeps only the state at each chunk start (b, d, n).
+
+Backward walks the chunks in reverse.  Each chunk is recomputed with autograd enabled from its
+saved start state (a detached leaf), and ``torch.autograd.grad`` pulls back the incoming
+dy of that chunk together with the gradient arriving at the chunk's end state; the gradient
+at the start state is what flows into the previous chunk.  Peak memory is therefore one
+chunk's graph, and the Python loop runs over chunks, never over time steps.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lrnnx.ops.linear_scan.torch import linear_scan
+from lrnnx.ops.selective_scan.reference import discretize, effective_delta
+
+#: time steps per chunk; 64 matches linear_scan's own chunk, so each in-chunk scan is one pass
+CHUNK = 64
+
+# argument positions of the tensors in SelectiveScanFunction.apply (and _chunk, after h0)
+_U, _DELTA, _A, _B, _C, _D, _Z, _BIAS, _DELTAA, _H0 = range(10)
+# inputs that reach the state: only when one of them needs a gradient must it flow between chunks
+_REACH_STATE = (_U, _DELTA, _A, _B, _BIAS, _DELTAA, _H0)
+
+
+def _varies(i: int, x: Optional[Tensor]) -> bool:
+    """Whether argument ``i`` has a time axis: u, delta, z, deltaA, and B/C when (b, g, n, L)."""
+    if x is None:
+        return False
+    return i in (_U, _DELTA, _Z, _DELTAA) or (i in (_B, _C) and x.dim() == 4)
+
+
+def _apply_B(x: Tensor, B: Tensor) -> Tensor:
+    """x (b, T, d, n or 1) times B, where B is (d, n) or a chunk (b, g, n, T); gives (b, T, d, n)."""
+    if B.dim() == 2:
+        return x * B
+    b, T, d = x.shape[:3]
+    g = B.shape[1]
+    Bg = B.permute(0, 3, 1, 2)[:, :, :, None, :]  # (b, T, g, 1, n)
+    return (x.reshape(b, T, g, d // g, x.shape[-1]) * Bg).reshape(b, T, d, -1)
+
+
+def _contract_C(h: Tensor, C: Tensor) -> Tensor:
+    """sum_k C[k] h[k] for states h (b, T, d, n) and C (d, n) or a chunk (b, g, n, T)."""
+    C = C.to(h.dtype)  # einsum wants one dtype; real C with complex states is the common case
+    if C.dim() == 2:
+        return torch.einsum("btdn,dn->btd", h, C)
+    b, T, d, n = h.shape
+    g = C.shape[1]
+    y = torch.einsum("btgen,bgnt->btge", h.reshape(b, T, g, d // g, n), C)
+    return y.reshape(b, T, d)
+
+
+def _chunk(
+    h0: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    deltaA: Optional[Tensor],
+    delta_softplus: bool,
+    discretization: str,
+) -> tuple[Tensor, Tensor]:
+    """One chunk of T steps from state h0 (b, d, n); time-varying inputs are their chunk slices.
+
+    Returns y (b, d, T) and the state after the chunk's last step (b, d, n).
+    """
+    dt = effective_delta(delta, delta_bias, delta_softplus)
+    # time-major (b, T, d, 1) so the scan runs along dim 1 and A (d, n) broadcasts from the right
+    A_bar, gamma_bar = discretize(
+        A,
+        dt.transpose(1, 2)[..., None],
+        None if deltaA is None else deltaA.transpose(1, 2)[..., None],
+        discretization,
+    )
+    bu = _apply_B(gamma_bar * u.transpose(1, 2)[..., None], B)  # (b, T, d, n)
+    A_bar = A_bar.expand(bu.shape)
+    dtype = torch.promote_types(A_bar.dtype, bu.dtype)
+    h = linear_scan(A_bar.to(dtype), bu.to(dtype), h0.to(dtype), False)  # (b, T, d, n)
+    y = _contract_C(h, C)
+    if A.is_complex():  # conjugate-pair convention, as in the reference
+        y = 2 * y.real
+    y = y.transpose(1, 2)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h[:, -1]
+
+
+def _forward(
+    inputs: tuple[Optional[Tensor], ...],
+    initial_state: Optional[Tensor],
+    delta_softplus: bool,
+    discretization: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Run the chunks in order without autograd; returns y, the last state and chunk-start states."""
+    u, A, B = inputs[_U], inputs[_A], inputs[_B]
+    b, d, L = u.shape
+    state_dtype = torch.promote_types(A.dtype, u.dtype)
+    if B.is_complex():
+        state_dtype = torch.promote_types(state_dtype, B.dtype)
+    if initial_state is None:
+        h = u.new_zeros((b, d, A.shape[1]), dtype=state_dtype)
+    else:
+        h = initial_state.to(state_dtype)
+    y = u.new_empty(b, d, L)
+    starts = []
+    with torch.no_grad():
+        for s in range(0, L, chunk):
+            e = min(s + chunk, L)
+            starts.append(h)
+            args = [x[..., s:e] if _varies(i, x) else x for i, x in enumerate(inputs)]
+            y[..., s:e], h = _chunk(h, *args, delta_softplus, discretization)
+    return y, h, starts
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    """Chunked forward that keeps only chunk-start states; backward recomputes chunk by chunk."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Optional[Tensor],
+        z: Optional[Tensor],
+        delta_bias: Optional[Tensor],
+        deltaA: Optional[Tensor],
+        initial_state: Optional[Tensor],
+        delta_softplus: bool,
+        discretization: str,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA)
+        y, h, starts = _forward(inputs, initial_state, delta_softplus, discretization, chunk)
+        ctx.chunk = chunk
+        ctx.delta_softplus = delta_softplus
+        ctx.discretization = discretization
+        ctx.save_for_backward(*inputs, initial_state, torch.stack(starts))
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, dh_last: Tensor):
+        *inputs, h0_in, starts = ctx.saved_tensors
+        needs = ctx.needs_input_grad[: _H0 + 1]
+        L, chunk = inputs[_U].shape[-1], ctx.chunk
+        grads: list[Optional[Tensor]] = [
+            torch.zeros_like(x) if need and x is not None else None
+            for x, need in zip((*inputs, h0_in), needs)
+        ]
+        carry = any(needs[i] for i in _REACH_STATE)
+        # inputs without a time axis: one leaf shared by every chunk, gradients summed over chunks
+        shared = [
+            None if x is None or _varies(i, x) else x.detach().requires_grad_(needs[i])
+            for i, x in enumerate(inputs)
+        ]
+        dh = dh_last
+        for c in range((L + chunk - 1) // chunk - 1, -1, -1):
+            s, e = c * chunk, min((c + 1) * chunk, L)
+            # time-varying inputs: a fresh leaf holding only this chunk's slice
+            args = [
+                x[..., s:e].detach().requires_grad_(needs[i]) if _varies(i, x) else shared[i]
+                for i, x in enumerate(inputs)
+            ]
+            h0 = starts[c].detach().requires_grad_(needs[_H0] if c == 0 else carry)
+            with torch.enable_grad():
+                y_c, h_end = _chunk(h0, *args, ctx.delta_softplus, ctx.discretization)
+            pairs = [(y_c, dy[..., s:e])] + ([(h_end, dh)] if carry else [])
+            pairs = [(o, g) for o, g in pairs if o.requires_grad]
+            wrt = [i for i, x in enumerate(args) if x is not None and x.requires_grad]
+            leaves = [args[i] for i in wrt] + ([h0] if h0.requires_grad else [])
+            if not pairs or not leaves:  # e.g. delta unused by dirac with deltaA: nothing to pull
+                continue
+            outs, out_grads = zip(*pairs)
+            got = torch.autograd.grad(outs, leaves, out_grads, allow_unused=True)
+            for i, g in zip(wrt, got):
+                if g is None:
+                    continue
+                if _varies(i, inputs[i]):
+                    grads[i][..., s:e] = g
+                else:
+                    grads[i] += g
+            if h0.requires_grad:
+                dh = got[-1] if got[-1] is not None else torch.zeros_like(h0)
+        if grads[_H0] is not None:
+            grads[_H0] = dh if h0_in.is_complex() or not dh.is_complex() else dh.real
+        return (*grads, None, None, None)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    discretization: str,
+    deltaA: Optional[Tensor],
+    initial_state: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Chunked selective scan; same arguments and results as the reference backend.
+
+    Args (validated and cast by :func:`lrnnx.ops.selective_scan_fn`):
+        u, delta: (b, d, L).  A: (d, n) real or complex.
+        B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
+        D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
+        initial_state: (b, d, n) or None for zeros.
+
+    Returns:
+        y (b, d, L) and the state after the last step (b, d, n).
+    """
+    chunk = max(1, int(CHUNK))  # read at call time so tests can shrink it
+    inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA)
+    tensors = (*inputs, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return SelectiveScanFunction.apply(*tensors, delta_softplus, discretization, chunk)
+    # inference: no autograd Function, no chunk-start states kept
+    y, h, _ = _forward(inputs, initial_state, delta_softplus, discretization, chunk)
+    return y, h

@@ -1,0 +1,118 @@
+"""Discretization rules, causal convolution, HiPPO init and input checks."""
+
+import math
+
+import pytest
+import torch
+
+from lrnnx.core import DISCRETIZATIONS, causal_conv, get_discretization
+from lrnnx.core.checks import check_sequence, check_timesteps, lengths_mask
+from lrnnx.core.hippo import dplr_hippo_legs, hippo_legs
+
+torch.manual_seed(0)
+
+
+def _stable_eigs(n=64):
+    return torch.complex(-torch.rand(n, dtype=torch.float64) * 5 - 1e-3, torch.randn(n, dtype=torch.float64) * 20)
+
+
+@pytest.mark.parametrize("name", ["zoh", "bilinear", "dirac", "async"])
+def test_stable_rules_map_left_half_plane_into_unit_disc(name):
+    A = _stable_eigs()
+    delta = torch.rand(64, dtype=torch.float64) * 10 + 1e-4
+    A_bar, _ = DISCRETIZATIONS[name](A, delta)
+    assert bool((A_bar.abs() < 1).all())
+
+
+def test_bilinear_is_the_tustin_transform():
+    # Tustin maps the whole left half plane into the disc, and s = 0 to z = 1; check one value by hand
+    A = torch.tensor([-2.0 + 1.0j], dtype=torch.complex128)
+    d = torch.tensor([0.5], dtype=torch.float64)
+    A_bar, gamma = DISCRETIZATIONS["bilinear"](A, d)
+    expect = (1 + 0.25 * A) / (1 - 0.25 * A)
+    assert torch.allclose(A_bar, expect) and torch.allclose(gamma, 0.5 / (1 - 0.25 * A))
+
+
+def test_zoh_integrates_a_held_input_exactly():
+    # with u held constant over one step, x(delta) = e^{A delta} x0 + (e^{A delta} - 1)/A u
+    A = torch.tensor([-0.7 + 2.0j], dtype=torch.complex128)
+    d = torch.tensor([0.3], dtype=torch.float64)
+    A_bar, gamma = DISCRETIZATIONS["zoh"](A, d)
+    # integrate dx/dt = A x + 1 from x0 = 1 with n tiny Euler steps (closed form of the product)
+    n = 200000
+    g = 1 + A * (0.3 / n)
+    x = g**n + (g**n - 1) / A
+    assert torch.allclose(A_bar + gamma, x, atol=1e-5)
+
+
+def test_zoh_is_accurate_for_tiny_eigenvalues():
+    A = torch.tensor([-1e-9 + 0j], dtype=torch.complex128)
+    _, gamma = DISCRETIZATIONS["zoh"](A, torch.tensor([0.1], dtype=torch.float64))
+    assert torch.allclose(gamma.real, torch.tensor([0.1], dtype=torch.float64), rtol=1e-8)
+
+
+def test_async_with_unit_timesteps_is_zoh():
+    A = _stable_eigs(8)
+    d = torch.rand(8, dtype=torch.float64)
+    za, zg = DISCRETIZATIONS["zoh"](A, d)
+    aa, ag = DISCRETIZATIONS["async"](A, d, torch.ones(8, dtype=torch.float64))
+    assert torch.allclose(za, aa) and torch.allclose(zg, ag)
+    # a longer gap decays the state further but integrates the input the same
+    aa2, ag2 = DISCRETIZATIONS["async"](A, d, torch.full((8,), 3.0, dtype=torch.float64))
+    assert torch.allclose(aa2, za**3) and torch.allclose(ag2, zg)
+
+
+def test_unknown_discretization_is_refused():
+    with pytest.raises(ValueError, match="discretization"):
+        get_discretization("euler")
+
+
+@pytest.mark.parametrize("L", [1, 7, 32, 33, 100, 1000])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_causal_conv_matches_direct_sum(L, complex_):
+    dt = torch.complex128 if complex_ else torch.float64
+    u, k = torch.randn(3, 2, L, dtype=dt), torch.randn(2, L, dtype=dt)
+    expect = torch.zeros(3, 2, L, dtype=dt)
+    for t in range(L):
+        for s in range(t + 1):
+            expect[..., t] += k[..., s] * u[..., t - s]
+    for method in ("fft", "direct", "auto"):
+        assert torch.allclose(causal_conv(u, k, method=method), expect, atol=1e-9)
+
+
+def test_causal_conv_does_not_wrap_around():
+    L = 64
+    u = torch.zeros(L, dtype=torch.float64)
+    u[-1] = 1.0
+    y = causal_conv(u, torch.ones(L, dtype=torch.float64), method="fft")
+    assert torch.allclose(y[:-1], torch.zeros(L - 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_hippo_dplr_reconstructs_legs():
+    N = 16
+    A, _ = hippo_legs(N)
+    Lambda, V, P, _ = dplr_hippo_legs(N)
+    rebuilt = V @ torch.diag(Lambda) @ V.conj().T - torch.outer(P, P)
+    assert torch.allclose(rebuilt.real, torch.from_numpy(A), atol=1e-10)
+    assert torch.allclose(Lambda.real, torch.full((N,), -0.5, dtype=torch.float64))
+    assert torch.allclose(V.conj().T @ V, torch.eye(N, dtype=torch.complex128), atol=1e-10)
+
+
+def test_checks_name_the_argument():
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, L, 4\)"):
+        check_sequence(torch.randn(2, 3), 4)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        check_sequence(torch.randn(2, 3, 5), 4)
+    with pytest.raises(TypeError, match="x: expected a floating-point"):
+        check_sequence(torch.ones(2, 3, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="lengths"):
+        lengths_mask(torch.tensor([1, 9]), 2, 8)
+    with pytest.raises(TypeError, match="lengths"):
+        lengths_mask(torch.tensor([1.0, 2.0]), 2, 8)
+    with pytest.raises(ValueError, match="integration_timesteps"):
+        check_timesteps(-torch.ones(2, 8), 2, 8)
+    with pytest.raises(ValueError, match="integration_timesteps"):
+        check_timesteps(torch.ones(2, 7), 2, 8)
+    mask = lengths_mask(torch.tensor([0, 3]), 2, 4)
+    assert mask.tolist() == [[False] * 4, [True, True, True, False]]
+    assert math.isclose(float(mask.float().sum()), 3.0)
