@@ -1,5 +1,6 @@
 """Linear time-varying (LTV) LRNN models."""
 
 from lrnnx.models.ltv.base import LTV_LRNN
+from lrnnx.models.ltv.rglru import RGLRU
 
-__all__ = ["LTV_LRNN"]
+__all__ = ["LTV_LRNN", "RGLRU"]
