@@ -5,6 +5,8 @@ Backends (same signature, same results):
 - ``reference``: a plain Python loop, the specification.
 - ``torch``: chunked parallel scan in pure torch, any device, with a backward that is itself a
   reverse scan (memory O(output)).
+- ``cpu``: one fused pass compiled by numba at first use (the CPU default when numba is
+  installed); same autograd wiring as ``torch``.
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
@@ -20,6 +22,7 @@ from lrnnx.ops import _dispatch
 
 _dispatch.register("linear_scan", "reference", "lrnnx.ops.linear_scan.reference:linear_scan")
 _dispatch.register("linear_scan", "torch", "lrnnx.ops.linear_scan.torch:linear_scan")
+_dispatch.register("linear_scan", "cpu", "lrnnx.ops.linear_scan.cpu:linear_scan")
 
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 

@@ -1,0 +1,64 @@
+"""Fused CPU linear scan, compiled by numba at first use (cached on disk afterwards).
+
+One pass over memory: each parallel task owns a (batch, channel-block) tile, walks time
+sequentially and keeps the block's states in registers/L1, so the op runs at memory bandwidth.
+The autograd wiring (backward = the same kernel run the other way) is shared with the torch
+backend through :class:`lrnnx.ops.linear_scan.torch.LinearScanFunction`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lrnnx.ops._numba import CHANNEL_BLOCK, HAVE_NUMBA, as_array, is_available, sync_threads
+from lrnnx.ops.linear_scan.torch import LinearScanFunction
+
+__all__ = ["linear_scan", "is_available", "scan_kernel"]
+
+if HAVE_NUMBA:
+    import numba
+
+    @numba.njit(parallel=True, cache=True, fastmath=False)
+    def _scan(a, b, h0, out, reverse):  # pragma: no cover - compiled
+        B, L, C = b.shape
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for task in numba.prange(B * nblk):
+            i = task // nblk
+            c0 = (task % nblk) * CHANNEL_BLOCK
+            c1 = min(c0 + CHANNEL_BLOCK, C)
+            h = h0[i, c0:c1].copy()
+            for s in range(L):
+                t = L - 1 - s if reverse else s
+                for c in range(c1 - c0):
+                    h[c] = a[i, t, c0 + c] * h[c] + b[i, t, c0 + c]
+                    out[i, t, c0 + c] = h[c]
+
+
+@torch.no_grad()
+def scan_kernel(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool) -> Tensor:
+    """Forward-only fused scan for CPU tensors a, b (B, L, *C); returns h (B, L, *C)."""
+    shape = b.shape
+    B, L = shape[0], shape[1]
+    a3 = a.reshape(B, L, -1)
+    b3 = b.reshape(B, L, -1)
+    h0 = (
+        torch.zeros(B, b3.shape[2], dtype=b.dtype)
+        if initial_state is None
+        else initial_state.reshape(B, -1)
+    )
+    out = torch.empty(B, L, b3.shape[2], dtype=b.dtype)
+    sync_threads()
+    _scan(as_array(a3), as_array(b3), as_array(h0), out.numpy(), reverse)
+    return out.reshape(shape)
+
+
+def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool) -> Tensor:
+    """Fused CPU scan; tensors on other devices go to the torch backend."""
+    if b.device.type != "cpu":
+        from lrnnx.ops.linear_scan.torch import linear_scan as torch_scan
+
+        return torch_scan(a, b, initial_state, reverse)
+    return LinearScanFunction.apply(a, b, initial_state, reverse, scan_kernel)
