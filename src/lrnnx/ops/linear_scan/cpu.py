@@ -21,20 +21,28 @@ __all__ = ["linear_scan", "is_available", "scan_kernel"]
 if HAVE_NUMBA:
     import numba
 
-    @numba.njit(parallel=True, cache=True, fastmath=False)
-    def _scan(a, b, h0, out, reverse):  # pragma: no cover - compiled
+    @numba.njit(parallel=True, cache=True)
+    def _scan(a, b, h0, out, reverse, block):  # pragma: no cover - compiled
         B, L, C = b.shape
-        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        nblk = (C + block - 1) // block
         for task in numba.prange(B * nblk):
             i = task // nblk
-            c0 = (task % nblk) * CHANNEL_BLOCK
-            c1 = min(c0 + CHANNEL_BLOCK, C)
+            c0 = (task % nblk) * block
+            c1 = min(c0 + block, C)
             h = h0[i, c0:c1].copy()
             for s in range(L):
                 t = L - 1 - s if reverse else s
+                at, bt, ot = a[i, t, c0:c1], b[i, t, c0:c1], out[i, t, c0:c1]
                 for c in range(c1 - c0):
-                    h[c] = a[i, t, c0 + c] * h[c] + b[i, t, c0 + c]
-                    out[i, t, c0 + c] = h[c]
+                    h[c] = at[c] * h[c] + bt[c]
+                    ot[c] = h[c]
+
+
+def _block(batch: int, channels: int) -> int:
+    """Channels per task: as wide as possible (long contiguous rows stream best) while still
+    giving every thread at least one task."""
+    tasks_per_row = max(1, -(-numba.get_num_threads() // batch))
+    return max(CHANNEL_BLOCK, -(-channels // tasks_per_row))
 
 
 @torch.no_grad()
@@ -51,7 +59,7 @@ def scan_kernel(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: 
     )
     out = torch.empty(B, L, b3.shape[2], dtype=b.dtype)
     sync_threads()
-    _scan(as_array(a3), as_array(b3), as_array(h0), out.numpy(), reverse)
+    _scan(as_array(a3), as_array(b3), as_array(h0), out.numpy(), reverse, _block(B, b3.shape[2]))
     return out.reshape(shape)
 
 

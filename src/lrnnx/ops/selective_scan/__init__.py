@@ -10,8 +10,6 @@ Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
@@ -69,16 +67,16 @@ def selective_scan_fn(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
     discretization: str = "mamba",
-    deltaA: Optional[Tensor] = None,
-    initial_state: Optional[Tensor] = None,
-    backend: Optional[str] = None,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    deltaA: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan (S6): a diagonal SSM whose step size and B, C vary with the input.
 
     With delta' = softplus(delta + delta_bias) if ``delta_softplus`` else delta + delta_bias,
@@ -149,7 +147,9 @@ def selective_scan_fn(
         )
 
     # one compute dtype: the widest real dtype given, at least float32
-    reals = [X for X in (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state) if X is not None]
+    reals = [
+        X for X in (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state) if X is not None
+    ]
     rdtype = u.dtype
     for X in reals:
         rdtype = _torch.promote_types(rdtype, X.real.dtype if X.is_complex() else X.dtype)
@@ -157,7 +157,7 @@ def selective_scan_fn(
         rdtype = _torch.float32
     cdtype = _torch.complex128 if rdtype == _torch.float64 else _torch.complex64
 
-    def cast(X: Optional[Tensor]) -> Optional[Tensor]:
+    def cast(X: Tensor | None) -> Tensor | None:
         if X is None:
             return None
         return X.to(cdtype if X.is_complex() else rdtype)

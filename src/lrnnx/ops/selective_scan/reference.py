@@ -14,8 +14,6 @@ so the formulas live in one place.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,7 +25,7 @@ from lrnnx.core.discretization import GammaBar, dirac
 DISCRETIZATIONS: tuple[str, ...] = ("mamba", "zoh", "bilinear", "dirac")
 
 
-def effective_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+def effective_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     """delta' = softplus(delta + bias) or delta + bias, for delta (b, d, L) and bias (d,)."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -35,7 +33,7 @@ def effective_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus:
 
 
 def discretize(
-    A: Tensor, delta: Tensor, deltaA: Optional[Tensor], discretization: str
+    A: Tensor, delta: Tensor, deltaA: Tensor | None, discretization: str
 ) -> tuple[Tensor, GammaBar]:
     """Element-wise (A_bar, gamma_bar) for ``A`` broadcast against ``delta`` (and ``deltaA``).
 
@@ -67,13 +65,13 @@ def selective_scan(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
     delta_softplus: bool,
     discretization: str,
-    deltaA: Optional[Tensor],
-    initial_state: Optional[Tensor],
+    deltaA: Tensor | None,
+    initial_state: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Loop over time; autograd flows through it.
 
@@ -102,7 +100,7 @@ def selective_scan(
     h = h.to(torch.promote_types(A_bar.dtype, Bu.dtype))
     ys = []
     # unbind gives one view per step, so backward stays linear in L (x[..., t] would not)
-    for a_t, bu_t, c_t in zip(A_bar.unbind(2), Bu.unbind(2), C_t.unbind(2)):
+    for a_t, bu_t, c_t in zip(A_bar.unbind(2), Bu.unbind(2), C_t.unbind(2), strict=True):
         h = a_t * h + bu_t
         ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)

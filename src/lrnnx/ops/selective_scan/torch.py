@@ -14,11 +14,10 @@ chunk's graph, and the Python loop runs over chunks, never over time steps.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lrnnx.ops.linear_scan.torch import linear_scan
 from lrnnx.ops.selective_scan.reference import discretize, effective_delta
@@ -32,7 +31,7 @@ _U, _DELTA, _A, _B, _C, _D, _Z, _BIAS, _DELTAA, _H0 = range(10)
 _REACH_STATE = (_U, _DELTA, _A, _B, _BIAS, _DELTAA, _H0)
 
 
-def _varies(i: int, x: Optional[Tensor]) -> bool:
+def _varies(i: int, x: Tensor | None) -> bool:
     """Whether argument ``i`` has a time axis: u, delta, z, deltaA, and B/C when (b, g, n, L)."""
     if x is None:
         return False
@@ -67,10 +66,10 @@ def _chunk(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    deltaA: Optional[Tensor],
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    deltaA: Tensor | None,
     delta_softplus: bool,
     discretization: str,
 ) -> tuple[Tensor, Tensor]:
@@ -102,8 +101,8 @@ def _chunk(
 
 
 def _forward(
-    inputs: tuple[Optional[Tensor], ...],
-    initial_state: Optional[Tensor],
+    inputs: tuple[Tensor | None, ...],
+    initial_state: Tensor | None,
     delta_softplus: bool,
     discretization: str,
     chunk: int,
@@ -140,11 +139,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         A: Tensor,
         B: Tensor,
         C: Tensor,
-        D: Optional[Tensor],
-        z: Optional[Tensor],
-        delta_bias: Optional[Tensor],
-        deltaA: Optional[Tensor],
-        initial_state: Optional[Tensor],
+        D: Tensor | None,
+        z: Tensor | None,
+        delta_bias: Tensor | None,
+        deltaA: Tensor | None,
+        initial_state: Tensor | None,
         delta_softplus: bool,
         discretization: str,
         chunk: int,
@@ -158,13 +157,14 @@ class SelectiveScanFunction(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @once_differentiable  # the recomputed chunks are detached: no second derivatives
     def backward(ctx, dy: Tensor, dh_last: Tensor):
         *inputs, h0_in, starts = ctx.saved_tensors
         needs = ctx.needs_input_grad[: _H0 + 1]
         L, chunk = inputs[_U].shape[-1], ctx.chunk
-        grads: list[Optional[Tensor]] = [
+        grads: list[Tensor | None] = [
             torch.zeros_like(x) if need and x is not None else None
-            for x, need in zip((*inputs, h0_in), needs)
+            for x, need in zip((*inputs, h0_in), needs, strict=True)
         ]
         carry = any(needs[i] for i in _REACH_STATE)
         # inputs without a time axis: one leaf shared by every chunk, gradients summed over chunks
@@ -189,9 +189,9 @@ class SelectiveScanFunction(torch.autograd.Function):
             leaves = [args[i] for i in wrt] + ([h0] if h0.requires_grad else [])
             if not pairs or not leaves:  # e.g. delta unused by dirac with deltaA: nothing to pull
                 continue
-            outs, out_grads = zip(*pairs)
+            outs, out_grads = zip(*pairs, strict=True)
             got = torch.autograd.grad(outs, leaves, out_grads, allow_unused=True)
-            for i, g in zip(wrt, got):
+            for i, g in zip(wrt, got[: len(wrt)], strict=True):
                 if g is None:
                     continue
                 if _varies(i, inputs[i]):
@@ -211,13 +211,13 @@ def selective_scan(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
     delta_softplus: bool,
     discretization: str,
-    deltaA: Optional[Tensor],
-    initial_state: Optional[Tensor],
+    deltaA: Tensor | None,
+    initial_state: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked selective scan; same arguments and results as the reference backend.
 
