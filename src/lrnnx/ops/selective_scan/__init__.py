@@ -14,7 +14,9 @@ import torch as _torch  # the sibling module `torch.py` takes the name `torch` h
 from torch import Tensor
 
 from lrnnx.ops import _dispatch
-from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS
+from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
+
+__all__ = ["selective_scan_fn", "discretize", "effective_delta", "DISCRETIZATIONS"]
 
 _dispatch.register(
     "selective_scan", "reference", "lrnnx.ops.selective_scan.reference:selective_scan"

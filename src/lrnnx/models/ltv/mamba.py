@@ -1,0 +1,248 @@
+"""Mamba: the selective state space (S6) block (Gu & Dao, arXiv 2312.00752), with an event mode
+for irregularly timed inputs (STREAM, arXiv 2411.12603; Event-SSM, arXiv 2404.18508).
+
+For x (B, L, H), with E = expand * H inner channels and N states per channel:
+
+    [x', z] = in_proj(x)                                  (B, L, 2E)
+    u       = SiLU(causal depthwise conv_{d_conv}(x'))      (B, L, E)
+    [dt, B_t, C_t] = x_proj(u)                            dt: rank R, B_t, C_t: (N,)
+    delta   = softplus(dt_proj(dt))                        (B, L, E), dt_proj's bias inside
+    A       = -exp(A_log)                                  (E, N), S4D-real init A[:, n] = -(n + 1)
+    h_t     = A_bar_t * h_{t-1} + gamma_bar_t * B_t * u_t   (per channel, per state)
+    y_t     = (C_t . h_t + D * u_t) * SiLU(z_t);   out = out_proj(y)
+
+``discretization`` picks (A_bar, gamma_bar): ``"mamba"`` (exp(delta A), delta: the paper's
+simplified ZOH), ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
+
+Event mode: ``integration_timesteps`` dt_k (B, L) >= 0 is the time elapsed since the previous
+element.  The state decays over that time, A_bar = rule(A, delta * dt_k), while the input is
+integrated with the learned step delta; dt_k = 1 everywhere gives the synchronous model.
+
+Parameter names and shapes match mamba_ssm's ``Mamba`` module, so its checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_step_input, check_timesteps
+from lrnnx.core.conv import causal_depthwise_conv, window_tail
+from lrnnx.models.ltv.base import LTV_LRNN
+from lrnnx.ops import selective_scan_fn
+from lrnnx.ops.selective_scan import DISCRETIZATIONS, discretize
+
+
+class Mamba(LTV_LRNN):
+    """The Mamba (S6) block.
+
+    Example:
+        >>> model = Mamba(d_model=64, d_state=16)
+        >>> x = torch.randn(2, 128, 64)
+        >>> y = model(x)                                             # (B, L, H) -> (B, L, H)
+        >>> y = model(x, integration_timesteps=torch.rand(2, 128))   # event mode
+
+    Args:
+        d_model: model width H.
+        d_state: states per inner channel N.
+        d_conv: width of the causal depthwise convolution.
+        expand: inner width E = expand * d_model.
+        dt_rank: rank R of the step projection; ``"auto"`` is ceil(d_model / 16).
+        dt_min, dt_max: the initial steps softplus(dt_proj.bias) are log-uniform in this range.
+        dt_init: ``"random"`` (uniform +-dt_rank^-0.5 * dt_scale) or ``"constant"`` dt_proj weights.
+        dt_scale: scale of the dt_proj weight init.
+        dt_init_floor: lower clamp of the initial steps.
+        conv_bias: bias in the depthwise convolution.
+        bias: bias in in_proj and out_proj.
+        use_fast_path: run the selective scan on the fastest backend for the device (fused CPU
+            or GPU kernels); False pins the plain chunked torch backend.
+        layer_idx: position in a stack (kept for caches keyed by layer).
+        device, dtype: factory arguments for the parameters.
+        discretization: ``"mamba"``, ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+        discretization: str = "mamba",
+    ):
+        super().__init__(discretization=None)
+        if discretization not in DISCRETIZATIONS:
+            raise ValueError(
+                f"discretization: expected one of {list(DISCRETIZATIONS)}, got {discretization!r}"
+            )
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(
+                f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}"
+            )
+        self.discretization = discretization
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = E = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path, self.layer_idx = use_fast_path, layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias, **fk)
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True, **fk)
+        self.out_proj = nn.Linear(E, d_model, bias=bias, **fk)
+
+        std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+            # softplus(bias) = dt, log-uniform in [dt_min, dt_max]: bias = dt + log(1 - exp(-dt))
+            dt = torch.exp(
+                torch.rand(E, device=device) * (math.log(dt_max) - math.log(dt_min))
+                + math.log(dt_min)
+            ).clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+        # S4D-real: A[:, n] = -(n + 1), kept in float32 whatever the module dtype
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(E, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(E, device=device))
+        self.D._no_weight_decay = True
+
+    def _ssm_params(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """delta (..., E), B_t (..., N), C_t (..., N) from conv features u (..., E), in float32."""
+        dt, Bt, Ct = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        return delta, Bt.float(), Ct.float()
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tensor:
+        """(B, L, H) -> (B, L, H); see the module docstring for the event mode and the cache."""
+        mask = self._check_forward_args(x, integration_timesteps, lengths)
+        cache = inference_cache
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xi = xi.transpose(1, 2)  # (B, E, L)
+        if mask is not None:
+            xi = xi * mask[:, None, :].to(xi.dtype)  # padding must not reach the conv state
+        history = None if cache is None else cache["conv_state"][..., 1:]
+        conv, window = causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias, history)
+        u = F.silu(conv)  # (B, E, L)
+        delta, Bt, Ct = self._ssm_params(u.transpose(1, 2))
+        delta = delta.transpose(1, 2)  # (B, E, L)
+        deltaA = None
+        if integration_timesteps is not None:
+            deltaA = delta * integration_timesteps[:, None, :].float()
+        u_scan = u
+        if mask is not None:
+            # on padding: no input and a zero step, so A_bar = 1 and the state is carried as is
+            m = mask[:, None, :]
+            delta, u_scan = delta * m, u * m.to(u.dtype)
+            deltaA = None if deltaA is None else deltaA * m
+        y, last = selective_scan_fn(
+            u_scan,
+            delta,
+            -torch.exp(self.A_log.float()),
+            Bt.transpose(1, 2),
+            Ct.transpose(1, 2),
+            self.D.float(),
+            z=z.transpose(1, 2),
+            return_last_state=True,
+            discretization=self.discretization,
+            deltaA=deltaA,
+            initial_state=None if cache is None else cache["lrnn_state"],
+            backend=None if self.use_fast_path else "torch",
+        )
+        out = self.out_proj(y.transpose(1, 2).to(x.dtype))
+        if mask is not None:
+            out = out * mask[..., None].to(out.dtype)
+        if cache is not None:
+            with torch.no_grad():
+                cache["lrnn_state"].copy_(last)
+                tail = window_tail(window, self.d_conv, self.d_conv - 1, lengths)
+                cache["conv_state"].copy_(tail)
+            cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + x.shape[1]
+        return out
+
+    def step(
+        self,
+        x: Tensor,
+        inference_cache: Dict[str, Any],
+        integration_timesteps: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
+
+        ``integration_timesteps`` (B,) or (B, 1): time elapsed since the previous element.
+        """
+        x2 = check_step_input(x, self.d_model)
+        Bsz = x2.shape[0]
+        cache = inference_cache
+        conv_state, h = cache["conv_state"], cache["lrnn_state"]
+        if conv_state.shape[0] != Bsz:
+            raise ValueError(
+                f"inference_cache: allocated for batch {conv_state.shape[0]}, got x with batch {Bsz}"
+            )
+        xi, z = self.in_proj(x2).chunk(2, dim=-1)  # (B, E) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[..., -1] = xi.to(conv_state.dtype)
+        conv = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        u = F.silu(conv)
+        delta, Bt, Ct = self._ssm_params(u)  # (B, E), (B, N), (B, N)
+        deltaA = None
+        if integration_timesteps is not None:
+            ts = integration_timesteps.reshape(-1)
+            check_timesteps(ts[:, None], Bsz, 1)
+            deltaA = (delta * ts[:, None].float())[..., None]
+        A = -torch.exp(self.A_log.float())
+        A_bar, gamma_bar = discretize(A, delta[..., None], deltaA, self.discretization)
+        uf = u.float()
+        with torch.no_grad():
+            h.mul_(A_bar).add_(gamma_bar * Bt[:, None, :] * uf[..., None])
+        y = (h * Ct[:, None, :]).sum(-1) + self.D.float() * uf
+        y = y * F.silu(z.float())
+        out = self.out_proj(y.to(x2.dtype))
+        cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
+        return out.reshape(x.shape), cache
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None, **kwargs
+    ) -> Dict[str, Any]:
+        """``"conv_state"`` (B, E, d_conv): the last d_conv conv inputs; ``"lrnn_state"``
+        (B, E, N) float32; ``"seqlen_offset"``."""
+        w = self.conv1d.weight
+        return {
+            "conv_state": torch.zeros(
+                batch_size, self.d_inner, self.d_conv, device=w.device, dtype=dtype or w.dtype
+            ),
+            "lrnn_state": torch.zeros(
+                batch_size, self.d_inner, self.d_state, device=w.device, dtype=torch.float32
+            ),
+            "seqlen_offset": 0,
+        }
