@@ -14,7 +14,7 @@ from torch import Tensor
 DIRECT_MAX_LEN = 32
 
 
-def _fast_len(n: int) -> int:
+def fft_length(n: int) -> int:
     """Smallest 2^a 3^b 5^c >= n (sizes the FFT handles fastest)."""
     best = 1 << (n - 1).bit_length()
     p5 = 1
@@ -46,7 +46,7 @@ def causal_conv(u: Tensor, k: Tensor, method: str = "auto") -> Tensor:
         return _direct(u, k)
     if method != "fft":
         raise ValueError(f"method: expected 'fft', 'direct' or 'auto', got {method!r}")
-    n = _fast_len(L + k.shape[-1] - 1) if k.shape[-1] < L else _fast_len(2 * L)
+    n = fft_length(L + k.shape[-1] - 1) if k.shape[-1] < L else fft_length(2 * L)
     if u.is_complex() or k.is_complex():
         y = torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n), n=n)
     else:
@@ -63,3 +63,17 @@ def _direct(u: Tensor, k: Tensor) -> Tensor:
         shifted = torch.cat([u.new_zeros(u.shape[:-1] + (s,)), u[..., : L - s]], dim=-1)
         terms.append(k[..., s : s + 1] * shifted)
     return torch.stack(terms).sum(0)
+
+
+def causal_conv_mix(u: Tensor, k: Tensor) -> Tensor:
+    """Causal convolution that also sums over input channels: a full (MIMO) convolution.
+
+    y_o[t] = sum_i sum_{s <= t} k[o, i, s] u[b, i, t - s] for u (B, I, L) and k (O, I, L), real.
+    The channel sum is done in the frequency domain, so it takes B*I + O*I + B*O FFTs rather
+    than one per (batch, output, input) triple.  Returns (B, O, L).
+    """
+    L = u.shape[-1]
+    n = fft_length(2 * L)
+    uf = torch.fft.rfft(u, n=n)
+    kf = torch.fft.rfft(k[..., :L], n=n)
+    return torch.fft.irfft(torch.einsum("bil,oil->bol", uf, kf), n=n)[..., :L]

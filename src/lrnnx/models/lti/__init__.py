@@ -1,7 +1,23 @@
 """Linear time-invariant (LTI) LRNN models."""
 
 from lrnnx.models.lti.base import LTI_LRNN
+from lrnnx.models.lti.centaurus import (
+    Centaurus,
+    CentaurusDWS,
+    CentaurusFull,
+    CentaurusNeck,
+    CentaurusPWNeck,
+)
 from lrnnx.models.lti.lru import LRU
 from lrnnx.models.lti.s5 import S5
 
-__all__ = ["LTI_LRNN", "LRU", "S5"]
+__all__ = [
+    "LTI_LRNN",
+    "Centaurus",
+    "CentaurusDWS",
+    "CentaurusFull",
+    "CentaurusNeck",
+    "CentaurusPWNeck",
+    "LRU",
+    "S5",
+]

@@ -20,10 +20,14 @@ AUTO_FFT_MIN_LEN = 64
 
 
 def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
-    """A_bar^t for t = 0..L-1, shape (N, L); A^0 = 1 even where A = 0."""
+    """A_bar^t for t = 0..L-1, shape (..., L) for A_bar of shape (...).
+
+    exp(t log A_bar) costs one complex exp per entry and its backward is a product, several times
+    cheaper than complex pow; A^0 = 1 is set apart so that A_bar = 0 stays finite.
+    """
     t = torch.arange(1, L, device=A_bar.device, dtype=A_bar.real.dtype)
-    ones = torch.ones_like(A_bar)[:, None]
-    return torch.cat([ones, A_bar[:, None] ** t], dim=1)
+    P = torch.exp(torch.log(A_bar)[..., None] * t)
+    return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)
 
 
 class LTI_LRNN(LRNN):

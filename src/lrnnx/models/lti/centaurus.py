@@ -1,0 +1,622 @@
+"""Centaurus (Pei, "Let SSMs be ConvNets: State-space Modeling with Optimal Tensor Contractions",
+ICLR 2025, arXiv 2501.13230).
+
+A Centaurus block is a bank of diagonal SSM *states* n = 1..N.  Each state owns M *sub-states*
+(modes) with complex poles A_nm (Re < 0) that share one learned step dt_n, and the sub-states of a
+state are mixed back into one real signal by the vector E_n (the paper's intra-state mode mixing):
+
+    x'_nm(t) = A_nm x_nm(t) + v_n(t)                      (continuous time)
+    x_nm[t]  = A_bar_nm x_nm[t-1] + gamma_nm v_n[t]       (A_bar, gamma) = discretize(A_nm, dt_n)
+    z_n[t]   = sum_m E_nm Re(x_nm[t])
+
+so z_n is the causal convolution of v_n with the latent kernel
+
+    k_n[l] = sum_m E_nm Re(gamma_nm A_bar_nm^l),         l = 0..L-1.
+
+The modes differ in how v is fed from the input u (B, L, H_in) and how y is read from z, borrowing
+the connectivity of convolution layers:
+
+    neck        v = B u  (B: N x H_in)       y = C z  (C: H_out x N)     bottleneck block
+    pointwise   v_nm = (B u)_nm (B: NM x H_in), y = C Re(x) (C: H_out x NM): no E, every sub-state
+    ("s5")      is its own SISO lane (dt_n shared by the M lanes of state n)
+    dws         N = H_in, v_n = u_n, y = C z (C: H_out x N)          depthwise SSM, then pointwise
+    full        one state per (output o, input i) pair: v_oi = u_i, y_o = sum_i z_oi, dt_o per output
+                channel; a full convolution with kernel K_oi[l] (H_out = d_state outputs)
+
+Training evaluates the block as tensor contractions and picks their order by cost, as the paper does
+with optimal einsum paths: either project to the latent channels, convolve each with its kernel
+(:func:`lrnnx.core.fftconv.causal_conv`) and read out, or contract B, k and C first into one
+(H_out, H_in, L) kernel and convolve in the frequency domain.  Inference runs the recurrence on
+the (B, N, M) sub-state tensor.
+
+The reference code discretizes with a simplified hold (gamma = dt); here every rule of
+:mod:`lrnnx.core.discretization` is exact: ``zoh`` (gamma = (e^{dt A} - 1)/A, which is dt to first
+order), ``bilinear`` and ``dirac`` (gamma = 1).  Initialisation follows the reference code:
+Re(A) = -softplus(.) starting at -0.5, Im(A_nm) = pi m, dt log-spaced in [1e-3, 1e-1].
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any, Dict, Literal, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_step_input, lengths_mask
+from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
+from lrnnx.models.lti.base import LTI_LRNN, diagonal_powers
+from lrnnx.ops import linear_scan
+
+#: -Re(A) is kept at or above this, so every discretization stays strictly stable
+MIN_NEG_REAL = 1e-4
+#: how ``forward`` orders the contractions: by estimated cost, or forced
+CONTRACTIONS = ("auto", "latent", "kernel")
+
+Weights = Dict[str, Tensor | None]
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class CentaurusBase(LTI_LRNN):
+    """Common part of the Centaurus modes: poles, steps, discretization, kernel and recurrence.
+
+    Internally the sub-states form an (S, M) grid of *rows* s (S = N, or N * H_in for ``full``)
+    and M sub-states; each mode defines how the input drives the rows and how the outputs are read.
+
+    Args:
+        d_model: input width H_in.
+        d_state: number of states N (for ``full``: output channels, see :class:`CentaurusFull`).
+        sub_state_dim: sub-states M per state.
+        discretization: ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
+    """
+
+    allowed_discretizations = ("zoh", "bilinear", "dirac")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        sub_state_dim: int,
+        discretization: Literal["zoh", "bilinear", "dirac"] = "zoh",
+    ) -> None:
+        super().__init__(discretization)
+        self.d_model = _check_positive_int("d_model", d_model)
+        self.d_state = _check_positive_int("d_state", d_state)
+        self.sub_state_dim = _check_positive_int("sub_state_dim", sub_state_dim)
+        self._check_sizes()
+        #: length of the kernel built by compute_kernel(); forward sets it to the input length
+        self.kernel_length: int | None = None
+        self.contraction = "auto"
+        S, M = self.n_rows, self.sub_state_dim
+        # Re(A) = -softplus(A_real_raw) starts at -0.5; Im(A_nm) = pi * m (reference initialisation)
+        self.A_real_raw = nn.Parameter(torch.full((S, M), math.log(math.expm1(0.5))))
+        self.A_imag = nn.Parameter((math.pi * torch.arange(M, dtype=torch.float32)).repeat(S, 1))
+        self.log_dt = nn.Parameter(torch.linspace(math.log(1e-3), math.log(1e-1), self.d_state))
+        self._init_mode_parameters()
+
+    # ----------------------------------------------------------------------------- mode interface
+    def _check_sizes(self) -> None:
+        """Mode-specific constraints on d_model / d_state (ValueError)."""
+
+    @property
+    def n_rows(self) -> int:
+        """Rows S of the (S, M) sub-state grid."""
+        return self.d_state
+
+    @property
+    def d_output(self) -> int:
+        """Output width H_out."""
+        return self.d_model
+
+    @abstractmethod
+    def _init_mode_parameters(self) -> None:
+        """Create the mode's input/output/mixing parameters."""
+
+    @abstractmethod
+    def _weights(self) -> Weights:
+        """The mode's non-discretized weights by name (B, C, E; None where the mode has none)."""
+
+    @abstractmethod
+    def _lanes(self, x: Tensor, w: Weights) -> Tensor:
+        """Sub-state drive v from x (..., H_in): (..., S, 1) shared by the M sub-states, or (..., S, M)."""
+
+    @abstractmethod
+    def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
+        """Input of each latent kernel channel, (B, L, Z) for x (B, L, H_in)."""
+
+    @abstractmethod
+    def _readout(self, z: Tensor, w: Weights) -> Tensor:
+        """(..., Z) latent outputs -> (..., H_out)."""
+
+    @abstractmethod
+    def _effective_kernel(self, k: Tensor, w: Weights) -> Tensor:
+        """Latent kernel (Z, L) -> input-to-output kernel (H_out, H_in, L)."""
+
+    @abstractmethod
+    def _macs(self) -> Tuple[int, int, int]:
+        """Multiply-adds per step of (input projection, readout, effective-kernel build)."""
+
+    def _state_shape(self) -> Tuple[int, ...]:
+        """Per-sequence layout of ``lrnnx_state`` in the inference cache."""
+        return (self.n_rows, self.sub_state_dim)
+
+    # ------------------------------------------------------------------------------ parameters
+    @property
+    def contraction(self) -> str:
+        """``"auto"`` (cheapest by estimate), ``"latent"`` or ``"kernel"``: see :meth:`forward`."""
+        return self._contraction
+
+    @contraction.setter
+    def contraction(self, value: str) -> None:
+        if value not in CONTRACTIONS:
+            raise ValueError(f"contraction: expected one of {list(CONTRACTIONS)}, got {value!r}")
+        self._contraction = value
+
+    def _continuous_A(self) -> Tensor:
+        re = -F.softplus(self.A_real_raw).clamp(min=MIN_NEG_REAL)
+        return torch.complex(re, self.A_imag)
+
+    def _row_dt(self) -> Tensor:
+        """Step of every row, (S, 1): dt_n, repeated over the rows a state owns."""
+        dt = torch.exp(self.log_dt)
+        return dt.repeat_interleave(self.n_rows // self.d_state)[:, None]
+
+    def _mix_weight(self, w: Weights) -> Tensor | None:
+        """E (S, M) mixing the sub-states of a row, or None where every sub-state is read alone."""
+        return w.get("E")
+
+    def _mix(self, h_real: Tensor, w: Weights) -> Tensor:
+        """(..., S, M) real sub-states -> (..., Z) latent outputs."""
+        E = self._mix_weight(w)
+        return h_real.flatten(-2) if E is None else (h_real * E).sum(-1)
+
+    def discretize(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Discrete sub-state poles and input gains from the chosen rule.
+
+        Returns:
+            A_bar (S, M) complex, gamma_bar (S, M) complex (ones for ``dirac``), and the sub-state
+            readout weights (S, M): E, or ones where the mode reads every sub-state alone.
+        """
+        A = self._continuous_A()
+        A_bar, gamma = self.discretize_fn(A, self._row_dt())
+        if not isinstance(gamma, Tensor):
+            gamma = torch.full_like(A_bar, gamma)
+        E = self._mix_weight(self._weights())
+        return A_bar, gamma, torch.ones_like(A.real) if E is None else E
+
+    def _kernel(self, P: Tensor, gamma: Tensor, w: Weights) -> Tensor:
+        """Latent kernel (Z, L) from the powers P (S, M, L)."""
+        K = (gamma[..., None] * P).real  # (S, M, L)
+        return self._mix(K.permute(2, 0, 1), w).transpose(0, 1)
+
+    def compute_kernel(self, L: int | None = None) -> Tuple[Tensor, Tensor]:
+        """Discrete-time latent convolution kernel with intra-state mode mixing.
+
+        Args:
+            L: kernel length; defaults to ``self.kernel_length``, the length of the last input seen
+                by :meth:`forward`.
+
+        Returns:
+            k: (Z, L) real latent kernel, k[z, l] = sum_m E_zm Re(gamma_zm A_bar_zm^l) with one row
+            per state channel: Z = N (neck, dws), N * M (pointwise: one per lane, no mixing) or
+            N * H_in (full: row o * H_in + i is the (output o, input i) pair).
+            empty: an empty tensor (the input matrix is not folded into the kernel).
+        """
+        L = self.kernel_length if L is None else L
+        if L is None:
+            raise ValueError("L: no kernel length yet; pass L or run forward on an input first")
+        L = _check_positive_int("L", L)
+        A_bar, gamma, _ = self.discretize()
+        k = self._kernel(diagonal_powers(A_bar, L), gamma, self._weights())
+        return k, k.new_empty(0)
+
+    # --------------------------------------------------------------------------------- forward
+    def _use_kernel_path(self, batch: int, L: int) -> bool:
+        """Contract (B, k, C) first when that costs fewer flops than projecting and convolving."""
+        if self.contraction != "auto":
+            return self.contraction == "kernel"
+        n = fft_length(2 * L)
+        fft = 2.5 * n * math.log2(n)  # one real FFT of length n
+        Hi, Ho, Z = self.d_model, self.d_output, self._latent_width()
+        proj_in, proj_out, build = self._macs()
+        latent = batch * L * (proj_in + proj_out) + (2 * batch * Z + Z) * fft + 2 * batch * Z * n
+        kernel = build * L + (batch * Hi + Ho * Hi + batch * Ho) * fft + 2 * batch * Ho * Hi * n
+        return kernel < latent
+
+    def _latent_width(self) -> int:
+        E = self._mix_weight(self._weights())
+        return self.n_rows * (1 if E is not None else self.sub_state_dim)
+
+    def _check_cache(self, cache: Dict[str, Any], batch: int) -> Tensor:
+        h = cache.get("lrnn_state") if isinstance(cache, dict) else None
+        shape = (batch,) + self._state_shape()
+        if not isinstance(h, Tensor) or tuple(h.shape) != shape:
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(f"inference_cache['lrnn_state']: expected shape {shape}, got {got}")
+        return h
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Tensor | None = None,
+        lengths: Tensor | None = None,
+        inference_cache: Dict[str, Any] | None = None,
+    ) -> Tensor:
+        """Forward pass through a Centaurus LTI mode variant.
+
+        Args:
+            x: input sequence (B, L, H_in).
+            integration_timesteps: must be None (the block is time-invariant).
+            lengths: (B,) valid lengths; outputs past them are zero and padding never reaches the
+                valid outputs or the state.
+            inference_cache: from :meth:`allocate_inference_cache`; the sequence starts from its
+                ``"lrnn_state"`` and the state at each sequence's end is written back, so
+                forward(prompt) followed by :meth:`step` continues the sequence.
+
+        Returns:
+            (B, L, H_out) in x's dtype; the sub-state arithmetic is float32/complex64 (or the
+            parameters' wider dtype) even under autocast.
+        """
+        self._check_forward_args(x, integration_timesteps)
+        Bsz, L, _ = x.shape
+        mask = lengths_mask(lengths, Bsz, L, x.device)
+        h0 = None if inference_cache is None else self._check_cache(inference_cache, Bsz)
+        if L == 0:
+            return x.new_zeros(Bsz, 0, self.d_output)
+        self.kernel_length = L
+        S, M = self.n_rows, self.sub_state_dim
+        w = self._weights()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(self.log_dt.dtype)
+            if mask is not None:
+                xf = xf * mask[..., None]
+            A_bar, gamma, _ = self.discretize()
+            h0f = None if h0 is None else h0.reshape(Bsz, S, M).to(A_bar.dtype)
+            if self._use_fft(L):
+                P = diagonal_powers(A_bar, L)
+                k = self._kernel(P, gamma, w)
+                if self._use_kernel_path(Bsz, L):
+                    K = self._effective_kernel(k, w)
+                    y = causal_conv_mix(xf.transpose(1, 2), K).transpose(1, 2)
+                else:
+                    u = self._latent_input(xf, w)  # (B, L, Z)
+                    z = causal_conv(u.transpose(1, 2), k).transpose(1, 2)
+                    y = self._readout(z, w)
+                if h0f is not None:
+                    y = y + self._readout(self._free_response(h0f, A_bar, P, w), w)
+                final = None
+                if inference_cache is not None:
+                    final = self._final_state(xf, lengths, h0f, A_bar, gamma, P, w)
+            else:
+                v = gamma * self._lanes(xf, w)  # (B, L, S, M)
+                h = linear_scan(A_bar, v, initial_state=h0f)
+                y = self._readout(self._mix(h.real, w), w)
+                final = None if inference_cache is None else self._gather_final(h, lengths, h0f)
+            if mask is not None:
+                y = y * mask[..., None]
+        if inference_cache is not None:
+            inference_cache["lrnn_state"].copy_(final.detach().reshape(h0.shape))
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+        return y.to(x.dtype)
+
+    def _free_response(self, h0: Tensor, A_bar: Tensor, P: Tensor, w: Weights) -> Tensor:
+        """Latent outputs (B, L, Z) of the initial state alone: Re(A_bar^{t+1} h0) mixed by E."""
+        AP = A_bar[..., None] * P  # (S, M, L)
+        E = self._mix_weight(w)
+        if E is None:
+            return torch.einsum("bsm,sml->blsm", h0, AP).real.flatten(-2)
+        return torch.einsum("bsm,sml->bls", h0 * E.to(h0.dtype), AP).real
+
+    def _drive_state(self, x_rev: Tensor, P: Tensor, w: Weights) -> Tensor:
+        """sum_l P[..., l] * v[L-1-l] for time-reversed input x_rev (B, L, H_in) -> (B, S, M)."""
+        v = self._lanes(x_rev, w).to(P.dtype)  # (B, L, S, 1 or M)
+        if v.shape[-1] == 1:
+            return torch.einsum("bls,sml->bsm", v[..., 0], P)
+        return torch.einsum("blsm,sml->bsm", v, P)
+
+    def _final_state(
+        self,
+        xf: Tensor,
+        lengths: Tensor | None,
+        h0: Tensor | None,
+        A_bar: Tensor,
+        gamma: Tensor,
+        P: Tensor,
+        w: Weights,
+    ) -> Tensor:
+        """Sub-states (B, S, M) after each sequence's last valid step (FFT path)."""
+        Bsz, L, _ = xf.shape
+        if lengths is None:
+            x_rev = xf.flip(1)
+            n_steps = torch.full((Bsz,), L, device=xf.device)
+        else:
+            # reversed input of each sequence from its own last valid step; zeros beyond its start
+            n_steps = lengths.to(xf.device)
+            idx = n_steps[:, None] - 1 - torch.arange(L, device=xf.device)[None, :]
+            x_rev = xf.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, xf.shape[-1]))
+            x_rev = x_rev * (idx >= 0)[..., None]
+        h = gamma * self._drive_state(x_rev, P, w)
+        if h0 is not None:
+            # A_bar^len h0; the powers stop at L-1, so take A_bar * A_bar^(len-1) (len 0: h0 itself)
+            AP = torch.cat([torch.ones_like(P[..., :1]), A_bar[..., None] * P], -1)  # (S, M, L+1)
+            decay = AP.permute(2, 0, 1)[n_steps.long()]  # (B, S, M)
+            h = h + decay * h0
+        return h
+
+    @staticmethod
+    def _gather_final(h: Tensor, lengths: Tensor | None, h0: Tensor | None) -> Tensor:
+        """State at each sequence's last valid step from the scanned states h (B, L, S, M)."""
+        if lengths is None:
+            return h[:, -1]
+        lengths = lengths.to(h.device)
+        idx = (lengths - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, 1, *h.shape[2:])
+        final = h.gather(1, idx)[:, 0]
+        start = torch.zeros_like(final) if h0 is None else h0
+        return torch.where((lengths == 0).view(-1, 1, 1), start, final)
+
+    # ------------------------------------------------------------------------------- inference
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int = 1, dtype: torch.dtype | None = None
+    ) -> Dict[str, Any]:
+        """Allocate initial streaming state and cache matrices.
+
+        Args:
+            batch_size: the batch size.
+            max_seqlen: unused (the dynamics are time-invariant); kept for the common interface.
+            dtype: unused; the state keeps the parameters' complex dtype.
+
+        Returns:
+            ``{"lrnn_state": zeros (B, N, M) complex (full: (B, H_out, H_in, M)), "A_bar",
+            "gamma_bar": (S, M) discrete sub-state parameters, the mode's weights "B", "C", "E"
+            (None where absent), "seqlen_offset": 0}``; all matrices are detached constants.
+        """
+        _check_positive_int("batch_size", batch_size)
+        with torch.no_grad():  # inference constants, not graph nodes
+            A_bar, gamma, _ = self.discretize()
+            w = {k: (None if v is None else v.detach().clone()) for k, v in self._weights().items()}
+        state = torch.zeros(
+            (batch_size,) + self._state_shape(), dtype=A_bar.dtype, device=A_bar.device
+        )
+        return {"lrnn_state": state, "A_bar": A_bar, "gamma_bar": gamma, **w, "seqlen_offset": 0}
+
+    def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+        """Single-timestep streaming update for a Centaurus variant.
+
+        The sub-states advance in place, x_nm <- A_bar_nm x_nm + gamma_nm v_n, in the cached
+        (B, N, M) layout ((B, H_out, H_in, M) for full).
+
+        Args:
+            x: (B, H_in) (or (B, 1, H_in)) input at the current timestep.
+            inference_cache: from :meth:`allocate_inference_cache`; updated in place.
+
+        Returns:
+            y (B, H_out) real, and the cache.
+        """
+        x = check_step_input(x, self.d_model)
+        h_full = self._check_cache(inference_cache, x.shape[0])
+        h = h_full.view(x.shape[0], self.n_rows, self.sub_state_dim)
+        w = {k: inference_cache.get(k) for k in self._weights()}
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(inference_cache["A_bar"].real.dtype)
+            v = inference_cache["gamma_bar"] * self._lanes(xf, w)
+            h.mul_(inference_cache["A_bar"]).add_(v)
+            y = self._readout(self._mix(h.real, w), w)
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return y.to(x.dtype), inference_cache
+
+
+class CentaurusNeck(CentaurusBase):
+    """Bottleneck block with dense in/out projections.
+
+    u (H_in) -B-> N states, each of M sub-states mixed by E_n -> z (N) -C-> y (H_out = d_model).
+
+    Example:
+        >>> model = CentaurusNeck(d_model=64, d_state=64, sub_state_dim=8)
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+    """
+
+    def _init_mode_parameters(self) -> None:
+        N, M, H = self.d_state, self.sub_state_dim, self.d_model
+        self.B = nn.Parameter(torch.ones(N, H) / math.sqrt(H))
+        self.C = nn.Parameter(torch.randn(H, N) * math.sqrt(2.0 / (N * M)))
+        self.E = nn.Parameter(torch.randn(N, M) * math.sqrt(2.0))
+
+    def _weights(self) -> Weights:
+        return {"B": self.B, "C": self.C, "E": self.E}
+
+    def _lanes(self, x: Tensor, w: Weights) -> Tensor:
+        return (x @ w["B"].transpose(0, 1))[..., None]
+
+    def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
+        return x @ w["B"].transpose(0, 1)
+
+    def _readout(self, z: Tensor, w: Weights) -> Tensor:
+        return z @ w["C"].transpose(0, 1)
+
+    def _effective_kernel(self, k: Tensor, w: Weights) -> Tensor:
+        # K_oi[l] = sum_n C_on k_n[l] B_ni
+        return torch.einsum("on,nil->oil", w["C"], k[:, None, :] * w["B"][:, :, None])
+
+    def _macs(self) -> Tuple[int, int, int]:
+        N, Hi, Ho = self.d_state, self.d_model, self.d_output
+        return Hi * N, N * Ho, N * Hi * (Ho + 1)
+
+
+class CentaurusPWNeck(CentaurusBase):
+    """Pointwise bottleneck (s5 in public implementations) that flattens (N, M) -> (N*M).
+
+    This variant removes E-mixing and repeats delta over M sub-states per state, yielding
+    independent SISO lanes aggregated in a single flattened axis: B (N*M, H_in), C (H_out, N*M).
+
+    Example:
+        >>> model = CentaurusPWNeck(d_model=64, d_state=64, sub_state_dim=8)
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+    """
+
+    def _init_mode_parameters(self) -> None:
+        NM, H = self.d_state * self.sub_state_dim, self.d_model
+        self.B = nn.Parameter(torch.ones(NM, H) / math.sqrt(H))
+        self.C = nn.Parameter(torch.randn(H, NM) * math.sqrt(2.0 / NM))
+
+    def _weights(self) -> Weights:
+        return {"B": self.B, "C": self.C}
+
+    def _lanes(self, x: Tensor, w: Weights) -> Tensor:
+        v = x @ w["B"].transpose(0, 1)
+        return v.unflatten(-1, (self.d_state, self.sub_state_dim))
+
+    def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
+        return x @ w["B"].transpose(0, 1)
+
+    def _readout(self, z: Tensor, w: Weights) -> Tensor:
+        return z @ w["C"].transpose(0, 1)
+
+    def _effective_kernel(self, k: Tensor, w: Weights) -> Tensor:
+        return torch.einsum("on,nil->oil", w["C"], k[:, None, :] * w["B"][:, :, None])
+
+    def _macs(self) -> Tuple[int, int, int]:
+        NM, Hi, Ho = self.d_state * self.sub_state_dim, self.d_model, self.d_output
+        return Hi * NM, NM * Ho, NM * Hi * (Ho + 1)
+
+
+class CentaurusDWS(CentaurusBase):
+    """Depthwise-separable block with one state per channel.
+
+    Channel n drives its own M sub-states, mixed by E_n (the depthwise SSM), then the pointwise
+    matrix C (H_out x N) mixes the channels.  Requires d_state == d_model.
+
+    Example:
+        >>> model = CentaurusDWS(d_model=64, d_state=64, sub_state_dim=8)
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+    """
+
+    def _check_sizes(self) -> None:
+        if self.d_state != self.d_model:
+            raise ValueError(
+                f"d_state: the dws mode has one state per channel, so d_state must equal "
+                f"d_model={self.d_model}, got {self.d_state}"
+            )
+
+    def _init_mode_parameters(self) -> None:
+        N, M, H = self.d_state, self.sub_state_dim, self.d_model
+        self.E = nn.Parameter(torch.ones(N, M) / math.sqrt(M))
+        bound = 1.0 / math.sqrt(N)  # the default init of the reference's 1x1 convolution
+        self.C = nn.Parameter(torch.empty(H, N).uniform_(-bound, bound))
+
+    def _weights(self) -> Weights:
+        return {"C": self.C, "E": self.E}
+
+    def _lanes(self, x: Tensor, w: Weights) -> Tensor:
+        return x[..., None]
+
+    def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
+        return x
+
+    def _readout(self, z: Tensor, w: Weights) -> Tensor:
+        return z @ w["C"].transpose(0, 1)
+
+    def _effective_kernel(self, k: Tensor, w: Weights) -> Tensor:
+        return w["C"][:, :, None] * k[None]
+
+    def _macs(self) -> Tuple[int, int, int]:
+        return 0, self.d_state * self.d_output, self.d_model * self.d_output
+
+
+class CentaurusFull(CentaurusBase):
+    """Fully connected block with a state per (in, out) pair.
+
+    Like a full convolution from H_in = d_model to H_out = d_state channels: output o and input i
+    are connected by a state of M sub-states with its own poles and mixing E_oi, and the step dt_o
+    is shared by the states of an output channel.  The inference state is (B, H_out, H_in, M).
+
+    Example:
+        >>> model = CentaurusFull(d_model=64, d_state=64, sub_state_dim=8)
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+    """
+
+    @property
+    def n_rows(self) -> int:
+        return self.d_state * self.d_model
+
+    @property
+    def d_output(self) -> int:
+        return self.d_state
+
+    def _state_shape(self) -> Tuple[int, ...]:
+        return (self.d_state, self.d_model, self.sub_state_dim)
+
+    def _init_mode_parameters(self) -> None:
+        S, M = self.n_rows, self.sub_state_dim
+        self.E = nn.Parameter(torch.ones(S, M) / math.sqrt(self.d_model))
+
+    def _weights(self) -> Weights:
+        return {"E": self.E}
+
+    def _lanes(self, x: Tensor, w: Weights) -> Tensor:
+        lead = x.shape[:-1]
+        return x[..., None, :].expand(*lead, self.d_state, self.d_model).reshape(*lead, -1, 1)
+
+    def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
+        return self._lanes(x, w)[..., 0]
+
+    def _readout(self, z: Tensor, w: Weights) -> Tensor:
+        return z.unflatten(-1, (self.d_state, self.d_model)).sum(-1)
+
+    def _effective_kernel(self, k: Tensor, w: Weights) -> Tensor:
+        return k.view(self.d_state, self.d_model, -1)
+
+    def _drive_state(self, x_rev: Tensor, P: Tensor, w: Weights) -> Tensor:
+        # the input of pair (o, i) is u_i for every o: contract without materialising the copies
+        Pv = P.view(self.d_state, self.d_model, self.sub_state_dim, -1)
+        h = torch.einsum("bli,oiml->boim", x_rev.to(P.dtype), Pv)
+        return h.reshape(x_rev.shape[0], self.n_rows, self.sub_state_dim)
+
+    def _macs(self) -> Tuple[int, int, int]:
+        return 0, self.n_rows, 0
+
+
+_MODES = {
+    "neck": CentaurusNeck,
+    "pointwise": CentaurusPWNeck,
+    "pw": CentaurusPWNeck,
+    "s5": CentaurusPWNeck,
+    "dws": CentaurusDWS,
+    "full": CentaurusFull,
+}
+
+
+class Centaurus:
+    """Backwards-compatible wrapper that returns a mode-specific class instance.
+
+    ``mode``: ``"neck"`` -> :class:`CentaurusNeck`, ``"pointwise"`` / ``"pw"`` / ``"s5"`` ->
+    :class:`CentaurusPWNeck`, ``"dws"`` -> :class:`CentaurusDWS`, ``"full"`` ->
+    :class:`CentaurusFull`.
+
+    Example:
+        >>> model = Centaurus(d_model=64, d_state=64, sub_state_dim=8, mode="neck")
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+    """
+
+    def __new__(
+        cls,
+        d_model: int,
+        d_state: int,
+        sub_state_dim: int,
+        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
+        mode: Literal["neck", "pointwise", "pw", "s5", "dws", "full"] = "neck",
+    ) -> CentaurusBase:
+        if not isinstance(mode, str) or mode not in _MODES:
+            raise ValueError(f"mode: expected one of {list(_MODES)}, got {mode!r}")
+        return _MODES[mode](d_model, d_state, sub_state_dim, discretization)
