@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.core.checks import check_step_input
+from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
 
@@ -284,13 +285,8 @@ class RGLRU(LTV_LRNN):
 
         gate = F.gelu(self.gate_proj(xin), approximate="tanh")  # tanh GeLU as in recurrentgemma
         u = self.in_proj(xin).transpose(1, 2)  # (B, D, L)
-        K = self.d_conv
-        if inference_cache is None:
-            prev = u.new_zeros(Bsz, self.lru_width, K - 1)
-        else:
-            prev = inference_cache["conv_state"].to(u.dtype)
-        window = torch.cat([prev, u], dim=-1)  # (B, D, K - 1 + L): causal left context
-        xc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.lru_width)
+        history = None if inference_cache is None else inference_cache["conv_state"]
+        xc, window = causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, history)
         h0 = None if inference_cache is None else inference_cache["lrnn_state"]
         h = self.rg_lru(xc.transpose(1, 2), initial_state=h0, mask=mask)  # (B, L, D)
 
@@ -300,14 +296,9 @@ class RGLRU(LTV_LRNN):
 
         if inference_cache is not None:
             with torch.no_grad():
-                # the last K-1 conv inputs of each sequence: window positions len .. len+K-2
-                if lengths is None:
-                    ends = torch.full((Bsz,), L, device=x.device)
-                else:
-                    ends = torch.as_tensor(lengths, device=x.device).long()
-                idx = ends[:, None] + torch.arange(K - 1, device=x.device)  # (B, K - 1)
-                idx = idx[:, None, :].expand(Bsz, self.lru_width, K - 1)
-                inference_cache["conv_state"].copy_(window.gather(-1, idx))
+                # the last d_conv - 1 conv inputs of each sequence, ending at its own length
+                K = self.d_conv
+                inference_cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths))
                 # padded positions carry the state unchanged, so the last one is the final state
                 inference_cache["lrnn_state"].copy_(h[:, -1])
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
