@@ -1,0 +1,373 @@
+"""Event-driven S5: S5 with per-event discretization (Event-SSM; Schöne et al., "Scalable
+Event-by-event Processing of Neuromorphic Sensory Signals With Deep State-Space Models",
+arXiv 2404.18508), built on S5 (Smith, Warrington, Linderman, ICLR 2023).
+
+The continuous system of S5, in the eigenbasis V of HiPPO-N, is discretized anew for every
+element k with the time dt_k elapsed since the previous one (``integration_timesteps``):
+
+    Lambda, V = eig(HiPPO-N)      B_tilde = V^{-1} B      C_tilde = C V
+    Delta = step_rescale * exp(log_step)                            (one learned step per state)
+    zoh, bilinear, dirac:  (A_bar_k, gamma_bar_k) = rule(Lambda, Delta * dt_k)
+    async (Event-SSM):     A_bar_k = exp(Lambda Delta dt_k),   gamma_bar = (exp(Lambda Delta) - 1) / Lambda
+    h_k = A_bar_k * h_{k-1} + gamma_bar_k * (B_tilde u_k)
+    y_k = Re(C_tilde h_k) + D * u_k                  (2 Re(.) with conj_sym: half of each pair)
+
+``async`` lets the state decay over the whole elapsed time while each event's input is
+integrated over the learned step alone (the event is a Dirac impulse, normalised as ZOH over
+Delta), so dt_k = 1 for all k gives exactly the synchronous ZOH system.  The other rules treat
+dt_k as a time-varying step.  Without ``integration_timesteps`` every dt_k is 1 and the model is
+the (time-invariant) S5.  ``no_discretization`` learns log A_bar = Lambda per unit of time
+directly (B unscaled): A_bar_k = exp(Lambda dt_k).
+
+The recurrence over (B, L, P) complex states runs through :func:`lrnnx.ops.linear_scan` in
+complex64 (complex128 for a float64 model), also under autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_step_input
+from lrnnx.models.lti.s5 import MAX_REAL_EIG, hippo_n_init
+from lrnnx.models.ltv.base import LTV_LRNN
+from lrnnx.ops import linear_scan
+
+GammaBar = Union[Tensor, float]
+
+
+def param_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """Real dtype of the parameters: float32 or float64 (half precision belongs to autocast)."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"dtype: expected torch.float32 or torch.float64 (the parameters stay in full "
+            f"precision; run under torch.autocast for bfloat16/float16), got {dtype}"
+        )
+    return dtype
+
+
+def check_step_size(dt_min: float, dt_max: float, step_rescale: float) -> None:
+    """Validate the step-size initialisation range and the step rescale factor."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    if not step_rescale > 0:
+        raise ValueError(f"step_rescale: expected a positive factor, got {step_rescale!r}")
+
+
+def event_discretize(
+    name: str,
+    rule: Optional[Callable],
+    Lambda: Tensor,
+    step: Optional[Tensor],
+    timesteps: Optional[Tensor],
+) -> Tuple[Tensor, GammaBar]:
+    """(A_bar, gamma_bar) for continuous eigenvalues and a step, with optional elapsed times.
+
+    Args:
+        name: the discretization's name; ``rule`` its function from
+            :mod:`lrnnx.core.discretization` (unused for ``"no_discretization"``).
+        Lambda: (P,) complex continuous eigenvalues (for ``no_discretization``: log A_bar per
+            unit of time).
+        step: the learned step Delta, broadcastable against Lambda ((P,) or (..., P)).
+        timesteps: elapsed times dt_k shaped to broadcast against the state, e.g. (B, L, 1)
+            or (B, 1); None means dt_k = 1 (synchronous).
+
+    Returns:
+        A_bar and gamma_bar, each broadcastable to the (..., P) state (gamma_bar may be 1.0).
+    """
+    if name == "no_discretization":
+        return torch.exp(Lambda if timesteps is None else Lambda * timesteps), 1.0
+    if timesteps is None:
+        return rule(Lambda, step)
+    if name == "async":
+        # decay over Delta * dt_k, input integrated over Delta (Event-SSM)
+        return rule(Lambda, step, timesteps)
+    return rule(Lambda, step * timesteps)  # time-varying step Delta * dt_k for A_bar and gamma_bar
+
+
+def check_step_timesteps(ts: Any, batch: int, dtype: torch.dtype, device) -> Optional[Tensor]:
+    """Validate the elapsed time of one step: None, a number, or a tensor (B,) or (B, 1).
+
+    Returns a (B, 1) tensor in ``dtype`` (or None).
+    """
+    if ts is None:
+        return None
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        ts = torch.full((batch, 1), float(ts), dtype=dtype, device=device)
+    if not isinstance(ts, Tensor):
+        raise TypeError(
+            f"integration_timesteps: expected a tensor of shape ({batch},) or ({batch}, 1), "
+            f"got {type(ts).__name__}"
+        )
+    if not ts.is_floating_point():
+        raise TypeError(f"integration_timesteps: expected a floating-point tensor, got {ts.dtype}")
+    if tuple(ts.shape) not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"integration_timesteps: expected shape ({batch},) or ({batch}, 1) for one step, "
+            f"got {tuple(ts.shape)}"
+        )
+    if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()):
+        raise ValueError(
+            "integration_timesteps: expected finite values >= 0, got negative or non-finite"
+        )
+    return ts.reshape(batch, 1).to(device=device, dtype=dtype)
+
+
+def check_cache(cache: Any, batch: int, n_state: int) -> Tensor:
+    """Return the cache's state after checking it fits a batch of ``batch`` sequences."""
+    if not isinstance(cache, dict) or "lrnn_state" not in cache:
+        raise ValueError(
+            "inference_cache: expected the dict of allocate_inference_cache with 'lrnn_state' "
+            "and 'seqlen_offset'"
+        )
+    state = cache["lrnn_state"]
+    if tuple(state.shape) != (batch, n_state):
+        raise ValueError(
+            f"inference_cache['lrnn_state']: expected shape ({batch}, {n_state}), "
+            f"got {tuple(state.shape)}"
+        )
+    return state
+
+
+def state_dtype(real: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """Complex dtype of a cached state: complex64, or complex128 for float64 models/requests."""
+    wide = real == torch.float64 or dtype in (torch.float64, torch.complex128)
+    return torch.complex128 if wide else torch.complex64
+
+
+def masked_scan(
+    a: Tensor,
+    b: Tensor,
+    mask: Optional[Tensor],
+    h0: Optional[Tensor],
+    backend: Optional[str],
+) -> Tensor:
+    """h_k = a_k h_{k-1} + b_k over (B, L, P); padded positions (mask False) keep the state."""
+    if mask is not None:
+        valid = mask[..., None]
+        a = torch.where(valid, a, torch.ones_like(a))  # broadcasts a (P,) to (B, L, P)
+        b = torch.where(valid, b, torch.zeros_like(b))
+    return linear_scan(a, b, initial_state=h0, backend=backend)
+
+
+class S5(LTV_LRNN):
+    """Event-driven S5 (Event-SSM): S5 discretized per element with the elapsed time.
+
+    Example:
+        >>> model = S5(d_model=64, d_state=64, discretization="async")
+        >>> x, dt = torch.randn(2, 128, 64), torch.rand(2, 128)
+        >>> y = model(x, integration_timesteps=dt)  # (B, L, H) -> (B, L, H)
+
+    Args:
+        d_model: model width H (input and output features).
+        d_state: state size of the HiPPO-N initialisation (P in the paper; with ``conj_sym``
+            the model keeps d_state // 2 complex states, one per conjugate pair).
+        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"`` or
+            ``"no_discretization"`` (see the module docstring).
+        conj_sym: keep one eigenvalue of each conjugate pair and output 2 Re(C h).
+        dt_min, dt_max: the learned steps Delta are initialised log-uniform in [dt_min, dt_max].
+        step_rescale: factor multiplying every step Delta (S5 / Event-SSM convention, e.g. to
+            run a trained model at another sampling rate).  ``no_discretization`` uses it only
+            for its initial value, the ZOH image of HiPPO-N with the rescaled steps.
+        use_fast_path: if True, :func:`lrnnx.ops.linear_scan` dispatches to the fastest fused
+            scan backend available for the device; if False, the portable pure-torch scan is
+            used.  Both give the same result up to rounding.
+        device, dtype: factory arguments for the parameters (float32 or float64).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        discretization: str = "zoh",
+        conj_sym: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        step_rescale: float = 1.0,
+        use_fast_path: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(discretization)
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
+        if not isinstance(d_state, int) or d_state < 1:
+            raise ValueError(f"d_state: expected a positive int, got {d_state!r}")
+        check_step_size(dt_min, dt_max, step_rescale)
+        real = param_dtype(dtype)
+        self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
+        self.step_rescale = float(step_rescale)
+        self.use_fast_path = use_fast_path
+        init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        if discretization == "no_discretization":
+            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
+            step = init["log_step"].exp() * self.step_rescale
+            init["Lambda_re"] = init["Lambda_re"] * step
+            init["Lambda_im"] = init["Lambda_im"] * step
+        fk = {"device": device, "dtype": real}
+        self.Lambda_re = nn.Parameter(init["Lambda_re"].to(**fk))
+        self.Lambda_im = nn.Parameter(init["Lambda_im"].to(**fk))
+        self.B = nn.Parameter(init["B"].to(**fk))  # B_tilde (P, H) as (real, imag)
+        self.C = nn.Parameter(init["C"].to(**fk))  # C_tilde (H, P) as (real, imag)
+        self.D = nn.Parameter(init["D"].to(**fk))
+        if discretization != "no_discretization":
+            self.log_step = nn.Parameter(init["log_step"].to(**fk))
+        self.out_scale = 2.0 if conj_sym else 1.0
+
+    @property
+    def n_state(self) -> int:
+        """Number of complex states P (d_state, or d_state // 2 with conj_sym)."""
+        return self.Lambda_re.shape[0]
+
+    @property
+    def _backend(self) -> Optional[str]:
+        return None if self.use_fast_path else "torch"
+
+    def _tensors(self) -> Dict[str, Optional[Tensor]]:
+        """The continuous system: Lambda (P,), step Delta (P,) or None, B_tilde (P, H), C (H, P), D."""
+        # Re(Lambda) < 0 is kept so every rule gives |A_bar| < 1 for dt_k > 0
+        Lambda = torch.complex(self.Lambda_re.clamp(max=MAX_REAL_EIG), self.Lambda_im)
+        step = None
+        if self.discretization != "no_discretization":
+            step = self.step_rescale * torch.exp(self.log_step)
+        return {
+            "Lambda": Lambda,
+            "step": step,
+            "B_tilde": torch.view_as_complex(self.B),
+            "C_tilde": torch.view_as_complex(self.C),
+            "D": self.D,
+        }
+
+    def _discretize(
+        self, p: Dict[str, Any], timesteps: Optional[Tensor]
+    ) -> Tuple[Tensor, GammaBar]:
+        return event_discretize(
+            self.discretization, self.discretize_fn, p["Lambda"], p["step"], timesteps
+        )
+
+    def discretize(
+        self, integration_timesteps: Optional[Tensor] = None
+    ) -> Tuple[Tensor, GammaBar, Tensor]:
+        """The discrete system.
+
+        Args:
+            integration_timesteps: optional (B, L) elapsed times.
+
+        Returns:
+            A_bar ((P,), or (B, L, P) with timesteps), gamma_bar ((P,), (B, L, P) or 1.0) and
+            C_tilde (H, P) complex.
+        """
+        p = self._tensors()
+        ts = None
+        if integration_timesteps is not None:
+            ts = integration_timesteps.to(self.Lambda_re.dtype)[..., None]
+        A_bar, gamma_bar = self._discretize(p, ts)
+        return A_bar, gamma_bar, p["C_tilde"]
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tensor:
+        """x (B, L, H) -> y (B, L, H), in x's dtype.
+
+        Args:
+            x: input sequence (B, L, d_model).
+            integration_timesteps: (B, L) time elapsed before each element (>= 0); None means
+                1 everywhere (the synchronous S5).
+            lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
+                valid outputs, and each sequence's final state is its state at its own length.
+            inference_cache: from :meth:`allocate_inference_cache`; the scan starts from its
+                ``"lrnn_state"`` and the final states are written back (``seqlen_offset``
+                advances by L), so :meth:`step` continues the sequence.
+        """
+        mask = self._check_forward_args(x, integration_timesteps, lengths)
+        Bsz = x.shape[0]
+        h0 = None
+        if inference_cache is not None:
+            h0 = check_cache(inference_cache, Bsz, self.n_state)
+        real = self.Lambda_re.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = x.to(real)
+            ts = (
+                None if integration_timesteps is None else integration_timesteps.to(real)[..., None]
+            )
+            p = self._tensors()
+            A_bar, gamma_bar = self._discretize(p, ts)
+            Bu = u.to(p["B_tilde"].dtype) @ p["B_tilde"].transpose(0, 1)  # (B, L, P)
+            h0c = None if h0 is None else h0.to(Bu.dtype)
+            h = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend)
+            y = self.out_scale * (h @ p["C_tilde"].transpose(0, 1)).real + p["D"] * u
+            if mask is not None:
+                y = y * mask[..., None]
+        if inference_cache is not None:
+            # padded steps carry the state unchanged, so h[:, -1] is the state at each length
+            h0.copy_(h[:, -1].detach())
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + x.shape[1]
+        return y.to(x.dtype)
+
+    def step(
+        self,
+        x: Tensor,
+        inference_cache: Dict[str, Any],
+        integration_timesteps: Optional[Union[Tensor, float]] = None,
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """One element: x (B, 1, H) or (B, H) -> y of the same shape.
+
+        Args:
+            x: the input at this step.
+            inference_cache: from :meth:`allocate_inference_cache` (or a forward that filled
+                it); its state is updated in place and ``seqlen_offset`` advances by one.
+            integration_timesteps: time elapsed since the previous element, (B,) or (B, 1)
+                (or a number); None means 1, as in :meth:`forward`.
+
+        Returns:
+            (y, inference_cache).
+        """
+        u_in = check_step_input(x, self.d_model)
+        Bsz = u_in.shape[0]
+        h = check_cache(inference_cache, Bsz, self.n_state)
+        real = inference_cache["D"].dtype
+        ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
+        with torch.autocast(device_type=u_in.device.type, enabled=False):
+            u = u_in.to(real)
+            if ts is None:
+                A_bar, gamma_bar = inference_cache["A_bar"], inference_cache["gamma_bar"]
+            else:
+                A_bar, gamma_bar = self._discretize(inference_cache, ts)
+            Bu = u.to(h.dtype) @ inference_cache["B_tilde"].to(h.dtype).transpose(0, 1)
+            h.mul_(A_bar).add_(gamma_bar * Bu)
+            y = self.out_scale * (h @ inference_cache["C_tilde"].to(h.dtype).transpose(0, 1)).real
+            y = y.to(real) + inference_cache["D"] * u
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return y.to(x.dtype).reshape(x.shape), inference_cache
+
+    def allocate_inference_cache(
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        **kwargs,
+    ) -> Dict[str, Any]:
+        """Zero state plus the (constant) continuous and synchronous discrete matrices.
+
+        Returns:
+            ``"lrnn_state"`` (B, P) complex64 (complex128 for a float64 model or
+            ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and detached ``"Lambda"``,
+            ``"step"``, ``"B_tilde"``, ``"C_tilde"``, ``"D"``, ``"A_bar"``, ``"gamma_bar"``
+            (the dt = 1 system).  ``max_seqlen`` is unused: the state does not grow.
+        """
+        with torch.no_grad():  # inference constants, not graph nodes
+            p = {k: (None if v is None else v.detach()) for k, v in self._tensors().items()}
+            p["A_bar"], p["gamma_bar"] = self._discretize(p, None)
+        cdtype = state_dtype(self.Lambda_re.dtype, dtype)
+        p["lrnn_state"] = torch.zeros(
+            batch_size, self.n_state, dtype=cdtype, device=self.Lambda_re.device
+        )
+        p["seqlen_offset"] = 0
+        return p
