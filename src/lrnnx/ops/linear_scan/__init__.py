@@ -7,6 +7,7 @@ Backends (same signature, same results):
   reverse scan (memory O(output)).
 - ``cpu``: one fused pass compiled by numba at first use (the CPU default when numba is
   installed); same autograd wiring as ``torch``.
+- ``triton``: the same fused pass for CUDA tensors, JIT-compiled by Triton (the CUDA default).
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
@@ -23,6 +24,7 @@ from lrnnx.ops import _dispatch
 _dispatch.register("linear_scan", "reference", "lrnnx.ops.linear_scan.reference:linear_scan")
 _dispatch.register("linear_scan", "torch", "lrnnx.ops.linear_scan.torch:linear_scan")
 _dispatch.register("linear_scan", "cpu", "lrnnx.ops.linear_scan.cpu:linear_scan")
+_dispatch.register("linear_scan", "triton", "lrnnx.ops.linear_scan.triton:linear_scan")
 
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
