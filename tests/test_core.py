@@ -72,10 +72,10 @@ def test_unknown_discretization_is_refused():
 def test_causal_conv_matches_direct_sum(L, complex_):
     dt = torch.complex128 if complex_ else torch.float64
     u, k = torch.randn(3, 2, L, dtype=dt), torch.randn(2, L, dtype=dt)
-    expect = torch.zeros(3, 2, L, dtype=dt)
-    for t in range(L):
-        for s in range(t + 1):
-            expect[..., t] += k[..., s] * u[..., t - s]
+    # y_t = sum_{s <= t} k_s u_{t-s} as a product with the lower-triangular Toeplitz matrix of k
+    lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]  # t - j
+    T = torch.where(lag >= 0, k[:, lag.clamp(min=0)], torch.zeros((), dtype=dt))  # (2, t, j)
+    expect = torch.einsum("ctj,bcj->bct", T, u)
     for method in ("fft", "direct", "auto"):
         assert torch.allclose(causal_conv(u, k, method=method), expect, atol=1e-9)
 
