@@ -118,12 +118,15 @@ def nplr(
 
     A = V_full (diag(W_full) - P_full P_full^*) V_full^*  and  B = V_full B_full, where
     ``X_full = [X, conj(X)]`` stacks the kept half with its conjugates and V_full is unitary.
+    The free phase of each eigenvector is chosen so that B is real and non-negative (the S4 code
+    base leaves it to the eigensolver, which makes its clipping of Im(B) basis dependent).
 
     Args:
         measure: 'legs', 'legt' or 'fout' ('fourier').
         N: state size (even).
         rank: rows of the low-rank term (at least the measure's own rank).
-        B_clip: if given, clip Im(B) to [-B_clip, B_clip] (the S4 code base uses 2.0).
+        B_clip: if given, clip Im(B) to [-B_clip, B_clip] (a no-op in the gauge used here, where
+            B is real; kept for parity with the S4 code base, which uses 2.0).
         tol: eigenvalues of the skew part with |imag| below this count as zero.
 
     Returns:
@@ -158,8 +161,11 @@ def nplr(
         W_im.append(np.zeros(n_zero // 2))
     V = np.concatenate(V, axis=1)
     W = shift + 1j * np.concatenate(W_im)
-    Vh = V.conj().T
-    B_t = Vh @ B
+    # eigenvectors are defined up to a phase: fix it so that B = V^* B is real and >= 0
+    B_t = V.conj().T @ B
+    mag = np.abs(B_t)
+    V = V * np.where(mag > tol, B_t / np.maximum(mag, tol), 1.0)[None, :]
+    B_t = V.conj().T @ B
     P_t = P @ V.conj()  # (rank, N/2): row r is V^* P_r
     if B_clip is not None:
         B_t = B_t.real + 1j * np.clip(B_t.imag, -B_clip, B_clip)

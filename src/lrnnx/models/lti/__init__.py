@@ -9,6 +9,8 @@ from lrnnx.models.lti.centaurus import (
     CentaurusPWNeck,
 )
 from lrnnx.models.lti.lru import LRU
+from lrnnx.models.lti.s4 import S4
+from lrnnx.models.lti.s4d import S4D
 from lrnnx.models.lti.s5 import S5
 
 __all__ = [
@@ -19,5 +21,7 @@ __all__ = [
     "CentaurusNeck",
     "CentaurusPWNeck",
     "LRU",
+    "S4",
+    "S4D",
     "S5",
 ]

@@ -1,0 +1,730 @@
+"""Machinery shared by S4 (:mod:`lrnnx.models.lti.s4`) and S4D (:mod:`lrnnx.models.lti.s4d`).
+
+Both models are the block of the state-spaces/s4 code base around a convolution kernel:
+
+    (gate branch)   v = W_g x                                   (if ``gate``; width H' * gate)
+    (bottleneck)    u = W_in x                                  (if ``bottleneck``; H' = H // bottleneck)
+    (SSM)           y[c] = K[c] * u + D[c] u,  c = 1..channels  (causal convolution per feature)
+                    y = GELU(dropout(y))                        (C * H' features)
+    (gate)          y = (W_og y) * v                            (if ``gate``, as in GSS)
+    (output)        y = final_act(W_out dropout(y))             (if ``final_act`` is not None)
+
+where the kernel K_l = C dA^l dB (l = 0..L-1) of the discretised SSM x_t = dA x_{t-1} + dB u_t,
+y_t = C x_t comes from the subclass.  This module holds everything that is not the kernel: the
+parameter transforms, the initialisations of (A, P, B) (HiPPO-NPLR and the diagonal S4D inits),
+the step size dt, the optimizer hints (``_optim``), the block layers, input checks, ``lengths``,
+state handling and the generic computation of the final recurrent state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from abc import abstractmethod
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_step_input, lengths_mask
+from lrnnx.core.fftconv import causal_conv
+from lrnnx.core.hippo import nplr
+from lrnnx.models.lti.base import LTI_LRNN
+
+log = logging.getLogger(__name__)
+
+TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
+ACTIVATIONS = (
+    "id",
+    "identity",
+    "linear",
+    "tanh",
+    "relu",
+    "gelu",
+    "elu",
+    "swish",
+    "silu",
+    "glu",
+    "sigmoid",
+    "softplus",
+)
+#: inits whose NPLR form comes from a HiPPO measure
+NPLR_INITS = ("legs", "legt", "fout", "fourier")
+#: diagonal inits, used as ``diag-<name>`` (P = 0) or ``dplr-<name>`` (random P)
+DIAG_INITS = (
+    "lin",
+    "linear",
+    "inv",
+    "inverse",
+    "inv2",
+    "inverse2",
+    "quad",
+    "quadratic",
+    "rand",
+    "random",
+    "real",
+    "legs",
+    "hippo",
+)
+#: names that expand to several inits, split evenly over the n_ssm copies
+INIT_COMBINATIONS = {
+    "hippo": ("legs", "fourier"),
+    "diag": ("diag-inv", "diag-lin"),
+    "all": ("legs", "fourier", "diag-inv", "diag-lin"),
+}
+#: bound on the (H, N, chunk) intermediate of the Cauchy / Vandermonde products, in elements
+KERNEL_MAX_ELEMENTS = 2**22
+#: time chunk of the final-state computation
+STATE_CHUNK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# parameter transforms
+
+
+def inv_transform(param: Tensor, transform: str = "none") -> Tensor:
+    """Raw value whose :func:`param_transform` is ``param`` (positive; clamped at 1e-4)."""
+    param = torch.clamp(param, min=1e-4)
+    if transform in ("none", "relu"):
+        return param
+    if transform == "exp":
+        return torch.log(param)
+    if transform == "sigmoid":
+        return torch.logit(param)
+    if transform == "softplus":
+        return param + torch.log(-torch.expm1(-param))  # log(exp(p) - 1), stable
+    raise ValueError(f"transform: expected one of {list(TRANSFORMS)}, got {transform!r}")
+
+
+def param_transform(param: Tensor, transform: str = "none") -> Tensor:
+    """Positive value from a raw parameter."""
+    if transform == "none":
+        return param
+    if transform == "exp":
+        return torch.exp(param)
+    if transform == "relu":
+        return F.relu(param) + 1e-4  # keep it away from 0
+    if transform == "sigmoid":
+        return torch.sigmoid(param)
+    if transform == "softplus":
+        return F.softplus(param)
+    raise ValueError(f"transform: expected one of {list(TRANSFORMS)}, got {transform!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation of (A, P, B)
+
+
+def _diag_init(
+    kind: str, N: int, rank: int, S: int, P_scale: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A diagonal (plus random low-rank) initialisation, conjugate half kept (S4D paper).
+
+    A_n = -1/2 - i * imag_n for n < N/2 with imag_n from ``kind``:
+    'lin' pi n (S4D-Lin); 'inv' N/pi (N/(2n+1) - 1) (S4D-Inv); 'inv2' N/pi (N/(n+1) - 1);
+    'quad' (2n+1)^2 / pi; 'rand' exp(N(0,1)); 'real' 0 with A_n = -(n+1) (S4D-Real);
+    'legs' the eigenvalues of the normal part of HiPPO-LegS (S4D-LegS, with its B).
+    B = 1 except for 'legs'; P ~ CN(0, 1) * P_scale (0 for ``diag-``).
+    """
+    half = N // 2
+    n = torch.arange(half, dtype=torch.float64)
+    real = torch.full((half,), 0.5, dtype=torch.float64)
+    B = torch.ones(half, dtype=torch.complex128)
+    if kind in ("lin", "linear"):
+        imag = math.pi * n
+    elif kind in ("inv", "inverse"):
+        imag = N / math.pi * (N / (1 + 2 * n) - 1)
+    elif kind in ("inv2", "inverse2"):
+        imag = N / math.pi * (N / (1 + n) - 1)
+    elif kind in ("quad", "quadratic"):
+        imag = (1 + 2 * n) ** 2 / math.pi
+    elif kind in ("rand", "random"):
+        imag = torch.exp(torch.randn(half, dtype=torch.float64))
+    elif kind == "real":
+        imag, real = torch.zeros(half, dtype=torch.float64), 1 + n
+    elif kind in ("legs", "hippo"):
+        W, _, B, _ = nplr("legs", N, 1)
+        imag = -W.imag
+    else:
+        raise ValueError(
+            f"init: unknown diagonal init {kind!r}; expected one of {list(DIAG_INITS)}"
+        )
+    A = torch.complex(-real, -imag)
+    P = torch.randn(rank, half, dtype=torch.complex128) * P_scale
+    V = torch.eye(N, dtype=torch.complex128)[:, :half]
+    return (
+        A.expand(S, half),
+        P[:, None].expand(rank, S, half),
+        B.expand(S, half),
+        V.expand(S, N, half),
+    )
+
+
+def _single_init(init: str, N: int, rank: int, S: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if init in NPLR_INITS:
+        W, P, B, V = nplr(init, N, rank)
+        return W.expand(S, -1), P[:, None].expand(-1, S, -1), B.expand(S, -1), V.expand(S, -1, -1)
+    for prefix, P_scale in (("diag", 0.0), ("dplr", 1.0)):
+        if init == prefix:
+            return _diag_init("legs", N, rank, S, P_scale)
+        if init.startswith(prefix + "-"):
+            return _diag_init(init[len(prefix) + 1 :], N, rank, S, P_scale)
+    valid = list(NPLR_INITS) + [f"diag-{k}" for k in DIAG_INITS] + ["dplr-<...>"]
+    valid += list(INIT_COMBINATIONS)
+    raise ValueError(f"init: expected one of {valid}, got {init!r}")
+
+
+def ssm_init(init: str, N: int, rank: int, S: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(A, P, B, V) for S independent SSMs of state size N (conjugate half kept), complex128.
+
+    Returns A (S, N/2) with Re(A) <= 0 and Im(A) <= 0, P (rank, S, N/2), B (S, N/2) and the basis
+    V (S, N, N/2) that maps the kept half back to the original (HiPPO) coordinates.
+    A combination name splits the S copies evenly between its inits.
+    """
+    inits = INIT_COMBINATIONS.get(init, (init,))
+    if S % len(inits):
+        raise ValueError(
+            f"n_ssm: init {init!r} combines {len(inits)} inits and needs n_ssm divisible by "
+            f"{len(inits)}, got {S}"
+        )
+    parts = [_single_init(i, N, rank, S // len(inits)) for i in inits]
+    A, P, B, V = (torch.cat([p[j] for p in parts], dim=1 if j == 1 else 0) for j in range(4))
+    return A.clone(), P.clone(), B.clone(), V.clone()
+
+
+def init_log_dt(H: int, width: int, dt_min: float, dt_max: float, deterministic: bool) -> Tensor:
+    """log(dt) of shape (H, width): log-uniform in [dt_min, dt_max], or evenly log-spaced over H."""
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    if deterministic:
+        return torch.linspace(lo, hi, H)[:, None].expand(H, width).clone()
+    return torch.rand(H, width) * (hi - lo) + lo
+
+
+# --------------------------------------------------------------------------------------------
+# small modules
+
+
+def Activation(name: Optional[str], dim: int = -1) -> nn.Module:
+    """Activation by name (None / 'id' for identity)."""
+    if name in (None, "id", "identity", "linear"):
+        return nn.Identity()
+    table = {
+        "tanh": nn.Tanh,
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "elu": nn.ELU,
+        "swish": nn.SiLU,
+        "silu": nn.SiLU,
+        "sigmoid": nn.Sigmoid,
+        "softplus": nn.Softplus,
+    }
+    if name == "glu":
+        return nn.GLU(dim=dim)
+    if name in table:
+        return table[name]()
+    raise ValueError(f"activation: expected None or one of {list(ACTIVATIONS)}, got {name!r}")
+
+
+class DropoutNd(nn.Module):
+    """Dropout on (B, L, F) whose mask is shared along L when ``tie`` (like nn.Dropout1d)."""
+
+    def __init__(self, p: float = 0.5, tie: bool = True):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {p}")
+        self.p, self.tie = p, tie
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],) if self.tie else x.shape
+        mask = torch.rand(shape, device=x.device) < 1 - self.p
+        return x * mask / (1 - self.p)
+
+
+# --------------------------------------------------------------------------------------------
+# final state of a linear recurrence
+
+
+def _apply(M: Tensor, x: Tensor) -> Tensor:
+    """M x for a diagonal M (H, N) or a dense M (H, N, N), x (..., H, N)."""
+    if M.dim() == 2:
+        return M * x
+    return torch.einsum("hmn,...hn->...hm", M, x)
+
+
+def ssm_final_state(
+    dA: Tensor,
+    dB: Tensor,
+    u: Tensor,
+    h0: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    chunk: int = STATE_CHUNK,
+) -> Tensor:
+    """State x_{n-1} of x_t = dA x_{t-1} + dB u_t after each sequence's n = length steps.
+
+    x_{n-1} = dA^n x_{-1} + sum_{j<n} dA^{n-1-j} dB u_j, computed chunk by chunk:
+    x <- dA^T x + sum_{i<T} (dA^{T-1-i} dB) u_{t0+i}, with the T vectors dA^i dB built by doubling.
+    Memory O(H N (N + T) + B H N T), no per-timestep Python loop.
+
+    Args:
+        dA: (H, N) diagonal or (H, N, N) dense.  dB: (H, N).  u: (B, H, L) real input.
+        h0: (B, H, N) initial state x_{-1} (zero if None).
+        lengths: (B,) valid lengths (L if None); the inputs past them are ignored.
+
+    Returns:
+        (B, H, N) in dA's dtype.
+    """
+    Bsz, H, L = u.shape
+    N = dB.shape[-1]
+    u = u.to(dA.dtype)
+    if lengths is not None:
+        # right-align every sequence so that it ends at L-1 (zeros in front change nothing)
+        idx = torch.arange(L, device=u.device)[None] - (L - lengths.to(u.device))[:, None]
+        gathered = u.gather(2, idx.clamp(min=0)[:, None].expand(Bsz, H, L))
+        u = gathered * (idx >= 0)[:, None]
+    T = min(1 << max(L - 1, 0).bit_length(), chunk)
+    if L % T:
+        u = F.pad(u, (T - L % T, 0))
+    S, power = dB[..., None], dA  # S[..., i] = dA^i dB; power = dA^(width of S)
+    while S.shape[-1] < T:
+        S = torch.cat([S, power[..., None] * S if dA.dim() == 2 else power @ S], dim=-1)
+        power = power * power if dA.dim() == 2 else power @ power
+    S = S.flip(-1)  # S[..., i] = dA^(T-1-i) dB
+    x = torch.zeros(Bsz, H, N, dtype=dA.dtype, device=dA.device)
+    for t0 in range(0, u.shape[-1], T):
+        x = _apply(power, x) + torch.einsum("hnt,bht->bhn", S, u[..., t0 : t0 + T])
+    if h0 is not None:
+        n = torch.full((Bsz,), L, device=u.device) if lengths is None else lengths.to(u.device)
+        decay, p = h0.to(dA.dtype), dA
+        for bit in range(max(L, 1).bit_length()):
+            take = ((n >> bit) & 1).bool()[:, None, None]
+            decay = torch.where(take, _apply(p, decay), decay)
+            p = p * p if dA.dim() == 2 else p @ p
+        x = x + decay
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# the block
+
+
+class S4BlockBase(LTI_LRNN):
+    """The S4 block (see module docstring) around an SSM kernel supplied by a subclass.
+
+    Subclasses set up the SSM parameters in ``_init_ssm`` and implement ``compute_kernel``,
+    ``discretize``, ``setup_step``, ``_state_matrices`` and ``_ssm_step``.  State shape:
+    (B, H', state_dim) in ``state_dtype``.
+    """
+
+    #: model name used in log messages
+    _name = "S4"
+
+    def __init__(
+        self,
+        discretization: str,
+        d_model: int,
+        bottleneck: Optional[int] = None,
+        gate: Optional[int] = None,
+        final_act: Optional[str] = "glu",
+        postact: Optional[str] = None,
+        dropout: float = 0.0,
+        tie_dropout: bool = False,
+        transposed: bool = True,
+        l_max: Optional[int] = None,
+        channels: int = 1,
+        d_state: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_tie: bool = True,
+        dt_transform: str = "exp",
+        dt_fast: bool = False,
+        rank: int = 1,
+        n_ssm: Optional[int] = None,
+        init: str = "legs",
+        deterministic: bool = False,
+        real_transform: str = "exp",
+        imag_transform: str = "none",
+        is_real: bool = False,
+        lr: Union[float, Mapping[str, float], None] = None,
+        wd: Union[float, Mapping[str, float], None] = 0.0,
+        verbose: bool = True,
+    ):
+        super().__init__(discretization)
+        _check_int("d_model", d_model)
+        _check_int("channels", channels)
+        _check_int("d_state", d_state)
+        _check_int("rank", rank)
+        for name, value in (("bottleneck", bottleneck), ("gate", gate), ("l_max", l_max)):
+            if value is not None:
+                _check_int(name, value)
+        if bottleneck is not None and d_model // bottleneck < 1:
+            raise ValueError(f"bottleneck: must be <= d_model = {d_model}, got {bottleneck}")
+        if not (0 < dt_min <= dt_max):
+            raise ValueError(
+                f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}"
+            )
+        for name, value in (
+            ("dt_transform", dt_transform),
+            ("real_transform", real_transform),
+            ("imag_transform", imag_transform),
+        ):
+            if value not in TRANSFORMS:
+                raise ValueError(f"{name}: expected one of {list(TRANSFORMS)}, got {value!r}")
+        if postact is not None:
+            log.warning("%s: 'postact' is deprecated, use 'final_act'", self._name)
+            final_act = postact
+        if final_act is not None and final_act not in ACTIVATIONS:
+            raise ValueError(
+                f"final_act: expected None or one of {list(ACTIVATIONS)}, got {final_act!r}"
+            )
+
+        self.d_model = d_model
+        self.transposed = transposed
+        self.bottleneck, self.gate, self.final_act = bottleneck, gate, final_act
+        self.channels, self.l_max = channels, l_max
+        self.H = d_model // bottleneck if bottleneck is not None else d_model
+        self.d_state = d_state
+        self.is_real = bool(is_real)
+        n_ssm = self.H if n_ssm is None else n_ssm
+        _check_int("n_ssm", n_ssm)
+        if self.H % n_ssm:
+            raise ValueError(f"n_ssm: must divide the SSM width H = {self.H}, got {n_ssm}")
+        self.n_ssm = n_ssm
+        if not self.is_real and d_state % 2:
+            raise ValueError(
+                f"d_state: complex SSMs keep one state per conjugate pair and need an even "
+                f"d_state, got {d_state}"
+            )
+        # kept states: one per conjugate pair (complex), or d_state real states
+        self.N = d_state if self.is_real else d_state // 2
+        self.dt_tie, self.dt_transform, self.dt_fast = dt_tie, dt_transform, dt_fast
+        self.real_transform, self.imag_transform = real_transform, imag_transform
+        self.rank, self.init, self.deterministic = rank, init, deterministic
+        self.lr, self.wd, self.verbose = lr, wd, verbose
+        self.kernel_max_elements = KERNEL_MAX_ELEMENTS
+
+        # the gate branch, bottleneck and output layers (GSS-style when gate / bottleneck are set)
+        d_gate = self.H * gate if gate is not None else None
+        d_conv = self.H * channels
+        if bottleneck is not None:
+            self.input_linear = nn.Linear(d_model, self.H)
+        if gate is not None:
+            self.input_gate = nn.Linear(d_model, d_gate)
+            self.output_gate = nn.Linear(d_conv, d_gate)
+        self.D = nn.Parameter(torch.randn(channels, self.H))
+        self.conv_dropout = _dropout(dropout, tie_dropout)
+        self.activation = nn.GELU()
+        self.dropout = _dropout(dropout, tie_dropout)
+        d_inner = d_gate if gate is not None else d_conv
+        if final_act is None:
+            self.output_linear = nn.Identity()
+            self._d_output = d_inner
+        else:
+            d_out = 2 * d_model if final_act == "glu" else d_model
+            self.output_linear = nn.Sequential(nn.Linear(d_inner, d_out), Activation(final_act))
+            self._d_output = d_model
+
+        # step size: (H, 1) tied across the state, or (H, N)
+        log_dt = init_log_dt(self.H, 1 if dt_tie else self.N, dt_min, dt_max, deterministic)
+        raw = log_dt if dt_transform == "exp" else inv_transform(log_dt.exp(), dt_transform)
+        if dt_fast:
+            raw = torch.asinh(raw)  # the parameter moves through sinh: fast saturating updates
+        self.register("inv_dt", raw, "dt")
+        self._init_ssm()
+        if verbose:
+            log.info(
+                "%s: constructing (H, N, L) = (%d, %d, %s), init=%r, channels=%d, n_ssm=%d, "
+                "rank=%d, is_real=%s",
+                self._name,
+                self.H,
+                d_state,
+                l_max,
+                init,
+                channels,
+                n_ssm,
+                rank,
+                self.is_real,
+            )
+
+    # ---- parameters -------------------------------------------------------------------------
+
+    def _hint(self, value, key: str, default_keys: Tuple[str, ...] = ("dt", "A", "B")):
+        if value is None or isinstance(value, numbers.Real):
+            return value if key in default_keys else None
+        return value.get(key)
+
+    def register(self, name: str, tensor: Tensor, key: str) -> None:
+        """Register ``tensor`` as a parameter carrying optimizer hints for group ``key``.
+
+        ``key`` is 'dt', 'A' (also P), 'B' or 'C'.  A number ``lr``/``wd`` applies to dt, A and B;
+        a mapping applies per key.  The hints go to ``param._optim = {"lr": .., "weight_decay": ..}``
+        (entries that are None are left out); ``lr == 0`` makes the tensor a frozen buffer.
+        """
+        lr, wd = self._hint(self.lr, key), self._hint(self.wd, key)
+        if lr == 0.0:
+            self.register_buffer(name, tensor)
+            return
+        self.register_parameter(name, nn.Parameter(tensor))
+        optim = {}
+        if lr is not None:
+            optim["lr"] = lr
+        if wd is not None:
+            optim["weight_decay"] = wd
+        if optim:
+            getattr(self, name)._optim = optim
+
+    def _register_abc(self, A: Tensor, B: Tensor, C: Tensor) -> None:
+        """Register A (S, N), B (S, N), C (channels, H, N) (complex) under the transforms."""
+        dtype = torch.get_default_dtype()
+        self.register("A_real", inv_transform(-A.real, self.real_transform).to(dtype), "A")
+        if self.is_real:
+            self.register("B", B.real.to(dtype).contiguous(), "B")
+            self.register("C", C.real.to(dtype).contiguous(), "C")
+        else:
+            self.register("A_imag", inv_transform(-A.imag, self.imag_transform).to(dtype), "A")
+            self.register("B", torch.view_as_real(B.contiguous()).to(dtype), "B")
+            self.register("C", torch.view_as_real(C.contiguous()).to(dtype), "C")
+
+    def _init_abc(self, rank: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A, P, B, C) complex128 from ``init``; C (channels, H, N) random or deterministic."""
+        # real SSMs start from the complex init of twice the size and keep real parts (as S4D-Real)
+        A, P, B, V = ssm_init(self.init, 2 * self.N, rank, self.n_ssm)
+        if self.deterministic:
+            # C reads the first coordinate of the original basis: y = e_0^T V_full x
+            C = V[:, 0, :][None].expand(self.channels, -1, -1)
+            C = C.repeat(1, self.H // self.n_ssm, 1)
+        else:
+            C = torch.randn(self.channels, self.H, self.N, dtype=torch.complex128)
+        return A, P, B, C
+
+    def _dt(self) -> Tensor:
+        """dt, shape (H, 1) or (H, N)."""
+        raw = torch.sinh(self.inv_dt) if self.dt_fast else self.inv_dt
+        return param_transform(raw, self.dt_transform)
+
+    def _A_diag(self) -> Tensor:
+        """Diagonal part of A, (H, N): -f(A_real) - i f(A_imag), repeated from the n_ssm copies."""
+        re = -param_transform(self.A_real, self.real_transform)
+        if self.is_real:
+            A = re
+        else:
+            A = torch.complex(re, -param_transform(self.A_imag, self.imag_transform))
+        return A.repeat(self.H // self.n_ssm, 1)
+
+    def _B(self) -> Tensor:
+        B = self.B if self.is_real else torch.view_as_complex(self.B)
+        return B.repeat(self.H // self.n_ssm, 1)
+
+    def _C(self) -> Tensor:
+        return self.C if self.is_real else torch.view_as_complex(self.C)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        dtype = self.A_real.dtype
+        if self.is_real:
+            return dtype
+        return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+    @property
+    def d_output(self) -> int:
+        """Feature size of the output (d_model unless final_act is None)."""
+        return self._d_output
+
+    # ---- hooks for the subclasses --------------------------------------------------------------
+
+    @abstractmethod
+    def _init_ssm(self) -> None:
+        """Create the SSM parameters (A, B, C, ...)."""
+
+    @property
+    @abstractmethod
+    def state_dim(self) -> int:
+        """Size of the recurrent state per feature."""
+
+    @abstractmethod
+    def compute_kernel(
+        self, L: int, state: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Kernel (channels, H, L) and the response to ``state`` (B, channels, H, L) (or None)."""
+
+    @abstractmethod
+    def _state_matrices(self) -> Tuple[Tensor, Tensor]:
+        """(dA, dB) of the state recurrence in ``state_dtype``, differentiable."""
+
+    @abstractmethod
+    def setup_step(self) -> Dict[str, Tensor]:
+        """Discrete dA, dB, dC for :meth:`step` (inference constants)."""
+
+    @abstractmethod
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
+        """Advance cache["lrnn_state"] in place by input u (B, H); return C x (B, channels, H)."""
+
+    # ---- interface ---------------------------------------------------------------------------
+
+    def default_state(self, *batch_shape: int, device=None) -> Tensor:
+        """Zero state of shape (*batch_shape, H, state_dim)."""
+        device = self.A_real.device if device is None else device
+        return torch.zeros(
+            *batch_shape, self.H, self.state_dim, dtype=self.state_dtype, device=device
+        )
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """Zero state plus the discrete dA, dB, dC from :meth:`setup_step`.
+
+        ``max_seqlen`` and ``dtype`` are unused (the state is kept in float32/complex64 or the
+        parameters' precision).
+        """
+        with torch.no_grad():
+            cache = dict(self.setup_step())
+        cache["lrnn_state"] = self.default_state(batch_size)
+        cache["seqlen_offset"] = 0
+        return cache
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        """Validate x and return it as (B, L, H)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        axis, layout = (1, "(B, H, L)") if self.transposed else (2, "(B, L, H)")
+        if x.dim() != 3 or x.shape[axis] != self.d_model:
+            raise ValueError(
+                f"x: expected shape {layout} with H = d_model = {self.d_model} "
+                f"(transposed={self.transposed}), got {tuple(x.shape)}"
+            )
+        x = x.transpose(1, 2) if self.transposed else x
+        if x.shape[1] == 0:
+            raise ValueError(f"x: expected at least one timestep, got shape {tuple(x.shape)}")
+        return x
+
+    def _check_state(self, state: Tensor, batch: int, name: str) -> Tensor:
+        expected = (batch, self.H, self.state_dim)
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(state).__name__}")
+        if tuple(state.shape) != expected:
+            raise ValueError(
+                f"{name}: expected shape {expected} = (B, H, N), got {tuple(state.shape)}"
+            )
+        if self.is_real and not state.is_floating_point():
+            raise TypeError(
+                f"{name}: expected a real floating-point state, got dtype {state.dtype}"
+            )
+        if not self.is_real and not state.is_complex():
+            raise TypeError(f"{name}: expected a complex state, got dtype {state.dtype}")
+        return state.to(self.state_dtype)
+
+    def _lengths(self, lengths, batch: int, L: int, device) -> Optional[Tensor]:
+        if lengths is None:
+            return None
+        if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
+            if not 0 <= lengths <= L:
+                raise ValueError(f"lengths: expected an int in [0, {L}], got {lengths}")
+            if lengths == L:
+                return None
+            return torch.full((batch,), int(lengths), device=device)
+        lengths_mask(lengths, batch, L)  # validates type, shape and range
+        return lengths.to(device)
+
+    def forward(
+        self,
+        x: Tensor,
+        lengths: Union[Tensor, int, None] = None,
+        state: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Run the block over a whole sequence.
+
+        Args:
+            x: (B, H, L) if ``transposed`` else (B, L, H).
+            lengths: (B,) valid lengths (or one int); padded outputs are zero and padding never
+                affects the valid outputs or the returned state.
+            state: initial recurrent state (B, H', N) (e.g. from :meth:`default_state`).
+            inference_cache: a cache from :meth:`allocate_inference_cache`; its state is the
+                initial state and receives the final one (``seqlen_offset`` advances by L).
+
+        Returns:
+            y of x's shape (with d_output features) and the state after each sequence's last valid
+            step when ``state`` or ``inference_cache`` is given (else None).
+        """
+        x = self._check_input(x)
+        Bsz, L, _ = x.shape
+        if state is not None and inference_cache is not None:
+            raise ValueError("state, inference_cache: pass at most one of them")
+        lengths = self._lengths(lengths, Bsz, L, x.device)
+        mask = None if lengths is None else lengths_mask(lengths, Bsz, L, x.device)
+        h0 = None
+        if state is not None:
+            h0 = self._check_state(state, Bsz, "state")
+        elif inference_cache is not None:
+            h0 = self._check_state(
+                inference_cache["lrnn_state"], Bsz, 'inference_cache["lrnn_state"]'
+            )
+        if mask is not None:
+            x = x * mask[..., None]
+        v = self.input_gate(x) if self.gate is not None else None
+        u = self.input_linear(x) if self.bottleneck is not None else x
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            uf = u.transpose(1, 2).to(self.A_real.dtype)  # (B, H', L)
+            if mask is not None:
+                uf = uf * mask[:, None]
+            Lk = L if self.l_max is None else min(L, self.l_max)
+            k, k_state = self.compute_kernel(Lk, h0)
+            y = causal_conv(uf[:, None], k)  # (B, C, H', L)
+            y = y + self.D[..., None] * uf[:, None]
+            if k_state is not None:
+                y = y + F.pad(k_state, (0, L - Lk))
+            next_state = None
+            if h0 is not None:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and inference_cache is None):
+                    dA, dB = self._state_matrices()
+                    next_state = ssm_final_state(dA, dB, uf, h0, lengths)
+            y = y.reshape(Bsz, -1, L).transpose(1, 2).to(x.dtype)  # (B, L, C*H')
+        y = self.activation(self.conv_dropout(y))
+        if v is not None:
+            y = self.output_gate(y) * v
+        y = self.output_linear(self.dropout(y))
+        if mask is not None:
+            y = y * mask[..., None]
+        if self.transposed:
+            y = y.transpose(1, 2)
+        if inference_cache is not None:
+            inference_cache["lrnn_state"].copy_(next_state.detach())
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+            next_state = inference_cache["lrnn_state"]
+        return y, next_state
+
+    def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+        """One timestep: x (B, d_model) -> y (B, d_output); the cache's state advances in place."""
+        x = check_step_input(x, self.d_model)
+        state = inference_cache["lrnn_state"]
+        self._check_state(state, x.shape[0], 'inference_cache["lrnn_state"]')
+        v = self.input_gate(x) if self.gate is not None else None
+        u = self.input_linear(x) if self.bottleneck is not None else x
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            uf = u.to(self.A_real.dtype)
+            y = self._ssm_step(uf, inference_cache) + self.D * uf[:, None]  # (B, C, H')
+            y = y.reshape(x.shape[0], -1).to(x.dtype)
+        y = self.activation(self.conv_dropout(y))
+        if v is not None:
+            y = self.output_gate(y) * v
+        y = self.output_linear(self.dropout(y))
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return y, inference_cache
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _dropout(p: float, tie: bool) -> nn.Module:
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {p}")
+    if p == 0:
+        return nn.Identity()
+    return DropoutNd(p, tie=True) if tie else nn.Dropout(p)

@@ -1,0 +1,326 @@
+"""S4: Efficiently Modeling Long Sequences with Structured State Spaces (Gu, Goel, Re, ICLR 2022).
+
+Each of the H features runs a single-input SSM with a diagonal-plus-low-rank (DPLR) state matrix
+
+    A = Lambda - P P^*        (Lambda diagonal with Re < 0; from the NPLR form of a HiPPO matrix)
+    x'(t) = A x(t) + B u(t),  y(t) = C x(t) + D u(t)
+
+Only one state of each conjugate pair is stored (the system is real), so the full matrices are
+``X_full = [X, conj(X)]`` and ``y = 2 Re(...)`` of the kept half.  Bilinear discretisation with
+step Delta (a diagonal matrix when dt is not tied):
+
+    dA = (I - Delta A / 2)^{-1} (I + Delta A / 2),   dB = (I - Delta A / 2)^{-1} Delta B
+
+The length-L kernel K_l = C dA^l dB comes from its truncated generating function at the roots of
+unity w_k = exp(-2 pi i k / L) (S4, Algorithm 1):
+
+    K^(w) = sum_{l<L} K_l w^l = C~ (I - w dA)^{-1} dB,      C~ = C (I - dA^L)
+          = C~ M(w)^{-1} Delta B,   M(w) = (1 - w) I - (1 + w)/2 Delta A
+
+M(w) is diagonal plus rank r, so with d_n(w) = (1 - w) - (1 + w)/2 Delta_n Lambda_n the Woodbury
+identity reduces it to Cauchy sums  k_{XY}(w) = sum_n X_n Delta_n Y_n / d_n(w)  (conjugate pairs
+included):
+
+    K^(w) = k_{C B} - b k_{C P} (I + b k_{Q P})^{-1} k_{Q B},   b = (1 + w) / 2,  Q = conj(P)
+
+and K = irfft(K^).  (This is the S4 formula multiplied through by (1 + w)/2, which keeps the node
+w = -1 finite.)  As in the paper the trainable C is C~: the parameter holds C~ for the internal
+length ``l_kernel`` (set to ``l_max``, or to the first length seen), and longer inputs double that
+length with C~_{2L} = C~_L (I + dA^L).  Recurrent mode recovers C = C~ (I - dA^L)^{-1} and runs the
+dense recurrence x_t = dA x_t-1 + dB u_t, y_t = Re(C_full x_t) + D u_t.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from lrnnx.models.lti._s4_block import KERNEL_MAX_ELEMENTS, S4BlockBase, log
+
+
+def cauchy(
+    v: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    conj: bool = True,
+    max_elements: Optional[int] = None,
+) -> Tensor:
+    """Generalised Cauchy product  out[..., h, k] = sum_n v[..., h, n] / (a[k] - b[k] w[h, n]).
+
+    With ``conj`` the conjugate terms conj(v) / (a - b conj(w)) are added (the implicit second
+    half of each conjugate pair).  The (H, N, K) Cauchy matrix is built in chunks over K of at
+    most ``max_elements`` entries (default :data:`KERNEL_MAX_ELEMENTS`); under autograd every
+    chunk is recomputed in the backward pass, so memory stays bounded there too.
+
+    Args:
+        v: (..., H, N).  w: (H, N).  a, b: (K,).  All complex (or real v, w with complex a, b).
+    Returns:
+        (..., H, K).
+    """
+    dtype = torch.promote_types(torch.promote_types(v.dtype, w.dtype), a.dtype)
+    v, w, a, b = v.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
+    if conj:
+        v = torch.cat([v, v.conj()], dim=-1)
+        w = torch.cat([w, w.conj()], dim=-1)
+    H, N = w.shape
+    K = a.shape[0]
+    budget = KERNEL_MAX_ELEMENTS if max_elements is None else max_elements
+    chunk = max(1, budget // max(H * N, 1))
+    if chunk >= K:
+        return _cauchy_block(v, w, a, b)
+    recompute = torch.is_grad_enabled() and (v.requires_grad or w.requires_grad)
+    out = []
+    for s in range(0, K, chunk):
+        ab = (a[s : s + chunk], b[s : s + chunk])
+        if recompute:
+            out.append(checkpoint(_cauchy_block, v, w, *ab, use_reentrant=False))
+        else:
+            out.append(_cauchy_block(v, w, *ab))
+    return torch.cat(out, dim=-1)
+
+
+def _cauchy_block(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    inv = torch.reciprocal(a - b * w[..., None])  # (H, N, k)
+    return torch.einsum("...hn,hnk->...hk", v, inv)
+
+
+class S4(S4BlockBase):
+    """S4 block: DPLR state matrix, bilinear discretisation, Cauchy-kernel convolution.
+
+    Arguments (see :class:`lrnnx.models.lti._s4_block.S4BlockBase` and the module docstring):
+    the block (``bottleneck``, ``gate``, ``final_act``, ``dropout``, ``transposed``, ``channels``,
+    ``l_max``), the SSM (``d_state``, ``rank``, ``n_ssm``, ``init``, ``is_real``), dt
+    (``dt_min``, ``dt_max``, ``dt_tie``, ``dt_transform``, ``dt_fast``), the transforms of
+    Re/Im(Lambda) and the optimizer hints ``lr``/``wd`` (``param._optim``).
+
+    ``init``: 'legs' (HiPPO-LegS), 'legt' (needs rank >= 2), 'fout'/'fourier', 'hippo'
+    (LegS + FouT), 'diag-lin' / 'diag-inv' / 'diag-legs' / 'diag-real' / ... (P = 0) or
+    'dplr-<...>' (random P), 'diag' (Inv + Lin), 'all'.  ``is_real`` makes Lambda, P, B, C real
+    (d_state real states, from the real parts of the complex init).
+
+    Example:
+        >>> model = S4(d_model=64, d_state=64, l_max=1024)
+        >>> y, _ = model(torch.randn(2, 64, 1024))  # transposed: (B, H, L) -> (B, H, L)
+    """
+
+    _name = "S4"
+
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: Optional[int] = None,
+        gate: Optional[int] = None,
+        final_act: Optional[str] = "glu",
+        postact: Optional[str] = None,
+        dropout: float = 0.0,
+        tie_dropout: bool = False,
+        transposed: bool = True,
+        l_max: Optional[int] = None,
+        channels: int = 1,
+        d_state: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_tie: bool = True,
+        dt_transform: str = "exp",
+        dt_fast: bool = False,
+        rank: int = 1,
+        n_ssm: Optional[int] = None,
+        init: str = "legs",
+        deterministic: bool = False,
+        real_transform: str = "exp",
+        imag_transform: str = "none",
+        is_real: bool = False,
+        lr: Union[float, Mapping[str, float], None] = None,
+        wd: Union[float, Mapping[str, float], None] = 0.0,
+        verbose: bool = True,
+    ):
+        super().__init__(
+            "bilinear",
+            d_model,
+            bottleneck=bottleneck,
+            gate=gate,
+            final_act=final_act,
+            postact=postact,
+            dropout=dropout,
+            tie_dropout=tie_dropout,
+            transposed=transposed,
+            l_max=l_max,
+            channels=channels,
+            d_state=d_state,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_tie=dt_tie,
+            dt_transform=dt_transform,
+            dt_fast=dt_fast,
+            rank=rank,
+            n_ssm=n_ssm,
+            init=init,
+            deterministic=deterministic,
+            real_transform=real_transform,
+            imag_transform=imag_transform,
+            is_real=is_real,
+            lr=lr,
+            wd=wd,
+            verbose=verbose,
+        )
+
+    # ---- parameters -------------------------------------------------------------------------
+
+    def _init_ssm(self) -> None:
+        A, P, B, C = self._init_abc(self.rank)  # 'legt' raises for rank < 2
+        self._register_abc(A, B, C)
+        dtype = torch.get_default_dtype()
+        P = P.real.to(dtype) if self.is_real else torch.view_as_real(P.contiguous()).to(dtype)
+        self.register("P", P.contiguous(), "A")
+        # length that the parameter C~ = C (I - dA^L) is attuned to (0: C holds C itself)
+        # (a Python int saved through the module's extra state: no device sync to read it)
+        self.l_kernel = 0
+        if self.l_max is not None:
+            self._ensure_length(self.l_max)
+
+    def get_extra_state(self) -> Dict[str, int]:
+        return {"l_kernel": self.l_kernel}
+
+    def set_extra_state(self, state: Dict[str, int]) -> None:
+        self.l_kernel = int(state["l_kernel"])
+
+    @property
+    def state_dim(self) -> int:
+        """Full state size: d_state (both halves of each conjugate pair, or real states)."""
+        return self.N if self.is_real else 2 * self.N
+
+    def _P(self) -> Tensor:
+        P = self.P if self.is_real else torch.view_as_complex(self.P)
+        return P.repeat(1, self.H // self.n_ssm, 1)  # (R, H, N)
+
+    def _full(self, x: Tensor) -> Tensor:
+        """Append the conjugate half along the last axis (no-op for real SSMs)."""
+        return x if self.is_real else torch.cat([x, x.conj()], dim=-1)
+
+    def _dense(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """Dense bilinear dA (H, Nf, Nf) and dB (H, Nf) of the full system A = Lambda - P P^*."""
+        Lam = self._full(self._A_diag().to(dtype))
+        P = self._full(self._P().to(dtype))
+        dt = self._full(self._dt().expand(self.H, self.N).to(dtype))
+        A = torch.diag_embed(Lam) - torch.einsum("rhm,rhn->hmn", P, P.conj())
+        half = dt[..., None] / 2 * A  # Delta A / 2 with Delta = diag(dt)
+        eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
+        lhs = eye - half
+        dA = torch.linalg.solve(lhs, eye + half)
+        dB = torch.linalg.solve(lhs, (dt * self._full(self._B().to(dtype)))[..., None])[..., 0]
+        return dA, dB
+
+    @property
+    def _wide_dtype(self) -> torch.dtype:
+        return torch.float64 if self.is_real else torch.complex128
+
+    @torch.no_grad()
+    def _ensure_length(self, L: int) -> None:
+        """Attune C~ to a length >= L: set it up at L, or double the current length."""
+        if self.l_kernel == 0:
+            self._multiply_C(L, sign=-1.0)
+            self.l_kernel = int(L)
+            if self.verbose:
+                log.info("S4: initializing kernel to length %d", L)
+        while L > self.l_kernel:
+            length = self.l_kernel
+            self._multiply_C(length, sign=1.0)
+            self.l_kernel = 2 * length
+            if self.verbose:
+                log.info("S4: doubling kernel length from %d to %d", length, 2 * length)
+
+    def _multiply_C(self, L: int, sign: float) -> None:
+        """C <- C (I + sign * dA^L), computed in double precision."""
+        dA, _ = self._dense(self._wide_dtype)
+        C = self._full(self._C().to(self._wide_dtype))
+        C = C + sign * torch.einsum("chm,hmn->chn", C, torch.linalg.matrix_power(dA, L))
+        C = C[..., : self.N]
+        self.C.copy_(C.to(self.C.dtype) if self.is_real else torch.view_as_real(C).to(self.C.dtype))
+
+    # ---- discrete system ----------------------------------------------------------------------
+
+    def discretize(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Dense discrete system of the full state: dA (H, Nf, Nf), dB (H, Nf), dC (C, H, Nf).
+
+        dC is the true output matrix C, recovered from the parameter C~ as C~ (I - dA^L)^{-1}.
+        """
+        dtype = self.state_dtype if dtype is None else dtype
+        dA, dB = self._dense(dtype)
+        C = self._full(self._C().to(dtype))
+        L = self.l_kernel
+        if L > 0:
+            eye = torch.eye(dA.shape[-1], dtype=dtype, device=dA.device)
+            lhs = (eye - torch.linalg.matrix_power(dA, L)).transpose(-1, -2)
+            C = torch.linalg.solve(lhs, C.permute(1, 2, 0)).permute(2, 0, 1)
+        return dA, dB, C
+
+    def _state_matrices(self) -> Tuple[Tensor, Tensor]:
+        return self._dense(self.state_dtype)
+
+    def setup_step(self) -> Dict[str, Tensor]:
+        """dA, dB, dC of the dense recurrence (computed in double precision, then cast)."""
+        with torch.no_grad():
+            dA, dB, dC = self.discretize(self._wide_dtype)
+        mats = (("dA", dA), ("dB", dB), ("dC", dC))
+        return {k: t.to(self.state_dtype).contiguous() for k, t in mats}
+
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
+        x = cache["lrnn_state"]
+        x.copy_((cache["dA"] @ x[..., None])[..., 0] + cache["dB"] * u[..., None])
+        y = (cache["dC"] * x[:, None]).sum(-1)  # (B, C, H)
+        return y if self.is_real else y.real
+
+    # ---- kernel -------------------------------------------------------------------------------
+
+    def compute_kernel(
+        self, L: int, state: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Kernel K (channels, H, L) and the response to an initial state (B, channels, H, L).
+
+        The state x_{-1} enters as an extra input vector dB_s = dA x_{-1}, i.e.
+        Delta B_s = (I + Delta A / 2) x_{-1}, whose kernel is C dA^{l+1} x_{-1}.
+        """
+        self._ensure_length(L)
+        M = self.l_kernel
+        dt = self._dt().expand(self.H, self.N)
+        Lam, B, C, P = self._A_diag(), self._B(), self._C(), self._P()
+        Q = P if self.is_real else P.conj()
+        rights = [(dt * B)[None]]
+        if state is not None:
+            s = state if self.is_real else state[..., : self.N]
+            s = s.to(Lam.dtype if self.is_real else C.dtype)
+            # (A x)_kept = Lambda s - sum_r P_r (P_r^* x_full)
+            Px = torch.einsum("rhn,bhn->brh", Q, s)
+            Px = Px if self.is_real else 2 * Px.real
+            As = Lam * s - torch.einsum("rhn,brh->bhn", P, Px.to(P.dtype))
+            rights.append(s + dt * As / 2)
+        n_in = sum(r.shape[0] for r in rights)
+        rights.append(dt * P)
+        lefts = torch.cat([C, Q], dim=0)
+        num = lefts[:, None] * torch.cat(rights, dim=0)[None]  # (C+R, n_in+R, H, N)
+
+        cdtype = torch.complex128 if self.A_real.dtype == torch.float64 else torch.complex64
+        k = torch.arange(M // 2 + 1, dtype=torch.float64, device=num.device)
+        omega = torch.polar(torch.ones_like(k), -2 * math.pi * k / M)
+        a, b = (1 - omega).to(cdtype), ((1 + omega) / 2).to(cdtype)
+        r = cauchy(
+            num, dt * Lam, a, b, conj=not self.is_real, max_elements=self.kernel_max_elements
+        )
+
+        Cn, R = self.channels, self.rank
+        k_CB, k_CP = r[:Cn, :n_in], b * r[:Cn, n_in:]
+        k_QB, k_QP = r[Cn:, :n_in], b * r[Cn:, n_in:]
+        if R == 1:
+            k_f = k_CB - k_CP * k_QB / (1 + k_QP)
+        else:
+            eye = torch.eye(R, dtype=r.dtype, device=r.device)
+            X = torch.linalg.solve(eye + k_QP.permute(2, 3, 0, 1), k_QB.permute(2, 3, 0, 1))
+            k_f = k_CB - torch.einsum("cshk,hksj->cjhk", k_CP, X)
+        K = torch.fft.irfft(k_f, n=M)[..., :L]  # (C, n_in, H, L)
+        k_state = K[:, 1:].transpose(0, 1) if state is not None else None
+        return K[:, 0], k_state

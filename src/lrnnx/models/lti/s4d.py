@@ -1,0 +1,195 @@
+"""S4D: On the Parameterization and Initialization of Diagonal State Space Models
+(Gu, Gupta, Goel, Re, NeurIPS 2022, arXiv 2206.11893).
+
+Each of the H features runs a diagonal SSM; one state of each conjugate pair is kept:
+
+    x'(t) = A x(t) + B u(t),   A = diag(A_n),  Re(A_n) < 0
+    dA, dB = discretize(A, Delta) B        zoh:      dA = exp(Delta A),  dB = (exp(Delta A) - 1)/A B
+                                           bilinear: dA = (1 + Delta A/2)/(1 - Delta A/2),
+                                                     dB = Delta/(1 - Delta A/2) B
+                                           dirac:    dA = exp(Delta A),  dB = B
+    K_l = 2 Re( sum_n C_n dB_n dA_n^l )    (a Vandermonde product; no factor 2 when ``is_real``)
+    y = K * u + D u
+
+Initialisations (``init``): S4D-LegS ('legs' / 'diag-legs': the diagonal of the normal part of
+HiPPO-LegS with its B), S4D-Inv ('diag-inv': A_n = -1/2 + i N/pi (N/(2n+1) - 1)), S4D-Lin
+('diag-lin': A_n = -1/2 + i pi n), S4D-Real ('diag-real' with ``is_real``: A_n = -(n+1)) and the
+other names of :func:`lrnnx.models.lti._s4_block.ssm_init` (the low-rank term is dropped).
+The recurrent mode is the same diagonal recurrence x_t = dA x_{t-1} + dB u_t.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from lrnnx.core.hippo import NPLR_MEASURES
+from lrnnx.models.lti._s4_block import KERNEL_MAX_ELEMENTS, S4BlockBase
+
+
+def vandermonde(v: Tensor, x: Tensor, L: int, max_elements: Optional[int] = None) -> Tensor:
+    """out[..., h, l] = sum_n v[..., h, n] exp(l x[h, n])  for l = 0..L-1.
+
+    The (H, N, L) Vandermonde matrix is built in chunks over L of at most ``max_elements``
+    entries (default :data:`KERNEL_MAX_ELEMENTS`), recomputed chunk by chunk under autograd.
+
+    Args:
+        v: (..., H, N).  x: (H, N) (log of the discrete eigenvalues).  Real or complex.
+    Returns:
+        (..., H, L) in the promoted dtype.
+    """
+    dtype = torch.promote_types(v.dtype, x.dtype)
+    v, x = v.to(dtype), x.to(dtype)
+    H, N = x.shape
+    budget = KERNEL_MAX_ELEMENTS if max_elements is None else max_elements
+    chunk = max(1, budget // max(H * N, 1))
+    steps = torch.arange(L, dtype=x.real.dtype, device=x.device)
+    if chunk >= L:
+        return _vandermonde_block(v, x, steps)
+    recompute = torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
+    out = []
+    for s in range(0, L, chunk):
+        part = steps[s : s + chunk]
+        if recompute:
+            out.append(checkpoint(_vandermonde_block, v, x, part, use_reentrant=False))
+        else:
+            out.append(_vandermonde_block(v, x, part))
+    return torch.cat(out, dim=-1)
+
+
+def _vandermonde_block(v: Tensor, x: Tensor, steps: Tensor) -> Tensor:
+    return torch.einsum("...hn,hnl->...hl", v, torch.exp(x[..., None] * steps))
+
+
+class S4D(S4BlockBase):
+    """S4D block: diagonal SSM kernel via a Vandermonde product.
+
+    Same arguments as :class:`lrnnx.models.lti.s4.S4` (``rank`` only matters for inits that need
+    it, as the low-rank term is dropped) plus ``disc``: 'zoh' (default), 'bilinear' or 'dirac'.
+
+    Example:
+        >>> model = S4D(d_model=64, d_state=64, l_max=1024)
+        >>> y, _ = model(torch.randn(2, 64, 1024))  # transposed: (B, H, L) -> (B, H, L)
+    """
+
+    _name = "S4D"
+    allowed_discretizations = ("zoh", "bilinear", "dirac")
+
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: Optional[int] = None,
+        gate: Optional[int] = None,
+        final_act: Optional[str] = "glu",
+        postact: Optional[str] = None,
+        dropout: float = 0.0,
+        tie_dropout: bool = False,
+        transposed: bool = True,
+        l_max: Optional[int] = None,
+        channels: int = 1,
+        d_state: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_tie: bool = True,
+        dt_transform: str = "exp",
+        dt_fast: bool = False,
+        rank: int = 1,
+        n_ssm: Optional[int] = None,
+        init: str = "legs",
+        deterministic: bool = False,
+        real_transform: str = "exp",
+        imag_transform: str = "none",
+        is_real: bool = False,
+        lr: Union[float, Mapping[str, float], None] = None,
+        wd: Union[float, Mapping[str, float], None] = 0.0,
+        verbose: bool = True,
+        disc: str = "zoh",
+    ):
+        if disc not in self.allowed_discretizations:
+            raise ValueError(
+                f"disc: expected one of {list(self.allowed_discretizations)}, got {disc!r}"
+            )
+        super().__init__(
+            disc,
+            d_model,
+            bottleneck=bottleneck,
+            gate=gate,
+            final_act=final_act,
+            postact=postact,
+            dropout=dropout,
+            tie_dropout=tie_dropout,
+            transposed=transposed,
+            l_max=l_max,
+            channels=channels,
+            d_state=d_state,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_tie=dt_tie,
+            dt_transform=dt_transform,
+            dt_fast=dt_fast,
+            rank=rank,
+            n_ssm=n_ssm,
+            init=init,
+            deterministic=deterministic,
+            real_transform=real_transform,
+            imag_transform=imag_transform,
+            is_real=is_real,
+            lr=lr,
+            wd=wd,
+            verbose=verbose,
+        )
+        self.disc = disc
+
+    def _init_ssm(self) -> None:
+        # the low-rank term is dropped, so build the init with whatever rank it needs
+        A, _, B, C = self._init_abc(max(self.rank, max(NPLR_MEASURES.values())))
+        self._register_abc(A, B, C)
+
+    @property
+    def state_dim(self) -> int:
+        """Kept states per feature: d_state // 2 (complex) or d_state (real)."""
+        return self.N
+
+    def discretize(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """dA (H, N), dB (H, N) and C (channels, H, N) of the diagonal system."""
+        dt, A = self._dt(), self._A_diag()
+        dA, gamma = self.discretize_fn(A, dt)
+        return dA, gamma * self._B(), self._C()
+
+    def _log_dA(self, dA: Tensor) -> Tensor:
+        if self.disc in ("zoh", "dirac"):
+            return self._dt() * self._A_diag()  # exact: dA = exp(Delta A)
+        # bilinear: dA may be a negative real for real SSMs, so take the complex logarithm
+        cdtype = torch.complex128 if dA.real.dtype == torch.float64 else torch.complex64
+        return torch.log(dA.to(cdtype))
+
+    def compute_kernel(
+        self, L: int, state: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Kernel K (channels, H, L) and the response C dA^{l+1} x_{-1} to a state (B, C, H, L)."""
+        dA, dB, C = self.discretize()
+        v = (C * dB)[None]
+        if state is not None:
+            v = torch.cat([v, C[None] * (dA * state.to(dA.dtype))[:, None]], dim=0)
+        K = vandermonde(v, self._log_dA(dA), L, self.kernel_max_elements)
+        K = K.real if self.is_real else 2 * K.real
+        return K[0], (K[1:] if state is not None else None)
+
+    def _state_matrices(self) -> Tuple[Tensor, Tensor]:
+        dA, dB, _ = self.discretize()
+        return dA.to(self.state_dtype), dB.to(self.state_dtype)
+
+    def setup_step(self) -> Dict[str, Tensor]:
+        """dA, dB (H, N) and dC (channels, H, N) for the diagonal recurrence."""
+        with torch.no_grad():
+            dA, dB, dC = self.discretize()
+        return {"dA": dA.to(self.state_dtype), "dB": dB.to(self.state_dtype), "dC": dC.clone()}
+
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
+        x = cache["lrnn_state"]
+        x.mul_(cache["dA"]).add_(cache["dB"] * u[..., None])
+        y = (cache["dC"] * x[:, None]).sum(-1)  # (B, C, H)
+        return y if self.is_real else 2 * y.real
