@@ -51,7 +51,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
-        for norm, ssm in zip(self.norms, self.ssms):
+        for norm, ssm in zip(self.norms, self.ssms, strict=True):
             h = h + nn.functional.gelu(ssm(norm(h)))
         return self.head(h.mean(1))
 
@@ -78,7 +78,9 @@ def train_classifier(seconds: float = 30.0) -> float:
     model = Classifier(1, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     start, step = time.perf_counter(), 0
-    print(f"\nTraining an S5 classifier on a hidden-pattern task for ~{seconds:.0f} s (chance = 25%)")
+    print(
+        f"\nTraining an S5 classifier on a hidden-pattern task for ~{seconds:.0f} s (chance = 25%)"
+    )
     while time.perf_counter() - start < seconds:
         idx = torch.randint(0, len(xtr), (64,))
         loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])

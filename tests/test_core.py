@@ -13,7 +13,9 @@ torch.manual_seed(0)
 
 
 def _stable_eigs(n=64):
-    return torch.complex(-torch.rand(n, dtype=torch.float64) * 5 - 1e-3, torch.randn(n, dtype=torch.float64) * 20)
+    return torch.complex(
+        -torch.rand(n, dtype=torch.float64) * 5 - 1e-3, torch.randn(n, dtype=torch.float64) * 20
+    )
 
 
 @pytest.mark.parametrize("name", ["zoh", "bilinear", "dirac", "async"])

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from lrnnx.ops import linear_scan
-from lrnnx.ops import _dispatch
+from lrnnx.ops import _dispatch, linear_scan
 from lrnnx.ops.linear_scan import torch as torch_backend
 
 torch.manual_seed(0)
@@ -94,7 +93,7 @@ def test_gradients_agree_between_backends():
         (linear_scan(*args, backend=backend) * w).real.sum().backward()
         grads.append([t.grad for t in args])
     for g in grads[1:]:
-        for x, y in zip(grads[0], g):
+        for x, y in zip(grads[0], g, strict=True):
             assert torch.allclose(x, y, atol=1e-9)
 
 

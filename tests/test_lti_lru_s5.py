@@ -11,7 +11,9 @@ from lrnnx.models.lti.s5 import MAX_REAL_EIG
 
 torch.manual_seed(0)
 H, N = 6, 8
-S5_CONFIGS = [(d, c) for d in ("zoh", "bilinear", "dirac", "no_discretization") for c in (False, True)]
+S5_CONFIGS = [
+    (d, c) for d in ("zoh", "bilinear", "dirac", "no_discretization") for c in (False, True)
+]
 
 
 def make(name, **kw):

@@ -28,11 +28,15 @@ def check_step_input(x: Tensor, d_model: int, name: str = "x") -> Tensor:
     if x.dim() == 3 and x.shape[1] == 1:
         x = x[:, 0]
     if x.dim() != 2 or x.shape[-1] != d_model:
-        raise ValueError(f"{name}: expected shape (B, {d_model}) or (B, 1, {d_model}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected shape (B, {d_model}) or (B, 1, {d_model}), got {tuple(x.shape)}"
+        )
     return x
 
 
-def lengths_mask(lengths: Optional[Tensor], batch: int, seqlen: int, device=None) -> Optional[Tensor]:
+def lengths_mask(
+    lengths: Optional[Tensor], batch: int, seqlen: int, device=None
+) -> Optional[Tensor]:
     """Validate ``lengths`` (B,) and return a (B, L) boolean mask of valid positions (or None)."""
     if lengths is None:
         return None
@@ -64,5 +68,7 @@ def check_timesteps(ts: Optional[Tensor], batch: int, seqlen: int) -> Optional[T
             f"integration_timesteps: expected shape ({batch}, {seqlen}), got {tuple(ts.shape)}"
         )
     if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()):
-        raise ValueError("integration_timesteps: expected finite values >= 0, got negative or non-finite")
+        raise ValueError(
+            "integration_timesteps: expected finite values >= 0, got negative or non-finite"
+        )
     return ts

@@ -38,7 +38,9 @@ class LRU(LTI_LRNN):
     ) -> None:
         super().__init__("no_discretization", mode=mode)
         if not 0 <= r_min < r_max <= 1:
-            raise ValueError(f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}")
+            raise ValueError(
+                f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}"
+            )
         self.d_model, self.d_state = d_model, d_state
         H, N = d_model, d_state
         u1, u2 = torch.rand(N), torch.rand(N)
@@ -95,9 +97,15 @@ class LRU(LTI_LRNN):
             Lambda, B_norm = self.compute_kernel(max_seqlen, torch.diagonal(A), B)
         state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
         D = self.D.detach()
-        return {"lrnn_state": state, "A_bar": Lambda, "B_bar": B_norm, "C": C, "D": D, "seqlen_offset": 0}
+        return {
+            "lrnn_state": state,
+            "A_bar": Lambda,
+            "B_bar": B_norm,
+            "C": C,
+            "D": D,
+            "seqlen_offset": 0,
+        }
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""
         return self._diagonal_step(x, inference_cache)
-

@@ -48,10 +48,14 @@ def hippo_n_init(
     B = torch.randn(d_state, d_model, dtype=torch.float64) / math.sqrt(d_model)
     B_tilde = Vinv @ B.to(Vinv.dtype)
     # C: complex normal with variance 1/d_state per part, rotated into the eigenbasis
-    C = torch.complex(torch.randn(d_model, d_state, dtype=torch.float64),
-                      torch.randn(d_model, d_state, dtype=torch.float64)) / math.sqrt(d_state)
+    C = torch.complex(
+        torch.randn(d_model, d_state, dtype=torch.float64),
+        torch.randn(d_model, d_state, dtype=torch.float64),
+    ) / math.sqrt(d_state)
     C_tilde = C @ V
-    log_step = torch.rand(P, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    log_step = torch.rand(P, dtype=torch.float64) * (
+        math.log(dt_max) - math.log(dt_min)
+    ) + math.log(dt_min)
     return {
         "Lambda_re": Lambda.real.float(),
         "Lambda_im": Lambda.imag.float(),
@@ -151,7 +155,14 @@ class S5(LTI_LRNN):
             _, B_bar = self.compute_kernel(1, A_bar, gamma_bar)
         state = torch.zeros(batch_size, self.n_state, dtype=A_bar.dtype, device=A_bar.device)
         D = self.D.detach()
-        return {"lrnn_state": state, "A_bar": A_bar, "B_bar": B_bar, "C": C.detach(), "D": D, "seqlen_offset": 0}
+        return {
+            "lrnn_state": state,
+            "A_bar": A_bar,
+            "B_bar": B_bar,
+            "C": C.detach(),
+            "D": D,
+            "seqlen_offset": 0,
+        }
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""

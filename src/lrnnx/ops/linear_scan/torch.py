@@ -93,10 +93,14 @@ class LinearScanFunction(torch.autograd.Function):
         zero = torch.zeros_like(ac[:, :1])
         if not reverse:
             a_adj = torch.cat([ac[:, 1:], zero], 1)
-            prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
+            prev = torch.cat(
+                [(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1
+            )
         else:
             a_adj = torch.cat([zero, ac[:, :-1]], 1)
-            prev = torch.cat([h[:, 1:], (h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None]], 1)
+            prev = torch.cat(
+                [h[:, 1:], (h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None]], 1
+            )
         g = kernel(a_adj, grad_h, None, not reverse)
         grad_a = g * prev.conj() if ctx.needs_input_grad[0] else None
         grad_h0 = None
