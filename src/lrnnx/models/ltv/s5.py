@@ -20,11 +20,14 @@ the (time-invariant) S5.  ``no_discretization`` learns log A_bar = Lambda per un
 directly (B unscaled): A_bar_k = exp(Lambda dt_k).
 
 The recurrence over (B, L, P) complex states runs through :func:`lrnnx.ops.linear_scan` in
-complex64 (complex128 for a float64 model), also under autocast.
+complex64 (complex128 for a float64 model), also under autocast.  The scan, the step, the
+inference cache and their checks live in the private base :class:`_EventSSM`, which S7
+(:mod:`lrnnx.models.ltv.s7`, S5 with input-dependent Delta, B, C, D) shares.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -153,119 +156,89 @@ def masked_scan(
     return linear_scan(a, b, initial_state=h0, backend=backend)
 
 
-class S5(LTV_LRNN):
-    """Event-driven S5 (Event-SSM): S5 discretized per element with the elapsed time.
+class _EventSSM(LTV_LRNN):
+    """What event-driven S5 and S7 share: a diagonal complex state h (B, P) with
 
-    Example:
-        >>> model = S5(d_model=64, d_state=64, discretization="async")
-        >>> x, dt = torch.randn(2, 128, 64), torch.rand(2, 128)
-        >>> y = model(x, integration_timesteps=dt)  # (B, L, H) -> (B, L, H)
+        (A_bar_k, gamma_bar_k) = event_discretize(Lambda, Delta_k, dt_k)
+        h_k = A_bar_k * h_{k-1} + gamma_bar_k * (B_k u_k)
+        y_k = out_scale * Re(C_k h_k) + D_k * u_k
 
-    Args:
-        d_model: model width H (input and output features).
-        d_state: state size of the HiPPO-N initialisation (P in the paper; with ``conj_sym``
-            the model keeps d_state // 2 complex states, one per conjugate pair).
-        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"`` or
-            ``"no_discretization"`` (see the module docstring).
-        conj_sym: keep one eigenvalue of each conjugate pair and output 2 Re(C h).
-        dt_min, dt_max: the learned steps Delta are initialised log-uniform in [dt_min, dt_max].
-        step_rescale: factor multiplying every step Delta (S5 / Event-SSM convention, e.g. to
-            run a trained model at another sampling rate).  ``no_discretization`` uses it only
-            for its initial value, the ZOH image of HiPPO-N with the rescaled steps.
-        use_fast_path: if True, :func:`lrnnx.ops.linear_scan` dispatches to the fastest fused
-            scan backend available for the device; if False, the portable pure-torch scan is
-            used.  Both give the same result up to rounding.
-        device, dtype: factory arguments for the parameters (float32 or float64).
+    run by a masked scan in :meth:`forward` and in place in :meth:`step`.  Subclasses register
+    a ``Lambda_im`` (P,) parameter (it gives the state size, the parameters' dtype and device)
+    and define the hooks :meth:`_tensors`, :meth:`_step_size`, :meth:`_input` and
+    :meth:`_output`.  Each hook takes ``p``: the live tensors of :meth:`_tensors` in
+    :meth:`forward`, their detached copies (the inference cache) in :meth:`step`.
     """
 
     def __init__(
         self,
         d_model: int,
         d_state: int,
-        discretization: str = "zoh",
-        conj_sym: bool = False,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        step_rescale: float = 1.0,
-        use_fast_path: bool = True,
-        device=None,
-        dtype=None,
+        discretization: str,
+        conj_sym: bool,
+        use_fast_path: bool,
     ) -> None:
         super().__init__(discretization)
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
         if not isinstance(d_state, int) or d_state < 1:
             raise ValueError(f"d_state: expected a positive int, got {d_state!r}")
-        check_step_size(dt_min, dt_max, step_rescale)
-        real = param_dtype(dtype)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
-        self.step_rescale = float(step_rescale)
         self.use_fast_path = use_fast_path
-        init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
-        if discretization == "no_discretization":
-            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
-            step = init["log_step"].exp() * self.step_rescale
-            init["Lambda_re"] = init["Lambda_re"] * step
-            init["Lambda_im"] = init["Lambda_im"] * step
-        fk = {"device": device, "dtype": real}
-        self.Lambda_re = nn.Parameter(init["Lambda_re"].to(**fk))
-        self.Lambda_im = nn.Parameter(init["Lambda_im"].to(**fk))
-        self.B = nn.Parameter(init["B"].to(**fk))  # B_tilde (P, H) as (real, imag)
-        self.C = nn.Parameter(init["C"].to(**fk))  # C_tilde (H, P) as (real, imag)
-        self.D = nn.Parameter(init["D"].to(**fk))
-        if discretization != "no_discretization":
-            self.log_step = nn.Parameter(init["log_step"].to(**fk))
         self.out_scale = 2.0 if conj_sym else 1.0
 
     @property
     def n_state(self) -> int:
         """Number of complex states P (d_state, or d_state // 2 with conj_sym)."""
-        return self.Lambda_re.shape[0]
+        return self.Lambda_im.shape[0]
 
     @property
     def _backend(self) -> Optional[str]:
         return None if self.use_fast_path else "torch"
 
+    # ------------------------------------------------------------------------------------------
+    # hooks: what S5 and S7 compute differently
+
+    @abstractmethod
     def _tensors(self) -> Dict[str, Optional[Tensor]]:
-        """The continuous system: Lambda (P,), step Delta (P,) or None, B_tilde (P, H), C (H, P), D."""
-        # Re(Lambda) < 0 is kept so every rule gives |A_bar| < 1 for dt_k > 0
-        Lambda = torch.complex(self.Lambda_re.clamp(max=MAX_REAL_EIG), self.Lambda_im)
-        step = None
-        if self.discretization != "no_discretization":
-            step = self.step_rescale * torch.exp(self.log_step)
-        return {
-            "Lambda": Lambda,
-            "step": step,
-            "B_tilde": torch.view_as_complex(self.B),
-            "C_tilde": torch.view_as_complex(self.C),
-            "D": self.D,
-        }
+        """The continuous system from the parameters (differentiable); "Lambda" (P,) and "D"."""
+
+    @abstractmethod
+    def _step_size(self, p: Dict[str, Any], u: Optional[Tensor]) -> Optional[Tensor]:
+        """The step Delta, (P,) or (..., P) for inputs u (..., H); None without discretization."""
+
+    @abstractmethod
+    def _input(self, p: Dict[str, Any], u: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """B_k u_k (..., P) complex for u (..., H); ``dtype`` is the state's in :meth:`step`."""
+
+    @abstractmethod
+    def _output(self, p: Dict[str, Any], h: Tensor, u: Tensor) -> Tensor:
+        """out_scale * Re(C_k h_k) + D_k * u_k (..., H), in u's dtype."""
+
+    def _step_discretize(
+        self, cache: Dict[str, Any], u: Tensor, timesteps: Optional[Tensor]
+    ) -> Tuple[Tensor, GammaBar]:
+        """(A_bar, gamma_bar) of one step from the cache's constants."""
+        return self._discretize(cache, u, timesteps)
+
+    def _extend_cache(self, cache: Dict[str, Any]) -> None:
+        """Add precomputed inference constants to a new cache (runs under torch.no_grad)."""
+
+    # ------------------------------------------------------------------------------------------
+
+    def _timesteps(self, integration_timesteps: Optional[Tensor]) -> Optional[Tensor]:
+        """(B, L) elapsed times -> (B, L, 1) in the parameters' dtype, to broadcast on (B, L, P)."""
+        if integration_timesteps is None:
+            return None
+        return integration_timesteps.to(self.Lambda_im.dtype)[..., None]
 
     def _discretize(
-        self, p: Dict[str, Any], timesteps: Optional[Tensor]
+        self, p: Dict[str, Any], u: Optional[Tensor], timesteps: Optional[Tensor]
     ) -> Tuple[Tensor, GammaBar]:
+        step = self._step_size(p, u)
         return event_discretize(
-            self.discretization, self.discretize_fn, p["Lambda"], p["step"], timesteps
+            self.discretization, self.discretize_fn, p["Lambda"], step, timesteps
         )
-
-    def discretize(
-        self, integration_timesteps: Optional[Tensor] = None
-    ) -> Tuple[Tensor, GammaBar, Tensor]:
-        """The discrete system.
-
-        Args:
-            integration_timesteps: optional (B, L) elapsed times.
-
-        Returns:
-            A_bar ((P,), or (B, L, P) with timesteps), gamma_bar ((P,), (B, L, P) or 1.0) and
-            C_tilde (H, P) complex.
-        """
-        p = self._tensors()
-        ts = None
-        if integration_timesteps is not None:
-            ts = integration_timesteps.to(self.Lambda_re.dtype)[..., None]
-        A_bar, gamma_bar = self._discretize(p, ts)
-        return A_bar, gamma_bar, p["C_tilde"]
 
     def forward(
         self,
@@ -278,8 +251,8 @@ class S5(LTV_LRNN):
 
         Args:
             x: input sequence (B, L, d_model).
-            integration_timesteps: (B, L) time elapsed before each element (>= 0); None means
-                1 everywhere (the synchronous S5).
+            integration_timesteps: (B, L) time elapsed before each element (>= 0), for event
+                streams; None means 1 everywhere (for S5: the synchronous S5).
             lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
                 valid outputs, and each sequence's final state is its state at its own length.
             inference_cache: from :meth:`allocate_inference_cache`; the scan starts from its
@@ -287,22 +260,18 @@ class S5(LTV_LRNN):
                 advances by L), so :meth:`step` continues the sequence.
         """
         mask = self._check_forward_args(x, integration_timesteps, lengths)
-        Bsz = x.shape[0]
         h0 = None
         if inference_cache is not None:
-            h0 = check_cache(inference_cache, Bsz, self.n_state)
-        real = self.Lambda_re.dtype
+            h0 = check_cache(inference_cache, x.shape[0], self.n_state)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            u = x.to(real)
-            ts = (
-                None if integration_timesteps is None else integration_timesteps.to(real)[..., None]
-            )
+            u = x.to(self.Lambda_im.dtype)
+            ts = self._timesteps(integration_timesteps)
             p = self._tensors()
-            A_bar, gamma_bar = self._discretize(p, ts)
-            Bu = u.to(p["B_tilde"].dtype) @ p["B_tilde"].transpose(0, 1)  # (B, L, P)
+            A_bar, gamma_bar = self._discretize(p, u, ts)
+            Bu = self._input(p, u)  # (B, L, P)
             h0c = None if h0 is None else h0.to(Bu.dtype)
             h = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend)
-            y = self.out_scale * (h @ p["C_tilde"].transpose(0, 1)).real + p["D"] * u
+            y = self._output(p, h, u)
             if mask is not None:
                 y = y * mask[..., None]
         if inference_cache is not None:
@@ -336,14 +305,10 @@ class S5(LTV_LRNN):
         ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
         with torch.autocast(device_type=u_in.device.type, enabled=False):
             u = u_in.to(real)
-            if ts is None:
-                A_bar, gamma_bar = inference_cache["A_bar"], inference_cache["gamma_bar"]
-            else:
-                A_bar, gamma_bar = self._discretize(inference_cache, ts)
-            Bu = u.to(h.dtype) @ inference_cache["B_tilde"].to(h.dtype).transpose(0, 1)
+            A_bar, gamma_bar = self._step_discretize(inference_cache, u, ts)
+            Bu = self._input(inference_cache, u, h.dtype)
             h.mul_(A_bar).add_(gamma_bar * Bu)
-            y = self.out_scale * (h @ inference_cache["C_tilde"].to(h.dtype).transpose(0, 1)).real
-            y = y.to(real) + inference_cache["D"] * u
+            y = self._output(inference_cache, h, u)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype).reshape(x.shape), inference_cache
 
@@ -354,20 +319,134 @@ class S5(LTV_LRNN):
         dtype: Optional[torch.dtype] = None,
         **kwargs,
     ) -> Dict[str, Any]:
-        """Zero state plus the (constant) continuous and synchronous discrete matrices.
+        """Zero state plus detached copies of the model's constants (its class lists them).
 
         Returns:
             ``"lrnn_state"`` (B, P) complex64 (complex128 for a float64 model or
-            ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and detached ``"Lambda"``,
-            ``"step"``, ``"B_tilde"``, ``"C_tilde"``, ``"D"``, ``"A_bar"``, ``"gamma_bar"``
-            (the dt = 1 system).  ``max_seqlen`` is unused: the state does not grow.
+            ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and the constants that
+            :meth:`step` reads.  ``max_seqlen`` is unused: the state does not grow.
         """
         with torch.no_grad():  # inference constants, not graph nodes
-            p = {k: (None if v is None else v.detach()) for k, v in self._tensors().items()}
-            p["A_bar"], p["gamma_bar"] = self._discretize(p, None)
-        cdtype = state_dtype(self.Lambda_re.dtype, dtype)
-        p["lrnn_state"] = torch.zeros(
-            batch_size, self.n_state, dtype=cdtype, device=self.Lambda_re.device
+            cache = {k: (None if v is None else v.detach()) for k, v in self._tensors().items()}
+            self._extend_cache(cache)
+        cdtype = state_dtype(self.Lambda_im.dtype, dtype)
+        cache["lrnn_state"] = torch.zeros(
+            batch_size, self.n_state, dtype=cdtype, device=self.Lambda_im.device
         )
-        p["seqlen_offset"] = 0
-        return p
+        cache["seqlen_offset"] = 0
+        return cache
+
+
+class S5(_EventSSM):
+    """Event-driven S5 (Event-SSM): S5 discretized per element with the elapsed time.
+
+    Example:
+        >>> model = S5(d_model=64, d_state=64, discretization="async")
+        >>> x, dt = torch.randn(2, 128, 64), torch.rand(2, 128)
+        >>> y = model(x, integration_timesteps=dt)  # (B, L, H) -> (B, L, H)
+
+    Args:
+        d_model: model width H (input and output features).
+        d_state: state size of the HiPPO-N initialisation (P in the paper; with ``conj_sym``
+            the model keeps d_state // 2 complex states, one per conjugate pair).
+        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"`` or
+            ``"no_discretization"`` (see the module docstring).
+        conj_sym: keep one eigenvalue of each conjugate pair and output 2 Re(C h).
+        dt_min, dt_max: the learned steps Delta are initialised log-uniform in [dt_min, dt_max].
+        step_rescale: factor multiplying every step Delta (S5 / Event-SSM convention, e.g. to
+            run a trained model at another sampling rate).  ``no_discretization`` uses it only
+            for its initial value, the ZOH image of HiPPO-N with the rescaled steps.
+        use_fast_path: if True, :func:`lrnnx.ops.linear_scan` dispatches to the fastest fused
+            scan backend available for the device; if False, the portable pure-torch scan is
+            used.  Both give the same result up to rounding.
+        device, dtype: factory arguments for the parameters (float32 or float64).
+
+    The inference cache of :meth:`allocate_inference_cache` holds, besides ``"lrnn_state"``
+    and ``"seqlen_offset"``, detached ``"Lambda"``, ``"step"``, ``"B_tilde"``, ``"C_tilde"``,
+    ``"D"``, ``"A_bar"`` and ``"gamma_bar"`` (the dt = 1 system, used by steps without
+    ``integration_timesteps``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        discretization: str = "zoh",
+        conj_sym: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        step_rescale: float = 1.0,
+        use_fast_path: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, d_state, discretization, conj_sym, use_fast_path)
+        check_step_size(dt_min, dt_max, step_rescale)
+        real = param_dtype(dtype)
+        self.step_rescale = float(step_rescale)
+        init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        if discretization == "no_discretization":
+            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
+            step = init["log_step"].exp() * self.step_rescale
+            init["Lambda_re"] = init["Lambda_re"] * step
+            init["Lambda_im"] = init["Lambda_im"] * step
+        fk = {"device": device, "dtype": real}
+        self.Lambda_re = nn.Parameter(init["Lambda_re"].to(**fk))
+        self.Lambda_im = nn.Parameter(init["Lambda_im"].to(**fk))
+        self.B = nn.Parameter(init["B"].to(**fk))  # B_tilde (P, H) as (real, imag)
+        self.C = nn.Parameter(init["C"].to(**fk))  # C_tilde (H, P) as (real, imag)
+        self.D = nn.Parameter(init["D"].to(**fk))
+        if discretization != "no_discretization":
+            self.log_step = nn.Parameter(init["log_step"].to(**fk))
+
+    def _tensors(self) -> Dict[str, Optional[Tensor]]:
+        """The continuous system: Lambda (P,), step Delta (P,) or None, B_tilde (P, H), C (H, P), D."""
+        # Re(Lambda) < 0 is kept so every rule gives |A_bar| < 1 for dt_k > 0
+        Lambda = torch.complex(self.Lambda_re.clamp(max=MAX_REAL_EIG), self.Lambda_im)
+        step = None
+        if self.discretization != "no_discretization":
+            step = self.step_rescale * torch.exp(self.log_step)
+        return {
+            "Lambda": Lambda,
+            "step": step,
+            "B_tilde": torch.view_as_complex(self.B),
+            "C_tilde": torch.view_as_complex(self.C),
+            "D": self.D,
+        }
+
+    def _step_size(self, p: Dict[str, Any], u: Optional[Tensor]) -> Optional[Tensor]:
+        return p["step"]  # one learned step per state, the same for every input
+
+    def _input(self, p: Dict[str, Any], u: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        B_tilde = p["B_tilde"] if dtype is None else p["B_tilde"].to(dtype)
+        return u.to(B_tilde.dtype) @ B_tilde.transpose(0, 1)
+
+    def _output(self, p: Dict[str, Any], h: Tensor, u: Tensor) -> Tensor:
+        y = self.out_scale * (h @ p["C_tilde"].to(h.dtype).transpose(0, 1)).real
+        return y.to(u.dtype) + p["D"] * u
+
+    def _step_discretize(
+        self, cache: Dict[str, Any], u: Tensor, timesteps: Optional[Tensor]
+    ) -> Tuple[Tensor, GammaBar]:
+        if timesteps is None:  # the dt = 1 system does not depend on the input: precomputed
+            return cache["A_bar"], cache["gamma_bar"]
+        return self._discretize(cache, u, timesteps)
+
+    def _extend_cache(self, cache: Dict[str, Any]) -> None:
+        cache["A_bar"], cache["gamma_bar"] = self._discretize(cache, None, None)
+
+    def discretize(
+        self, integration_timesteps: Optional[Tensor] = None
+    ) -> Tuple[Tensor, GammaBar, Tensor]:
+        """The discrete system.
+
+        Args:
+            integration_timesteps: optional (B, L) elapsed times.
+
+        Returns:
+            A_bar ((P,), or (B, L, P) with timesteps), gamma_bar ((P,), (B, L, P) or 1.0) and
+            C_tilde (H, P) complex.
+        """
+        p = self._tensors()
+        A_bar, gamma_bar = self._discretize(p, None, self._timesteps(integration_timesteps))
+        return A_bar, gamma_bar, p["C_tilde"]

@@ -39,31 +39,22 @@ Initialisation (the paper follows S5; its open details follow the authors' code)
 The recurrence over (B, L, P) complex states runs through :func:`lrnnx.ops.linear_scan` in
 complex64 (complex128 for a float64 model), also under autocast.  B_k u_k and C_k x_k are
 evaluated without forming B_k, C_k, but through the (B, L, H^2) products u_k u_k^T and the
-(B, L, P H) products x_k u_k^T: memory grows as B L H max(H, P).
+(B, L, P H) products x_k u_k^T: memory grows as B L H max(H, P).  The scan, the step, the
+inference cache and their checks are event-driven S5's (:class:`lrnnx.models.ltv.s5._EventSSM`);
+this module defines only S7's parameters and its input-dependent Delta_k, B_k, C_k, D_k.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input
 from lrnnx.core.hippo import dplr_hippo_legs
-from lrnnx.models.ltv.base import LTV_LRNN
-from lrnnx.models.ltv.s5 import (
-    GammaBar,
-    check_cache,
-    check_step_size,
-    check_step_timesteps,
-    event_discretize,
-    masked_scan,
-    param_dtype,
-    state_dtype,
-)
+from lrnnx.models.ltv.s5 import GammaBar, _EventSSM, check_step_size, param_dtype
 
 #: the selective step is floored at this value when it is initialised (as Mamba and the authors)
 _DT_INIT_FLOOR = 1e-4
@@ -90,7 +81,7 @@ def stable_real(w: Tensor, a: float, b: float) -> Tensor:
     return -1.0 / (a * w * w + b)
 
 
-class S7(LTV_LRNN):
+class S7(_EventSSM):
     """S7: selective (input-dependent) S5 with a stable reparameterisation, for event streams too.
 
     Example:
@@ -117,6 +108,11 @@ class S7(LTV_LRNN):
             used.  Both give the same result up to rounding.
         layer_idx: index of this layer in a stack, for callers that key caches by layer.
         device, dtype: factory arguments for the parameters (float32 or float64).
+
+    The inference cache of :meth:`allocate_inference_cache` holds, besides ``"lrnn_state"``
+    and ``"seqlen_offset"``, detached ``"Lambda"``, ``"B"``, ``"B_proj"``, ``"C"``,
+    ``"C_proj"``, ``"D"``, ``"D_proj"``, ``"dt_down"``, ``"dt_proj_weight"`` and
+    ``"dt_proj_bias"``.
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "async")
@@ -139,11 +135,7 @@ class S7(LTV_LRNN):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(discretization)
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
-        if not isinstance(d_state, int) or d_state < 1:
-            raise ValueError(f"d_state: expected a positive int, got {d_state!r}")
+        super().__init__(d_model, d_state, discretization, conj_sym, use_fast_path)
         if not isinstance(J, int) or J < 1 or d_state % J:
             raise ValueError(f"J: expected a positive int dividing d_state={d_state}, got {J!r}")
         if conj_sym and (d_state // J) % 2:
@@ -164,14 +156,12 @@ class S7(LTV_LRNN):
                 f"got {reparam_b!r}"
             )
         real = param_dtype(dtype)
-        self.d_model, self.d_state, self.J, self.conj_sym = d_model, d_state, J, conj_sym
+        self.J = J
         self.dt_min, self.dt_max = float(dt_min), float(dt_max)
         self.step_rescale = float(step_rescale)
         self.dt_rank = dt_rank
         self.reparam_a, self.reparam_b = float(reparam_a), float(reparam_b)
-        self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
-        self.out_scale = 2.0 if conj_sym else 1.0
         P = d_state // 2 if conj_sym else d_state
         H = d_model
         fk = {"device": device, "dtype": real}
@@ -187,15 +177,6 @@ class S7(LTV_LRNN):
         self.dt_down = nn.Linear(H, dt_rank, bias=False, **fk)  # W_r
         self.dt_proj = nn.Linear(dt_rank, P, bias=True, **fk)  # W_dt, b_dt
         self.reset_parameters()
-
-    @property
-    def n_state(self) -> int:
-        """Number of complex states P (d_state, or d_state // 2 with conj_sym)."""
-        return self.Lambda_w.shape[0]
-
-    @property
-    def _backend(self) -> Optional[str]:
-        return None if self.use_fast_path else "torch"
 
     def reset_parameters(self) -> None:
         """Initialise as described in the module docstring (HiPPO-N spectrum, S5's B and C)."""
@@ -228,7 +209,7 @@ class S7(LTV_LRNN):
             self.dt_proj.bias.copy_(inv_softplus_dt)
 
     # ------------------------------------------------------------------------------------------
-    # pieces shared by forward and step; ``p`` holds the live parameters or the cache's copies
+    # _EventSSM's hooks; ``p`` holds the live parameters (forward) or the cache's copies (step)
 
     def _tensors(self) -> Dict[str, Tensor]:
         """Lambda (P,), B (P, H), W_B (P, H*H), C (H, P), W_C (H, P*H) complex; D, W_D, step weights."""
@@ -254,17 +235,14 @@ class S7(LTV_LRNN):
         z = F.linear(F.linear(u, p["dt_down"]), p["dt_proj_weight"], p["dt_proj_bias"])
         return self.step_rescale * F.softplus(z)
 
-    def _discretize(
-        self, p: Dict[str, Tensor], u: Tensor, timesteps: Optional[Tensor]
-    ) -> Tuple[Tensor, GammaBar]:
-        step = self._step_size(p, u)
-        return event_discretize(
-            self.discretization, self.discretize_fn, p["Lambda"], step, timesteps
-        )
+    def _input(
+        self, p: Dict[str, Tensor], u: Tensor, dtype: Optional[torch.dtype] = None
+    ) -> Tensor:
+        """B_k u_k = B u_k + W_B (u_k outer u_k), (..., P) complex.
 
-    @staticmethod
-    def _input(p: Dict[str, Tensor], u: Tensor) -> Tensor:
-        """B_k u_k = B u_k + W_B (u_k outer u_k), (..., P) complex."""
+        Computed in the parameters' precision with real products; ``dtype`` (the state's, in
+        :meth:`step`) is reached by the in-place state update.
+        """
         uu = (u[..., :, None] * u[..., None, :]).flatten(-2)  # (..., H*H), kept real
         B, W = p["B"], p["B_proj"]
         re = F.linear(u, B.real) + F.linear(uu, W.real)
@@ -289,106 +267,5 @@ class S7(LTV_LRNN):
             A_bar (B, L, P) complex and gamma_bar (B, L, P) (or 1.0 for ``dirac``).
         """
         self._check_forward_args(x, integration_timesteps, None)
-        real = self.Lambda_w.dtype
-        ts = None if integration_timesteps is None else integration_timesteps.to(real)[..., None]
-        return self._discretize(self._tensors(), x.to(real), ts)
-
-    def forward(
-        self,
-        x: Tensor,
-        integration_timesteps: Optional[Tensor] = None,
-        lengths: Optional[Tensor] = None,
-        inference_cache: Optional[Dict[str, Any]] = None,
-    ) -> Tensor:
-        """x (B, L, H) -> y (B, L, H), in x's dtype.
-
-        Args:
-            x: input sequence (B, L, d_model).
-            integration_timesteps: (B, L) time elapsed before each element (>= 0), for event
-                streams; None means 1 everywhere.
-            lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
-                valid outputs, and each sequence's final state is its state at its own length.
-            inference_cache: from :meth:`allocate_inference_cache`; the scan starts from its
-                ``"lrnn_state"`` and the final states are written back (``seqlen_offset``
-                advances by L), so :meth:`step` continues the sequence.
-        """
-        mask = self._check_forward_args(x, integration_timesteps, lengths)
-        h0 = None
-        if inference_cache is not None:
-            h0 = check_cache(inference_cache, x.shape[0], self.n_state)
-        real = self.Lambda_w.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            u = x.to(real)
-            ts = (
-                None if integration_timesteps is None else integration_timesteps.to(real)[..., None]
-            )
-            p = self._tensors()
-            A_bar, gamma_bar = self._discretize(p, u, ts)
-            Bu = self._input(p, u)  # (B, L, P)
-            h0c = None if h0 is None else h0.to(Bu.dtype)
-            h = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend)
-            y = self._output(p, h, u)
-            if mask is not None:
-                y = y * mask[..., None]
-        if inference_cache is not None:
-            # padded steps carry the state unchanged, so h[:, -1] is the state at each length
-            h0.copy_(h[:, -1].detach())
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + x.shape[1]
-        return y.to(x.dtype)
-
-    def step(
-        self,
-        x: Tensor,
-        inference_cache: Dict[str, Any],
-        integration_timesteps: Optional[Union[Tensor, float]] = None,
-    ) -> Tuple[Tensor, Dict[str, Any]]:
-        """One element: x (B, 1, H) or (B, H) -> y of the same shape.
-
-        Args:
-            x: the input at this step.
-            inference_cache: from :meth:`allocate_inference_cache` (or a forward that filled
-                it); its state is updated in place and ``seqlen_offset`` advances by one.
-            integration_timesteps: time elapsed since the previous element, (B,) or (B, 1)
-                (or a number); None means 1, as in :meth:`forward`.
-
-        Returns:
-            (y, inference_cache).
-        """
-        u_in = check_step_input(x, self.d_model)
-        Bsz = u_in.shape[0]
-        h = check_cache(inference_cache, Bsz, self.n_state)
-        real = inference_cache["D"].dtype
-        ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
-        with torch.autocast(device_type=u_in.device.type, enabled=False):
-            u = u_in.to(real)
-            A_bar, gamma_bar = self._discretize(inference_cache, u, ts)
-            Bu = self._input(inference_cache, u)
-            h.mul_(A_bar).add_(gamma_bar * Bu)
-            y = self._output(inference_cache, h, u)
-        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
-        return y.to(x.dtype).reshape(x.shape), inference_cache
-
-    def allocate_inference_cache(
-        self,
-        batch_size: int,
-        max_seqlen: int = 1,
-        dtype: Optional[torch.dtype] = None,
-        **kwargs,
-    ) -> Dict[str, Any]:
-        """Zero state plus detached copies of the matrices and step weights.
-
-        Returns:
-            ``"lrnn_state"`` (B, P) complex64 (complex128 for a float64 model or
-            ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and the constants ``"Lambda"``,
-            ``"B"``, ``"B_proj"``, ``"C"``, ``"C_proj"``, ``"D"``, ``"D_proj"``, ``"dt_down"``,
-            ``"dt_proj_weight"``, ``"dt_proj_bias"``.  ``max_seqlen`` is unused: the state does
-            not grow.
-        """
-        with torch.no_grad():  # inference constants, not graph nodes
-            cache: Dict[str, Any] = {k: v.detach() for k, v in self._tensors().items()}
-        cdtype = state_dtype(self.Lambda_w.dtype, dtype)
-        cache["lrnn_state"] = torch.zeros(
-            batch_size, self.n_state, dtype=cdtype, device=self.Lambda_w.device
-        )
-        cache["seqlen_offset"] = 0
-        return cache
+        ts = self._timesteps(integration_timesteps)
+        return self._discretize(self._tensors(), x.to(self.Lambda_w.dtype), ts)
