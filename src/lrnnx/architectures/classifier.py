@@ -1,0 +1,273 @@
+"""Sequence classifier: encoder -> LRNN blocks (optionally pooled in time between them) ->
+norm -> pooling over the valid positions -> linear decoder.
+
+    h = Encode(x)                                     linear (B, L, d_input) or embedding (B, L)
+    for each block l:  h = Block_l(h);  h, lengths, dt = Pool(h) (between blocks, if asked)
+    logits = W_dec Pool_final(RMSNorm(h))             mean / last / max over valid positions
+
+Hierarchical pooling between blocks groups time into windows of ``factor`` elements:
+``"stride"`` keeps each window's last valid element, ``"mean"``/``"max"`` reduce over its valid
+elements.  Lengths become ceil(length / factor) and the elapsed times of a window are summed,
+so ``integration_timesteps`` stay the time between consecutive kept elements (exactly so for
+``"stride"``, which keeps the window's last element).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.architectures._common import (
+    PretrainedMixin,
+    check_no_dims,
+    mixer_name,
+    positive_int,
+)
+from lrnnx.core.checks import check_timesteps, lengths_mask
+from lrnnx.layers import Block, GatedMLP, RMSNorm
+from lrnnx.layers.block import ACTIVATIONS
+from lrnnx.models.registry import build_mixer
+
+ENCODERS = ("linear", "embedding")
+POOLINGS = ("mean", "last", "max")
+POOL_BETWEEN = ("stride", "mean", "max")
+
+
+def _valid_or_all(lengths: Optional[Tensor], B: int, L: int, device) -> Tensor:
+    mask = lengths_mask(lengths, B, L, device)
+    return torch.ones(B, L, dtype=torch.bool, device=device) if mask is None else mask
+
+
+def pool_time(
+    h: Tensor,
+    lengths: Optional[Tensor],
+    integration_timesteps: Optional[Tensor],
+    kind: str,
+    factor: int,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Pool (B, L, D) over windows of ``factor`` steps.
+
+    Returns:
+        (B, ceil(L / factor), D) pooled sequence (zero on windows past a sequence's length),
+        lengths ceil(lengths / factor) (None if None), summed timesteps (B, ceil(L / factor)).
+    """
+    B, L, D = h.shape
+    n = -(-L // factor)
+    pad = n * factor - L
+    valid = _valid_or_all(lengths, B, L, h.device)
+    vw = F.pad(valid, (0, pad)).view(B, n, factor)  # valid elements of each window
+    hw = F.pad(h, (0, 0, 0, pad)).view(B, n, factor, D)
+    count = vw.sum(-1)  # (B, n)
+    if kind == "stride":
+        idx = (count - 1).clamp(min=0)  # the last valid element of the window
+        out = hw.gather(2, idx[:, :, None, None].expand(B, n, 1, D))[:, :, 0]
+    elif kind == "mean":
+        out = (hw * vw[..., None].to(h.dtype)).sum(2) / count.clamp(min=1)[..., None].to(h.dtype)
+    else:
+        out = hw.masked_fill(~vw[..., None], float("-inf")).amax(2)
+    out = torch.where((count > 0)[..., None], out, torch.zeros_like(out))
+    new_lengths = None if lengths is None else (lengths.to(h.device) + factor - 1) // factor
+    ts = None
+    if integration_timesteps is not None:
+        ts = F.pad(integration_timesteps * valid.to(integration_timesteps.dtype), (0, pad))
+        ts = ts.view(B, n, factor).sum(-1)
+    return out, new_lengths, ts
+
+
+class Classifier(PretrainedMixin, nn.Module):
+    """Sequence classifier over any lrnnx mixer.
+
+    Example:
+        >>> clf = Classifier(d_input=3, n_classes=10, d_model=64, d_state=64, mixer="lru")
+        >>> logits = clf(torch.randn(8, 256, 3), lengths=torch.full((8,), 200))  # (8, 10)
+
+    Args:
+        d_input: input features (``encoder="linear"``), or the vocabulary size
+            (``encoder="embedding"``, inputs are (B, L) token ids).
+        n_classes: number of classes.
+        d_model, d_state: width and state size of every mixer (passed once, here).
+        n_layers: number of blocks.
+        mixer: registry name (``"s5"``, ``"lru"``, ``"mamba"``, ``"attn"``, ...), a class or a
+            ``"module:Class"`` path.
+        mixer_kwargs: further constructor arguments of the mixer (not d_model/d_state).
+        encoder: ``"linear"`` or ``"embedding"``.
+        pooling: ``"mean"``, ``"last"`` or ``"max"`` over each sequence's valid positions.
+        pool_between: None, or ``(kind, factor)`` with kind ``"stride"``/``"mean"``/``"max"``:
+            pool time by ``factor`` after every block but the last.
+        dropout: dropout on the residual branches and before the decoder.
+        d_intermediate: hidden width of a SwiGLU MLP in each block (0: none).
+        activation: pointwise nonlinearity after each mixer (None for none); the LTI mixers
+            are linear, so the default GELU is what makes the stack nonlinear without an MLP.
+    """
+
+    def __init__(
+        self,
+        d_input: int,
+        n_classes: int,
+        d_model: int = 64,
+        d_state: int = 64,
+        n_layers: int = 4,
+        mixer: Union[str, type] = "s5",
+        mixer_kwargs: Optional[Dict[str, Any]] = None,
+        encoder: str = "linear",
+        pooling: str = "mean",
+        pool_between: Optional[Sequence[Any]] = None,
+        dropout: float = 0.0,
+        d_intermediate: int = 0,
+        activation: Optional[str] = "gelu",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("d_input", d_input),
+            ("n_classes", n_classes),
+            ("d_model", d_model),
+            ("d_state", d_state),
+            ("n_layers", n_layers),
+        ):
+            positive_int(name, value)
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder: expected one of {list(ENCODERS)}, got {encoder!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
+        if pool_between is not None:
+            if (
+                not isinstance(pool_between, (tuple, list))
+                or len(pool_between) != 2
+                or pool_between[0] not in POOL_BETWEEN
+            ):
+                raise ValueError(
+                    f"pool_between: expected None or (kind, factor) with kind in {list(POOL_BETWEEN)}, "
+                    f"got {pool_between!r}"
+                )
+            positive_int("pool_between factor", pool_between[1])
+            pool_between = (pool_between[0], pool_between[1])
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+        if (
+            not isinstance(d_intermediate, int)
+            or isinstance(d_intermediate, bool)
+            or d_intermediate < 0
+        ):
+            raise ValueError(f"d_intermediate: expected an int >= 0, got {d_intermediate!r}")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected None or one of {list(ACTIVATIONS)}, got {activation!r}"
+            )
+        if mixer_kwargs is not None and not isinstance(mixer_kwargs, dict):
+            raise TypeError(
+                f"mixer_kwargs: expected None or a dict, got {type(mixer_kwargs).__name__}"
+            )
+        check_no_dims(mixer_kwargs or {})
+        name = mixer_name(mixer)
+        self.config: Dict[str, Any] = {
+            "d_input": d_input,
+            "n_classes": n_classes,
+            "d_model": d_model,
+            "d_state": d_state,
+            "n_layers": n_layers,
+            "mixer": name,
+            "mixer_kwargs": mixer_kwargs,
+            "encoder": encoder,
+            "pooling": pooling,
+            "pool_between": None if pool_between is None else list(pool_between),
+            "dropout": dropout,
+            "d_intermediate": d_intermediate,
+            "activation": activation,
+        }
+        self.d_input, self.d_model, self.n_classes = d_input, d_model, n_classes
+        self.encoder_kind, self.pooling, self.pool_between = encoder, pooling, pool_between
+        self.encoder = (
+            nn.Embedding(d_input, d_model)
+            if encoder == "embedding"
+            else nn.Linear(d_input, d_model)
+        )
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                build_mixer(mixer, d_model, d_state, **(mixer_kwargs or {})),
+                mlp=GatedMLP(d_model, hidden=d_intermediate) if d_intermediate > 0 else None,
+                activation=activation,
+                dropout=dropout,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm_f = RMSNorm(d_model)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.decoder = nn.Linear(d_model, n_classes)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        if self.encoder_kind == "embedding":
+            if (
+                not isinstance(x, Tensor)
+                or x.is_floating_point()
+                or x.is_complex()
+                or x.dtype == torch.bool
+            ):
+                got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+                raise TypeError(
+                    f"x: expected integer token ids (B, L) for encoder='embedding', got {got}"
+                )
+            if x.dim() != 2:
+                raise ValueError(f"x: expected shape (B, L) of token ids, got {tuple(x.shape)}")
+            if x.numel() and (bool((x < 0).any()) or bool((x >= self.d_input).any())):
+                raise ValueError(
+                    f"x: expected token ids in [0, {self.d_input}), got min {int(x.min())} max {int(x.max())}"
+                )
+            return self.encoder(x)
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(
+                f"x: expected a floating-point tensor (B, L, {self.d_input}), got {got}"
+            )
+        if x.dim() != 3 or x.shape[-1] != self.d_input:
+            raise ValueError(f"x: expected shape (B, L, {self.d_input}), got {tuple(x.shape)}")
+        return self.encoder(x)
+
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x (B, L, d_input) float, or (B, L) token ids -> logits (B, n_classes).
+
+        Args:
+            integration_timesteps: (B, L) elapsed times for event-driven mixers.
+            lengths: (B,) valid lengths (>= 1); padding never changes the logits.
+        """
+        h = self._encode(x)
+        B, L, _ = h.shape
+        if lengths is not None and not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        mask = lengths_mask(lengths, B, L, h.device)
+        if lengths is not None and bool((lengths < 1).any()):
+            raise ValueError(
+                f"lengths: expected every length >= 1 to classify, got min {int(lengths.min())}"
+            )
+        check_timesteps(integration_timesteps, B, L)
+        if lengths is not None:
+            lengths = lengths.to(h.device)
+        if mask is not None:
+            h = h * mask[..., None].to(h.dtype)
+        ts = integration_timesteps
+        for i, block in enumerate(self.blocks):
+            h = block(h, integration_timesteps=ts, lengths=lengths)
+            if self.pool_between is not None and i < len(self.blocks) - 1:
+                h, lengths, ts = pool_time(h, lengths, ts, *self.pool_between)
+        h = self.norm_f(h)
+        return self.decoder(self.drop(self._pool(h, lengths)))
+
+    def _pool(self, h: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """(B, L, D) -> (B, D) over the valid positions."""
+        B, L, D = h.shape
+        if self.pooling == "last":
+            if lengths is None:
+                return h[:, -1]
+            return h.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, D))[:, 0]
+        valid = _valid_or_all(lengths, B, L, h.device)[..., None]
+        if self.pooling == "mean":
+            return (h * valid.to(h.dtype)).sum(1) / valid.sum(1).to(h.dtype)
+        return h.masked_fill(~valid, float("-inf")).amax(1)

@@ -1,0 +1,265 @@
+"""Causal language model over a stack of LRNN / attention mixers (the layout of mamba_ssm's
+``MambaLMHeadModel``, with any lrnnx mixer per layer):
+
+    x_0 = Embed(ids)
+    x_l = Block_l(x_{l-1})       pre-norm residual: x + mixer(norm(x)) [+ x + MLP(norm(x))]
+    logits = W_E RMSNorm(x_n)    (head tied to the embedding by default)
+
+Every mixer type — recurrent or attention — supports prefill (``forward`` with a cache) and
+decoding (``step``), so generation runs the whole stack on cached states: the attention
+layers keep a KV cache and are stepped like the others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx.architectures._common import (
+    PretrainedMixin,
+    mixer_name,
+    positive_int,
+    split_mixer_kwargs,
+)
+from lrnnx.core.checks import lengths_mask
+from lrnnx.layers import Block, GatedMLP, RMSNorm
+from lrnnx.models.registry import build_mixer
+
+
+def _check_ids(
+    ids: Any, vocab_size: int, name: str = "input_ids", check_values: bool = True
+) -> None:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {ids.dtype}")
+    if check_values and ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab_size).any())):
+        raise ValueError(
+            f"{name}: expected token ids in [0, {vocab_size}), got min {int(ids.min())} max {int(ids.max())}"
+        )
+
+
+class LRNNLMHeadModel(PretrainedMixin, nn.Module):
+    """Language model with one mixer type per layer.
+
+    Example:
+        >>> lm = LRNNLMHeadModel(d_model=64, d_state=16, n_layer=3, vocab_size=100,
+        ...                      mixer_types=["s5", "attn", "lru"])
+        >>> logits = lm(torch.randint(0, 100, (2, 32)))          # (B, L) -> (B, L, 100)
+        >>> cache = lm.allocate_inference_cache(2, max_seqlen=64)
+        >>> logits = lm(prompt, inference_cache=cache)           # prefill
+        >>> next_logits, cache = lm.step(next_ids, cache)        # (B,) -> (B, 100)
+
+    Args:
+        d_model: width of the residual stream.
+        d_state: state size passed to every recurrent mixer (ignored by RG-LRU and attention).
+        n_layer: number of blocks.
+        vocab_size: number of tokens; logits have exactly this many entries.
+        mixer_types: one mixer name for every layer, or a list of ``n_layer`` names (registry
+            names/aliases such as ``"s5"``, ``"mamba"``, ``"attn"``, or ``"module:Class"``).
+        mixer_kwargs: flat constructor arguments for every recurrent mixer, or
+            ``{name: kwargs}`` per mixer type (``"attn"`` takes :class:`lrnnx.layers.MHA`'s).
+        d_intermediate: hidden width of a SwiGLU MLP after each mixer (0: no MLP).
+        num_heads: attention heads of the ``"attn"`` layers.
+        tie_embeddings: share the embedding matrix with the output head.
+        pad_vocab_size_multiple: the embedding/head rows are padded to a multiple of this
+            (faster matmuls); the padded logits are dropped.
+        rotary: rotary position embeddings in the attention layers.
+        norm_eps: epsilon of the RMSNorms.
+        initializer_range: std of the normal initialisation of the embedding.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        n_layer: int,
+        vocab_size: int,
+        mixer_types: Union[str, Sequence[Union[str, type]]],
+        mixer_kwargs: Optional[Dict[str, Any]] = None,
+        d_intermediate: int = 0,
+        num_heads: int = 4,
+        tie_embeddings: bool = True,
+        pad_vocab_size_multiple: int = 8,
+        rotary: bool = True,
+        norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+    ) -> None:
+        super().__init__()
+        positive_int("d_model", d_model)
+        positive_int("d_state", d_state)
+        positive_int("n_layer", n_layer)
+        positive_int("vocab_size", vocab_size)
+        positive_int("num_heads", num_heads)
+        positive_int("pad_vocab_size_multiple", pad_vocab_size_multiple)
+        if (
+            not isinstance(d_intermediate, int)
+            or isinstance(d_intermediate, bool)
+            or d_intermediate < 0
+        ):
+            raise ValueError(f"d_intermediate: expected an int >= 0, got {d_intermediate!r}")
+        if isinstance(mixer_types, (str, type)):
+            mixer_types = [mixer_types] * n_layer
+        if not isinstance(mixer_types, (list, tuple)) or len(mixer_types) != n_layer:
+            got = (
+                len(mixer_types)
+                if isinstance(mixer_types, (list, tuple))
+                else type(mixer_types).__name__
+            )
+            raise ValueError(
+                f"mixer_types: expected one name or a list of n_layer = {n_layer} names, got {got}"
+            )
+        names: List[str] = [mixer_name(m) for m in mixer_types]
+        per_type = split_mixer_kwargs(mixer_kwargs, names)
+        for key in ("num_heads", "rotary"):
+            if key in per_type.get("attn", {}):
+                raise ValueError(
+                    f"mixer_kwargs['attn']: pass {key} once, as the model's {key} argument"
+                )
+
+        self.config: Dict[str, Any] = {
+            "d_model": d_model,
+            "d_state": d_state,
+            "n_layer": n_layer,
+            "vocab_size": vocab_size,
+            "mixer_types": names,
+            "mixer_kwargs": mixer_kwargs,
+            "d_intermediate": d_intermediate,
+            "num_heads": num_heads,
+            "tie_embeddings": tie_embeddings,
+            "pad_vocab_size_multiple": pad_vocab_size_multiple,
+            "rotary": rotary,
+            "norm_eps": norm_eps,
+            "initializer_range": initializer_range,
+        }
+        self.d_model, self.vocab_size, self.n_layer = d_model, vocab_size, n_layer
+        self.mixer_types = names
+        self.padded_vocab_size = (
+            math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
+        )
+
+        self.embedding = nn.Embedding(self.padded_vocab_size, d_model)
+        layers = []
+        for name in names:
+            if name == "attn":
+                mixer = build_mixer(
+                    "attn", d_model, num_heads=num_heads, rotary=rotary, **per_type[name]
+                )
+            else:
+                mixer = build_mixer(name, d_model, d_state, **per_type[name])
+            mlp = GatedMLP(d_model, hidden=d_intermediate) if d_intermediate > 0 else None
+            layers.append(
+                Block(d_model, mixer, mlp=mlp, norm_cls=lambda d: RMSNorm(d, eps=norm_eps))
+            )
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
+        nn.init.normal_(self.embedding.weight, std=initializer_range)
+        if tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    # --------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[Any, Any]] = None,
+    ) -> Tensor:
+        """input_ids (B, L) -> logits (B, L, vocab_size).
+
+        Args:
+            input_ids: token ids (integer dtype).
+            integration_timesteps: (B, L) elapsed times, passed to every mixer (event-driven
+                models use them; time-invariant ones reject them; attention ignores them).
+            lengths: (B,) valid lengths; logits at padded positions are zero and padding never
+                changes the valid ones.
+            inference_cache: from :meth:`allocate_inference_cache`; every layer starts from and
+                fills its cache (prefill), ``seqlen_offset`` advances by L.
+        """
+        _check_ids(input_ids, self.vocab_size)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        mask = lengths_mask(lengths, B, L, input_ids.device)
+        if inference_cache is not None:
+            self._check_cache(inference_cache)
+        x = self.embedding(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x,
+                integration_timesteps=integration_timesteps,
+                lengths=lengths,
+                inference_cache=None if inference_cache is None else inference_cache[i],
+            )
+        logits = self.lm_head(self.norm_f(x))[..., : self.vocab_size]
+        if mask is not None:
+            logits = logits * mask[..., None].to(logits.dtype)
+        if inference_cache is not None:
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+        return logits
+
+    def step(
+        self,
+        input_ids: Tensor,
+        inference_cache: Dict[Any, Any],
+        integration_timesteps: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Dict[Any, Any]]:
+        """One token per sequence: input_ids (B,) or (B, 1) -> (logits (B, vocab_size), cache).
+
+        Every layer — attention included — advances its cache in place.  No host
+        synchronisation while a CUDA graph is being captured (see
+        :func:`lrnnx.utils.generation.generate`).
+        """
+        capturing = (
+            isinstance(input_ids, Tensor)
+            and input_ids.is_cuda
+            and torch.cuda.is_current_stream_capturing()
+        )
+        _check_ids(input_ids, self.vocab_size, check_values=not capturing)
+        if input_ids.dim() == 2 and input_ids.shape[1] == 1:
+            input_ids = input_ids[:, 0]
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"input_ids: expected shape (B,) or (B, 1), got {tuple(input_ids.shape)}"
+            )
+        self._check_cache(inference_cache)
+        x = self.embedding(input_ids)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer.step(x, inference_cache[i], integration_timesteps=integration_timesteps)
+        logits = self.lm_head(self.norm_f(x))[..., : self.vocab_size]
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return logits, inference_cache
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
+    ) -> Dict[Any, Any]:
+        """``{layer index: that layer's cache, ..., "seqlen_offset": 0}``.
+
+        ``max_seqlen`` bounds prompt + generated tokens (it sizes the attention KV caches).
+        """
+        positive_int("batch_size", batch_size)
+        positive_int("max_seqlen", max_seqlen)
+        cache: Dict[Any, Any] = {
+            i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
+            for i, layer in enumerate(self.layers)
+        }
+        cache["seqlen_offset"] = 0
+        return cache
+
+    def _check_cache(self, cache: Any) -> None:
+        if not isinstance(cache, dict) or any(i not in cache for i in range(self.n_layer)):
+            raise ValueError(
+                f"inference_cache: expected the dict of allocate_inference_cache with layer keys "
+                f"0..{self.n_layer - 1}, got {type(cache).__name__}"
+                + (f" with keys {sorted(map(str, cache))}" if isinstance(cache, dict) else "")
+            )
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any):
+        """Shortcut for :func:`lrnnx.utils.generation.generate` (same arguments)."""
+        from lrnnx.utils.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

@@ -1,0 +1,287 @@
+"""1-D U-Net of LRNN blocks for sequence-to-sequence tasks such as denoising, after aTENNuate
+(Pei et al., "Real-time Speech Enhancement on Raw Signals with Deep State-space Modeling",
+arXiv 2409.03377): strided down-sampling, LRNN blocks at every resolution, up-sampling and
+additive skip connections.
+
+With widths w_i = d_model * channel_mult^i, f = factor, and level i running at 1/f^i the rate:
+
+    encoder   h_i = Blocks_i(x_i);        x_{i+1} = Down_i(h_i)   (linear on f stacked steps)
+    bottom    d_D = Blocks_D(x_D)
+    decoder   u_i = Up_i(d_{i+1})          (each coarse step -> f fine steps, linear)
+              d_i = Blocks'_i(h_i + shift(u_i))
+
+Causal mode (``causal=True``): the mixers are causal and ``shift`` delays the up-sampled
+sequence by one coarse step (f fine steps), so fine step t only sees coarse step
+floor(t / f) - 1, whose window ends at or before t - 1.  Output t then depends on inputs <= t
+only, and the network streams with **zero latency**: :meth:`UNet.step` reproduces
+:meth:`UNet.forward` exactly, one sample at a time (each level runs its coarse step when its
+window of f samples is complete, and its up-sampled output is consumed over the next f samples).
+
+Non-causal mode: recurrent mixers run in both directions (forward + time-reversed copy, summed),
+attention is unmasked, and there is no shift.  ``forward`` pads L to a multiple of
+factor^depth with zeros at the end and crops the output back to L.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.architectures._common import (
+    PretrainedMixin,
+    check_no_dims,
+    mixer_name,
+    positive_int,
+)
+from lrnnx.core.checks import check_sequence, check_step_input
+from lrnnx.layers import Block, RMSNorm
+from lrnnx.layers.block import ACTIVATIONS
+from lrnnx.models.registry import build_mixer
+
+
+class _Bidirectional(nn.Module):
+    """y = fwd(x) + flip(bwd(flip(x))): a non-causal mixer from two causal ones."""
+
+    def __init__(self, fwd: nn.Module, bwd: nn.Module) -> None:
+        super().__init__()
+        self.fwd, self.bwd = fwd, bwd
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.fwd(x) + self.bwd(x.flip(1)).flip(1)
+
+
+class _Level(nn.Module):
+    """One resolution of the U-Net and, recursively, everything below it."""
+
+    def __init__(
+        self, widths, i: int, factor: int, n_blocks: int, causal: bool, make_block
+    ) -> None:
+        super().__init__()
+        w = widths[i]
+        self.width, self.factor, self.causal = w, factor, causal
+        self.enc = nn.ModuleList(make_block(w) for _ in range(n_blocks))
+        self.inner: Optional[_Level] = None
+        if i + 1 < len(widths):
+            self.down = nn.Linear(factor * w, widths[i + 1])
+            self.inner = _Level(widths, i + 1, factor, n_blocks, causal, make_block)
+            self.up = nn.Linear(widths[i + 1], factor * w)
+            self.dec = nn.ModuleList(make_block(w) for _ in range(n_blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, w) -> (B, L, w); L is a multiple of factor^(levels below)."""
+        for block in self.enc:
+            x = block(x)
+        if self.inner is None:
+            return x
+        B, L, w = x.shape
+        f = self.factor
+        coarse = self.inner(self.down(x.reshape(B, L // f, f * w)))
+        u = self.up(coarse).reshape(B, L, w)  # coarse step k -> fine steps kf .. kf+f-1
+        if self.causal:
+            u = F.pad(u, (0, 0, f, 0))[:, :L]  # fine t <- coarse floor(t/f) - 1
+        y = x + u
+        for block in self.dec:
+            y = block(y)
+        return y
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype, ref: Tensor
+    ) -> Dict[str, Any]:
+        cache: Dict[str, Any] = {
+            "enc": [
+                b.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for b in self.enc
+            ],
+            "seqlen_offset": 0,
+        }
+        if self.inner is not None:
+            f, w = self.factor, self.width
+            cache["dec"] = [
+                b.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for b in self.dec
+            ]
+            cache["window"] = torch.zeros(batch_size, f, w, dtype=ref.dtype, device=ref.device)
+            cache["pending"] = torch.zeros(batch_size, f, w, dtype=ref.dtype, device=ref.device)
+            coarse_len = max(1, -(-max_seqlen // f))
+            cache["inner"] = self.inner.allocate_inference_cache(batch_size, coarse_len, dtype, ref)
+        return cache
+
+    def step(self, x: Tensor, cache: Dict[str, Any]) -> Tensor:
+        """One sample at this level's rate: (B, w) -> (B, w)."""
+        for block, c in zip(self.enc, cache["enc"], strict=True):
+            x, _ = block.step(x, c)
+        t = cache["seqlen_offset"]
+        cache["seqlen_offset"] = t + 1
+        if self.inner is None:
+            return x
+        B = x.shape[0]
+        f, r = self.factor, t % self.factor
+        # pending holds Up(coarse output of the previous window): fine step r of this window
+        y = x + cache["pending"][:, r]
+        for block, c in zip(self.dec, cache["dec"], strict=True):
+            y, _ = block.step(y, c)
+        cache["window"][:, r].copy_(x)
+        if r == f - 1:  # window complete: one coarse step, its output serves the next window
+            coarse = self.inner.step(
+                self.down(cache["window"].reshape(B, f * self.width)), cache["inner"]
+            )
+            cache["pending"].copy_(self.up(coarse).reshape(B, f, self.width))
+        return y
+
+
+class UNet(PretrainedMixin, nn.Module):
+    """1-D U-Net of LRNN blocks (see the module docstring for the exact causal design).
+
+    Example:
+        >>> net = UNet(d_input=1, d_output=1, d_model=16, d_state=16, depth=3, mixer="s5")
+        >>> y = net(torch.randn(2, 1000, 1))                 # (B, L, 1) -> (B, L, 1), any L
+        >>> cache = net.allocate_inference_cache(2)
+        >>> y_t, cache = net.step(torch.randn(2, 1), cache)  # streaming, == forward
+
+    Args:
+        d_input, d_output: input and output features.
+        d_model: width of the top level (level i has d_model * channel_mult^i).
+        d_state: state size of every mixer.
+        depth: number of down-sampling stages (levels: depth + 1).
+        factor: down-sampling stride per stage.
+        mixer: registry name, class or ``"module:Class"``; mixer_kwargs: its extra arguments.
+        causal: causal, streamable network (see the module docstring); else bidirectional.
+        n_blocks: blocks per level on each of the encoder and decoder paths.
+        channel_mult: width growth per level.
+        activation: pointwise nonlinearity after each mixer (None for none).
+    """
+
+    def __init__(
+        self,
+        d_input: int,
+        d_output: int,
+        d_model: int = 32,
+        d_state: int = 32,
+        depth: int = 3,
+        factor: int = 2,
+        mixer: Union[str, type] = "s5",
+        mixer_kwargs: Optional[Dict[str, Any]] = None,
+        causal: bool = True,
+        n_blocks: int = 1,
+        channel_mult: int = 2,
+        activation: Optional[str] = "gelu",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("d_input", d_input),
+            ("d_output", d_output),
+            ("d_model", d_model),
+            ("d_state", d_state),
+            ("n_blocks", n_blocks),
+            ("channel_mult", channel_mult),
+        ):
+            positive_int(name, value)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"depth: expected an int >= 0, got {depth!r}")
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2:
+            raise ValueError(f"factor: expected an int >= 2, got {factor!r}")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected None or one of {list(ACTIVATIONS)}, got {activation!r}"
+            )
+        if mixer_kwargs is not None and not isinstance(mixer_kwargs, dict):
+            raise TypeError(
+                f"mixer_kwargs: expected None or a dict, got {type(mixer_kwargs).__name__}"
+            )
+        check_no_dims(mixer_kwargs or {})
+        name = mixer_name(mixer)
+        self.config: Dict[str, Any] = {
+            "d_input": d_input,
+            "d_output": d_output,
+            "d_model": d_model,
+            "d_state": d_state,
+            "depth": depth,
+            "factor": factor,
+            "mixer": name,
+            "mixer_kwargs": mixer_kwargs,
+            "causal": causal,
+            "n_blocks": n_blocks,
+            "channel_mult": channel_mult,
+            "activation": activation,
+        }
+        self.d_input, self.d_output, self.depth, self.factor = d_input, d_output, depth, factor
+        self.causal = bool(causal)
+        self.has_attention = name == "attn"
+        kwargs = dict(mixer_kwargs or {})
+        if name == "attn" and "causal" in kwargs:
+            raise ValueError("mixer_kwargs: pass causal once, as the UNet's causal argument")
+
+        def make_mixer(w: int) -> nn.Module:
+            if name == "attn":
+                return build_mixer("attn", w, causal=self.causal, **kwargs)
+            if self.causal:
+                return build_mixer(mixer, w, d_state, **kwargs)
+            return _Bidirectional(
+                build_mixer(mixer, w, d_state, **kwargs), build_mixer(mixer, w, d_state, **kwargs)
+            )
+
+        def make_block(w: int) -> Block:
+            return Block(w, make_mixer(w), activation=activation)
+
+        widths = [d_model * channel_mult**i for i in range(depth + 1)]
+        self.in_proj = nn.Linear(d_input, d_model)
+        self.level = _Level(widths, 0, factor, n_blocks, self.causal, make_block)
+        self.norm_f = RMSNorm(d_model)
+        self.out_proj = nn.Linear(d_model, d_output)
+
+    @property
+    def multiple(self) -> int:
+        """forward pads L to a multiple of this (factor ** depth)."""
+        return self.factor**self.depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, d_input) -> (B, L, d_output), any L >= 1."""
+        check_sequence(x, self.d_input)
+        L = x.shape[1]
+        if L == 0:
+            raise ValueError("x: expected a sequence of length >= 1, got L = 0")
+        h = self.in_proj(x)
+        pad = -L % self.multiple
+        h = F.pad(h, (0, 0, 0, pad))  # zeros at the end: no effect on outputs <= L in causal mode
+        h = self.level(h)[:, :L]
+        return self.out_proj(self.norm_f(h))
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: Optional[int] = None, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """Streaming state for :meth:`step`.
+
+        ``max_seqlen`` (samples to stream) is needed only with attention mixers, whose KV
+        caches it sizes; recurrent mixers keep a constant-size state.
+        """
+        if not self.causal:
+            raise ValueError(
+                "allocate_inference_cache: streaming needs causal=True (this UNet is bidirectional)"
+            )
+        positive_int("batch_size", batch_size)
+        if max_seqlen is None:
+            if self.has_attention:
+                raise ValueError(
+                    "max_seqlen: attention mixers need max_seqlen to size their KV caches"
+                )
+            max_seqlen = 1
+        positive_int("max_seqlen", max_seqlen)
+        ref = self.in_proj.weight
+        return {
+            "levels": self.level.allocate_inference_cache(batch_size, max_seqlen, dtype, ref),
+            "seqlen_offset": 0,
+        }
+
+    def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
+        """One sample: x (B, d_input) -> (y (B, d_output), cache); zero latency, == forward."""
+        if not self.causal:
+            raise ValueError("step: streaming needs causal=True (this UNet is bidirectional)")
+        x = check_step_input(x, self.d_input)
+        if not isinstance(inference_cache, dict) or "levels" not in inference_cache:
+            raise ValueError(
+                "inference_cache: expected the dict returned by allocate_inference_cache"
+            )
+        y = self.level.step(self.in_proj(x), inference_cache["levels"])
+        inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
+        return self.out_proj(self.norm_f(y)), inference_cache

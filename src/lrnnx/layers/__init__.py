@@ -1,0 +1,8 @@
+"""Layers shared by the architectures: RMSNorm, gated MLP, multi-head attention, residual block."""
+
+from lrnnx.layers.block import Block
+from lrnnx.layers.mha import MHA
+from lrnnx.layers.mlp import GatedMLP
+from lrnnx.layers.norm import RMSNorm
+
+__all__ = ["Block", "MHA", "GatedMLP", "RMSNorm"]

@@ -1,0 +1,289 @@
+"""Causal multi-head self-attention (Vaswani et al., "Attention Is All You Need",
+arXiv 1706.03762) with rotary position embeddings (Su et al., "RoFormer: Enhanced Transformer
+with Rotary Position Embedding", arXiv 2104.09864) and a key/value cache for decoding.
+
+    [q, k, v] = W_qkv x                     (per head h: q_h, k_h, v_h of width d = dim / heads)
+    q_t <- R(t) q_t,   k_s <- R(s) k_s       (RoPE: rotate pair i of each vector by the angle
+                                              pos * base^(-2i/d), pairs (2i, 2i+1) as in the paper)
+    o_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s
+    y   = W_o [o^1, ..., o^H]
+
+Since R(t)^T R(s) = R(s - t), scores only see relative positions.  Positions are absolute
+token indices: in ``forward`` with a cache and in ``step`` they continue from each sequence's
+cached length (``"cache_seqlens"``), so prefill + steps rotate exactly as one long forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx.core.checks import check_sequence, check_step_input, check_timesteps, lengths_mask
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class MHA(nn.Module):
+    """Multi-head attention that follows the lrnnx mixer protocol.
+
+    Example:
+        >>> attn = MHA(64, num_heads=4)
+        >>> y = attn(torch.randn(2, 128, 64))                    # (B, L, D) -> (B, L, D)
+        >>> cache = attn.allocate_inference_cache(2, max_seqlen=256)
+        >>> y_prompt = attn(torch.randn(2, 10, 64), inference_cache=cache)  # prefill
+        >>> y_t, cache = attn.step(torch.randn(2, 64), cache)             # one more token
+
+    Args:
+        dim: model width D; must be divisible by ``num_heads``.
+        num_heads: number of heads (head width D / num_heads, even when ``rotary``).
+        rotary: apply rotary position embeddings to queries and keys.
+        causal: position t attends to positions <= t only.  Non-causal attention cannot run
+            :meth:`step` (it would need future tokens).
+        rotary_base: the base of the RoPE frequencies (10000 in the paper).
+        bias: biases in the qkv and output projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        rotary: bool = True,
+        causal: bool = True,
+        rotary_base: float = 10000.0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        _positive_int("dim", dim)
+        _positive_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"num_heads: must divide dim = {dim}, got {num_heads}")
+        head_dim = dim // num_heads
+        if rotary and head_dim % 2:
+            raise ValueError(
+                f"num_heads: rotary embeddings need an even head width dim / num_heads, got "
+                f"{dim} / {num_heads} = {head_dim}"
+            )
+        if not rotary_base > 1:
+            raise ValueError(f"rotary_base: expected a float > 1, got {rotary_base!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.rotary, self.causal, self.rotary_base = bool(rotary), bool(causal), float(rotary_base)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    # ------------------------------------------------------------------------------- helpers
+    def _split(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def rotate(self, t: Tensor, pos: Tensor) -> Tensor:
+        """Rotary embedding of t (B, heads, L, head_dim) at integer positions pos (L,) or (B, L).
+
+        Pair i = (t[2i], t[2i+1]) is rotated by pos * rotary_base^(-2i / head_dim).  Identity
+        when ``rotary`` is False.
+        """
+        if not self.rotary:
+            return t
+        # angles of large positions need more than bf16; float64 models keep float64
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        half = self.head_dim // 2
+        exponent = torch.arange(half, device=t.device, dtype=dtype) * (2.0 / self.head_dim)
+        # base^(-2i/d) built on the device (no host tensor: capturable in a CUDA graph)
+        inv_freq = torch.exp(exponent * -math.log(self.rotary_base))
+        ang = pos.to(dtype)[..., None] * inv_freq  # (L, half) or (B, L, half)
+        if ang.dim() == 3:
+            ang = ang[:, None]  # broadcast over heads
+        cos, sin = ang.cos(), ang.sin()
+        pairs = t.to(dtype).unflatten(-1, (half, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return out.flatten(-2).to(t.dtype)
+
+    def _check_cache(self, cache: Any, batch: int) -> Tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(cache, dict):
+            raise TypeError(f"inference_cache: expected a dict, got {type(cache).__name__}")
+        kc, vc, lens = cache.get("k_cache"), cache.get("v_cache"), cache.get("cache_seqlens")
+        H, hd = self.num_heads, self.head_dim
+        for name, t in (("k_cache", kc), ("v_cache", vc)):
+            if (
+                not isinstance(t, Tensor)
+                or t.dim() != 4
+                or t.shape[0] != batch
+                or t.shape[1] != H
+                or t.shape[3] != hd
+            ):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"inference_cache['{name}']: expected shape ({batch}, {H}, max_seqlen, {hd}), "
+                    f"got {got}"
+                )
+        if not isinstance(lens, Tensor) or tuple(lens.shape) != (batch,):
+            got = tuple(lens.shape) if isinstance(lens, Tensor) else type(lens).__name__
+            raise ValueError(
+                f"inference_cache['cache_seqlens']: expected shape ({batch},), got {got}"
+            )
+        return kc, vc, lens
+
+    # ------------------------------------------------------------------------------- protocol
+    def forward(
+        self,
+        x: Tensor,
+        integration_timesteps: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tensor:
+        """(B, L, D) -> (B, L, D).
+
+        Args:
+            x: input sequence.
+            integration_timesteps: (B, L), validated and unused: attention positions are token
+                indices, so it is accepted only to keep the mixer interface uniform in mixed
+                stacks with event-driven models.
+            lengths: (B,) valid lengths; padded outputs are zero and padded keys are never
+                attended to by valid positions.
+            inference_cache: from :meth:`allocate_inference_cache`; keys/values are appended at
+                each sequence's cached length, queries attend to the cached prefix too, and
+                ``cache_seqlens`` advances by ``lengths`` (or L), ``seqlen_offset`` by L.
+        """
+        check_sequence(x, self.dim)
+        B, L, _ = x.shape
+        check_timesteps(integration_timesteps, B, L)
+        mask = lengths_mask(lengths, B, L, x.device)
+        q, k, v = self._split(x)
+        if inference_cache is not None:
+            out = self._attend_cached(q, k, v, lengths, inference_cache)
+        else:
+            pos = torch.arange(L, device=x.device)
+            q, k = self.rotate(q, pos), self.rotate(k, pos)
+            if self.causal:
+                # padding sits after the valid tokens, so causality already hides it
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                attn_mask = None
+                if mask is not None:
+                    # key 0 stays visible so an all-padding row has no empty softmax (no NaN);
+                    # for any valid query key 0 is valid anyway
+                    keep = mask.clone()
+                    keep[:, 0] = True
+                    attn_mask = keep[:, None, None, :]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.dim))
+        if mask is not None:
+            y = y * mask[..., None]
+        return y
+
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, lengths: Optional[Tensor], cache: Dict[str, Any]
+    ) -> Tensor:
+        B, H, L, hd = q.shape
+        kc, vc, seqlens = self._check_cache(cache, B)
+        offset = int(cache.get("seqlen_offset", 0))
+        if offset + L > kc.shape[2]:
+            raise ValueError(
+                f"inference_cache: holds max_seqlen = {kc.shape[2]} positions, got "
+                f"{offset} cached + {L} new; allocate a larger cache"
+            )
+        ar = torch.arange(L, device=q.device)
+        pos = seqlens[:, None] + ar  # (B, L): positions continue each sequence's cached length
+        q, k = self.rotate(q, pos), self.rotate(k, pos)
+        S = offset + L  # every slot in use lies below this (seqlens <= seqlen_offset)
+        idx = pos[:, None, :, None].expand(B, H, L, hd)
+        # attend through an out-of-place copy so gradients reach this chunk's k, v; the cache
+        # itself only stores detached values
+        keys = kc[:, :, :S].to(q.dtype).scatter(2, idx, k)
+        vals = vc[:, :, :S].to(q.dtype).scatter(2, idx, v)
+        kc.scatter_(2, idx, k.detach().to(kc.dtype))
+        vc.scatter_(2, idx, v.detach().to(vc.dtype))
+        n_new = L if lengths is None else lengths.to(seqlens.device)
+        new_len = seqlens + n_new
+        j = torch.arange(S, device=q.device)
+        allowed = j[None, None, :] < new_len[:, None, None]  # (B, 1, S)
+        if self.causal:
+            allowed = allowed & (j[None, None, :] <= pos[:, :, None])  # (B, L, S)
+        allowed = allowed | (j == 0)  # never an empty softmax row (padded queries are zeroed)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed[:, None])
+        seqlens.copy_(new_len)
+        cache["seqlen_offset"] = offset + L
+        return out
+
+    def step(
+        self,
+        x: Tensor,
+        inference_cache: Dict[str, Any],
+        integration_timesteps: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """One token: x (B, D) (or (B, 1, D)) -> y (B, D); k, v are appended to the cache.
+
+        The token sits at position ``cache_seqlens`` of each sequence.  ``integration_timesteps``
+        is accepted for interface uniformity and unused.  Capturable in a CUDA graph: no
+        host synchronisation, fixed shapes.
+        """
+        if not self.causal:
+            raise ValueError(
+                "step: a non-causal MHA attends to future tokens and cannot decode step by step"
+            )
+        x = check_step_input(x, self.dim)
+        B = x.shape[0]
+        kc, vc, seqlens = self._check_cache(inference_cache, B)
+        offset = int(inference_cache.get("seqlen_offset", 0))
+        S_max = kc.shape[2]
+        if offset >= S_max:
+            raise ValueError(
+                f"inference_cache: all max_seqlen = {S_max} positions are used; allocate a larger cache"
+            )
+        q, k, v = self._split(x[:, None])  # (B, H, 1, hd)
+        pos = seqlens[:, None]
+        q, k = self.rotate(q, pos), self.rotate(k, pos)
+        idx = pos[:, None, :, None].expand(B, self.num_heads, 1, self.head_dim)
+        kc.scatter_(2, idx, k.detach().to(kc.dtype))
+        vc.scatter_(2, idx, v.detach().to(vc.dtype))
+        # eager: only the used prefix; under CUDA-graph capture the whole buffer (fixed shape,
+        # the mask hides unused slots), so a replay stays valid as the cache fills
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        S = S_max if capturing else offset + 1
+        j = torch.arange(S, device=x.device)
+        allowed = (j[None, :] <= seqlens[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(
+            q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype), attn_mask=allowed
+        )
+        seqlens.add_(1)
+        inference_cache["seqlen_offset"] = offset + 1
+        return self.out_proj(out.reshape(B, self.dim)), inference_cache
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """Empty KV cache.
+
+        Returns:
+            ``"k_cache"``, ``"v_cache"``: zeros (B, heads, max_seqlen, head_dim) in ``dtype``
+            (default: the projection weights' dtype); ``"cache_seqlens"``: (B,) int64 tokens
+            cached per sequence; ``"seqlen_offset"``: 0 (tokens consumed, a Python int).
+        """
+        _positive_int("batch_size", batch_size)
+        _positive_int("max_seqlen", max_seqlen)
+        w = self.qkv.weight
+        dtype = w.dtype if dtype is None else dtype
+        shape = (batch_size, self.num_heads, max_seqlen, self.head_dim)
+        return {
+            "k_cache": torch.zeros(shape, dtype=dtype, device=w.device),
+            "v_cache": torch.zeros(shape, dtype=dtype, device=w.device),
+            "cache_seqlens": torch.zeros(batch_size, dtype=torch.long, device=w.device),
+            "seqlen_offset": 0,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, rotary={self.rotary}, "
+            f"causal={self.causal}"
+        )
