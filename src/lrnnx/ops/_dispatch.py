@@ -46,7 +46,9 @@ def _load(op: str, name: str) -> Optional[Callable]:
             mod = importlib.import_module(module)
             fn = getattr(mod, func)
             available = getattr(mod, "is_available", lambda: True)
-            _LOADED[key] = fn if available() else None
+            # torch.compile treats a backend as one opaque call (a graph break) rather than
+            # tracing into numba/Triton launchers or the chunk loops, which it cannot follow
+            _LOADED[key] = torch.compiler.disable(fn) if available() else None
             reason = "its toolchain is not available"
         except Exception as e:  # a missing optional dependency must never break the op
             _LOADED[key] = None
