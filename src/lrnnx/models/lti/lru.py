@@ -61,14 +61,22 @@ class LRU(LTI_LRNN):
     def _lambda(self) -> Tensor:
         return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))
 
+    def _matrices(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Lambda (N,), B (N, H) and C (H, N), complex."""
+        return (
+            self._lambda(),
+            torch.complex(self.B_re, self.B_im),
+            torch.complex(self.C_re, self.C_im),
+        )
+
     def discretize(self) -> tuple[Tensor, Tensor, Tensor]:
         """LRU is parameterised in discrete time; this assembles its matrices.
 
         Returns:
             A (N, N) diagonal matrix of Lambda, B (N, H) complex, C (H, N) complex.
         """
-        A = torch.diag(self._lambda())
-        return A, torch.complex(self.B_re, self.B_im), torch.complex(self.C_re, self.C_im)
+        Lambda, B, C = self._matrices()
+        return torch.diag(Lambda), B, C
 
     def compute_kernel(self, L: int, Lambda: Tensor, B_complex: Tensor) -> tuple[Tensor, Tensor]:
         """Lambda (N,) and the gamma-normalised input matrix B_norm (N, H)."""
@@ -84,8 +92,9 @@ class LRU(LTI_LRNN):
         """(B, L, H) -> (B, L, H). ``lengths`` (B,) zeroes padded outputs; an ``inference_cache``
         supplies the initial state and receives the final one."""
         self._check_forward_args(x, integration_timesteps)
-        A, B, C = self.discretize()
-        Lambda, B_norm = self.compute_kernel(x.shape[1], torch.diagonal(A), B)
+        # the diagonal is used as a vector: no (N, N) matrix on the training path
+        Lambda, B, C = self._matrices()
+        Lambda, B_norm = self.compute_kernel(x.shape[1], Lambda, B)
         return self._diagonal_ssm(x, Lambda, B_norm, C, self.D, lengths, inference_cache)
 
     def allocate_inference_cache(
@@ -93,8 +102,8 @@ class LRU(LTI_LRNN):
     ) -> Dict[str, Any]:
         """Zero state (B, N) complex64 plus Lambda, B_norm, C and D."""
         with torch.no_grad():  # the cache is for inference: constants, not graph nodes
-            A, B, C = self.discretize()
-            Lambda, B_norm = self.compute_kernel(max_seqlen, torch.diagonal(A), B)
+            Lambda, B, C = self._matrices()
+            Lambda, B_norm = self.compute_kernel(max_seqlen, Lambda, B)
         state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
         D = self.D.detach()
         return {
