@@ -50,12 +50,11 @@ def test_triton_linear_scan_gradients(dtype):
         assert torch.allclose(x, y, atol=1e-3, rtol=1e-3)
 
 
-def test_dispatch_prefers_triton_on_cuda():
+def test_dispatch_prefers_triton_on_cuda(monkeypatch):
     from lrnnx.ops import _dispatch
-    from lrnnx.ops.linear_scan import triton as triton_backend
 
-    fn = _dispatch.resolve("linear_scan", torch.device("cuda"))
-    assert fn is triton_backend.linear_scan
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    assert _dispatch.select("linear_scan", torch.device("cuda"))[0] == "triton"
 
 
 def _models():

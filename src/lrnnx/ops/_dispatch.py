@@ -63,8 +63,8 @@ def _load(op: str, name: str) -> Optional[Callable]:
     return _LOADED[key]
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """Return the function implementing ``op`` for tensors on ``device``."""
+def select(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
+    """The backend ``op`` runs on for tensors on ``device``: its name and its function."""
     table = _REGISTRY[op]
     requested = backend or os.environ.get("LRNNX_BACKEND") or None
     if requested is not None:
@@ -72,10 +72,15 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Cal
             raise ValueError(f"backend: expected one of {list(table)} for {op}, got {requested!r}")
         fn = _load(op, requested)
         if fn is not None:
-            return fn
+            return requested, fn
     for name in PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
         if name in table and name != requested:
             fn = _load(op, name)
             if fn is not None:
-                return fn
-    return _load(op, "torch")
+                return name, fn
+    return "torch", _load(op, "torch")
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
+    """Return the function implementing ``op`` for tensors on ``device``."""
+    return select(op, device, backend)[1]
