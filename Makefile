@@ -18,7 +18,7 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(VENV)/bin/lrnnx demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,0 +1,648 @@
+"""The ``lrnnx`` command.
+
+    lrnnx models                                   the model zoo (paper, LTI/LTV, parameters)
+    lrnnx tasks                                    the training tasks and their options
+    lrnnx train --task selective-copy --model mamba --steps 500 --out runs/sc
+    lrnnx demo                                     selective copying: Mamba vs LTI models
+    torchrun --nproc_per_node=2 -m lrnnx.cli train ...   data-parallel training
+
+Every subcommand is one :class:`Subcommand` (a name, a help line, a function adding its
+arguments and a function running it) in :data:`SUBCOMMANDS`; adding a command means importing
+its two functions and appending one entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from lrnnx.tasks import TASKS
+
+#: exit status for a bad command line or configuration (argparse uses the same)
+EXIT_USAGE = 2
+#: exit status after Ctrl-C (128 + SIGINT)
+EXIT_INTERRUPTED = 130
+
+#: the reference size of the ``models`` table
+REFERENCE_D_MODEL = 64
+REFERENCE_D_STATE = 64
+
+
+class CommandError(Exception):
+    """A user error reported as one line on stderr with exit status 2."""
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``lrnnx <name>`` command."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a Python literal when it is one (else a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _model_name(text: str) -> str:
+    """Resolve a model name or alias, or fail listing the valid names."""
+    from lrnnx.train import ConfigError, canonical_model_name
+
+    try:
+        return canonical_model_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("model: ")) from None
+
+
+# ----------------------------------------------------------------------------- lrnnx models
+
+
+def _add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _count_mixer_parameters(name: str) -> Optional[int]:
+    """Parameters of one mixer at the reference size, or None if it cannot be built."""
+    import torch
+
+    from lrnnx.models.registry import build_mixer
+
+    torch.manual_seed(0)
+    try:
+        mixer = build_mixer(name, REFERENCE_D_MODEL, REFERENCE_D_STATE)
+    except Exception:  # noqa: BLE001 - a model that cannot be built is reported as "-"
+        return None
+    return sum(p.numel() for p in mixer.parameters())
+
+
+def zoo_table() -> List[Dict[str, Any]]:
+    """One row per registry entry: name, aliases, family, params at the reference size, ..."""
+    from lrnnx.models.registry import MODEL_REGISTRY
+    from lrnnx.train import model_info
+
+    rows = []
+    for name, spec in MODEL_REGISTRY.items():
+        info = model_info(name)
+        aliases = list(spec.aliases)
+        rows.append(
+            {
+                "name": name,
+                "aliases": aliases,
+                "family": info.family,
+                "params": _count_mixer_parameters(name) if info.available else None,
+                "timesteps": info.supports_timesteps,
+                "available": info.available,
+                "arxiv": info.arxiv,
+                "paper": info.paper,
+            }
+        )
+    return rows
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = zoo_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ["model", "aliases", "family", "params", "timesteps", "arXiv", "paper"]
+    body = [
+        [
+            r["name"],
+            ", ".join(r["aliases"]) or "-",
+            r["family"],
+            f"{r['params']:,}" if r["params"] is not None else "unavailable",
+            "yes" if r["timesteps"] else "-",
+            r["arxiv"],
+            r["paper"],
+        ]
+        for r in rows
+    ]
+    print(
+        f"lrnnx model zoo (parameters of one layer at d_model={REFERENCE_D_MODEL}, "
+        f"d_state={REFERENCE_D_STATE}; timesteps: accepts integration_timesteps)\n"
+    )
+    print(_format_table(header, body))
+    missing = [r["name"] for r in rows if not r["available"]]
+    if missing:
+        print(f"\nnot importable in this installation: {', '.join(missing)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- lrnnx tasks
+
+
+def _add_tasks_arguments(p: argparse.ArgumentParser) -> None:
+    del p  # no options
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    del args
+    for t in TASKS.values():
+        status = "" if t.available else "  [not installed]"
+        print(f"{t.name} ({t.kind}){status}\n    {t.description}\n    from: {t.reference}")
+        opts = ", ".join(f"{k}={v}" for k, v in t.options.items())
+        if opts:
+            print(f"    options: {opts}")
+    print("\nset options with --task-option KEY=VALUE; sizes with --seq-len/--n-train/--n-test")
+    return 0
+
+
+# ----------------------------------------------------------------------------- lrnnx train
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from lrnnx.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--task", required=True, choices=list(TASKS), help="what to train on")
+    p.add_argument(
+        "--model", required=True, type=_model_name, help="model name or alias (see `lrnnx models`)"
+    )
+    p.add_argument("--layers", type=_positive_int, default=d.layers, help="number of blocks")
+    p.add_argument("--d-model", type=_positive_int, default=d.d_model, help="model width")
+    p.add_argument("--d-state", type=_positive_int, default=d.d_state, help="state size")
+    p.add_argument(
+        "--d-intermediate",
+        type=_nonneg_int,
+        default=d.d_intermediate,
+        help="gated-MLP width after each mixer (0: none)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step+process"
+    )
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=_nonneg_int, default=None, help="warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=d.seed, help="data, init and batch-order seed")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length")
+    p.add_argument("--n-train", type=_positive_int, default=None, help="training sequences")
+    p.add_argument("--n-test", type=_positive_int, default=None, help="held-out sequences")
+    p.add_argument(
+        "--task-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task generator option (repeatable; see `lrnnx tasks`)",
+    )
+    p.add_argument(
+        "--mixer-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra constructor argument of every mixer (repeatable)",
+    )
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="evaluation interval")
+    p.add_argument("--log-every", type=_positive_int, default=None, help="progress interval")
+    p.add_argument(
+        "--max-time", type=_positive_float, default=None, help="stop after this many seconds"
+    )
+    p.add_argument("--out", default=None, help="output directory (default runs/TASK-MODEL)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--no-plot", action="store_true", help="do not write the learning curve")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from lrnnx.train import TrainConfig
+
+    return TrainConfig(
+        task=args.task,
+        model=args.model,
+        layers=args.layers,
+        d_model=args.d_model,
+        d_state=args.d_state,
+        d_intermediate=args.d_intermediate,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        seq_len=args.seq_len,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        task_options=dict(args.task_option),
+        mixer_kwargs=dict(args.mixer_option),
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        max_time=args.max_time,
+        out=args.out or str(Path("runs") / f"{args.task}-{args.model}"),
+        device=args.device,
+        resume=args.resume,
+        plot=not args.no_plot,
+        threads=args.threads,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lrnnx.train import ConfigError, train
+
+    try:
+        result = train(_config_from_args(args))
+    except (ConfigError, ImportError) as e:
+        raise CommandError(str(e)) from None
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+# ----------------------------------------------------------------------------- lrnnx demo
+
+#: the demo's contenders in table order: the selective model, then time-invariant ones
+DEMO_MODELS = ("mamba", "s4d", "s4", "s5", "lru", "centaurus")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """A scaled-down Table 1 of the Mamba paper (arXiv 2312.00752): selective copying.
+
+    Every model gets the same backbone (an LM of ``layers`` blocks, no MLP, as in the Mamba
+    architecture) and the same number of steps on the same data.
+    """
+
+    seq_len: int = 64
+    n_tokens: int = 8
+    n_memorize: int = 4
+    layers: int = 2
+    d_model: int = 64
+    d_state: int = 16
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-3
+    n_train: int = 8192
+    n_test: int = 512
+    time_budget: float = 540.0
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoSettings()
+    p.add_argument("--out", default="runs/demo", help="where the table, plot and runs go")
+    p.add_argument("--models", default=",".join(DEMO_MODELS), help="comma-separated models")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="steps per model")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="sequence length")
+    p.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=d.time_budget,
+        help="seconds for all the training; a model that would overrun its share stops early",
+    )
+    p.add_argument("--seed", type=int, default=0, help="data, init and batch-order seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: the faster of 1 and torch's default, timed)",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)  # the demo may pick another count; leave it as it was
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from lrnnx.train import ConfigError, TrainConfig, model_info, plot_curves, prepare, train
+    from lrnnx.train import write_json as _write_json
+
+    s = DemoSettings()
+    out = Path(args.out)
+    infos, missing = [], []
+    for name in dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()):
+        try:
+            info = model_info(name)
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+        (infos if info.available else missing).append(info)
+    if not infos:
+        raise CommandError(
+            "demo: none of the requested models is available: "
+            + "; ".join(f"{m.name}: {m.reason}" for m in missing)
+        )
+    k = s.n_memorize
+    print(
+        "lrnnx demo: selective copying, a scaled-down Table 1 of Mamba (arXiv 2312.00752)\n"
+        f"  Copy the {k} data tokens (vocabulary {s.n_tokens}) scattered at random among noise "
+        f"tokens in a sequence of {args.seq_len}, in order, at {k} markers.\n"
+        f"  Every model: LM of {s.layers} blocks, d_model {s.d_model}, d_state {s.d_state}; "
+        f"{args.steps} steps of batch {s.batch_size}, lr {s.lr:g}.  Chance: {1 / s.n_tokens:.1%}."
+        "\n  Expected, as in the paper: the selective (input-dependent) model solves it; "
+        "time-invariant (LTI) models cannot select by content."
+    )
+    if missing:
+        print(
+            "  Not available in this installation, skipped: "
+            + "; ".join(f"{m.name} ({m.reason})" for m in missing)
+        )
+    configs, preps = {}, {}
+    for info in infos:
+        configs[info.name] = TrainConfig(
+            task="selective-copy",
+            model=info.name,
+            layers=s.layers,
+            d_model=s.d_model,
+            d_state=s.d_state,
+            steps=args.steps,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            seed=args.seed,
+            seq_len=args.seq_len,
+            n_train=s.n_train,
+            n_test=s.n_test,
+            task_options={"n_tokens": s.n_tokens, "n_memorize": k},
+            eval_every=max(1, args.steps // 10),
+            log_every=max(1, args.steps // 5),
+            out=str(out / info.name),
+            device=args.device,
+            plot=False,
+        )
+        try:
+            preps[info.name] = prepare(configs[info.name])
+        except ConfigError as e:
+            raise CommandError(f"demo: {e}") from None
+
+    # same number of steps for every model, scaled down if this machine cannot fit them in the
+    # time budget (timed on a few training steps of each model)
+    per_step = _time_steps(preps, args.device, args.threads)
+    steps = min(
+        args.steps, max(1, int(args.time_budget / (_EVAL_OVERHEAD * sum(per_step.values()))))
+    )
+    estimate = {n: _EVAL_OVERHEAD * steps * c for n, c in per_step.items()}
+    if steps < args.steps:
+        print(
+            f"  This machine needs about {_EVAL_OVERHEAD * args.steps * sum(per_step.values()):.0f}s"
+            f" for {args.steps} steps per model; training {steps} step{'s' * (steps != 1)} each"
+            f" to fit the {args.time_budget:.0f}s budget (--time-budget)."
+        )
+    print(f"  Estimated training time: {sum(estimate.values()):.0f}s.")
+
+    results: Dict[str, Dict[str, Any]] = {}
+    curves: Dict[str, Dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    interrupted = False
+    try:
+        for i, info in enumerate(infos):
+            # a model slowed down by a busy machine stops early rather than blow the budget
+            left = args.time_budget - (time.perf_counter() - t_start)
+            later = sum(estimate[m.name] for m in infos[i + 1 :])
+            max_time = max(1.0, min(1.5 * estimate[info.name], left - later))
+            config = dataclasses.replace(
+                configs[info.name],
+                steps=steps,
+                eval_every=max(1, steps // 10),
+                log_every=max(1, steps // 5),
+                max_time=max_time,
+            )
+            print(f"\n[{i + 1}/{len(infos)}] {info.name} ({info.family})", flush=True)
+            result = train(
+                config, log=lambda m: print("  " + m, flush=True), prepared=preps[info.name]
+            )
+            m = result.metrics
+            curves[info.name] = {"eval": m["history"]["eval"]}
+            results[info.name] = {
+                "model": info.name,
+                "family": info.family,
+                "params": m["n_params"],
+                "test_acc": m["final"]["test_acc"] if m["final"] else float("nan"),
+                "steps": m["steps_completed"],
+                "time_s": m["time_s"],
+            }
+            if result.interrupted:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("\ndemo interrupted; results so far:")
+        interrupted = True
+
+    rows = [results[m.name] for m in infos if m.name in results]  # table in the asked order
+    elapsed = time.perf_counter() - t_start
+    print(f"\nSelective copying, L={args.seq_len}, {k} tokens to copy ({elapsed:.0f}s in all)")
+    header = ["model", "family", "params", "steps", "time", "test accuracy"]
+    body = [
+        [r["model"], r["family"], f"{r['params']:,}", r["steps"], f"{r['time_s']:.0f}s",
+         f"{r['test_acc']:.1%}"]
+        for r in rows
+    ]  # fmt: skip
+    print(_format_table(header, body))
+    verdict = _demo_verdict(rows)
+    if verdict:
+        print("\n" + verdict)
+    _write_json(
+        out / "results.json",
+        {
+            "settings": {
+                **vars(s),
+                "steps": steps,
+                "seq_len": args.seq_len,
+                "seed": args.seed,
+            },
+            "results": rows,
+            "missing": {m.name: m.reason for m in missing},
+            "interrupted": interrupted,
+        },
+    )
+    if curves and plot_curves(
+        curves, out / "selective_copy.png", f"selective copying, L={args.seq_len}, K={k}"
+    ):
+        print(f"plot: {out / 'selective_copy.png'}")
+    print(f"results: {out / 'results.json'}")
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+#: evaluation and logging on top of the training steps, as a factor on their time
+_EVAL_OVERHEAD = 1.15
+
+
+def _time_steps(preps: Dict[str, Any], device: str, threads: Optional[int]) -> Dict[str, float]:
+    """Seconds per training step of every model, after fixing torch's CPU thread count.
+
+    Without ``threads``, the default count is timed against a single thread and the faster is
+    kept: these models are small, and on a machine whose cores are busy with other work a
+    multi-threaded step can be many times slower than a single-threaded one.
+    """
+    import torch
+
+    from lrnnx.train import resolve_device
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if resolve_device(device).type == "cuda" or threads is not None:
+        return {n: _seconds_per_step(p, device) for n, p in preps.items()}
+    default = torch.get_num_threads()
+    timed = {default: {n: _seconds_per_step(p, device) for n, p in preps.items()}}
+    if default > 1:
+        torch.set_num_threads(1)
+        timed[1] = {n: _seconds_per_step(p, device) for n, p in preps.items()}
+    best = min(timed, key=lambda t: sum(timed[t].values()))
+    torch.set_num_threads(best)
+    print(f"  Using {best} CPU thread{'s' * (best != 1)} (timed {sorted(timed)}).")
+    return timed[best]
+
+
+def _seconds_per_step(prep: Any, device: str, n: int = 3) -> float:
+    """Wall time of one training step of ``prep``'s model (on a copy; one warm-up step first)."""
+    import copy
+
+    import torch
+
+    from lrnnx.train import batch_indices, forward_batch, resolve_device
+
+    dev = resolve_device(device)
+    model = copy.deepcopy(prep.model).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg, data = prep.config, prep.data
+    times = []
+    for i in range(n + 1):
+        batch = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0, i)].to(dev)
+        t0 = time.perf_counter()
+        loss, _, _ = forward_batch(model, batch, data.kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, after the warm-up (and any JIT)
+
+
+def _demo_verdict(results: List[Dict[str, Any]]) -> str:
+    """One line comparing the best selective (LTV) model with the best LTI one."""
+    ltv = [r for r in results if r["family"] == "LTV"]
+    lti = [r for r in results if r["family"] == "LTI"]
+    if not ltv or not lti:
+        return ""
+    best_ltv = max(ltv, key=lambda r: r["test_acc"])
+    best_lti = max(lti, key=lambda r: r["test_acc"])
+    if best_ltv["test_acc"] > best_lti["test_acc"]:
+        return (
+            f"selective {best_ltv['model']} reaches {best_ltv['test_acc']:.1%}; the best LTI model "
+            f"({best_lti['model']}) {best_lti['test_acc']:.1%}."
+        )
+    return (
+        f"with this budget the best LTI model ({best_lti['model']}, {best_lti['test_acc']:.1%}) "
+        f"is not behind the selective one ({best_ltv['model']}, {best_ltv['test_acc']:.1%})."
+    )
+
+
+# ----------------------------------------------------------------------------- entry point
+
+#: every ``lrnnx`` subcommand, in help order (the one place to register a new one)
+SUBCOMMANDS: List[Subcommand] = [
+    Subcommand("models", "list the model zoo", _add_models_arguments, cmd_models),
+    Subcommand("tasks", "list the training tasks", _add_tasks_arguments, cmd_tasks),
+    Subcommand("train", "train a model on a task", _add_train_arguments, cmd_train),
+    Subcommand("demo", "selective copying: selective vs LTI models", _add_demo_arguments, cmd_demo),
+]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None/False/[] ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrnnx", description="lrnnx: linear RNNs in PyTorch — model zoo, tasks and training"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in SUBCOMMANDS:
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help,
+            formatter_class=_HelpFormatter,
+        )
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run, _parser=p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``lrnnx`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except CommandError as e:
+        print(f"{args._parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,786 @@
+"""Train a model of the zoo on a task of :mod:`lrnnx.tasks`: the engine behind ``lrnnx train``.
+
+    from lrnnx.train import TrainConfig, train
+    result = train(TrainConfig(task="selective-copy", model="mamba", steps=500, out="runs/sc"))
+    result.metrics["final"]["test_acc"]
+
+Token tasks get an :class:`lrnnx.architectures.LRNNLMHeadModel` (loss and accuracy on the
+positions the task scores), classification tasks a :class:`lrnnx.architectures.Classifier`.
+Training is AdamW with linear warm-up and cosine decay, gradient clipping, periodic evaluation on
+the held-out split, an atomically written checkpoint (so an interrupt never leaves a torn file),
+a metrics JSON and, when matplotlib is installed, a learning-curve PNG.
+
+Started by ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1 in the environment), it trains with
+DistributedDataParallel: gloo on CPU, nccl on CUDA.  Every process draws its own batches
+(``batch_size`` is per process); evaluation is sharded over processes and summed; only rank 0
+prints and writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lrnnx.tasks import IGNORE_INDEX, Split, TaskData, get_task, make_task
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+CURVE_NAME = "learning_curve.png"
+CHECKPOINT_FORMAT = "lrnnx-train-checkpoint-v1"
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot work (unknown name, impossible sizes, ...)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in checkpoints and metrics).
+
+    Attributes:
+        task: a name from :data:`lrnnx.tasks.TASKS`.
+        model: a model name or alias from :mod:`lrnnx.models.registry` (case-insensitive).
+        layers: number of blocks.
+        d_model: model width.
+        d_state: state size passed to every mixer (None: the mixer's own default).
+        d_intermediate: hidden width of the gated MLP after each mixer (0: no MLP).
+        steps: optimizer steps.
+        batch_size: sequences per step and process.
+        lr: peak learning rate (AdamW), reached after ``warmup`` steps, cosine-decayed to lr/10.
+        weight_decay: AdamW weight decay.
+        warmup: warm-up steps (None: 10% of ``steps``, at most 100).
+        grad_clip: maximum gradient norm (0 disables clipping).
+        seed: seeds the data, the initialisation and the batch order.
+        seq_len: sequence length (None: the task's default).
+        n_train, n_test: split sizes (None: the task's defaults).
+        task_options: extra keyword arguments of the task's generator.
+        mixer_kwargs: extra keyword arguments of every mixer.
+        eval_every: evaluate (and checkpoint) every this many steps (None: 10 times per run).
+        log_every: print a progress line every this many steps (None: about 20 per run).
+        eval_batch_size: sequences per evaluation batch.
+        max_time: stop (after a final evaluation) once training has run this many seconds.
+        out: output directory for checkpoint, metrics and plot (None: write nothing).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        resume: continue from ``out``'s checkpoint if there is one.
+        plot: write the learning-curve PNG (needs matplotlib).
+        threads: CPU threads for torch (None: leave torch's setting; small models on a busy
+            machine often train faster with 1).
+    """
+
+    task: str = "selective-copy"
+    model: str = "s5"
+    layers: int = 2
+    d_model: int = 64
+    d_state: Optional[int] = 16
+    d_intermediate: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: Optional[int] = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    seq_len: Optional[int] = None
+    n_train: Optional[int] = None
+    n_test: Optional[int] = None
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    mixer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    eval_every: Optional[int] = None
+    log_every: Optional[int] = None
+    eval_batch_size: int = 256
+    max_time: Optional[float] = None
+    out: Optional[str] = None
+    device: str = "auto"
+    resume: bool = False
+    plot: bool = True
+    threads: Optional[int] = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first impossible setting."""
+        positive = ["layers", "d_model", "steps", "batch_size", "eval_batch_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        for name in (
+            "d_state",
+            "seq_len",
+            "n_train",
+            "n_test",
+            "eval_every",
+            "log_every",
+            "threads",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if self.d_intermediate < 0:
+            raise ConfigError(f"d_intermediate: expected >= 0, got {self.d_intermediate}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError(f"warmup: expected >= 0, got {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: expected a positive learning rate, got {self.lr}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ConfigError(
+                f"max_time: expected a positive number of seconds, got {self.max_time}"
+            )
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay, grad_clip: expected values >= 0")
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(100, self.steps // 10) if self.warmup is None else self.warmup
+
+    @property
+    def eval_interval(self) -> int:
+        return max(1, self.steps // 10) if self.eval_every is None else self.eval_every
+
+    @property
+    def log_interval(self) -> int:
+        return max(1, self.steps // 20) if self.log_every is None else self.log_every
+
+
+# ----------------------------------------------------------------------------- model zoo access
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What training needs to know about a registry entry."""
+
+    name: str  # canonical name
+    family: str  # "LTI" / "LTV" / "attention"
+    paper: str  # title
+    arxiv: str  # identifier, e.g. "2312.00752"
+    supports_timesteps: bool
+    available: bool
+    reason: str = ""  # why it is unavailable
+
+
+def model_names(include_attention: bool = True) -> List[str]:
+    """Canonical names of every model in the registry, importable or not."""
+    from lrnnx.models.registry import MODEL_REGISTRY
+
+    return [n for n, s in MODEL_REGISTRY.items() if include_attention or s.family != "attention"]
+
+
+def _valid_names_message() -> str:
+    from lrnnx.models.registry import MODEL_REGISTRY
+
+    aliases = [a for s in MODEL_REGISTRY.values() for a in s.aliases]
+    return f"choose one of: {', '.join(model_names())} (aliases: {', '.join(aliases)})"
+
+
+def canonical_model_name(name: str) -> str:
+    """Resolve a user-typed name or alias (case-insensitive) to the registry's canonical name.
+
+    Raises:
+        ConfigError: unknown name; the message lists the valid ones.
+    """
+    from lrnnx.models.registry import resolve_name
+
+    try:
+        return resolve_name(name)
+    except (TypeError, ValueError):
+        raise ConfigError(f"model: unknown model {name!r}; {_valid_names_message()}") from None
+
+
+def model_info(name: str) -> ModelInfo:
+    """Registry facts about ``name`` (any alias), including whether its module imports."""
+    from lrnnx.models.registry import get_model_class, get_spec
+
+    spec = get_spec(canonical_model_name(name))
+    available, reason = True, ""
+    try:
+        get_model_class(spec.name)
+    except ImportError as e:  # a model not written yet, or a missing optional dependency
+        available, reason = False, str(e.__cause__ or e)
+    return ModelInfo(
+        name=spec.name,
+        family=spec.family,
+        paper=spec.paper,
+        arxiv=spec.arxiv,
+        supports_timesteps=spec.supports_timesteps,
+        available=available,
+        reason=reason,
+    )
+
+
+def available_model_names() -> List[str]:
+    """Canonical names of the models (attention included) whose modules import."""
+    from lrnnx.models.registry import available_models
+
+    return available_models(include_attention=True)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def architecture_spec(config: TrainConfig, data: TaskData, model: str) -> Dict[str, Any]:
+    """Class name and constructor arguments of the network for ``data`` (stored in checkpoints)."""
+    common = {
+        "d_model": config.d_model,
+        "d_state": config.d_state,
+        "mixer_kwargs": dict(config.mixer_kwargs) or None,
+        "d_intermediate": config.d_intermediate,
+    }
+    if data.kind == "lm":
+        kwargs = {"n_layer": config.layers, "vocab_size": data.vocab_size, "mixer_types": model}
+        return {"class": "LRNNLMHeadModel", "kwargs": {**common, **kwargs}}
+    kwargs = {
+        "d_input": data.d_input,
+        "n_classes": data.n_classes,
+        "n_layers": config.layers,
+        "mixer": model,
+        "encoder": "linear",
+        "pooling": "mean",
+    }
+    return {"class": "Classifier", "kwargs": {**common, **kwargs}}
+
+
+def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
+    """Instantiate the network described by :func:`architecture_spec`."""
+    from lrnnx import architectures
+
+    cls = getattr(architectures, spec["class"])
+    return cls(**spec["kwargs"])
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA (this process's GPU under torchrun) if available, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+@dataclass
+class Prepared:
+    """A run's data and network, built and checked before any training."""
+
+    config: TrainConfig
+    data: TaskData
+    model: nn.Module
+    info: ModelInfo
+    arch: Dict[str, Any]
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Validate ``config``, generate the task and build the network on the CPU.
+
+    Raises:
+        ConfigError: a bad setting, with a one-line message.
+        ImportError: the task needs an optional package that is missing.
+    """
+    config.validate()
+    try:
+        task = get_task(config.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info = model_info(config.model)
+    if not info.available:
+        raise ConfigError(
+            f"model: {info.name!r} is not available in this installation ({info.reason}); "
+            f"available: {', '.join(available_model_names())}"
+        )
+    if task.needs_timesteps and not info.supports_timesteps:
+        able = [n for n in model_names() if model_info(n).supports_timesteps]
+        raise ConfigError(
+            f"model: task {task.name!r} feeds integration_timesteps, which {info.name!r} does not "
+            f"accept; use one of: {', '.join(able) or 'none available'}"
+        )
+    try:
+        data = make_task(
+            task.name,
+            n_train=config.n_train,
+            n_test=config.n_test,
+            seq_len=config.seq_len,
+            seed=config.seed,
+            **config.task_options,
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{task.name}: {e}") from None
+    arch = architecture_spec(config, data, info.name)
+    torch.manual_seed(config.seed)  # same initialisation on every process and every run
+    try:
+        model = build_from_spec(arch)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"cannot build {arch['class']} with {info.name!r}: {e}") from None
+    return Prepared(config, data, model, info, arch)
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+
+
+def forward_batch(model: nn.Module, batch: Split, kind: str) -> tuple[Tensor, Tensor, int]:
+    """Mean loss, number of correct predictions and number of scored predictions of one batch."""
+    kwargs = {}
+    if batch.integration_timesteps is not None:
+        kwargs["integration_timesteps"] = batch.integration_timesteps
+    logits = model(batch.inputs, **kwargs)
+    if kind == "lm":
+        scored = batch.targets != IGNORE_INDEX
+        logits, targets = logits[scored], batch.targets[scored]  # (n_scored, V), (n_scored,)
+    else:
+        targets = batch.targets
+    loss = nn.functional.cross_entropy(logits.float(), targets)
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct, targets.numel()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    kind: str,
+    device: torch.device,
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Dict[str, float]:
+    """Loss and accuracy over ``split`` (each process takes every world_size-th example)."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(rank, len(split), world_size)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for start in range(0, len(idx), batch_size):
+        batch = split[idx[start : start + batch_size]].to(device)
+        loss, correct, count = forward_batch(model, batch, kind)
+        totals += torch.stack(
+            [loss.double() * count, correct.double(), torch.tensor(count, device=device).double()]
+        )
+    if world_size > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    count = max(float(totals[2]), 1.0)
+    return {"loss": float(totals[0]) / count, "acc": float(totals[1]) / count}
+
+
+def batch_indices(n: int, batch_size: int, seed: int, rank: int, step: int) -> Tensor:
+    """The training examples drawn at ``step`` by process ``rank`` (with replacement).
+
+    A fresh generator per (seed, rank, step) makes the order independent of where a run was
+    resumed and different on every process.
+    """
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write via a temporary file in the same directory and ``os.replace`` it into place.
+
+    The rename is atomic, so an interrupt leaves either the old file or the new one, never a
+    partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the trained network from a checkpoint written by :func:`train`.
+
+    ``path`` is the checkpoint file or the run's output directory.  Returns ``(model, state)``
+    with the model in eval mode and ``state`` the whole checkpoint dict (``"config"``,
+    ``"step"``, ``"task"``, ``"architecture"``, optimizer state, history).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an lrnnx training checkpoint")
+    model = build_from_spec(state["architecture"])
+    model.load_state_dict(state["model_state"])
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    return model.eval(), state
+
+
+def plot_curves(
+    runs: Dict[str, Dict[str, List[Dict[str, float]]]],
+    path: Path,
+    title: str = "",
+    log: Callable[[str], None] = print,
+) -> bool:
+    """Loss and accuracy against step for one or more runs' histories; False if no matplotlib.
+
+    ``runs`` maps a label to a history ``{"train": [{step, loss, acc}], "eval": [...]}``.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: skipping {Path(path).name} (pip install matplotlib)")
+        return False
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, hist in runs.items():
+        prefix = f"{label} " if len(runs) > 1 else ""
+        for split, style in (("train", "-"), ("eval", "o-")):
+            pts = hist.get(split, [])
+            if not pts:
+                continue
+            name = prefix + ("train" if split == "train" else "test")
+            steps = [p["step"] for p in pts]
+            (line,) = ax_loss.plot(steps, [p["loss"] for p in pts], style, label=name, ms=3)
+            ax_acc.plot(
+                steps, [p["acc"] for p in pts], style, label=name, ms=3, color=line.get_color()
+            )
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), lambda f: f.write(buf.getvalue()))
+    return True
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # whether train() initialised the process group (and tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if wants_cuda:
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
+        owns = True
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, owns)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _time_is_up(max_time: Optional[float], elapsed: float, ctx: DistContext) -> bool:
+    """Whether to stop for ``max_time``; under DDP rank 0 decides for everyone (no deadlock)."""
+    if max_time is None:
+        return False
+    flag = torch.tensor([float(elapsed >= max_time)])
+    if ctx.world_size > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained (unwrapped) network and the metrics dict."""
+
+    model: nn.Module
+    metrics: Dict[str, Any]
+    interrupted: bool = False
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def train(
+    config: TrainConfig,
+    log: Optional[Callable[[str], None]] = None,
+    prepared: Optional[Prepared] = None,
+) -> TrainResult:
+    """Train, evaluate and save one run (see the module docstring).
+
+    Args:
+        config: the run.
+        log: where progress lines go (default: print to stdout, flushed; rank 0 only).
+        prepared: the result of :func:`prepare`, if the caller already built it.
+
+    A ``KeyboardInterrupt`` stops training cleanly: the last checkpoint stays as it was (it is
+    only ever replaced atomically), metrics are written with ``"interrupted": true`` and the
+    result has ``interrupted=True``.
+    """
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        config.validate()
+        torch.set_num_threads(config.threads)
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx, log, prepared)
+    finally:
+        torch.set_num_threads(threads)
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig,
+    ctx: DistContext,
+    log: Optional[Callable[[str], None]],
+    prepared: Optional[Prepared],
+) -> TrainResult:
+    def say(msg: str) -> None:
+        if ctx.is_main:
+            (log or (lambda m: print(m, flush=True)))(msg)
+
+    prep = prepared or prepare(config)
+    data, info, arch = prep.data, prep.info, prep.arch
+    device = resolve_device(config.device, ctx.local_rank)
+    model = prep.model.to(device)
+    out = Path(config.out) if config.out else None
+    ckpt_path = out / CHECKPOINT_NAME if out else None
+
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "log" in n.lower()]
+    decay = [p for n, p in model.named_parameters() if not (p.dim() < 2 or "log" in n.lower())]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    groups.append({"params": no_decay, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    warmup = config.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, config.steps))
+
+    history: Dict[str, List[Dict[str, float]]] = {"train": [], "eval": []}
+    start_step, elapsed_before = 0, 0.0
+    if config.resume and ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("architecture") != arch:
+            raise ConfigError(
+                f"resume: {ckpt_path} was trained with a different architecture; "
+                "use another --out or the same model settings"
+            )
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer_state"])
+        sched.load_state_dict(state["scheduler_state"])
+        start_step, history = state["step"], state["history"]
+        elapsed_before = state.get("time_s", 0.0)
+        say(f"resumed from {ckpt_path} at step {start_step}")
+    elif ckpt_path is not None and ckpt_path.exists():
+        say(
+            f"note: {ckpt_path} is from an earlier run and will be replaced (--resume continues it)"
+        )
+
+    net = model
+    if ctx.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    n_params = count_parameters(model)
+    say(
+        f"lrnnx train: task {data.name} ({data.kind}, L={data.seq_len}, {len(data.train)} train / "
+        f"{len(data.test)} test) | model {info.name} ({info.family}) in {arch['class']}, "
+        f"{config.layers} layers, d_model {config.d_model}, {n_params:,} parameters | "
+        f"{config.steps} steps, batch {config.batch_size}"
+        + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        + f", lr {config.lr:g} | device {device}"
+    )
+
+    def snapshot(step: int, elapsed: float, final: Optional[dict], interrupted: bool) -> dict:
+        return {
+            "task": data.name,
+            "task_kind": data.kind,
+            "task_params": data.params,
+            "seq_len": data.seq_len,
+            "model": info.name,
+            "family": info.family,
+            "architecture": arch,
+            "n_params": n_params,
+            "config": dataclasses.asdict(config),
+            "world_size": ctx.world_size,
+            "device": str(device),
+            "steps_completed": step,
+            "interrupted": interrupted,
+            "stopped_early": stopped_early,
+            "time_s": elapsed,
+            "history": history,
+            "final": final,
+            "checkpoint": CHECKPOINT_NAME if last_ckpt_step is not None else None,
+        }
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        if ckpt_path is None or not ctx.is_main:
+            return
+        save_checkpoint(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "time_s": elapsed,
+                "model_state": model.state_dict(),
+                "optimizer_state": opt.state_dict(),
+                "scheduler_state": sched.state_dict(),
+                "config": dataclasses.asdict(config),
+                "architecture": arch,
+                "task": {"name": data.name, "kind": data.kind, "params": data.params},
+                "history": history,
+            },
+        )
+
+    t0 = time.perf_counter()
+    step, interrupted, stopped_early = start_step, False, False
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0}
+    t_window = time.perf_counter()
+    # the step of the checkpoint this run stands behind (a resumed run's, then its own ones)
+    last_ckpt_step = start_step if config.resume and start_step > 0 else None
+    model.train()
+    try:
+        while step < config.steps:
+            idx = batch_indices(len(data.train), config.batch_size, config.seed, ctx.rank, step)
+            batch = data.train[idx].to(device)
+            loss, correct, count = forward_batch(net, batch, data.kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            window["loss"] += float(loss.detach())
+            window["correct"] += float(correct)
+            window["count"] += count
+            window["tokens"] += batch.inputs.shape[0] * batch.inputs.shape[1] * ctx.world_size
+            window["steps"] += 1
+            stop = _time_is_up(config.max_time, elapsed_before + time.perf_counter() - t0, ctx)
+            if step % config.log_interval == 0 or step == config.steps or stop:
+                dt = max(time.perf_counter() - t_window, 1e-9)
+                rec = {
+                    "step": step,
+                    "loss": window["loss"] / window["steps"],
+                    "acc": window["correct"] / max(window["count"], 1.0),
+                    "tokens_per_s": window["tokens"] / dt,
+                }
+                history["train"].append(rec)
+                say(
+                    f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {rec['loss']:.4f}"
+                    f"  acc {rec['acc']:6.1%}  tok/s {_fmt_rate(rec['tokens_per_s'])}"
+                    f"  lr {sched.get_last_lr()[0]:.2e}"
+                    f"  {elapsed_before + time.perf_counter() - t0:.0f}s"
+                )
+                window = {k: 0 for k in window}
+                t_window = time.perf_counter()
+            if step % config.eval_interval == 0 or step == config.steps or stop:
+                t_eval = time.perf_counter()
+                ev = evaluate(
+                    model,
+                    data.test,
+                    data.kind,
+                    device,
+                    config.eval_batch_size,
+                    ctx.rank,
+                    ctx.world_size,
+                )
+                history["eval"].append({"step": step, **ev})
+                say(f"eval step {step}: test loss {ev['loss']:.4f}  test acc {ev['acc']:.1%}")
+                elapsed = elapsed_before + time.perf_counter() - t0
+                checkpoint(step, elapsed)
+                if ckpt_path is not None:
+                    last_ckpt_step = step
+                if out is not None and ctx.is_main:
+                    write_json(out / METRICS_NAME, snapshot(step, elapsed, None, False))
+                t_window += time.perf_counter() - t_eval  # evaluation does not count in tok/s
+            if stop and step < config.steps:
+                stopped_early = True
+                say(f"time limit of {config.max_time:.0f}s reached after {step} steps")
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        kept = f"; checkpoint of step {last_ckpt_step} kept" if last_ckpt_step is not None else ""
+        say(f"\ninterrupted at step {step}{kept}")
+
+    elapsed = elapsed_before + time.perf_counter() - t0
+    final = history["eval"][-1] if history["eval"] else None
+    final_metrics = None
+    if final is not None:
+        final_metrics = {
+            "test_loss": final["loss"],
+            "test_acc": final["acc"],
+            "step": final["step"],
+        }
+        if history["train"]:
+            final_metrics["train_loss"] = history["train"][-1]["loss"]
+            final_metrics["train_acc"] = history["train"][-1]["acc"]
+    metrics = snapshot(step, elapsed, final_metrics, interrupted)
+    if out is not None and ctx.is_main:
+        write_json(out / METRICS_NAME, metrics)
+        if config.plot:
+            title = f"{data.name}: {info.name}"
+            if plot_curves({info.name: history}, out / CURVE_NAME, title, log=say):
+                say(f"wrote {out / CURVE_NAME}")
+        saved = f" and {ckpt_path}" if last_ckpt_step is not None else ""
+        say(f"wrote {out / METRICS_NAME}{saved}")
+    if final_metrics is not None and not interrupted:
+        say(
+            f"done: test accuracy {final_metrics['test_acc']:.1%} (loss "
+            f"{final_metrics['test_loss']:.4f}) after {step} steps in {elapsed:.0f}s"
+        )
+    return TrainResult(model=model, metrics=metrics, interrupted=interrupted)
