@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from lrnnx import bench
 from lrnnx.tasks import TASKS
 
 #: exit status for a bad command line or configuration (argparse uses the same)
@@ -600,6 +601,7 @@ SUBCOMMANDS: List[Subcommand] = [
     Subcommand("tasks", "list the training tasks", _add_tasks_arguments, cmd_tasks),
     Subcommand("train", "train a model on a task", _add_train_arguments, cmd_train),
     Subcommand("demo", "selective copying: selective vs LTI models", _add_demo_arguments, cmd_demo),
+    Subcommand("bench", "speed and memory vs the pure-torch baseline", bench.add_arguments, bench.run),
 ]
 
 
