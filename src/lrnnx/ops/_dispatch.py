@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -46,9 +47,7 @@ def _load(op: str, name: str) -> Optional[Callable]:
             mod = importlib.import_module(module)
             fn = getattr(mod, func)
             available = getattr(mod, "is_available", lambda: True)
-            # torch.compile treats a backend as one opaque call (a graph break) rather than
-            # tracing into numba/Triton launchers or the chunk loops, which it cannot follow
-            _LOADED[key] = torch.compiler.disable(fn) if available() else None
+            _LOADED[key] = fn if available() else None
             reason = "its toolchain is not available"
         except Exception as e:  # a missing optional dependency must never break the op
             _LOADED[key] = None
@@ -81,6 +80,20 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> tupl
     return "torch", _load(op, "torch")
 
 
+_OPAQUE: Dict[Callable, Callable] = {}
+
+
+def _opaque(fn: Callable) -> Callable:
+    """``fn`` as one opaque call for torch.compile (a graph break) rather than traced into numba or
+    Triton launchers and chunk loops, which Dynamo cannot follow.  Only once Dynamo is loaded:
+    importing it costs seconds, and without it nothing is being compiled."""
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    if fn not in _OPAQUE:
+        _OPAQUE[fn] = torch.compiler.disable(fn)
+    return _OPAQUE[fn]
+
+
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
     """Return the function implementing ``op`` for tensors on ``device``."""
-    return select(op, device, backend)[1]
+    return _opaque(select(op, device, backend)[1])

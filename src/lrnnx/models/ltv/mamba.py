@@ -197,7 +197,7 @@ class Mamba(LTV_LRNN):
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
 
-        ``integration_timesteps`` (B,) or (B, 1): time elapsed since the previous element.
+        ``integration_timesteps`` (B,), (B, 1) or a number: time elapsed since the previous element.
         """
         x2 = check_step_input(x, self.d_model)
         Bsz = x2.shape[0]
@@ -217,7 +217,10 @@ class Mamba(LTV_LRNN):
         delta, Bt, Ct = self._ssm_params(u)  # (B, E), (B, N), (B, N)
         deltaA = None
         if integration_timesteps is not None:
-            ts = integration_timesteps.reshape(-1)
+            ts = integration_timesteps
+            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                ts = torch.full((Bsz,), float(ts), device=x2.device)
+            ts = ts.reshape(-1)
             check_timesteps(ts[:, None], Bsz, 1)
             deltaA = (delta * ts[:, None].float())[..., None]
         A = -torch.exp(self.A_log.float())
