@@ -5,24 +5,37 @@ backend lrnnx picks for the device and once with a baseline run right after it (
 backend, and for ops also the ``reference`` loop where affordable), so the ratio column compares
 like with like on a machine whatever else it is doing.
 
-Peak memory is the largest resident set size (RSS) seen above the level before the case, sampled
-every 0.5 ms by a background thread while the case runs: torch releases the GIL inside its kernels
-(numba too, with ``nogil``-free parallel regions running in their own threads), and on CPU large
-tensors come straight from the OS, so RSS follows live tensor memory.  On CUDA the number is
+Peak memory is the largest resident set size (RSS) seen above the level before the case: on Linux
+the kernel's own high-water mark (VmHWM, reset through ``/proc/self/clear_refs`` when the case
+starts), elsewhere samples every 0.5 ms from a background thread (torch and the numba kernels
+release the GIL).  Memory freed by earlier runs is first handed back to the OS (``malloc_trim``),
+otherwise a case reusing glibc's cached chunks would not raise RSS at all.  On CPU large tensors come straight from the OS, so RSS follows live tensor
+memory (tracemalloc would not see torch's allocations at all).  On CUDA the number is
 ``torch.cuda.max_memory_allocated``.
 
 Memory-bound ops report the bandwidth they reach (bytes they must read and write / time) as a
 fraction of the machine's copy bandwidth, measured as ``x.clone()`` of a large tensor (allocation
 included, as every op allocates its output).
 
-Run ``lrnnx bench [--quick] [--models ...] [--ops ...] [--out DIR]`` or ``python -m lrnnx.bench``.
-Writes ``bench.csv``, ``bench.md`` and (with matplotlib) ``bench.png`` under ``--out``.
+Without ``--quick`` each op is swept over sequence length, width and batch around the shapes
+of the issue (selective scan b=2, d=1024, n=16, L=2048; linear_scan 32768 channels x L=2048),
+and the LTI comparison over L = 1024..16384.  Peers (mambapy's parallel scan) are timed beside
+the selective scan when installed.
+
+Run ``lrnnx bench [--quick] [--models ...] [--ops ...] [--out DIR] [--markdown FILE]`` or
+``python -m lrnnx.bench``.  Writes ``bench.csv``, ``bench.md`` and (with matplotlib)
+``bench.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import ctypes
+import gc
+import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -33,9 +46,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lrnnx.ops import _dispatch, linear_scan, selective_scan_fn
 
@@ -88,6 +102,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_memory() -> None:
+    """Hand memory freed by earlier cases back to the OS (glibc keeps freed chunks for reuse, and
+    a case reusing them would not raise RSS: its peak would read as zero)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
     """Peak memory above the starting level while the block runs, in MB (``result["mb"]``)."""
@@ -103,8 +143,10 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     if not os.path.exists("/proc/self/statm"):  # no cheap RSS reading on this OS
         yield result
         return
+    _release_free_memory()
     start = _rss_bytes()
     peak = [start]
+    hwm = _reset_hwm()  # then VmHWM catches spikes shorter than the sampling period
     stop = threading.Event()
 
     def sample() -> None:
@@ -120,13 +162,21 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
         stop.set()
         thread.join()
         peak[0] = max(peak[0], _rss_bytes())
+        if hwm:
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], _hwm_bytes())
         result["mb"] = (peak[0] - start) / 2**20
 
 
-def copy_bandwidth(device: torch.device, mbytes: int) -> float:
-    """GB/s of ``x.clone()`` (read + write) for a tensor of ``mbytes`` MB."""
+def copy_bandwidth(device: torch.device, mbytes: int, preallocated: bool = False) -> float:
+    """GB/s of ``x.clone()`` (read + write) for a tensor of ``mbytes`` MB; with
+    ``preallocated``, of ``y.copy_(x)`` into an existing tensor (no page faults)."""
     x = torch.randn(mbytes * 2**20 // 4, device=device)
-    ms = median_ms(lambda: x.clone(), device, repeats=5)
+    if preallocated:
+        y = torch.empty_like(x)
+        ms = median_ms(lambda: y.copy_(x), device, repeats=5)
+    else:
+        ms = median_ms(lambda: x.clone(), device, repeats=5)
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -151,18 +201,56 @@ def _time_backend(
     return f_ms, fb_ms, mem["mb"]
 
 
+#: the shapes of the issue: selective scan (b, d, n, L) and linear_scan (B, L, C)
+HEADLINE_SCAN = (2, 1024, 16, 2048)
+HEADLINE_LINEAR = (1, 2048, 32768)
+
+
+def linear_scan_shapes(quick: bool) -> List[tuple]:
+    """(B, L, C) cases: the headline, then one axis at a time."""
+    if quick:
+        return [(1, 2048, 8192)]
+    return [HEADLINE_LINEAR, (1, 2048, 4096), (1, 512, 32768), (4, 2048, 8192)]
+
+
+def selective_scan_shapes(quick: bool) -> List[tuple]:
+    """(b, d, n, L) cases: the headline, then length, width and batch one at a time."""
+    if quick:
+        return [(2, 256, 16, 1024)]
+    b, d, n, L = HEADLINE_SCAN
+    return (
+        [HEADLINE_SCAN]
+        + [(b, d, n, x) for x in (512, 8192)]
+        + [(b, x, n, L) for x in (256, 4096)]
+        + [(x, d, n, L) for x in (1, 8)]
+    )
+
+
 def bench_linear_scan(
-    device: torch.device, quick: bool, copy_gbps: float, repeats: int
+    device: torch.device,
+    quick: bool,
+    copy_gbps: float,
+    repeats: int,
+    shapes: Optional[Sequence[tuple]] = None,
 ) -> List[Row]:
-    B, L, C = (1, 2048, 8192) if quick else (1, 2048, 32768)
+    rows = []
+    for shape in shapes or linear_scan_shapes(quick):
+        rows += _linear_scan_case(device, shape, copy_gbps, repeats)
+    return rows
+
+
+def _linear_scan_case(
+    device: torch.device, shape: Sequence[int], copy_gbps: float, repeats: int
+) -> List[Row]:
+    B, L, C = shape
     a = (torch.rand(B, L, C, device=device) * 0.5 + 0.5).requires_grad_()
     b = torch.randn(B, L, C, device=device, requires_grad=True)
     bytes_moved = 3 * a.numel() * 4  # read a, b; write h
-    rows = []
     chosen = _dispatch.select("linear_scan", device)[0]
+    rows = []
     for backend in dict.fromkeys([chosen, "torch"]):
         f, fb, mem = _time_backend(
-            lambda be=backend: linear_scan(a, b, backend=be), [a, b], device, repeats
+            partial(linear_scan, a, b, backend=backend), [a, b], device, repeats
         )
         gbps = bytes_moved / (f * 1e-3) / 1e9
         rows.append(
@@ -183,10 +271,51 @@ def bench_linear_scan(
     return rows
 
 
+def _baseline_affordable(
+    device: torch.device, quick: bool, shape: Sequence[int], backend: str
+) -> bool:
+    """Slow selective-scan baselines run up to the headline size only (on CPU the torch backend
+    takes tens of seconds there); the textbook loop, which materialises (b, d, L, n) several
+    times, not at all in --quick CPU runs."""
+    if backend == "reference" and quick and device.type == "cpu":
+        return False
+    return device.type != "cpu" or math.prod(shape) <= math.prod(HEADLINE_SCAN)
+
+
+def mambapy_selective_scan() -> Optional[Callable[..., torch.Tensor]]:
+    """A selective scan on mambapy's parallel scan (a peer), when mambapy is installed."""
+    if importlib.util.find_spec("mambapy") is None:
+        return None
+    from mambapy.pscan import pscan  # pscan(A, X) over dim 1 of (B, L, D, N)
+
+    def scan(u, delta, A, B, C, D, z, delta_bias):
+        dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)  # (b, L, d)
+        dA = torch.exp(dt[..., None] * A)  # (b, L, d, n)
+        BX = (dt * u.transpose(1, 2))[..., None] * B.transpose(1, 2)[:, :, None, :]
+        hs = pscan(dA, BX)
+        y = (hs @ C.transpose(1, 2)[..., None]).squeeze(-1) + D * u.transpose(1, 2)
+        return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
+
+    return scan
+
+
 def bench_selective_scan(
-    device: torch.device, quick: bool, copy_gbps: float, repeats: int
+    device: torch.device,
+    quick: bool,
+    copy_gbps: float,
+    repeats: int,
+    shapes: Optional[Sequence[tuple]] = None,
 ) -> List[Row]:
-    b, d, n, L = (2, 256, 16, 1024) if quick else (2, 1024, 16, 2048)
+    rows = []
+    for shape in shapes or selective_scan_shapes(quick):
+        rows += _selective_scan_case(device, quick, shape, copy_gbps, repeats)
+    return rows
+
+
+def _selective_scan_case(
+    device: torch.device, quick: bool, shape: Sequence[int], copy_gbps: float, repeats: int
+) -> List[Row]:
+    b, d, n, L = shape
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def t(*shape, scale=1.0):
@@ -197,34 +326,32 @@ def bench_selective_scan(
     Bm, Cm, D, bias = t(b, n, L), t(b, n, L), t(d), t(d, scale=0.1)
     inputs = [u, delta, A, Bm, Cm, D, z, bias]
     bytes_moved = (4 * b * d * L + 2 * b * n * L) * 4  # read u, delta, z, B, C; write y
-    backends = [_dispatch.select("selective_scan", device)[0], "torch"]
-    if not quick or device.type != "cpu":
-        backends.append("reference")  # the textbook loop: slow, but the baseline the issue names
+    label = f"b={b} d={d} n={n} L={L}"
+    chosen = _dispatch.select("selective_scan", device)[0]
+    # the textbook loop: slow, but the baseline the issue names
+    backends = [chosen] + [
+        be for be in ("torch", "reference") if _baseline_affordable(device, quick, shape, be)
+    ]
     rows = []
     for backend in dict.fromkeys(backends):
         reps = 1 if backend == "reference" else repeats
-
-        def fwd(be=backend):
-            return selective_scan_fn(
-                u, delta, A, Bm, Cm, D, z=z, delta_bias=bias, delta_softplus=True, backend=be
-            )
-
+        fwd = partial(
+            selective_scan_fn, u, delta, A, Bm, Cm, D, z=z, delta_bias=bias, delta_softplus=True,
+            backend=backend,
+        )  # fmt: skip
         f, fb, mem = _time_backend(fwd, inputs, device, reps)
         gbps = bytes_moved / (f * 1e-3) / 1e9
         rows.append(
-            Row(
-                "op",
-                "selective_scan",
-                f"b={b} d={d} n={n} L={L}",
-                backend,
-                f,
-                fb,
-                None,
-                mem,
-                gbps,
-                gbps / copy_gbps,
-            )
+            Row("op", "selective_scan", label, backend, f, fb, None, mem, gbps, gbps / copy_gbps)
         )
+    peer = mambapy_selective_scan()
+    if peer is not None:
+        try:
+            fwd = partial(peer, u, delta, A, Bm, Cm, D, z, bias)
+            f, fb, mem = _time_backend(fwd, inputs, device, repeats)
+            rows.append(Row("op", "selective_scan", label, "mambapy", f, fb, None, mem))
+        except Exception as e:  # a peer's API change must not break the suite
+            print(f"mambapy peer failed: {type(e).__name__}: {e}", file=sys.stderr)
     _add_speedups(rows)
     return rows
 
@@ -296,31 +423,38 @@ def bench_models(names: List[str], device: torch.device, quick: bool, repeats: i
     return rows
 
 
-def bench_lti_modes(device: torch.device, quick: bool, repeats: int) -> List[Row]:
+def bench_lti_modes(
+    device: torch.device, quick: bool, repeats: int, lengths: Optional[Sequence[int]] = None
+) -> List[Row]:
     """LTI models at long L: FFT convolution vs scan, and what ``mode="auto"`` picks."""
     from lrnnx.models.lti import LRU, S5
 
-    L = 4096 if quick else 16384
     rows = []
-    for cls, kw in ((LRU, {}), (S5, {"discretization": "zoh"})):
-        model = cls(64, 64, **kw).to(device)
-        x = torch.randn(1, L, 64, device=device)
-        times = {}
-        for mode in ("fft", "scan", "auto"):
-            model.mode = mode
-            with torch.no_grad():
-                times[mode] = median_ms(partial(model, x), device, repeats)
-            rows.append(
-                Row(
-                    "model",
-                    f"{cls.__name__} mode={mode}",
-                    f"B=1 L={L} H=64 N=64",
-                    mode,
-                    times[mode],
+    for L in lengths or ((4096,) if quick else (1024, 4096, 16384)):
+        for cls, kw in ((LRU, {}), (S5, {"discretization": "zoh"})):
+            torch.manual_seed(0)
+            model = cls(64, 64, **kw).to(device)
+            x = torch.randn(1, L, 64, device=device)
+            params = [p for p in model.parameters() if p.requires_grad]
+            times = {}
+            for mode in ("fft", "scan"):
+                model.mode = mode
+                f, fb, _ = _time_backend(partial(model, x), params, device, repeats)
+                times[mode] = (f, fb)
+                rows.append(
+                    Row("model", f"{cls.__name__} mode={mode}", f"B=1 L={L} H=64 N=64", mode, f, fb)
                 )
-            )
-        faster = min(("fft", "scan"), key=times.get)
-        rows[-1].speedup["picks faster"] = float(times["auto"] <= 1.1 * times[faster])
+            # what auto runs is a decision, not a third measurement: it is compared with the
+            # faster path (forward+backward), so timing noise cannot flip the verdict
+            model.mode = "auto"
+            picked = "fft" if model._use_fft(L) else "scan"
+            faster = min(times, key=lambda m: times[m][1])
+            auto = Row(
+                "model", f"{cls.__name__} mode=auto", f"B=1 L={L} H=64 N=64", f"auto->{picked}",
+                *times[picked],
+            )  # fmt: skip
+            auto.speedup["picks faster"] = float(picked == faster)
+            rows.append(auto)
     return rows
 
 
@@ -425,17 +559,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png"
     )
+    parser.add_argument(
+        "--markdown", default=None, help="also write the markdown report here (e.g. RESULTS.md)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--no-lti", action="store_true", help="skip the LTI FFT-vs-scan comparison")
 
 
 def run(args: argparse.Namespace) -> int:
     from lrnnx.models.registry import available_models, resolve_name
 
     device = torch.device(args.device)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     names = available_models() if args.models is None else [resolve_name(m) for m in args.models]
     info = machine_info(device)
     print(f"lrnnx bench on {info}")
     copy_gbps = copy_bandwidth(device, 64 if args.quick else 256)
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s")
+    prealloc_gbps = copy_bandwidth(device, 64 if args.quick else 256, preallocated=True)
+    # the ops allocate their outputs, so the clone (allocation included) is the yardstick; the
+    # copy into an existing tensor shows how much of it is page faulting on this machine
+    info += f"; copy into an existing tensor {prealloc_gbps:.1f} GB/s"
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (into an existing tensor {prealloc_gbps:.1f})")
     rows: List[Row] = []
     if "linear_scan" in args.ops:
         rows += bench_linear_scan(device, args.quick, copy_gbps, args.repeats)
@@ -443,14 +588,45 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_selective_scan(device, args.quick, copy_gbps, args.repeats)
     if names:
         rows += bench_models(names, device, args.quick, args.repeats)
-        rows += bench_lti_modes(device, args.quick, args.repeats)
+        if not getattr(args, "no_lti", False):
+            rows += bench_lti_modes(device, args.quick, args.repeats)
     md = write_reports(rows, info, copy_gbps, Path(args.out))
+    if getattr(args, "markdown", None):
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(_results_page(md, args))
     print(md)
     print(
         f"wrote {args.out}/bench.csv, bench.md"
         + (", bench.png" if (Path(args.out) / "bench.png").exists() else "")
     )
     return 0
+
+
+def _results_page(md: str, args: argparse.Namespace) -> str:
+    """The markdown report with a title, the command line and how to read it."""
+    cmd = "lrnnx bench" + (" --quick" if args.quick else "") + f" --device {args.device}"
+    return (
+        "# lrnnx benchmark results\n\n"
+        f"Produced by `{cmd}` (see `benchmarks/README.md`).  Times are medians after a warm-up; "
+        "`speed-up` is the baseline's forward+backward time over lrnnx's choice, measured in the "
+        "same process right after it; `peak MB` is the resident memory added by one "
+        "forward+backward (inputs excluded); `of copy` is the forward pass's bytes moved per "
+        "second as a fraction of `x.clone()` bandwidth (meaningful for memory-bound ops: "
+        "linear_scan).\n\n" + md
+    )
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``bench`` subcommand on an ``add_subparsers()`` object (runs :func:`run_bench`)."""
+    p = subparsers.add_parser("bench", help="speed and memory vs the pure-torch baseline")
+    add_arguments(p)
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed ``args`` (same as :func:`run`)."""
+    return run(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

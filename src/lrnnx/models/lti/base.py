@@ -11,12 +11,19 @@ from torch import Tensor
 from lrnnx.core.base import LRNN
 from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask
 from lrnnx.core.fftconv import causal_conv
-from lrnnx.ops import linear_scan
+from lrnnx.ops import _dispatch, linear_scan
 
 #: how a forward pass evaluates the recurrence
 MODES = ("fft", "scan", "auto")
-#: "auto" uses the scan below this length and the FFT convolution from it on
-AUTO_FFT_MIN_LEN = 64
+#: linear_scan backends that run the recurrence in one fused, memory-bound pass.  With one of
+#: them "auto" always scans: on CPU (numba) the scan beat the FFT convolution at every length
+#: measured, 64 to 16384 steps, forward and forward+backward, by 2-5x (``lrnnx bench``, LTI
+#: rows); the Triton scan on CUDA runs at ~94% of copy bandwidth, one pass over (B, L, N)
+#: against the FFT path's several passes over (B, N, 2L) (inferred, not measured here)
+FUSED_SCAN_BACKENDS = ("cpu", "triton")
+#: with the pure-torch scan (log-depth doubling passes) "auto" uses the FFT convolution from
+#: this length on: the measured crossover on a 2-core CPU lies between 256 and 4096 steps
+AUTO_FFT_MIN_LEN = 2048
 
 
 def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
@@ -30,6 +37,29 @@ def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
     return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)
 
 
+class _StepBuffers:
+    """What :meth:`LTI_LRNN._diagonal_step` reuses across calls.
+
+    ``W_in`` (H, 2N) and ``W_out`` (2N, H) are real: x W_in is [Re, Im](B_bar x) interleaved and
+    [Re, Im](h) W_out = out_scale Re(C h).  ``u`` is the (B, 2N) buffer for x W_in.  Kept as one
+    plain object in the cache, not as tensors in the cache dict: code that walks a cache's
+    tensors (e.g. CUDA-graph capture in generation) sees only the model's own entries.
+    """
+
+    __slots__ = ("W_in", "W_out", "out_scale", "u")
+
+    def __init__(self, B_bar: Tensor, C: Tensor, out_scale: float, cache: Dict[str, Any]):
+        with torch.no_grad():
+            dtype = cache["lrnn_state"].dtype  # complex; real B_bar/C get a zero imaginary part
+            B_bar, C = B_bar.to(dtype), C.to(dtype)
+            self.W_in = torch.view_as_real(B_bar.transpose(0, 1).contiguous()).flatten(1)
+            Ct = C.transpose(0, 1)  # (N, H)
+            W_out = torch.stack([Ct.real, -Ct.imag], dim=1).flatten(0, 1) * out_scale
+            self.W_out = W_out.contiguous()
+        self.out_scale = out_scale
+        self.u: Optional[Tensor] = None
+
+
 class LTI_LRNN(LRNN):
     """Base class for all LTI LRNN models.
 
@@ -38,7 +68,9 @@ class LTI_LRNN(LRNN):
 
     ``mode`` selects how ``forward`` runs the recurrence: ``"fft"`` (causal convolution with the
     kernel A^t, O(L log L)), ``"scan"`` (the recurrence via :func:`lrnnx.ops.linear_scan`) or
-    ``"auto"``.  Both give the same result up to floating-point rounding.
+    ``"auto"``: the scan whenever the device's linear_scan backend is a fused one
+    (:data:`FUSED_SCAN_BACKENDS`), otherwise the FFT from :data:`AUTO_FFT_MIN_LEN` steps on.
+    Both give the same result up to floating-point rounding.
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "no_discretization")
@@ -63,10 +95,20 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"mode: expected one of {list(MODES)}, got {value!r}")
         self._mode = value
 
-    def _use_fft(self, L: int) -> bool:
-        if self.mode == "auto":
-            return L >= AUTO_FFT_MIN_LEN
-        return self.mode == "fft"
+    def _use_fft(self, L: int, device: Optional[torch.device] = None) -> bool:
+        """Whether a forward over ``L`` steps runs the FFT convolution (see ``mode``).
+
+        ``device`` defaults to the parameters' device; "auto" asks the dispatcher which
+        linear_scan backend would run there (``LRNNX_BACKEND`` included)."""
+        if self.mode != "auto":
+            return self.mode == "fft"
+        if device is None:
+            param = next(self.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        backend, _ = _dispatch.select("linear_scan", device)
+        if backend in FUSED_SCAN_BACKENDS:
+            return False
+        return L >= AUTO_FFT_MIN_LEN
 
     @abstractmethod
     def discretize(self) -> Tuple[Tensor, Any, Tensor]:
@@ -149,18 +191,36 @@ class LTI_LRNN(LRNN):
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One step of h = A_bar h + B_bar x, y = out_scale Re(C h) + D x with the cached matrices.
 
-        x is (B, H) (or (B, 1, H)); the state is updated in place, so no per-step allocation
-        beyond the products themselves.
+        x is (B, H) (or (B, 1, H)).  Per call, only the output y is allocated: the state is
+        updated in place, B_bar x goes into a buffer kept in the cache (unless x needs a
+        gradient), and both products are real matrix products with weights prepared once
+        (:class:`_StepBuffers`), so a real x is never cast to complex.
         """
         x = check_step_input(x, self.d_model)
         h = cache["lrnn_state"]
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        h.mul_(cache["A_bar"]).add_(xf.to(h.dtype) @ cache["B_bar"].transpose(0, 1))
-        y = (h @ cache["C"].transpose(0, 1)).real * out_scale
+        bufs = self._step_buffers(cache, out_scale)
+        xf = x if x.dtype == bufs.W_in.dtype else x.to(bufs.W_in.dtype)
+        Bsz, N = h.shape
+        if torch.is_grad_enabled() and xf.requires_grad:  # out= cannot carry a graph
+            u = xf @ bufs.W_in
+        else:
+            if bufs.u is None or bufs.u.shape != (Bsz, 2 * N):
+                bufs.u = torch.empty(Bsz, 2 * N, dtype=bufs.W_in.dtype, device=h.device)
+            u = torch.matmul(xf, bufs.W_in, out=bufs.u)  # [Re, Im] of B_bar x, interleaved
+        h.mul_(cache["A_bar"]).add_(torch.view_as_complex(u.view(Bsz, N, 2)))
+        y = torch.view_as_real(h).reshape(Bsz, 2 * N) @ bufs.W_out  # out_scale Re(C h)
         if cache.get("D") is not None:
-            y = y + xf * cache["D"]
+            y.addcmul_(xf, cache["D"])
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), cache
+
+    @staticmethod
+    def _step_buffers(cache: Dict[str, Any], out_scale: float) -> _StepBuffers:
+        """The step's real weights and input buffer, made at the first step (cache["_step"])."""
+        bufs = cache.get("_step")
+        if not isinstance(bufs, _StepBuffers) or bufs.out_scale != out_scale:
+            bufs = cache["_step"] = _StepBuffers(cache["B_bar"], cache["C"], out_scale, cache)
+        return bufs
 
     @staticmethod
     def _store_final_state(cache: Dict[str, Any], h: Tensor, lengths: Optional[Tensor]) -> None:

@@ -4,6 +4,8 @@ Backends (same signature, same results):
 
 - ``reference``: a plain Python loop over time, the specification.
 - ``torch``: chunked pure torch, any device; memory O(b d n CHUNK) in forward and backward.
+- ``cpu``: fused numba kernels (the CPU default when numba is installed): the state lives in a
+  length-n buffer per channel, forward keeps one state per chunk, backward recomputes chunks.
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
@@ -22,6 +24,8 @@ _dispatch.register(
     "selective_scan", "reference", "lrnnx.ops.selective_scan.reference:selective_scan"
 )
 _dispatch.register("selective_scan", "torch", "lrnnx.ops.selective_scan.torch:selective_scan")
+_dispatch.register("selective_scan", "cpu", "lrnnx.ops.selective_scan.cpu:selective_scan")
+_dispatch.register("selective_scan", "triton", "lrnnx.ops.selective_scan.triton:selective_scan")
 
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 

@@ -1,0 +1,1280 @@
+"""Fused CPU selective scan, compiled by numba at first use (cached on disk afterwards).
+
+Work split.  A task is one batch element and a block of channels (blocks never straddle a group
+of grouped B/C, so the rows of the partial dB/dC a task writes are its own).  Tasks run on
+``torch.get_num_threads()`` threads: the kernels are compiled ``nogil``, and a thread pool
+hands the tasks out (numba's ``parallel=True`` would do the same but triples the compile time).
+Each channel is walked through time in chunks of :data:`CHUNK` (K) steps; the (b, d, L, n) state
+tensor is never formed, only (n, K) buffers that stay in L1/L2.
+
+One chunk, in passes that each run along time (state-major buffers: the inner loops are K long,
+so LLVM vectorises them; along n = 16 they would be too short for its vectoriser):
+
+1. delta' = softplus(delta + bias) (or delta + bias) and the A-step s (deltaA, else delta').
+2. A_bar and gamma_bar for every (state, step): for float32 the exp, expm1, softplus and sigmoid
+   are inlined polynomials, vectorised (numba has no vector libm without Intel's SVML).
+3. x = gamma_bar B_t u_t, then h_t = A_bar h_{t-1} + x_t: the recurrence is sequential in t, so
+   four state rows advance together (four independent multiply-add chains per step).
+4. w_t = sum_k C_t[k] h_t[k] (2 Re(...) for complex A) + D u_t, then the silu(z_t) gate.
+
+Forward keeps the state at each chunk start, (b, d, L / K, n), when a gradient is needed.
+Backward walks each channel's chunks in reverse: it recomputes the chunk from its checkpoint with
+the same passes, runs the adjoint recurrence G_t = dy_t C_t + A_bar_{t+1} G_{t+1} backwards
+through it, and accumulates every input's gradient from (A_bar, gamma_bar, h, G); the adjoint
+state at the chunk start is carried into the previous chunk, and after the first chunk it is
+the gradient of ``initial_state``.  Complex numbers follow PyTorch's convention (conjugate
+Wirtinger: grad_w = conj(df/dw) grad_f), so the results match autograd through the torch
+backend; complex tensors are split into real and imaginary planes, so every kernel works on
+real arrays.
+
+Why numba and not a C++ extension (``torch.utils.cpp_extension.load_inline``): numba is a pip
+wheel, so users need no compiler toolchain or torch headers, and ``cache=True`` keeps the
+machine code next to this file: the first call of a dtype compiles its kernels (10-20 s on the
+2-core machine), later processes load them in about a second.  load_inline needs g++ at run
+time and rebuilds whenever torch changes.  The code LLVM generates here is what a compiler
+would produce from the same loops (vectorised at the host's width).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available
+
+__all__ = ["selective_scan", "is_available"]
+
+#: steps per chunk: the checkpoint interval of forward and the recompute unit of backward;
+#: long chunks amortise the per-row loop overhead (the (n, CHUNK) buffers stay in L2)
+CHUNK = 256
+#: parallel tasks per thread (channel blocks x batch), so threads finish close together
+TASKS_PER_THREAD = 4
+
+_DISC = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
+
+if HAVE_NUMBA:
+    import numba
+    import numpy as np
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic, overload
+
+    # fmt: off
+    # (the kernels' long argument lists stay packed)
+
+    # the kernels may reorder sums (so reductions over the state vectorise); the range
+    # reduction of exp uses explicit fma calls, which reassociation cannot merge
+    _FAST = {"reassoc", "contract"}
+    # error_model="numpy": x / 0 gives inf like torch, and no per-division zero check (a branch
+    # that would stop LLVM from vectorising the loops)
+    _HELPER = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
+    # elementary functions: compiled once per dtype, small enough for LLVM to inline them into
+    # the loops (where they vectorise); no reassociation inside them
+    _ELEMENTARY = dict(fastmath={"contract"}, error_model="numpy")
+
+
+    # ------------------------------------------------------------------ elementary functions
+    # float32: branch-free polynomials that LLVM inlines into the loops and vectorises (numba
+    # has no vector exp without Intel's SVML).  float64 (tight checks): libm, as torch.
+
+    @intrinsic
+    def _f32_from_bits(typingctx, i):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.int32), codegen
+
+    @intrinsic
+    def _fma(typingctx, x, y, z):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            fnty = ir.FunctionType(f32, [f32, f32, f32])
+            fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty)
+            return builder.call(fn, args)
+
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    def _is_f32(x) -> bool:
+        return isinstance(x, types.Float) and x.bitwidth == 32
+
+    def _exp(x):  # pragma: no cover - typing stub
+        return math.exp(x)
+
+    def _expm1(x):  # pragma: no cover - typing stub
+        return math.expm1(x)
+
+    def _softplus(x):  # pragma: no cover - typing stub
+        return x if x > 20.0 else math.log1p(math.exp(x))
+
+    def _sigmoid(x):  # pragma: no cover - typing stub
+        return 1.0 / (1.0 + math.exp(-x))
+
+    def _sincos(x):  # pragma: no cover - typing stub
+        return math.sin(x), math.cos(x)
+
+    # The float32 bodies avoid branches (min/max and comparisons-as-numbers are selects), so
+    # the loops that call them stay vectorisable.
+
+    def _exp_f32(x):  # pragma: no cover - compiled
+        # exp(x) = 2^m exp(r), r = x - m ln2 in [-ln2/2, ln2/2] (ln2 split in two parts, fma
+        # so no reassociation can merge them); degree-7 polynomial for exp(r), within 1 ulp.
+        # 2^m is applied as two factors so x > 88.72 overflows to inf as it should; below
+        # -87.34 (where exp(x) < 1.2e-38) the result is flushed to 0: denormal decays would
+        # cost ~100 cycles per operation downstream and change nothing measurable.
+        lo = np.float32(-87.33654)
+        xc = min(max(x, lo), np.float32(89.0))
+        m = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = _fma(-m, np.float32(0.693359375), xc)
+        r = _fma(-m, np.float32(-2.12194440e-4), r)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + np.float32(1.0)
+        mi = np.int32(m)
+        m1 = mi >> np.int32(1)
+        e1 = _f32_from_bits((m1 + np.int32(127)) << np.int32(23))
+        e2 = _f32_from_bits((mi - m1 + np.int32(127)) << np.int32(23))
+        return _fma(p, e1, np.float32(0.0)) * e2 * np.float32(x >= lo)
+
+    def _expm1_f32(x):  # pragma: no cover - compiled
+        # Taylor series to x^8 where exp(x) - 1 would cancel (|x| < 1/2: error < 1e-8 |x|)
+        xs = min(max(x, np.float32(-0.5)), np.float32(0.5))
+        p = np.float32(1.0 / 40320.0)
+        p = p * xs + np.float32(1.0 / 5040.0)
+        p = p * xs + np.float32(1.0 / 720.0)
+        p = p * xs + np.float32(1.0 / 120.0)
+        p = p * xs + np.float32(1.0 / 24.0)
+        p = p * xs + np.float32(1.0 / 6.0)
+        p = p * xs + np.float32(0.5)
+        p = (p * xs + np.float32(1.0)) * xs
+        small = np.float32(abs(x) < np.float32(0.5))
+        return small * p + (np.float32(1.0) - small) * (_exp(x) - np.float32(1.0))
+
+    def _softplus_f32(x):  # pragma: no cover - compiled
+        # log(1 + e^x) = max(x, 0) + log1p(e^-|x|);  log1p(v) = 2 atanh(v / (2 + v)), v <= 1.
+        # Above 20 the correction is below half an ulp of x: the result is x, as torch's.
+        v = _exp(-abs(x))
+        q = v / (np.float32(2.0) + v)
+        q2 = q * q
+        p = np.float32(1.0 / 13.0)
+        p = p * q2 + np.float32(1.0 / 11.0)
+        p = p * q2 + np.float32(1.0 / 9.0)
+        p = p * q2 + np.float32(1.0 / 7.0)
+        p = p * q2 + np.float32(1.0 / 5.0)
+        p = p * q2 + np.float32(1.0 / 3.0)
+        p = p * q2 + np.float32(1.0)
+        return max(x, np.float32(0.0)) + np.float32(2.0) * q * p
+
+    def _sigmoid_f32(x):  # pragma: no cover - compiled
+        return np.float32(1.0) / (np.float32(1.0) + _exp(-x))
+
+    def _sincos_f32(x):  # pragma: no cover - compiled
+        # x = j pi/2 + r, |r| <= pi/4 (pi/2 split in three parts, fma); minimax polynomials
+        # for sin r and cos r; the quadrant j mod 4 swaps and negates them
+        j = np.floor(x * np.float32(0.6366197723675814) + np.float32(0.5))
+        r = _fma(-j, np.float32(1.5703125), x)
+        r = _fma(-j, np.float32(4.837512969970703125e-4), r)
+        r = _fma(-j, np.float32(7.54978995489188216e-8), r)
+        r2 = r * r
+        ps = np.float32(-1.9515295891e-4)
+        ps = ps * r2 + np.float32(8.3321608736e-3)
+        ps = ps * r2 + np.float32(-1.6666654611e-1)
+        sn = r + r * r2 * ps
+        pc = np.float32(2.443315711809948e-5)
+        pc = pc * r2 + np.float32(-1.388731625493765e-3)
+        pc = pc * r2 + np.float32(4.166664568298827e-2)
+        cs = np.float32(1.0) - np.float32(0.5) * r2 + r2 * r2 * pc
+        q = np.int32(j)
+        odd = np.float32(q & np.int32(1))
+        s_neg = np.float32(1.0) - np.float32(2.0) * np.float32((q >> np.int32(1)) & np.int32(1))
+        c_neg = np.float32(1.0) - np.float32(2.0) * np.float32(
+            ((q + np.int32(1)) >> np.int32(1)) & np.int32(1)
+        )
+        sin_x = s_neg * (odd * cs + (np.float32(1.0) - odd) * sn)
+        cos_x = c_neg * (odd * sn + (np.float32(1.0) - odd) * cs)
+        return sin_x, cos_x
+
+    @numba.njit(cache=True)
+    def _softplus_f64(x):  # pragma: no cover - compiled
+        return x if x > 20.0 else math.log1p(math.exp(x))  # torch's threshold
+
+    @overload(_exp, jit_options=_ELEMENTARY)
+    def _ol_exp(x):
+        return _exp_f32 if _is_f32(x) else (lambda x: math.exp(x))
+
+    @overload(_expm1, jit_options=_ELEMENTARY)
+    def _ol_expm1(x):
+        return _expm1_f32 if _is_f32(x) else (lambda x: math.expm1(x))
+
+    @overload(_softplus, jit_options=_ELEMENTARY)
+    def _ol_softplus(x):
+        return _softplus_f32 if _is_f32(x) else (lambda x: _softplus_f64(x))
+
+    @overload(_sigmoid, jit_options=_ELEMENTARY)
+    def _ol_sigmoid(x):
+        return _sigmoid_f32 if _is_f32(x) else (lambda x: 1.0 / (1.0 + math.exp(-x)))
+
+    @overload(_sincos, jit_options=_ELEMENTARY)
+    def _ol_sincos(x):
+        return _sincos_f32 if _is_f32(x) else (lambda x: (math.sin(x), math.cos(x)))
+
+    # ------------------------------------------------------------------ chunk passes
+    # Buffers are state-major, (n, K): every inner loop runs along the chunk's time steps (K
+    # long, so LLVM vectorises it) rather than along the state (often 16: too short for the
+    # vectoriser's minimum trip count).  Arguments ending in "c" are one channel's rows
+    # restricted to the chunk, (T,); Xv is the (n, L or 1) slice of B or C a channel reads,
+    # from column t0 (ts = 1) or always column 0 (ts = 0: time-invariant).
+
+    @numba.njit(**_HELPER)
+    def _rows(Xv, t0, ts, T, out):  # pragma: no cover - compiled
+        """out[k, j] = X_{t0 + j}[k] for j < T."""
+        for k in range(Xv.shape[0]):
+            o = out[k]
+            if ts:
+                src = Xv[k, t0 : t0 + T]
+                for j in range(T):
+                    o[j] = src[j]
+            else:
+                v = Xv[k, 0]
+                for j in range(T):
+                    o[j] = v
+
+    @numba.njit(**_HELPER)
+    def _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s):  # pragma: no cover
+        """raw = delta + bias, dt = softplus(raw) or raw, s = deltaA or dt."""
+        for j in range(T):
+            raw[j] = dc[j] + bias_c
+        if softplus:
+            for j in range(T):
+                dt[j] = _softplus(raw[j])
+        else:
+            for j in range(T):
+                dt[j] = raw[j]
+        if has_dA:
+            for j in range(T):
+                s[j] = dAc[j]
+        else:
+            for j in range(T):
+                s[j] = dt[j]
+
+    @numba.njit(**_HELPER)
+    def _recur(a, x, hs, T):  # pragma: no cover - compiled
+        """hs[k, j + 1] = a[k, j] hs[k, j] + x[k, j] for j < T.
+
+        The recurrence is sequential in j, so four rows advance together: four independent
+        multiply-add chains per step hide the latency of each."""
+        n = a.shape[0]
+        k = 0
+        while k + 4 <= n:
+            a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
+            x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+            o0, o1, o2, o3 = hs[k], hs[k + 1], hs[k + 2], hs[k + 3]
+            h0, h1, h2, h3 = o0[0], o1[0], o2[0], o3[0]
+            for j in range(T):
+                h0 = a0[j] * h0 + x0[j]
+                h1 = a1[j] * h1 + x1[j]
+                h2 = a2[j] * h2 + x2[j]
+                h3 = a3[j] * h3 + x3[j]
+                o0[j + 1] = h0
+                o1[j + 1] = h1
+                o2[j + 1] = h2
+                o3[j + 1] = h3
+            k += 4
+        while k < n:
+            ak, xk, ok = a[k], x[k], hs[k]
+            h = ok[0]
+            for j in range(T):
+                h = ak[j] * h + xk[j]
+                ok[j + 1] = h
+            k += 1
+
+    @numba.njit(**_HELPER)
+    def _adjoint(a, dy, Cb, carry, T, G):  # pragma: no cover - compiled
+        """Adjoint of :func:`_recur`: G[k, j] = dy[j] C[k, j] + a[k, j + 1] G[k, j + 1], from
+        G[k, T] = carry[k] / a[k, T] (the adjoint arriving from the next chunk, already through
+        its decay); then carry[k] = a[k, 0] G[k, 0], the adjoint of the state before the chunk.
+        Four rows advance together, as in :func:`_recur`."""
+        n = a.shape[0]
+        k = 0
+        while k + 4 <= n:
+            a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
+            c0, c1, c2, c3 = Cb[k], Cb[k + 1], Cb[k + 2], Cb[k + 3]
+            g0, g1, g2, g3 = G[k], G[k + 1], G[k + 2], G[k + 3]
+            r0 = dy[T - 1] * c0[T - 1] + carry[k]
+            r1 = dy[T - 1] * c1[T - 1] + carry[k + 1]
+            r2 = dy[T - 1] * c2[T - 1] + carry[k + 2]
+            r3 = dy[T - 1] * c3[T - 1] + carry[k + 3]
+            g0[T - 1], g1[T - 1], g2[T - 1], g3[T - 1] = r0, r1, r2, r3
+            for jj in range(1, T):
+                j = T - 1 - jj
+                r0 = a0[j + 1] * r0 + dy[j] * c0[j]
+                r1 = a1[j + 1] * r1 + dy[j] * c1[j]
+                r2 = a2[j + 1] * r2 + dy[j] * c2[j]
+                r3 = a3[j + 1] * r3 + dy[j] * c3[j]
+                g0[j] = r0
+                g1[j] = r1
+                g2[j] = r2
+                g3[j] = r3
+            carry[k], carry[k + 1] = a0[0] * r0, a1[0] * r1
+            carry[k + 2], carry[k + 3] = a2[0] * r2, a3[0] * r3
+            k += 4
+        while k < n:
+            ak, ck, gk = a[k], Cb[k], G[k]
+            r = dy[T - 1] * ck[T - 1] + carry[k]
+            gk[T - 1] = r
+            for jj in range(1, T):
+                j = T - 1 - jj
+                r = ak[j + 1] * r + dy[j] * ck[j]
+                gk[j] = r
+            carry[k] = ak[0] * r
+            k += 1
+
+    @numba.njit(**_HELPER)
+    def _chunk_real(
+        uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, Dc, bias_c, disc, softplus, has_dA, T,
+        raw, dt, s, a, g, Bb, Cb, x, hs, w,
+    ):  # pragma: no cover - compiled
+        """One chunk from hs[:, 0]: A_bar, gamma_bar into a, g; B_t, C_t into Bb, Cb; the
+        states into hs[:, 1..T]; w = y + D u."""
+        n = Ach.shape[0]
+        one = uc.dtype.type(1.0)
+        half = uc.dtype.type(0.5)
+        _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s)
+        _rows(Bv, t0 * tsB, tsB, T, Bb)
+        _rows(Cv, t0 * tsC, tsC, T, Cb)
+        for k in range(n):
+            Ak = Ach[k]
+            ak, gk = a[k], g[k]
+            if disc == 2:  # bilinear
+                for j in range(T):
+                    hx = half * s[j] * Ak
+                    ak[j] = (one + hx) / (one - hx)
+                for j in range(T):
+                    gk[j] = dt[j] / (one - half * dt[j] * Ak)
+            else:
+                for j in range(T):
+                    ak[j] = _exp(s[j] * Ak)
+                if disc == 0:  # mamba: gamma_bar = delta'
+                    for j in range(T):
+                        gk[j] = dt[j]
+                elif disc == 1:  # zoh: expm1(delta' A) / A
+                    for j in range(T):
+                        gk[j] = _expm1(dt[j] * Ak) / Ak
+                else:  # dirac
+                    for j in range(T):
+                        gk[j] = one
+            xk, bk = x[k], Bb[k]
+            for j in range(T):
+                xk[j] = gk[j] * bk[j] * uc[j]
+        _recur(a, x, hs, T)
+        for j in range(T):
+            w[j] = Dc * uc[j]
+        for k in range(n):
+            ck, hk = Cb[k], hs[k]
+            for j in range(T):
+                w[j] += ck[j] * hk[j + 1]
+
+    @numba.njit(**_HELPER)
+    def _recur_cplx(ar, ai, xr, xi, hr, hi, T):  # pragma: no cover - compiled
+        """Complex :func:`_recur` on split planes, two rows per pass."""
+        n = ar.shape[0]
+        k = 0
+        while k + 2 <= n:
+            ar0, ai0, ar1, ai1 = ar[k], ai[k], ar[k + 1], ai[k + 1]
+            xr0, xi0, xr1, xi1 = xr[k], xi[k], xr[k + 1], xi[k + 1]
+            or0, oi0, or1, oi1 = hr[k], hi[k], hr[k + 1], hi[k + 1]
+            p0, q0, p1, q1 = or0[0], oi0[0], or1[0], oi1[0]
+            for j in range(T):
+                p0, q0 = ar0[j] * p0 - ai0[j] * q0 + xr0[j], ar0[j] * q0 + ai0[j] * p0 + xi0[j]
+                p1, q1 = ar1[j] * p1 - ai1[j] * q1 + xr1[j], ar1[j] * q1 + ai1[j] * p1 + xi1[j]
+                or0[j + 1] = p0
+                oi0[j + 1] = q0
+                or1[j + 1] = p1
+                oi1[j + 1] = q1
+            k += 2
+        while k < n:
+            ark, aik, xrk, xik, ork, oik = ar[k], ai[k], xr[k], xi[k], hr[k], hi[k]
+            p, q = ork[0], oik[0]
+            for j in range(T):
+                p, q = ark[j] * p - aik[j] * q + xrk[j], ark[j] * q + aik[j] * p + xik[j]
+                ork[j + 1] = p
+                oik[j + 1] = q
+            k += 1
+
+    @numba.njit(**_HELPER)
+    def _adjoint_cplx(ar, ai, dy, Cbr, Cbi, cr, ci, T, Gr, Gi):  # pragma: no cover - compiled
+        """Complex :func:`_adjoint` for y = 2 Re(C h):
+        G[k, j] = 2 dy[j] conj(C[k, j]) + conj(a[k, j + 1]) G[k, j + 1]."""
+        n = ar.shape[0]
+        two = dy.dtype.type(2.0)
+        for k in range(n):
+            ark, aik, crk, cik, grk, gik = ar[k], ai[k], Cbr[k], Cbi[k], Gr[k], Gi[k]
+            p = two * dy[T - 1] * crk[T - 1] + cr[k]
+            q = ci[k] - two * dy[T - 1] * cik[T - 1]
+            grk[T - 1] = p
+            gik[T - 1] = q
+            for jj in range(1, T):
+                j = T - 1 - jj
+                e = two * dy[j]
+                p, q = (
+                    ark[j + 1] * p + aik[j + 1] * q + e * crk[j],
+                    ark[j + 1] * q - aik[j + 1] * p - e * cik[j],
+                )
+                grk[j] = p
+                gik[j] = q
+            cr[k] = ark[0] * p + aik[0] * q
+            ci[k] = ark[0] * q - aik[0] * p
+
+    @numba.njit(**_HELPER)
+    def _chunk_cplx(
+        uc, dc, dAc, Ar, Ai, Brv, Biv, Crv, Civ, t0, tsB, tsC, Dc, bias_c, disc, softplus,
+        has_dA, T, raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr, Cbi, xr, xi, hr, hi, w,
+    ):  # pragma: no cover - compiled
+        """Complex A (split planes): as :func:`_chunk_real`, with y = 2 Re(sum_k C h)."""
+        n = Ar.shape[0]
+        zero = uc.dtype.type(0.0)
+        one = uc.dtype.type(1.0)
+        half = uc.dtype.type(0.5)
+        two = uc.dtype.type(2.0)
+        _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s)
+        _rows(Brv, t0 * tsB, tsB, T, Bbr)
+        _rows(Biv, t0 * tsB, tsB, T, Bbi)
+        _rows(Crv, t0 * tsC, tsC, T, Cbr)
+        _rows(Civ, t0 * tsC, tsC, T, Cbi)
+        for k in range(n):
+            Akr, Aki = Ar[k], Ai[k]
+            ark, aik, grk, gik = ar[k], ai[k], gr[k], gi[k]
+            if disc == 2:  # bilinear: (1 + x) / (1 - x), x = s A / 2
+                for j in range(T):
+                    xr_ = half * s[j] * Akr
+                    xi_ = half * s[j] * Aki
+                    dr = one - xr_
+                    m = one / (dr * dr + xi_ * xi_)
+                    ark[j] = ((one + xr_) * dr - xi_ * xi_) * m
+                    aik[j] = (xi_ * dr + (one + xr_) * xi_) * m
+                for j in range(T):
+                    dr = one - half * dt[j] * Akr
+                    di = -half * dt[j] * Aki
+                    m = dt[j] / (dr * dr + di * di)
+                    grk[j] = dr * m
+                    gik[j] = -di * m
+            else:
+                for j in range(T):
+                    e = _exp(s[j] * Akr)
+                    sn, cs = _sincos(s[j] * Aki)
+                    ark[j] = e * cs
+                    aik[j] = e * sn
+                if disc == 0:
+                    for j in range(T):
+                        grk[j] = dt[j]
+                        gik[j] = zero
+                elif disc == 1:  # zoh: expm1(x) / A with a cancellation-free complex expm1
+                    m = one / (Akr * Akr + Aki * Aki)
+                    for j in range(T):
+                        em1 = _expm1(dt[j] * Akr)
+                        th = dt[j] * Aki
+                        sh = _sincos(half * th)[0]
+                        sn, cs = _sincos(th)
+                        er = em1 * cs - two * sh * sh
+                        ei = (em1 + one) * sn
+                        grk[j] = (er * Akr + ei * Aki) * m
+                        gik[j] = (ei * Akr - er * Aki) * m
+                else:
+                    for j in range(T):
+                        grk[j] = one
+                        gik[j] = zero
+            xrk, xik, brk, bik = xr[k], xi[k], Bbr[k], Bbi[k]
+            for j in range(T):
+                xrk[j] = (grk[j] * brk[j] - gik[j] * bik[j]) * uc[j]
+                xik[j] = (grk[j] * bik[j] + gik[j] * brk[j]) * uc[j]
+        _recur_cplx(ar, ai, xr, xi, hr, hi, T)
+        for j in range(T):
+            w[j] = zero
+        for k in range(n):
+            crk, cik, hrk, hik = Cbr[k], Cbi[k], hr[k], hi[k]
+            for j in range(T):
+                w[j] += crk[j] * hrk[j + 1] - cik[j] * hik[j + 1]
+        for j in range(T):
+            w[j] = two * w[j] + Dc * uc[j]
+
+    @numba.njit(**_HELPER)
+    def _gate_forward(zc, has_z, T, w, yc):  # pragma: no cover - compiled
+        if has_z:
+            for j in range(T):
+                yc[j] = w[j] * zc[j] * _sigmoid(zc[j])
+        else:
+            for j in range(T):
+                yc[j] = w[j]
+
+    @numba.njit(**_HELPER)
+    def _gate_backward(uc, zc, doc, dzc, Dc, has_z, T, w, dy, du_j):  # pragma: no cover
+        """dy = dL/d(y + D u), dz, and the D path of du; returns this chunk's dL/dD."""
+        one = uc.dtype.type(1.0)
+        if has_z:
+            for j in range(T):
+                sg = _sigmoid(zc[j])
+                dzc[j] = doc[j] * w[j] * sg * (one + zc[j] * (one - sg))
+                dy[j] = doc[j] * zc[j] * sg
+        else:
+            for j in range(T):
+                dy[j] = doc[j]
+        dD = uc.dtype.type(0.0)
+        for j in range(T):
+            dD += dy[j] * uc[j]
+            du_j[j] = dy[j] * Dc
+        return dD
+
+    @numba.njit(**_HELPER)
+    def _finish_steps(
+        softplus, has_dA, T, raw, ddt, ds, du_j, duc, ddc, ddAc
+    ):  # pragma: no cover - compiled
+        """Route the step gradients to deltaA or delta', then through softplus; returns dbias."""
+        if has_dA:
+            for j in range(T):
+                ddAc[j] = ds[j]
+        else:
+            for j in range(T):
+                ddt[j] += ds[j]
+        if softplus:  # torch's threshold: identity (gradient 1) above 20
+            for j in range(T):
+                r = raw[j]
+                ddt[j] = ddt[j] if r > 20.0 else ddt[j] * _sigmoid(r)
+        db = raw.dtype.type(0.0)
+        for j in range(T):
+            ddc[j] = ddt[j]
+            db += ddt[j]
+            duc[j] = du_j[j]
+        return db
+
+    # ------------------------------------------------------------------ real kernels
+
+    @numba.njit(**_HELPER)
+    def _fwd_real(
+        task,
+        u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, blocks,
+        y, hlast, ckpt,
+    ):  # pragma: no cover - compiled
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        b, d, L = u.shape
+        n = A.shape[1]
+        nblk = blocks.shape[0]
+        save = ckpt.shape[2] > 0
+        nck = (L + K - 1) // K
+        tsB = 1 if B.shape[3] > 1 else 0
+        tsC = 1 if C.shape[3] > 1 else 0
+        bi = task // nblk
+        blk = task % nblk
+        raw = np.empty(K, u.dtype)
+        dt = np.empty(K, u.dtype)
+        s = np.empty(K, u.dtype)
+        w = np.empty(K, u.dtype)
+        a = np.empty((n, K), u.dtype)
+        g = np.empty((n, K), u.dtype)
+        x = np.empty((n, K), u.dtype)
+        Bb = np.empty((n, K), u.dtype)
+        Cb = np.empty((n, K), u.dtype)
+        hs = np.empty((n, K + 1), u.dtype)
+        bB = bi if B.shape[0] > 1 else 0
+        bC = bi if C.shape[0] > 1 else 0
+        for ch in range(blocks[blk, 0], blocks[blk, 1]):
+            Bv = B[bB, ch // (d // B.shape[1])]
+            Cv = C[bC, ch // (d // C.shape[1])]
+            for k in range(n):
+                hs[k, 0] = h0[bi, ch, k]
+            for c in range(nck):
+                t0 = c * K
+                T = min(K, L - t0)
+                if save:
+                    for k in range(n):
+                        ckpt[bi, ch, c, k] = hs[k, 0]
+                uc = u[bi, ch, t0 : t0 + T]
+                dc = delta[bi, ch, t0 : t0 + T]
+                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
+                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                _chunk_real(
+                    uc, dc, dAc, A[ch], Bv, Cv, t0, tsB, tsC, D[ch], bias[ch], disc,
+                    softplus, has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
+                )
+                _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
+                for k in range(n):
+                    hs[k, 0] = hs[k, T]
+            for k in range(n):
+                hlast[bi, ch, k] = hs[k, 0]
+
+    @numba.njit(**_HELPER)
+    def _bwd_real(
+        task,
+        u, delta, A, B, C, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K, blocks,
+        per_B, per_C, ckpt, dout, dhlast,
+        du, ddelta, dz, ddA, dAp, dBp, dCp, dDp, dbp, dh0,
+    ):  # pragma: no cover - compiled
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        b, d, L = u.shape
+        n = A.shape[1]
+        nblk = blocks.shape[0]
+        nck = (L + K - 1) // K
+        one = u.dtype.type(1.0)
+        half = u.dtype.type(0.5)
+        zero = u.dtype.type(0.0)
+        tsB = 1 if B.shape[3] > 1 else 0
+        tsC = 1 if C.shape[3] > 1 else 0
+        bi = task // nblk
+        blk = task % nblk
+        raw = np.empty(K, u.dtype)
+        dt = np.empty(K, u.dtype)
+        s = np.empty(K, u.dtype)
+        w = np.empty(K, u.dtype)
+        dy = np.empty(K, u.dtype)
+        du_j = np.empty(K, u.dtype)
+        ddt = np.empty(K, u.dtype)
+        ds = np.empty(K, u.dtype)
+        a = np.empty((n, K), u.dtype)
+        g = np.empty((n, K), u.dtype)
+        x = np.empty((n, K), u.dtype)
+        Bb = np.empty((n, K), u.dtype)
+        Cb = np.empty((n, K), u.dtype)
+        G = np.empty((n, K), u.dtype)
+        hs = np.empty((n, K + 1), u.dtype)
+        carry = np.empty(n, u.dtype)
+        dA_acc = np.empty(n, u.dtype)
+        bB = bi if B.shape[0] > 1 else 0
+        bC = bi if C.shape[0] > 1 else 0
+        for ch in range(blocks[blk, 0], blocks[blk, 1]):
+            Bv = B[bB, ch // (d // B.shape[1])]
+            Cv = C[bC, ch // (d // C.shape[1])]
+            dBv = dBp[bi, ch if per_B else blk]  # this task's rows of the partial dB, dC
+            dCv = dCp[bi, ch if per_C else blk]
+            Ach = A[ch]
+            Dc = D[ch]
+            for k in range(n):
+                carry[k] = dhlast[bi, ch, k]
+                dA_acc[k] = zero
+            dD = zero
+            dbias = zero
+            for c in range(nck - 1, -1, -1):
+                t0 = c * K
+                T = min(K, L - t0)
+                for k in range(n):
+                    hs[k, 0] = ckpt[bi, ch, c, k]
+                uc = u[bi, ch, t0 : t0 + T]
+                dc = delta[bi, ch, t0 : t0 + T]
+                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
+                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                dzc = dz[bi, ch, t0 : t0 + T] if has_z else dc
+                _chunk_real(
+                    uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, Dc, bias[ch], disc, softplus,
+                    has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
+                )
+                dD += _gate_backward(
+                    uc, zc, dout[bi, ch, t0 : t0 + T], dzc, Dc, has_z, T, w, dy, du_j
+                )
+                # adjoint of the states: G_t = dy_t C_t + A_bar_{t+1} G_{t+1}
+                _adjoint(a, dy, Cb, carry, T, G)
+                for k in range(n):  # dC_t = dy_t h_t
+                    hk = hs[k]
+                    if tsC:
+                        dCk = dCv[k, t0 : t0 + T]
+                        for j in range(T):
+                            dCk[j] += dy[j] * hk[j + 1]
+                    else:
+                        acc = zero
+                        for j in range(T):
+                            acc += dy[j] * hk[j + 1]
+                        dCv[k, 0] += acc
+                for k in range(n):  # input gamma_bar B u: dB = G gamma_bar u, du += G gamma_bar B
+                    Gk, gk, bk = G[k], g[k], Bb[k]
+                    if tsB:
+                        dBk = dBv[k, t0 : t0 + T]
+                        for j in range(T):
+                            gG = Gk[j] * gk[j]
+                            dBk[j] += gG * uc[j]
+                            du_j[j] += gG * bk[j]
+                    else:
+                        acc = zero
+                        for j in range(T):
+                            gG = Gk[j] * gk[j]
+                            acc += gG * uc[j]
+                            du_j[j] += gG * bk[j]
+                        dBv[k, 0] += acc
+                # A_bar path: q = dA_bar/dx G h_{t-1} for x = s A;  dA += s q, ds += A q
+                for j in range(T):
+                    ds[j] = zero
+                    ddt[j] = zero
+                for k in range(n):
+                    ak, Gk, hk = a[k], G[k], hs[k]
+                    Ak = Ach[k]
+                    acc = zero
+                    if disc == 2:
+                        for j in range(T):
+                            f = half * (one + ak[j])
+                            q = f * f * Gk[j] * hk[j]
+                            acc += s[j] * q
+                            ds[j] += q * Ak
+                    else:
+                        for j in range(T):
+                            q = ak[j] * Gk[j] * hk[j]
+                            acc += s[j] * q
+                            ds[j] += q * Ak
+                    dA_acc[k] += acc
+                # gamma_bar path: dL/dgamma_bar = G B u
+                for k in range(n):
+                    Gk, gk, bk = G[k], g[k], Bb[k]
+                    Ak = Ach[k]
+                    acc = zero
+                    if disc == 0:
+                        for j in range(T):
+                            ddt[j] += Gk[j] * bk[j] * uc[j]
+                    elif disc == 1:  # d/ddt = exp(dt A) = 1 + A g;  d/dA = (dt e - g) / A
+                        for j in range(T):
+                            e = one + Ak * gk[j]
+                            gg = Gk[j] * bk[j] * uc[j]
+                            ddt[j] += e * gg
+                            acc += (dt[j] * e - gk[j]) * gg
+                        dA_acc[k] += acc / Ak
+                    elif disc == 2:  # d/ddt = inv^2;  d/dA = dt^2 / 2 inv^2
+                        for j in range(T):
+                            inv = one / (one - half * dt[j] * Ak)
+                            gg = inv * inv * Gk[j] * bk[j] * uc[j]
+                            ddt[j] += gg
+                            acc += dt[j] * dt[j] * gg
+                        dA_acc[k] += half * acc
+                dbias += _finish_steps(
+                    softplus, has_dA, T, raw, ddt, ds, du_j, du[bi, ch, t0 : t0 + T],
+                    ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
+                )
+            for k in range(n):
+                dh0[bi, ch, k] = carry[k]
+                dAp[bi, ch, k] = dA_acc[k]
+            dDp[bi, ch] = dD
+            dbp[bi, ch] = dbias
+
+
+    # ------------------------------------------------------------------ complex kernels
+
+    @numba.njit(**_HELPER)
+    def _fwd_cplx(
+        task,
+        u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, h0r, h0i, disc, softplus, has_z,
+        has_dA, K, blocks, y, hlr, hli, ckr, cki,
+    ):  # pragma: no cover - compiled
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        b, d, L = u.shape
+        n = Ar.shape[1]
+        nblk = blocks.shape[0]
+        save = ckr.shape[2] > 0
+        nck = (L + K - 1) // K
+        tsB = 1 if Br.shape[3] > 1 else 0
+        tsC = 1 if Cr.shape[3] > 1 else 0
+        bi = task // nblk
+        blk = task % nblk
+        raw = np.empty(K, u.dtype)
+        dt = np.empty(K, u.dtype)
+        s = np.empty(K, u.dtype)
+        w = np.empty(K, u.dtype)
+        ar = np.empty((n, K), u.dtype)
+        ai = np.empty((n, K), u.dtype)
+        gr = np.empty((n, K), u.dtype)
+        gi = np.empty((n, K), u.dtype)
+        Bbr = np.empty((n, K), u.dtype)
+        Bbi = np.empty((n, K), u.dtype)
+        Cbr = np.empty((n, K), u.dtype)
+        Cbi = np.empty((n, K), u.dtype)
+        xr = np.empty((n, K), u.dtype)
+        xi = np.empty((n, K), u.dtype)
+        hr = np.empty((n, K + 1), u.dtype)
+        hi = np.empty((n, K + 1), u.dtype)
+        bB = bi if Br.shape[0] > 1 else 0
+        bC = bi if Cr.shape[0] > 1 else 0
+        for ch in range(blocks[blk, 0], blocks[blk, 1]):
+            gB = ch // (d // Br.shape[1])
+            gC = ch // (d // Cr.shape[1])
+            for k in range(n):
+                hr[k, 0] = h0r[bi, ch, k]
+                hi[k, 0] = h0i[bi, ch, k]
+            for c in range(nck):
+                t0 = c * K
+                T = min(K, L - t0)
+                if save:
+                    for k in range(n):
+                        ckr[bi, ch, c, k] = hr[k, 0]
+                        cki[bi, ch, c, k] = hi[k, 0]
+                uc = u[bi, ch, t0 : t0 + T]
+                dc = delta[bi, ch, t0 : t0 + T]
+                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
+                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                _chunk_cplx(
+                    uc, dc, dAc, Ar[ch], Ai[ch], Br[bB, gB], Bi[bB, gB], Cr[bC, gC],
+                    Ci[bC, gC], t0, tsB, tsC, D[ch], bias[ch], disc, softplus, has_dA, T,
+                    raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr, Cbi, xr, xi, hr, hi, w,
+                )
+                _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
+                for k in range(n):
+                    hr[k, 0] = hr[k, T]
+                    hi[k, 0] = hi[k, T]
+            for k in range(n):
+                hlr[bi, ch, k] = hr[k, 0]
+                hli[bi, ch, k] = hi[k, 0]
+
+    @numba.njit(**_HELPER)
+    def _bwd_cplx(
+        task,
+        u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K,
+        blocks, per_B, per_C, ckr, cki, dout, dhr, dhi,
+        du, ddelta, dz, ddA, dAr, dAi, dBr, dBi, dCr, dCi, dDp, dbp, dh0r, dh0i,
+    ):  # pragma: no cover - compiled
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        b, d, L = u.shape
+        n = Ar.shape[1]
+        nblk = blocks.shape[0]
+        nck = (L + K - 1) // K
+        one = u.dtype.type(1.0)
+        half = u.dtype.type(0.5)
+        two = u.dtype.type(2.0)
+        zero = u.dtype.type(0.0)
+        tsB = 1 if Br.shape[3] > 1 else 0
+        tsC = 1 if Cr.shape[3] > 1 else 0
+        bi = task // nblk
+        blk = task % nblk
+        raw = np.empty(K, u.dtype)
+        dt = np.empty(K, u.dtype)
+        s = np.empty(K, u.dtype)
+        w = np.empty(K, u.dtype)
+        dy = np.empty(K, u.dtype)
+        du_j = np.empty(K, u.dtype)
+        ddt = np.empty(K, u.dtype)
+        ds = np.empty(K, u.dtype)
+        ar = np.empty((n, K), u.dtype)
+        ai = np.empty((n, K), u.dtype)
+        gr = np.empty((n, K), u.dtype)
+        gi = np.empty((n, K), u.dtype)
+        Bbr = np.empty((n, K), u.dtype)
+        Bbi = np.empty((n, K), u.dtype)
+        Cbr = np.empty((n, K), u.dtype)
+        Cbi = np.empty((n, K), u.dtype)
+        xr = np.empty((n, K), u.dtype)
+        xi = np.empty((n, K), u.dtype)
+        Gr = np.empty((n, K), u.dtype)
+        Gi = np.empty((n, K), u.dtype)
+        hr = np.empty((n, K + 1), u.dtype)
+        hi = np.empty((n, K + 1), u.dtype)
+        cr = np.empty(n, u.dtype)
+        ci = np.empty(n, u.dtype)
+        accr = np.empty(n, u.dtype)
+        acci = np.empty(n, u.dtype)
+        bB = bi if Br.shape[0] > 1 else 0
+        bC = bi if Cr.shape[0] > 1 else 0
+        for ch in range(blocks[blk, 0], blocks[blk, 1]):
+            gB = ch // (d // Br.shape[1])
+            gC = ch // (d // Cr.shape[1])
+            Brv, Biv, Crv, Civ = Br[bB, gB], Bi[bB, gB], Cr[bC, gC], Ci[bC, gC]
+            dBrv = dBr[bi, ch if per_B else blk]
+            dBiv = dBi[bi, ch if per_B else blk]
+            dCrv = dCr[bi, ch if per_C else blk]
+            dCiv = dCi[bi, ch if per_C else blk]
+            Arc, Aic = Ar[ch], Ai[ch]
+            Dc = D[ch]
+            for k in range(n):
+                cr[k] = dhr[bi, ch, k]
+                ci[k] = dhi[bi, ch, k]
+                accr[k] = zero
+                acci[k] = zero
+            dD = zero
+            dbias = zero
+            for c in range(nck - 1, -1, -1):
+                t0 = c * K
+                T = min(K, L - t0)
+                for k in range(n):
+                    hr[k, 0] = ckr[bi, ch, c, k]
+                    hi[k, 0] = cki[bi, ch, c, k]
+                uc = u[bi, ch, t0 : t0 + T]
+                dc = delta[bi, ch, t0 : t0 + T]
+                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
+                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                dzc = dz[bi, ch, t0 : t0 + T] if has_z else dc
+                _chunk_cplx(
+                    uc, dc, dAc, Arc, Aic, Brv, Biv, Crv, Civ, t0, tsB, tsC, Dc, bias[ch],
+                    disc, softplus, has_dA, T, raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr,
+                    Cbi, xr, xi, hr, hi, w,
+                )
+                dD += _gate_backward(
+                    uc, zc, dout[bi, ch, t0 : t0 + T], dzc, Dc, has_z, T, w, dy, du_j
+                )
+                # y = 2 Re(C h): h_t receives 2 dy_t conj(C_t);
+                # G_t = 2 dy_t conj(C_t) + conj(A_bar_{t+1}) G_{t+1}
+                _adjoint_cplx(ar, ai, dy, Cbr, Cbi, cr, ci, T, Gr, Gi)
+                for k in range(n):  # dC = 2 dy conj(h)
+                    hrk, hik = hr[k], hi[k]
+                    if tsC:
+                        dCrk = dCrv[k, t0 : t0 + T]
+                        dCik = dCiv[k, t0 : t0 + T]
+                        for j in range(T):
+                            dCrk[j] += two * dy[j] * hrk[j + 1]
+                            dCik[j] -= two * dy[j] * hik[j + 1]
+                    else:
+                        sr = zero
+                        si = zero
+                        for j in range(T):
+                            sr += dy[j] * hrk[j + 1]
+                            si += dy[j] * hik[j + 1]
+                        dCrv[k, 0] += two * sr
+                        dCiv[k, 0] -= two * si
+                for k in range(n):  # dB = G conj(gamma_bar) u;  du += Re(G conj(gamma_bar B))
+                    grk, gik, gmr, gmi, brk, bik = Gr[k], Gi[k], gr[k], gi[k], Bbr[k], Bbi[k]
+                    if tsB:
+                        dBrk = dBrv[k, t0 : t0 + T]
+                        dBik = dBiv[k, t0 : t0 + T]
+                        for j in range(T):
+                            pr = grk[j] * gmr[j] + gik[j] * gmi[j]
+                            pi = gik[j] * gmr[j] - grk[j] * gmi[j]
+                            dBrk[j] += pr * uc[j]
+                            dBik[j] += pi * uc[j]
+                            du_j[j] += pr * brk[j] + pi * bik[j]
+                    else:
+                        sr = zero
+                        si = zero
+                        for j in range(T):
+                            pr = grk[j] * gmr[j] + gik[j] * gmi[j]
+                            pi = gik[j] * gmr[j] - grk[j] * gmi[j]
+                            sr += pr * uc[j]
+                            si += pi * uc[j]
+                            du_j[j] += pr * brk[j] + pi * bik[j]
+                        dBrv[k, 0] += sr
+                        dBiv[k, 0] += si
+                # A_bar path: q = conj(dA_bar/dx) G conj(h_{t-1});  dA += s q, ds += Re(conj(A) q)
+                for j in range(T):
+                    ds[j] = zero
+                    ddt[j] = zero
+                for k in range(n):
+                    ark, aik, grk, gik, hrk, hik = ar[k], ai[k], Gr[k], Gi[k], hr[k], hi[k]
+                    Akr, Aki = Arc[k], Aic[k]
+                    if disc == 2:  # dA_bar/dx = ((1 + A_bar) / 2)^2
+                        for j in range(T):
+                            pr = half * (one + ark[j])
+                            pi = half * aik[j]
+                            ark[j] = pr * pr - pi * pi
+                            aik[j] = two * pr * pi
+                    sr = zero
+                    si = zero
+                    for j in range(T):
+                        vr = grk[j] * hrk[j] + gik[j] * hik[j]
+                        vi = gik[j] * hrk[j] - grk[j] * hik[j]
+                        qr = ark[j] * vr + aik[j] * vi
+                        qi = ark[j] * vi - aik[j] * vr
+                        sr += s[j] * qr
+                        si += s[j] * qi
+                        ds[j] += Akr * qr + Aki * qi
+                    accr[k] += sr
+                    acci[k] += si
+                # gamma_bar path: v = G conj(B) u
+                for k in range(n):
+                    grk, gik, brk, bik = Gr[k], Gi[k], Bbr[k], Bbi[k]
+                    gmr, gmi = gr[k], gi[k]
+                    Akr, Aki = Arc[k], Aic[k]
+                    sr = zero
+                    si = zero
+                    if disc == 0:
+                        for j in range(T):
+                            ddt[j] += (grk[j] * brk[j] + gik[j] * bik[j]) * uc[j]
+                    elif disc == 1:
+                        m = one / (Akr * Akr + Aki * Aki)
+                        for j in range(T):
+                            vr = (grk[j] * brk[j] + gik[j] * bik[j]) * uc[j]
+                            vi = (gik[j] * brk[j] - grk[j] * bik[j]) * uc[j]
+                            # exp(dt A) = 1 + A g;  dg/dA = (dt exp(dt A) - g) / A
+                            er = one + Akr * gmr[j] - Aki * gmi[j]
+                            ei = Akr * gmi[j] + Aki * gmr[j]
+                            ddt[j] += er * vr + ei * vi
+                            nr = dt[j] * er - gmr[j]
+                            ni = dt[j] * ei - gmi[j]
+                            pr = (nr * Akr + ni * Aki) * m
+                            pi = (ni * Akr - nr * Aki) * m
+                            sr += pr * vr + pi * vi
+                            si += pr * vi - pi * vr
+                    elif disc == 2:
+                        for j in range(T):
+                            vr = (grk[j] * brk[j] + gik[j] * bik[j]) * uc[j]
+                            vi = (gik[j] * brk[j] - grk[j] * bik[j]) * uc[j]
+                            dr = one - half * dt[j] * Akr  # inv = 1 / (1 - dt A / 2)
+                            di = -half * dt[j] * Aki
+                            m = one / (dr * dr + di * di)
+                            pr = (dr * dr - di * di) * m * m  # inv^2
+                            pi = -two * dr * di * m * m
+                            ddt[j] += pr * vr + pi * vi
+                            f = half * dt[j] * dt[j]
+                            sr += f * (pr * vr + pi * vi)
+                            si += f * (pr * vi - pi * vr)
+                    accr[k] += sr
+                    acci[k] += si
+                dbias += _finish_steps(
+                    softplus, has_dA, T, raw, ddt, ds, du_j, du[bi, ch, t0 : t0 + T],
+                    ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
+                )
+            for k in range(n):
+                dh0r[bi, ch, k] = cr[k]
+                dh0i[bi, ch, k] = ci[k]
+                dAr[bi, ch, k] = accr[k]
+                dAi[bi, ch, k] = acci[k]
+            dDp[bi, ch] = dD
+            dbp[bi, ch] = dbias
+
+    # fmt: on
+
+
+# ---------------------------------------------------------------------- torch side
+
+
+def _bc_layout(X: Tensor, d: int) -> Tensor:
+    """B or C for the kernels, (b or 1, g, n, L or 1): (d, n) -> (1, d, n, 1)."""
+    if X.dim() == 2:
+        return X.reshape(1, d, X.shape[1], 1)
+    return X
+
+
+def _blocks(b: int, d: int, groups: list[int]) -> tuple[Tensor, Tensor, int]:
+    """Channel blocks (nblk, 2) that never straddle a group, their group under the finest
+    grouping G (the lcm of the grouped B/C's g), and G."""
+    G = 1
+    for g in groups:
+        G = G * g // math.gcd(G, g)
+    per_group = d // G
+    want = max(1, -(-TASKS_PER_THREAD * torch.get_num_threads() // (b * G)))
+    size = -(-per_group // min(want, per_group))
+    rows, owner = [], []
+    for f in range(G):
+        for s in range(0, per_group, size):
+            rows.append((f * per_group + s, f * per_group + min(s + size, per_group)))
+            owner.append(f)
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(owner, dtype=torch.int64), G
+
+
+def _reduce_bc(part: Tensor, shape: torch.Size, d: int, owner: Tensor, G: int) -> Tensor:
+    """Sum a partial gradient of B or C back into its input's shape, (d, n) or (b, g, n, L)."""
+    if len(shape) == 2:  # per-channel rows, summed over the batch
+        return part.sum(0).reshape(shape)
+    b, g = shape[:2]
+    if g != d:  # rows are channel blocks: add each into its group
+        grp = torch.div(owner, G // g, rounding_mode="floor")
+        part = part.new_zeros(b, g, *part.shape[2:]).index_add_(1, grp, part)
+    return part
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _run(kernel, ntasks: int, *args) -> None:
+    """Run ``kernel(task, *args)`` for every task on torch.get_num_threads() threads.
+
+    The kernels are compiled with ``nogil=True``, so plain threads run them in parallel; a
+    task is one batch element's channel block, and the pool hands them out as threads free up.
+    """
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), ntasks))
+    if threads == 1:
+        for task in range(ntasks):
+            kernel(task, *args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != threads:  # follow torch.set_num_threads
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="lrnnx-scan")
+        pool = _POOL
+    # a first call compiles once: numba's compile lock makes the other threads wait for it
+    for f in [pool.submit(kernel, task, *args) for task in range(ntasks)]:
+        f.result()
+
+
+def _planes(X: Tensor) -> tuple:
+    """Real and imaginary planes of a complex tensor as contiguous numpy arrays."""
+    return as_array(X.real), as_array(X.imag)
+
+
+class _Prepared:
+    """Kernel-ready arrays and the layout facts forward and backward share."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk):
+        b, d, L = u.shape
+        n = A.shape[1]
+        dtype = u.dtype
+        self.shape = (b, d, L, n)
+        self.cplx = A.is_complex()
+        self.B, self.C = _bc_layout(B, d), _bc_layout(C, d)
+        self.per_B = self.B.shape[1] == d
+        self.per_C = self.C.shape[1] == d
+        grouped = [X.shape[1] for X in (self.B, self.C) if X.shape[1] != d]
+        self.blocks, self.owner, self.G = _blocks(b, d, grouped)
+        dummy = u.new_zeros(1, 1, 1)
+        self.has_z, self.has_dA = z is not None, deltaA is not None
+        self.arrays = [
+            as_array(u),
+            as_array(delta),
+            *(_planes(A) if self.cplx else (as_array(A),)),
+            *(_planes(self.B) if self.cplx else (as_array(self.B),)),
+            *(_planes(self.C) if self.cplx else (as_array(self.C),)),
+            as_array(D if D is not None else u.new_zeros(d)),
+            as_array(z if z is not None else dummy),
+            as_array(delta_bias if delta_bias is not None else u.new_zeros(d)),
+            as_array(deltaA if deltaA is not None else dummy),
+        ]
+        self.h0 = h0 if h0 is not None else torch.zeros(b, d, n, dtype=A.dtype)
+        self.flags = (_DISC[disc], bool(softplus), self.has_z, self.has_dA, int(chunk))
+        self.dtype = dtype
+
+    def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        b, d, L, n = self.shape
+        K = self.flags[-1]
+        nck = -(-L // K) if save else 0
+        y = torch.empty(b, d, L, dtype=self.dtype)
+        ck = torch.empty(b, d, nck, n, dtype=self.dtype)
+        hl = torch.empty(b, d, n, dtype=self.dtype)
+        blocks = self.blocks.numpy()
+        ntasks = b * len(blocks)
+        if not self.cplx:
+            _run(_fwd_real, ntasks, *self.arrays, as_array(self.h0), *self.flags, blocks,
+                 y.numpy(), hl.numpy(), ck.numpy())  # fmt: skip
+            return y, hl, ck
+        ck_i = torch.empty_like(ck)
+        hl_i = torch.empty_like(hl)
+        _run(_fwd_cplx, ntasks, *self.arrays, *_planes(self.h0), *self.flags, blocks,
+             y.numpy(), hl.numpy(), hl_i.numpy(), ck.numpy(), ck_i.numpy())  # fmt: skip
+        return y, torch.complex(hl, hl_i), torch.complex(ck, ck_i)
+
+    def backward(self, ckpt: Tensor, dy: Tensor, dh: Tensor) -> dict:
+        b, d, L, n = self.shape
+        nblk = self.blocks.shape[0]
+        f = dict(dtype=self.dtype)
+        du, ddelta = torch.empty(b, d, L, **f), torch.empty(b, d, L, **f)
+        dz = torch.empty(b, d, L, **f) if self.has_z else torch.empty(1, 1, 1, **f)
+        ddA = torch.empty(b, d, L, **f) if self.has_dA else torch.empty(1, 1, 1, **f)
+        # partial gradients of B/C: one row per channel (shared or g = d) or per channel block
+        rows_B = d if self.per_B else nblk
+        rows_C = d if self.per_C else nblk
+        dB = torch.zeros(b, rows_B, *self.B.shape[2:], **f)
+        dC = torch.zeros(b, rows_C, *self.C.shape[2:], **f)
+        dA, dD, dbias, dh0 = (
+            torch.empty(b, d, n, **f),
+            torch.empty(b, d, **f),
+            torch.empty(b, d, **f),
+            torch.empty(b, d, n, **f),
+        )
+        common = (*self.flags, self.blocks.numpy(), self.per_B, self.per_C)
+        dy = as_array(dy.to(self.dtype))
+        ntasks = b * nblk
+        if not self.cplx:
+            _run(_bwd_real, ntasks, *self.arrays, *common, as_array(ckpt), dy,
+                 as_array(dh.to(self.dtype)), du.numpy(), ddelta.numpy(), dz.numpy(),
+                 ddA.numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(), dbias.numpy(),
+                 dh0.numpy())  # fmt: skip
+        else:
+            dA_i, dh0_i = torch.empty_like(dA), torch.empty_like(dh0)
+            dB_i, dC_i = torch.zeros_like(dB), torch.zeros_like(dC)
+            _run(_bwd_cplx, ntasks, *self.arrays, *common, *_planes(ckpt), dy,
+                 *_planes(dh.to(self.h0.dtype)), du.numpy(), ddelta.numpy(), dz.numpy(),
+                 ddA.numpy(), dA.numpy(), dA_i.numpy(), dB.numpy(), dB_i.numpy(), dC.numpy(),
+                 dC_i.numpy(), dD.numpy(), dbias.numpy(), dh0.numpy(), dh0_i.numpy())  # fmt: skip
+            dA, dh0 = torch.complex(dA, dA_i), torch.complex(dh0, dh0_i)
+            dB, dC = torch.complex(dB, dB_i), torch.complex(dC, dC_i)
+        return dict(
+            u=du,
+            delta=ddelta,
+            z=dz,
+            deltaA=ddA,
+            A=dA.sum(0),
+            D=dD.sum(0),
+            delta_bias=dbias.sum(0),
+            h0=dh0,
+            dB=dB,
+            dC=dC,
+        )
+
+
+class SelectiveScanCPUFunction(torch.autograd.Function):
+    """Fused forward with chunk-start checkpoints; fused backward recomputing chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk):
+        prep = _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk)
+        y, h_last, ckpt = prep.forward(save=True)
+        ctx.prep = prep  # kernel-ready views of the inputs
+        ctx.bc_shapes = (B.shape, C.shape)
+        # the inputs are saved too, so autograd reports in-place changes made before backward
+        inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA, h0)
+        ctx.save_for_backward(ckpt, *inputs)
+        return y, h_last
+
+    @staticmethod
+    @once_differentiable  # the backward kernel is not itself differentiable
+    def backward(ctx, dy: Tensor, dh: Tensor):
+        ckpt = ctx.saved_tensors[0]
+        prep: _Prepared = ctx.prep
+        need = ctx.needs_input_grad
+        d = prep.shape[1]
+        grads = prep.backward(ckpt, dy.contiguous(), dh.contiguous())
+        B, C = ctx.bc_shapes
+        out = [
+            grads["u"],
+            grads["delta"],
+            grads["A"],
+            _reduce_bc(grads["dB"], B, d, prep.owner, prep.G) if need[3] else None,
+            _reduce_bc(grads["dC"], C, d, prep.owner, prep.G) if need[4] else None,
+            grads["D"] if need[5] else None,
+            grads["z"] if need[6] else None,
+            grads["delta_bias"] if need[7] else None,
+            grads["deltaA"] if need[8] else None,
+            grads["h0"] if need[9] else None,
+        ]
+        out = [g if need[i] else None for i, g in enumerate(out)]
+        return (*out, None, None, None)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    discretization: str,
+    deltaA: Tensor | None,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Fused CPU selective scan; same arguments and results as the reference backend.
+
+    Args (validated and cast to one compute dtype by :func:`lrnnx.ops.selective_scan_fn`):
+        u, delta: (b, d, L).  A: (d, n) real or complex.
+        B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
+        D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
+        initial_state: (b, d, n) (complex when A is) or None for zeros.
+
+    Returns:
+        y (b, d, L) and the state after the last step (b, d, n).  Tensors on another device
+        go to the torch backend.
+    """
+    if u.device.type != "cpu":
+        from lrnnx.ops.selective_scan.torch import selective_scan as torch_scan
+
+        return torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
+                          deltaA, initial_state)  # fmt: skip
+    if A.is_complex():  # the kernels take complex B, C and state; autograd takes Re for real ones
+        B, C = B.to(A.dtype), C.to(A.dtype)
+        if initial_state is not None:
+            initial_state = initial_state.to(A.dtype)
+    chunk = max(1, int(CHUNK))  # read at call time so tests can shrink it
+    tensors = (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return SelectiveScanCPUFunction.apply(*tensors, delta_softplus, discretization, chunk)
+    prep = _Prepared(*tensors, delta_softplus, discretization, chunk)
+    y, h_last, _ = prep.forward(save=False)
+    return y, h_last
