@@ -601,7 +601,9 @@ SUBCOMMANDS: List[Subcommand] = [
     Subcommand("tasks", "list the training tasks", _add_tasks_arguments, cmd_tasks),
     Subcommand("train", "train a model on a task", _add_train_arguments, cmd_train),
     Subcommand("demo", "selective copying: selective vs LTI models", _add_demo_arguments, cmd_demo),
-    Subcommand("bench", "speed and memory vs the pure-torch baseline", bench.add_arguments, bench.run),
+    Subcommand(
+        "bench", "speed and memory vs the pure-torch baseline", bench.add_arguments, bench.run
+    ),
 ]
 
 
