@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 import lrnnx.ops.selective_scan.torch as ss_torch
+from _scan_inputs import make_scan_inputs
 from lrnnx.ops import selective_scan_fn
 
 DISCS = ("mamba", "zoh", "bilinear", "dirac")
@@ -83,53 +84,7 @@ def naive(
     return y, h
 
 
-def make_inputs(
-    form: str,
-    cplx: bool,
-    extras: bool,
-    deltaA: bool = False,
-    b: int = 2,
-    d: int = 4,
-    n: int = 3,
-    L: int = 37,
-    g: int = 2,
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> dict:
-    """Keyword arguments of selective_scan_fn; complex B/C for the shared and grouped forms."""
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
-    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    A = -(torch.rand(d, n, generator=gen, dtype=dtype) + 0.3)
-    if cplx:
-        A = torch.complex(A, 2 * rnd(d, n))
-    shapes = {"shared": (d, n), "input": (b, n, L), "grouped": (b, g, n, L)}
-
-    def bc() -> Tensor:
-        X = rnd(*shapes[form])
-        return torch.complex(X, rnd(*shapes[form])) if cplx and form != "input" else X
-
-    kw = dict(
-        u=rnd(b, d, L),
-        delta=0.05 + 0.5 * torch.rand(b, d, L, generator=gen, dtype=dtype),
-        A=A,
-        B=bc(),
-        C=bc(),
-    )
-    if extras:
-        kw.update(
-            D=rnd(d),
-            z=rnd(b, d, L),
-            delta_bias=0.3 * rnd(d),
-            delta_softplus=True,
-            initial_state=(torch.complex(rnd(b, d, n), rnd(b, d, n)) if cplx else rnd(b, d, n)).to(
-                cdtype if cplx else dtype
-            ),
-        )
-        kw["delta"] = rnd(b, d, L)  # softplus keeps the step positive
-    if deltaA:
-        kw["deltaA"] = 0.05 + torch.rand(b, d, L, generator=gen, dtype=dtype)
-    return kw
+make_inputs = make_scan_inputs
 
 
 # ----------------------------------------------------------------------------- forward

@@ -7,6 +7,7 @@ disk, so only a first run pays the compile time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -18,6 +19,7 @@ pytest.importorskip("numba")
 import lrnnx.ops._numba as _numba  # noqa: E402
 import lrnnx.ops.selective_scan.cpu as ss_cpu  # noqa: E402
 import lrnnx.ops.selective_scan.torch as ss_torch  # noqa: E402
+from _scan_inputs import make_scan_inputs  # noqa: E402
 from lrnnx.ops import _dispatch, selective_scan_fn  # noqa: E402
 
 DISCS = ("mamba", "zoh", "bilinear", "dirac")
@@ -32,55 +34,8 @@ def small_chunk(monkeypatch):
     monkeypatch.setattr(ss_torch, "CHUNK", 16)
 
 
-def make_inputs(
-    form: str,
-    cplx: bool,
-    deltaA: bool = False,
-    extras: bool = True,
-    b: int = 2,
-    d: int = 4,
-    n: int = 6,
-    L: int = 37,
-    g: int = 2,
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> dict:
-    """Keyword arguments of selective_scan_fn.  n = 6 exercises both the four-row blocks of the
-    recurrence kernels and their remainder; complex B/C for the shared and grouped forms."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*s: int) -> Tensor:
-        return torch.randn(*s, generator=gen, dtype=dtype)
-
-    A = -(torch.rand(d, n, generator=gen, dtype=dtype) + 0.3)
-    if cplx:
-        A = torch.complex(A, 2 * rnd(d, n))
-    shapes = {"shared": (d, n), "input": (b, n, L), "grouped": (b, g, n, L)}
-
-    def bc() -> Tensor:
-        X = rnd(*shapes[form])
-        return torch.complex(X, rnd(*shapes[form])) if cplx and form != "input" else X
-
-    kw = dict(
-        u=rnd(b, d, L),
-        delta=0.05 + 0.5 * torch.rand(b, d, L, generator=gen, dtype=dtype),
-        A=A,
-        B=bc(),
-        C=bc(),
-    )
-    if extras:
-        h0 = torch.complex(rnd(b, d, n), rnd(b, d, n)) if cplx else rnd(b, d, n)
-        kw.update(
-            D=rnd(d),
-            z=rnd(b, d, L),
-            delta_bias=0.3 * rnd(d),
-            delta_softplus=True,
-            initial_state=h0,
-            delta=rnd(b, d, L),  # softplus keeps the step positive
-        )
-    if deltaA:
-        kw["deltaA"] = 0.05 + torch.rand(b, d, L, generator=gen, dtype=dtype)
-    return kw
+# n = 6 exercises both the four-row blocks of the recurrence kernels and their remainder
+make_inputs = functools.partial(make_scan_inputs, n=6)
 
 
 def run(kw: dict, disc: str, backend: str, wanted=GRAD_NAMES):
