@@ -153,9 +153,11 @@ def test_classifier_save_load(tmp_path):
     ).eval()
     assert set(clf.config) == set(inspect.signature(Classifier.__init__).parameters) - {"self"}
     clf.save_pretrained(tmp_path)
-    loaded = Classifier.from_pretrained(tmp_path).eval()
+    loaded = Classifier.from_pretrained(tmp_path)
+    assert not loaded.training
     x = torch.randn(2, 9, 3)
-    assert torch.equal(loaded(x), clf(x))
+    ref = clf(x)  # float32 over L = 9 steps: relative 1e-5 * sqrt(L), never bitwise
+    assert (loaded(x) - ref).abs().max() <= 1e-5 * math.sqrt(9) * ref.abs().max()
 
 
 # -------------------------------------------------------------------------------- UNet
@@ -227,5 +229,7 @@ def test_unet_errors_and_save_load(tmp_path):
     assert set(net.config) == set(inspect.signature(UNet.__init__).parameters) - {"self"}
     net.save_pretrained(tmp_path)
     loaded = UNet.from_pretrained(tmp_path)
+    assert not loaded.training
     x = torch.randn(1, 7, 2, dtype=torch.float64)
-    assert torch.equal(loaded(x), net(x))
+    ref = net(x)  # float64: relative 1e-12, never bitwise
+    assert (loaded(x) - ref).abs().max() <= 1e-12 * ref.abs().max()

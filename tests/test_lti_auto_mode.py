@@ -33,6 +33,14 @@ def test_auto_uses_fft_from_the_threshold_with_the_torch_scan(monkeypatch):
     assert not m._use_fft(64, device=torch.device("meta"))
 
 
+def test_default_mode_is_auto():
+    """The default is the fastest path measured ("auto"), not the FFT."""
+    from lrnnx.models.lti import Centaurus
+
+    for model in (LRU(4, 4), S5(4, 4, "zoh"), Centaurus(4, 4, sub_state_dim=2, mode="neck")):
+        assert model.mode == "auto", type(model).__name__
+
+
 def test_explicit_modes_ignore_the_heuristic(no_backend_env):
     assert LRU(4, 4, mode="fft")._use_fft(1)
     assert not LRU(4, 4, mode="scan")._use_fft(10**6)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,12 +14,24 @@ from lrnnx.models.registry import MODEL_ALIASES, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: reserved config.json key: sha256 (hex) of the weights file; never a constructor argument
+CHECKSUM_KEY = "_weights_sha256"
+#: safetensors metadata entry holding the modules' extra state (``get_extra_state``), as JSON
+EXTRA_STATE_METADATA = "lrnnx_extra_state"
+_EXTRA_SUFFIX = "_extra_state"  # torch's state_dict key suffix for a module's extra state
+
+
+class ChecksumError(ValueError):
+    """The weights file does not match the sha256 recorded in ``config.json`` (corrupted, or
+    changed after :meth:`PretrainedMixin.save_pretrained`).  A subclass of ValueError."""
 
 
 def positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    """``value`` as a positive Python int: :func:`lrnnx.core.checks.check_positive_int`
+    (a wrong type raises ArgumentTypeError, both a TypeError and a ValueError)."""
+    from lrnnx.core.checks import check_positive_int
+
+    return check_positive_int(name, value)
 
 
 def mixer_name(mixer: Union[str, type]) -> str:
@@ -84,14 +97,74 @@ def split_mixer_kwargs(
     return {n: ({} if n == "attn" else dict(mixer_kwargs)) for n in names}
 
 
+def _owner(module: nn.Module, key: str) -> Tuple[nn.Module, str]:
+    path, _, leaf = key.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def _is_extra_key(module: nn.Module, key: str) -> bool:
+    """Whether a state_dict key is a module's extra state (``get_extra_state``), not a tensor."""
+    mod, leaf = _owner(module, key)
+    return (
+        leaf == _EXTRA_SUFFIX
+        and leaf not in mod._parameters
+        and leaf not in mod._buffers
+        and type(mod).get_extra_state is not nn.Module.get_extra_state
+    )
+
+
 def _tie_map(module: nn.Module) -> Dict[str, str]:
-    """state_dict key -> the first key sharing its storage (itself if not tied)."""
+    """state_dict key -> the first key sharing its storage (itself if not tied).
+
+    Only parameters and buffers: extra-state entries are left out.
+    """
     first: Dict[tuple, str] = {}
     out: Dict[str, str] = {}
     for k, v in module.state_dict(keep_vars=True).items():
+        if _is_extra_key(module, k):
+            continue
         ident = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride())) if v.numel() else (k,)
         out[k] = first.setdefault(ident, k)
     return out
+
+
+def _sha256(path: Union[str, os.PathLike]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _encode_extra(
+    module: nn.Module, extra: Dict[str, Any]
+) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
+    """Split extra states into JSON values (metadata) and tensors (stored in the weights file).
+
+    A value must survive the JSON round trip unchanged (no tuples, NaN, non-string keys, ...),
+    so that ``set_extra_state`` gets back exactly what ``get_extra_state`` gave.
+    """
+    as_json: Dict[str, Any] = {}
+    as_tensor: Dict[str, Tensor] = {}
+    for key, value in extra.items():
+        if isinstance(value, Tensor):
+            as_tensor[key] = value.detach().contiguous().clone()
+            continue
+        cls = type(_owner(module, key)[0]).__name__
+        try:
+            same = json.loads(json.dumps(value)) == value
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{key}: the extra state of {cls} is not JSON-serialisable ({e}); "
+                f"save_pretrained stores extra state as JSON or as one tensor"
+            ) from e
+        if not same:
+            raise TypeError(
+                f"{key}: the extra state of {cls} ({value!r}) does not survive a JSON round trip "
+                f"unchanged (tuples, NaN or non-string keys); return lists/dicts of plain values"
+            )
+        as_json[key] = value
+    return as_json, as_tensor
 
 
 class PretrainedMixin:
@@ -100,43 +173,93 @@ class PretrainedMixin:
     The class keeps its constructor arguments in ``self.config`` (JSON-serialisable).  Tied
     tensors (one storage under several names, e.g. an LM head tied to the embedding) are saved
     once and re-tied by construction on load.
+
+    Checkpoint format:
+
+    * ``model.safetensors``: every parameter and persistent buffer (dtypes as they are); the
+      extra state of modules that define ``get_extra_state`` (e.g. S4's kernel length) is kept
+      in the file's metadata as JSON (key ``"lrnnx_extra_state"``), a tensor extra state in
+      the file itself, and is given back to ``set_extra_state`` on load.
+    * ``config.json``: the constructor arguments, plus the reserved key ``"_weights_sha256"``
+      (sha256 of ``model.safetensors``, checked on load; never passed to the constructor).
     """
 
     config: Dict[str, Any]
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``save_directory``."""
+        """Write ``model.safetensors`` and then ``config.json`` (with the weights' sha256)."""
         from safetensors.torch import save_file
 
+        if CHECKSUM_KEY in self.config:
+            raise ValueError(f"config: {CHECKSUM_KEY!r} is reserved for the weights' checksum")
         try:
-            text = json.dumps(self.config, indent=2, sort_keys=True)
+            json.dumps(self.config, sort_keys=True)
         except TypeError as e:
             raise TypeError(
                 f"config: not JSON-serialisable ({e}); use plain numbers/strings/lists in the arguments"
             ) from e
-        os.makedirs(save_directory, exist_ok=True)
         ties = _tie_map(self)
         state = self.state_dict()
+        extra = {k: v for k, v in state.items() if k not in ties}
+        extra_json, extra_tensors = _encode_extra(self, extra)
         # one copy per storage; clone so no two saved tensors share memory
-        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if ties[k] == k}
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if ties.get(k) == k}
+        tensors.update(extra_tensors)
+        metadata = {"format": "pt"}
+        if extra:
+            metadata[EXTRA_STATE_METADATA] = json.dumps(
+                {"json": extra_json, "tensors": sorted(extra_tensors)}, sort_keys=True
+            )
+        os.makedirs(save_directory, exist_ok=True)
+        w_path = os.path.join(save_directory, WEIGHTS_NAME)
+        save_file(tensors, w_path, metadata=metadata)
+        config = {**self.config, CHECKSUM_KEY: _sha256(w_path)}  # of the file as written
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            f.write(text + "\n")
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(
         cls,
         load_directory: Union[str, os.PathLike],
         map_location: Union[str, torch.device, None] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        torch_dtype: Union[str, torch.dtype, None] = None,
     ):
-        """Rebuild from ``config.json`` and load ``model.safetensors`` (dtypes as saved).
+        """Rebuild from ``config.json`` and load ``model.safetensors``; returns the model in
+        eval mode (call ``.train()`` to fine-tune).
+
+        The weights file is checked against the sha256 that :meth:`save_pretrained` recorded in
+        ``config.json`` (a config without it, from an older version, loads unchecked).  The
+        loaded tensors are copied into fresh allocations, like those of a newly built model.
 
         Args:
             load_directory: a directory written by :meth:`save_pretrained`.
             map_location: device for the weights (default: CPU).
+            device: the same as ``map_location`` (give one, or both equal).
+            dtype: cast the whole model after loading (``model.to(dtype)``: floating-point
+                parameters and buffers); a floating-point ``torch.dtype`` or its name
+                (``"float32"``); None or ``"auto"`` keeps the dtypes as saved.
+            torch_dtype: alias of ``dtype`` (Hugging Face's name).
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ChecksumError (a ValueError): the weights file's sha256 differs from the recorded
+                one; the message names the file and both digests.
+            RuntimeError: the weights do not match the config (missing / unexpected / shape).
+            ValueError: conflicting ``map_location``/``device`` or ``dtype``/``torch_dtype``.
         """
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        if map_location is not None and device is not None:
+            if torch.device(map_location) != torch.device(device):
+                raise ValueError(
+                    f"map_location={map_location!r} and device={device!r} disagree; give one"
+                )
+        where = device if device is not None else map_location
+        cast = _resolve_dtype(dtype, torch_dtype)
         cfg_path = os.path.join(load_directory, CONFIG_NAME)
         w_path = os.path.join(load_directory, WEIGHTS_NAME)
         for p in (cfg_path, w_path):
@@ -146,34 +269,99 @@ class PretrainedMixin:
                 )
         with open(cfg_path) as f:
             config = json.load(f)
+        expected = config.pop(CHECKSUM_KEY, None)
+        if expected is not None:
+            found = _sha256(w_path)
+            if found != expected:
+                raise ChecksumError(
+                    f"{w_path}: sha256 mismatch, expected {expected} (recorded in {cfg_path}), "
+                    f"found {found}; the weights file is corrupted or was changed after saving"
+                )
         model = cls(**config)
-        device = torch.device("cpu") if map_location is None else torch.device(map_location)
-        state = load_file(w_path, device=str(device))
-        model._assign_state(state)
-        return model.to(device)
+        target = torch.device("cpu") if where is None else torch.device(where)
+        state = load_file(w_path, device=str(target))
+        with safe_open(w_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        # fresh (aligned, contiguous) allocations: kernels then take the same paths as on a
+        # newly built model, whereas the file's buffers may be unaligned
+        state = {
+            k: torch.empty_like(v, memory_format=torch.contiguous_format).copy_(v)
+            for k, v in state.items()
+        }
+        extra: Dict[str, Any] = {}
+        if EXTRA_STATE_METADATA in metadata:
+            stored = json.loads(metadata[EXTRA_STATE_METADATA])
+            extra.update(stored.get("json", {}))
+            for k in stored.get("tensors", []):
+                if k in state:
+                    extra[k] = state.pop(k)
+        model._assign_state(state, extra)
+        model.to(target)
+        if cast is not None:
+            model.to(cast)
+        return model.eval()
 
-    def _assign_state(self, state: Dict[str, Tensor]) -> None:
-        """Put the loaded tensors in place (keeping their dtype); tied names follow their owner."""
+    def _assign_state(
+        self, state: Dict[str, Tensor], extra: Optional[Dict[str, Any]] = None
+    ) -> None:
+        """Put the loaded tensors in place (keeping their dtype); tied names follow their owner;
+        then give each module its extra state (``set_extra_state``), as ``load_state_dict`` does."""
+        extra = {} if extra is None else extra
         ties = _tie_map(self)
         expected = {k for k, owner in ties.items() if owner == k}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
+        expected_extra = {k for k in self.state_dict(keep_vars=True) if k not in ties}
+        got = set(state) | set(extra)
+        missing = sorted((expected | expected_extra) - got)
+        unexpected = sorted(got - (expected | expected_extra))
+        misplaced = sorted((set(state) & expected_extra) | (set(extra) & expected))
+        if missing or unexpected or misplaced:
             raise RuntimeError(
                 f"weights do not match the config: missing {missing}, unexpected {unexpected}"
+                + (f", stored in the wrong place {misplaced}" if misplaced else "")
             )
         for key, tensor in state.items():
-            path, _, leaf = key.rpartition(".")
-            mod = self.get_submodule(path) if path else self
+            mod, leaf = _owner(self, key)
             current = (
                 mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
             )
             if current is None or tuple(current.shape) != tuple(tensor.shape):
-                got = None if current is None else tuple(current.shape)
+                got_shape = None if current is None else tuple(current.shape)
                 raise RuntimeError(
-                    f"{key}: expected shape {got}, got {tuple(tensor.shape)} in the file"
+                    f"{key}: expected shape {got_shape}, got {tuple(tensor.shape)} in the file"
                 )
             with torch.no_grad():
                 if leaf in mod._parameters:
                     current.data = tensor  # same Parameter object: ties survive
                 else:
                     mod._buffers[leaf] = tensor
+        for key, value in extra.items():
+            _owner(self, key)[0].set_extra_state(value)
+
+
+def _resolve_dtype(
+    dtype: Union[str, torch.dtype, None], torch_dtype: Union[str, torch.dtype, None]
+) -> Optional[torch.dtype]:
+    """from_pretrained's dtype / torch_dtype -> a floating-point dtype, or None (keep as saved)."""
+
+    def one(name: str, value: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, str):
+            resolved = getattr(torch, value.removeprefix("torch."), None)
+            if not isinstance(resolved, torch.dtype):
+                raise ValueError(f"{name}: unknown dtype name {value!r}")
+            value = resolved
+        if not isinstance(value, torch.dtype):
+            raise TypeError(
+                f"{name}: expected a torch.dtype or its name, got {type(value).__name__}"
+            )
+        if not value.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point dtype, got {value}")
+        return value
+
+    a, b = one("dtype", dtype), one("torch_dtype", torch_dtype)
+    if a is not None and b is not None and a != b:
+        raise ValueError(
+            f"dtype={a} and torch_dtype={b} disagree; torch_dtype is an alias, give one"
+        )
+    return a if a is not None else b

@@ -26,7 +26,7 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.checks import check_timesteps, lengths_mask
+from lrnnx.core.checks import check_timesteps, lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
 from lrnnx.models.registry import build_mixer
@@ -251,7 +251,7 @@ class Classifier(PretrainedMixin, nn.Module):
         if lengths is not None:
             lengths = lengths.to(h.device)
         if mask is not None:
-            h = h * mask[..., None].to(h.dtype)
+            h = zero_where_not(h, mask[..., None])
         ts = integration_timesteps
         for i, block in enumerate(self.blocks):
             h = block(h, integration_timesteps=ts, lengths=lengths)

@@ -13,7 +13,7 @@ layers keep a KV cache and are stepped like the others.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from lrnnx.architectures._common import (
     positive_int,
     split_mixer_kwargs,
 )
-from lrnnx.core.checks import lengths_mask
+from lrnnx.core.checks import lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.models.registry import build_mixer
 
@@ -32,14 +32,30 @@ from lrnnx.models.registry import build_mixer
 def _check_ids(
     ids: Any, vocab_size: int, name: str = "input_ids", check_values: bool = True
 ) -> None:
+    """Type and range checks of token ids.
+
+    The range check reads the ids' values (a host synchronisation); it is skipped under
+    ``torch.compile`` (a data-dependent branch would break the graph) and where the caller
+    turns it off (``check_values=False``, e.g. during CUDA-graph capture).
+    """
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {ids.dtype}")
-    if check_values and ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab_size).any())):
+    if not check_values or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if bool((ids < 0).any()) or bool((ids >= vocab_size).any()):
         raise ValueError(
-            f"{name}: expected token ids in [0, {vocab_size}), got min {int(ids.min())} max {int(ids.max())}"
+            f"{name}: expected token ids in [0, {vocab_size}), got min {int(ids.min())} "
+            f"max {int(ids.max())}"
         )
+
+
+class CausalLMOutput(NamedTuple):
+    """What :meth:`LRNNLMHeadModel.forward` returns with ``return_dict=True`` (mamba_ssm's
+    ``CausalLMOutput``; transformers' ``CausalLMOutput`` has the same ``.logits``)."""
+
+    logits: Tensor
 
 
 class LRNNLMHeadModel(PretrainedMixin, nn.Module):
@@ -168,8 +184,12 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[Any, Any]] = None,
-    ) -> Tensor:
+        return_dict: bool = False,
+    ) -> Union[Tensor, CausalLMOutput]:
         """input_ids (B, L) -> logits (B, L, vocab_size).
+
+        Compiles with ``torch.compile(lm, fullgraph=True)`` when every mixer does (the id range
+        check runs in eager mode only).
 
         Args:
             input_ids: token ids (integer dtype).
@@ -178,7 +198,10 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             lengths: (B,) valid lengths; logits at padded positions are zero and padding never
                 changes the valid ones.
             inference_cache: from :meth:`allocate_inference_cache`; every layer starts from and
-                fills its cache (prefill), ``seqlen_offset`` advances by L.
+                fills its cache (prefill), ``seqlen_offset`` advances by L.  With ``lengths``
+                each sequence's cache holds its state after its own ``lengths[b]`` tokens.
+            return_dict: return a :class:`CausalLMOutput` (``.logits``) instead of the tensor,
+                as transformers and mamba_ssm models do.
         """
         _check_ids(input_ids, self.vocab_size)
         if input_ids.dim() != 2:
@@ -197,10 +220,10 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             )
         logits = self.lm_head(self.norm_f(x))[..., : self.vocab_size]
         if mask is not None:
-            logits = logits * mask[..., None].to(logits.dtype)
+            logits = zero_where_not(logits, mask[..., None])
         if inference_cache is not None:
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
-        return logits
+        return CausalLMOutput(logits=logits) if return_dict else logits
 
     def step(
         self,
@@ -235,13 +258,22 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         return logits, inference_cache
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
+        self, batch_size: int, max_seqlen: Optional[int] = None, dtype: Optional[torch.dtype] = None
     ) -> Dict[Any, Any]:
         """``{layer index: that layer's cache, ..., "seqlen_offset": 0}``.
 
-        ``max_seqlen`` bounds prompt + generated tokens (it sizes the attention KV caches).
+        ``max_seqlen`` bounds prompt + generated tokens: it sizes the attention KV caches and is
+        required only when the model has attention layers (recurrent states do not grow).
         """
         positive_int("batch_size", batch_size)
+        if max_seqlen is None:
+            attn = [i for i, t in enumerate(self.mixer_types) if t == "attn"]
+            if attn:
+                raise ValueError(
+                    f"max_seqlen: required for the attention layers {attn} (it sizes their KV "
+                    "caches: prompt + generated tokens); pass e.g. max_seqlen=2048"
+                )
+            max_seqlen = 1
         positive_int("max_seqlen", max_seqlen)
         cache: Dict[Any, Any] = {
             i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
@@ -252,14 +284,18 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
 
     def _check_cache(self, cache: Any) -> None:
         if not isinstance(cache, dict) or any(i not in cache for i in range(self.n_layer)):
-            raise ValueError(
+            error = ValueError if isinstance(cache, dict) else TypeError
+            raise error(
                 f"inference_cache: expected the dict of allocate_inference_cache with layer keys "
                 f"0..{self.n_layer - 1}, got {type(cache).__name__}"
                 + (f" with keys {sorted(map(str, cache))}" if isinstance(cache, dict) else "")
             )
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any):
-        """Shortcut for :func:`lrnnx.utils.generation.generate` (same arguments)."""
+    def generate(self, input_ids: Tensor, max_new_tokens: Optional[int] = None, **kwargs: Any):
+        """Shortcut for :func:`lrnnx.utils.generation.generate` (same arguments: ``max_new_tokens``
+        or ``max_length``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``attention_mask``,
+        ``return_dict_in_generate``, ``output_scores``, ...)."""
         from lrnnx.utils.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from lrnnx.core.discretization import DISCRETIZATIONS, get_discretization
@@ -17,10 +18,21 @@ class LRNN(nn.Module, metaclass=ABCMeta):
     :data:`lrnnx.core.discretization.DISCRETIZATIONS` (``None`` for models that discretize
     internally).  Subclasses implement ``forward`` (parallel, over a whole sequence),
     ``step`` (one timestep, for inference) and ``allocate_inference_cache``.
+
+    Precision policy for whole-model casts: the parameters and buffers a model holds itself
+    (eigenvalues, steps, input/output matrices of the recurrence: the spectral parameters) stay
+    float32 (complex64) under ``model.half()``, ``model.bfloat16()`` or ``model.to(dtype)`` with a
+    16-bit dtype, while its projection layers (``nn.Linear``, convolutions, norms: submodules)
+    take the new dtype; the model then returns outputs in its input's dtype and keeps its state
+    in float32.  ``model.double()`` / ``model.to(torch.float64)`` makes every tensor float64
+    (complex128), so the whole computation runs in float64.
     """
 
     #: discretizations this class accepts; subclasses narrow it
     allowed_discretizations: Tuple[str, ...] = tuple(DISCRETIZATIONS)
+    #: submodules that belong to the recurrence itself (e.g. S7's step projections): their
+    #: tensors follow the precision policy of the model's own tensors (see the class docstring)
+    _spectral_submodules: Tuple[str, ...] = ()
 
     def __init__(self, discretization: Optional[str]):
         super().__init__()
@@ -30,6 +42,45 @@ class LRNN(nn.Module, metaclass=ABCMeta):
             if discretization is None
             else get_discretization(discretization, self.allowed_discretizations)
         )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``nn.Module._apply`` with the precision policy above for the model's own tensors."""
+        params = [t for t in self._parameters.values() if t is not None]
+        buffers = [t for t in self._buffers.values() if t is not None]
+        for name in self._spectral_submodules:
+            params += list(getattr(self, name).parameters())
+            buffers += list(getattr(self, name).buffers())
+        own = {id(t) for t in params + buffers}
+        own |= {id(t.grad) for t in params if t.grad is not None}
+        if not own:
+            return super()._apply(fn, recurse)
+        probe: Dict[torch.device, Tensor] = {}
+
+        def target(t: Tensor) -> Tensor:
+            """What a float32 tensor on t's device becomes under fn (computed once per device)."""
+            if t.device not in probe:
+                probe[t.device] = fn(torch.zeros((), dtype=torch.float32, device=t.device))
+            return probe[t.device]
+
+        def keep_precision(t: Tensor) -> Tensor:
+            if id(t) not in own or not (t.is_floating_point() or t.is_complex()):
+                return fn(t)
+            p = target(t)
+            if not p.is_floating_point() or t.device.type == "meta":
+                return fn(t)
+            wide = p.dtype == torch.float64
+            if t.is_complex():  # torch would drop the imaginary part or keep complex64
+                return t.to(device=p.device, dtype=torch.complex128 if wide else torch.complex64)
+            if p.dtype in (torch.float16, torch.bfloat16):  # move, but stay float32
+                return t.to(device=p.device, dtype=torch.float32)
+            return fn(t)
+
+        return super()._apply(keep_precision, recurse)
+
+    def _empty_output(self, x: Tensor, d_out: Optional[int] = None) -> Tensor:
+        """The output for an empty batch or sequence (B = 0 or L = 0): zeros (B, L, d_out)."""
+        d_out = getattr(self, "d_model", x.shape[-1]) if d_out is None else d_out
+        return x.new_zeros(x.shape[0], x.shape[1], d_out)
 
     @abstractmethod
     def forward(self, x: Tensor, *args, **kwargs):

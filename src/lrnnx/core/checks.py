@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +27,8 @@ def check_step_input(x: Tensor, d_model: int, name: str = "x") -> Tensor:
     """Accept (B, H) or (B, 1, H) for one step; return (B, H)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 3 and x.shape[1] == 1:
         x = x[:, 0]
     if x.dim() != 2 or x.shape[-1] != d_model:
@@ -34,29 +38,140 @@ def check_step_input(x: Tensor, d_model: int, name: str = "x") -> Tensor:
     return x
 
 
-def lengths_mask(
-    lengths: Optional[Tensor], batch: int, seqlen: int, device=None
-) -> Optional[Tensor]:
-    """Validate ``lengths`` (B,) and return a (B, L) boolean mask of valid positions (or None)."""
+def as_lengths(lengths: Any, batch: int, seqlen: int, device=None) -> Optional[Tensor]:
+    """Validate ``lengths`` (a (B,) integer tensor, list or array) and return it as a tensor.
+
+    Raises TypeError for a non-integer dtype and ValueError for a wrong shape or a value
+    outside [0, seqlen].  ``device`` moves the result (default: where it is).
+    """
     if lengths is None:
         return None
     if not isinstance(lengths, Tensor):
-        lengths = torch.as_tensor(lengths)
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"lengths: expected a (B,) integer tensor or list, got {type(lengths).__name__}"
+            ) from e
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths: expected an integer tensor, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
-    if bool((lengths < 0).any()) or bool((lengths > seqlen).any()):
+    if batch and (bool((lengths < 0).any()) or bool((lengths > seqlen).any())):
         raise ValueError(
             f"lengths: expected values in [0, {seqlen}], got min {int(lengths.min())} "
             f"max {int(lengths.max())}"
         )
+    return lengths if device is None else lengths.to(device)
+
+
+def lengths_mask(lengths: Any, batch: int, seqlen: int, device=None) -> Optional[Tensor]:
+    """Validate ``lengths`` (B,) and return a (B, L) boolean mask of valid positions (or None)."""
+    lengths = as_lengths(lengths, batch, seqlen)
+    if lengths is None:
+        return None
     pos = torch.arange(seqlen, device=lengths.device)
     return (pos[None, :] < lengths[:, None]).to(device)
 
 
-def check_timesteps(ts: Optional[Tensor], batch: int, seqlen: int) -> Optional[Tensor]:
-    """Validate ``integration_timesteps`` (B, L): finite and >= 0."""
+def zero_where_not(x: Tensor, keep: Tensor) -> Tensor:
+    """x where ``keep`` (a boolean mask broadcastable to x) holds, else 0.
+
+    Padding is removed with a select, never by multiplying with the mask: NaN * 0 is NaN, so a
+    multiplied-out NaN or inf in the padding would still reach the outputs.
+    """
+    return torch.where(keep, x, x.new_zeros(()))
+
+
+def check_input_dtype(x: Tensor, expected: torch.dtype, name: str = "x") -> None:
+    """Require ``x`` in the dtype of the model's projection weights, unless autocast is on.
+
+    ``nn.Linear`` and friends need their input in their own dtype; without this check a
+    mismatch surfaces deep inside torch as "expected m1 and m2 to have the same dtype".
+    """
+    if x.dtype == expected or _autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"{name}: expected dtype {expected} (the dtype of the model's weights), got {x.dtype}; "
+        f"cast the input (x.to({expected})) or the model (model.to({x.dtype})), "
+        "or run under torch.autocast"
+    )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    """A batch size for a cache: an int >= 0 (0 gives an empty cache)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= 0, got {batch_size!r}")
+    if batch_size < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {batch_size}")
+    return int(batch_size)
+
+
+def check_inference_cache(
+    cache: Any,
+    batch: int,
+    keys: Sequence[str],
+    owner: str,
+    batch_keys: Sequence[str] = ("lrnn_state",),
+    shapes: Optional[Dict[str, Sequence[int]]] = None,
+    name: str = "inference_cache",
+) -> Dict[str, Any]:
+    """Validate a cache from ``allocate_inference_cache`` before ``step`` or a prefill uses it.
+
+    Args:
+        cache: what the caller passed.
+        batch: the batch size of the input it is used with.
+        keys: the entries the model needs.
+        owner: the model's name, for messages.
+        batch_keys: the entries whose first dimension is the batch (the states).
+        shapes: full expected shapes of some entries (batch dimension included).
+
+    Raises:
+        TypeError: the cache is not a dict (e.g. None).
+        ValueError: an entry is missing (e.g. ``{}``) or the cache was allocated for another
+            batch size.
+    """
+    hint = f"allocate one with {owner}.allocate_inference_cache(batch_size={batch})"
+    if not isinstance(cache, dict):
+        raise TypeError(
+            f"{name}: expected the dict from allocate_inference_cache, got "
+            f"{type(cache).__name__}; {hint}"
+        )
+    missing = [k for k in keys if k not in cache]
+    if missing:
+        raise ValueError(
+            f"{name}: missing entries {missing} (got {sorted(map(str, cache))}); {hint}"
+        )
+    for k in batch_keys:
+        v = cache.get(k)
+        if isinstance(v, Tensor) and v.dim() and v.shape[0] != batch:
+            raise ValueError(
+                f"{name}[{k!r}]: allocated for batch size {v.shape[0]}, but the input has batch "
+                f"size {batch}; {hint}"
+            )
+    for k, shape in (shapes or {}).items():
+        v = cache.get(k)
+        if isinstance(v, Tensor) and tuple(v.shape) != tuple(shape):
+            raise ValueError(
+                f"{name}[{k!r}]: expected shape {tuple(shape)}, got {tuple(v.shape)}; {hint}"
+            )
+    return cache
+
+
+def check_timesteps(
+    ts: Optional[Tensor], batch: int, seqlen: int, mask: Optional[Tensor] = None
+) -> Optional[Tensor]:
+    """Validate ``integration_timesteps`` (B, L): finite and >= 0 (at valid positions: with a
+    ``mask`` (B, L) of valid positions, padding may hold anything)."""
     if ts is None:
         return None
     if not isinstance(ts, Tensor):
@@ -67,8 +182,108 @@ def check_timesteps(ts: Optional[Tensor], batch: int, seqlen: int) -> Optional[T
         raise ValueError(
             f"integration_timesteps: expected shape ({batch}, {seqlen}), got {tuple(ts.shape)}"
         )
-    if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()):
+    valid = ts if mask is None else ts[mask.to(ts.device)]
+    if not bool(torch.isfinite(valid).all()) or bool((valid < 0).any()):
         raise ValueError(
             "integration_timesteps: expected finite values >= 0, got negative or non-finite"
         )
     return ts
+
+
+# --------------------------------------------------------------------------------------------
+# constructor arguments: the one validator every model constructor uses
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a bool or a float (even 16.0) where an int size is
+    expected, a string where a number is expected, ...
+
+    A :class:`TypeError`, and also a :class:`ValueError` so that code written when every bad
+    constructor argument raised ValueError keeps catching it.
+    """
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum`` (default 1: a positive size).
+
+    Any ``numbers.Integral`` is accepted (int, numpy integers); bool, floats (16.0 included),
+    strings and tensors are not.
+
+    Raises:
+        ArgumentTypeError: (a TypeError) not an integer.
+        ValueError: an integer below ``minimum``.
+    """
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name}: expected {expected}, got {_got(value)}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return int(value)
+
+
+def check_optional_positive_int(name: str, value: Any) -> Optional[int]:
+    """None, or ``value`` checked by :func:`check_positive_int`."""
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_positive_float(name: str, value: Any, allow_zero: bool = False) -> float:
+    """``value`` as a finite Python float > 0 (>= 0 with ``allow_zero``).
+
+    Any real number is accepted (int, float, numpy scalars); bool, strings, complex numbers and
+    tensors are not.
+
+    Raises:
+        ArgumentTypeError: (a TypeError) not a real number.
+        ValueError: NaN, infinite, or not > 0 (not >= 0 with ``allow_zero``).
+    """
+    expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name}: expected {expected}, got {_got(value)}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return v
+
+
+def check_dt_range(
+    dt_min: Any, dt_max: Any, names: tuple[str, str] = ("dt_min", "dt_max")
+) -> tuple[float, float]:
+    """The initial step-size range: finite numbers with 0 < dt_min <= dt_max.
+
+    Raises:
+        ArgumentTypeError: (a TypeError) a bound is not a real number.
+        ValueError: a bound is not finite and > 0, or dt_min > dt_max.
+    """
+    lo = check_positive_float(names[0], dt_min)
+    hi = check_positive_float(names[1], dt_max)
+    if lo > hi:
+        raise ValueError(
+            f"{names[0]}, {names[1]}: expected 0 < {names[0]} <= {names[1]}, got "
+            f"{dt_min!r}, {dt_max!r}"
+        )
+    return lo, hi
+
+
+def merge_alias(name: str, value: Any, alias: str, alias_value: Any, default: Any = None) -> Any:
+    """One argument that may be passed under two names (``name`` or its alias ``alias``).
+
+    Returns the value given (``default`` if neither is given, i.e. both are None).
+
+    Raises:
+        ValueError: both names are given with different values.
+    """
+    if alias_value is None:
+        return default if value is None else value
+    if value is None or value is alias_value:
+        return alias_value
+    same = not isinstance(value, Tensor) and not isinstance(alias_value, Tensor)
+    if same and value == alias_value:
+        return value
+    raise ValueError(
+        f"{name}, {alias}: two names of the same argument, given different values "
+        f"({name}={value!r}, {alias}={alias_value!r}); pass only one of them"
+    )

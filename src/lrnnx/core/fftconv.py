@@ -3,11 +3,19 @@
 FFT for long sequences (zero-padded to at least 2L so nothing wraps around), a direct sum for
 short ones where the FFT's overhead dominates.  Real and complex inputs are both handled; a
 real kernel with a real input uses the real FFT.
+
+Causality holds for non-finite inputs too.  An FFT spreads one NaN or inf over every output,
+including those before it; the FFT paths here convolve the input with its non-finite entries
+set to 0 and then mark as NaN exactly the outputs whose window reaches one of them, which is
+what the direct sum (and the recurrence) gives: outputs before a NaN are untouched.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 #: below this length the direct O(L^2) sum is cheaper than three FFTs
@@ -46,12 +54,47 @@ def causal_conv(u: Tensor, k: Tensor, method: str = "auto") -> Tensor:
         return _direct(u, k)
     if method != "fft":
         raise ValueError(f"method: expected 'fft', 'direct' or 'auto', got {method!r}")
-    n = fft_length(L + k.shape[-1] - 1) if k.shape[-1] < L else fft_length(2 * L)
+    Lk = k.shape[-1]
+    n = fft_length(L + Lk - 1) if Lk < L else fft_length(2 * L)
+    u, bad = _finite_part(u)
     if u.is_complex() or k.is_complex():
         y = torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n), n=n)
     else:
         y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
-    return y[..., :L]
+    return _poison(y[..., :L], bad, Lk)
+
+
+def _finite_part(u: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """``u`` with its non-finite entries set to 0, and the boolean mask of those entries.
+
+    The mask is None when every entry is finite, the common case, found with one sum (a sum
+    is finite only if every term is; an overflowing sum of finite terms merely takes the exact
+    path).  Under torch.compile the check is left out (no data-dependent branch): the select
+    always runs, fused by the compiler.
+    """
+    if not _compiling() and bool(torch.isfinite(u.sum())):
+        return u, None
+    bad = ~torch.isfinite(u)
+    return torch.where(bad, u.new_zeros(()), u), bad
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _poison(y: Tensor, bad: Optional[Tensor], Lk: int) -> Tensor:
+    """NaN where an output's causal window (its last ``Lk`` inputs) holds a non-finite input.
+
+    ``bad`` (..., L) marks the non-finite inputs along the last axis; it broadcasts against y.
+    """
+    if bad is None:
+        return y
+    L = bad.shape[-1]
+    count = bad.to(torch.int32).cumsum(-1, dtype=torch.int32)  # non-finite inputs up to t
+    if Lk < L:  # only the last Lk inputs reach output t
+        count = count - F.pad(count, (Lk, 0))[..., :L]
+    return torch.where(count > 0, y.new_full((), float("nan")), y)
 
 
 def _direct(u: Tensor, k: Tensor) -> Tensor:
@@ -74,6 +117,10 @@ def causal_conv_mix(u: Tensor, k: Tensor) -> Tensor:
     """
     L = u.shape[-1]
     n = fft_length(2 * L)
+    u, bad = _finite_part(u)
     uf = torch.fft.rfft(u, n=n)
     kf = torch.fft.rfft(k[..., :L], n=n)
-    return torch.fft.irfft(torch.einsum("bil,oil->bol", uf, kf), n=n)[..., :L]
+    y = torch.fft.irfft(torch.einsum("bil,oil->bol", uf, kf), n=n)[..., :L]
+    if bad is not None:
+        bad = bad.any(dim=1, keepdim=True)  # every output mixes every input
+    return _poison(y, bad, L)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask
+from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask, zero_where_not
 from lrnnx.layers.norm import RMSNorm
 
 #: pointwise activations a Block can apply to the mixer output
@@ -106,7 +106,7 @@ class Block(nn.Module):
             x = x + self.drop(self.mlp(self.norm2(x)))
         if mask is not None:
             # padded positions never reach valid ones; zeroing keeps the stream clean
-            x = x * mask[..., None].to(x.dtype)
+            x = zero_where_not(x, mask[..., None])
         return x
 
     def step(

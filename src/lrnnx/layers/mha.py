@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_sequence, check_step_input, check_timesteps, lengths_mask
+from lrnnx.core.checks import (
+    check_sequence,
+    check_step_input,
+    check_timesteps,
+    lengths_mask,
+    zero_where_not,
+)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -179,7 +185,7 @@ class MHA(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.dim))
         if mask is not None:
-            y = y * mask[..., None]
+            y = zero_where_not(y, mask[..., None])
         return y
 
     def _attend_cached(

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask
+from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask, zero_where_not
 
 #: builds the raw model: (cls, d_model, d_state or None, kwargs) -> nn.Module
 _Make = Callable[[type, int, Optional[int], Dict[str, Any]], nn.Module]
@@ -446,7 +446,7 @@ class MixerAdapter(nn.Module):
             else:
                 # a causal model without lengths: zero the padding and the padded outputs
                 mask = lengths_mask(lengths, B, L, x.device)
-                x = x * mask[..., None].to(x.dtype)
+                x = zero_where_not(x, mask[..., None])
         if inference_cache is not None:
             kwargs["inference_cache"] = inference_cache
         y = self.model(x.transpose(1, 2) if self._transposed else x, **kwargs)
@@ -455,7 +455,7 @@ class MixerAdapter(nn.Module):
         if self._transposed:
             y = y.transpose(1, 2)
         if mask is not None:
-            y = y * mask[..., None].to(y.dtype)
+            y = zero_where_not(y, mask[..., None])
         return y
 
     def _prefill_by_steps(
@@ -485,7 +485,7 @@ class MixerAdapter(nn.Module):
             ys.append(y_t)
         y = torch.stack(ys, dim=1) if ys else x.new_zeros(B, 0, self.d_model)
         if mask is not None:
-            y = y * mask[..., None].to(y.dtype)
+            y = zero_where_not(y, mask[..., None])
         return y
 
     def step(

@@ -1,18 +1,24 @@
 """Autoregressive generation for models with ``forward(ids, inference_cache=...)``,
 ``step(ids, cache)`` and ``allocate_inference_cache(batch_size, max_seqlen)`` (such as
-:class:`lrnnx.architectures.LRNNLMHeadModel`).
+:class:`lrnnx.architectures.LRNNLMHeadModel`), with the keywords of transformers'
+``GenerationMixin.generate`` (``max_new_tokens`` / ``max_length``, ``do_sample``, ``temperature``,
+``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``,
+``attention_mask``, ``return_dict_in_generate``, ``output_scores``): greedy by default, and a
+tensor of token ids as the result.
 
-The prompt is prefilled with ONE parallel forward that fills every layer's cache; decoding then
-calls ``step`` once per new token.  On CUDA the decode step can be captured once in a CUDA graph
-and replayed (every cache tensor is updated in place, so the graph's fixed addresses stay valid).
+The prompt is prefilled with ONE parallel forward that fills every layer's cache (padded prompts
+each at their own length); decoding then calls ``step`` once per new token.  On CUDA the decode
+step can be captured once in a CUDA graph and replayed (every cache tensor is updated in place,
+so the graph's fixed addresses stay valid).
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,26 +26,41 @@ from torch import Tensor, nn
 
 @dataclass
 class GenerationOutput:
-    """Result of :func:`generate`.
+    """What :func:`generate` returns with ``return_dict_in_generate=True`` (or ``output_scores``
+    / ``output_logits``), like transformers' ``GenerateDecoderOnlyOutput``.
 
     Attributes:
         sequences: (B, L + n) prompt followed by the n generated tokens; after a sequence's
             ``eos_token_id`` its remaining positions hold ``pad_token_id``.  n is
             ``max_new_tokens`` unless every sequence finished earlier.
+        scores: with ``output_scores``, n tensors (B, vocab): the processed next-token scores
+            each token was chosen from (after the repetition penalty and, when sampling,
+            temperature and top-k/top-p, -inf where filtered); else None.
+        logits: with ``output_logits``, n tensors (B, vocab): the model's raw next-token
+            logits; else None.
         tokens_per_s: generated tokens (B * n) per second of prefill + decode wall time.
         num_new_tokens: n.
         prefill_s, decode_s: wall time of the prompt's forward, and of the decoding loop.
-        finished: (B,) bool, whether each sequence produced ``eos_token_id``.
+        finished: (B,) bool, whether each sequence produced an ``eos_token_id``.
         cuda_graph: whether decoding replayed a CUDA graph.
+
+    ``out["sequences"]`` works too, as on transformers' outputs.
     """
 
     sequences: Tensor
-    tokens_per_s: float
-    num_new_tokens: int
-    prefill_s: float
-    decode_s: float
-    finished: Tensor
-    cuda_graph: bool
+    scores: Optional[Tuple[Tensor, ...]] = None
+    logits: Optional[Tuple[Tensor, ...]] = None
+    tokens_per_s: float = 0.0
+    num_new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finished: Optional[Tensor] = None
+    cuda_graph: bool = False
+
+    def __getitem__(self, key: str) -> Any:
+        if not isinstance(key, str) or key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -155,15 +176,42 @@ class _GraphStep:
             d["seqlen_offset"] = v + self.n
 
 
+def _token_ids(name: str, value: Any) -> Optional[List[int]]:
+    """None, an int, or a list/tuple/1-D tensor of ints (>= 0) -> None or a non-empty list."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name}: expected integer token ids, got dtype {value.dtype}")
+        value = value.flatten().tolist()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or any(
+        not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0 for v in items
+    ):
+        raise ValueError(f"{name}: expected None, a token id >= 0 or a list of them, got {value!r}")
+    return [int(v) for v in items]
+
+
 def _check_args(
-    model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id
-) -> None:
+    model: nn.Module,
+    input_ids: Any,
+    max_new_tokens: Any,
+    max_length: Any,
+    do_sample: Any,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    pad_token_id: Any,
+) -> int:
+    """Validate the arguments; return the number of tokens to generate."""
     for method in ("allocate_inference_cache", "step"):
         if not callable(getattr(model, method, None)):
             raise TypeError(f"model: expected a model with {method}(), got {type(model).__name__}")
     if (
         not isinstance(input_ids, Tensor)
         or input_ids.is_floating_point()
+        or input_ids.is_complex()
         or input_ids.dtype == torch.bool
     ):
         got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -172,21 +220,101 @@ def _check_args(
         raise ValueError(
             f"input_ids: expected shape (B, L) with B, L >= 1, got {tuple(input_ids.shape)}"
         )
-    if (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens < 0
-    ):
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    L = input_ids.shape[1]
+    for name, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"{name}: expected None or an int >= 0, got {v!r}")
+    if max_new_tokens is None and max_length is None:
+        raise ValueError(
+            "max_new_tokens / max_length: pass one of them (max_new_tokens: tokens to add; "
+            "max_length: prompt length + tokens to add)"
+        )
+    if max_length is not None and max_length < L:
+        raise ValueError(
+            f"max_length: counts the prompt (input_ids.shape[1] = {L}) and the new tokens, so it "
+            f"must be >= {L}, got {max_length}"
+        )
+    if max_new_tokens is not None and max_length is not None and max_length != L + max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens = {max_new_tokens} and max_length = {max_length} disagree (the "
+            f"prompt has {L} tokens: max_length = {L} + max_new_tokens); pass only one of them"
+        )
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise ValueError(f"{name}: expected None or a token id >= 0, got {v!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty: expected a float > 0, got {repetition_penalty!r}")
+    if pad_token_id is not None and (
+        not isinstance(pad_token_id, numbers.Integral)
+        or isinstance(pad_token_id, bool)
+        or pad_token_id < 0
+    ):
+        raise ValueError(f"pad_token_id: expected None or a token id >= 0, got {pad_token_id!r}")
+    return int(max_new_tokens) if max_new_tokens is not None else int(max_length) - L
+
+
+def _prompt_layout(input_ids: Tensor, attention_mask: Any) -> Tuple[Tensor, Optional[Tensor]]:
+    """The prompts with their tokens moved to the front of each row, and their lengths.
+
+    Returns ``(ids, lengths)``: ``lengths`` is None when no row is padded (``ids`` is then
+    ``input_ids``); otherwise row b of ``ids`` holds its ``lengths[b]`` valid tokens first, then
+    zeros — the right-padded layout that ``model(ids, lengths=...)`` takes, whichever side the
+    prompt was padded on.
+    """
+    if attention_mask is None:
+        return input_ids, None
+    B, L = input_ids.shape
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, L):
+        got = (
+            tuple(attention_mask.shape)
+            if isinstance(attention_mask, Tensor)
+            else type(attention_mask).__name__
+        )
+        raise ValueError(f"attention_mask: expected a tensor of shape ({B}, {L}), got {got}")
+    mask = attention_mask.to(input_ids.device)
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask: expected 0/1 (or boolean) entries")
+        mask = mask != 0
+    n = mask.sum(1)
+    if bool((n == 0).any()):
+        rows = (n == 0).nonzero()[:, 0].tolist()
+        raise ValueError(f"attention_mask: rows {rows} have no token to continue")
+    if bool((n == L).all()):
+        return input_ids, None
+    pos = torch.arange(L, device=mask.device)
+    start = (mask.cumsum(1) == 0).sum(1)  # leading padding of each row
+    block = (pos >= start[:, None]) & (pos < (start + n)[:, None])
+    if not torch.equal(block, mask):
+        raise ValueError(
+            "attention_mask: each row's 1s must be one contiguous block (a left- or "
+            "right-padded prompt)"
+        )
+    moved = input_ids.gather(1, (start[:, None] + pos) % L)  # valid tokens first
+    return torch.where(pos < n[:, None], moved, torch.zeros_like(moved)), n
+
+
+def _penalize(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """transformers' repetition penalty: logits of tokens already in the sequence are divided
+    by ``penalty`` where positive and multiplied by it where negative."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def _sampling_args_unused(temperature: float, top_k: int, top_p: float) -> List[str]:
+    unused = []
+    if temperature not in (0, 1):
+        unused.append(f"temperature={temperature}")
+    if top_k not in (0, 1):
+        unused.append(f"top_k={top_k}")
+    if top_p != 1:
+        unused.append(f"top_p={top_p}")
+    return unused
 
 
 def _sync(device: torch.device) -> None:
@@ -198,61 +326,140 @@ def _sync(device: torch.device) -> None:
 def generate(
     model: nn.Module,
     input_ids: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    cuda_graph: Optional[bool] = None,
+    max_new_tokens: Optional[int] = None,
+    *,
+    max_length: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: Optional[float] = 1.0,
+    top_k: Optional[int] = 0,
+    top_p: Optional[float] = 1.0,
+    repetition_penalty: Optional[float] = 1.0,
+    eos_token_id: Union[int, Sequence[int], None] = None,
     pad_token_id: Optional[int] = None,
-) -> GenerationOutput:
-    """Generate up to ``max_new_tokens`` tokens after each prompt.
+    attention_mask: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    return_dict_in_generate: bool = False,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    cuda_graph: Optional[bool] = None,
+) -> Union[Tensor, GenerationOutput]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (transformers' ``generate``
+    keywords; greedy unless ``do_sample=True``).
 
     Example:
-        >>> out = generate(lm, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.9)
-        >>> out.sequences.shape, out.tokens_per_s
+        >>> ids = generate(lm, prompt_ids, max_new_tokens=64)                  # greedy, (B, L + 64)
+        >>> ids = generate(lm, prompt_ids, max_new_tokens=64, do_sample=True,
+        ...                temperature=0.8, top_p=0.9)
+        >>> out = generate(lm, padded_ids, max_length=100, attention_mask=mask,
+        ...                eos_token_id=2, return_dict_in_generate=True, output_scores=True)
+        >>> out.sequences, out.scores                                    # (B, L + n), n x (B, V)
 
     Args:
-        model: e.g. :class:`lrnnx.architectures.LRNNLMHeadModel` (set to eval mode for the
-            call and restored after).
-        input_ids: (B, L) prompts, all of length L.
-        max_new_tokens: tokens to add per sequence.
-        temperature: softmax temperature; 0 means greedy (argmax).
+        model: e.g. :class:`lrnnx.architectures.LRNNLMHeadModel`: anything with
+            ``forward(ids, inference_cache=..., [lengths=...])``, ``step(ids, cache)`` and
+            ``allocate_inference_cache(batch_size, max_seqlen)``.  Put in eval mode for the call
+            and restored after.
+        input_ids: (B, L) integer prompts.
+        max_new_tokens: tokens to add per sequence.  Pass it or ``max_length``.
+        max_length: prompt length L (padding included) + tokens to add.  Passing both is an
+            error unless they agree.
+        do_sample: sample the next token; False (the default) takes the most likely one
+            (greedy decoding, deterministic).  ``temperature``, ``top_k`` and ``top_p`` only act
+            when sampling (a warning says so otherwise).
+        temperature: sampling from ``softmax(logits / temperature)``; 0 means greedy.
         top_k: sample among the k most likely tokens (0: all; 1: greedy).
-        top_p: nucleus sampling mass (1.0: all).
-        eos_token_id: a sequence stops at this token; later positions get ``pad_token_id``
-            (default: ``eos_token_id``) and generation ends when every sequence stopped.
-        generator: random generator for sampling (reproducibility).
+        top_p: sample from the smallest set of most likely tokens whose probability reaches
+            ``top_p`` (nucleus sampling; 1.0: all; a tiny value: greedy).
+        repetition_penalty: divide the positive logits and multiply the negative ones of every
+            token already in the sequence (prompt included) by this (1.0: off; transformers'
+            and CTRL's penalty).  Applies to greedy decoding and sampling alike.
+        eos_token_id: a token id or a list of them; a sequence that produces one is finished:
+            its later positions get ``pad_token_id`` and generation stops once every sequence
+            is finished.
+        pad_token_id: filler after a sequence's end (default: the first ``eos_token_id``).
+        attention_mask: (B, L) 1 for prompt tokens, 0 for padding, to batch prompts of
+            different lengths; each row's 1s must be contiguous (left or right padding).  Each
+            row is continued as if it were generated alone (at its own length, positions
+            starting at its first token).  The new tokens are appended after column L whatever
+            the padding side: ``sequences[:, L:]`` are always the new tokens.
+        generator: random generator for sampling (default: torch's global one, so
+            ``torch.manual_seed`` also makes sampling reproducible).
+        return_dict_in_generate: return a :class:`GenerationOutput` rather than the tensor
+            of token ids.
+        output_scores: also return the processed scores (``.scores``: one (B, vocab) tensor
+            per new token, after the repetition penalty and, when sampling, temperature and
+            top-k/top-p filtering, -inf where filtered); implies the object return.
+        output_logits: also return the raw next-token logits (``.logits``, one (B, vocab) per
+            new token); implies the object return.
         cuda_graph: capture the decode step in a CUDA graph: None = when the model is on CUDA
             (falling back to eager decoding with a warning if capture fails), True = required
             (ValueError off CUDA), False = never.
-        pad_token_id: filler after eos.
 
     Returns:
-        :class:`GenerationOutput`.
+        (B, L + n) LongTensor (input dtype): ``input_ids`` followed by the n new tokens, n =
+        ``max_new_tokens`` unless every sequence finished earlier; or, with
+        ``return_dict_in_generate`` / ``output_scores`` / ``output_logits``, a
+        :class:`GenerationOutput` holding it as ``.sequences``.
     """
-    _check_args(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id
+    temperature = 1.0 if temperature is None else temperature
+    top_k = 0 if top_k is None else top_k
+    top_p = 1.0 if top_p is None else top_p
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
+    n_new = _check_args(
+        model,
+        input_ids,
+        max_new_tokens,
+        max_length,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        pad_token_id,
     )
+    eos = _token_ids("eos_token_id", eos_token_id)
     device = input_ids.device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: CUDA graphs need input_ids on a CUDA device, got {device}")
+    if not do_sample:
+        unused = _sampling_args_unused(temperature, top_k, top_p)
+        if unused:
+            warnings.warn(
+                f"generate: do_sample=False decodes greedily, so {', '.join(unused)} has no "
+                "effect; pass do_sample=True to sample",
+                UserWarning,
+                stacklevel=3,
+            )
+    sample = do_sample and temperature != 0 and top_k != 1
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos is not None else None)
+    eos_ids = None if eos is None else torch.tensor(eos, device=device)
+    prompt, lengths = _prompt_layout(input_ids, attention_mask)
     B, L = input_ids.shape
+    V = None
+    seen = None
+    scores: List[Tensor] = []
+    raw_logits: List[Tensor] = []
     was_training = model.training
     model.eval()
     try:
         _sync(device)
         t0 = time.perf_counter()
-        cache = model.allocate_inference_cache(B, L + max(max_new_tokens, 1))
-        logits = model(input_ids, inference_cache=cache)[:, -1]  # ONE parallel prefill
+        cache = model.allocate_inference_cache(B, L + max(n_new, 1))
+        if lengths is None:  # ONE parallel prefill
+            out = model(prompt, inference_cache=cache)
+        else:  # every sequence's cache stops at its own length
+            out = model(prompt, lengths=lengths, inference_cache=cache)
+        out = getattr(out, "logits", out)
+        if lengths is None:
+            logits = out[:, -1]
+        else:
+            logits = out[torch.arange(B, device=device), lengths.to(device) - 1]
         _sync(device)
         t1 = time.perf_counter()
         step: Callable[[Tensor], Tensor] = lambda ids: model.step(ids, cache)[0]  # noqa: E731
         graph = None
-        if use_graph and max_new_tokens > 1:
+        if use_graph and n_new > 1:
             try:
                 graph = _GraphStep(model, cache, B, device)
                 step = graph
@@ -260,19 +467,42 @@ def generate(
                 if cuda_graph:
                     raise
                 warnings.warn(
-                    f"generate: CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2
+                    f"generate: CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3
                 )
+        if repetition_penalty != 1.0:
+            V = logits.shape[-1]
+            valid = (
+                torch.ones_like(prompt, dtype=torch.long)
+                if lengths is None
+                else (torch.arange(L, device=device) < lengths[:, None]).long()
+            )
+            counts = torch.zeros(B, V, dtype=torch.long, device=device)
+            seen = counts.scatter_add_(1, prompt.clamp(0, V - 1), valid) > 0
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         new = []
-        for i in range(max_new_tokens):
-            tok = sample_logits(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
-                finished |= tok == eos_token_id
-            new.append(tok)
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        for i in range(n_new):
+            if output_logits:
+                raw_logits.append(logits.clone())
+            x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            if seen is not None:
+                x = _penalize(x, seen, repetition_penalty)
+            if sample:
+                x = filter_logits(x / temperature if temperature != 1 else x, top_k, top_p)
+                tok = torch.multinomial(x.softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                tok = x.argmax(-1)
+            if output_scores:
+                scores.append(x if x is not logits else x.clone())
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            out_tok = tok
+            if eos_ids is not None:
+                out_tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                finished |= torch.isin(tok, eos_ids)
+            new.append(out_tok)
+            if i == n_new - 1 or (eos_ids is not None and bool(finished.all())):
                 break
-            logits = step(tok)
+            logits = step(tok)  # a finished sequence is fed its (discarded) own token
         if graph is not None:
             graph.finish()
         _sync(device)
@@ -285,9 +515,13 @@ def generate(
         if n
         else input_ids.clone()
     )
+    if not (return_dict_in_generate or output_scores or output_logits):
+        return seq
     total = max(t2 - t0, 1e-9)
     return GenerationOutput(
         sequences=seq,
+        scores=tuple(scores) if output_scores else None,
+        logits=tuple(raw_logits) if output_logits else None,
         tokens_per_s=B * n / total,
         num_new_tokens=n,
         prefill_s=t1 - t0,

@@ -18,9 +18,12 @@ state handling and the generic computation of the final recurrent state.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import math
 import numbers
+import warnings
 from abc import abstractmethod
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -28,7 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input, lengths_mask
+from lrnnx.core.checks import (
+    as_lengths,
+    check_batch_size,
+    check_dt_range,
+    check_inference_cache,
+    check_input_dtype,
+    check_optional_positive_int,
+    check_positive_float,
+    check_positive_int,
+    check_step_input,
+    lengths_mask,
+    zero_where_not,
+)
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.core.hippo import nplr
 from lrnnx.models.lti.base import LTI_LRNN
@@ -52,6 +67,24 @@ ACTIVATIONS = (
 )
 #: inits whose NPLR form comes from a HiPPO measure
 NPLR_INITS = ("legs", "legt", "fout", "fourier")
+#: keyword options that the original lrnnx's S4 / S4D pass on to its HiPPO-NPLR / DPLR init
+#: helpers, with their defaults; accepted here at these values only (see
+#: :func:`check_original_init_options`)
+ORIGINAL_INIT_OPTIONS: Dict[str, Any] = {
+    "B_clip": 2.0,
+    "diagonalize_precision": True,
+    "real_random": False,
+    "real_scale": 1.0,
+    "imag_random": False,
+    "imag_scale": 1.0,
+    "B_random": False,
+    "B_init": "constant",
+    "B_scale": 1.0,
+    "P_scale": 1.0,
+    "normalize": False,
+}
+#: values of the original lrnnx's ``kernel`` argument for each block: the kernel it computes
+KERNEL_NAMES = {"S4": "s4", "S4D": "s4d"}
 #: diagonal inits, used as ``diag-<name>`` (P = 0) or ``dplr-<name>`` (random P)
 DIAG_INITS = (
     "lin",
@@ -322,6 +355,10 @@ class S4BlockBase(LTI_LRNN):
     #: model name used in log messages
     _name = "S4"
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        _warn_positional_bottleneck(cls, args, kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         discretization: str,
@@ -351,21 +388,20 @@ class S4BlockBase(LTI_LRNN):
         lr: Union[float, Mapping[str, float], None] = None,
         wd: Union[float, Mapping[str, float], None] = 0.0,
         verbose: bool = True,
+        swap_channels: bool = False,
+        drop_kernel: float = 0.0,
     ):
         super().__init__(discretization)
-        _check_int("d_model", d_model)
-        _check_int("channels", channels)
-        _check_int("d_state", d_state)
-        _check_int("rank", rank)
-        for name, value in (("bottleneck", bottleneck), ("gate", gate), ("l_max", l_max)):
-            if value is not None:
-                _check_int(name, value)
+        d_model = check_positive_int("d_model", d_model)
+        channels = check_positive_int("channels", channels)
+        d_state = check_positive_int("d_state", d_state)
+        rank = check_positive_int("rank", rank)
+        bottleneck = check_optional_positive_int("bottleneck", bottleneck)
+        gate = check_optional_positive_int("gate", gate)
+        l_max = check_optional_positive_int("l_max", l_max)
         if bottleneck is not None and d_model // bottleneck < 1:
             raise ValueError(f"bottleneck: must be <= d_model = {d_model}, got {bottleneck}")
-        if not (0 < dt_min <= dt_max):
-            raise ValueError(
-                f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}"
-            )
+        dt_min, dt_max = check_dt_range(dt_min, dt_max)
         for name, value in (
             ("dt_transform", dt_transform),
             ("real_transform", real_transform),
@@ -388,8 +424,7 @@ class S4BlockBase(LTI_LRNN):
         self.H = d_model // bottleneck if bottleneck is not None else d_model
         self.d_state = d_state
         self.is_real = bool(is_real)
-        n_ssm = self.H if n_ssm is None else n_ssm
-        _check_int("n_ssm", n_ssm)
+        n_ssm = self.H if n_ssm is None else check_positive_int("n_ssm", n_ssm)
         if self.H % n_ssm:
             raise ValueError(f"n_ssm: must divide the SSM width H = {self.H}, got {n_ssm}")
         self.n_ssm = n_ssm
@@ -405,6 +440,13 @@ class S4BlockBase(LTI_LRNN):
         self.rank, self.init, self.deterministic = rank, init, deterministic
         self.lr, self.wd, self.verbose = lr, wd, verbose
         self.kernel_max_elements = KERNEL_MAX_ELEMENTS
+        # order of the C * H' SSM outputs: (channel, feature) or, swapped, (feature, channel)
+        self.swap_channels = bool(swap_channels)
+        drop_kernel = check_positive_float("drop_kernel", drop_kernel, allow_zero=True)
+        if drop_kernel >= 1:
+            raise ValueError(f"drop_kernel: expected a probability in [0, 1), got {drop_kernel}")
+        # dropout on the convolution kernel while training (the recurrent step has none)
+        self.kernel_dropout = nn.Dropout(drop_kernel) if drop_kernel > 0 else nn.Identity()
 
         # the gate branch, bottleneck and output layers (GSS-style when gate / bottleneck are set)
         d_gate = self.H * gate if gate is not None else None
@@ -565,23 +607,35 @@ class S4BlockBase(LTI_LRNN):
     # ---- interface ---------------------------------------------------------------------------
 
     def default_state(self, *batch_shape: int, device=None) -> Tensor:
-        """Zero state of shape (*batch_shape, H, state_dim)."""
+        """Zero state of shape (*batch_shape, H, state_dim).
+
+        With ``batch_shape = (B,)`` it is the state of the state-spaces/s4 convention:
+        ``y, state = model.step(x, state)`` (see :meth:`step`) and ``model(x, state=state)``.
+        """
         device = self.A_real.device if device is None else device
         return torch.zeros(
             *batch_shape, self.H, self.state_dim, dtype=self.state_dtype, device=device
         )
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
     ) -> Dict[str, Any]:
         """Zero state plus the discrete dA, dB, dC from :meth:`setup_step`.
 
         ``max_seqlen`` and ``dtype`` are unused (the state is kept in float32/complex64 or the
-        parameters' precision).
+        parameters' precision).  ``device``: where the cache is allocated (default: the
+        parameters' device).
         """
+        check_batch_size(batch_size)
         with torch.no_grad():
             cache = dict(self.setup_step())
-        cache["lrnn_state"] = self.default_state(batch_size)
+        if device is not None:
+            cache = {k: v.to(device) for k, v in cache.items()}
+        cache["lrnn_state"] = self.default_state(batch_size, device=device)
         cache["seqlen_offset"] = 0
         return cache
 
@@ -598,9 +652,20 @@ class S4BlockBase(LTI_LRNN):
                 f"(transposed={self.transposed}), got {tuple(x.shape)}"
             )
         x = x.transpose(1, 2) if self.transposed else x
-        if x.shape[1] == 0:
-            raise ValueError(f"x: expected at least one timestep, got shape {tuple(x.shape)}")
+        proj = self._projection_dtype()
+        if proj is not None:
+            check_input_dtype(x, proj)
         return x
+
+    def _projection_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the block's projection layers (None without any)."""
+        return next((p.dtype for n, p in self.named_parameters() if "." in n), None)
+
+    def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
+        """The shared cache validation, then the state's own shape and dtype."""
+        check_inference_cache(cache, batch, ("lrnn_state", "dA", "dB", "dC"), type(self).__name__)
+        self._check_state(cache["lrnn_state"], batch, 'inference_cache["lrnn_state"]')
+        return cache
 
     def _check_state(self, state: Tensor, batch: int, name: str) -> Tensor:
         expected = (batch, self.H, self.state_dim)
@@ -627,8 +692,9 @@ class S4BlockBase(LTI_LRNN):
             if lengths == L:
                 return None
             return torch.full((batch,), int(lengths), device=device)
-        lengths_mask(lengths, batch, L)  # validates type, shape and range
-        return lengths.to(device)
+        if isinstance(lengths, Tensor) and lengths.shape == (1,) and batch != 1:
+            lengths = lengths.expand(batch)  # one length for the whole batch
+        return as_lengths(lengths, batch, L, device)  # validates type, shape and range
 
     def forward(
         self,
@@ -636,6 +702,7 @@ class S4BlockBase(LTI_LRNN):
         lengths: Union[Tensor, int, None] = None,
         state: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        rate: float = 1.0,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Run the block over a whole sequence.
 
@@ -646,11 +713,14 @@ class S4BlockBase(LTI_LRNN):
             state: initial recurrent state (B, H', N) (e.g. from :meth:`default_state`).
             inference_cache: a cache from :meth:`allocate_inference_cache`; its state is the
                 initial state and receives the final one (``seqlen_offset`` advances by L).
+            rate: sampling-rate factor of the original lrnnx / state-spaces FFT convolution
+                (dt scaled by ``rate``); only 1.0 is supported (ValueError otherwise).
 
         Returns:
             y of x's shape (with d_output features) and the state after each sequence's last valid
             step when ``state`` or ``inference_cache`` is given (else None).
         """
+        _check_rate(rate)
         x = self._check_input(x)
         Bsz, L, _ = x.shape
         if state is not None and inference_cache is not None:
@@ -661,19 +731,20 @@ class S4BlockBase(LTI_LRNN):
         if state is not None:
             h0 = self._check_state(state, Bsz, "state")
         elif inference_cache is not None:
-            h0 = self._check_state(
-                inference_cache["lrnn_state"], Bsz, 'inference_cache["lrnn_state"]'
-            )
-        if mask is not None:
-            x = x * mask[..., None]
+            h0 = self._check_cache(inference_cache, Bsz)["lrnn_state"].to(self.state_dtype)
+        if x.numel() == 0:  # no batch or no steps: empty output, the state stays
+            return self._empty_block_output(x, h0, inference_cache)
+        if mask is not None:  # a select: padding may hold anything, NaN included
+            x = zero_where_not(x, mask[..., None])
         v = self.input_gate(x) if self.gate is not None else None
         u = self.input_linear(x) if self.bottleneck is not None else x
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.transpose(1, 2).to(self.A_real.dtype)  # (B, H', L)
             if mask is not None:
-                uf = uf * mask[:, None]
+                uf = zero_where_not(uf, mask[:, None])
             Lk = L if self.l_max is None else min(L, self.l_max)
             k, k_state = self.compute_kernel(Lk, h0)
+            k = self.kernel_dropout(k)
             y = causal_conv(uf[:, None], k)  # (B, C, H', L)
             y = y + self.D[..., None] * uf[:, None]
             if k_state is not None:
@@ -683,13 +754,14 @@ class S4BlockBase(LTI_LRNN):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and inference_cache is None):
                     dA, dB = self._state_matrices()
                     next_state = ssm_final_state(dA, dB, uf, h0, lengths)
+            y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C, L)
             y = y.reshape(Bsz, -1, L).transpose(1, 2).to(x.dtype)  # (B, L, C*H')
         y = self.activation(self.conv_dropout(y))
         if v is not None:
             y = self.output_gate(y) * v
         y = self.output_linear(self.dropout(y))
         if mask is not None:
-            y = y * mask[..., None]
+            y = zero_where_not(y, mask[..., None])
         if self.transposed:
             y = y.transpose(1, 2)
         if inference_cache is not None:
@@ -698,16 +770,28 @@ class S4BlockBase(LTI_LRNN):
             next_state = inference_cache["lrnn_state"]
         return y, next_state
 
-    def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
-        """One timestep: x (B, d_model) -> y (B, d_output); the cache's state advances in place."""
+    def step(
+        self, x: Tensor, inference_cache: Union[Dict[str, Any], Tensor]
+    ) -> Tuple[Tensor, Union[Dict[str, Any], Tensor]]:
+        """One timestep: x (B, d_model) -> y (B, d_output); the cache's state advances in place.
+
+        ``inference_cache`` may also be a bare state (B, H', N), e.g. from
+        :meth:`default_state` (the state-spaces/s4 convention): then the state is not modified
+        and ``(y, next_state)`` is returned.
+        """
+        if isinstance(inference_cache, Tensor):
+            return self._step_state(x, inference_cache)
         x = check_step_input(x, self.d_model)
-        state = inference_cache["lrnn_state"]
-        self._check_state(state, x.shape[0], 'inference_cache["lrnn_state"]')
+        proj = self._projection_dtype()
+        if proj is not None:
+            check_input_dtype(x, proj)
+        self._check_cache(inference_cache, x.shape[0])
         v = self.input_gate(x) if self.gate is not None else None
         u = self.input_linear(x) if self.bottleneck is not None else x
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.to(self.A_real.dtype)
             y = self._ssm_step(uf, inference_cache) + self.D * uf[:, None]  # (B, C, H')
+            y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C)
             y = y.reshape(x.shape[0], -1).to(x.dtype)
         y = self.activation(self.conv_dropout(y))
         if v is not None:
@@ -716,10 +800,108 @@ class S4BlockBase(LTI_LRNN):
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y, inference_cache
 
+    def _empty_block_output(
+        self, x: Tensor, h0: Optional[Tensor], cache: Optional[Dict[str, Any]]
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """forward's result for x (B, L, H) with B = 0 or L = 0: an empty y and the state as it
+        was (the cache's own state tensor when a cache is given)."""
+        y = x.new_zeros(x.shape[0], x.shape[1], self._d_output)
+        y = y.transpose(1, 2) if self.transposed else y
+        if cache is not None:
+            return y, cache["lrnn_state"]
+        return y, h0
 
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    def _step_state(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`step` on a bare state (the state-spaces/s4 convention): (y, next_state)."""
+        batch = check_step_input(x, self.d_model).shape[0]
+        state = self._check_state(state, batch, "state").clone()
+        cache = {**self._step_constants(), "lrnn_state": state, "seqlen_offset": 0}
+        y, cache = self.step(x, cache)
+        return y, cache["lrnn_state"]
+
+    def _step_constants(self) -> Dict[str, Tensor]:
+        """:meth:`setup_step`'s matrices, recomputed only after a parameter or buffer changed
+        (in place, e.g. by an optimizer step, or by being moved)."""
+        try:
+            key = tuple(
+                (id(t), t._version, t.device, t.dtype)
+                for t in itertools.chain(self.parameters(), self.buffers())
+            )
+        except RuntimeError:  # inference tensors have no version counter: always recompute
+            key = None
+        cached = self.__dict__.get("_step_constants_cache")
+        if key is None or cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, dict(self.setup_step()))
+            self.__dict__["_step_constants_cache"] = cached  # a plain attribute, not state
+        return cached[1]
+
+
+def _warn_positional_bottleneck(cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Warn when S4(64, 16) / S4D(64, 16) is probably meant as d_state=16.
+
+    The second positional argument of S4 and S4D is ``bottleneck`` (the order of the original
+    lrnnx and of state-spaces/s4), which silently shrinks the SSM to d_model // bottleneck
+    features.  No warning when d_state is also given, by keyword or by position.
+    """
+    if len(args) < 2 or args[1] is None or "d_state" in kwargs:
+        return
+    params = list(inspect.signature(cls.__init__).parameters)[1:]  # without self
+    if params[1:2] != ["bottleneck"] or "d_state" not in params:
+        return
+    if len(args) > params.index("d_state"):
+        return
+    name = cls.__name__
+    warnings.warn(
+        f"{name}({args[0]!r}, {args[1]!r}, ...): the second positional argument of {name} is "
+        f"bottleneck (the SSM then runs on d_model // bottleneck features), not the state "
+        f"size; if you meant the state size, use {name}({args[0]!r}, d_state={args[1]!r}); "
+        f"to keep the bottleneck without this warning, pass bottleneck={args[1]!r} by keyword",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def check_original_init_options(options: Mapping[str, Any]) -> None:
+    """Accept the original lrnnx's init options (:data:`ORIGINAL_INIT_OPTIONS`) at their
+    defaults; any other value raises ValueError, as the initialisation here has no such knob."""
+    for name, value in options.items():
+        default = ORIGINAL_INIT_OPTIONS[name]
+        if isinstance(default, bool) or isinstance(value, bool):
+            same = value is default
+        else:
+            try:
+                same = bool(value == default)
+            except Exception:  # e.g. a tensor of several values
+                same = False
+        if not same:
+            raise ValueError(
+                f"{name}: an option of the original lrnnx's HiPPO / DPLR initialisation, "
+                f"supported here only at its default {default!r} (choose the initialisation "
+                f"with init=...), got {value!r}"
+            )
+
+
+def check_kernel_name(owner: str, kernel: Optional[str]) -> None:
+    """``kernel`` of the original lrnnx: the kernel algorithm, fixed by the class here."""
+    expected = KERNEL_NAMES[owner]
+    if kernel is None or kernel == expected:
+        return
+    other = {v: k for k, v in KERNEL_NAMES.items()}.get(kernel)
+    hint = f"; use the {other} class for kernel={kernel!r}" if other else ""
+    raise ValueError(
+        f"kernel: {owner} always computes the {expected!r} kernel; expected None or "
+        f"{expected!r}, got {kernel!r}{hint}"
+    )
+
+
+def _check_rate(rate: Any) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or rate != 1.0:
+        raise ValueError(
+            f"rate: only 1.0 is supported (a kernel resampled to another sampling rate, as the "
+            f"original lrnnx / state-spaces FFT convolution allows, is not implemented), "
+            f"got {rate!r}"
+        )
 
 
 def _dropout(p: float, tie: bool) -> nn.Module:

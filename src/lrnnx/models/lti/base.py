@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from lrnnx.core.base import LRNN
-from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask
+from lrnnx.core.checks import (
+    as_lengths,
+    check_inference_cache,
+    check_sequence,
+    check_step_input,
+    lengths_mask,
+    zero_where_not,
+)
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.ops import _dispatch, linear_scan
 
@@ -32,9 +39,9 @@ def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
     exp(t log A_bar) costs one complex exp per entry and its backward is a product, several times
     cheaper than complex pow; A^0 = 1 is set apart so that A_bar = 0 stays finite.
     """
-    t = torch.arange(1, L, device=A_bar.device, dtype=A_bar.real.dtype)
+    t = torch.arange(1, max(L, 1), device=A_bar.device, dtype=A_bar.real.dtype)
     P = torch.exp(torch.log(A_bar)[..., None] * t)
-    return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)
+    return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)[..., :L]
 
 
 class _StepBuffers:
@@ -68,14 +75,14 @@ class LTI_LRNN(LRNN):
 
     ``mode`` selects how ``forward`` runs the recurrence: ``"fft"`` (causal convolution with the
     kernel A^t, O(L log L)), ``"scan"`` (the recurrence via :func:`lrnnx.ops.linear_scan`) or
-    ``"auto"``: the scan whenever the device's linear_scan backend is a fused one
-    (:data:`FUSED_SCAN_BACKENDS`), otherwise the FFT from :data:`AUTO_FFT_MIN_LEN` steps on.
-    Both give the same result up to floating-point rounding.
+    ``"auto"`` (the default, the fastest path measured): the scan whenever the device's
+    linear_scan backend is a fused one (:data:`FUSED_SCAN_BACKENDS`), otherwise the FFT from
+    :data:`AUTO_FFT_MIN_LEN` steps on.  All give the same result up to floating-point rounding.
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "no_discretization")
 
-    def __init__(self, discretization: str, mode: str = "fft"):
+    def __init__(self, discretization: str, mode: str = "auto"):
         if discretization == "async":
             raise ValueError(
                 "discretization: 'async' needs time-varying dynamics and is not supported by LTI "
@@ -163,13 +170,16 @@ class LTI_LRNN(LRNN):
             y (B, L, H) in x's dtype; state arithmetic is float32/complex64 (or wider) always.
         """
         Bsz, L, _ = x.shape
+        lengths = as_lengths(lengths, Bsz, L, x.device)
         mask = lengths_mask(lengths, Bsz, L, x.device)
-        h0 = None if inference_cache is None else inference_cache["lrnn_state"]
+        h0 = None
+        if inference_cache is not None:
+            h0 = self._check_cache(inference_cache, Bsz)["lrnn_state"]
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            if mask is not None:  # a select: padding may hold anything, NaN included
+                xf = zero_where_not(xf, mask[..., None])
             u = xf.to(B_bar.dtype) @ B_bar.transpose(0, 1)  # (B, L, N)
-            if mask is not None:
-                u = u * mask[..., None]
             if self._use_fft(L):
                 K = diagonal_powers(A_bar, L) if powers is None else powers
                 h = causal_conv(u.transpose(1, 2), K).transpose(1, 2)  # (B, L, N)
@@ -181,7 +191,7 @@ class LTI_LRNN(LRNN):
             if D is not None:
                 y = y + xf * D
             if mask is not None:
-                y = y * mask[..., None]
+                y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
             self._store_final_state(inference_cache, h, lengths)
         return y.to(x.dtype)
@@ -197,22 +207,31 @@ class LTI_LRNN(LRNN):
         (:class:`_StepBuffers`), so a real x is never cast to complex.
         """
         x = check_step_input(x, self.d_model)
-        h = cache["lrnn_state"]
+        h = self._check_cache(cache, x.shape[0])["lrnn_state"]
         bufs = self._step_buffers(cache, out_scale)
-        xf = x if x.dtype == bufs.W_in.dtype else x.to(bufs.W_in.dtype)
         Bsz, N = h.shape
-        if torch.is_grad_enabled() and xf.requires_grad:  # out= cannot carry a graph
-            u = xf @ bufs.W_in
-        else:
-            if bufs.u is None or bufs.u.shape != (Bsz, 2 * N):
-                bufs.u = torch.empty(Bsz, 2 * N, dtype=bufs.W_in.dtype, device=h.device)
-            u = torch.matmul(xf, bufs.W_in, out=bufs.u)  # [Re, Im] of B_bar x, interleaved
-        h.mul_(cache["A_bar"]).add_(torch.view_as_complex(u.view(Bsz, N, 2)))
-        y = torch.view_as_real(h).reshape(Bsz, 2 * N) @ bufs.W_out  # out_scale Re(C h)
-        if cache.get("D") is not None:
-            y.addcmul_(xf, cache["D"])
+        # the state and its readout stay in the cache's precision under autocast, as in forward
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x if x.dtype == bufs.W_in.dtype else x.to(bufs.W_in.dtype)
+            if torch.is_grad_enabled() and xf.requires_grad:  # out= cannot carry a graph
+                u = xf @ bufs.W_in
+            else:
+                if bufs.u is None or bufs.u.shape != (Bsz, 2 * N):
+                    bufs.u = torch.empty(Bsz, 2 * N, dtype=bufs.W_in.dtype, device=h.device)
+                u = torch.matmul(xf, bufs.W_in, out=bufs.u)  # [Re, Im] of B_bar x, interleaved
+            h.mul_(cache["A_bar"]).add_(torch.view_as_complex(u.view(Bsz, N, 2)))
+            y = torch.view_as_real(h).reshape(Bsz, 2 * N) @ bufs.W_out  # out_scale Re(C h)
+            if cache.get("D") is not None:
+                y.addcmul_(xf, cache["D"])
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), cache
+
+    #: the entries of a diagonal model's cache that ``step`` and a prefill read
+    _cache_keys: Tuple[str, ...] = ("lrnn_state", "A_bar", "B_bar", "C")
+
+    def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
+        """The shared cache validation (:func:`lrnnx.core.checks.check_inference_cache`)."""
+        return check_inference_cache(cache, batch, self._cache_keys, type(self).__name__)
 
     @staticmethod
     def _step_buffers(cache: Dict[str, Any], out_scale: float) -> _StepBuffers:
@@ -225,6 +244,8 @@ class LTI_LRNN(LRNN):
     @staticmethod
     def _store_final_state(cache: Dict[str, Any], h: Tensor, lengths: Optional[Tensor]) -> None:
         """Write each sequence's state at its own last valid step into the cache."""
+        if h.shape[1] == 0:  # nothing was read: the state stays
+            return
         if lengths is None:
             final = h[:, -1]
         else:
@@ -235,3 +256,10 @@ class LTI_LRNN(LRNN):
             final = torch.where((lengths == 0).to(h.device)[:, None], cache["lrnn_state"], final)
         cache["lrnn_state"].copy_(final.detach())
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + h.shape[1]
+
+
+def cache_to_device(cache: Dict[str, Any], device: Any) -> Dict[str, Any]:
+    """The tensors of an inference cache moved to ``device`` (None: left where they are)."""
+    if device is None:
+        return cache
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cache.items()}

@@ -45,9 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input, lengths_mask
+from lrnnx.core.checks import (
+    as_lengths,
+    check_batch_size,
+    check_inference_cache,
+    check_positive_int,
+    check_step_input,
+    lengths_mask,
+    zero_where_not,
+)
 from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
-from lrnnx.models.lti.base import LTI_LRNN, diagonal_powers
+from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
 from lrnnx.ops import linear_scan
 
 #: -Re(A) is kept at or above this, so every discretization stays strictly stable
@@ -59,9 +67,7 @@ Weights = Dict[str, Tensor | None]
 
 
 def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return check_positive_int(name, value)
 
 
 class CentaurusBase(LTI_LRNN):
@@ -234,13 +240,10 @@ class CentaurusBase(LTI_LRNN):
         E = self._mix_weight(self._weights())
         return self.n_rows * (1 if E is not None else self.sub_state_dim)
 
-    def _check_cache(self, cache: Dict[str, Any], batch: int) -> Tensor:
-        h = cache.get("lrnn_state") if isinstance(cache, dict) else None
-        shape = (batch,) + self._state_shape()
-        if not isinstance(h, Tensor) or tuple(h.shape) != shape:
-            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise ValueError(f"inference_cache['lrnn_state']: expected shape {shape}, got {got}")
-        return h
+    def _check_cache(self, cache: Any, batch: int) -> Tensor:
+        shapes = {"lrnn_state": (batch,) + self._state_shape()}
+        keys = ("lrnn_state", "A_bar", "gamma_bar")
+        return check_inference_cache(cache, batch, keys, "Centaurus", shapes=shapes)["lrnn_state"]
 
     def forward(
         self,
@@ -266,17 +269,18 @@ class CentaurusBase(LTI_LRNN):
         """
         self._check_forward_args(x, integration_timesteps)
         Bsz, L, _ = x.shape
+        lengths = as_lengths(lengths, Bsz, L, x.device)
         mask = lengths_mask(lengths, Bsz, L, x.device)
         h0 = None if inference_cache is None else self._check_cache(inference_cache, Bsz)
-        if L == 0:
-            return x.new_zeros(Bsz, 0, self.d_output)
+        if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
+            return x.new_zeros(Bsz, L, self.d_output)
         self.kernel_length = L
         S, M = self.n_rows, self.sub_state_dim
         w = self._weights()
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(self.log_dt.dtype)
-            if mask is not None:
-                xf = xf * mask[..., None]
+            if mask is not None:  # a select: padding may hold anything, NaN included
+                xf = zero_where_not(xf, mask[..., None])
             A_bar, gamma, _ = self.discretize()
             h0f = None if h0 is None else h0.reshape(Bsz, S, M).to(A_bar.dtype)
             if self._use_fft(L):
@@ -300,7 +304,7 @@ class CentaurusBase(LTI_LRNN):
                 y = self._readout(self._mix(h.real, w), w)
                 final = None if inference_cache is None else self._gather_final(h, lengths, h0f)
             if mask is not None:
-                y = y * mask[..., None]
+                y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
             inference_cache["lrnn_state"].copy_(final.detach().reshape(h0.shape))
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
@@ -363,7 +367,11 @@ class CentaurusBase(LTI_LRNN):
 
     # ------------------------------------------------------------------------------- inference
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int = 1, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> Dict[str, Any]:
         """Allocate initial streaming state and cache matrices.
 
@@ -371,20 +379,22 @@ class CentaurusBase(LTI_LRNN):
             batch_size: the batch size.
             max_seqlen: unused (the dynamics are time-invariant); kept for the common interface.
             dtype: unused; the state keeps the parameters' complex dtype.
+            device: where the cache is allocated (default: the parameters' device).
 
         Returns:
             ``{"lrnn_state": zeros (B, N, M) complex (full: (B, H_out, H_in, M)), "A_bar",
             "gamma_bar": (S, M) discrete sub-state parameters, the mode's weights "B", "C", "E"
             (None where absent), "seqlen_offset": 0}``; all matrices are detached constants.
         """
-        _check_positive_int("batch_size", batch_size)
+        check_batch_size(batch_size)
         with torch.no_grad():  # inference constants, not graph nodes
             A_bar, gamma, _ = self.discretize()
             w = {k: (None if v is None else v.detach().clone()) for k, v in self._weights().items()}
         state = torch.zeros(
             (batch_size,) + self._state_shape(), dtype=A_bar.dtype, device=A_bar.device
         )
-        return {"lrnn_state": state, "A_bar": A_bar, "gamma_bar": gamma, **w, "seqlen_offset": 0}
+        cache = {"lrnn_state": state, "A_bar": A_bar, "gamma_bar": gamma, **w, "seqlen_offset": 0}
+        return cache_to_device(cache, device)
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """Single-timestep streaming update for a Centaurus variant.
@@ -412,7 +422,60 @@ class CentaurusBase(LTI_LRNN):
         return y.to(x.dtype), inference_cache
 
 
-class CentaurusNeck(CentaurusBase):
+class Centaurus(CentaurusBase):
+    """A Centaurus block of the given ``mode``; every mode class derives from this class.
+
+    ``mode``: ``"neck"`` -> :class:`CentaurusNeck`, ``"pointwise"`` / ``"pw"`` / ``"s5"`` ->
+    :class:`CentaurusPWNeck`, ``"dws"`` -> :class:`CentaurusDWS`, ``"full"`` ->
+    :class:`CentaurusFull`.  ``Centaurus(...)`` returns an instance of that mode class, which is
+    also a ``Centaurus`` (``isinstance(model, Centaurus)`` holds).  A mode class may be built
+    directly; ``mode`` may then be left out, or must name that class's mode (else ValueError).
+
+    Args:
+        d_model, d_state, sub_state_dim, discretization: see :class:`CentaurusBase`.
+        mode: the connectivity, as above.
+
+    Example:
+        >>> model = Centaurus(d_model=64, d_state=64, sub_state_dim=8, mode="neck")
+        >>> model(torch.randn(2, 128, 64)).shape
+        torch.Size([2, 128, 64])
+        >>> isinstance(model, Centaurus), type(model).__name__
+        (True, 'CentaurusNeck')
+    """
+
+    def __new__(
+        cls,
+        d_model: int,
+        d_state: int,
+        sub_state_dim: int,
+        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
+        mode: Literal["neck", "pointwise", "pw", "s5", "dws", "full"] = "neck",
+    ) -> Centaurus:
+        if cls is Centaurus:
+            cls = _mode_class(mode)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        sub_state_dim: int,
+        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
+        mode: str | None = None,
+    ) -> None:
+        if mode is not None and not isinstance(self, _mode_class(mode)):
+            raise ValueError(
+                f"mode: {type(self).__name__} is the {_mode_name(type(self))!r} mode, got "
+                f"mode={mode!r}; use Centaurus(..., mode={mode!r}) for that mode"
+            )
+        super().__init__(d_model, d_state, sub_state_dim, discretization)
+
+    def __getnewargs_ex__(self) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        # copy / pickle rebuild the object with __new__(cls, *args): give it the sizes
+        return (self.d_model, self.d_state, self.sub_state_dim), {}
+
+
+class CentaurusNeck(Centaurus):
     """Bottleneck block with dense in/out projections.
 
     u (H_in) -B-> N states, each of M sub-states mixed by E_n -> z (N) -C-> y (H_out = d_model).
@@ -450,7 +513,7 @@ class CentaurusNeck(CentaurusBase):
         return Hi * N, N * Ho, N * Hi * (Ho + 1)
 
 
-class CentaurusPWNeck(CentaurusBase):
+class CentaurusPWNeck(Centaurus):
     """Pointwise bottleneck (s5 in public implementations) that flattens (N, M) -> (N*M).
 
     This variant removes E-mixing and repeats delta over M sub-states per state, yielding
@@ -488,7 +551,7 @@ class CentaurusPWNeck(CentaurusBase):
         return Hi * NM, NM * Ho, NM * Hi * (Ho + 1)
 
 
-class CentaurusDWS(CentaurusBase):
+class CentaurusDWS(Centaurus):
     """Depthwise-separable block with one state per channel.
 
     Channel n drives its own M sub-states, mixed by E_n (the depthwise SSM), then the pointwise
@@ -532,7 +595,7 @@ class CentaurusDWS(CentaurusBase):
         return 0, self.d_state * self.d_output, self.d_model * self.d_output
 
 
-class CentaurusFull(CentaurusBase):
+class CentaurusFull(Centaurus):
     """Fully connected block with a state per (in, out) pair.
 
     Like a full convolution from H_in = d_model to H_out = d_state channels: output o and input i
@@ -596,27 +659,11 @@ _MODES = {
 }
 
 
-class Centaurus:
-    """Backwards-compatible wrapper that returns a mode-specific class instance.
+def _mode_class(mode: Any) -> type:
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"mode: expected one of {list(_MODES)}, got {mode!r}")
+    return _MODES[mode]
 
-    ``mode``: ``"neck"`` -> :class:`CentaurusNeck`, ``"pointwise"`` / ``"pw"`` / ``"s5"`` ->
-    :class:`CentaurusPWNeck`, ``"dws"`` -> :class:`CentaurusDWS`, ``"full"`` ->
-    :class:`CentaurusFull`.
 
-    Example:
-        >>> model = Centaurus(d_model=64, d_state=64, sub_state_dim=8, mode="neck")
-        >>> model(torch.randn(2, 128, 64)).shape
-        torch.Size([2, 128, 64])
-    """
-
-    def __new__(
-        cls,
-        d_model: int,
-        d_state: int,
-        sub_state_dim: int,
-        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
-        mode: Literal["neck", "pointwise", "pw", "s5", "dws", "full"] = "neck",
-    ) -> CentaurusBase:
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode: expected one of {list(_MODES)}, got {mode!r}")
-        return _MODES[mode](d_model, d_state, sub_state_dim, discretization)
+def _mode_name(cls: type) -> str:
+    return next((name for name, c in _MODES.items() if issubclass(cls, c)), cls.__name__)

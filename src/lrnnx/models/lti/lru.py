@@ -11,12 +11,13 @@ The eigenvalues are initialised uniformly on the ring r_min <= |Lambda| <= r_max
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from lrnnx.models.lti.base import LTI_LRNN
+from lrnnx.core.checks import check_batch_size, check_positive_float, check_positive_int
+from lrnnx.models.lti.base import LTI_LRNN, cache_to_device
 
 
 class LRU(LTI_LRNN):
@@ -34,9 +35,14 @@ class LRU(LTI_LRNN):
         r_min: float = 0,
         r_max: float = 1,
         max_phase: float = 2 * math.pi,
-        mode: str = "fft",
+        mode: str = "auto",
     ) -> None:
         super().__init__("no_discretization", mode=mode)
+        d_model = check_positive_int("d_model", d_model)
+        d_state = check_positive_int("d_state", d_state)
+        r_min = check_positive_float("r_min", r_min, allow_zero=True)
+        r_max = check_positive_float("r_max", r_max)
+        max_phase = check_positive_float("max_phase", max_phase)
         if not 0 <= r_min < r_max <= 1:
             raise ValueError(
                 f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}"
@@ -98,15 +104,24 @@ class LRU(LTI_LRNN):
         return self._diagonal_ssm(x, Lambda, B_norm, C, self.D, lengths, inference_cache)
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
     ) -> Dict[str, Any]:
-        """Zero state (B, N) complex64 plus Lambda, B_norm, C and D."""
+        """Zero state (B, N) complex64 plus Lambda, B_norm, C and D.
+
+        ``max_seqlen`` and ``dtype`` are unused; ``device``: where the cache is allocated
+        (default: the parameters' device).
+        """
+        check_batch_size(batch_size)
         with torch.no_grad():  # the cache is for inference: constants, not graph nodes
             Lambda, B, C = self._matrices()
             Lambda, B_norm = self.compute_kernel(max_seqlen, Lambda, B)
         state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
         D = self.D.detach()
-        return {
+        cache = {
             "lrnn_state": state,
             "A_bar": Lambda,
             "B_bar": B_norm,
@@ -114,6 +129,7 @@ class LRU(LTI_LRNN):
             "D": D,
             "seqlen_offset": 0,
         }
+        return cache_to_device(cache, device)
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""

@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lrnnx.models.lti._s4_block import KERNEL_MAX_ELEMENTS, S4BlockBase, log
+from lrnnx.models.lti._s4_block import (
+    KERNEL_MAX_ELEMENTS,
+    S4BlockBase,
+    check_kernel_name,
+    check_original_init_options,
+    log,
+)
 
 
 def cauchy(
@@ -92,6 +98,11 @@ def _cauchy_block(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
 class S4(S4BlockBase):
     """S4 block: DPLR state matrix, bilinear discretisation, Cauchy-kernel convolution.
 
+    Note: the second positional argument is ``bottleneck``, not ``d_state`` (the order of the
+    original lrnnx and of state-spaces/s4): ``S4(64, 16)`` builds a block whose SSM runs on
+    64 // 16 = 4 features, and warns (UserWarning) that ``S4(64, d_state=16)`` was probably
+    meant.  Pass the state size by keyword.
+
     Arguments (see :class:`lrnnx.models.lti._s4_block.S4BlockBase` and the module docstring):
     the block (``bottleneck``, ``gate``, ``final_act``, ``dropout``, ``transposed``, ``channels``,
     ``l_max``), the SSM (``d_state``, ``rank``, ``n_ssm``, ``init``, ``is_real``), dt
@@ -102,6 +113,15 @@ class S4(S4BlockBase):
     (LegS + FouT), 'diag-lin' / 'diag-inv' / 'diag-legs' / 'diag-real' / ... (P = 0) or
     'dplr-<...>' (random P), 'diag' (Inv + Lin), 'all'.  ``is_real`` makes Lambda, P, B, C real
     (d_state real states, from the real parts of the complex init).
+
+    Keyword arguments of the original lrnnx's S4 (its FFT-convolution options):
+    ``kernel``: the kernel algorithm, always the DPLR Cauchy kernel here: None or 's4'
+    (ValueError otherwise); ``swap_channels``: order the ``channels * H`` SSM outputs as
+    (feature, channel) instead of (channel, feature); ``drop_kernel``: dropout probability on
+    the convolution kernel while training.  Its HiPPO/DPLR init options (``B_clip``,
+    ``diagonalize_precision``, ``real_random``, ``real_scale``, ``imag_random``,
+    ``imag_scale``, ``B_random``, ``B_init``, ``B_scale``, ``P_scale``, ``normalize``) are
+    accepted at their defaults only (ValueError otherwise).
 
     Example:
         >>> model = S4(d_model=64, d_state=64, l_max=1024)
@@ -138,7 +158,38 @@ class S4(S4BlockBase):
         lr: Union[float, Mapping[str, float], None] = None,
         wd: Union[float, Mapping[str, float], None] = 0.0,
         verbose: bool = True,
+        *,
+        kernel: Optional[str] = None,
+        swap_channels: bool = False,
+        drop_kernel: float = 0.0,
+        B_clip: float = 2.0,
+        diagonalize_precision: bool = True,
+        real_random: bool = False,
+        real_scale: float = 1.0,
+        imag_random: bool = False,
+        imag_scale: float = 1.0,
+        B_random: bool = False,
+        B_init: str = "constant",
+        B_scale: float = 1.0,
+        P_scale: float = 1.0,
+        normalize: bool = False,
     ):
+        check_kernel_name("S4", kernel)
+        check_original_init_options(
+            dict(
+                B_clip=B_clip,
+                diagonalize_precision=diagonalize_precision,
+                real_random=real_random,
+                real_scale=real_scale,
+                imag_random=imag_random,
+                imag_scale=imag_scale,
+                B_random=B_random,
+                B_init=B_init,
+                B_scale=B_scale,
+                P_scale=P_scale,
+                normalize=normalize,
+            )
+        )
         super().__init__(
             "bilinear",
             d_model,
@@ -167,6 +218,8 @@ class S4(S4BlockBase):
             lr=lr,
             wd=wd,
             verbose=verbose,
+            swap_channels=swap_channels,
+            drop_kernel=drop_kernel,
         )
 
     # ---- parameters -------------------------------------------------------------------------

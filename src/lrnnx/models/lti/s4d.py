@@ -26,8 +26,14 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lrnnx.core.checks import merge_alias
 from lrnnx.core.hippo import NPLR_MEASURES
-from lrnnx.models.lti._s4_block import KERNEL_MAX_ELEMENTS, S4BlockBase
+from lrnnx.models.lti._s4_block import (
+    KERNEL_MAX_ELEMENTS,
+    S4BlockBase,
+    check_kernel_name,
+    check_original_init_options,
+)
 
 
 def vandermonde(v: Tensor, x: Tensor, L: int, max_elements: Optional[int] = None) -> Tensor:
@@ -67,8 +73,16 @@ def _vandermonde_block(v: Tensor, x: Tensor, steps: Tensor) -> Tensor:
 class S4D(S4BlockBase):
     """S4D block: diagonal SSM kernel via a Vandermonde product.
 
+    Note: the second positional argument is ``bottleneck``, not ``d_state`` (the order of the
+    original lrnnx and of state-spaces/s4): ``S4D(64, 16)`` builds a block whose SSM runs on
+    64 // 16 = 4 features, and warns (UserWarning) that ``S4D(64, d_state=16)`` was probably
+    meant.  Pass the state size by keyword.
+
     Same arguments as :class:`lrnnx.models.lti.s4.S4` (``rank`` only matters for inits that need
-    it, as the low-rank term is dropped) plus ``disc``: 'zoh' (default), 'bilinear' or 'dirac'.
+    it, as the low-rank term is dropped; ``kernel`` is None or 's4d', the diagonal Vandermonde
+    kernel) plus the discretization, 'zoh' (default), 'bilinear' or 'dirac', given as ``disc``
+    (the original lrnnx's name) or ``discretization`` (the name every other lrnnx model uses);
+    both given with different values raise ValueError.
 
     Example:
         >>> model = S4D(d_model=64, d_state=64, l_max=1024)
@@ -106,12 +120,45 @@ class S4D(S4BlockBase):
         lr: Union[float, Mapping[str, float], None] = None,
         wd: Union[float, Mapping[str, float], None] = 0.0,
         verbose: bool = True,
-        disc: str = "zoh",
+        disc: Optional[str] = None,
+        *,
+        discretization: Optional[str] = None,
+        kernel: Optional[str] = None,
+        swap_channels: bool = False,
+        drop_kernel: float = 0.0,
+        B_clip: float = 2.0,
+        diagonalize_precision: bool = True,
+        real_random: bool = False,
+        real_scale: float = 1.0,
+        imag_random: bool = False,
+        imag_scale: float = 1.0,
+        B_random: bool = False,
+        B_init: str = "constant",
+        B_scale: float = 1.0,
+        P_scale: float = 1.0,
+        normalize: bool = False,
     ):
+        disc = merge_alias("disc", disc, "discretization", discretization, default="zoh")
         if disc not in self.allowed_discretizations:
             raise ValueError(
                 f"disc: expected one of {list(self.allowed_discretizations)}, got {disc!r}"
             )
+        check_kernel_name("S4D", kernel)
+        check_original_init_options(
+            dict(
+                B_clip=B_clip,
+                diagonalize_precision=diagonalize_precision,
+                real_random=real_random,
+                real_scale=real_scale,
+                imag_random=imag_random,
+                imag_scale=imag_scale,
+                B_random=B_random,
+                B_init=B_init,
+                B_scale=B_scale,
+                P_scale=P_scale,
+                normalize=normalize,
+            )
+        )
         super().__init__(
             disc,
             d_model,
@@ -140,6 +187,8 @@ class S4D(S4BlockBase):
             lr=lr,
             wd=wd,
             verbose=verbose,
+            swap_channels=swap_channels,
+            drop_kernel=drop_kernel,
         )
         self.disc = disc
 

@@ -20,8 +20,9 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.checks import check_batch_size, check_dt_range, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
-from lrnnx.models.lti.base import LTI_LRNN, diagonal_powers
+from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
 
 #: Re(Lambda) is kept at or below this, so every discretization stays strictly stable
 MAX_REAL_EIG = -1e-4
@@ -82,9 +83,12 @@ class S5(LTI_LRNN):
         conj_sym: bool = False,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
-        mode: str = "fft",
+        mode: str = "auto",
     ):
         super().__init__(discretization, mode=mode)
+        d_model = check_positive_int("d_model", d_model)
+        d_state = check_positive_int("d_state", d_state)
+        dt_min, dt_max = check_dt_range(dt_min, dt_max)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
         init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
         if discretization == "no_discretization":
@@ -147,15 +151,24 @@ class S5(LTI_LRNN):
         )
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
     ) -> Dict[str, Any]:
-        """Zero state (B, N) complex64 plus A_bar, B_bar, C and D."""
+        """Zero state (B, N) complex64 plus A_bar, B_bar, C and D.
+
+        ``max_seqlen`` and ``dtype`` are unused; ``device``: where the cache is allocated
+        (default: the parameters' device).
+        """
+        check_batch_size(batch_size)
         with torch.no_grad():  # the cache is for inference: constants, not graph nodes
             A_bar, gamma_bar, C = self.discretize()
             _, B_bar = self.compute_kernel(1, A_bar, gamma_bar)
         state = torch.zeros(batch_size, self.n_state, dtype=A_bar.dtype, device=A_bar.device)
         D = self.D.detach()
-        return {
+        cache = {
             "lrnn_state": state,
             "A_bar": A_bar,
             "B_bar": B_bar,
@@ -163,6 +176,7 @@ class S5(LTI_LRNN):
             "D": D,
             "seqlen_offset": 0,
         }
+        return cache_to_device(cache, device)
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""

@@ -73,5 +73,6 @@ class LTV_LRNN(LRNN):
             raise ValueError(
                 f"integration_timesteps: {type(self).__name__} has no event-driven mode; pass None"
             )
-        check_timesteps(integration_timesteps, B, L)
-        return lengths_mask(lengths, B, L, x.device)
+        mask = lengths_mask(lengths, B, L, x.device)
+        check_timesteps(integration_timesteps, B, L, mask)
+        return mask

@@ -30,7 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input, check_timesteps
+from lrnnx.core.checks import (
+    check_batch_size,
+    check_dt_range,
+    check_inference_cache,
+    check_input_dtype,
+    check_positive_float,
+    check_positive_int,
+    check_step_input,
+    check_timesteps,
+    merge_alias,
+    zero_where_not,
+)
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import selective_scan_fn
@@ -92,10 +103,18 @@ class Mamba(LTV_LRNN):
             )
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
-        if not 0 < dt_min <= dt_max:
+        d_model = check_positive_int("d_model", d_model)
+        d_state = check_positive_int("d_state", d_state)
+        d_conv = check_positive_int("d_conv", d_conv)
+        check_positive_float("expand", expand)
+        if int(expand * d_model) < 1:
             raise ValueError(
-                f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}"
+                f"expand: the inner width int(expand * d_model) must be >= 1, got expand={expand!r} "
+                f"with d_model={d_model}"
             )
+        if dt_rank != "auto":
+            dt_rank = check_positive_int("dt_rank", dt_rank)
+        dt_min, dt_max = check_dt_range(dt_min, dt_max)
         self.discretization = discretization
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -129,26 +148,57 @@ class Mamba(LTV_LRNN):
         self.D = nn.Parameter(torch.ones(E, device=device))
         self.D._no_weight_decay = True
 
+    @property
+    def _acc_dtype(self) -> torch.dtype:
+        """The recurrence's dtype: float32, or float64 for a float64 model."""
+        return torch.promote_types(self.A_log.dtype, torch.float32)
+
     def _ssm_params(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """delta (..., E), B_t (..., N), C_t (..., N) from conv features u (..., E), in float32."""
+        """delta (..., E), B_t (..., N), C_t (..., N) from conv features u (..., E), in the
+        recurrence's dtype (float32 at least)."""
+        acc = self._acc_dtype
         dt, Bt, Ct = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-        return delta, Bt.float(), Ct.float()
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        return delta, Bt.to(acc), Ct.to(acc)
+
+    def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
+        E, K, N = self.d_inner, self.d_conv, self.d_state
+        return check_inference_cache(
+            cache,
+            batch,
+            ("conv_state", "lrnn_state"),
+            "Mamba",
+            batch_keys=("conv_state", "lrnn_state"),
+            shapes={"conv_state": (batch, E, K), "lrnn_state": (batch, E, N)},
+        )
 
     def forward(
         self,
-        x: Tensor,
+        x: Optional[Tensor] = None,
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        hidden_states: Optional[Tensor] = None,
     ) -> Tensor:
-        """(B, L, H) -> (B, L, H); see the module docstring for the event mode and the cache."""
+        """(B, L, H) -> (B, L, H); see the module docstring for the event mode and the cache.
+
+        ``hidden_states``: another name of ``x`` (that of the original lrnnx and mamba_ssm).
+        """
+        x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
+        check_input_dtype(x, self.in_proj.weight.dtype)
         cache = inference_cache
+        if cache is not None:
+            self._check_cache(cache, x.shape[0])
+        if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
+            return self._empty_output(x)
+        if mask is not None:  # a select, not a product: padding may hold NaN
+            x = zero_where_not(x, mask[..., None])
         xi, z = self.in_proj(x).chunk(2, dim=-1)
         xi = xi.transpose(1, 2)  # (B, E, L)
         if mask is not None:
-            xi = xi * mask[:, None, :].to(xi.dtype)  # padding must not reach the conv state
+            xi = zero_where_not(xi, mask[:, None, :])  # padding must not reach the conv state
         history = None if cache is None else cache["conv_state"][..., 1:]
         conv, window = causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias, history)
         u = F.silu(conv)  # (B, E, L)
@@ -156,20 +206,21 @@ class Mamba(LTV_LRNN):
         delta = delta.transpose(1, 2)  # (B, E, L)
         deltaA = None
         if integration_timesteps is not None:
-            deltaA = delta * integration_timesteps[:, None, :].float()
+            deltaA = delta * integration_timesteps[:, None, :].to(delta.dtype)
         u_scan = u
         if mask is not None:
             # on padding: no input and a zero step, so A_bar = 1 and the state is carried as is
             m = mask[:, None, :]
-            delta, u_scan = delta * m, u * m.to(u.dtype)
-            deltaA = None if deltaA is None else deltaA * m
+            delta, u_scan = zero_where_not(delta, m), zero_where_not(u, m)
+            deltaA = None if deltaA is None else zero_where_not(deltaA, m)
+        acc = self._acc_dtype
         y, last = selective_scan_fn(
             u_scan,
             delta,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(acc)),
             Bt.transpose(1, 2),
             Ct.transpose(1, 2),
-            self.D.float(),
+            self.D.to(acc),
             z=z.transpose(1, 2),
             return_last_state=True,
             discretization=self.discretization,
@@ -179,7 +230,7 @@ class Mamba(LTV_LRNN):
         )
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
         if mask is not None:
-            out = out * mask[..., None].to(out.dtype)
+            out = zero_where_not(out, mask[..., None])
         if cache is not None:
             with torch.no_grad():
                 cache["lrnn_state"].copy_(last)
@@ -200,13 +251,11 @@ class Mamba(LTV_LRNN):
         ``integration_timesteps`` (B,), (B, 1) or a number: time elapsed since the previous element.
         """
         x2 = check_step_input(x, self.d_model)
+        check_input_dtype(x2, self.in_proj.weight.dtype)
         Bsz = x2.shape[0]
-        cache = inference_cache
+        cache = self._check_cache(inference_cache, Bsz)
         conv_state, h = cache["conv_state"], cache["lrnn_state"]
-        if conv_state.shape[0] != Bsz:
-            raise ValueError(
-                f"inference_cache: allocated for batch {conv_state.shape[0]}, got x with batch {Bsz}"
-            )
+        acc = h.dtype  # float32, or float64 for a float64 model
         xi, z = self.in_proj(x2).chunk(2, dim=-1)  # (B, E) each
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[..., -1] = xi.to(conv_state.dtype)
@@ -222,30 +271,39 @@ class Mamba(LTV_LRNN):
                 ts = torch.full((Bsz,), float(ts), device=x2.device)
             ts = ts.reshape(-1)
             check_timesteps(ts[:, None], Bsz, 1)
-            deltaA = (delta * ts[:, None].float())[..., None]
-        A = -torch.exp(self.A_log.float())
+            deltaA = (delta * ts[:, None].to(acc))[..., None]
+        delta, Bt, Ct = delta.to(acc), Bt.to(acc), Ct.to(acc)
+        A = -torch.exp(self.A_log.to(acc))
         A_bar, gamma_bar = discretize(A, delta[..., None], deltaA, self.discretization)
-        uf = u.float()
+        uf = u.to(acc)
         with torch.no_grad():
             h.mul_(A_bar).add_(gamma_bar * Bt[:, None, :] * uf[..., None])
-        y = (h * Ct[:, None, :]).sum(-1) + self.D.float() * uf
-        y = y * F.silu(z.float())
+        y = (h * Ct[:, None, :]).sum(-1) + self.D.to(acc) * uf
+        y = y * F.silu(z.to(acc))
         out = self.out_proj(y.to(x2.dtype))
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return out.reshape(x.shape), cache
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None, **kwargs
+        self,
+        batch_size: int,
+        max_seqlen: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
+        **kwargs,
     ) -> Dict[str, Any]:
         """``"conv_state"`` (B, E, d_conv): the last d_conv conv inputs; ``"lrnn_state"``
-        (B, E, N) float32; ``"seqlen_offset"``."""
+        (B, E, N) float32 (float64 for a float64 model); ``"seqlen_offset"``.  ``device``: where
+        the cache is allocated (default: the parameters' device)."""
+        check_batch_size(batch_size)
         w = self.conv1d.weight
+        device = w.device if device is None else device
         return {
             "conv_state": torch.zeros(
-                batch_size, self.d_inner, self.d_conv, device=w.device, dtype=dtype or w.dtype
+                batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype or w.dtype
             ),
             "lrnn_state": torch.zeros(
-                batch_size, self.d_inner, self.d_state, device=w.device, dtype=torch.float32
+                batch_size, self.d_inner, self.d_state, device=device, dtype=self._acc_dtype
             ),
             "seqlen_offset": 0,
         }

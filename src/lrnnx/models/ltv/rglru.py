@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input
+from lrnnx.core.checks import (
+    check_batch_size,
+    check_inference_cache,
+    check_input_dtype,
+    check_positive_float,
+    check_positive_int,
+    check_step_input,
+    merge_alias,
+    zero_where_not,
+)
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
@@ -100,6 +109,10 @@ class RGLRU(LTV_LRNN):
             The gate projections W_a, W_x always have theirs (b_a, b_x).
         d_state: accepted for the lrnnx model signature; the RG-LRU keeps one real state per
             channel, so only None or 1 are valid (the state is (B, lru_width)).
+        use_fast_path: if True (default), the recurrence runs through the fastest
+            :func:`lrnnx.ops.linear_scan` backend for the device (fused CPU / Triton kernels);
+            False pins the portable pure-torch scan.  Both give the same result up to rounding.
+            (The original lrnnx selects its fused CUDA kernel with it.)
         lru_width: recurrent width D_rnn; overrides ``expand`` (then ``expand`` must stay 1).
         num_heads: number of diagonal blocks of the gate matrices W_a, W_x; must divide D_rnn.
             1 (default) gives the dense gates of the paper's equations; recurrentgemma uses
@@ -117,41 +130,43 @@ class RGLRU(LTV_LRNN):
         a_init_range: Tuple[float, float] = (0.9, 0.999),
         conv_bias: bool = True,
         bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
         *,
         d_state: int | None = None,
         lru_width: int | None = None,
         num_heads: int = 1,
-        layer_idx: int | None = None,
-        device=None,
-        dtype=None,
     ) -> None:
         super().__init__(discretization=None)  # RG-LRU is parameterised in discrete time
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
-        if not isinstance(d_conv, int) or d_conv < 1:
-            raise ValueError(f"d_conv: expected an int >= 1, got {d_conv!r}")
-        if not c > 0:
-            raise ValueError(f"c: expected a positive scalar, got {c!r}")
+        d_model = check_positive_int("d_model", d_model)
+        d_conv = check_positive_int("d_conv", d_conv)
+        check_positive_float("c", c)
         lo, hi = a_init_range
         if not 0 < lo <= hi < 1:
             raise ValueError(f"a_init_range: expected 0 < lo <= hi < 1, got {a_init_range!r}")
-        if d_state not in (None, 1):
+        if d_state is not None and check_positive_int("d_state", d_state) != 1:
             raise ValueError(
                 f"d_state: the RG-LRU has one real state per channel; expected None or 1, "
                 f"got {d_state!r} (use lru_width or expand to widen the recurrence)"
             )
         if lru_width is None:
-            if not expand > 0:
-                raise ValueError(f"expand: expected a positive factor, got {expand!r}")
+            check_positive_float("expand", expand)
             lru_width = int(expand * d_model)
+            if lru_width < 1:
+                raise ValueError(
+                    f"expand: the width int(expand * d_model) must be >= 1, got expand={expand!r} "
+                    f"with d_model={d_model}"
+                )
         elif expand != 1:
             raise ValueError(
                 f"expand: give either lru_width or expand, got lru_width={lru_width} and "
                 f"expand={expand}"
             )
-        if not isinstance(lru_width, int) or lru_width < 1:
-            raise ValueError(f"lru_width: expected a positive int, got {lru_width!r}")
-        if not isinstance(num_heads, int) or num_heads < 1 or lru_width % num_heads:
+        lru_width = check_positive_int("lru_width", lru_width)
+        num_heads = check_positive_int("num_heads", num_heads)
+        if lru_width % num_heads:
             raise ValueError(
                 f"num_heads: expected a positive int dividing lru_width={lru_width}, "
                 f"got {num_heads!r}"
@@ -163,6 +178,7 @@ class RGLRU(LTV_LRNN):
         self.d_state = 1
         self.num_heads = num_heads
         self.layer_idx = layer_idx
+        self.use_fast_path = use_fast_path
         D = lru_width
 
         self.gate_proj = nn.Linear(d_model, D, bias=bias, **fk)  # W_gate (GeLU branch)
@@ -237,38 +253,38 @@ class RGLRU(LTV_LRNN):
                 a_t = torch.where(valid, a_t, torch.ones_like(a_t))
                 b_t = torch.where(valid, b_t, torch.zeros_like(b_t))
             h0 = None if initial_state is None else initial_state.to(xf.dtype)
-            return linear_scan(a_t, b_t, initial_state=h0)
+            backend = None if self.use_fast_path else "torch"
+            return linear_scan(a_t, b_t, initial_state=h0, backend=backend)
 
-    def _check_cache(self, cache: Dict[str, Any], batch: int) -> None:
-        if not isinstance(cache, dict) or "lrnn_state" not in cache or "conv_state" not in cache:
-            raise ValueError(
-                "inference_cache: expected the dict of allocate_inference_cache with "
-                "'lrnn_state', 'conv_state' and 'seqlen_offset'"
-            )
-        expected = {
-            "lrnn_state": (batch, self.lru_width),
-            "conv_state": (batch, self.lru_width, self.d_conv - 1),
-        }
-        for key, shape in expected.items():
-            if tuple(cache[key].shape) != shape:
-                raise ValueError(
-                    f"inference_cache['{key}']: expected shape {shape}, "
-                    f"got {tuple(cache[key].shape)}"
-                )
+    def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
+        return check_inference_cache(
+            cache,
+            batch,
+            ("lrnn_state", "conv_state"),
+            "RGLRU",
+            batch_keys=("lrnn_state", "conv_state"),
+            shapes={
+                "lrnn_state": (batch, self.lru_width),
+                "conv_state": (batch, self.lru_width, self.d_conv - 1),
+            },
+        )
 
     # ------------------------------------------------------------------------------------------
 
     def forward(
         self,
-        x: Tensor,
+        x: Tensor | None = None,
         integration_timesteps: Tensor | None = None,
         lengths: Tensor | None = None,
         inference_cache: Dict[str, Any] | None = None,
+        *,
+        hidden_states: Tensor | None = None,
     ) -> Tensor:
         """x (B, L, H) -> y (B, L, H), in x's dtype.
 
         Args:
-            x: input sequence (B, L, d_model).
+            x: input sequence (B, L, d_model); ``hidden_states`` is another name for it (that of
+                the original lrnnx).
             integration_timesteps: not supported (the RG-LRU has no continuous time); must be
                 None, else ValueError.
             lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
@@ -277,11 +293,15 @@ class RGLRU(LTV_LRNN):
                 start from its state, and the final states are written back (``seqlen_offset``
                 advances by L), so :meth:`step` continues the sequence.
         """
+        x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths, supports_timesteps=False)
+        check_input_dtype(x, self.in_proj.weight.dtype)
         Bsz, L, _ = x.shape
         if inference_cache is not None:
             self._check_cache(inference_cache, Bsz)
-        xin = x if mask is None else x.masked_fill(~mask[..., None], 0)
+        if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
+            return self._empty_output(x)
+        xin = x if mask is None else zero_where_not(x, mask[..., None])
 
         gate = F.gelu(self.gate_proj(xin), approximate="tanh")  # tanh GeLU as in recurrentgemma
         u = self.in_proj(xin).transpose(1, 2)  # (B, D, L)
@@ -292,7 +312,7 @@ class RGLRU(LTV_LRNN):
 
         y = self.out_proj(gate * h.to(gate.dtype))
         if mask is not None:
-            y = y.masked_fill(~mask[..., None], 0)
+            y = zero_where_not(y, mask[..., None])
 
         if inference_cache is not None:
             with torch.no_grad():
@@ -305,14 +325,22 @@ class RGLRU(LTV_LRNN):
         return y.to(x.dtype)
 
     def step(
-        self, x: Tensor, inference_cache: Dict[str, Any], **kwargs
+        self,
+        x: Tensor | None = None,
+        inference_cache: Dict[str, Any] | None = None,
+        *,
+        hidden_states: Tensor | None = None,
+        **kwargs,
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
 
         The cache's ``conv_state`` and ``lrnn_state`` are updated in place and
-        ``seqlen_offset`` advances by one; the cache is returned too.
+        ``seqlen_offset`` advances by one; the cache is returned too.  ``hidden_states`` is
+        another name for ``x`` (that of the original lrnnx).
         """
+        x = merge_alias("x", x, "hidden_states", hidden_states)
         xin = check_step_input(x, self.d_model)
+        check_input_dtype(xin, self.in_proj.weight.dtype)
         Bsz = xin.shape[0]
         self._check_cache(inference_cache, Bsz)
         conv_state, state = inference_cache["conv_state"], inference_cache["lrnn_state"]
@@ -340,9 +368,10 @@ class RGLRU(LTV_LRNN):
         batch_size: int,
         max_seqlen: int = 1,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         **kwargs,
     ) -> Dict[str, Any]:
-        """Zero states for ``batch_size`` sequences.
+        """Zero states for ``batch_size`` sequences, on ``device`` (default: the parameters').
 
         Returns:
             ``"lrnn_state"`` (B, D_rnn) in float32 (float64 for a float64 model) whatever
@@ -350,7 +379,8 @@ class RGLRU(LTV_LRNN):
             in ``dtype`` (default: the projection weights' dtype); ``"seqlen_offset"`` 0.
             ``max_seqlen`` is unused: the state does not grow with the sequence.
         """
-        device = self.Lambda.device
+        check_batch_size(batch_size)
+        device = self.Lambda.device if device is None else device
         conv_dtype = self.in_proj.weight.dtype if dtype is None else dtype
         return {
             "lrnn_state": torch.zeros(

@@ -33,7 +33,16 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_step_input
+from lrnnx.core.checks import (
+    check_batch_size,
+    check_dt_range,
+    check_inference_cache,
+    check_positive_float,
+    check_positive_int,
+    check_step_input,
+    merge_alias,
+    zero_where_not,
+)
 from lrnnx.models.lti.s5 import MAX_REAL_EIG, hippo_n_init
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
@@ -54,10 +63,8 @@ def param_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
 
 def check_step_size(dt_min: float, dt_max: float, step_rescale: float) -> None:
     """Validate the step-size initialisation range and the step rescale factor."""
-    if not 0 < dt_min <= dt_max:
-        raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
-    if not step_rescale > 0:
-        raise ValueError(f"step_rescale: expected a positive factor, got {step_rescale!r}")
+    check_dt_range(dt_min, dt_max)
+    check_positive_float("step_rescale", step_rescale)
 
 
 def event_discretize(
@@ -119,20 +126,10 @@ def check_step_timesteps(ts: Any, batch: int, dtype: torch.dtype, device) -> Opt
     return ts.reshape(batch, 1).to(device=device, dtype=dtype)
 
 
-def check_cache(cache: Any, batch: int, n_state: int) -> Tensor:
+def check_cache(cache: Any, batch: int, n_state: int, owner: str = "S5") -> Tensor:
     """Return the cache's state after checking it fits a batch of ``batch`` sequences."""
-    if not isinstance(cache, dict) or "lrnn_state" not in cache:
-        raise ValueError(
-            "inference_cache: expected the dict of allocate_inference_cache with 'lrnn_state' "
-            "and 'seqlen_offset'"
-        )
-    state = cache["lrnn_state"]
-    if tuple(state.shape) != (batch, n_state):
-        raise ValueError(
-            f"inference_cache['lrnn_state']: expected shape ({batch}, {n_state}), "
-            f"got {tuple(state.shape)}"
-        )
-    return state
+    shapes = {"lrnn_state": (batch, n_state)}
+    return check_inference_cache(cache, batch, ("lrnn_state",), owner, shapes=shapes)["lrnn_state"]
 
 
 def state_dtype(real: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -179,10 +176,8 @@ class _EventSSM(LTV_LRNN):
         use_fast_path: bool,
     ) -> None:
         super().__init__(discretization)
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
-        if not isinstance(d_state, int) or d_state < 1:
-            raise ValueError(f"d_state: expected a positive int, got {d_state!r}")
+        d_model = check_positive_int("d_model", d_model)
+        d_state = check_positive_int("d_state", d_state)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
         self.use_fast_path = use_fast_path
         self.out_scale = 2.0 if conj_sym else 1.0
@@ -242,15 +237,18 @@ class _EventSSM(LTV_LRNN):
 
     def forward(
         self,
-        x: Tensor,
+        x: Optional[Tensor] = None,
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        hidden_states: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B, L, H) -> y (B, L, H), in x's dtype.
 
         Args:
-            x: input sequence (B, L, d_model).
+            x: input sequence (B, L, d_model); ``hidden_states`` is another name for it (that
+                of the original lrnnx's S7).
             integration_timesteps: (B, L) time elapsed before each element (>= 0), for event
                 streams; None means 1 everywhere (for S5: the synchronous S5).
             lengths: (B,) valid lengths; outputs past them are zero, padded inputs never reach
@@ -259,10 +257,17 @@ class _EventSSM(LTV_LRNN):
                 ``"lrnn_state"`` and the final states are written back (``seqlen_offset``
                 advances by L), so :meth:`step` continues the sequence.
         """
+        x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
         h0 = None
         if inference_cache is not None:
-            h0 = check_cache(inference_cache, x.shape[0], self.n_state)
+            h0 = check_cache(inference_cache, x.shape[0], self.n_state, type(self).__name__)
+        if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
+            return self._empty_output(x)
+        if mask is not None:  # a select: padding may hold anything, NaN included
+            x = zero_where_not(x, mask[..., None])
+            if integration_timesteps is not None:
+                integration_timesteps = zero_where_not(integration_timesteps, mask)
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(self.Lambda_im.dtype)
             ts = self._timesteps(integration_timesteps)
@@ -273,7 +278,7 @@ class _EventSSM(LTV_LRNN):
             h = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend)
             y = self._output(p, h, u)
             if mask is not None:
-                y = y * mask[..., None]
+                y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
             # padded steps carry the state unchanged, so h[:, -1] is the state at each length
             h0.copy_(h[:, -1].detach())
@@ -282,14 +287,17 @@ class _EventSSM(LTV_LRNN):
 
     def step(
         self,
-        x: Tensor,
-        inference_cache: Dict[str, Any],
+        x: Optional[Tensor] = None,
+        inference_cache: Optional[Dict[str, Any]] = None,
         integration_timesteps: Optional[Union[Tensor, float]] = None,
+        *,
+        hidden_states: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One element: x (B, 1, H) or (B, H) -> y of the same shape.
 
         Args:
-            x: the input at this step.
+            x: the input at this step (``hidden_states``: another name for it, that of the
+                original lrnnx's S7).
             inference_cache: from :meth:`allocate_inference_cache` (or a forward that filled
                 it); its state is updated in place and ``seqlen_offset`` advances by one.
             integration_timesteps: time elapsed since the previous element, (B,) or (B, 1)
@@ -298,9 +306,10 @@ class _EventSSM(LTV_LRNN):
         Returns:
             (y, inference_cache).
         """
+        x = merge_alias("x", x, "hidden_states", hidden_states)
         u_in = check_step_input(x, self.d_model)
         Bsz = u_in.shape[0]
-        h = check_cache(inference_cache, Bsz, self.n_state)
+        h = check_cache(inference_cache, Bsz, self.n_state, type(self).__name__)
         real = inference_cache["D"].dtype
         ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
         with torch.autocast(device_type=u_in.device.type, enabled=False):
@@ -317,15 +326,18 @@ class _EventSSM(LTV_LRNN):
         batch_size: int,
         max_seqlen: int = 1,
         dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
         **kwargs,
     ) -> Dict[str, Any]:
-        """Zero state plus detached copies of the model's constants (its class lists them).
+        """Zero state plus detached copies of the model's constants (its class lists them), on
+        ``device`` (default: the parameters' device).
 
         Returns:
             ``"lrnn_state"`` (B, P) complex64 (complex128 for a float64 model or
             ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and the constants that
             :meth:`step` reads.  ``max_seqlen`` is unused: the state does not grow.
         """
+        check_batch_size(batch_size)
         with torch.no_grad():  # inference constants, not graph nodes
             cache = {k: (None if v is None else v.detach()) for k, v in self._tensors().items()}
             self._extend_cache(cache)
@@ -334,6 +346,8 @@ class _EventSSM(LTV_LRNN):
             batch_size, self.n_state, dtype=cdtype, device=self.Lambda_im.device
         )
         cache["seqlen_offset"] = 0
+        if device is not None:
+            cache = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cache.items()}
         return cache
 
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
 from lrnnx.models.ltv.s5 import GammaBar, _EventSSM, check_step_size, param_dtype
 
@@ -116,6 +117,9 @@ class S7(_EventSSM):
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "async")
+    #: Delta_k comes from these projections: part of the recurrence, kept in float32 under a
+    #: 16-bit whole-model cast like the other dynamics parameters
+    _spectral_submodules = ("dt_down", "dt_proj")
 
     def __init__(
         self,
@@ -135,8 +139,16 @@ class S7(_EventSSM):
         device=None,
         dtype=None,
     ) -> None:
+        if isinstance(discretization, bool):
+            raise ArgumentTypeError(
+                f"discretization: expected a name such as 'async', got {discretization!r}; the "
+                f"4th positional argument of S7 is discretization here, while the original "
+                f"lrnnx's is use_fast_path: pass use_fast_path (and what follows J) by keyword"
+            )
         super().__init__(d_model, d_state, discretization, conj_sym, use_fast_path)
-        if not isinstance(J, int) or J < 1 or d_state % J:
+        d_model, d_state = self.d_model, self.d_state
+        J = check_positive_int("J", J)
+        if d_state % J:
             raise ValueError(f"J: expected a positive int dividing d_state={d_state}, got {J!r}")
         if conj_sym and (d_state // J) % 2:
             raise ValueError(
@@ -144,13 +156,11 @@ class S7(_EventSSM):
                 f"got d_state={d_state}"
             )
         check_step_size(dt_min, dt_max, step_rescale)
-        if dt_rank == "auto":
+        if isinstance(dt_rank, str) and dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
-        if not isinstance(dt_rank, int) or dt_rank < 1:
-            raise ValueError(f"dt_rank: expected a positive int or 'auto', got {dt_rank!r}")
-        if not reparam_a > 0:
-            raise ValueError(f"reparam_a: expected a > 0, got {reparam_a!r}")
-        if not 0 < reparam_b < 2:
+        dt_rank = check_positive_int("dt_rank", dt_rank)
+        check_positive_float("reparam_a", reparam_a)
+        if not 0 < check_positive_float("reparam_b", reparam_b) < 2:
             raise ValueError(
                 f"reparam_b: expected 0 < b < 2 (Re(Lambda) = -1/2 of HiPPO-N must be reachable), "
                 f"got {reparam_b!r}"

@@ -44,12 +44,14 @@ def linear_scan(
         b: input, (B, L, *C), real or complex.
         initial_state: h_{-1} (or h_L when ``reverse``), shape (B, *C). Zero when None.
         reverse: run from the last timestep to the first: h_t = a_t h_{t+1} + b_t.
-        return_final_state: also return the state after the last processed step, (B, *C).
+        return_final_state: also return the state after the last processed step, (B, *C)
+            (``initial_state``, or zeros, when there are no steps).
         backend: force a backend ("reference", "torch", ...).
 
     Returns:
         h of shape (B, L, *C) in the promoted dtype of (a, b) [, final state (B, *C)].
         bfloat16/float16 inputs are accumulated in float32 and returned in their dtype.
+        An empty batch (B = 0) or sequence (L = 0) gives an empty h.
     """
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError("linear_scan: a and b must be torch.Tensor")
@@ -78,6 +80,13 @@ def linear_scan(
         initial_state = initial_state.to(dtype)
     a = a.to(dtype).expand(b.shape)
     b = b.to(dtype)
+    if b.numel() == 0:  # no batch or no steps: nothing to scan, the state stays
+        h = a * b  # the empty output, still attached to the inputs' graph
+        if initial_state is None:
+            initial_state = b.new_zeros(state_shape)
+        if out_dtype in _LOW_PRECISION:
+            h = h.to(out_dtype)
+        return (h, initial_state.clone()) if return_final_state else h
     fn = _dispatch.resolve("linear_scan", b.device, backend)
     h = fn(a, b, initial_state, reverse)
     if out_dtype in _LOW_PRECISION:

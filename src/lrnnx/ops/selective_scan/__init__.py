@@ -119,14 +119,14 @@ def selective_scan_fn(
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
     device = u.device
     _check_tensor("u", u, device)
-    if u.dim() != 3 or u.shape[2] == 0:
-        raise ValueError(f"u: expected (b, d, L) with L >= 1, got {tuple(u.shape)}")
+    if u.dim() != 3:
+        raise ValueError(f"u: expected (b, d, L), got {tuple(u.shape)}")
     b, d, L = u.shape
     _check_tensor("delta", delta, device)
     _check_shape("delta", delta, (b, d, L), "(b, d, L)")
     _check_tensor("A", A, device, complex_ok=True)
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"A: expected (d, n) with d={d}, got {tuple(A.shape)}")
+    if A.dim() != 2 or A.shape[0] != d or A.shape[1] == 0:
+        raise ValueError(f"A: expected (d, n) with d={d} and n >= 1, got {tuple(A.shape)}")
     n = A.shape[1]
     is_complex = A.is_complex()
     for name, X in (("B", B), ("C", C)):
@@ -171,6 +171,8 @@ def selective_scan_fn(
     A = A.to(cdtype if is_complex else rdtype)
     if initial_state is not None:
         initial_state = initial_state.to(cdtype if is_complex else rdtype)
+    if u.numel() == 0:  # no batch, channel or step: nothing to scan
+        return _empty_scan(u, delta, A, initial_state, return_last_state)
     fn = _dispatch.resolve("selective_scan", device, backend)
     y, last_state = fn(
         cast(u),
@@ -188,3 +190,15 @@ def selective_scan_fn(
     )
     y = y.to(u.dtype)
     return (y, last_state) if return_last_state else y
+
+
+def _empty_scan(u: Tensor, delta: Tensor, A: Tensor, initial_state, return_last_state: bool):
+    """selective_scan_fn's result for an empty u (b, d or L is 0): an empty y, attached to the
+    inputs' graph, and the last state ``initial_state`` (no step changes it) or zeros (b, d, n)."""
+    y = (u * delta).to(u.dtype)
+    b, d, _ = u.shape
+    if initial_state is None:
+        last = _torch.zeros(b, d, A.shape[1], dtype=A.dtype, device=u.device)
+    else:
+        last = initial_state.clone()
+    return (y, last) if return_last_state else y

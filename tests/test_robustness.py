@@ -1,0 +1,299 @@
+"""Robustness of every model in users' hands: one test per kind of bad input or edge case.
+
+Each test runs over every model (and every Centaurus mode): non-finite inputs stay causal,
+padding never matters whatever it holds, dtypes (whole-model casts, float64, autocast, integer
+input), empty batches and sequences, caches, and ``lengths`` given as a list.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from _tol import assert_close_rel, rel_err
+from lrnnx.models.lti import LRU, S4, S4D, S5, Centaurus
+from lrnnx.models.ltv import RGLRU, S7, Mamba
+from lrnnx.models.ltv.s5 import S5 as EventS5
+
+H, N, L = 8, 8, 48
+
+MODELS = {
+    "s4": lambda: S4(H, d_state=N, transposed=False),
+    "s4d": lambda: S4D(H, d_state=N, transposed=False),
+    "s5": lambda: S5(H, N, "zoh"),
+    "lru": lambda: LRU(H, N),
+    "centaurus-neck": lambda: Centaurus(H, N, sub_state_dim=4, mode="neck"),
+    "centaurus-pointwise": lambda: Centaurus(H, N, sub_state_dim=4, mode="pointwise"),
+    "centaurus-dws": lambda: Centaurus(H, N, sub_state_dim=4, mode="dws"),
+    "centaurus-full": lambda: Centaurus(H, N, sub_state_dim=4, mode="full"),
+    "mamba": lambda: Mamba(H, N),
+    "event-s5": lambda: EventS5(H, N, discretization="async"),
+    "s7": lambda: S7(H, N),
+    "rglru": lambda: RGLRU(H),
+}
+LTV = {"mamba", "event-s5", "s7", "rglru"}
+LTI = sorted(set(MODELS) - LTV)
+#: models with projection layers (nn.Linear) that need their input in the weights' dtype
+WITH_PROJECTIONS = {"s4", "s4d", "mamba", "rglru"}
+
+
+def build(name, dtype=None):
+    model = MODELS[name]().eval()
+    return model if dtype is None else model.to(dtype)
+
+
+def run(model, x, **kwargs):
+    y = model(x, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def step(name, model, x_t, cache):
+    """One step for x_t (B, H) whatever the model's step layout; returns y (B, H)."""
+    y, cache = model.step(x_t[:, None] if name in LTV else x_t, cache)
+    return y.reshape(x_t.shape[0], -1), cache
+
+
+def modes(name):
+    """LTI models are checked on both paths (FFT convolution and scan)."""
+    return ["fft", "scan"] if name in LTI else [None]
+
+
+def with_mode(model, mode):
+    if mode is not None:
+        model.mode = mode
+    return model
+
+
+# ---- 1. causality under non-finite input ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_nonfinite_input_stays_causal(name, bad):
+    """One NaN/inf at t=30 of one sequence never reaches that sequence's outputs before t=30,
+    nor the other sequences (an FFT would spread it over every output)."""
+    x = torch.randn(2, L, H)
+    x_bad = x.clone()
+    x_bad[0, 30, 3] = bad
+    for mode in modes(name):
+        model = with_mode(build(name), mode)
+        with torch.no_grad():
+            y, y_bad = run(model, x), run(model, x_bad)
+        assert_close_rel(y_bad[0, :30], y[0, :30], length=L, msg=f"{name} {mode} before t")
+        assert_close_rel(y_bad[1], y[1], length=L, msg=f"{name} {mode} other sequence")
+        assert not torch.isfinite(y_bad[0, 30:]).all(), f"{name} {mode}: non-finite input lost"
+
+
+# ---- 2. padding never matters -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_padding_never_matters(name, fill):
+    """Whatever the padding holds (NaN included): valid outputs, padded outputs (exact zeros),
+    the final state and the gradients are those of zero padding."""
+    lengths = torch.tensor([L, 20])
+    x = torch.randn(2, L, H)
+    x[1, 20:] = 0
+    x_fill = x.clone()
+    x_fill[1, 20:] = fill
+    for mode in modes(name):
+        model = with_mode(build(name), mode)
+        outs = []
+        for inp in (x, x_fill):
+            model.zero_grad()
+            cache = model.allocate_inference_cache(2, L)
+            y = run(model, inp, lengths=lengths)
+            y.square().sum().backward()
+            with torch.no_grad():
+                run(model, inp, lengths=lengths, inference_cache=cache)
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            outs.append((y.detach(), cache["lrnn_state"].clone(), grads))
+        (y0, s0, g0), (y1, s1, g1) = outs
+        assert torch.equal(y1[1, 20:], torch.zeros_like(y1[1, 20:])), f"{name} {mode}"
+        assert_close_rel(y1, y0, length=L, msg=f"{name} {mode} outputs")
+        assert_close_rel(s1, s0, length=L, msg=f"{name} {mode} final state")
+        for a, b in zip(g1, g0, strict=True):
+            assert_close_rel(a, b, length=L, factor=10, msg=f"{name} {mode} gradients")
+
+
+# ---- 3. dtypes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_step_rejects_integer_input(name):
+    model = build(name)
+    cache = model.allocate_inference_cache(2, 1)
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        step(name, model, torch.ones(2, H, dtype=torch.int64), cache)
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        model(torch.ones(2, 4, H, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(WITH_PROJECTIONS))
+def test_input_dtype_mismatch_names_both_dtypes(name, dtype):
+    """A float32 model with projection layers refuses another input dtype with both dtypes
+    named (not torch's "expected m1 and m2 to have the same dtype" from deep inside)."""
+    model = build(name)
+    x = torch.randn(2, 4, H, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"x: expected dtype torch.float32.*got {dtype}"):
+        model(x)
+    cache = model.allocate_inference_cache(2, 1)
+    with pytest.raises(TypeError, match=rf"x: expected dtype torch.float32.*got {dtype}"):
+        step(name, model, x[:, 0], cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_whole_model_cast_keeps_the_recurrence_in_float32(name, dtype):
+    """model.to(bf16/fp16): forward and step work on inputs of that dtype and return it; the
+    model's own (spectral) parameters and its state stay float32/complex64; the result is the
+    float32 model's up to the 16-bit rounding of inputs and projections."""
+    model = build(name)
+    cast = copy.deepcopy(model).to(dtype)
+    for p_name, p in cast.named_parameters(recurse=False):
+        assert p.dtype == torch.float32, f"{name}: {p_name} is {p.dtype}"
+    x = torch.randn(2, 16, H).to(dtype)
+    with torch.no_grad():
+        y = run(cast, x)
+        y32 = run(model, x.float())
+        cache = cast.allocate_inference_cache(2, 1)
+        ys = torch.stack([step(name, cast, x[:, t], cache)[0] for t in range(16)], 1)
+    assert y.dtype == dtype and ys.dtype == dtype
+    state = cache["lrnn_state"]
+    assert state.dtype in (torch.float32, torch.complex64), f"{name}: state {state.dtype}"
+    # 16-bit projections and inputs: a few units of the dtype's epsilon, relative
+    assert rel_err(y.float(), y32) < 0.05, name
+    assert rel_err(ys.float(), y.float()) < 0.05, name
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_double_is_float64_end_to_end(name):
+    """model.double(): every tensor, the cache state included, is float64/complex128, and step
+    reproduces forward to float64 precision."""
+    model = build(name).double()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    x = torch.randn(2, 16, H, dtype=torch.float64)
+    with torch.no_grad():
+        y = run(model, x)
+        cache = model.allocate_inference_cache(2, 1)
+        ys = torch.stack([step(name, model, x[:, t], cache)[0] for t in range(16)], 1)
+    assert cache["lrnn_state"].dtype in (torch.float64, torch.complex128)
+    assert y.dtype == torch.float64 and ys.dtype == torch.float64
+    assert_close_rel(ys, y, length=16, factor=10, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_step_under_autocast_matches_forward(name):
+    """Under bf16 autocast, step runs the recurrence as forward does (float32 state and
+    readout): step == forward to bf16 rounding of the projections only."""
+    model = build(name)
+    x = torch.randn(2, 12, H)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(model, x)
+        cache = model.allocate_inference_cache(2, 1)
+        ys = torch.stack([step(name, model, x[:, t], cache)[0] for t in range(12)], 1)
+    assert cache["lrnn_state"].dtype in (torch.float32, torch.complex64)
+    if name in WITH_PROJECTIONS:
+        assert rel_err(ys.float(), y.float()) < 0.05, name
+    else:  # no projection: the whole computation is float32 in both
+        assert_close_rel(ys.float(), y.float(), length=12, msg=name)
+
+
+# ---- 4. empty batches and sequences ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0), (0, 0)])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_empty_batch_or_sequence(name, shape):
+    model = build(name)
+    x = torch.randn(*shape, H)
+    y = run(model, x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if shape[0]:  # a prefill over no steps leaves the cache as it was
+        cache = model.allocate_inference_cache(shape[0], 1)
+        run(model, torch.randn(shape[0], 4, H), inference_cache=cache)
+        before = cache["lrnn_state"].clone()
+        offset = cache["seqlen_offset"]
+        y = run(model, x, inference_cache=cache)
+        assert y.shape == x.shape
+        assert torch.equal(cache["lrnn_state"], before)
+        assert cache["seqlen_offset"] == offset
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_ops(shape):
+    from lrnnx.ops import linear_scan, selective_scan_fn
+
+    b = torch.randn(*shape, 3, requires_grad=True)
+    h, last = linear_scan(torch.rand(*shape, 3), b, return_final_state=True)
+    assert h.shape == b.shape and last.shape == (shape[0], 3)
+    Bsz, Lx = shape
+    u = torch.randn(Bsz, 4, Lx)
+    h0 = torch.randn(Bsz, 4, 2)
+    y, state = selective_scan_fn(
+        u,
+        torch.rand(Bsz, 4, Lx),
+        -torch.rand(4, 2),
+        torch.randn(Bsz, 2, Lx),
+        torch.randn(Bsz, 2, Lx),
+        initial_state=h0,
+        return_last_state=True,
+    )
+    assert y.shape == u.shape and torch.equal(state, h0)
+
+
+# ---- 5. caches --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bad_caches_are_named(name):
+    model = build(name)
+    x_t = torch.randn(2, H)
+    with pytest.raises(ValueError, match="inference_cache: missing entries"):
+        step(name, model, x_t, {})
+    with pytest.raises(TypeError, match="inference_cache: expected the dict"):
+        step(name, model, x_t, None)
+    with pytest.raises(ValueError, match="allocated for batch size 3"):
+        step(name, model, x_t, model.allocate_inference_cache(3, 1))
+    with pytest.raises(ValueError, match="allocated for batch size 3"):
+        run(model, torch.randn(2, 4, H), inference_cache=model.allocate_inference_cache(3, 1))
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 0"):
+        model.allocate_inference_cache(-1, 1)
+    with pytest.raises(TypeError, match="batch_size"):
+        model.allocate_inference_cache(2.5, 1)
+
+
+# ---- 8. lengths as a list ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lengths_as_list(name):
+    model = build(name)
+    x = torch.randn(2, 12, H)
+    with torch.no_grad():
+        y_list = run(model, x, lengths=[12, 5])
+        y_tensor = run(model, x, lengths=torch.tensor([12, 5]))
+    assert_close_rel(y_list, y_tensor, msg=name)
+    with pytest.raises(TypeError, match="lengths"):
+        run(model, x, lengths=[12.0, 5.0])
+
+
+@pytest.mark.parametrize("name", ["mamba", "event-s5", "s7"])
+def test_padding_never_matters_event_timesteps(name):
+    """Elapsed times in the padding may hold anything too (they are never read)."""
+    model = build(name)
+    lengths = torch.tensor([L, 20])
+    x = torch.randn(2, L, H)
+    ts = torch.rand(2, L)
+    ts_fill = ts.clone()
+    ts_fill[1, 20:] = float("nan")
+    with torch.no_grad():
+        y = run(model, x, lengths=lengths, integration_timesteps=ts)
+        y_fill = run(model, x, lengths=lengths, integration_timesteps=ts_fill)
+    assert_close_rel(y_fill, y, length=L, msg=name)
+    with pytest.raises(ValueError, match="integration_timesteps"):
+        run(model, x, lengths=lengths, integration_timesteps=ts.masked_fill(ts > 0.5, -1.0))
