@@ -1,5 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+# The first one installs into .venv (a few minutes); the `lrnnx` command is then .venv/bin/lrnnx
+# (or plain `lrnnx` after `source .venv/bin/activate`).
 PYTHON ?= python3
+# extra arguments of `lrnnx demo`, e.g. make demo DEMO_ARGS="--time-budget 120"
+DEMO_ARGS ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # A CPU build of PyTorch; the package itself only asks for torch>=2.4.
@@ -15,10 +19,13 @@ $(VENV)/.base:
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
+	-$(VENV)/bin/lrnnx models > /dev/null  # fills the cache that makes `lrnnx models` instant
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lrnnx demo
+	$(VENV)/bin/lrnnx demo $(DEMO_ARGS)
+	@echo "The lrnnx command is in $(VENV)/bin: run 'source $(VENV)/bin/activate' (then lrnnx models)"
+	@echo "or call it as $(VENV)/bin/lrnnx models."
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

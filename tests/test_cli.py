@@ -18,7 +18,16 @@ from lrnnx.cli import main
 from lrnnx.models.registry import MODEL_REGISTRY, available_models, build_mixer
 from lrnnx.tasks import TASKS, make_task
 from lrnnx.tasks.offline import mnist1d_available
-from lrnnx.train import CHECKPOINT_NAME, METRICS_NAME, evaluate, load_checkpoint
+from lrnnx.train import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    CURVE_NAME,
+    LAST_NAME,
+    METRICS_NAME,
+    evaluate,
+    load_checkpoint,
+    load_pretrained,
+)
 
 TINY = ["--layers", "1", "--d-model", "16", "--d-state", "8", "--batch-size", "8"]
 SIZES = ["--n-train", "64", "--n-test", "32"]
@@ -124,7 +133,8 @@ def test_console_script_subprocess(tmp_path):
     assert bad.returncode == 2 and "s5" in bad.stderr and "mamba" in bad.stderr
 
 
-def test_models_table(capsys):
+def test_models_table(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LRNNX_CACHE_DIR", str(tmp_path))  # not the user's cache
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == set(MODEL_REGISTRY)
@@ -211,7 +221,10 @@ def test_interrupt_keeps_last_checkpoint_and_resume_matches(tmp_path, monkeypatc
     assert metrics["interrupted"] and metrics["steps_completed"] == 5
     _, state = load_checkpoint(out)
     assert state["step"] == 4
-    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [BEST_NAME, CHECKPOINT_NAME, LAST_NAME, METRICS_NAME]
+    )
+    assert metrics["last"] == {"step": 5, "dir": LAST_NAME}  # the weights reached, not step 4's
     monkeypatch.undo()
 
     assert main(_train_args("assoc-recall", out, steps=8, extra=[*extra, "--resume"])) == 0
@@ -281,3 +294,211 @@ def test_demo_smoke(tmp_path, capsys, portable_scan):
     assert [r["steps"] for r in results["results"]] == [1, 1]
     assert main(["demo", "--models", "s5,nope", "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def _run(out: Path, steps: int = 4, extra=()) -> list[str]:
+    return _train_args("assoc-recall", out, steps=steps, extra=["--no-plot", *extra])
+
+
+def test_run_dir_holds_best_and_last_loadable_with_from_pretrained(tmp_path, capsys):
+    from lrnnx.architectures import LRNNLMHeadModel
+
+    out = tmp_path / "run"
+    assert main(_run(out, extra=["--eval-every", "2"])) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    best = metrics["best"]
+    assert best["dir"] == BEST_NAME and best["step"] in (2, 4)
+    assert metrics["last"] == {"step": 4, "dir": LAST_NAME}
+    assert str(out / BEST_NAME) in printed and str(out / LAST_NAME) in printed
+    assert f'LRNNLMHeadModel.from_pretrained("{(out / BEST_NAME).as_posix()}")' in printed
+
+    cfg = metrics["config"]
+    data = make_task(
+        "assoc-recall", cfg["n_train"], cfg["n_test"], cfg["seq_len"], **cfg["task_options"]
+    )
+    model = LRNNLMHeadModel.from_pretrained(out / BEST_NAME)
+    ev = evaluate(model, data.test, data.kind, torch.device("cpu"))
+    assert ev["acc"] == pytest.approx(best["acc"], abs=1e-12)
+    assert ev["loss"] == pytest.approx(best["loss"], rel=1e-5)
+    # the last weights are the checkpoint's; load_pretrained(run_dir) picks best/ and the class
+    last = LRNNLMHeadModel.from_pretrained(out / LAST_NAME)
+    ckpt_model, _ = load_checkpoint(out)
+    for (name, a), (_, b) in zip(
+        last.state_dict().items(), ckpt_model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    again = load_pretrained(out)
+    assert type(again) is LRNNLMHeadModel
+    assert evaluate(again, data.test, data.kind, torch.device("cpu")) == ev
+
+
+def test_interrupt_before_the_first_evaluation_saves_last_and_says_where(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 2)
+    assert main(_run(out, steps=8, extra=["--eval-every", "4"])) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted at step 2" in printed
+    assert str(out / LAST_NAME) in printed and "no checkpoint yet" in printed
+    assert (out / LAST_NAME / "config.json").is_file() and not (out / CHECKPOINT_NAME).exists()
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics["last"] == {"step": 2, "dir": LAST_NAME} and metrics["best"] is None
+    assert type(load_pretrained(out / LAST_NAME)).__name__ == "LRNNLMHeadModel"
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, capsys):
+    out = tmp_path / "nothing-here"
+    assert main(_run(out, extra=["--resume"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out / CHECKPOINT_NAME) in err[0] and "resume" in err[0], err
+    assert not out.exists()
+
+
+def test_a_used_out_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_run(out, steps=2)) == 0
+    first = (out / METRICS_NAME).read_text()
+    assert main(_run(out, steps=3)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0], err
+    assert (out / METRICS_NAME).read_text() == first  # nothing was touched
+
+    (out / "notes.txt").write_text("mine")
+    assert main(_run(out, steps=3, extra=["--overwrite", "--eval-every", "3"])) == 0
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert [e["step"] for e in metrics["history"]["eval"]] == [3]  # no step-2 leftovers
+    assert metrics["best"]["step"] == 3 and load_checkpoint(out)[1]["step"] == 3
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    with pytest.raises(SystemExit) as e:
+        main(_run(out, extra=["--resume", "--overwrite"]))
+    assert e.value.code == 2
+
+
+def test_resume_header_agrees_with_the_run_and_a_finished_run_stops(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_run(out, steps=4, extra=["--eval-every", "2"])) == 0
+    capsys.readouterr()
+    before = (out / CHECKPOINT_NAME).read_bytes()
+
+    assert main(_run(out, steps=2, extra=["--resume"])) == 0
+    printed = capsys.readouterr().out
+    assert "already at step 4" in printed and "--steps 2" in printed
+    assert "lrnnx train:" not in printed and "step 3/" not in printed  # no header, no training
+    assert (out / CHECKPOINT_NAME).read_bytes() == before
+
+    assert (
+        main(_run(out, steps=6, extra=["--resume", "--eval-every", "2", "--log-every", "1"])) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "6 steps (resumed from" in printed and "at step 4)" in printed
+    logged = [line.split()[1] for line in printed.splitlines() if line.startswith("step ")]
+    assert logged == ["5/6", "6/6"]
+    assert load_checkpoint(out)[1]["step"] == 6
+
+
+def test_chance_level_is_printed_stored_and_plotted(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _train_args("assoc-recall", out, steps=2)  # n_keys=8, n_values=32 (the default)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "chance level: test accuracy 3.1%" in printed and "chance 3.1%" in printed
+    chance = json.loads((out / METRICS_NAME).read_text())["chance"]
+    assert chance["acc"] == pytest.approx(1 / 32) and chance["n_choices"] == 32
+    assert chance["loss"] == pytest.approx(torch.log(torch.tensor(32.0)).item())
+    if _has_matplotlib():
+        assert (out / CURVE_NAME).exists()
+
+
+def test_plot_skips_empty_curves_and_draws_chance_without_warnings(tmp_path, recwarn):
+    pytest.importorskip("matplotlib")
+    messages = []
+    empty = {"m": {"train": [], "eval": []}}
+    assert not train_mod.plot_curves(empty, tmp_path / "a.png", log=messages.append)
+    assert not (tmp_path / "a.png").exists() and "skipping" in messages[0]
+    flat = {"train": [{"step": s, "loss": 2.77, "acc": 0.06} for s in (1, 2, 3)], "eval": []}
+    chance = {"acc": 1 / 16, "loss": 2.7726}
+    assert train_mod.plot_curves({"m": flat}, tmp_path / "b.png", chance=chance)
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "matplotlib" in str(w.filename) or "legend" in str(w.message)]
+
+
+def test_task_option_is_read_with_its_declared_type(tmp_path, capsys):
+    base = [
+        "train",
+        "--task",
+        "irregular-sine",
+        "--model",
+        "event-s5",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main([*base, "--task-option", "noise=abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lrnnx train: error: --task-option noise: expected a float, got 'abc'"], err
+    assert main([*base, "--task-option", "n_classes=2.5"]) == 2
+    assert "--task-option n_classes: expected an integer, got '2.5'" in capsys.readouterr().err
+    assert main([*base, "--task-option", "nois=0.1"]) == 2
+    assert "did you mean 'noise'?" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- start-up speed
+
+_NO_TORCH = """
+import sys
+from lrnnx.cli import main
+try:
+    rc = main({argv!r})
+except SystemExit as e:
+    rc = e.code
+print("RC", rc, "TORCH", "torch" in sys.modules)
+"""
+
+
+def _run_cli_in_fresh_process(argv, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    code = _NO_TORCH.format(argv=argv)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["tasks"], ["demo", "--help"]], ids=["help", "tasks", "demo-help"]
+)
+def test_help_and_listings_do_not_import_torch(argv):
+    """What keeps them fast (well under a second): no torch, no models, no mnist1d."""
+    out = _run_cli_in_fresh_process(argv)
+    assert "RC 0 TORCH False" in out, out
+
+
+def test_demo_help_shows_what_it_does_and_its_time_budget(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--time-budget" in text and "540" in text and "minute" in text
+
+
+def test_models_table_is_cached_and_then_needs_no_torch(tmp_path):
+    env = {"LRNNX_CACHE_DIR": str(tmp_path)}
+    first = _run_cli_in_fresh_process(["models"], env)
+    assert "RC 0" in first and "mamba" in first and (tmp_path / "models-table.json").exists()
+    second = _run_cli_in_fresh_process(["models"], env)
+    assert "RC 0 TORCH False" in second, second
+    assert second.replace("TORCH False", "") == first.replace("TORCH True", "")
+
+
+def test_a_stale_models_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LRNNX_CACHE_DIR", str(tmp_path))
+    (tmp_path / "models-table.json").write_text(json.dumps({"key": "old", "rows": []}))
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == set(MODEL_REGISTRY)

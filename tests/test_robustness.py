@@ -297,3 +297,51 @@ def test_padding_never_matters_event_timesteps(name):
     assert_close_rel(y_fill, y, length=L, msg=name)
     with pytest.raises(ValueError, match="integration_timesteps"):
         run(model, x, lengths=lengths, integration_timesteps=ts.masked_fill(ts > 0.5, -1.0))
+
+
+# ---- the architectures ------------------------------------------------------------------------
+
+ARCH_MIXERS = ["s4", "s5", "mamba", "rglru", "attn"]
+
+
+def _lm(mixer):
+    from lrnnx.architectures import LRNNLMHeadModel
+
+    return LRNNLMHeadModel(
+        d_model=16, d_state=8, n_layer=2, vocab_size=20, mixer_types=[mixer, "s5"]
+    ).eval()
+
+
+@pytest.mark.parametrize("mixer", ARCH_MIXERS)
+def test_lm_caches_and_empty_inputs(mixer):
+    lm = _lm(mixer)
+    ids = torch.randint(0, 20, (2,))
+    with pytest.raises(ValueError, match="inference_cache"):
+        lm.step(ids, {})
+    with pytest.raises(TypeError, match="inference_cache"):
+        lm.step(ids, None)
+    with pytest.raises(ValueError, match="batch"):
+        lm.step(ids, lm.allocate_inference_cache(3, max_seqlen=8))
+    with pytest.raises(ValueError, match="batch_size"):
+        lm.allocate_inference_cache(-1, max_seqlen=8)
+    if mixer == "attn":  # a KV cache needs its size
+        with pytest.raises(ValueError, match="max_seqlen: required"):
+            lm.allocate_inference_cache(2)
+    else:  # recurrent states do not grow: no max_seqlen needed
+        lm.step(ids, lm.allocate_inference_cache(2))
+    for shape in [(0, 5), (2, 0)]:
+        assert lm(torch.zeros(*shape, dtype=torch.long)).shape == (*shape, lm.vocab_size)
+
+
+@pytest.mark.parametrize("mixer", ARCH_MIXERS)
+def test_classifier_padding_never_matters(mixer):
+    from lrnnx.architectures import Classifier
+
+    clf = Classifier(d_input=3, n_classes=4, d_model=16, d_state=8, n_layers=2, mixer=mixer)
+    clf.eval()
+    x = torch.randn(2, 20, 3)
+    lengths = torch.tensor([20, 9])
+    x_nan = x.clone()
+    x_nan[1, 9:] = float("nan")
+    with torch.no_grad():
+        assert_close_rel(clf(x_nan, lengths=lengths), clf(x, lengths=lengths), length=20)

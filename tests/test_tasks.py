@@ -187,3 +187,77 @@ def test_mnist1d():
             c = float(torch.corrcoef(torch.stack([x[i], x[j]]))[0, 1])
             (same if y[i] == y[j] else diff).append(c)
     assert sum(same) / len(same) > sum(diff) / len(diff)
+
+
+# ----------------------------------------------------------------------------- declared options
+
+
+def test_declared_options_match_the_builders():
+    """TASKS declares each task's options (so listing them needs no torch); they must be the
+    builder's own keyword arguments and defaults, in order."""
+    import inspect
+
+    from lrnnx.tasks import SIZE_ARGUMENTS
+
+    for info in TASKS.values():
+        params = inspect.signature(info.builder).parameters
+        assert list(params)[: len(SIZE_ARGUMENTS)] == list(SIZE_ARGUMENTS), info.name
+        declared = {k: p.default for k, p in params.items() if k not in SIZE_ARGUMENTS}
+        assert declared == info.options, info.name
+        assert all(type(v) is type(declared[k]) for k, v in info.options.items()), info.name
+
+
+def test_options_are_parsed_and_checked_with_their_declared_types():
+    from lrnnx.tasks import parse_option
+
+    assert parse_option("irregular-sine", "noise", "0.3") == 0.3
+    assert parse_option("irregular-sine", "noise", "1") == 1.0
+    assert parse_option("selective-copy", "n_tokens", "4") == 4
+    cases = [
+        (("irregular-sine", "noise", "abc"), "noise: expected a float, got 'abc'"),
+        (("selective-copy", "n_tokens", "4.5"), "n_tokens: expected an integer, got '4.5'"),
+        (("selective-copy", "n_memorise", "3"), "did you mean 'n_memorize'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as e:
+            parse_option(*args)
+        assert message in str(e.value)
+    # the Python API checks the same way, instead of failing inside the generator
+    with pytest.raises(ValueError, match="noise: expected a float, got 'abc'"):
+        make_task("irregular-sine", n_train=4, n_test=4, noise="abc")
+    with pytest.raises(ValueError, match="n_tokens: expected an integer, got True"):
+        make_task("selective-copy", n_train=4, n_test=4, n_tokens=True)
+    d = make_task("irregular-sine", n_train=4, n_test=4, seq_len=8, noise=0)
+    assert d.params["noise"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, options, n_choices",
+    [
+        ("selective-copy", {"n_tokens": 5}, 5),
+        ("induction-heads", {"n_tokens": 6}, 6),
+        ("assoc-recall", {"n_values": 7}, 7),
+        ("irregular-sine", {"n_classes": 3}, 3),
+    ],
+)
+def test_chance_level_is_one_over_the_possible_answers(name, options, n_choices):
+    d = make_task(name, n_train=256, n_test=16, seed=0, **options)
+    assert d.n_choices == n_choices
+    assert d.chance_acc == pytest.approx(1 / n_choices)
+    assert d.chance_loss == pytest.approx(math.log(n_choices))
+    targets = d.train.targets
+    answers = targets[targets != IGNORE_INDEX].unique()
+    assert len(answers) == n_choices  # every possible answer occurs, and no other
+
+
+def test_importing_the_tasks_is_light():
+    """`lrnnx tasks` reads TASKS: importing it must not pull in torch, numpy or mnist1d."""
+    import subprocess
+
+    code = (
+        "import sys, lrnnx.tasks as t; t.TASKS['mnist1d'].available; "
+        "print(sorted(m for m in ('torch', 'numpy', 'mnist1d') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -22,9 +22,12 @@ of the issue (selective scan b=2, d=1024, n=16, L=2048; linear_scan 32768 channe
 and the LTI comparison over L = 1024..16384.  Peers (mambapy's parallel scan) are timed beside
 the selective scan when installed.
 
+``--quick`` shrinks every case (see its ``--help``) so the whole run takes about a minute on a
+2-core CPU.  Each case prints one line as soon as it is measured.
+
 Run ``lrnnx bench [--quick] [--models ...] [--ops ...] [--out DIR] [--markdown FILE]`` or
 ``python -m lrnnx.bench``.  Writes ``bench.csv``, ``bench.md`` and (with matplotlib)
-``bench.png`` under ``--out``.
+``bench.png``, titled with the machine and the shapes in its labels, under ``--out``.
 """
 
 from __future__ import annotations
@@ -209,14 +212,14 @@ HEADLINE_LINEAR = (1, 2048, 32768)
 def linear_scan_shapes(quick: bool) -> List[tuple]:
     """(B, L, C) cases: the headline, then one axis at a time."""
     if quick:
-        return [(1, 2048, 8192)]
+        return [(1, 1024, 4096)]
     return [HEADLINE_LINEAR, (1, 2048, 4096), (1, 512, 32768), (4, 2048, 8192)]
 
 
 def selective_scan_shapes(quick: bool) -> List[tuple]:
     """(b, d, n, L) cases: the headline, then length, width and batch one at a time."""
     if quick:
-        return [(2, 256, 16, 1024)]
+        return [(1, 256, 16, 512)]
     b, d, n, L = HEADLINE_SCAN
     return (
         [HEADLINE_SCAN]
@@ -384,10 +387,20 @@ def _backend_env(name: Optional[str]) -> Iterator[None]:
             os.environ["LRNNX_BACKEND"] = old
 
 
+def model_shape(quick: bool) -> tuple[int, int, int, int]:
+    """(B, L, H, N) of the model cases."""
+    return (1, 256, 64, 16) if quick else (4, 2048, 256, 16)
+
+
+def lti_lengths(quick: bool) -> tuple[int, ...]:
+    """Sequence lengths of the LTI FFT-vs-scan comparison."""
+    return (2048,) if quick else (1024, 4096, 16384)
+
+
 def bench_models(names: List[str], device: torch.device, quick: bool, repeats: int) -> List[Row]:
     from lrnnx.models.registry import build_mixer
 
-    Bsz, L, H, N = (2, 512, 128, 16) if quick else (4, 2048, 256, 16)
+    Bsz, L, H, N = model_shape(quick)
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -430,7 +443,7 @@ def bench_lti_modes(
     from lrnnx.models.lti import LRU, S5
 
     rows = []
-    for L in lengths or ((4096,) if quick else (1024, 4096, 16384)):
+    for L in lengths or lti_lengths(quick):
         for cls, kw in ((LRU, {}), (S5, {"discretization": "zoh"})):
             torch.manual_seed(0)
             model = cls(64, 64, **kw).to(device)
@@ -508,7 +521,81 @@ def markdown(rows: List[Row], info: str, copy_gbps: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(rows: List[Row], info: str, copy_gbps: float, out: Path) -> str:
+#: bar colours of the plot: lrnnx's own choice, then each baseline
+_ROLE_COLOURS = {
+    "lrnnx": "tab:blue",
+    "torch": "tab:orange",
+    "reference": "tab:red",
+    "mambapy": "tab:purple",
+    "fft": "tab:green",
+    "scan": "tab:olive",
+}
+_ROLE_LABELS = {
+    "lrnnx": "lrnnx (the backend it picks)",
+    "torch": "baseline: torch backend (chunked pure PyTorch)",
+    "reference": "baseline: reference loop",
+    "mambapy": "peer: mambapy parallel scan",
+    "fft": "LTI: FFT convolution",
+    "scan": "LTI: scan",
+}
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _role(row: Row) -> str:
+    """Which colour a row gets: lrnnx's choice or the baseline it is."""
+    if row.backend in ("auto", "cpu", "triton") or row.backend.startswith("auto->"):
+        return "lrnnx"
+    return row.backend if row.backend in _ROLE_COLOURS else "torch"
+
+
+def plot_rows(rows: List[Row], path: Path, title: str) -> bool:
+    """A bar per timed case (forward+backward, log scale), coloured by lrnnx vs baseline, with
+    the shape in every label and ``title`` on top; False without matplotlib."""
+    import textwrap
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timed = [r for r in rows if r.fwdbwd_ms is not None]
+    if not timed:
+        return False
+    fig, ax = plt.subplots(figsize=(14, 0.32 * len(timed) + 2.2))
+    labels = [f"{r.name} [{r.backend}]  {r.shape}" for r in timed]
+    roles = [_role(r) for r in timed]
+    ax.barh(labels, [r.fwdbwd_ms for r in timed], color=[_ROLE_COLOURS[x] for x in roles])
+    for y, r in enumerate(timed):
+        ax.annotate(
+            f" {_ms(r.fwdbwd_ms)} ms", (r.fwdbwd_ms, y), va="center", fontsize=7, color="0.25"
+        )
+    handles = [
+        matplotlib.patches.Patch(color=_ROLE_COLOURS[x], label=_ROLE_LABELS[x])
+        for x in _ROLE_COLOURS
+        if x in roles
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xscale("log")
+    ax.set_xlabel("forward + backward, ms (log scale; shorter is faster)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.invert_yaxis()
+    lines = title.split("\n", 1)
+    head = lines[0] + ("\n" + textwrap.fill(lines[1], 130) if len(lines) > 1 else "")
+    ax.set_title(head, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_reports(
+    rows: List[Row], info: str, copy_gbps: float, out: Path, title: Optional[str] = None
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -519,24 +606,10 @@ def write_reports(rows: List[Row], info: str, copy_gbps: float, out: Path) -> st
             )
     md = markdown(rows, info, copy_gbps)
     (out / "bench.md").write_text(md)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib not installed: no bench.png (pip install matplotlib)")
         return md
-    timed = [r for r in rows if r.fwdbwd_ms is not None]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(timed) + 1.5))
-    labels = [f"{r.name} [{r.backend}]" for r in timed]
-    ax.barh(labels, [r.fwdbwd_ms for r in timed])
-    ax.set_xscale("log")
-    ax.set_xlabel("forward + backward, ms (log scale)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
-    plt.close(fig)
+    plot_rows(rows, out / "bench.png", title or f"lrnnx bench\n{info}")
     return md
 
 
@@ -545,7 +618,11 @@ def write_reports(rows: List[Row], info: str, copy_gbps: float, out: Path) -> st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quick", action="store_true", help="small shapes: the whole run in about a minute"
+        "--quick",
+        action="store_true",
+        help="small shapes (ops at 1/16-1/32 of the full sweep's headline sizes, models at "
+        "B=1 L=256 H=64, one LTI length): about a minute on a 2-core CPU, a line per case as it "
+        "goes, plus the one-time compilation of the fused CPU kernels on a first run",
     )
     parser.add_argument(
         "--models",
@@ -581,16 +658,31 @@ def run(args: argparse.Namespace) -> int:
     # copy into an existing tensor shows how much of it is page faulting on this machine
     info += f"; copy into an existing tensor {prealloc_gbps:.1f} GB/s"
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (into an existing tensor {prealloc_gbps:.1f})")
+    cases = plan_cases(args, device, names, copy_gbps)
+    print(
+        f"{len(cases)} cases{' (--quick)' if args.quick else ''}, one line each as it finishes "
+        "(forward+backward times; the first use of the fused CPU kernels also compiles them):",
+        flush=True,
+    )
     rows: List[Row] = []
-    if "linear_scan" in args.ops:
-        rows += bench_linear_scan(device, args.quick, copy_gbps, args.repeats)
-    if "selective_scan" in args.ops:
-        rows += bench_selective_scan(device, args.quick, copy_gbps, args.repeats)
-    if names:
-        rows += bench_models(names, device, args.quick, args.repeats)
-        if not getattr(args, "no_lti", False):
-            rows += bench_lti_modes(device, args.quick, args.repeats)
-    md = write_reports(rows, info, copy_gbps, Path(args.out))
+    t_start = time.perf_counter()
+    width = len(str(len(cases)))
+    for i, (label, measure) in enumerate(cases, 1):
+        t0 = time.perf_counter()
+        case_rows = measure()
+        rows += case_rows
+        print(
+            f"[{i:>{width}}/{len(cases)}] {label}: {case_summary(case_rows)}"
+            f"  ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
+    elapsed = time.perf_counter() - t_start
+    print(f"measured {len(cases)} cases in {elapsed:.0f}s", flush=True)
+    title = (
+        f"lrnnx bench{' --quick' if args.quick else ''} on {device.type}: forward+backward time "
+        f"per case (shapes in the labels)\n{info}"
+    )
+    md = write_reports(rows, info, copy_gbps, Path(args.out), title=title)
     if getattr(args, "markdown", None):
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(_results_page(md, args))
@@ -600,6 +692,49 @@ def run(args: argparse.Namespace) -> int:
         + (", bench.png" if (Path(args.out) / "bench.png").exists() else "")
     )
     return 0
+
+
+def plan_cases(
+    args: argparse.Namespace, device: torch.device, names: List[str], copy_gbps: float
+) -> List[tuple[str, Callable[[], List[Row]]]]:
+    """The run's cases in order, each a label and a function measuring it (its rows)."""
+    quick, repeats = args.quick, args.repeats
+    cases: List[tuple[str, Callable[[], List[Row]]]] = []
+    if "linear_scan" in args.ops:
+        for shape in linear_scan_shapes(quick):
+            label = "linear_scan B={} L={} C={}".format(*shape)
+            cases.append(
+                (label, partial(bench_linear_scan, device, quick, copy_gbps, repeats, [shape]))
+            )
+    if "selective_scan" in args.ops:
+        for shape in selective_scan_shapes(quick):
+            label = "selective_scan b={} d={} n={} L={}".format(*shape)
+            measure = partial(bench_selective_scan, device, quick, copy_gbps, repeats, [shape])
+            cases.append((label, measure))
+    B, L, H, N = model_shape(quick)
+    for name in names:
+        label = f"model {name} B={B} L={L} H={H} N={N}"
+        cases.append((label, partial(bench_models, [name], device, quick, repeats)))
+    if names and not getattr(args, "no_lti", False):
+        for L in lti_lengths(quick):
+            label = f"LRU, S5 at L={L}: FFT vs scan"
+            cases.append((label, partial(bench_lti_modes, device, quick, repeats, [L])))
+    return cases
+
+
+def case_summary(rows: List[Row]) -> str:
+    """One line for a measured case: each backend's forward+backward time, and lrnnx's speed-up."""
+    parts = []
+    for r in rows:
+        ms = r.fwdbwd_ms if r.fwdbwd_ms is not None else r.fwd_ms
+        name = r.name.split(" mode=")[0] + " " if " mode=" in r.name else ""
+        parts.append(f"{name}{r.backend} {_ms(ms)} ms")
+    speed = [f"{v:.1f}x vs {k}" for r in rows for k, v in r.speedup.items() if k != "picks faster"]
+    picks = [r for r in rows if "picks faster" in r.speedup]
+    if picks:
+        faster = all(r.speedup["picks faster"] for r in picks)
+        speed.append(f"auto picks the {'faster' if faster else 'slower'}")
+    return ", ".join(parts) + (f" ({'; '.join(speed)})" if speed else "")
 
 
 def _results_page(md: str, args: argparse.Namespace) -> str:

@@ -9,6 +9,11 @@
 Every subcommand is one :class:`Subcommand` (a name, a help line, a function adding its
 arguments and a function running it) in :data:`SUBCOMMANDS`; adding a command means importing
 its two functions and appending one entry there.
+
+Start-up is kept short: this module imports neither torch nor the models, and only the
+subcommand being run adds its arguments (``lrnnx --help``, ``lrnnx tasks`` never load torch;
+``lrnnx models`` reads its table from a cache that the package's files and the installed
+distributions key, see :func:`models_cache_path`).
 """
 
 from __future__ import annotations
@@ -16,15 +21,15 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
-
-from lrnnx import bench
-from lrnnx.tasks import TASKS
 
 #: exit status for a bad command line or configuration (argparse uses the same)
 EXIT_USAGE = 2
@@ -48,6 +53,7 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    description: Optional[str] = None  # ``lrnnx NAME --help``'s text (default: ``help``)
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -83,6 +89,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _key_text(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` with VALUE kept as typed (read later with the declared type of KEY)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip().replace("-", "_"), raw
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as a Python literal when it is one (else a string)."""
     key, sep, raw = text.partition("=")
@@ -110,6 +124,71 @@ def _model_name(text: str) -> str:
 
 def _add_models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="rebuild the table (import every model, count its parameters) instead of reading "
+        "the cached one",
+    )
+
+
+#: version of the cached ``models`` table's layout
+_MODELS_CACHE_VERSION = 1
+
+
+def models_cache_path() -> Path:
+    """Where ``lrnnx models`` keeps its table: ``$LRNNX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lrnnx``, else ``~/.cache/lrnnx``."""
+    root = os.environ.get("LRNNX_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "lrnnx")
+    return Path(root) / "models-table.json"
+
+
+def _models_cache_key() -> str:
+    """A digest of everything the table depends on, read without importing anything: every
+    source file of the package (path, size, mtime), the installed distributions (a model's
+    availability depends on them) and the interpreter."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256(f"{_MODELS_CACHE_VERSION}|{sys.version}|{sys.prefix}".encode())
+    for root, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                st = os.stat(path)
+                h.update(f"{os.path.relpath(path, package)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for entry in sys.path:
+        try:
+            names = sorted(n for n in os.listdir(entry or ".") if n.endswith(".dist-info"))
+        except OSError:
+            continue
+        h.update(f"{entry}|{','.join(names)}".encode())
+    return h.hexdigest()
+
+
+def _cached_zoo_table(refresh: bool = False) -> List[Dict[str, Any]]:
+    """:func:`zoo_table`, from the cache when its key still matches (then torch is not even
+    imported); otherwise built and stored."""
+    path = models_cache_path()
+    key = _models_cache_key()
+    if not refresh:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["rows"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    rows = zoo_table()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "rows": rows}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: no cache, the table is simply rebuilt next time
+    return rows
 
 
 def _count_mixer_parameters(name: str) -> Optional[int]:
@@ -161,7 +240,7 @@ def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = zoo_table()
+    rows = _cached_zoo_table(refresh=args.no_cache)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -197,6 +276,8 @@ def _add_tasks_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    from lrnnx.tasks import TASKS
+
     del args
     for t in TASKS.values():
         status = "" if t.available else "  [not installed]"
@@ -212,6 +293,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from lrnnx.tasks import TASKS
     from lrnnx.train import TrainConfig
 
     d = TrainConfig()
@@ -242,11 +324,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=_positive_int, default=None, help="held-out sequences")
     p.add_argument(
         "--task-option",
-        type=_key_value,
+        type=_key_text,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="task generator option (repeatable; see `lrnnx tasks`)",
+        help="task generator option, read with the option's type (repeatable; see `lrnnx tasks`)",
     )
     p.add_argument(
         "--mixer-option",
@@ -261,11 +343,36 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-time", type=_positive_float, default=None, help="stop after this many seconds"
     )
-    p.add_argument("--out", default=None, help="output directory (default runs/TASK-MODEL)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default runs/TASK-MODEL): checkpoint.pt, metrics.json, "
+        "learning_curve.png and the save_pretrained directories best/ and last/",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue from OUT's checkpoint (error if none)"
+    )
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's files in OUT"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the learning curve")
+
+
+def _task_options(task: str, pairs: Sequence[tuple[str, str]]) -> Dict[str, Any]:
+    """``--task-option`` pairs read with the task's declared option types."""
+    from lrnnx.tasks import parse_option
+
+    options = {}
+    for key, text in pairs:
+        try:
+            options[key] = parse_option(task, key, text)
+        except ValueError as e:
+            message = str(e).removeprefix(f"{key}: ")
+            raise CommandError(f"--task-option {key}: {message}") from None
+    return options
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -288,7 +395,7 @@ def _config_from_args(args: argparse.Namespace):
         seq_len=args.seq_len,
         n_train=args.n_train,
         n_test=args.n_test,
-        task_options=dict(args.task_option),
+        task_options=_task_options(args.task, args.task_option),
         mixer_kwargs=dict(args.mixer_option),
         eval_every=args.eval_every,
         log_every=args.log_every,
@@ -296,6 +403,7 @@ def _config_from_args(args: argparse.Namespace):
         out=args.out or str(Path("runs") / f"{args.task}-{args.model}"),
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
         plot=not args.no_plot,
         threads=args.threads,
     )
@@ -339,6 +447,22 @@ class DemoSettings:
     time_budget: float = 540.0
 
 
+#: ``lrnnx demo --help``: what it does and how long it takes
+DEMO_DESCRIPTION = (
+    "Selective copying, a scaled-down Table 1 of the Mamba paper: the selective model (Mamba)\n"
+    f"against the time-invariant ones ({', '.join(DEMO_MODELS[1:])}), each trained from\n"
+    "scratch on the same data.\n\n"
+    "How long: the training of all the models together is held to --time-budget seconds\n"
+    f"(default {DemoSettings.time_budget:.0f}, about {DemoSettings.time_budget / 60:.0f} minutes; "
+    f"on a fast machine the {DemoSettings.steps} steps finish sooner), plus\n"
+    "about a minute of set-up: data, timing each model and, on the first run, compiling the\n"
+    "fused CPU kernels.  On a slower machine every model gets fewer steps (the same number for\n"
+    "all): a small budget gives a quick but less conclusive table, e.g.\n"
+    "`lrnnx demo --time-budget 120`.  Ctrl-C stops it and prints the table so far.\n"
+    "Writes results.json and selective_copy.png to --out."
+)
+
+
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("--out", default="runs/demo", help="where the table, plot and runs go")
@@ -349,7 +473,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=_positive_float,
         default=d.time_budget,
-        help="seconds for all the training; a model that would overrun its share stops early",
+        help="seconds of training for all the models together (the demo's run time, plus about "
+        "a minute of set-up); models get fewer steps to fit it",
     )
     p.add_argument("--seed", type=int, default=0, help="data, init and batch-order seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -424,6 +549,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             log_every=max(1, args.steps // 5),
             out=str(out / info.name),
             device=args.device,
+            overwrite=True,  # the demo's own folder: a new demo replaces the last one
             plot=False,
         )
         try:
@@ -510,8 +636,12 @@ def _run_demo(args: argparse.Namespace) -> int:
             "interrupted": interrupted,
         },
     )
+    chance = {"acc": 1 / s.n_tokens, "loss": math.log(s.n_tokens)}
     if curves and plot_curves(
-        curves, out / "selective_copy.png", f"selective copying, L={args.seq_len}, K={k}"
+        curves,
+        out / "selective_copy.png",
+        f"selective copying, L={args.seq_len}, K={k}",
+        chance=chance,
     ):
         print(f"plot: {out / 'selective_copy.png'}")
     print(f"results: {out / 'results.json'}")
@@ -595,20 +725,42 @@ def _demo_verdict(results: List[Dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from lrnnx import bench
+
+    bench.add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from lrnnx import bench
+
+    return bench.run(args)
+
+
 #: every ``lrnnx`` subcommand, in help order (the one place to register a new one)
 SUBCOMMANDS: List[Subcommand] = [
     Subcommand("models", "list the model zoo", _add_models_arguments, cmd_models),
     Subcommand("tasks", "list the training tasks", _add_tasks_arguments, cmd_tasks),
     Subcommand("train", "train a model on a task", _add_train_arguments, cmd_train),
-    Subcommand("demo", "selective copying: selective vs LTI models", _add_demo_arguments, cmd_demo),
     Subcommand(
-        "bench", "speed and memory vs the pure-torch baseline", bench.add_arguments, bench.run
+        "demo",
+        "selective copying: selective vs LTI models (about 10 minutes; see --time-budget)",
+        _add_demo_arguments,
+        cmd_demo,
+        DEMO_DESCRIPTION,
+    ),
+    Subcommand(
+        "bench",
+        "speed and memory vs the pure-torch baseline",
+        _add_bench_arguments,
+        _run_bench,
     ),
 ]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the uninformative None/False/[] ones."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None/False/[] ones; descriptions as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         default = action.default
@@ -617,26 +769,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand ``argv`` names (its first non-option word), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The ``lrnnx`` parser.  Given ``argv``, only the subcommand it names gets its arguments
+    (they may import torch and the models: ``lrnnx --help`` and the listings stay fast)."""
     parser = argparse.ArgumentParser(
-        prog="lrnnx", description="lrnnx: linear RNNs in PyTorch — model zoo, tasks and training"
+        prog="lrnnx",
+        description="lrnnx: linear RNNs in PyTorch — model zoo, tasks and training",
+        epilog="`lrnnx COMMAND --help` describes a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = None if argv is None else _chosen_command(argv)
     for cmd in SUBCOMMANDS:
         p = sub.add_parser(
             cmd.name,
             help=cmd.help,
-            description=cmd.help,
+            description=cmd.description or cmd.help,
             formatter_class=_HelpFormatter,
         )
-        cmd.add_arguments(p)
+        if argv is None or cmd.name == chosen:
+            cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run, _parser=p)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``lrnnx`` with ``argv`` (default: the process's arguments); returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args._run(args)

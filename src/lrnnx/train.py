@@ -10,6 +10,17 @@ Training is AdamW with linear warm-up and cosine decay, gradient clipping, perio
 the held-out split, an atomically written checkpoint (so an interrupt never leaves a torn file),
 a metrics JSON and, when matplotlib is installed, a learning-curve PNG.
 
+A run's output directory holds::
+
+    checkpoint.pt        model + optimizer state, for ``--resume`` (see :func:`load_checkpoint`)
+    metrics.json         configuration, history, final and best scores
+    learning_curve.png   loss and accuracy against step, with the task's chance level
+    best/                the weights with the best test accuracy so far     } save_pretrained
+    last/                the latest weights (also written on Ctrl-C)         } directories
+
+so the trained network loads with ``LRNNLMHeadModel.from_pretrained("runs/sc/best")`` (or
+``Classifier`` for classification tasks; :func:`load_pretrained` picks the class itself).
+
 Started by ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1 in the environment), it trains with
 DistributedDataParallel: gloo on CPU, nccl on CUDA.  Every process draws its own batches
 (``batch_size`` is per process); evaluation is sharded over processes and summed; only rank 0
@@ -38,6 +49,11 @@ from lrnnx.tasks import IGNORE_INDEX, Split, TaskData, get_task, make_task
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 CURVE_NAME = "learning_curve.png"
+#: ``save_pretrained`` directories inside a run's output directory
+BEST_NAME = "best"
+LAST_NAME = "last"
+#: everything a run writes into its output directory (what ``overwrite`` replaces)
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CURVE_NAME, BEST_NAME, LAST_NAME)
 CHECKPOINT_FORMAT = "lrnnx-train-checkpoint-v1"
 
 
@@ -74,9 +90,12 @@ class TrainConfig:
         log_every: print a progress line every this many steps (None: about 20 per run).
         eval_batch_size: sequences per evaluation batch.
         max_time: stop (after a final evaluation) once training has run this many seconds.
-        out: output directory for checkpoint, metrics and plot (None: write nothing).
+        out: output directory for checkpoint, metrics, plot and the ``best``/``last`` model
+            directories (None: write nothing).  Must be empty or absent, unless ``resume`` or
+            ``overwrite``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        resume: continue from ``out``'s checkpoint if there is one.
+        resume: continue from ``out``'s checkpoint (a ConfigError if there is none).
+        overwrite: replace the files of an earlier run in ``out``.
         plot: write the learning-curve PNG (needs matplotlib).
         threads: CPU threads for torch (None: leave torch's setting; small models on a busy
             machine often train faster with 1).
@@ -107,6 +126,7 @@ class TrainConfig:
     out: Optional[str] = None
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     plot: bool = True
     threads: Optional[int] = None
 
@@ -141,6 +161,11 @@ class TrainConfig:
             )
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("weight_decay, grad_clip: expected values >= 0")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume, overwrite: choose one (--resume continues the run in --out, "
+                "--overwrite starts a new one there)"
+            )
 
     @property
     def warmup_steps(self) -> int:
@@ -432,6 +457,92 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def save_model_dir(model: nn.Module, path: Path) -> None:
+    """``model.save_pretrained(path)``, swapped into place so an interrupt leaves the old
+    directory or the new one, never a half-written one."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """The network of a training run: ``path`` is a run's output directory (its ``best/`` is
+    loaded) or one of its ``best``/``last`` directories.  ``kwargs`` go to ``from_pretrained``.
+
+    The same as ``LRNNLMHeadModel.from_pretrained(run_dir + "/best")`` (``Classifier`` for
+    classification tasks), without having to know the class.
+    """
+    from lrnnx import architectures
+
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / BEST_NAME / "config.json").is_file():
+        path = path / BEST_NAME
+    metrics = path.parent / METRICS_NAME
+    if not metrics.is_file():
+        raise FileNotFoundError(
+            f"{path}: not a training run's model directory (no {METRICS_NAME} beside it); "
+            "load a save_pretrained directory with the architecture's from_pretrained"
+        )
+    cls_name = json.loads(metrics.read_text())["architecture"]["class"]
+    return getattr(architectures, cls_name).from_pretrained(path, **kwargs)
+
+
+def _rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_output_dir(config: TrainConfig, clear: bool = True) -> None:
+    """Refuse an output directory that would mix runs; with ``overwrite``, clear the earlier
+    run's files (only ``clear=True``, the first process under torchrun).
+
+    Raises:
+        ConfigError: ``resume`` without a checkpoint to resume (the message names the path), or
+            a non-empty ``out`` without ``resume`` or ``overwrite``.
+    """
+    import shutil
+
+    if config.out is None:
+        if config.resume:
+            raise ConfigError("resume: no output directory (--out) to resume from")
+        return
+    out = Path(config.out)
+    ckpt = out / CHECKPOINT_NAME
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} exists and is not a directory")
+    if config.resume:
+        if not ckpt.is_file():
+            raise ConfigError(
+                f"resume: no checkpoint at {ckpt} (nothing to resume); drop --resume to start a "
+                "new run" + (", with --overwrite to replace what is there" if out.is_dir() else "")
+            )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            what = "an earlier run" if ckpt.exists() or (out / METRICS_NAME).exists() else "files"
+            raise ConfigError(
+                f"out: {out} is not empty (it holds {what}); use --resume to continue its "
+                "checkpoint, --overwrite to replace it, or another --out"
+            )
+        if clear:
+            for name in RUN_FILES:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the trained network from a checkpoint written by :func:`train`.
 
@@ -456,11 +567,19 @@ def plot_curves(
     path: Path,
     title: str = "",
     log: Callable[[str], None] = print,
+    chance: Optional[Dict[str, float]] = None,
 ) -> bool:
-    """Loss and accuracy against step for one or more runs' histories; False if no matplotlib.
+    """Loss and accuracy against step for one or more runs' histories; False if nothing was
+    written (no matplotlib, or no points to plot yet).
 
     ``runs`` maps a label to a history ``{"train": [{step, loss, acc}], "eval": [...]}``.
+    ``chance`` (``{"acc": ..., "loss": ...}``) draws the chance level as a horizontal line on
+    both panels.  The loss axis starts at 0 and the accuracy axis spans [0, 1], so a flat
+    curve looks flat.
     """
+    if not any(hist.get(split) for hist in runs.values() for split in ("train", "eval")):
+        log(f"no training steps logged yet: skipping {Path(path).name}")
+        return False
     try:
         import matplotlib
 
@@ -482,11 +601,19 @@ def plot_curves(
             ax_acc.plot(
                 steps, [p["acc"] for p in pts], style, label=name, ms=3, color=line.get_color()
             )
+    if chance and chance.get("acc") is not None:
+        label = f"chance ({chance['acc']:.1%})"
+        ax_acc.axhline(chance["acc"], color="gray", ls="--", lw=1, label=label)
+    if chance and chance.get("loss") is not None:
+        label = f"chance ({chance['loss']:.2f})"
+        ax_loss.axhline(chance["loss"], color="gray", ls="--", lw=1, label=label)
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax_loss.set_ylim(0, 1.08 * ax_loss.get_ylim()[1])  # from 0: a flat loss must look flat
     ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -569,12 +696,19 @@ def train(
         prepared: the result of :func:`prepare`, if the caller already built it.
 
     A ``KeyboardInterrupt`` stops training cleanly: the last checkpoint stays as it was (it is
-    only ever replaced atomically), metrics are written with ``"interrupted": true`` and the
-    result has ``interrupted=True``.
+    only ever replaced atomically), the weights reached are saved to ``last/``, metrics are
+    written with ``"interrupted": true`` and the result has ``interrupted=True``.
+
+    Raises:
+        ConfigError: a bad setting; ``resume`` without a checkpoint in ``out``; a non-empty
+            ``out`` without ``resume`` or ``overwrite``.
     """
     threads = torch.get_num_threads()
+    config.validate()
+    # before joining the process group: no process writes anything before every process has
+    # checked (and only the first one clears an --overwrite directory)
+    check_output_dir(config, clear=_rank_from_env() == 0)
     if config.threads is not None:
-        config.validate()
         torch.set_num_threads(config.threads)
     ctx = init_distributed(config.device)
     try:
@@ -612,7 +746,7 @@ def _train(
 
     history: Dict[str, List[Dict[str, float]]] = {"train": [], "eval": []}
     start_step, elapsed_before = 0, 0.0
-    if config.resume and ckpt_path is not None and ckpt_path.exists():
+    if config.resume and ckpt_path is not None:  # check_output_dir made sure it exists
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if state.get("architecture") != arch:
             raise ConfigError(
@@ -624,11 +758,6 @@ def _train(
         sched.load_state_dict(state["scheduler_state"])
         start_step, history = state["step"], state["history"]
         elapsed_before = state.get("time_s", 0.0)
-        say(f"resumed from {ckpt_path} at step {start_step}")
-    elif ckpt_path is not None and ckpt_path.exists():
-        say(
-            f"note: {ckpt_path} is from an earlier run and will be replaced (--resume continues it)"
-        )
 
     net = model
     if ctx.world_size > 1:
@@ -636,14 +765,11 @@ def _train(
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     n_params = count_parameters(model)
-    say(
-        f"lrnnx train: task {data.name} ({data.kind}, L={data.seq_len}, {len(data.train)} train / "
-        f"{len(data.test)} test) | model {info.name} ({info.family}) in {arch['class']}, "
-        f"{config.layers} layers, d_model {config.d_model}, {n_params:,} parameters | "
-        f"{config.steps} steps, batch {config.batch_size}"
-        + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
-        + f", lr {config.lr:g} | device {device}"
-    )
+    chance = chance_level(data)
+    # the best evaluation so far (kept in best/); a resumed run continues the earlier record
+    best: Optional[Dict[str, float]] = None
+    if start_step and out is not None and (out / BEST_NAME / "config.json").is_file():
+        best = max(history["eval"], key=_eval_rank, default=None)
 
     def snapshot(step: int, elapsed: float, final: Optional[dict], interrupted: bool) -> dict:
         return {
@@ -664,7 +790,10 @@ def _train(
             "time_s": elapsed,
             "history": history,
             "final": final,
+            "chance": chance,
             "checkpoint": CHECKPOINT_NAME if last_ckpt_step is not None else None,
+            "best": None if best is None else {**best, "dir": BEST_NAME},
+            "last": None if last_dir_step is None else {"step": last_dir_step, "dir": LAST_NAME},
         }
 
     def checkpoint(step: int, elapsed: float) -> None:
@@ -686,12 +815,44 @@ def _train(
             },
         )
 
-    t0 = time.perf_counter()
-    step, interrupted, stopped_early = start_step, False, False
-    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0}
-    t_window = time.perf_counter()
+    def save_last(step: int) -> None:
+        nonlocal last_dir_step
+        if out is not None and ctx.is_main:
+            save_model_dir(model, out / LAST_NAME)
+            last_dir_step = step
+
+    stopped_early = False
     # the step of the checkpoint this run stands behind (a resumed run's, then its own ones)
     last_ckpt_step = start_step if config.resume and start_step > 0 else None
+    last_dir_step: Optional[int] = None  # the step of the weights this run wrote to last/
+
+    if start_step >= config.steps:  # a finished run, or --steps lowered below the checkpoint's
+        say(
+            f"{ckpt_path} is already at step {start_step}, at or past --steps {config.steps}: "
+            "nothing to train (raise --steps to train further)"
+        )
+        final = _final_metrics(history)
+        return TrainResult(model=model, metrics=snapshot(start_step, elapsed_before, final, False))
+
+    if start_step:
+        what = f"{config.steps} steps (resumed from {ckpt_path} at step {start_step})"
+    else:
+        what = f"{config.steps} steps"
+    say(
+        f"lrnnx train: task {data.name} ({data.kind}, L={data.seq_len}, {len(data.train)} train / "
+        f"{len(data.test)} test) | model {info.name} ({info.family}) in {arch['class']}, "
+        f"{config.layers} layers, d_model {config.d_model}, {n_params:,} parameters | "
+        f"{what}, batch {config.batch_size}"
+        + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        + f", lr {config.lr:g} | device {device}"
+    )
+    if chance is not None:
+        say(f"chance level: {_chance_text(chance)}")
+
+    t0 = time.perf_counter()
+    step, interrupted = start_step, False
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0}
+    t_window = time.perf_counter()
     model.train()
     try:
         while step < config.steps:
@@ -745,6 +906,11 @@ def _train(
                 checkpoint(step, elapsed)
                 if ckpt_path is not None:
                     last_ckpt_step = step
+                save_last(step)
+                if best is None or _eval_rank(history["eval"][-1]) > _eval_rank(best):
+                    best = history["eval"][-1]
+                    if out is not None and ctx.is_main:
+                        save_model_dir(model, out / BEST_NAME)
                 if out is not None and ctx.is_main:
                     write_json(out / METRICS_NAME, snapshot(step, elapsed, None, False))
                 t_window += time.perf_counter() - t_eval  # evaluation does not count in tok/s
@@ -754,33 +920,84 @@ def _train(
                 break
     except KeyboardInterrupt:
         interrupted = True
-        kept = f"; checkpoint of step {last_ckpt_step} kept" if last_ckpt_step is not None else ""
-        say(f"\ninterrupted at step {step}{kept}")
+        say(f"\ninterrupted at step {step}")
+        if out is not None and ctx.is_main and last_dir_step != step:
+            save_last(step)  # the weights reached, even before the first evaluation
+        if last_ckpt_step is not None:
+            say(f"checkpoint of step {last_ckpt_step} kept: {ckpt_path} (continue with --resume)")
+        elif out is not None:
+            say(
+                f"no checkpoint yet (the first comes with the evaluation at step "
+                f"{config.eval_interval}): --resume has nothing to continue"
+            )
 
     elapsed = elapsed_before + time.perf_counter() - t0
-    final = history["eval"][-1] if history["eval"] else None
-    final_metrics = None
-    if final is not None:
-        final_metrics = {
-            "test_loss": final["loss"],
-            "test_acc": final["acc"],
-            "step": final["step"],
-        }
-        if history["train"]:
-            final_metrics["train_loss"] = history["train"][-1]["loss"]
-            final_metrics["train_acc"] = history["train"][-1]["acc"]
+    final_metrics = _final_metrics(history)
     metrics = snapshot(step, elapsed, final_metrics, interrupted)
     if out is not None and ctx.is_main:
         write_json(out / METRICS_NAME, metrics)
         if config.plot:
-            title = f"{data.name}: {info.name}"
-            if plot_curves({info.name: history}, out / CURVE_NAME, title, log=say):
+            title = f"{data.name}: {info.name} ({n_params:,} parameters)"
+            if plot_curves({info.name: history}, out / CURVE_NAME, title, log=say, chance=chance):
                 say(f"wrote {out / CURVE_NAME}")
         saved = f" and {ckpt_path}" if last_ckpt_step is not None else ""
         say(f"wrote {out / METRICS_NAME}{saved}")
+        _say_model_dirs(say, out, arch["class"], best, last_dir_step)
     if final_metrics is not None and not interrupted:
+        vs = f", chance {chance['acc']:.1%}" if chance is not None else ""
         say(
             f"done: test accuracy {final_metrics['test_acc']:.1%} (loss "
-            f"{final_metrics['test_loss']:.4f}) after {step} steps in {elapsed:.0f}s"
+            f"{final_metrics['test_loss']:.4f}{vs}) after {step} steps in {elapsed:.0f}s"
         )
     return TrainResult(model=model, metrics=metrics, interrupted=interrupted)
+
+
+def chance_level(data: TaskData) -> Optional[Dict[str, float]]:
+    """Accuracy and loss of a uniform guess among the task's possible answers (None if the
+    task does not say how many there are)."""
+    if data.chance_acc is None:
+        return None
+    return {"acc": data.chance_acc, "loss": data.chance_loss, "n_choices": data.n_choices}
+
+
+def _chance_text(chance: Dict[str, float]) -> str:
+    return (
+        f"test accuracy {chance['acc']:.1%}, loss {chance['loss']:.3f} "
+        f"(a uniform guess among {chance['n_choices']} possible answers)"
+    )
+
+
+def _eval_rank(ev: Dict[str, float]) -> tuple:
+    """Order of evaluations for ``best/``: higher accuracy, then lower loss, then earlier."""
+    return (ev["acc"], -ev["loss"], -ev["step"])
+
+
+def _final_metrics(history: Dict[str, List[Dict[str, float]]]) -> Optional[Dict[str, float]]:
+    if not history["eval"]:
+        return None
+    final = history["eval"][-1]
+    out = {"test_loss": final["loss"], "test_acc": final["acc"], "step": final["step"]}
+    if history["train"]:
+        out["train_loss"] = history["train"][-1]["loss"]
+        out["train_acc"] = history["train"][-1]["acc"]
+    return out
+
+
+def _say_model_dirs(
+    say: Callable[[str], None],
+    out: Path,
+    cls_name: str,
+    best: Optional[Dict[str, float]],
+    last_step: Optional[int],
+) -> None:
+    """Where the ``save_pretrained`` directories are and how to load them."""
+    if best is not None:
+        say(f"best model (step {best['step']}, test accuracy {best['acc']:.1%}): {out / BEST_NAME}")
+    if last_step is not None:
+        say(f"last model (step {last_step}): {out / LAST_NAME}")
+    if best is not None or last_step is not None:
+        which = BEST_NAME if best is not None else LAST_NAME
+        say(
+            f"load it: from lrnnx.architectures import {cls_name}; "
+            f'{cls_name}.from_pretrained("{(out / which).as_posix()}")'
+        )

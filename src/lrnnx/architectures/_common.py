@@ -63,7 +63,16 @@ def split_mixer_kwargs(
 
     Returns:
         canonical name -> kwargs, for each name in ``names``.
+
+    Raises:
+        ValueError: among others, a key holding a dict that is close to a mixer name but is not
+            one (``{"mamab": {...}}``): "did you mean 'mamba'?".
     """
+    import difflib
+    import inspect
+
+    from lrnnx.models.registry import get_model_class
+
     if mixer_kwargs is None:
         return {n: {} for n in names}
     if not isinstance(mixer_kwargs, dict):
@@ -72,6 +81,35 @@ def split_mixer_kwargs(
         k: isinstance(k, str) and (":" in k or k.strip().lower().replace("_", "-") in MODEL_ALIASES)
         for k in mixer_kwargs
     }
+
+    def layer_arguments() -> set:
+        """Constructor arguments of the layers' mixers: such a key is no misspelled name."""
+        accepted: set = set()
+        for n in set(names):
+            try:
+                accepted |= set(inspect.signature(get_model_class(n)).parameters)
+            except Exception:  # noqa: BLE001 - an unimportable mixer fails later, with its reason
+                pass
+        return accepted
+
+    typos = {}
+    for k, v in mixer_kwargs.items():
+        if is_name[k] or not isinstance(k, str) or not isinstance(v, dict):
+            continue
+        close = difflib.get_close_matches(
+            k.strip().lower().replace("_", "-"), list(MODEL_ALIASES), n=1, cutoff=0.7
+        )
+        if close:
+            typos[k] = close[0]
+    if typos:
+        typos = {k: v for k, v in typos.items() if k not in layer_arguments()}
+    if typos:
+        k, hint = next(iter(typos.items()))
+        raise ValueError(
+            f"mixer_kwargs: {k!r} is not a mixer name; did you mean {hint!r}? (keys are either "
+            f"mixer names or aliases, {sorted(MODEL_ALIASES)}, each with a dict of arguments, "
+            "or arguments passed to every mixer)"
+        )
     if mixer_kwargs and all(is_name.values()):
         per_type: Dict[str, Dict[str, Any]] = {}
         for k, v in mixer_kwargs.items():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.core.checks import (
+    check_inference_cache,
     check_sequence,
     check_step_input,
     check_timesteps,
@@ -116,8 +117,8 @@ class MHA(nn.Module):
         return out.flatten(-2).to(t.dtype)
 
     def _check_cache(self, cache: Any, batch: int) -> Tuple[Tensor, Tensor, Tensor]:
-        if not isinstance(cache, dict):
-            raise TypeError(f"inference_cache: expected a dict, got {type(cache).__name__}")
+        keys = ("k_cache", "v_cache", "cache_seqlens")
+        check_inference_cache(cache, batch, keys, "MHA", batch_keys=keys)
         kc, vc, lens = cache.get("k_cache"), cache.get("v_cache"), cache.get("cache_seqlens")
         H, hd = self.num_heads, self.head_dim
         for name, t in (("k_cache", kc), ("v_cache", vc)):

@@ -3,7 +3,9 @@
 Each op folder registers its backends here by name.  A call picks, in order:
 the ``backend=`` argument, the ``LRNNX_BACKEND`` environment variable, then the first
 available backend in the device's preference list.  A backend whose import or toolchain is
-missing is skipped with one warning, so a call always lands on a backend that runs.
+missing is skipped with one warning (naming the backend used instead and how to install the
+missing one), so a call always lands on a backend that runs.  The first call of a numba backend
+says once that its kernels are being compiled.
 """
 
 from __future__ import annotations
@@ -27,16 +29,38 @@ DEFAULT_PREFERENCE = ("torch",)
 _REGISTRY: Dict[str, Dict[str, str]] = {}
 _LOADED: Dict[tuple, Optional[Callable]] = {}
 _WARNED: set = set()
+_REASONS: Dict[tuple, str] = {}  # why a backend is unavailable
+
+#: how to get a backend whose toolchain is missing
+_INSTALL = {"triton": "pip install triton (CUDA only)"}
+
+#: what each fallback is, for the warning
+_DESCRIBE = {"torch": "chunked pure PyTorch, slower", "cpu": "the fused numba kernels"}
 
 
 def register(op: str, backend: str, target: str) -> None:
-    """Register ``target`` ("package.module:function") as backend ``backend`` of ``op``."""
+    """Register ``target`` ("package.module:function") as backend ``backend`` of ``op``.
+
+    The pure-torch backend is imported at once: it is light, and torch.compile may need it
+    while tracing, where no module can be imported."""
     _REGISTRY.setdefault(op, {})[backend] = target
+    if backend == "torch":
+        _load(op, backend)
 
 
 def backends(op: str) -> list[str]:
     """Names registered for ``op``."""
     return list(_REGISTRY.get(op, {}))
+
+
+def _missing_reason(mod, name: str) -> str:
+    """Why an imported backend module reports itself unavailable, and how to fix it."""
+    from lrnnx.ops import _numba
+
+    if getattr(mod, "HAVE_NUMBA", None) is not None and not _numba.HAVE_NUMBA:
+        return _numba.MISSING_NUMBA
+    fix = _INSTALL.get(name)
+    return "its toolchain is not available" + (f"; {fix}" if fix else "")
 
 
 def _load(op: str, name: str) -> Optional[Callable]:
@@ -48,35 +72,55 @@ def _load(op: str, name: str) -> Optional[Callable]:
             fn = getattr(mod, func)
             available = getattr(mod, "is_available", lambda: True)
             _LOADED[key] = fn if available() else None
-            reason = "its toolchain is not available"
+            if _LOADED[key] is None:
+                _REASONS[key] = _missing_reason(mod, name)
+            elif getattr(mod, "HAVE_NUMBA", False):
+                from lrnnx.ops import _numba
+
+                _numba.announce_compilation(mod)  # its first call compiles (once, then cached)
         except Exception as e:  # a missing optional dependency must never break the op
             _LOADED[key] = None
-            reason = f"{type(e).__name__}: {e}"
-        if _LOADED[key] is None and key not in _WARNED:
-            _WARNED.add(key)
-            warnings.warn(
-                f"lrnnx: backend {name!r} of {op} is unavailable ({reason}); falling back",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _REASONS[key] = f"{type(e).__name__}: {e}"
     return _LOADED[key]
+
+
+def _warn_unavailable(op: str, name: str, used: str) -> None:
+    """One warning per (op, backend): what is missing, what runs instead, how to fix it."""
+    key = (op, name)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    what = _DESCRIBE.get(used)
+    warnings.warn(
+        f"lrnnx: backend {name!r} of {op} is unavailable ({_REASONS.get(key, 'unknown reason')})"
+        f"; falling back to {used!r}" + (f" ({what})" if what else ""),
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def select(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
     """The backend ``op`` runs on for tensors on ``device``: its name and its function."""
     table = _REGISTRY[op]
     requested = backend or os.environ.get("LRNNX_BACKEND") or None
+    skipped = []  # backends tried and unavailable, warned about once a working one is found
     if requested is not None:
         if requested not in table:
             raise ValueError(f"backend: expected one of {list(table)} for {op}, got {requested!r}")
         fn = _load(op, requested)
         if fn is not None:
             return requested, fn
+        skipped.append(requested)
     for name in PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
         if name in table and name != requested:
             fn = _load(op, name)
             if fn is not None:
+                for s in skipped:
+                    _warn_unavailable(op, s, name)
                 return name, fn
+            skipped.append(name)
+    for s in skipped:
+        _warn_unavailable(op, s, "torch")
     return "torch", _load(op, "torch")
 
 
@@ -95,5 +139,13 @@ def _opaque(fn: Callable) -> Callable:
 
 
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """Return the function implementing ``op`` for tensors on ``device``."""
-    return _opaque(select(op, device, backend)[1])
+    """Return the function implementing ``op`` for tensors on ``device``.
+
+    Under torch.compile the pure-torch backend is returned as it is, so Dynamo traces it into
+    the graph (``fullgraph=True`` works with it: ``LRNNX_BACKEND=torch`` or ``backend="torch"``);
+    the fused numba/Triton kernels stay opaque calls, one graph break each, since Dynamo cannot
+    follow their launchers."""
+    name, fn = select(op, device, backend)
+    if name == "torch":
+        return fn
+    return _opaque(fn)

@@ -1,12 +1,17 @@
-"""Containers shared by every task: a split of examples and a task's data set with its metadata."""
+"""Containers shared by every task: a split of examples and a task's data set with its metadata.
+
+torch is imported where it is used, so that listing the tasks (``lrnnx tasks``) stays fast.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 #: target value that the language-modelling loss and accuracy skip (torch's cross_entropy default)
 IGNORE_INDEX = -100
@@ -60,6 +65,9 @@ class TaskData:
         n_classes: number of labels (``"classification"`` tasks), else None.
         needs_timesteps: whether the splits carry ``integration_timesteps`` the model must use.
         params: the generator's parameters (recorded in metrics and checkpoints).
+        n_choices: how many answers are possible at a scored position, all equally likely by
+            construction (default: ``n_classes``); sets the chance level
+            (:attr:`chance_acc`, :attr:`chance_loss`).
     """
 
     name: str
@@ -72,10 +80,24 @@ class TaskData:
     n_classes: Optional[int] = None
     needs_timesteps: bool = False
     params: Dict[str, Any] = field(default_factory=dict)
+    n_choices: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {list(KINDS)}, got {self.kind!r}")
+        if self.n_choices is None:
+            self.n_choices = self.n_classes
+
+    @property
+    def chance_acc(self) -> Optional[float]:
+        """Accuracy of guessing uniformly among the possible answers (None if unknown)."""
+        return None if not self.n_choices else 1.0 / self.n_choices
+
+    @property
+    def chance_loss(self) -> Optional[float]:
+        """Cross-entropy of that uniform guess, log(n_choices) nats (None if unknown): a loss
+        that stays there has learned nothing."""
+        return None if not self.n_choices else math.log(self.n_choices)
 
 
 def split_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -84,6 +106,8 @@ def split_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     Train uses stream 2*seed and test 2*seed + 1, so the train set does not depend on the test
     set's size (and vice versa) and no two seeds share a stream.
     """
+    import torch
+
     return (
         torch.Generator().manual_seed(2 * int(seed)),
         torch.Generator().manual_seed(2 * int(seed) + 1),

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
-import torch
-
 from lrnnx.tasks.base import Split, TaskData
 
 #: shown when the optional ``mnist1d`` package is missing
@@ -56,6 +53,8 @@ def mnist1d(
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
         raise ImportError(MNIST1D_MISSING) from e
+    import numpy as np
+    import torch
 
     args = get_dataset_args()
     total = n_train + n_test

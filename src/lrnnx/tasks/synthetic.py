@@ -109,6 +109,7 @@ def selective_copy(
         seq_len=seq_len,
         vocab_size=n_tokens + 2,
         params={"n_tokens": n_tokens, "n_memorize": n_memorize, "seed": seed},
+        n_choices=n_tokens,  # every answer is one of the n_tokens data tokens, uniformly drawn
     )
 
 
@@ -165,6 +166,7 @@ def induction_heads(
         seq_len=seq_len,
         vocab_size=n_tokens + 1,
         params={"n_tokens": n_tokens, "seed": seed},
+        n_choices=n_tokens,  # the token after the special one: any of the n_tokens ordinary ones
     )
 
 
@@ -235,6 +237,7 @@ def assoc_recall(
         seq_len=seq_len,
         vocab_size=n_keys + n_values,
         params={"n_keys": n_keys, "n_values": n_values, "n_pairs": n_pairs, "seed": seed},
+        n_choices=n_values,  # the queried value: any of the n_values, uniformly drawn
     )
 
 

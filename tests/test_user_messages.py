@@ -1,0 +1,116 @@
+"""Messages a new user meets: the numba fallback and first-compile notices, misspelled mixer
+names in ``mixer_kwargs``, and README code blocks that must run on their own."""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import lrnnx.ops.linear_scan.cpu  # noqa: F401 - imported with numba as it is, before any patching
+from lrnnx.architectures._common import split_mixer_kwargs
+from lrnnx.ops import _dispatch, _numba, linear_scan
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# ----------------------------------------------------------------------------- numba
+
+
+def test_missing_numba_warning_names_the_fallback_and_the_fix(monkeypatch):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    monkeypatch.setattr(_numba, "HAVE_NUMBA", False)
+    monkeypatch.setattr(_dispatch, "_LOADED", {})
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    a, b = torch.rand(1, 5, 3), torch.randn(1, 5, 3)
+    with pytest.warns(RuntimeWarning) as record:
+        h = linear_scan(a, b)
+    messages = [str(w.message) for w in record if "linear_scan" in str(w.message)]
+    assert len(messages) == 1
+    msg = messages[0]
+    assert "'cpu' of linear_scan is unavailable" in msg and "numba is not installed" in msg
+    assert "falling back to 'torch'" in msg and 'pip install "lrnnx[cpu]"' in msg
+    torch.testing.assert_close(h, linear_scan(a, b, backend="torch"))
+
+
+class _FakeCacheFile:
+    def __init__(self, index):
+        self.index = index
+
+    def _load_index(self):
+        return self.index
+
+
+def _fake_kernel_module(index):
+    cache = types.SimpleNamespace(cache_path="/some/cache/dir", _cache_file=_FakeCacheFile(index))
+    kernel = types.SimpleNamespace(py_func=lambda: None, _cache=cache)
+    return types.SimpleNamespace(_kernel=kernel, CHANNEL_BLOCK=256)
+
+
+def test_first_compilation_is_announced_once_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(_numba, "_ANNOUNCED", False)
+    monkeypatch.setattr(_numba, "HAVE_NUMBA", True)
+    with caplog.at_level(logging.INFO, logger="lrnnx.ops"):
+        _numba.announce_compilation(_fake_kernel_module({("sig",): "cached"}))  # in the cache
+        assert not caplog.records
+        _numba.announce_compilation(_fake_kernel_module({}))  # not compiled yet
+        _numba.announce_compilation(_fake_kernel_module({}))  # once per process
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "lrnnx: compiling the fused CPU kernels (first use; cached in /some/cache/dir, later "
+        "runs load them)"
+    ]
+
+
+def test_without_logging_configured_the_notice_is_one_stderr_line(monkeypatch, capsys):
+    monkeypatch.setattr(_numba, "_ANNOUNCED", False)
+    monkeypatch.setattr(_numba, "HAVE_NUMBA", True)
+    monkeypatch.setattr(_numba.logger, "hasHandlers", lambda: False)
+    _numba.announce_compilation(_fake_kernel_module({}))
+    _numba.announce_compilation(_fake_kernel_module({}))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "compiling the fused CPU kernels" in err[0]
+
+
+# ----------------------------------------------------------------------------- mixer_kwargs
+
+
+def test_misspelled_mixer_name_in_mixer_kwargs_suggests_the_name():
+    with pytest.raises(ValueError, match=r"'mamab' is not a mixer name; did you mean 'mamba'\?"):
+        split_mixer_kwargs({"mamab": {"expand": 2}}, ["mamba"])
+    with pytest.raises(ValueError, match=r"did you mean 's5'\?"):
+        split_mixer_kwargs({"mamba": {"expand": 2}, "s5x": {}}, ["mamba", "s5"])
+    # real names and flat arguments are unchanged
+    assert split_mixer_kwargs({"Mamba": {"expand": 2}}, ["mamba"]) == {"mamba": {"expand": 2}}
+    assert split_mixer_kwargs({"expand": 2}, ["mamba", "attn"]) == {
+        "mamba": {"expand": 2},
+        "attn": {},
+    }
+    # a mixer's own dict-valued argument that looks like a name (S4's lr, like "lru") is no typo
+    lr = {"dt": 1e-3, "A": 1e-3}
+    assert split_mixer_kwargs({"lr": lr}, ["s4"]) == {"s4": {"lr": lr}}
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_each_readme_python_block_runs_on_its_own(index, tmp_path, monkeypatch):
+    """A reader copies one block at a time: each must carry its own imports."""
+    monkeypatch.chdir(tmp_path)
+    block = _python_blocks()[index]
+    exec(compile(block, f"README.md python block {index}", "exec"), {})
+
+
+def test_readme_says_how_to_run_the_installed_command_and_what_make_demo_costs():
+    text = README.read_text()
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert "source .venv/bin/activate" in setup and ".venv/bin/lrnnx" in setup
+    assert "--time-budget" in setup and "DEMO_ARGS" in setup and "minutes" in setup
