@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tol import assert_close_rel
 from lrnnx.models.lti.centaurus import (
     Centaurus,
     CentaurusBase,
@@ -119,7 +120,7 @@ def test_forward_matches_paper_loop(mode, disc, path):
     assert torch.allclose(m64(u.double()), ref, atol=1e-9, rtol=1e-9)
     y = m(u)
     assert y.dtype == torch.float32 and y.shape == ref.shape
-    assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-3)
+    assert_close_rel(y, ref, dtype=torch.float32, length=150)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -174,7 +175,7 @@ def test_prefill_then_step_equals_forward(mode, path):
     y_mid = m(x[:, 70:85], inference_cache=cache)
     y_tail, _ = step_all(m, x[:, 85:], cache)
     assert cache["seqlen_offset"] == 90
-    assert torch.allclose(torch.cat([y_prompt, y_rest, y_mid, y_tail], 1), y, atol=1e-5)
+    assert_close_rel(torch.cat([y_prompt, y_rest, y_mid, y_tail], 1), y, length=90)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -207,10 +208,10 @@ def test_causal_and_time_invariant(mode):
     x2 = x.clone()
     x2[:, 70:] = torch.randn(1, 58, H)
     y, y2 = m(x), m(x2)
-    assert torch.allclose(y[:, :70], y2[:, :70], atol=1e-6)  # causality
+    assert_close_rel(y2[:, :70], y[:, :70], length=128, msg="causality")
     assert not torch.allclose(y[:, 70:], y2[:, 70:], atol=1e-3)
-    shifted = torch.cat([torch.zeros(1, 10, H), x[:, :-10]], 1)  # time invariance
-    assert torch.allclose(m(shifted)[:, 10:], y[:, :-10], atol=1e-5)
+    shifted = torch.cat([torch.zeros(1, 10, H), x[:, :-10]], 1)
+    assert_close_rel(m(shifted)[:, 10:], y[:, :-10], length=128, msg="time invariance")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -237,13 +238,7 @@ def test_finite_at_16k():
     assert torch.isfinite(y).all() and y.abs().max() > 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("path", ["latent", "kernel"])
-def test_gradients_reach_every_parameter(mode, path):
-    m = set_path(make(mode), path)
-    m(torch.randn(2, 50, H)).square().mean().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+# every parameter's gradient against this file's float64 loop: test_gradients.py
 
 
 def test_autocast_keeps_float32_state():
@@ -251,9 +246,11 @@ def test_autocast_keeps_float32_state():
     x = torch.randn(2, 64, H)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
-    assert y.dtype == torch.float32 and torch.allclose(y, m(x), atol=1e-6)
+    assert y.dtype == torch.float32
+    assert_close_rel(y, m(x), length=64)  # autocast leaves the model in float32
     y16 = m(x.bfloat16())
-    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    assert y16.dtype == torch.bfloat16
+    assert_close_rel(y16, m(x.bfloat16().float()), dtype=torch.bfloat16)  # the final rounding
 
 
 def test_bad_arguments():

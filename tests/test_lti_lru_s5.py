@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from _tol import assert_close_rel
 from lrnnx.models.lti import LRU, S5
 from lrnnx.models.lti.s5 import MAX_REAL_EIG
 
@@ -72,7 +73,7 @@ def test_forward_matches_paper_loop(cfg, mode):
     m = make(cfg, mode=mode)
     x = torch.randn(2, 300, H)
     ref = paper_loop(m, x)
-    assert torch.allclose(m(x).double(), ref, atol=2e-4, rtol=1e-3)
+    assert_close_rel(m(x), ref, dtype=torch.float32, length=300)
     m64 = copy.deepcopy(m).double()
     assert torch.allclose(m64(x.double()), ref, atol=1e-9, rtol=1e-9)
 
@@ -97,10 +98,10 @@ def test_stable_causal_time_invariant(cfg):
     x2 = x.clone()
     x2[:, 70:] = torch.randn(1, 58, H)
     y, y2 = m(x), m(x2)
-    assert torch.allclose(y[:, :70], y2[:, :70], atol=1e-5)  # causality
+    assert_close_rel(y2[:, :70], y[:, :70], length=128, msg="causality")
     assert not torch.allclose(y[:, 70:], y2[:, 70:], atol=1e-3)
-    shifted = torch.cat([torch.zeros(1, 10, H), x[:, :-10]], 1)  # time invariance
-    assert torch.allclose(m(shifted)[:, 10:], y[:, :-10], atol=1e-4)
+    shifted = torch.cat([torch.zeros(1, 10, H), x[:, :-10]], 1)
+    assert_close_rel(m(shifted)[:, 10:], y[:, :-10], length=128, msg="time invariance")
 
 
 @pytest.mark.parametrize("cfg", ["lru", ("zoh", False), ("bilinear", True)], ids=str)
@@ -110,12 +111,7 @@ def test_finite_at_16k(cfg):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("cfg", ALL, ids=str)
-def test_gradients_reach_every_parameter(cfg):
-    m = make(cfg)
-    m(torch.randn(2, 50, H)).square().mean().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+# every parameter's gradient against this file's float64 loop: test_gradients.py
 
 
 @pytest.mark.parametrize("cfg", ["lru", ("zoh", True)], ids=str)
@@ -129,12 +125,12 @@ def test_lengths_mask_and_final_state(cfg, mode):
     cache = m.allocate_inference_cache(3)
     y = m(noisy, lengths=lengths, inference_cache=cache)
     assert torch.all(y[1, 17:] == 0) and torch.all(y[2] == 0)
-    assert torch.allclose(y[0], m(x[:1])[0], atol=1e-5)
-    assert torch.allclose(y[1, :17], m(x[1:2, :17])[0], atol=1e-5)
+    assert_close_rel(y[0], m(x[:1])[0], length=40, msg="y[0]")
+    assert_close_rel(y[1, :17], m(x[1:2, :17])[0], length=17, msg="y[1]")
     # the state left in the cache is the state at each sequence's own end
     ref_cache = m.allocate_inference_cache(1)
     m(x[1:2, :17], inference_cache=ref_cache)
-    assert torch.allclose(cache["lrnn_state"][1], ref_cache["lrnn_state"][0], atol=1e-5)
+    assert_close_rel(cache["lrnn_state"][1], ref_cache["lrnn_state"][0], length=17, msg="state")
     assert torch.all(cache["lrnn_state"][2] == 0)
 
 
@@ -148,11 +144,11 @@ def test_prefill_then_step_equals_forward(cfg, mode):
     assert cache["seqlen_offset"] == 60
     y_rest, _ = step_all(m, x[:, 60:], cache)
     y = m(x)
-    assert torch.allclose(torch.cat([y_prompt, y_rest], 1), y, atol=1e-4)
+    assert_close_rel(torch.cat([y_prompt, y_rest], 1), y, length=90, msg="prefill + steps")
     # and a forward from a non-zero cache continues the sequence too
     cache = m.allocate_inference_cache(2)
     m(x[:, :60], inference_cache=cache)
-    assert torch.allclose(m(x[:, 60:], inference_cache=cache), y[:, 60:], atol=1e-4)
+    assert_close_rel(m(x[:, 60:], inference_cache=cache), y[:, 60:], length=90, msg="2nd chunk")
 
 
 def test_bf16_autocast_keeps_float32_state():
@@ -161,7 +157,9 @@ def test_bf16_autocast_keeps_float32_state():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    assert torch.allclose(y.float(), m(x), atol=0.1, rtol=0.05)
+    # bf16 inputs, float32 arithmetic: only the output's rounding to bf16 (test_bf16.py checks
+    # that a bf16 state would not pass)
+    assert_close_rel(y, m(x.bfloat16().float()), dtype=torch.bfloat16)
 
 
 def test_lru_init_lies_on_the_ring():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tol import assert_close_rel
 from lrnnx.models.ltv.mamba import Mamba
 
 torch.manual_seed(0)
@@ -23,8 +24,11 @@ def make(disc="mamba", **kw):
 
 
 def paper_loop(m, x, ts=None):
-    """The Mamba block in float64, one timestep at a time, straight from the equations."""
-    m = copy.deepcopy(m).double()
+    """The Mamba block in float64, one timestep at a time, straight from the equations.
+
+    A float64 model is used as it is (not copied), so gradients reach its parameters."""
+    if m.A_log.dtype != torch.float64:
+        m = copy.deepcopy(m).double()
     x = x.double()
     Bsz, L, _ = x.shape
     E, K = m.d_inner, m.d_conv
@@ -128,11 +132,7 @@ def test_lengths_do_not_leak():
         assert torch.allclose(cache["conv_state"][b], ref_cache["conv_state"][0], atol=1e-6)
 
 
-def test_gradients_reach_every_parameter():
-    m = make("zoh")
-    m(torch.randn(2, 20, H), integration_timesteps=torch.rand(2, 20)).square().mean().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+# every parameter's gradient against this file's float64 loop: test_gradients.py
 
 
 def test_loads_mamba_ssm_state_dict():
@@ -167,7 +167,9 @@ def test_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     assert torch.isfinite(y).all()
-    assert torch.allclose(y.float(), m(x), atol=0.05, rtol=0.05)
+    # the projections run in bf16 (a few roundings); the state in float32 (test_bf16.py checks
+    # that a bf16 state would not pass)
+    assert_close_rel(y, m(x), dtype=torch.bfloat16, factor=2)
 
 
 def test_bad_inputs():

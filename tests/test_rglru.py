@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from _tol import assert_close_rel
 from lrnnx.models.ltv.rglru import RGLRU
 
 
@@ -32,14 +33,14 @@ def _gelu_tanh(z):
 
 def _dense_gate(bdl):
     """The block-diagonal gate as a dense (D, D) matrix acting as x @ W, and its bias."""
-    return torch.block_diag(*bdl.weight.detach().double()), bdl.bias.detach().double()
+    return torch.block_diag(*bdl.weight.double()), bdl.bias.double()
 
 
 def _naive_rglru(model, xc, h0=None):
     """h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t) with a_t = sigmoid(Lambda)^(c r_t)."""
     Wa, ba = _dense_gate(model.recurrent_gate_proj)
     Wx, bx = _dense_gate(model.input_gate_proj)
-    a = torch.sigmoid(model.Lambda.detach().double())
+    a = torch.sigmoid(model.Lambda.double())
     xc = xc.double()
     B, L, D = xc.shape
     h = torch.zeros(B, D, dtype=torch.float64) if h0 is None else h0.double().clone()
@@ -58,8 +59,9 @@ def _naive_block(model, x, h0=None, conv0=None):
     """Whole Griffin recurrent block, one timestep at a time, in float64.
 
     conv0 (B, D, K-1): the conv inputs before t = 0 (zeros when None).
-    Returns (y, final h, last K-1 conv inputs)."""
-    f = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    Returns (y, final h, last K-1 conv inputs).  The parameters are not detached: test_gradients.py
+    differentiates this loop."""
+    f = lambda t: None if t is None else t.double()  # noqa: E731
     Wg, bg = f(model.gate_proj.weight), f(model.gate_proj.bias)
     Wi, bi = f(model.in_proj.weight), f(model.in_proj.bias)
     Wo, bo = f(model.out_proj.weight), f(model.out_proj.bias)
@@ -250,16 +252,7 @@ def test_init_a_pow_c_uniform_in_paper_range():
     assert ac2.min() >= 0.5 - 1e-6 and ac2.max() <= 0.6 + 1e-6 and ac2.max() - ac2.min() > 0.09
 
 
-def test_gradients_reach_every_parameter():
-    torch.manual_seed(0)
-    m = RGLRU(6, lru_width=8, num_heads=2, bias=True)
-    x = torch.randn(2, 20, 6)
-    lengths = torch.tensor([20, 13])
-    (m(x, lengths=lengths) * torch.randn(2, 20, 6)).sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+# every parameter's gradient against this file's float64 loop: test_gradients.py
 
 
 def test_bf16_autocast_accumulates_in_float32():
@@ -277,7 +270,9 @@ def test_bf16_autocast_accumulates_in_float32():
     assert torch.isfinite(y).all()
     assert cache["lrnn_state"].dtype == torch.float32
     assert cache["conv_state"].dtype == torch.bfloat16
-    assert (y - y32).norm() / y32.norm() < 5e-2
+    # the projections run in bf16 (a few roundings); the state in float32 (test_bf16.py checks
+    # that a bf16 state would not pass)
+    assert_close_rel(y, y32, dtype=torch.bfloat16, factor=2)
 
 
 def test_integration_timesteps_rejected():

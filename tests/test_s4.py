@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _tol import assert_close_rel
 from lrnnx.core.hippo import hippo_transition, nplr
 from lrnnx.models.lti.s4 import S4, cauchy
 from lrnnx.models.lti.s4d import S4D, vandermonde
@@ -40,7 +41,9 @@ def make(cls, seed=0, **kw):
 
 def raw_params(m):
     """Lambda (H, N), P (R, H, N) or None, B (H, N), C (Ch, H, N), dt (H, N) from the raw
-    parameters, for the default transforms (A_real -> -exp, A_imag -> -id, inv_dt -> exp)."""
+    parameters, for the default transforms (A_real -> -exp, A_imag -> -id, inv_dt -> exp).
+
+    Attached to the parameters, so test_gradients.py differentiates the references below."""
     assert (m.real_transform, m.imag_transform, m.dt_transform) == ("exp", "none", "exp")
     assert not m.dt_fast
     rep = m.H // m.n_ssm
@@ -52,7 +55,7 @@ def raw_params(m):
     P = c(m.P).repeat(1, rep, 1) if hasattr(m, "P") else None
     B = c(m.B).repeat(rep, 1)
     dt = torch.exp(m.inv_dt).expand(m.H, m.N)
-    return lam.detach(), None if P is None else P.detach(), B.detach(), c(m.C).detach(), dt.detach()
+    return lam, P, B, c(m.C), dt
 
 
 def dense_dplr(m, C=None):
@@ -538,7 +541,9 @@ def test_bf16_autocast_keeps_ssm_in_float32():
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             y16, _ = m(x)
     assert torch.isfinite(y16).all()
-    torch.testing.assert_close(y16.float(), y32, atol=0.05, rtol=0.05)
+    # the block's linear layers run in bf16 (a few roundings); the kernel and the convolution
+    # in float32
+    assert_close_rel(y16, y32, dtype=torch.bfloat16, factor=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ kernel run the other way) is shared with the torch backend.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -30,8 +31,13 @@ except ImportError:  # the dispatcher then falls back to the torch backend
 __all__ = ["linear_scan", "is_available", "scan_kernel"]
 
 
+#: the kernels were built for Triton's interpreter, which runs them on CPU tensors with numpy:
+#: ``TRITON_INTERPRET=1`` was set when this module was imported (``triton.jit`` reads it then)
+INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_available() -> bool:
-    return HAVE_TRITON and torch.cuda.is_available()
+    return HAVE_TRITON and (torch.cuda.is_available() or INTERPRET)
 
 
 if HAVE_TRITON:
@@ -106,6 +112,8 @@ _FLOAT = {torch.float32: torch.float32, torch.complex64: torch.float32}
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # TRITON_INTERPRET runs on CPU tensors
+        return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -135,7 +143,10 @@ def scan_kernel(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: 
 
 
 def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool) -> Tensor:
-    """Fused CUDA scan for float32/complex64; other devices and dtypes use the torch backend."""
-    if b.device.type != "cuda" or b.dtype not in _FLOAT:
+    """Fused CUDA scan for float32/complex64; other devices and dtypes use the torch backend
+    (CPU tensors run the kernel too under ``TRITON_INTERPRET=1``, which is how the tests check it
+    without a GPU)."""
+    on_device = b.device.type == "cuda" or (b.device.type == "cpu" and INTERPRET)
+    if not on_device or b.dtype not in _FLOAT:
         return _torch_scan(a, b, initial_state, reverse)
     return LinearScanFunction.apply(a, b, initial_state, reverse, scan_kernel)

@@ -30,6 +30,7 @@ backend, as do tensors on other devices.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -53,8 +54,13 @@ MAX_STATE = 256
 _DISC = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
 
 
+#: the kernels were built for Triton's interpreter, which runs them on CPU tensors with numpy:
+#: ``TRITON_INTERPRET=1`` was set when this module was imported (``triton.jit`` reads it then)
+INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_available() -> bool:
-    return HAVE_TRITON and torch.cuda.is_available()
+    return HAVE_TRITON and (torch.cuda.is_available() or INTERPRET)
 
 
 if HAVE_TRITON:
@@ -805,7 +811,7 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
 def _supported(u: Tensor, A: Tensor) -> bool:
     return (
         HAVE_TRITON
-        and u.device.type == "cuda"
+        and (u.device.type == "cuda" or (u.device.type == "cpu" and INTERPRET))
         and u.dtype == torch.float32
         and A.dtype in (torch.float32, torch.complex64)
         and A.shape[1] <= MAX_STATE
@@ -836,7 +842,8 @@ def selective_scan(
 
     Returns:
         y (b, d, L) and the state after the last step (b, d, n).  Float64 inputs, states wider
-        than :data:`MAX_STATE` and tensors off CUDA go to the torch backend.
+        than :data:`MAX_STATE` and tensors off CUDA go to the torch backend (CPU tensors run the
+        kernels under ``TRITON_INTERPRET=1``).
     """
     if not _supported(u, A):
         return _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
