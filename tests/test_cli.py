@@ -287,6 +287,11 @@ def test_demo_smoke(tmp_path, capsys, portable_scan):
     assert [r["model"] for r in results["results"]] == ["mamba", "lru"]
     assert [r["family"] for r in results["results"]] == ["LTV", "LTI"]
     assert all(0 <= r["test_acc"] <= 1 and r["steps"] == 2 for r in results["results"])
+    # the LTI model is widened to the selective model's parameter count (within one width step)
+    assert "Parameter counts matched to mamba's" in printed
+    mamba, lru = results["results"]
+    assert mamba["d_model"] == 64 and lru["d_model"] > 64
+    assert abs(lru["params"] - mamba["params"]) < 0.1 * mamba["params"]
     # a budget this machine cannot meet scales the steps down, the same for every model
     assert main([*argv, "--steps", "50", "--time-budget", "0.01", "--models", "lru,s5"]) == 0
     assert "training 1 step each" in capsys.readouterr().out

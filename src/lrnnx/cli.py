@@ -430,7 +430,9 @@ class DemoSettings:
     """A scaled-down Table 1 of the Mamba paper (arXiv 2312.00752): selective copying.
 
     Every model gets the same backbone (an LM of ``layers`` blocks, no MLP, as in the Mamba
-    architecture) and the same number of steps on the same data.
+    architecture) and the same number of steps on the same data.  The selective model is built
+    at ``d_model``; every other model's width is chosen so that its parameter count matches the
+    selective model's (``match_params``), so no model wins by size.
     """
 
     seq_len: int = 64
@@ -445,6 +447,9 @@ class DemoSettings:
     n_train: int = 8192
     n_test: int = 512
     time_budget: float = 540.0
+    match_params: bool = True
+    #: the widths tried when matching parameter counts
+    max_d_model: int = 512
 
 
 #: ``lrnnx demo --help``: what it does and how long it takes
@@ -477,6 +482,13 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "a minute of set-up); models get fewer steps to fit it",
     )
     p.add_argument("--seed", type=int, default=0, help="data, init and batch-order seed")
+    p.add_argument(
+        "--no-match-params",
+        dest="match_params",
+        action="store_false",
+        help="give every model d_model 64 instead of matching the selective model's parameter "
+        "count",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--threads",
@@ -519,10 +531,13 @@ def _run_demo(args: argparse.Namespace) -> int:
         "lrnnx demo: selective copying, a scaled-down Table 1 of Mamba (arXiv 2312.00752)\n"
         f"  Copy the {k} data tokens (vocabulary {s.n_tokens}) scattered at random among noise "
         f"tokens in a sequence of {args.seq_len}, in order, at {k} markers.\n"
-        f"  Every model: LM of {s.layers} blocks, d_model {s.d_model}, d_state {s.d_state}; "
+        f"  Every model: LM of {s.layers} blocks, d_model {s.d_model} (matched below), "
+        f"d_state {s.d_state}; "
         f"{args.steps} steps of batch {s.batch_size}, lr {s.lr:g}.  Chance: {1 / s.n_tokens:.1%}."
-        "\n  Expected, as in the paper: the selective (input-dependent) model solves it; "
-        "time-invariant (LTI) models cannot select by content."
+        "\n  Expected, as in the paper: the selective (input-dependent) model solves it.  A "
+        "time-invariant (LTI) model\n  mixes its inputs with one fixed kernel, whatever they "
+        "hold: it cannot skip the noise by content, and\n  gets part-way at best through the "
+        "nonlinearities around it (S4/S4D's gated output layer)."
     )
     if missing:
         print(
@@ -556,6 +571,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             preps[info.name] = prepare(configs[info.name])
         except ConfigError as e:
             raise CommandError(f"demo: {e}") from None
+    if getattr(args, "match_params", s.match_params):
+        _match_parameter_counts(configs, preps, infos, s.max_d_model)
 
     # same number of steps for every model, scaled down if this machine cannot fit them in the
     # time budget (timed on a few training steps of each model)
@@ -598,6 +615,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             results[info.name] = {
                 "model": info.name,
                 "family": info.family,
+                "d_model": configs[info.name].d_model,
                 "params": m["n_params"],
                 "test_acc": m["final"]["test_acc"] if m["final"] else float("nan"),
                 "steps": m["steps_completed"],
@@ -612,10 +630,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     rows = [results[m.name] for m in infos if m.name in results]  # table in the asked order
     elapsed = time.perf_counter() - t_start
     print(f"\nSelective copying, L={args.seq_len}, {k} tokens to copy ({elapsed:.0f}s in all)")
-    header = ["model", "family", "params", "steps", "time", "test accuracy"]
+    header = ["model", "family", "d_model", "params", "steps", "time", "test accuracy"]
     body = [
-        [r["model"], r["family"], f"{r['params']:,}", r["steps"], f"{r['time_s']:.0f}s",
-         f"{r['test_acc']:.1%}"]
+        [r["model"], r["family"], r["d_model"], f"{r['params']:,}", r["steps"],
+         f"{r['time_s']:.0f}s", f"{r['test_acc']:.1%}"]
         for r in rows
     ]  # fmt: skip
     print(_format_table(header, body))
@@ -650,6 +668,67 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 #: evaluation and logging on top of the training steps, as a factor on their time
 _EVAL_OVERHEAD = 1.15
+
+
+def _match_parameter_counts(
+    configs: Dict[str, Any], preps: Dict[str, Any], infos: List[Any], max_d_model: int
+) -> None:
+    """Rebuild every model but the first LTV one at the width whose parameter count is closest
+    to that model's (widths in steps of 8; parameter counts grow with the width).
+
+    ``configs`` and ``preps`` are updated in place; a model none of whose widths builds keeps
+    its own.
+    """
+    from lrnnx.train import architecture_spec, build_from_spec, count_parameters
+
+    ref = next((i.name for i in infos if i.family == "LTV"), None)
+    if ref is None:
+        return
+    target = count_parameters(preps[ref].model)
+
+    def params_at(name: str, width: int) -> Optional[int]:
+        cfg = dataclasses.replace(configs[name], d_model=width)
+        try:
+            return count_parameters(build_from_spec(architecture_spec(cfg, preps[name].data, name)))
+        except (ValueError, TypeError, AssertionError):
+            return None
+
+    for info in infos:
+        if info.name == ref:
+            continue
+        widths = list(range(8, max_d_model + 1, 8))
+        lo, hi = 0, len(widths) - 1
+        while lo < hi:  # the smallest width with at least the target's parameters
+            mid = (lo + hi) // 2
+            n = params_at(info.name, widths[mid])
+            if n is not None and n >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        candidates = widths[max(0, lo - 1) : lo + 1]
+        counts = {w: params_at(info.name, w) for w in candidates}
+        counts = {w: n for w, n in counts.items() if n is not None}
+        if not counts:
+            continue
+        width = min(counts, key=lambda w: abs(counts[w] - target))
+        if width == configs[info.name].d_model:
+            continue
+        cfg = dataclasses.replace(configs[info.name], d_model=width)
+        prep = preps[info.name]
+        _seed_torch(cfg.seed)  # the same initialisation as prepare() would give
+        model = build_from_spec(architecture_spec(cfg, prep.data, info.name))
+        configs[info.name] = cfg
+        preps[info.name] = dataclasses.replace(
+            prep, config=cfg, model=model, arch=architecture_spec(cfg, prep.data, info.name)
+        )
+    widths = ", ".join(f"{i.name} {configs[i.name].d_model}" for i in infos)
+    print(f"  Parameter counts matched to {ref}'s {target:,}: d_model {widths}.")
+
+
+def _seed_torch(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def _time_steps(preps: Dict[str, Any], device: str, threads: Optional[int]) -> Dict[str, float]:
