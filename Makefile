@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # A CPU build of PyTorch; the package itself only asks for torch>=2.4.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# the long checks (marked slow): documented commands end to end, long sequences
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow || test $$? -eq 5  # 5: no slow test collected
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -345,3 +345,44 @@ def test_classifier_padding_never_matters(mixer):
     x_nan[1, 9:] = float("nan")
     with torch.no_grad():
         assert_close_rel(clf(x_nan, lengths=lengths), clf(x, lengths=lengths), length=20)
+
+
+BAD_CALLS = {
+    "x is not a tensor": (lambda m, n: run(m, [[1.0] * H] * 4), "x"),
+    "x without a batch": (lambda m, n: run(m, torch.randn(10, H)), "x"),
+    "x of another width": (lambda m, n: run(m, torch.randn(2, 10, H - 1)), "x"),
+    "complex x": (lambda m, n: run(m, torch.randn(2, 10, H, dtype=torch.complex64)), "x"),
+    "lengths (1, B)": (lambda m, n: run(m, torch.randn(2, 10, H), lengths=torch.tensor([[10, 5]])), "lengths"),
+    "lengths > L": (lambda m, n: run(m, torch.randn(2, 10, H), lengths=torch.tensor([11, 5])), "lengths"),
+    "lengths < 0": (lambda m, n: run(m, torch.randn(2, 10, H), lengths=torch.tensor([-1, 5])), "lengths"),
+    "float lengths": (lambda m, n: run(m, torch.randn(2, 10, H), lengths=torch.tensor([10.0, 5.0])), "lengths"),
+    "lengths of 3 for B=2": (lambda m, n: run(m, torch.randn(2, 10, H), lengths=torch.tensor([10, 5, 3])), "lengths"),
+    "step of another width": (lambda m, n: step(n, m, torch.randn(2, H - 1), m.allocate_inference_cache(2, 1)), "x"),
+    "batch_size as str": (lambda m, n: m.allocate_inference_cache("2", 1), "batch_size"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bad_calls_name_the_argument(name, case):
+    """A bad argument raises TypeError/ValueError whose message starts with its name."""
+    call, arg = BAD_CALLS[case]
+    with pytest.raises((TypeError, ValueError)) as info:
+        call(build(name), name)
+    assert str(info.value).startswith(arg), f"{name}, {case}: {info.value}"
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"s4", "s4d"}))
+def test_bad_timesteps_are_named(name):
+    model, x = build(name), torch.randn(2, 10, H)
+    for ts in (torch.rand(2, 9), -torch.rand(2, 10), torch.ones(2, 10, dtype=torch.long)):
+        with pytest.raises((TypeError, ValueError), match="^integration_timesteps"):
+            run(model, x, integration_timesteps=ts)
+
+
+@pytest.mark.parametrize("name", ["s5", "lru", "centaurus-neck"])
+def test_cache_with_a_foreign_state_is_named(name):
+    model = build(name)
+    cache = {**model.allocate_inference_cache(2, 1), "lrnn_state": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"inference_cache\['lrnn_state'\]"):
+        step(name, model, torch.randn(2, H), cache)

@@ -230,8 +230,18 @@ class LTI_LRNN(LRNN):
     _cache_keys: Tuple[str, ...] = ("lrnn_state", "A_bar", "B_bar", "C")
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
-        """The shared cache validation (:func:`lrnnx.core.checks.check_inference_cache`)."""
-        return check_inference_cache(cache, batch, self._cache_keys, type(self).__name__)
+        """The shared cache validation (:func:`lrnnx.core.checks.check_inference_cache`), then
+        the state's shape (B, N) and complex dtype against the cached A_bar (N,)."""
+        owner = type(self).__name__
+        check_inference_cache(cache, batch, self._cache_keys, owner)
+        state, n = cache["lrnn_state"], cache["A_bar"].shape[-1]
+        if not isinstance(state, Tensor) or state.shape != (batch, n) or not state.is_complex():
+            got = f"{tuple(state.shape)} {state.dtype}" if isinstance(state, Tensor) else state
+            raise ValueError(
+                f"inference_cache['lrnn_state']: expected a complex tensor of shape ({batch}, {n}), "
+                f"got {got}; allocate one with {owner}.allocate_inference_cache(batch_size={batch})"
+            )
+        return cache
 
     @staticmethod
     def _step_buffers(cache: Dict[str, Any], out_scale: float) -> _StepBuffers:
