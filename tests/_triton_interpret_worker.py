@@ -120,18 +120,28 @@ SS_CASES = {
         disc="mamba", cplx=False, form="grouped", extras=False, L=64
     ),
     "ss-dirac-real-input-bare-L1": dict(disc="dirac", cplx=False, form="input", extras=False, L=1),
+    # reverse=True: the dispatcher flips time around the forward kernels
+    "ss-zoh-complex-grouped-extras-deltaA-rev": dict(
+        disc="zoh", cplx=True, form="grouped", deltaA=True, reverse=True
+    ),
 }
 
 
 def run_selective_scan(
-    disc: str, cplx: bool, form: str, extras: bool = True, deltaA: bool = False, L: int = 37
+    disc: str,
+    cplx: bool,
+    form: str,
+    extras: bool = True,
+    deltaA: bool = False,
+    L: int = 37,
+    reverse: bool = False,
 ) -> dict:
     kw = make_scan_inputs(form, cplx, extras=extras, deltaA=deltaA, L=L, dtype=torch.float32)
 
     def run(backend: str, cast) -> tuple[Tensor, Tensor, dict]:
         args = {k: cast(v).requires_grad_() if isinstance(v, Tensor) else v for k, v in kw.items()}
         y, h = selective_scan_fn(
-            **args, discretization=disc, return_last_state=True, backend=backend
+            **args, discretization=disc, return_last_state=True, backend=backend, reverse=reverse
         )
         gen = torch.Generator().manual_seed(1)  # a fixed projection of y and the last state
         w = torch.randn(y.shape, generator=gen).to(y.dtype)

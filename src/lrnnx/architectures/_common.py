@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.models.registry import MODEL_ALIASES, class_path, resolve_name
+from lrnnx.models.registry import MODEL_ALIASES, build_mixer, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,6 +41,35 @@ def mixer_name(mixer: Union[str, type]) -> str:
     if isinstance(mixer, str) and ":" in mixer:
         return mixer
     return resolve_name(mixer)
+
+
+def build_layer_mixer(
+    mixer: Union[str, type],
+    name: str,
+    width: int,
+    d_state: Optional[int],
+    kwargs: Dict[str, Any],
+    bidirectional: bool,
+    owner: str,
+) -> nn.Module:
+    """The mixer of one layer of an architecture (Classifier, UNet), causal or bidirectional.
+
+    Bidirectional recurrent mixers are :class:`lrnnx.layers.Bidirectional` around two mixers
+    (``build_mixer(..., bidirectional=True)``); bidirectional attention is one unmasked MHA
+    (``causal=False``), which sees both directions by itself.  ``name`` is
+    :func:`mixer_name` of ``mixer``; ``owner`` names the architecture in messages.
+    """
+    if "bidirectional" in kwargs:
+        raise ValueError(f"mixer_kwargs: pass bidirectional once, as the {owner}'s own argument")
+    if name == "attn":
+        if bidirectional:
+            if kwargs.get("causal", False):
+                raise ValueError(
+                    f"mixer_kwargs: causal=True contradicts the {owner}'s bidirectional=True"
+                )
+            return build_mixer("attn", width, **{**kwargs, "causal": False})
+        return build_mixer("attn", width, **kwargs)
+    return build_mixer(mixer, width, d_state, bidirectional=bidirectional, **kwargs)
 
 
 def check_no_dims(kwargs: Dict[str, Any], where: str = "mixer_kwargs") -> None:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lrnnx.architectures._common import (
     PretrainedMixin,
+    build_layer_mixer,
     check_no_dims,
     mixer_name,
     positive_int,
@@ -29,7 +30,6 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import check_timesteps, lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
-from lrnnx.models.registry import build_mixer
 
 ENCODERS = ("linear", "embedding")
 POOLINGS = ("mean", "last", "max")
@@ -101,6 +101,10 @@ class Classifier(PretrainedMixin, nn.Module):
         d_intermediate: hidden width of a SwiGLU MLP in each block (0: none).
         activation: pointwise nonlinearity after each mixer (None for none); the LTI mixers
             are linear, so the default GELU is what makes the stack nonlinear without an MLP.
+        bidirectional: non-causal mixers that read each sequence in both directions: recurrent
+            mixers become :class:`lrnnx.layers.Bidirectional` (a forward and a time-reversed
+            mixer, reversed within each sequence's length, outputs summed), attention is
+            unmasked (``causal=False``).  The same rule as ``UNet(causal=False)``.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class Classifier(PretrainedMixin, nn.Module):
         dropout: float = 0.0,
         d_intermediate: int = 0,
         activation: Optional[str] = "gelu",
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -161,6 +166,8 @@ class Classifier(PretrainedMixin, nn.Module):
                 f"mixer_kwargs: expected None or a dict, got {type(mixer_kwargs).__name__}"
             )
         check_no_dims(mixer_kwargs or {})
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional: expected a bool, got {bidirectional!r}")
         name = mixer_name(mixer)
         self.config: Dict[str, Any] = {
             "d_input": d_input,
@@ -176,7 +183,9 @@ class Classifier(PretrainedMixin, nn.Module):
             "dropout": dropout,
             "d_intermediate": d_intermediate,
             "activation": activation,
+            "bidirectional": bidirectional,
         }
+        self.bidirectional = bidirectional
         self.d_input, self.d_model, self.n_classes = d_input, d_model, n_classes
         self.encoder_kind, self.pooling, self.pool_between = encoder, pooling, pool_between
         self.encoder = (
@@ -187,7 +196,9 @@ class Classifier(PretrainedMixin, nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 d_model,
-                build_mixer(mixer, d_model, d_state, **(mixer_kwargs or {})),
+                build_layer_mixer(
+                    mixer, name, d_model, d_state, mixer_kwargs or {}, bidirectional, "Classifier"
+                ),
                 mlp=GatedMLP(d_model, hidden=d_intermediate) if d_intermediate > 0 else None,
                 activation=activation,
                 dropout=dropout,

@@ -86,6 +86,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         rotary: rotary position embeddings in the attention layers.
         norm_eps: epsilon of the RMSNorms.
         initializer_range: std of the normal initialisation of the embedding.
+        bidirectional: must be False: a language model predicts the next token, so its mixers
+            are causal (True raises a ValueError; use ``Classifier(bidirectional=True)`` or
+            ``UNet(causal=False)`` for non-causal models).
     """
 
     def __init__(
@@ -103,8 +106,15 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         rotary: bool = True,
         norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
+        if bidirectional:
+            raise ValueError(
+                "bidirectional: a language model is causal (token t is predicted from the tokens "
+                "before it), so it cannot have bidirectional mixers; use Classifier("
+                "bidirectional=True) or UNet(causal=False) for a non-causal model"
+            )
         positive_int("d_model", d_model)
         positive_int("d_state", d_state)
         positive_int("n_layer", n_layer)
@@ -130,6 +140,12 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             )
         names: List[str] = [mixer_name(m) for m in mixer_types]
         per_type = split_mixer_kwargs(mixer_kwargs, names)
+        for n, kw in per_type.items():
+            if kw.get("bidirectional"):
+                raise ValueError(
+                    f"mixer_kwargs: bidirectional=True for {n!r}; a language model is causal "
+                    "and cannot have bidirectional mixers"
+                )
         for key in ("num_heads", "rotary"):
             if key in per_type.get("attn", {}):
                 raise ValueError(
@@ -150,6 +166,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             "rotary": rotary,
             "norm_eps": norm_eps,
             "initializer_range": initializer_range,
+            "bidirectional": False,
         }
         self.d_model, self.vocab_size, self.n_layer = d_model, vocab_size, n_layer
         self.mixer_types = names

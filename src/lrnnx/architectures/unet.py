@@ -17,8 +17,10 @@ only, and the network streams with **zero latency**: :meth:`UNet.step` reproduce
 :meth:`UNet.forward` exactly, one sample at a time (each level runs its coarse step when its
 window of f samples is complete, and its up-sampled output is consumed over the next f samples).
 
-Non-causal mode: recurrent mixers run in both directions (forward + time-reversed copy, summed),
-attention is unmasked, and there is no shift.  ``forward`` pads L to a multiple of
+Non-causal mode (``causal=False``, or equivalently ``bidirectional=True``): recurrent mixers
+are :class:`lrnnx.layers.Bidirectional` (a forward mixer plus a second one on the time-reversed
+sequence, summed), attention is unmasked, and there is no shift; the same rule as
+``Classifier(bidirectional=True)``.  ``forward`` pads L to a multiple of
 factor^depth with zeros at the end and crops the output back to L.
 """
 
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from lrnnx.architectures._common import (
     PretrainedMixin,
+    build_layer_mixer,
     check_no_dims,
     mixer_name,
     positive_int,
@@ -39,18 +42,6 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import check_sequence, check_step_input
 from lrnnx.layers import Block, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
-from lrnnx.models.registry import build_mixer
-
-
-class _Bidirectional(nn.Module):
-    """y = fwd(x) + flip(bwd(flip(x))): a non-causal mixer from two causal ones."""
-
-    def __init__(self, fwd: nn.Module, bwd: nn.Module) -> None:
-        super().__init__()
-        self.fwd, self.bwd = fwd, bwd
-
-    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
-        return self.fwd(x) + self.bwd(x.flip(1)).flip(1)
 
 
 class _Level(nn.Module):
@@ -147,6 +138,9 @@ class UNet(PretrainedMixin, nn.Module):
         factor: down-sampling stride per stage.
         mixer: registry name, class or ``"module:Class"``; mixer_kwargs: its extra arguments.
         causal: causal, streamable network (see the module docstring); else bidirectional.
+            Default True (unless ``bidirectional=True`` is given).
+        bidirectional: the opposite of ``causal``, the name ``Classifier`` uses; give either
+            (both only if they agree).  Saved configs store both.
         n_blocks: blocks per level on each of the encoder and decoder paths.
         channel_mult: width growth per level.
         activation: pointwise nonlinearity after each mixer (None for none).
@@ -162,10 +156,11 @@ class UNet(PretrainedMixin, nn.Module):
         factor: int = 2,
         mixer: Union[str, type] = "s5",
         mixer_kwargs: Optional[Dict[str, Any]] = None,
-        causal: bool = True,
+        causal: Optional[bool] = None,
         n_blocks: int = 1,
         channel_mult: int = 2,
         activation: Optional[str] = "gelu",
+        bidirectional: Optional[bool] = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -190,6 +185,15 @@ class UNet(PretrainedMixin, nn.Module):
                 f"mixer_kwargs: expected None or a dict, got {type(mixer_kwargs).__name__}"
             )
         check_no_dims(mixer_kwargs or {})
+        if bidirectional is not None and not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional: expected a bool, got {bidirectional!r}")
+        if causal is not None and bidirectional is not None and bool(causal) == bidirectional:
+            raise ValueError(
+                f"causal={causal}, bidirectional={bidirectional}: contradictory; bidirectional "
+                "is the opposite of causal, give one of them"
+            )
+        if causal is None:
+            causal = not bidirectional if bidirectional is not None else True
         name = mixer_name(mixer)
         self.config: Dict[str, Any] = {
             "d_input": d_input,
@@ -204,6 +208,7 @@ class UNet(PretrainedMixin, nn.Module):
             "n_blocks": n_blocks,
             "channel_mult": channel_mult,
             "activation": activation,
+            "bidirectional": not causal,
         }
         self.d_input, self.d_output, self.depth, self.factor = d_input, d_output, depth, factor
         self.causal = bool(causal)
@@ -212,17 +217,9 @@ class UNet(PretrainedMixin, nn.Module):
         if name == "attn" and "causal" in kwargs:
             raise ValueError("mixer_kwargs: pass causal once, as the UNet's causal argument")
 
-        def make_mixer(w: int) -> nn.Module:
-            if name == "attn":
-                return build_mixer("attn", w, causal=self.causal, **kwargs)
-            if self.causal:
-                return build_mixer(mixer, w, d_state, **kwargs)
-            return _Bidirectional(
-                build_mixer(mixer, w, d_state, **kwargs), build_mixer(mixer, w, d_state, **kwargs)
-            )
-
         def make_block(w: int) -> Block:
-            return Block(w, make_mixer(w), activation=activation)
+            mixer_w = build_layer_mixer(mixer, name, w, d_state, kwargs, not self.causal, "UNet")
+            return Block(w, mixer_w, activation=activation)
 
         widths = [d_model * channel_mult**i for i in range(depth + 1)]
         self.in_proj = nn.Linear(d_input, d_model)

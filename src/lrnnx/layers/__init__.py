@@ -1,8 +1,10 @@
-"""Layers shared by the architectures: RMSNorm, gated MLP, multi-head attention, residual block."""
+"""Layers shared by the architectures: RMSNorm, gated MLP, multi-head attention, residual block,
+bidirectional wrapper."""
 
+from lrnnx.layers.bidirectional import Bidirectional
 from lrnnx.layers.block import Block
 from lrnnx.layers.mha import MHA
 from lrnnx.layers.mlp import GatedMLP
 from lrnnx.layers.norm import RMSNorm
 
-__all__ = ["Block", "MHA", "GatedMLP", "RMSNorm"]
+__all__ = ["Bidirectional", "Block", "MHA", "GatedMLP", "RMSNorm"]

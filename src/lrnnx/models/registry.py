@@ -16,6 +16,9 @@ arguments a model's methods accept, transposes (B, H, L) models, keeps the first
 tuple outputs, feeds (B, 1, H) steps to time-varying models, and gives clear errors.
 Attention (``"attn"``) is :class:`lrnnx.layers.MHA`, which follows the protocol natively.
 
+``build_mixer(..., bidirectional=True)`` gives :class:`lrnnx.layers.Bidirectional` around two
+independently built mixers (a non-causal mixer: forward and time-reversed directions summed).
+
 ``"stream"`` (STREAM) is the Mamba class used for irregularly sampled or event data: its event
 mode runs whenever ``integration_timesteps`` are given (with none it is plain Mamba).  RG-LRU
 (one state per channel) and attention ignore ``d_state``.
@@ -535,6 +538,7 @@ def build_mixer(
     name_or_class: Union[str, type],
     d_model: int,
     d_state: Optional[int] = None,
+    bidirectional: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a sequence mixer that follows the mixer protocol.
@@ -543,18 +547,34 @@ def build_mixer(
         >>> mixer = build_mixer("s5", d_model=64, d_state=64, conj_sym=True)
         >>> y = mixer(torch.randn(2, 128, 64))
         >>> attn = build_mixer("attn", 64, num_heads=8)
+        >>> bi = build_mixer("mamba", 64, 16, bidirectional=True)  # non-causal, no step()
 
     Args:
         name_or_class: a registry name/alias (case-insensitive), a ``"package.module:Class"``
             path, or a class.
         d_model: input/output width.
         d_state: state size (None: the model's default; ignored by RG-LRU and attention).
+        bidirectional: build two independent mixers (same arguments, own parameters) and wrap
+            them in :class:`lrnnx.layers.Bidirectional`: y = fwd(x) + R(bwd(R(x))), R reversing
+            each sequence within its length.  Non-causal; it has no ``step``/cache.  For
+            attention that is two causal MHAs unless ``causal=False`` is passed (a single
+            ``build_mixer("attn", d, causal=False)`` is the usual bidirectional attention).
         **kwargs: further constructor arguments of the model (``d_model``/``d_state`` must not
             be repeated here).
 
     Returns:
-        :class:`lrnnx.layers.MHA` for attention, else the model wrapped in :class:`MixerAdapter`.
+        :class:`lrnnx.layers.MHA` for attention, else the model wrapped in :class:`MixerAdapter`;
+        with ``bidirectional``, two of those in :class:`lrnnx.layers.Bidirectional`.
     """
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    if bidirectional:
+        from lrnnx.layers.bidirectional import Bidirectional
+
+        return Bidirectional(
+            build_mixer(name_or_class, d_model, d_state, **kwargs),
+            build_mixer(name_or_class, d_model, d_state, **kwargs),
+        )
     _positive_int("d_model", d_model)
     if d_state is not None:
         _positive_int("d_state", d_state)

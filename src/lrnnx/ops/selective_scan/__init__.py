@@ -6,6 +6,11 @@ Backends (same signature, same results):
 - ``torch``: chunked pure torch, any device; memory O(b d n CHUNK) in forward and backward.
 - ``cpu``: fused numba kernels (the CPU default when numba is installed): the state lives in a
   length-n buffer per channel, forward keeps one state per chunk, backward recomputes chunks.
+- ``triton``: fused Triton kernels for CUDA tensors (the CUDA default).
+
+``reverse=True`` (time from the last step to the first) runs natively in ``reference`` and
+``torch``; for ``cpu`` and ``triton`` this dispatcher flips the time axis of the inputs, runs the
+forward scan and flips y back (the states need no flip), so those backends pay for the copies.
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
@@ -28,6 +33,9 @@ _dispatch.register("selective_scan", "cpu", "lrnnx.ops.selective_scan.cpu:select
 _dispatch.register("selective_scan", "triton", "lrnnx.ops.selective_scan.triton:selective_scan")
 
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
+
+#: backends whose function takes ``reverse``; the others get time-flipped inputs
+_NATIVE_REVERSE = ("reference", "torch")
 
 
 def _check_tensor(name: str, x: object, device: _torch.device, complex_ok: bool = False) -> Tensor:
@@ -82,6 +90,7 @@ def selective_scan_fn(
     deltaA: Tensor | None = None,
     initial_state: Tensor | None = None,
     backend: str | None = None,
+    reverse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan (S6): a diagonal SSM whose step size and B, C vary with the input.
 
@@ -91,6 +100,15 @@ def selective_scan_fn(
         h_t[k] = A_bar * h_{t-1}[k] + gamma_bar * B_t[k] * u_t
         y_t    = sum_k C_t[k] h_t[k]   (2 * Re(.) when A is complex: conjugate pairs implied)
         y_t    = (y_t + D[i] u_t) * silu(z_t)
+
+    With ``reverse=True`` time runs from the last step to the first::
+
+        h_t[k] = A_bar_t * h_{t+1}[k] + gamma_bar_t * B_t[k] * u_t,   t = L-1, ..., 0
+
+    ``initial_state`` is then h_L and the returned last state is h_0 (after processing t = 0):
+    the result equals flipping every time-varying input along time, running the forward scan
+    and flipping y back.  Native in the ``reference`` and ``torch`` backends; the ``cpu`` and
+    ``triton`` backends get flipped inputs from this function.
 
     Args:
         u: input (b, d, L).
@@ -102,13 +120,16 @@ def selective_scan_fn(
         z: gate (b, d, L); the output is multiplied by silu(z).
         delta_bias: (d,) added to delta before the optional softplus.
         delta_softplus: apply softplus to delta + delta_bias.
-        return_last_state: also return the state after the last step.
+        return_last_state: also return the state after the last processed step (t = L - 1, or
+            t = 0 with ``reverse``).
         discretization: ``"mamba"`` (A_bar = exp(delta' A), gamma_bar = delta'), ``"zoh"``,
             ``"bilinear"`` or ``"dirac"`` (see :mod:`lrnnx.core.discretization`).
         deltaA: (b, d, L) event-mode step used for A_bar instead of delta' (as given: no bias,
             no softplus); gamma_bar still uses delta'.
-        initial_state: h_{-1} (b, d, n); zero when None.
+        initial_state: h_{-1} (b, d, n) (h_L with ``reverse``); zero when None.
         backend: force a backend ("reference", "torch", ...).
+        reverse: scan from the last step to the first (a keyword after mamba_ssm's arguments,
+            so its positional signature is unchanged).
 
     Returns:
         y (b, d, L) in u's dtype [, last state (b, d, n)].  bfloat16/float16 inputs are
@@ -174,21 +195,39 @@ def selective_scan_fn(
     if u.numel() == 0:  # no batch, channel or step: nothing to scan
         return _empty_scan(u, delta, A, initial_state, return_last_state)
     fn = _dispatch.resolve("selective_scan", device, backend)
+    out_dtype = u.dtype
+    args = {
+        "u": cast(u),
+        "delta": cast(delta),
+        "B": cast(B),
+        "C": cast(C),
+        "z": cast(z),
+        "deltaA": cast(deltaA),
+    }
+    native = {}
+    flip = bool(reverse)
+    if flip and _dispatch.select("selective_scan", device, backend)[0] in _NATIVE_REVERSE:
+        native, flip = {"reverse": True}, False
+    if flip:  # reverse = flip the time axis, scan forward, flip y back (states need no flip)
+        args = {k: X if X is None or X.dim() < 3 else X.flip(-1) for k, X in args.items()}
     y, last_state = fn(
-        cast(u),
-        cast(delta),
+        args["u"],
+        args["delta"],
         A,
-        cast(B),
-        cast(C),
+        args["B"],
+        args["C"],
         cast(D),
-        cast(z),
+        args["z"],
         cast(delta_bias),
         bool(delta_softplus),
         discretization,
-        cast(deltaA),
+        args["deltaA"],
         initial_state,
+        **native,
     )
-    y = y.to(u.dtype)
+    if flip:
+        y = y.flip(-1)
+    y = y.to(out_dtype)
     return (y, last_state) if return_last_state else y
 
 

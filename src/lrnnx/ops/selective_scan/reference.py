@@ -8,6 +8,9 @@ For batch b, channel i, state index k and time t, with delta' = softplus(delta +
     y_t    = sum_k C_t[k] * h_t[k]          (2 * Re(...) when A is complex)
     y_t   += D[i] * u_t;   y_t *= silu(z_t)
 
+With ``reverse`` time runs from the last step to the first: h_t = A_bar_t h_{t+1} + ..., the
+initial state is h_L and the returned state is h_0 (the state after processing t = 0).
+
 The helpers :func:`effective_delta` and :func:`discretize` are shared with the other backends,
 so the formulas live in one place.
 """
@@ -72,17 +75,21 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Loop over time; autograd flows through it.
+    """Loop over time (from the last step to the first with ``reverse``); autograd flows
+    through it.
 
     Args (already validated and cast to one compute dtype by :func:`lrnnx.ops.selective_scan_fn`):
         u, delta: (b, d, L).  A: (d, n) real or complex.
         B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
-        initial_state: (b, d, n) (complex when A is) or None for zeros.
+        initial_state: (b, d, n) (complex when A is) or None for zeros; h_L with ``reverse``.
+        reverse: h_t = A_bar_t h_{t+1} + gamma_bar_t B_t u_t, from t = L - 1 down to 0.
 
     Returns:
-        y (b, d, L) real, and the state after the last step (b, d, n).
+        y (b, d, L) real, and the state after the last processed step (b, d, n): h_{L-1}, or
+        h_0 with ``reverse``.
     """
     batch, d, _ = u.shape
     dt = effective_delta(delta, delta_bias, delta_softplus)
@@ -100,9 +107,12 @@ def selective_scan(
     h = h.to(torch.promote_types(A_bar.dtype, Bu.dtype))
     ys = []
     # unbind gives one view per step, so backward stays linear in L (x[..., t] would not)
-    for a_t, bu_t, c_t in zip(A_bar.unbind(2), Bu.unbind(2), C_t.unbind(2), strict=True):
+    steps = list(zip(A_bar.unbind(2), Bu.unbind(2), C_t.unbind(2), strict=True))
+    for a_t, bu_t, c_t in reversed(steps) if reverse else steps:
         h = a_t * h + bu_t
         ys.append((h * c_t).sum(-1))
+    if reverse:
+        ys.reverse()  # ys[t] is step t again
     y = torch.stack(ys, dim=-1)
     if A.is_complex():  # conjugate-pair convention: the other half of the spectrum is implied
         y = 2 * y.real

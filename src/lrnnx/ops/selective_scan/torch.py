@@ -10,6 +10,10 @@ saved start state (a detached leaf), and ``torch.autograd.grad`` pulls back the 
 dy of that chunk together with the gradient arriving at the chunk's end state; the gradient
 at the start state is what flows into the previous chunk.  Peak memory is therefore one
 chunk's graph, and the Python loop runs over chunks, never over time steps.
+
+``reverse`` (time from the last step to the first) is native: the chunks are processed from the
+last to the first, each with a reverse in-chunk scan, and backward walks them in the opposite
+order (from the first chunk to the last).
 """
 
 from __future__ import annotations
@@ -72,10 +76,12 @@ def _chunk(
     deltaA: Tensor | None,
     delta_softplus: bool,
     discretization: str,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of T steps from state h0 (b, d, n); time-varying inputs are their chunk slices.
 
-    Returns y (b, d, T) and the state after the chunk's last step (b, d, n).
+    Returns y (b, d, T) and the state after the chunk's last processed step (b, d, n): its last
+    step, or its first with ``reverse`` (then h0 is the state after the chunk's end).
     """
     dt = effective_delta(delta, delta_bias, delta_softplus)
     # time-major (b, T, d, 1) so the scan runs along dim 1 and A (d, n) broadcasts from the right
@@ -88,7 +94,7 @@ def _chunk(
     bu = _apply_B(gamma_bar * u.transpose(1, 2)[..., None], B)  # (b, T, d, n)
     A_bar = A_bar.expand(bu.shape)
     dtype = torch.promote_types(A_bar.dtype, bu.dtype)
-    h = linear_scan(A_bar.to(dtype), bu.to(dtype), h0.to(dtype), False)  # (b, T, d, n)
+    h = linear_scan(A_bar.to(dtype), bu.to(dtype), h0.to(dtype), reverse)  # (b, T, d, n)
     y = _contract_C(h, C)
     if A.is_complex():  # conjugate-pair convention, as in the reference
         y = 2 * y.real
@@ -97,7 +103,13 @@ def _chunk(
         y = y + D[:, None] * u
     if z is not None:
         y = y * F.silu(z)
-    return y, h[:, -1]
+    return y, (h[:, 0] if reverse else h[:, -1])
+
+
+def _chunk_ranges(L: int, chunk: int, reverse: bool) -> list[tuple[int, int]]:
+    """(start, end) of each chunk, in the order the scan processes them."""
+    ranges = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+    return ranges[::-1] if reverse else ranges
 
 
 def _forward(
@@ -106,8 +118,10 @@ def _forward(
     delta_softplus: bool,
     discretization: str,
     chunk: int,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Run the chunks in order without autograd; returns y, the last state and chunk-start states."""
+    """Run the chunks in processing order without autograd; returns y, the last state and the
+    state each chunk starts from (in processing order, see :func:`_chunk_ranges`)."""
     u, A, B = inputs[_U], inputs[_A], inputs[_B]
     b, d, L = u.shape
     state_dtype = torch.promote_types(A.dtype, u.dtype)
@@ -120,11 +134,10 @@ def _forward(
     y = u.new_empty(b, d, L)
     starts = []
     with torch.no_grad():
-        for s in range(0, L, chunk):
-            e = min(s + chunk, L)
+        for s, e in _chunk_ranges(L, chunk, reverse):
             starts.append(h)
             args = [x[..., s:e] if _varies(i, x) else x for i, x in enumerate(inputs)]
-            y[..., s:e], h = _chunk(h, *args, delta_softplus, discretization)
+            y[..., s:e], h = _chunk(h, *args, delta_softplus, discretization, reverse)
     return y, h, starts
 
 
@@ -147,10 +160,13 @@ class SelectiveScanFunction(torch.autograd.Function):
         delta_softplus: bool,
         discretization: str,
         chunk: int,
+        reverse: bool,
     ) -> tuple[Tensor, Tensor]:
         inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA)
-        y, h, starts = _forward(inputs, initial_state, delta_softplus, discretization, chunk)
-        ctx.chunk = chunk
+        y, h, starts = _forward(
+            inputs, initial_state, delta_softplus, discretization, chunk, reverse
+        )
+        ctx.chunk, ctx.reverse = chunk, reverse
         ctx.delta_softplus = delta_softplus
         ctx.discretization = discretization
         ctx.save_for_backward(*inputs, initial_state, torch.stack(starts))
@@ -173,8 +189,9 @@ class SelectiveScanFunction(torch.autograd.Function):
             for i, x in enumerate(inputs)
         ]
         dh = dh_last
-        for c in range((L + chunk - 1) // chunk - 1, -1, -1):
-            s, e = c * chunk, min((c + 1) * chunk, L)
+        ranges = _chunk_ranges(L, chunk, ctx.reverse)
+        for c in range(len(ranges) - 1, -1, -1):  # chunk c is the c-th one processed
+            s, e = ranges[c]
             # time-varying inputs: a fresh leaf holding only this chunk's slice
             args = [
                 x[..., s:e].detach().requires_grad_(needs[i]) if _varies(i, x) else shared[i]
@@ -182,7 +199,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             ]
             h0 = starts[c].detach().requires_grad_(needs[_H0] if c == 0 else carry)
             with torch.enable_grad():
-                y_c, h_end = _chunk(h0, *args, ctx.delta_softplus, ctx.discretization)
+                y_c, h_end = _chunk(h0, *args, ctx.delta_softplus, ctx.discretization, ctx.reverse)
             pairs = [(y_c, dy[..., s:e])] + ([(h_end, dh)] if carry else [])
             pairs = [(o, g) for o, g in pairs if o.requires_grad]
             wrt = [i for i, x in enumerate(args) if x is not None and x.requires_grad]
@@ -202,7 +219,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 dh = got[-1] if got[-1] is not None else torch.zeros_like(h0)
         if grads[_H0] is not None:
             grads[_H0] = dh if h0_in.is_complex() or not dh.is_complex() else dh.real
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def selective_scan(
@@ -218,6 +235,7 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Chunked selective scan; same arguments and results as the reference backend.
 
@@ -225,16 +243,19 @@ def selective_scan(
         u, delta: (b, d, L).  A: (d, n) real or complex.
         B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
-        initial_state: (b, d, n) or None for zeros.
+        initial_state: (b, d, n) or None for zeros (h_L with ``reverse``).
+        reverse: run from the last step to the first (h_t = A_bar_t h_{t+1} + ...).
 
     Returns:
-        y (b, d, L) and the state after the last step (b, d, n).
+        y (b, d, L) and the state after the last processed step (b, d, n).
     """
     chunk = max(1, int(CHUNK))  # read at call time so tests can shrink it
     inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA)
     tensors = (*inputs, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SelectiveScanFunction.apply(*tensors, delta_softplus, discretization, chunk)
+        return SelectiveScanFunction.apply(
+            *tensors, delta_softplus, discretization, chunk, bool(reverse)
+        )
     # inference: no autograd Function, no chunk-start states kept
-    y, h, _ = _forward(inputs, initial_state, delta_softplus, discretization, chunk)
+    y, h, _ = _forward(inputs, initial_state, delta_softplus, discretization, chunk, reverse)
     return y, h
