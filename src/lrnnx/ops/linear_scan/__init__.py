@@ -10,6 +10,10 @@ Backends (same signature, same results):
 - ``triton``: the same fused pass for CUDA tensors, JIT-compiled by Triton (the CUDA default).
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
+
+Packed sequences (``cu_seqlens``, fla's convention; see :mod:`lrnnx.ops.linear_scan.packing`)
+are handled here for every backend at once: a := 0 where a sequence's scan begins and
+b += a h0_s there, so the backends (and their backward scans) need no change.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch as _torch  # the sibling module `torch.py` takes the name `torch` h
 from torch import Tensor
 
 from lrnnx.ops import _dispatch
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens, scan_bounds
 
 _dispatch.register("linear_scan", "reference", "lrnnx.ops.linear_scan.reference:linear_scan")
 _dispatch.register("linear_scan", "torch", "lrnnx.ops.linear_scan.torch:linear_scan")
@@ -29,32 +34,63 @@ _dispatch.register("linear_scan", "triton", "lrnnx.ops.linear_scan.triton:linear
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 
+def _final_state_flag(output_final_state, alias, alias_name: str) -> bool:
+    """``output_final_state`` (fla's name) or its alias; both given and different: an error."""
+    if output_final_state is not None and alias is not None:
+        if bool(output_final_state) != bool(alias):
+            raise ValueError(
+                f"output_final_state={output_final_state!r} and {alias_name}={alias!r} "
+                f"disagree: {alias_name} is an alias, give one of them"
+            )
+    if output_final_state is not None:
+        return bool(output_final_state)
+    return bool(alias)
+
+
 def linear_scan(
     a: Tensor,
     b: Tensor,
     initial_state: Optional[Tensor] = None,
     reverse: bool = False,
-    return_final_state: bool = False,
+    return_final_state: Optional[bool] = None,
     backend: Optional[str] = None,
+    *,
+    output_final_state: Optional[bool] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """First-order linear recurrence over time.
 
     Args:
         a: decay, broadcastable to ``b`` (e.g. (B, L, *C), (1, 1, *C) or (*C,) trailing).
         b: input, (B, L, *C), real or complex.
-        initial_state: h_{-1} (or h_L when ``reverse``), shape (B, *C). Zero when None.
-        reverse: run from the last timestep to the first: h_t = a_t h_{t+1} + b_t.
-        return_final_state: also return the state after the last processed step, (B, *C)
-            (``initial_state``, or zeros, when there are no steps).
+        initial_state: h_{-1} (or h_L when ``reverse``), shape (B, *C); (S, *C), one per
+            sequence, with ``cu_seqlens``.  Zero when None.
+        reverse: run from the last timestep to the first: h_t = a_t h_{t+1} + b_t (with
+            ``cu_seqlens``: each sequence from its own last step to its first).
+        return_final_state: alias of ``output_final_state`` (giving both with different
+            values is an error).
         backend: force a backend ("reference", "torch", ...).
+        output_final_state: also return the state after the last processed step, (B, *C)
+            (``initial_state``, or zeros, when there are no steps); (S, *C) with ``cu_seqlens``.
+        cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) with
+            ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = L`` and no decrease; B must be 1, and
+            sequence s is steps ``cu_seqlens[s]:cu_seqlens[s + 1]`` (zero-length ones allowed:
+            their final state is their initial state).  The result equals scanning each
+            sequence alone (outputs, final states and gradients).
 
     Returns:
-        h of shape (B, L, *C) in the promoted dtype of (a, b) [, final state (B, *C)].
-        bfloat16/float16 inputs are accumulated in float32 and returned in their dtype.
-        An empty batch (B = 0) or sequence (L = 0) gives an empty h.
+        h of shape (B, L, *C) in the promoted dtype of (a, b) [, final state (B, *C) or
+        (S, *C)].  bfloat16/float16 inputs are accumulated in float32 and returned in their
+        dtype.  An empty batch (B = 0) or sequence (L = 0) gives an empty h.
+
+    With ``cu_seqlens`` this function restarts the recurrence at each sequence's first step
+    (its last with ``reverse``) for every backend at once: a := 0 there and b += a h0_s, so the
+    scan carries nothing across a boundary and the adjoint scan of the backward (which runs
+    on the same a) carries nothing back; the final states are read at each sequence's end.
     """
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError("linear_scan: a and b must be torch.Tensor")
+    want_final = _final_state_flag(output_final_state, return_final_state, "return_final_state")
     if b.dim() < 2:
         raise ValueError(f"b: expected shape (B, L, *C) with at least 2 dims, got {tuple(b.shape)}")
     try:
@@ -65,15 +101,21 @@ def linear_scan(
         ) from None
     if shape != b.shape:
         raise ValueError(f"a: broadcasting {tuple(a.shape)} would enlarge b's {tuple(b.shape)}")
+    cu = None
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens(cu_seqlens, b.shape[0], b.shape[1], f"b {tuple(b.shape)}")
     dtype = _torch.promote_types(a.dtype, b.dtype)
     out_dtype = dtype
     if dtype in _LOW_PRECISION:
         dtype = _torch.float32
-    state_shape = (b.shape[0],) + tuple(b.shape[2:])
+    lead = b.shape[0] if cu is None else cu.shape[0] - 1
+    state_shape = (lead,) + tuple(b.shape[2:])
     if initial_state is not None:
         if tuple(initial_state.shape) != state_shape:
+            label = "(S, *C), one per sequence" if cu is not None else "(B, *C)"
             raise ValueError(
-                f"initial_state: expected shape {state_shape}, got {tuple(initial_state.shape)}"
+                f"initial_state: expected shape {state_shape} {label}, got "
+                f"{tuple(initial_state.shape)}"
             )
         if initial_state.is_complex() and not dtype.is_complex:
             dtype = _torch.promote_types(dtype, initial_state.dtype)
@@ -86,11 +128,41 @@ def linear_scan(
             initial_state = b.new_zeros(state_shape)
         if out_dtype in _LOW_PRECISION:
             h = h.to(out_dtype)
-        return (h, initial_state.clone()) if return_final_state else h
+        return (h, initial_state.clone()) if want_final else h
     fn = _dispatch.resolve("linear_scan", b.device, backend)
+    if cu is not None:
+        return _packed(fn, a, b, initial_state, reverse, cu, want_final, out_dtype)
     h = fn(a, b, initial_state, reverse)
     if out_dtype in _LOW_PRECISION:
         h = h.to(out_dtype)
-    if return_final_state:
+    if want_final:
         return h, (h[:, 0] if reverse else h[:, -1])
     return h
+
+
+def _packed(fn, a, b, h0, reverse: bool, cu: Tensor, want_final: bool, out_dtype):
+    """Packed sequences through any backend ``fn``: the recurrence restarts where each
+    sequence's scan begins (a := 0 there, b += a h0_s) and the final states are read where each
+    ends.  Gradients follow by autograd through these few index operations: the backend's
+    backward runs its adjoint scan on the reset a, so no gradient crosses a boundary, and the
+    gradient of a at a restart (g conj(h0_s)) and of h0_s (conj(a) g) come from b += a h0_s."""
+    nonempty, begin, end = scan_bounds(cu, reverse)
+    device = b.device
+    ids = nonempty.nonzero().squeeze(1)
+    starts = begin[ids].to(device)
+    a_reset = a.index_fill(1, starts, 0)
+    if h0 is not None:
+        b = b.index_add(
+            1, starts, a.index_select(1, starts) * h0.index_select(0, ids.to(device))[None]
+        )
+    h = fn(a_reset, b, None, reverse)
+    if out_dtype in _LOW_PRECISION:
+        h = h.to(out_dtype)
+    if not want_final:
+        return h
+    final = h[0].index_select(0, end.to(device))
+    if not bool(nonempty.all()):  # zero-length sequences keep their initial state
+        keep = h0.to(final.dtype) if h0 is not None else final.new_zeros(())
+        mask = nonempty.to(device).view((-1,) + (1,) * (final.dim() - 1))
+        final = _torch.where(mask, final, keep)
+    return h, final

@@ -12,6 +12,11 @@ Backends (same signature, same results):
 ``torch``; for ``cpu`` and ``triton`` this dispatcher flips the time axis of the inputs, runs the
 forward scan and flips y back (the states need no flip), so those backends pay for the copies.
 
+Packed sequences (``cu_seqlens``) are native in every backend: each restarts the state where a
+sequence's scan begins and stores each sequence's final state where it ends (for ``cpu`` and
+``triton`` with ``reverse`` the flipped offsets ``T - cu_seqlens.flip(0)`` reverse the order of
+the sequences, so the initial and final states are flipped along S around the call).
+
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
 
@@ -21,6 +26,8 @@ import torch as _torch  # the sibling module `torch.py` takes the name `torch` h
 from torch import Tensor
 
 from lrnnx.ops import _dispatch
+from lrnnx.ops.linear_scan import _final_state_flag
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
 
 __all__ = ["selective_scan_fn", "discretize", "effective_delta", "DISCRETIZATIONS"]
@@ -85,12 +92,15 @@ def selective_scan_fn(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    return_last_state: bool = False,
+    return_last_state: bool | None = None,
     discretization: str = "mamba",
     deltaA: Tensor | None = None,
     initial_state: Tensor | None = None,
     backend: str | None = None,
     reverse: bool = False,
+    *,
+    output_final_state: bool | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan (S6): a diagonal SSM whose step size and B, C vary with the input.
 
@@ -110,6 +120,12 @@ def selective_scan_fn(
     and flipping y back.  Native in the ``reference`` and ``torch`` backends; the ``cpu`` and
     ``triton`` backends get flipped inputs from this function.
 
+    With ``cu_seqlens`` (packed sequences, fla's convention) u is (1, d, T) holding S sequences
+    back to back; the state restarts at each sequence's first step (its last with ``reverse``):
+    there A_bar_t multiplies that sequence's initial state instead of the carried state, i.e.
+    A_bar_t := 0 and gamma_bar_t B_t u_t += A_bar_t h0_s, so nothing crosses a boundary
+    (forward or backward).  Every backend does this natively (no loop over sequences).
+
     Args:
         u: input (b, d, L).
         delta: step sizes (b, d, L).
@@ -120,21 +136,30 @@ def selective_scan_fn(
         z: gate (b, d, L); the output is multiplied by silu(z).
         delta_bias: (d,) added to delta before the optional softplus.
         delta_softplus: apply softplus to delta + delta_bias.
-        return_last_state: also return the state after the last processed step (t = L - 1, or
-            t = 0 with ``reverse``).
+        return_last_state: alias of ``output_final_state`` (mamba_ssm's name; giving both with
+            different values is an error).
         discretization: ``"mamba"`` (A_bar = exp(delta' A), gamma_bar = delta'), ``"zoh"``,
             ``"bilinear"`` or ``"dirac"`` (see :mod:`lrnnx.core.discretization`).
         deltaA: (b, d, L) event-mode step used for A_bar instead of delta' (as given: no bias,
             no softplus); gamma_bar still uses delta'.
-        initial_state: h_{-1} (b, d, n) (h_L with ``reverse``); zero when None.
+        initial_state: h_{-1} (b, d, n) (h_L with ``reverse``); (S, d, n), one per sequence,
+            with ``cu_seqlens``; zero when None.
         backend: force a backend ("reference", "torch", ...).
         reverse: scan from the last step to the first (a keyword after mamba_ssm's arguments,
-            so its positional signature is unchanged).
+            so its positional signature is unchanged); with ``cu_seqlens`` each sequence is
+            scanned from its own last step to its first.
+        output_final_state: also return the state after the last processed step (t = L - 1, or
+            t = 0 with ``reverse``), (b, d, n); (S, d, n) with ``cu_seqlens`` (a zero-length
+            sequence's is its initial state).  Keyword-only, as is ``cu_seqlens``.
+        cu_seqlens: int64 offsets (S + 1,) of S packed sequences: ``cu_seqlens[0] = 0``,
+            ``cu_seqlens[-1] = T``, non-decreasing (repeats are zero-length sequences); u,
+            delta, z, deltaA (1, d, T), B/C (d, n), (1, n, T) or (1, g, n, T).  The result
+            equals scanning each sequence alone: y, final states and every gradient.
 
     Returns:
-        y (b, d, L) in u's dtype [, last state (b, d, n)].  bfloat16/float16 inputs are
-        accumulated in float32; the state is float32 (float64 for float64 inputs), complex
-        when A is.
+        y (b, d, L) in u's dtype [, last state (b, d, n), or (S, d, n) with ``cu_seqlens``].
+        bfloat16/float16 inputs are accumulated in float32; the state is float32 (float64 for
+        float64 inputs), complex when A is.
     """
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
@@ -143,6 +168,11 @@ def selective_scan_fn(
     if u.dim() != 3:
         raise ValueError(f"u: expected (b, d, L), got {tuple(u.shape)}")
     b, d, L = u.shape
+    want_final = _final_state_flag(output_final_state, return_last_state, "return_last_state")
+    cu = None
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens(cu_seqlens, b, L, f"u {tuple(u.shape)} (1, d, T)")
+    nstates = b if cu is None else cu.shape[0] - 1
     _check_tensor("delta", delta, device)
     _check_shape("delta", delta, (b, d, L), "(b, d, L)")
     _check_tensor("A", A, device, complex_ok=True)
@@ -167,7 +197,10 @@ def selective_scan_fn(
             _check_shape(name, X, shape, label)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, device, complex_ok=is_complex)
-        _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+        if cu is None:
+            _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+        else:
+            _check_shape("initial_state", initial_state, (nstates, d, n), "(S, d, n)")
     if not isinstance(discretization, str) or discretization not in DISCRETIZATIONS:
         raise ValueError(
             f"discretization: expected one of {list(DISCRETIZATIONS)}, got {discretization!r}"
@@ -193,7 +226,7 @@ def selective_scan_fn(
     if initial_state is not None:
         initial_state = initial_state.to(cdtype if is_complex else rdtype)
     if u.numel() == 0:  # no batch, channel or step: nothing to scan
-        return _empty_scan(u, delta, A, initial_state, return_last_state)
+        return _empty_scan(u, delta, A, initial_state, want_final, nstates)
     fn = _dispatch.resolve("selective_scan", device, backend)
     out_dtype = u.dtype
     args = {
@@ -210,6 +243,12 @@ def selective_scan_fn(
         native, flip = {"reverse": True}, False
     if flip:  # reverse = flip the time axis, scan forward, flip y back (states need no flip)
         args = {k: X if X is None or X.dim() < 3 else X.flip(-1) for k, X in args.items()}
+        if cu is not None:  # packed: the sequences come in reverse order, each one flipped
+            cu = L - cu.flip(0)
+            if initial_state is not None:
+                initial_state = initial_state.flip(0)
+    if cu is not None:
+        native["cu_seqlens"] = cu
     y, last_state = fn(
         args["u"],
         args["delta"],
@@ -227,17 +266,20 @@ def selective_scan_fn(
     )
     if flip:
         y = y.flip(-1)
+        if cu is not None:
+            last_state = last_state.flip(0)
     y = y.to(out_dtype)
-    return (y, last_state) if return_last_state else y
+    return (y, last_state) if want_final else y
 
 
-def _empty_scan(u: Tensor, delta: Tensor, A: Tensor, initial_state, return_last_state: bool):
+def _empty_scan(u: Tensor, delta: Tensor, A: Tensor, initial_state, want_final: bool, nstates: int):
     """selective_scan_fn's result for an empty u (b, d or L is 0): an empty y, attached to the
-    inputs' graph, and the last state ``initial_state`` (no step changes it) or zeros (b, d, n)."""
+    inputs' graph, and the last state ``initial_state`` (no step changes it) or zeros
+    (nstates, d, n): b states, or S with packed sequences."""
     y = (u * delta).to(u.dtype)
-    b, d, _ = u.shape
+    d = u.shape[1]
     if initial_state is None:
-        last = _torch.zeros(b, d, A.shape[1], dtype=A.dtype, device=u.device)
+        last = _torch.zeros(nstates, d, A.shape[1], dtype=A.dtype, device=u.device)
     else:
         last = initial_state.clone()
-    return (y, last) if return_last_state else y
+    return (y, last) if want_final else y

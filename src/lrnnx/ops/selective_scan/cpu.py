@@ -560,15 +560,19 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _fwd_real(
         task,
-        u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, blocks,
+        u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, blocks, seg,
         y, hlast, ckpt,
     ):  # pragma: no cover - compiled
-        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
+
+        ``seg`` (see :func:`_segments`) lists the chunks: the state restarts from h0 at a
+        segment that begins a sequence and is stored in hlast at one that ends it."""
         b, d, L = u.shape
         n = A.shape[1]
         nblk = blocks.shape[0]
         save = ckpt.shape[2] > 0
-        nck = (L + K - 1) // K
+        nseg = seg.shape[0]
+        nseq = h0.shape[0] // b
         tsB = 1 if B.shape[3] > 1 else 0
         tsC = 1 if C.shape[3] > 1 else 0
         bi = task // nblk
@@ -588,11 +592,11 @@ if HAVE_NUMBA:
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
             Bv = B[bB, ch // (d // B.shape[1])]
             Cv = C[bC, ch // (d // C.shape[1])]
-            for k in range(n):
-                hs[k, 0] = h0[bi, ch, k]
-            for c in range(nck):
-                t0 = c * K
-                T = min(K, L - t0)
+            for c in range(nseg):
+                t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+                if fl & 1:  # a sequence begins: restart from its initial state
+                    for k in range(n):
+                        hs[k, 0] = h0[sq, ch, k]
                 if save:
                     for k in range(n):
                         ckpt[bi, ch, c, k] = hs[k, 0]
@@ -607,21 +611,26 @@ if HAVE_NUMBA:
                 _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
                 for k in range(n):
                     hs[k, 0] = hs[k, T]
-            for k in range(n):
-                hlast[bi, ch, k] = hs[k, 0]
+                if fl & 2:  # a sequence ends: its final state
+                    for k in range(n):
+                        hlast[sq, ch, k] = hs[k, 0]
 
     @numba.njit(**_HELPER)
     def _bwd_real(
         task,
-        u, delta, A, B, C, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K, blocks,
+        u, delta, A, B, C, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K, blocks, seg,
         per_B, per_C, ckpt, dout, dhlast,
         du, ddelta, dz, ddA, dAp, dBp, dCp, dDp, dbp, dh0,
     ):  # pragma: no cover - compiled
-        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
+
+        Segments in reverse: the adjoint starts from dhlast at a segment that ends a sequence,
+        and at one that begins a sequence the adjoint before it is that sequence's dh0."""
         b, d, L = u.shape
         n = A.shape[1]
         nblk = blocks.shape[0]
-        nck = (L + K - 1) // K
+        nseg = seg.shape[0]
+        nseq = dhlast.shape[0] // b
         one = u.dtype.type(1.0)
         half = u.dtype.type(0.5)
         zero = u.dtype.type(0.0)
@@ -656,13 +665,15 @@ if HAVE_NUMBA:
             Ach = A[ch]
             Dc = D[ch]
             for k in range(n):
-                carry[k] = dhlast[bi, ch, k]
+                carry[k] = zero
                 dA_acc[k] = zero
             dD = zero
             dbias = zero
-            for c in range(nck - 1, -1, -1):
-                t0 = c * K
-                T = min(K, L - t0)
+            for c in range(nseg - 1, -1, -1):
+                t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+                if fl & 2:  # a sequence ends here: nothing arrives from the next one
+                    for k in range(n):
+                        carry[k] = dhlast[sq, ch, k]
                 for k in range(n):
                     hs[k, 0] = ckpt[bi, ch, c, k]
                 uc = u[bi, ch, t0 : t0 + T]
@@ -679,6 +690,9 @@ if HAVE_NUMBA:
                 )
                 # adjoint of the states: G_t = dy_t C_t + A_bar_{t+1} G_{t+1}
                 _adjoint(a, dy, Cb, carry, T, G)
+                if fl & 1:  # a sequence begins here: carry = A_bar G is its h0's gradient
+                    for k in range(n):
+                        dh0[sq, ch, k] = carry[k]
                 for k in range(n):  # dC_t = dy_t h_t
                     hk = hs[k]
                     if tsC:
@@ -752,7 +766,6 @@ if HAVE_NUMBA:
                     ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
                 )
             for k in range(n):
-                dh0[bi, ch, k] = carry[k]
                 dAp[bi, ch, k] = dA_acc[k]
             dDp[bi, ch] = dD
             dbp[bi, ch] = dbias
@@ -764,14 +777,16 @@ if HAVE_NUMBA:
     def _fwd_cplx(
         task,
         u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, h0r, h0i, disc, softplus, has_z,
-        has_dA, K, blocks, y, hlr, hli, ckr, cki,
+        has_dA, K, blocks, seg, y, hlr, hli, ckr, cki,
     ):  # pragma: no cover - compiled
-        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)];
+        segments as in :func:`_fwd_real`."""
         b, d, L = u.shape
         n = Ar.shape[1]
         nblk = blocks.shape[0]
         save = ckr.shape[2] > 0
-        nck = (L + K - 1) // K
+        nseg = seg.shape[0]
+        nseq = h0r.shape[0] // b
         tsB = 1 if Br.shape[3] > 1 else 0
         tsC = 1 if Cr.shape[3] > 1 else 0
         bi = task // nblk
@@ -797,12 +812,12 @@ if HAVE_NUMBA:
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
             gB = ch // (d // Br.shape[1])
             gC = ch // (d // Cr.shape[1])
-            for k in range(n):
-                hr[k, 0] = h0r[bi, ch, k]
-                hi[k, 0] = h0i[bi, ch, k]
-            for c in range(nck):
-                t0 = c * K
-                T = min(K, L - t0)
+            for c in range(nseg):
+                t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+                if fl & 1:  # a sequence begins: restart from its initial state
+                    for k in range(n):
+                        hr[k, 0] = h0r[sq, ch, k]
+                        hi[k, 0] = h0i[sq, ch, k]
                 if save:
                     for k in range(n):
                         ckr[bi, ch, c, k] = hr[k, 0]
@@ -820,22 +835,25 @@ if HAVE_NUMBA:
                 for k in range(n):
                     hr[k, 0] = hr[k, T]
                     hi[k, 0] = hi[k, T]
-            for k in range(n):
-                hlr[bi, ch, k] = hr[k, 0]
-                hli[bi, ch, k] = hi[k, 0]
+                if fl & 2:  # a sequence ends: its final state
+                    for k in range(n):
+                        hlr[sq, ch, k] = hr[k, 0]
+                        hli[sq, ch, k] = hi[k, 0]
 
     @numba.njit(**_HELPER)
     def _bwd_cplx(
         task,
         u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K,
-        blocks, per_B, per_C, ckr, cki, dout, dhr, dhi,
+        blocks, seg, per_B, per_C, ckr, cki, dout, dhr, dhi,
         du, ddelta, dz, ddA, dAr, dAi, dBr, dBi, dCr, dCi, dDp, dbp, dh0r, dh0i,
     ):  # pragma: no cover - compiled
-        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)]."""
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)];
+        segments as in :func:`_bwd_real`."""
         b, d, L = u.shape
         n = Ar.shape[1]
         nblk = blocks.shape[0]
-        nck = (L + K - 1) // K
+        nseg = seg.shape[0]
+        nseq = dhr.shape[0] // b
         one = u.dtype.type(1.0)
         half = u.dtype.type(0.5)
         two = u.dtype.type(2.0)
@@ -883,15 +901,18 @@ if HAVE_NUMBA:
             Arc, Aic = Ar[ch], Ai[ch]
             Dc = D[ch]
             for k in range(n):
-                cr[k] = dhr[bi, ch, k]
-                ci[k] = dhi[bi, ch, k]
+                cr[k] = zero
+                ci[k] = zero
                 accr[k] = zero
                 acci[k] = zero
             dD = zero
             dbias = zero
-            for c in range(nck - 1, -1, -1):
-                t0 = c * K
-                T = min(K, L - t0)
+            for c in range(nseg - 1, -1, -1):
+                t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+                if fl & 2:  # a sequence ends here: nothing arrives from the next one
+                    for k in range(n):
+                        cr[k] = dhr[sq, ch, k]
+                        ci[k] = dhi[sq, ch, k]
                 for k in range(n):
                     hr[k, 0] = ckr[bi, ch, c, k]
                     hi[k, 0] = cki[bi, ch, c, k]
@@ -911,6 +932,10 @@ if HAVE_NUMBA:
                 # y = 2 Re(C h): h_t receives 2 dy_t conj(C_t);
                 # G_t = 2 dy_t conj(C_t) + conj(A_bar_{t+1}) G_{t+1}
                 _adjoint_cplx(ar, ai, dy, Cbr, Cbi, cr, ci, T, Gr, Gi)
+                if fl & 1:  # a sequence begins here: conj(A_bar) G is its h0's gradient
+                    for k in range(n):
+                        dh0r[sq, ch, k] = cr[k]
+                        dh0i[sq, ch, k] = ci[k]
                 for k in range(n):  # dC = 2 dy conj(h)
                     hrk, hik = hr[k], hi[k]
                     if tsC:
@@ -1019,8 +1044,6 @@ if HAVE_NUMBA:
                     ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
                 )
             for k in range(n):
-                dh0r[bi, ch, k] = cr[k]
-                dh0i[bi, ch, k] = ci[k]
                 dAr[bi, ch, k] = accr[k]
                 dAi[bi, ch, k] = acci[k]
             dDp[bi, ch] = dD
@@ -1067,6 +1090,21 @@ def _reduce_bc(part: Tensor, shape: torch.Size, d: int, owner: Tensor, G: int) -
     return part
 
 
+def _segments(cu: Tensor, L: int, K: int) -> Tensor:
+    """The pieces of time the kernels walk, (nseg, 4) int64 rows (t0, T, sequence, flags).
+
+    Time is cut every K steps (the checkpoint interval) and at every offset of ``cu`` (S + 1,),
+    the sequence boundaries ([0, L] without packing).  Flag 1: the segment begins its sequence
+    (the state restarts from the sequence's initial state; backward stores the adjoint there as
+    its gradient); flag 2: it ends it (the state is the sequence's final state; backward starts
+    the adjoint from that state's gradient).  Zero-length sequences own no segment."""
+    bounds = torch.unique(torch.cat([torch.arange(0, L, K, dtype=torch.int64), cu]))
+    t0, t1 = bounds[:-1], bounds[1:]
+    seq = torch.searchsorted(cu[1:].contiguous(), t0, right=True)
+    flags = (t0 == cu[seq]).long() + 2 * (t1 == cu[seq + 1]).long()
+    return torch.stack([t0, t1 - t0, seq, flags], 1).contiguous()
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -1102,9 +1140,16 @@ def _planes(X: Tensor) -> tuple:
 class _Prepared:
     """Kernel-ready arrays and the layout facts forward and backward share."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk):
+    def __init__(
+        self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu=None
+    ):
         b, d, L = u.shape
         n = A.shape[1]
+        # packed sequences (b = 1): S initial and final states; otherwise one per batch row
+        if cu is None:
+            cu = torch.tensor([0, L], dtype=torch.int64)
+        self.nstates = b * (cu.shape[0] - 1)
+        self.seg = _segments(cu, L, int(chunk))
         dtype = u.dtype
         self.shape = (b, d, L, n)
         self.cplx = A.is_complex()
@@ -1126,26 +1171,28 @@ class _Prepared:
             as_array(delta_bias if delta_bias is not None else u.new_zeros(d)),
             as_array(deltaA if deltaA is not None else dummy),
         ]
-        self.h0 = h0 if h0 is not None else torch.zeros(b, d, n, dtype=A.dtype)
+        self.h0 = h0 if h0 is not None else torch.zeros(self.nstates, d, n, dtype=A.dtype)
         self.flags = (_DISC[disc], bool(softplus), self.has_z, self.has_dA, int(chunk))
         self.dtype = dtype
 
     def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
         b, d, L, n = self.shape
-        K = self.flags[-1]
-        nck = -(-L // K) if save else 0
+        nseg = self.seg.shape[0] if save else 0
         y = torch.empty(b, d, L, dtype=self.dtype)
-        ck = torch.empty(b, d, nck, n, dtype=self.dtype)
-        hl = torch.empty(b, d, n, dtype=self.dtype)
+        ck = torch.empty(b, d, nseg, n, dtype=self.dtype)
+        # final states: the kernels write those of non-empty sequences; the rest keep h0
+        contiguous = dict(memory_format=torch.contiguous_format)
+        hl = self.h0.real.clone(**contiguous)
         blocks = self.blocks.numpy()
+        seg = self.seg.numpy()
         ntasks = b * len(blocks)
         if not self.cplx:
-            _run(_fwd_real, ntasks, *self.arrays, as_array(self.h0), *self.flags, blocks,
+            _run(_fwd_real, ntasks, *self.arrays, as_array(self.h0), *self.flags, blocks, seg,
                  y.numpy(), hl.numpy(), ck.numpy())  # fmt: skip
             return y, hl, ck
         ck_i = torch.empty_like(ck)
-        hl_i = torch.empty_like(hl)
-        _run(_fwd_cplx, ntasks, *self.arrays, *_planes(self.h0), *self.flags, blocks,
+        hl_i = self.h0.imag.clone(**contiguous)
+        _run(_fwd_cplx, ntasks, *self.arrays, *_planes(self.h0), *self.flags, blocks, seg,
              y.numpy(), hl.numpy(), hl_i.numpy(), ck.numpy(), ck_i.numpy())  # fmt: skip
         return y, torch.complex(hl, hl_i), torch.complex(ck, ck_i)
 
@@ -1161,25 +1208,29 @@ class _Prepared:
         rows_C = d if self.per_C else nblk
         dB = torch.zeros(b, rows_B, *self.B.shape[2:], **f)
         dC = torch.zeros(b, rows_C, *self.C.shape[2:], **f)
-        dA, dD, dbias, dh0 = (
+        dA, dD, dbias = (
             torch.empty(b, d, n, **f),
             torch.empty(b, d, **f),
             torch.empty(b, d, **f),
-            torch.empty(b, d, n, **f),
         )
-        common = (*self.flags, self.blocks.numpy(), self.per_B, self.per_C)
+        # the kernels write the h0 gradients of non-empty sequences; a zero-length sequence's
+        # final state is its h0, so its gradient passes through
+        dh = dh.to(self.h0.dtype)
+        contiguous = dict(memory_format=torch.contiguous_format)
+        dh0 = dh.real.clone(**contiguous)
+        common = (*self.flags, self.blocks.numpy(), self.seg.numpy(), self.per_B, self.per_C)
         dy = as_array(dy.to(self.dtype))
         ntasks = b * nblk
         if not self.cplx:
             _run(_bwd_real, ntasks, *self.arrays, *common, as_array(ckpt), dy,
-                 as_array(dh.to(self.dtype)), du.numpy(), ddelta.numpy(), dz.numpy(),
+                 as_array(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
                  ddA.numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(), dbias.numpy(),
                  dh0.numpy())  # fmt: skip
         else:
-            dA_i, dh0_i = torch.empty_like(dA), torch.empty_like(dh0)
+            dA_i, dh0_i = torch.empty_like(dA), dh.imag.clone(**contiguous)
             dB_i, dC_i = torch.zeros_like(dB), torch.zeros_like(dC)
             _run(_bwd_cplx, ntasks, *self.arrays, *common, *_planes(ckpt), dy,
-                 *_planes(dh.to(self.h0.dtype)), du.numpy(), ddelta.numpy(), dz.numpy(),
+                 *_planes(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
                  ddA.numpy(), dA.numpy(), dA_i.numpy(), dB.numpy(), dB_i.numpy(), dC.numpy(),
                  dC_i.numpy(), dD.numpy(), dbias.numpy(), dh0.numpy(), dh0_i.numpy())  # fmt: skip
             dA, dh0 = torch.complex(dA, dA_i), torch.complex(dh0, dh0_i)
@@ -1202,8 +1253,8 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
     """Fused forward with chunk-start checkpoints; fused backward recomputing chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk):
-        prep = _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu):
+        prep = _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu)
         y, h_last, ckpt = prep.forward(save=True)
         ctx.prep = prep  # kernel-ready views of the inputs
         ctx.bc_shapes = (B.shape, C.shape)
@@ -1234,7 +1285,7 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
             grads["h0"] if need[9] else None,
         ]
         out = [g if need[i] else None for i, g in enumerate(out)]
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def selective_scan(
@@ -1250,6 +1301,7 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused CPU selective scan; same arguments and results as the reference backend.
 
@@ -1257,25 +1309,29 @@ def selective_scan(
         u, delta: (b, d, L).  A: (d, n) real or complex.
         B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
-        initial_state: (b, d, n) (complex when A is) or None for zeros.
+        initial_state: (b, d, n) (complex when A is) or None for zeros; (S, d, n) with
+            ``cu_seqlens``.
+        cu_seqlens: int64 offsets (S + 1,) of packed sequences (b = 1): the kernels walk time
+            in segments cut at the sequence boundaries (see :func:`_segments`).
 
     Returns:
-        y (b, d, L) and the state after the last step (b, d, n).  Tensors on another device
-        go to the torch backend.
+        y (b, d, L) and the state after the last step (b, d, n), or each sequence's (S, d, n).
+        Tensors on another device go to the torch backend.
     """
     if u.device.type != "cpu":
         from lrnnx.ops.selective_scan.torch import selective_scan as torch_scan
 
         return torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
-                          deltaA, initial_state)  # fmt: skip
+                          deltaA, initial_state, cu_seqlens=cu_seqlens)  # fmt: skip
     if A.is_complex():  # the kernels take complex B, C and state; autograd takes Re for real ones
         B, C = B.to(A.dtype), C.to(A.dtype)
         if initial_state is not None:
             initial_state = initial_state.to(A.dtype)
     chunk = max(1, int(CHUNK))  # read at call time so tests can shrink it
+    cu = None if cu_seqlens is None else cu_seqlens.to("cpu", torch.int64)
     tensors = (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SelectiveScanCPUFunction.apply(*tensors, delta_softplus, discretization, chunk)
-    prep = _Prepared(*tensors, delta_softplus, discretization, chunk)
+        return SelectiveScanCPUFunction.apply(*tensors, delta_softplus, discretization, chunk, cu)
+    prep = _Prepared(*tensors, delta_softplus, discretization, chunk, cu)
     y, h_last, _ = prep.forward(save=False)
     return y, h_last

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lrnnx.core.discretization import DISCRETIZATIONS as _RULES
 from lrnnx.core.discretization import GammaBar, dirac
+from lrnnx.ops.linear_scan.packing import step_layout
 
 #: discretization rules the selective scan accepts
 DISCRETIZATIONS: tuple[str, ...] = ("mamba", "zoh", "bilinear", "dirac")
@@ -76,6 +77,7 @@ def selective_scan(
     deltaA: Tensor | None,
     initial_state: Tensor | None,
     reverse: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loop over time (from the last step to the first with ``reverse``); autograd flows
     through it.
@@ -86,10 +88,14 @@ def selective_scan(
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
         initial_state: (b, d, n) (complex when A is) or None for zeros; h_L with ``reverse``.
         reverse: h_t = A_bar_t h_{t+1} + gamma_bar_t B_t u_t, from t = L - 1 down to 0.
+        cu_seqlens: int64 offsets (S + 1,) of packed sequences (b = 1; validated by the
+            dispatcher); initial_state is then (S, d, n).  Where a sequence's scan begins the
+            state is replaced by its initial state (A_bar_t multiplies h0_s, not the carried
+            state); where it ends its final state is recorded.
 
     Returns:
         y (b, d, L) real, and the state after the last processed step (b, d, n): h_{L-1}, or
-        h_0 with ``reverse``.
+        h_0 with ``reverse``; with ``cu_seqlens`` one per sequence, (S, d, n).
     """
     batch, d, _ = u.shape
     dt = effective_delta(delta, delta_bias, delta_softplus)
@@ -103,14 +109,31 @@ def selective_scan(
     C_t = _per_step(C, batch, d).expand(batch, d, u.shape[2], -1)
     A_bar = A_bar.expand(Bu.shape)
 
-    h = Bu.new_zeros(batch, d, A.shape[1]) if initial_state is None else initial_state
-    h = h.to(torch.promote_types(A_bar.dtype, Bu.dtype))
+    state_dtype = torch.promote_types(A_bar.dtype, Bu.dtype)
+    nstates = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h = Bu.new_zeros(nstates, d, A.shape[1]) if initial_state is None else initial_state
+    h = h.to(state_dtype)
     ys = []
     # unbind gives one view per step, so backward stays linear in L (x[..., t] would not)
     steps = list(zip(A_bar.unbind(2), Bu.unbind(2), C_t.unbind(2), strict=True))
-    for a_t, bu_t, c_t in reversed(steps) if reverse else steps:
-        h = a_t * h + bu_t
-        ys.append((h * c_t).sum(-1))
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
+    if cu_seqlens is None:
+        for t in order:
+            a_t, bu_t, c_t = steps[t]
+            h = a_t * h + bu_t
+            ys.append((h * c_t).sum(-1))
+    else:  # packed sequences, batch 1: restart from h0_s where sequence s begins
+        seq, begins, ends = (x.tolist() for x in step_layout(cu_seqlens, reverse))
+        h0s, finals = h.unbind(0), list(h.unbind(0))  # a zero-length sequence keeps its h0
+        for t in order:
+            a_t, bu_t, c_t = steps[t]
+            if begins[t]:
+                h = h0s[seq[t]][None]
+            h = a_t * h + bu_t
+            ys.append((h * c_t).sum(-1))
+            if ends[t]:
+                finals[seq[t]] = h[0]
+        h = torch.stack(finals)
     if reverse:
         ys.reverse()  # ys[t] is step t again
     y = torch.stack(ys, dim=-1)

@@ -21,6 +21,15 @@ follows element-wise from (A_bar, gamma_bar, h_{t-1}, h_t, G).  Reductions: A, D
 and time-invariant B/C per program (summed over the batch with torch); time-varying B/C are
 summed over the program's channels in registers and added into (b, g, n, L) with atomics.
 
+Packed sequences (``cu_seqlens``, batch 1; ``PACKED``): per step, the sequence index and two
+flags (1: a sequence's scan begins here, 2: one ends here) are loaded with the tile.  Where a
+sequence begins, the scan element becomes (0, x_t + A_bar_t h0_s): the tile's scan restarts
+there and nothing carried from before reaches past it; where one ends, the state is stored as
+that sequence's final state.  Backward mirrors it: the recomputed h_{t-1} at a beginning is
+h0_s, the adjoint's element there is 0 (so nothing flows back across the boundary), the
+gradient of a final state joins the adjoint where its sequence ends, and conj(A_bar_t) G_t at a
+beginning is the gradient of h0_s.
+
 Complex A is processed as (re, im) register planes; gradients follow PyTorch's convention
 (grad_w = dL/dRe w + i dL/dIm w), so they match autograd through the torch backend.
 Everything is computed in float32: float64 inputs (and states wider than 256) go to the torch
@@ -36,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lrnnx.ops.linear_scan.packing import step_layout
 from lrnnx.ops.selective_scan.torch import selective_scan as _torch_scan
 
 try:
@@ -264,13 +274,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_kernel(
-        U, DELTA, AR, AI, BR, BI, CR, CI, DV, Z, BIAS, DLA, H0R, H0I,
+        U, DELTA, AR, AI, BR, BI, CR, CI, DV, Z, BIAS, DLA, H0R, H0I, SEQ, FLG,
         Y, HLR, HLI, CKR, CKI,
         d, L, n, nck, gsB, ngB, gsC, ngC,
         DISC: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr,
         IS_COMPLEX: tl.constexpr, B_VAR: tl.constexpr, B_UNIF: tl.constexpr,
         C_VAR: tl.constexpr, C_UNIF: tl.constexpr, SAVE: tl.constexpr,
+        PACKED: tl.constexpr, H0_SEQ: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(0).to(tl.int64)
@@ -319,6 +330,13 @@ if HAVE_TRITON:
             s3 = s[:, :, None]
             dt3 = dt[:, :, None]
             tm3 = tmask[None, :, None]
+            if PACKED:  # where sequences begin and end, and (S, d, n) offsets of their states
+                sq = tl.load(SEQ + t, mask=tmask, other=0).to(tl.int64)
+                fl = tl.load(FLG + t, mask=tmask, other=0)
+                mq = dmask[:, None, None] & tm3 & nmask[None, None, :]
+                beg3 = ((fl & 1) != 0)[None, :, None]
+                end3 = ((fl & 2) != 0)[None, :, None]
+                offQ = (sq[None, :, None] * d + dd[:, None, None]) * n + kk[None, None, :]
             Br = _load_bc(BR, pb, d0, dd, dmask, t, tmask, kk, nmask, n, L, gsB, ngB, B_VAR, B_UNIF)
             Cr = _load_bc(CR, pb, d0, dd, dmask, t, tmask, kk, nmask, n, L, gsC, ngC, C_VAR, C_UNIF)
             if IS_COMPLEX:
@@ -334,41 +352,61 @@ if HAVE_TRITON:
                 ai = tl.where(tm3, ai, 0.0)
                 xr = tl.where(tm3, xr, 0.0)
                 xi = tl.where(tm3, xi, 0.0)
+                if PACKED:  # restart: the element (0, x + A_bar h0_s) where a sequence begins
+                    if H0_SEQ:
+                        qr0 = tl.load(H0R + offQ, mask=mq & beg3, other=0.0)
+                        qi0 = tl.load(H0I + offQ, mask=mq & beg3, other=0.0)
+                        xr = xr + ar * qr0 - ai * qi0
+                        xi = xi + ar * qi0 + ai * qr0
+                    ar = tl.where(beg3, 0.0, ar)
+                    ai = tl.where(beg3, 0.0, ai)
                 ar, ai, xr, xi = tl.associative_scan((ar, ai, xr, xi), 1, _combine_c)
                 h_r = ar * hr[:, None, :] - ai * hi[:, None, :] + xr
                 h_i = ar * hi[:, None, :] + ai * hr[:, None, :] + xi
                 y = 2.0 * tl.sum(Cr * h_r - Ci * h_i, 2)
                 hr = _row(h_r, tt, BLOCK_T - 1)
                 hi = _row(h_i, tt, BLOCK_T - 1)
+                if PACKED:  # final states where sequences end
+                    tl.store(HLR + offQ, h_r, mask=mq & end3)
+                    tl.store(HLI + offQ, h_i, mask=mq & end3)
             else:
                 a, gam = _disc_real(Ar, s3, dt3, DISC)
                 x = gam * Br * u3
                 a = tl.where(tm3, a, 1.0)
                 x = tl.where(tm3, x, 0.0)
+                if PACKED:  # restart: the element (0, x + A_bar h0_s) where a sequence begins
+                    if H0_SEQ:
+                        x = x + a * tl.load(H0R + offQ, mask=mq & beg3, other=0.0)
+                    a = tl.where(beg3, 0.0, a)
                 a, x = tl.associative_scan((a, x), 1, _combine)
                 h = a * hr[:, None, :] + x
                 y = tl.sum(Cr * h, 2)
                 hr = _row(h, tt, BLOCK_T - 1)
+                if PACKED:  # final states where sequences end
+                    tl.store(HLR + offQ, h, mask=mq & end3)
             if HAS_D:
                 y = y + Dv[:, None] * u
             if HAS_Z:
                 zt = tl.load(Z + off2, mask=m2, other=0.0)
                 y = y * zt * _sigmoid(zt)
             tl.store(Y + off2, y, mask=m2)
-        tl.store(HLR + offS, hr, mask=mdn)
-        if IS_COMPLEX:
-            tl.store(HLI + offS, hi, mask=mdn)
+        if not PACKED:
+            tl.store(HLR + offS, hr, mask=mdn)
+            if IS_COMPLEX:
+                tl.store(HLI + offS, hi, mask=mdn)
 
     # ------------------------------------------------------------------ backward
 
     @triton.jit
     def _bwd_kernel(
         U, DELTA, AR, AI, BR, BI, CR, CI, DV, Z, BIAS, DLA, CKR, CKI, DOUT, DHR, DHI,
+        H0R, H0I, SEQ, FLG,
         DU, DDELTA, DZ, DDLA, DAR, DAI, DBR, DBI, DCR, DCI, DDV, DBIAS, DH0R, DH0I,
         d, L, n, nck, gsB, ngB, gsC, ngC,
         DISC: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DA: tl.constexpr, IS_COMPLEX: tl.constexpr,
         B_VAR: tl.constexpr, B_UNIF: tl.constexpr, C_VAR: tl.constexpr, C_UNIF: tl.constexpr,
+        PACKED: tl.constexpr, H0_SEQ: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(0).to(tl.int64)
@@ -392,10 +430,15 @@ if HAVE_TRITON:
         offS = (pb * d + dd)[:, None] * n + kk[None, :]
         offK = ((pb * d + dd)[:, None] * nck) * n + kk[None, :]
         # c = A_bar_{t} G_{t} at the step after the current tile; at the end: d(last state)
-        cr = tl.load(DHR + offS, mask=mdn, other=0.0)
-        if IS_COMPLEX:
-            ci = tl.load(DHI + offS, mask=mdn, other=0.0)
+        # (packed: each final state's gradient joins where its sequence ends)
         zero_dn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        if PACKED:
+            cr = zero_dn
+            ci = zero_dn
+        else:
+            cr = tl.load(DHR + offS, mask=mdn, other=0.0)
+            if IS_COMPLEX:
+                ci = tl.load(DHI + offS, mask=mdn, other=0.0)
         dAr = zero_dn
         dAi = zero_dn
         dBr_s = zero_dn  # time-invariant B/C: summed over time here
@@ -417,6 +460,12 @@ if HAVE_TRITON:
             m3 = dmask[:, None, None] & tm3 & nmask[None, None, :]
             u = tl.load(U + off2, mask=m2, other=0.0)
             dout = tl.load(DOUT + off2, mask=m2, other=0.0)
+            if PACKED:  # where sequences begin and end, and (S, d, n) offsets of their states
+                sq = tl.load(SEQ + t, mask=tmask, other=0).to(tl.int64)
+                fl = tl.load(FLG + t, mask=tmask, other=0)
+                beg3 = ((fl & 1) != 0)[None, :, None]
+                end3 = ((fl & 2) != 0)[None, :, None]
+                offQ = (sq[None, :, None] * d + dd[:, None, None]) * n + kk[None, None, :]
             raw, dt, s = _steps(DELTA, DLA, off2, m2, bias, HAS_BIAS, SOFTPLUS, HAS_DA)
             u3 = u[:, :, None]
             s3 = s[:, :, None]
@@ -438,11 +487,30 @@ if HAVE_TRITON:
                 xr = tl.where(tm3, bgr * u3, 0.0)
                 xi = tl.where(tm3, bgi * u3, 0.0)
                 # recompute: exclusive part -> h_{t-1}; h_t = A_bar h_{t-1} + x
+                if PACKED:  # restart where a sequence begins: h_{t-1} is its h0
+                    if H0_SEQ:
+                        qr0 = tl.load(H0R + offQ, mask=m3 & beg3, other=0.0)
+                        qi0 = tl.load(H0I + offQ, mask=m3 & beg3, other=0.0)
+                    else:
+                        qr0 = zeros3
+                        qi0 = zeros3
+                    ar_s = tl.where(beg3, 0.0, ar)
+                    ai_s = tl.where(beg3, 0.0, ai)
+                    xr_s = xr + ar * qr0 - ai * qi0
+                    xi_s = xi + ar * qi0 + ai * qr0
+                else:
+                    ar_s = ar
+                    ai_s = ai
+                    xr_s = xr
+                    xi_s = xi
                 _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
-                    (ar, ai, xr, xi, ones3, zeros3, zeros3, zeros3), 1, _combine_ex_c
+                    (ar_s, ai_s, xr_s, xi_s, ones3, zeros3, zeros3, zeros3), 1, _combine_ex_c
                 )
                 hpr = pr * h0r[:, None, :] - pi * h0i[:, None, :] + qr
                 hpi = pr * h0i[:, None, :] + pi * h0r[:, None, :] + qi
+                if PACKED:
+                    hpr = tl.where(beg3, qr0, hpr)
+                    hpi = tl.where(beg3, qi0, hpi)
                 h_r = ar * hpr - ai * hpi + xr
                 h_i = ar * hpi + ai * hpr + xi
                 w = 2.0 * tl.sum(Cr * h_r - Ci * h_i, 2)
@@ -450,8 +518,20 @@ if HAVE_TRITON:
                 a, gam = _disc_real(Ar, s3, dt3, DISC)
                 a = tl.where(tm3, a, 1.0)
                 x = tl.where(tm3, gam * Br * u3, 0.0)
-                _, _, p, q = tl.associative_scan((a, x, ones3, zeros3), 1, _combine_ex)
+                if PACKED:  # restart where a sequence begins: h_{t-1} is its h0
+                    if H0_SEQ:
+                        qr0 = tl.load(H0R + offQ, mask=m3 & beg3, other=0.0)
+                    else:
+                        qr0 = zeros3
+                    a_s = tl.where(beg3, 0.0, a)
+                    x_s = x + a * qr0
+                else:
+                    a_s = a
+                    x_s = x
+                _, _, p, q = tl.associative_scan((a_s, x_s, ones3, zeros3), 1, _combine_ex)
                 hp = p * h0r[:, None, :] + q
+                if PACKED:
+                    hp = tl.where(beg3, qr0, hp)
                 h = a * hp + x
                 w = tl.sum(Cr * h, 2)
             # gate: out = (y + D u) silu(z)
@@ -474,8 +554,11 @@ if HAVE_TRITON:
                 # adjoint: G_t = 2 dy_t conj(C_t) + conj(A_bar_{t+1}) G_{t+1}
                 btr = 2.0 * dy3 * Cr
                 bti = -2.0 * dy3 * Ci
-                car = ar  # conj(A_bar)
-                cai = -ai
+                car = ar_s  # conj(A_bar), 0 where a sequence begins (nothing flows back)
+                cai = -ai_s
+                if PACKED:  # a final state's gradient joins where its sequence ends
+                    btr += tl.load(DHR + offQ, mask=m3 & end3, other=0.0)
+                    bti += tl.load(DHI + offQ, mask=m3 & end3, other=0.0)
                 _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
                     (car, cai, car * btr - cai * bti, car * bti + cai * btr,
                      ones3, zeros3, zeros3, zeros3),
@@ -487,6 +570,9 @@ if HAVE_TRITON:
                 Gi = tl.where(m3, Gi, 0.0)
                 cr = _row(car * Gr - cai * Gi, tt, 0)
                 ci = _row(car * Gi + cai * Gr, tt, 0)
+                if PACKED:  # the gradient of h0_s: conj(A_bar) G where sequence s begins
+                    tl.store(DH0R + offQ, ar * Gr + ai * Gi, mask=m3 & beg3)
+                    tl.store(DH0I + offQ, ar * Gi - ai * Gr, mask=m3 & beg3)
                 # C: 2 dy conj(h)
                 vr = 2.0 * dy3 * h_r
                 vi = -2.0 * dy3 * h_i
@@ -557,11 +643,16 @@ if HAVE_TRITON:
             else:
                 # adjoint: G_t = dy_t C_t + A_bar_{t+1} G_{t+1}, via c_t = A_bar_t G_t
                 bt = dy3 * Cr
+                if PACKED:  # a final state's gradient joins where its sequence ends
+                    bt += tl.load(DHR + offQ, mask=m3 & end3, other=0.0)
+                # a_s: 0 where a sequence begins, so nothing flows back across it
                 _, _, p, q = tl.associative_scan(
-                    (a, a * bt, ones3, zeros3), 1, _combine_ex, reverse=True
+                    (a_s, a_s * bt, ones3, zeros3), 1, _combine_ex, reverse=True
                 )
                 G = tl.where(m3, bt + p * cr[:, None, :] + q, 0.0)
-                cr = _row(a * G, tt, 0)
+                cr = _row(a_s * G, tt, 0)
+                if PACKED:  # the gradient of h0_s: A_bar G where sequence s begins
+                    tl.store(DH0R + offQ, a * G, mask=m3 & beg3)
                 v = dy3 * h
                 if C_VAR:
                     _add_bc(DCR, v, pb, d0, dd, dmask, t, tmask, kk, nmask, n, L, gsC, ngC, C_UNIF)
@@ -609,14 +700,16 @@ if HAVE_TRITON:
             db_acc += tl.sum(tot, 1)
             tl.store(DU + off2, du, mask=m2)
         offP = (pb * d + dd)[:, None] * n + kk[None, :]
-        tl.store(DH0R + offP, cr, mask=mdn)
+        if not PACKED:
+            tl.store(DH0R + offP, cr, mask=mdn)
         tl.store(DAR + offP, dAr, mask=mdn)
         if not B_VAR:
             tl.store(DBR + offP, dBr_s, mask=mdn)
         if not C_VAR:
             tl.store(DCR + offP, dCr_s, mask=mdn)
         if IS_COMPLEX:
-            tl.store(DH0I + offP, ci, mask=mdn)
+            if not PACKED:
+                tl.store(DH0I + offP, ci, mask=mdn)
             tl.store(DAI + offP, dAi, mask=mdn)
             if not B_VAR:
                 tl.store(DBI + offP, dBi_s, mask=mdn)
@@ -643,10 +736,17 @@ def _sm_count(device: torch.device) -> int:
 class _Plan:
     """Tile sizes and kernel-ready tensors shared by forward and backward."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu=None):
         b, d, L = u.shape
         n = A.shape[1]
         self.shape = (b, d, L, n)
+        # packed sequences (b = 1): per step its sequence and flags (1: begins, 2: ends)
+        self.packed = cu is not None
+        self.nstates = b if cu is None else cu.shape[0] - 1
+        if self.packed:
+            seq, begins, ends = step_layout(cu, reverse=False)
+            self.seq = seq.to(device=u.device, dtype=torch.int32)
+            self.flg = (begins.int() + 2 * ends.int()).to(u.device)
         self.cplx = A.is_complex()
         self.BLOCK_N = max(2, _pow2(n))
         # time tile = checkpoint interval; shorter for wide states so the tiles stay in registers
@@ -677,6 +777,8 @@ class _Plan:
         self.bias = delta_bias.contiguous() if delta_bias is not None else dummy
         self.deltaA = deltaA.contiguous() if deltaA is not None else dummy
         self.h0 = planes(h0) if h0 is not None else (dummy, dummy)
+        if not self.packed:
+            self.seq = self.flg = dummy
         self.flags = dict(
             DISC=_DISC[disc],
             SOFTPLUS=bool(softplus),
@@ -687,6 +789,7 @@ class _Plan:
             IS_COMPLEX=self.cplx,
         )
         self.has_h0 = h0 is not None
+        self.pack_flags = dict(PACKED=self.packed, H0_SEQ=self.packed and self.has_h0)
         # (b, g, n, L) B/C: channels per group and group count; (d, n): unused
         self.bc = []
         for X in (B, C):
@@ -712,7 +815,13 @@ class _Plan:
         b, d, L, n = self.shape
         f32 = dict(dtype=torch.float32, device=self.u.device)
         y = torch.empty(b, d, L, **f32)
-        hl = (torch.empty(b, d, n, **f32), torch.empty(b, d, n, **f32) if self.cplx else y)
+        if not self.packed:
+            hl = (torch.empty(b, d, n, **f32), torch.empty(b, d, n, **f32) if self.cplx else y)
+        elif self.has_h0:  # the kernel writes the final states of non-empty sequences
+            hl = (self.h0[0].clone(), self.h0[1].clone() if self.cplx else y)
+        else:
+            zeros = [torch.zeros(self.nstates, d, n, **f32) for _ in range(2 if self.cplx else 1)]
+            hl = (zeros[0], zeros[-1] if self.cplx else y)
         if save:
             ck = (torch.empty(b, d, self.nck, n, **f32),)
             ck = (ck[0], torch.empty_like(ck[0]) if self.cplx else ck[0])
@@ -722,9 +831,10 @@ class _Plan:
         grid = (b, triton.cdiv(d, bd))
         _fwd_kernel[grid](
             self.u, self.delta, *self.A, *self.B, *self.C, self.D, self.z, self.bias,
-            self.deltaA, *self.h0, y, *hl, *ck,
+            self.deltaA, *self.h0, self.seq, self.flg, y, *hl, *ck,
             d, L, n, self.nck, *self.bc,
-            **self.flags, **self._var_flags(bd), HAS_H0=self.has_h0, SAVE=save,
+            **self.flags, **self._var_flags(bd), **self.pack_flags,
+            HAS_H0=self.has_h0 and not self.packed, SAVE=save,
             BLOCK_D=bd, BLOCK_T=self.BLOCK_T, BLOCK_N=self.BLOCK_N, num_warps=4,
         )  # fmt: skip
         h_last = torch.complex(*hl) if self.cplx else hl[0]
@@ -753,15 +863,18 @@ class _Plan:
         dC = buf(*self.C_shape, zero=True) if len(self.C_shape) == 4 else buf(b, d, n)
         dD = torch.empty(b, d, **f32)
         dbias = torch.empty(b, d, **f32)
-        dh0 = buf(b, d, n)
+        if self.packed:  # the kernel writes those of non-empty sequences; the rest pass dh
+            dh0 = (dh[0].clone(), dh[1].clone())
+        else:
+            dh0 = buf(b, d, n)
         bd = self.bd_bwd
         grid = (b, triton.cdiv(d, bd))
         _bwd_kernel[grid](
             self.u, self.delta, *self.A, *self.B, *self.C, self.D, self.z, self.bias,
-            self.deltaA, *ck, dout, *dh,
+            self.deltaA, *ck, dout, *dh, *self.h0, self.seq, self.flg,
             du, ddelta, dz, ddA, *dA, *dB, *dC, dD, dbias, *dh0,
             d, L, n, self.nck, *self.bc,
-            **self.flags, **self._var_flags(bd),
+            **self.flags, **self._var_flags(bd), **self.pack_flags,
             BLOCK_D=bd, BLOCK_T=self.BLOCK_T, BLOCK_N=self.BLOCK_N, num_warps=4,
         )  # fmt: skip
 
@@ -790,8 +903,8 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
     """Fused forward with a state checkpoint per time tile; fused backward recomputing tiles."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc):
-        plan = _Plan(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu):
+        plan = _Plan(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu)
         y, h_last, ck = plan.forward(save=True)
         ctx.plan = plan  # kernel-ready views of the inputs
         # the inputs are saved too, so autograd reports in-place changes made before backward
@@ -805,7 +918,7 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
         grads = ctx.plan.backward(ck, dy, dh)
         needs = ctx.needs_input_grad[: len(_NAMES)]
         out = [grads[k] if need else None for k, need in zip(_NAMES, needs, strict=True)]
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
 def _supported(u: Tensor, A: Tensor) -> bool:
@@ -831,6 +944,7 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused CUDA selective scan; same arguments and results as the reference backend.
 
@@ -838,28 +952,33 @@ def selective_scan(
         u, delta: (b, d, L).  A: (d, n) real or complex.
         B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
-        initial_state: (b, d, n) (complex when A is) or None for zeros.
+        initial_state: (b, d, n) (complex when A is) or None for zeros; (S, d, n) with
+            ``cu_seqlens``.
+        cu_seqlens: int64 offsets (S + 1,) of packed sequences (b = 1): the kernels restart
+            the scan where each sequence begins (see the module's docstring).
 
     Returns:
-        y (b, d, L) and the state after the last step (b, d, n).  Float64 inputs, states wider
-        than :data:`MAX_STATE` and tensors off CUDA go to the torch backend (CPU tensors run the
-        kernels under ``TRITON_INTERPRET=1``).
+        y (b, d, L) and the state after the last step (b, d, n), or each sequence's (S, d, n).
+        Float64 inputs, states wider than :data:`MAX_STATE` and tensors off CUDA go to the
+        torch backend (CPU tensors run the kernels under ``TRITON_INTERPRET=1``).
     """
     if not _supported(u, A):
         return _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
-                           deltaA, initial_state)  # fmt: skip
+                           deltaA, initial_state, cu_seqlens=cu_seqlens)  # fmt: skip
     return _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA,
-                initial_state)  # fmt: skip
+                initial_state, cu_seqlens)  # fmt: skip
 
 
-def _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA, h0):
+def _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA, h0, cu=None):
     """The kernels without the device check (the tests drive them under TRITON_INTERPRET)."""
     if A.is_complex():  # the kernels take complex B, C and state; autograd takes Re for real ones
         B, C = B.to(A.dtype), C.to(A.dtype)
         if h0 is not None:
             h0 = h0.to(A.dtype)
+    if cu is not None:
+        cu = cu.to("cpu", torch.int64)
     tensors = (u, delta, A, B, C, D, z, delta_bias, deltaA, h0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SelectiveScanTritonFunction.apply(*tensors, delta_softplus, discretization)
-    y, h_last, _ = _Plan(*tensors, delta_softplus, discretization).forward(save=False)
+        return SelectiveScanTritonFunction.apply(*tensors, delta_softplus, discretization, cu)
+    y, h_last, _ = _Plan(*tensors, delta_softplus, discretization, cu).forward(save=False)
     return y, h_last
