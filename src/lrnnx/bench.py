@@ -19,7 +19,9 @@ included, as every op allocates its output).
 
 Without ``--quick`` each op is swept over sequence length, width and batch around the shapes
 of the issue (selective scan b=2, d=1024, n=16, L=2048; linear_scan 32768 channels x L=2048),
-and the LTI comparison over L = 1024..16384.  Peers (mambapy's parallel scan) are timed beside
+and the LTI comparison over L = 1024..16384.  The depthwise causal convolution of Mamba and
+RG-LRU (``causal_conv1d``) is timed at the Mamba layer's shape B=4, D=512, L=2048, K=4, where
+torch's ``aten::convolution_backward`` took seconds on an AMD EPYC.  Peers (mambapy's parallel scan) are timed beside
 the selective scan when installed.
 
 ``--quick`` shrinks every case (see its ``--help``) so the whole run takes about a minute on a
@@ -54,9 +56,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lrnnx.ops import _dispatch, linear_scan, selective_scan_fn
+from lrnnx.ops import _dispatch, causal_conv1d, linear_scan, selective_scan_fn
 
-OPS = ("linear_scan", "selective_scan")
+OPS = ("linear_scan", "selective_scan", "causal_conv1d")
 
 
 @dataclass
@@ -207,6 +209,8 @@ def _time_backend(
 #: the shapes of the issue: selective scan (b, d, n, L) and linear_scan (B, L, C)
 HEADLINE_SCAN = (2, 1024, 16, 2048)
 HEADLINE_LINEAR = (1, 2048, 32768)
+#: causal_conv1d (B, D, L, K): the depthwise conv of a Mamba layer with H=256 (D = 2H)
+HEADLINE_CONV = (4, 512, 2048, 4)
 
 
 def linear_scan_shapes(quick: bool) -> List[tuple]:
@@ -227,6 +231,60 @@ def selective_scan_shapes(quick: bool) -> List[tuple]:
         + [(b, x, n, L) for x in (256, 4096)]
         + [(x, d, n, L) for x in (1, 8)]
     )
+
+
+def causal_conv1d_shapes(quick: bool) -> List[tuple]:
+    """(B, D, L, K) cases: the Mamba layer's conv (1/16 of it with --quick)."""
+    return [(1, 256, 512, 4)] if quick else [HEADLINE_CONV]
+
+
+def bench_causal_conv1d(
+    device: torch.device,
+    quick: bool,
+    copy_gbps: float,
+    repeats: int,
+    shapes: Optional[Sequence[tuple]] = None,
+) -> List[Row]:
+    rows = []
+    for shape in shapes or causal_conv1d_shapes(quick):
+        rows += _causal_conv1d_case(device, shape, copy_gbps, repeats)
+    return rows
+
+
+def _causal_conv1d_case(
+    device: torch.device, shape: Sequence[int], copy_gbps: float, repeats: int
+) -> List[Row]:
+    """lrnnx's choice (the fused numba kernels on CPU) beside the torch backend (F.conv1d and
+    its autograd, ``aten::convolution_backward``), on the same tensors."""
+    B, D, L, K = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, D, L, generator=g).to(device).requires_grad_()
+    w = (torch.randn(D, K, generator=g) / K**0.5).to(device).requires_grad_()
+    b = torch.randn(D, generator=g).to(device).requires_grad_()
+    bytes_moved = 2 * x.numel() * 4  # read x; write y
+    chosen = _dispatch.select("causal_conv1d", device)[0]
+    rows = []
+    for backend in dict.fromkeys([chosen, "torch"]):
+        f, fb, mem = _time_backend(
+            partial(causal_conv1d, x, w, b, backend=backend), [x, w, b], device, repeats
+        )
+        gbps = bytes_moved / (f * 1e-3) / 1e9
+        rows.append(
+            Row(
+                "op",
+                "causal_conv1d",
+                f"B={B} D={D} L={L} K={K}",
+                backend,
+                f,
+                fb,
+                None,
+                mem,
+                gbps,
+                gbps / copy_gbps,
+            )
+        )
+    _add_speedups(rows)
+    return rows
 
 
 def bench_linear_scan(
@@ -711,6 +769,11 @@ def plan_cases(
             label = "selective_scan b={} d={} n={} L={}".format(*shape)
             measure = partial(bench_selective_scan, device, quick, copy_gbps, repeats, [shape])
             cases.append((label, measure))
+    if "causal_conv1d" in args.ops:
+        for shape in causal_conv1d_shapes(quick):
+            label = "causal_conv1d B={} D={} L={} K={}".format(*shape)
+            measure = partial(bench_causal_conv1d, device, quick, copy_gbps, repeats, [shape])
+            cases.append((label, measure))
     B, L, H, N = model_shape(quick)
     for name in names:
         label = f"model {name} B={B} L={L} H={H} N={N}"
@@ -747,7 +810,7 @@ def _results_page(md: str, args: argparse.Namespace) -> str:
         "same process right after it; `peak MB` is the resident memory added by one "
         "forward+backward (inputs excluded); `of copy` is the forward pass's bytes moved per "
         "second as a fraction of `x.clone()` bandwidth (meaningful for memory-bound ops: "
-        "linear_scan).\n\n" + md
+        "linear_scan, causal_conv1d).\n\n" + md
     )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from lrnnx.ops import causal_conv1d
 
 
 def causal_depthwise_conv(
@@ -20,17 +21,19 @@ def causal_depthwise_conv(
         bias: (D,) or None.
         history: (B, D, K - 1) the inputs before x (zeros when None: a fresh sequence).
 
+    The convolution is :func:`lrnnx.ops.causal_conv1d` (fused forward and backward kernels on
+    CPU, ``F.conv1d`` elsewhere); y is in x's dtype, accumulated in float32 for bfloat16/float16.
+
     Returns:
         y (B, D, L) and the padded window (B, D, K - 1 + L) it was computed from, from which
         :func:`window_tail` reads the streaming state.
     """
-    K = weight.shape[-1]
+    D, K = weight.shape[0], weight.shape[-1]
+    y = causal_conv1d(x, weight.reshape(D, K), bias, initial_states=history)
     if history is None:
         history = x.new_zeros(x.shape[0], x.shape[1], K - 1)
-    window = torch.cat([history.to(x.dtype), x], dim=-1)
-    return F.conv1d(
-        window, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=x.shape[1]
-    ), window
+    window = torch.cat([history.to(x.dtype), x], dim=-1)  # one copy of x: cheap beside the conv
+    return y, window
 
 
 def window_tail(window: Tensor, width: int, history: int, lengths: Optional[Tensor]) -> Tensor:

@@ -1,0 +1,155 @@
+"""``causal_conv1d``: the depthwise causal convolution of Mamba and Griffin (RG-LRU), with the
+argument names of Dao-AILab's ``causal_conv1d_fn``.
+
+Backends (same signature, same results):
+
+- ``reference``: a plain Python loop over time, the specification.
+- ``torch``: ``F.conv1d`` on the padded window, any device; autograd is torch's.
+- ``cpu``: fused numba forward and backward kernels (the CPU default when numba is installed):
+  one pass over x in each direction, rows (batch, channel) in parallel, the pre-activation
+  recomputed in backward.  Replaces ``aten::convolution_backward``, which on some CPUs takes
+  seconds for this depthwise shape.
+
+Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device
+(the CUDA default is ``torch``: cuDNN's depthwise kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
+from torch import Tensor
+
+from lrnnx.ops import _dispatch
+
+__all__ = ["causal_conv1d", "ACTIVATIONS"]
+
+_dispatch.register("causal_conv1d", "reference", "lrnnx.ops.causal_conv1d.reference:causal_conv1d")
+_dispatch.register("causal_conv1d", "torch", "lrnnx.ops.causal_conv1d.torch:causal_conv1d")
+_dispatch.register("causal_conv1d", "cpu", "lrnnx.ops.causal_conv1d.cpu:causal_conv1d")
+
+_LOW_PRECISION = (_torch.float16, _torch.bfloat16)
+
+#: accepted values of ``activation`` ("swish" is another name of silu)
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check_tensor(name: str, t: object, device: Optional[_torch.device] = None) -> Tensor:
+    """Require a real floating-point tensor (on ``device`` when given)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
+    return t
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    initial_states: Optional[Tensor] = None,
+    return_final_states: bool = False,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Depthwise causal convolution along time, channel by channel::
+
+        y_t = bias + sum_{j < K} weight[:, j] * xpad_{t + j},     t = 0 .. L - 1
+
+    where ``xpad`` is x with the K - 1 entries of ``initial_states`` (zeros when None) before
+    it: weight[:, K - 1] multiplies the current input, weight[:, 0] the oldest.  Then
+    ``silu(y)`` when ``activation`` is ``"silu"`` or ``"swish"``.
+
+    Args:
+        x: input (B, D, L).
+        weight: (D, K), K >= 1 (an ``nn.Conv1d(D, D, K, groups=D)`` weight is (D, 1, K):
+            pass ``weight[:, 0]``).
+        bias: (D,) or None.
+        initial_states: (B, D, K - 1) the inputs before x (a previous call's final states);
+            zeros when None.
+        return_final_states: also return the last K - 1 entries of ``xpad`` (B, D, K - 1):
+            what the next call takes as ``initial_states`` to continue the sequence.  With
+            L < K - 1 they reach back into ``initial_states``.
+        activation: None, ``"silu"`` or ``"swish"``.
+        backend: force a backend ("reference", "torch", "cpu").
+
+    Returns:
+        y (B, D, L) in x's dtype [, final states (B, D, K - 1) in x's dtype].  float32 and
+        float64 are computed in the widest dtype of the inputs; bfloat16/float16 are
+        accumulated in float32.  Differentiable in x, weight, bias and initial_states (the
+        final states too: they are entries of x or of initial_states).  An empty batch or
+        sequence gives an empty y (and the final states: initial_states, or zeros).
+
+    Raises:
+        TypeError: an argument is not a real floating-point tensor.
+        ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, or the
+            activation is unknown.
+    """
+    _check_tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected shape (B, D, L) = (batch, channels, length), got "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    B, D, L = x.shape
+    device = x.device
+    _check_tensor("weight", weight, device)
+    if weight.dim() != 2 or weight.shape[0] != D or weight.shape[1] < 1:
+        raise ValueError(
+            f"weight: expected shape (D, K) = ({D}, K) with K >= 1 (x has D={D} channels), "
+            f"got {tuple(weight.shape)}"
+        )
+    K = weight.shape[1]
+    if bias is not None:
+        _check_tensor("bias", bias, device)
+        if tuple(bias.shape) != (D,):
+            raise ValueError(f"bias: expected shape (D,) = ({D},), got {tuple(bias.shape)}")
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, device)
+        if tuple(initial_states.shape) != (B, D, K - 1):
+            raise ValueError(
+                f"initial_states: expected shape (B, D, K - 1) = ({B}, {D}, {K - 1}), got "
+                f"{tuple(initial_states.shape)}"
+            )
+    if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {activation!r}")
+    silu = activation is not None
+
+    out_dtype = x.dtype
+    dtype = out_dtype
+    for t in (weight, bias, initial_states):
+        if t is not None:
+            dtype = _torch.promote_types(dtype, t.dtype)
+    if dtype in _LOW_PRECISION:
+        dtype = _torch.float32
+    xc, wc = x.to(dtype), weight.to(dtype)
+    bc = None if bias is None else bias.to(dtype)
+    hc = None if initial_states is None else initial_states.to(dtype)
+
+    if x.numel() == 0:  # no batch, channel or step: an empty y, still attached to the inputs
+        y = xc * wc.sum(-1)[:, None]
+        if bc is not None:
+            y = y + bc[:, None]
+        if hc is not None:
+            y = y + hc.sum(-1, keepdim=True)
+    else:
+        fn = _dispatch.resolve("causal_conv1d", device, backend)
+        y = fn(xc, wc, bc, hc, silu)
+    y = y.to(out_dtype)
+    if not return_final_states:
+        return y
+    return y, _final_states(x, initial_states, K)
+
+
+def _final_states(x: Tensor, initial_states: Optional[Tensor], K: int) -> Tensor:
+    """The last K - 1 entries of [initial_states, x] along time, (B, D, K - 1), in x's dtype."""
+    B, D, L = x.shape
+    P = K - 1
+    if L >= P:
+        return x[..., L - P :].clone()
+    if initial_states is None:
+        head = x.new_zeros(B, D, P - L)
+    else:
+        head = initial_states[..., L:].to(x.dtype)
+    return _torch.cat([head, x], dim=-1)

@@ -1,0 +1,279 @@
+"""lrnnx.ops.causal_conv1d: every backend against the reference loop (forward, the gradient of
+every input, final states, silu), low precision, empty and bad inputs, and the model helper
+:func:`lrnnx.core.conv.causal_depthwise_conv` built on it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _tol import assert_close_rel
+from lrnnx.core.conv import causal_depthwise_conv, window_tail
+from lrnnx.ops import _dispatch, causal_conv1d
+
+BACKENDS = [b for b in ("torch", "cpu") if _dispatch._load("causal_conv1d", b) is not None]
+
+
+def _inputs(B, D, L, K, dtype=torch.float64, seed=0, bias=True, init=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return (
+        t(B, D, L),
+        t(D, K),
+        t(D) if bias else None,
+        t(B, D, K - 1) if init else None,
+    )
+
+
+def _explicit(x, weight, bias, init, silu):
+    """The definition on the padded window, for the final states and an independent check."""
+    B, D, L = x.shape
+    K = weight.shape[1]
+    h = x.new_zeros(B, D, K - 1) if init is None else init
+    xpad = torch.cat([h, x], -1)
+    y = sum(weight[:, j, None] * xpad[..., j : j + L] for j in range(K))
+    y = y if bias is None else y + bias[:, None]
+    return (F.silu(y) if silu else y), xpad[..., L:]
+
+
+def _run(backend, inputs, activation, dy, dfinal):
+    x, w, b, h = inputs
+    y, final = causal_conv1d(x, w, b, h, True, activation, backend=backend)
+    wrt = [t for t in inputs if t is not None]
+    # allow_unused: with K = 1 the (B, D, 0) initial states reach no output in some backends
+    grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), wrt, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=True)]
+    return y, final, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("L", [1, 2, 5, 37])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_backend_matches_reference_float64(backend, K, L, activation):
+    """Forward, final states and the gradient of x, weight, bias, initial_states (L < K too)."""
+    inputs = _inputs(2, 3, L, K, seed=K * 100 + L)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(2, 3, L, generator=g, dtype=torch.float64)
+    dfinal = torch.randn(2, 3, K - 1, generator=g, dtype=torch.float64)
+    ref = _run("reference", inputs, activation, dy, dfinal)
+    got = _run(backend, inputs, activation, dy, dfinal)
+    y_def, final_def = _explicit(*inputs, silu=activation is not None)
+    assert_close_rel(ref[0], y_def, length=K, msg="reference vs definition")
+    assert torch.equal(ref[1], final_def.detach())  # final states are copies of inputs
+    assert_close_rel(got[0], ref[0], length=K, msg=f"{backend} y")
+    assert torch.equal(got[1], ref[1])
+    names = ["x", "weight", "bias", "initial_states"]
+    for name, a, e in zip(names, got[2], ref[2], strict=True):
+        if e.numel():
+            # weight and bias gradients sum over the batch and time: B * L terms
+            assert_close_rel(a, e, length=2 * L * K, msg=f"{backend} d{name}")
+        else:
+            assert a.shape == e.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_bias_and_initial_states(backend):
+    inputs = _inputs(2, 5, 16, 4, bias=False, init=False)
+    x, w, _, _ = inputs
+    y = causal_conv1d(x, w, activation="swish", backend=backend)
+    y_ref = causal_conv1d(x, w, activation="silu", backend="reference")
+    assert_close_rel(y, y_ref, length=4, msg="y")
+    gx, gw = torch.autograd.grad(y.square().sum(), [x, w])
+    rx, rw = torch.autograd.grad(y_ref.square().sum(), [x, w])
+    assert_close_rel(gx, rx, length=4, msg="dx")
+    assert_close_rel(gw, rw, length=64, msg="dweight")
+    _, final = causal_conv1d(x, w, return_final_states=True, backend=backend)
+    assert torch.equal(final, x[..., -3:].detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_equals_one_call(backend):
+    """Chunks chained through the final states give the whole sequence's output (chunks shorter
+    than the kernel too: their final states reach back into the initial states)."""
+    x, w, b, _ = _inputs(2, 4, 23, 4)
+    whole = causal_conv1d(x, w, b, backend=backend)
+    state, parts = None, []
+    for lo, hi in ((0, 2), (2, 3), (3, 13), (13, 23)):
+        y, state = causal_conv1d(x[..., lo:hi], w, b, state, True, backend=backend)
+        parts.append(y)
+    assert_close_rel(torch.cat(parts, -1), whole, length=4, msg="chunked")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_and_non_contiguous(backend):
+    """float32 against the float64 reference, with a transposed (channels-last) x, as the
+    models pass it."""
+    x64, w64, b64, h64 = _inputs(2, 64, 300, 4)
+    x32 = x64.detach().float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not x32.is_contiguous()
+    args32 = (x32, *(t.detach().float().requires_grad_() for t in (w64, b64, h64)))
+    y32 = causal_conv1d(*args32, activation="silu", backend=backend)
+    y64 = causal_conv1d(x64, w64, b64, h64, activation="silu", backend="torch")
+    assert y32.dtype == torch.float32
+    assert_close_rel(y32, y64, dtype=torch.float32, length=4, msg="y")
+    g32 = torch.autograd.grad(y32.sum(), args32)
+    g64 = torch.autograd.grad(y64.sum(), (x64, w64, b64, h64))
+    for name, a, e in zip(("x", "weight", "bias", "initial_states"), g32, g64, strict=True):
+        assert a.dtype == torch.float32
+        assert_close_rel(a, e, dtype=torch.float32, length=2 * 300 * 4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_accumulates_in_float32(backend, dtype):
+    """bf16/fp16 in, same dtype out; the result is the float32 computation rounded once."""
+    x, w, b, h = _inputs(2, 8, 64, 4, dtype=dtype)
+    y, final = causal_conv1d(x, w, b, h, True, "silu", backend=backend)
+    assert y.dtype == dtype and final.dtype == dtype
+    exact = causal_conv1d(
+        *(t.detach().double() for t in (x, w, b, h)), activation="silu", backend="reference"
+    )
+    assert_close_rel(y, exact, dtype=dtype, msg="y")  # one rounding: no sqrt(K) growth
+    assert torch.equal(final, x[..., -3:].detach())
+    grads = torch.autograd.grad(y.float().sum(), [x, w, b, h])
+    for t, g in zip((x, w, b, h), grads, strict=True):
+        assert g.dtype == dtype and g.shape == t.shape and torch.isfinite(g.float()).all()
+
+
+def test_promotes_to_the_widest_input():
+    """A float64 weight with a float32 x: computed in float64, returned in x's dtype."""
+    x, w, b, h = _inputs(1, 3, 9, 3)
+    y = causal_conv1d(x.float(), w, b, h)
+    exact = causal_conv1d(x, w, b, h, backend="reference")
+    assert y.dtype == torch.float32
+    assert_close_rel(y, exact, dtype=torch.float32, msg="y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 3, 0), (2, 0, 5), (0, 0, 0)])
+def test_empty(backend, shape):
+    B, D, L = shape
+    x, w, b, h = _inputs(B, D, L, 4)
+    y, final = causal_conv1d(x, w, b, h, True, "silu", backend=backend)
+    assert y.shape == (B, D, L) and final.shape == (B, D, 3)
+    if L == 0:
+        assert torch.equal(final, h.detach())  # no step: the states stay
+    grads = torch.autograd.grad(y.sum() + final.sum(), [x, w, b, h])
+    assert [g.shape for g in grads] == [t.shape for t in (x, w, b, h)]
+    _, final0 = causal_conv1d(x, w, return_final_states=True, backend=backend)
+    assert final0.shape == (B, D, 3) and not final0.any()
+
+
+def test_gradcheck_cpu():
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    for K, L, act in ((3, 5, "silu"), (4, 2, None), (1, 3, "silu")):
+        inputs = _inputs(2, 2, L, K, seed=K + L)
+
+        def fn(*args, act=act):
+            return causal_conv1d(*args, True, act, backend="cpu")
+
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_parallel_path_matches_serial(monkeypatch):
+    """The thread-pool path (row ranges on several threads) gives the serial path's result."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    from lrnnx.ops.causal_conv1d import cpu
+
+    inputs = _inputs(3, 7, 40, 4)
+    serial = _run("cpu", inputs, "silu", torch.ones(3, 7, 40), torch.ones(3, 7, 3))
+    monkeypatch.setattr(cpu, "SERIAL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = _run("cpu", inputs, "silu", torch.ones(3, 7, 40), torch.ones(3, 7, 3))
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(
+        (parallel[0], parallel[1], *parallel[2]), (serial[0], serial[1], *serial[2]), strict=True
+    ):
+        assert_close_rel(a, e, length=40, msg="parallel vs serial")
+
+
+def test_default_without_env_is_cpu(monkeypatch):
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    assert _dispatch.select("causal_conv1d", torch.device("cpu"))[0] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, w, b, h: causal_conv1d(x[0], w), ValueError, "x: expected shape"),
+        (lambda x, w, b, h: causal_conv1d(x, w[:2]), ValueError, "weight: expected shape"),
+        (lambda x, w, b, h: causal_conv1d(x, w[:, None]), ValueError, "weight: expected shape"),
+        (lambda x, w, b, h: causal_conv1d(x, w[:, :0]), ValueError, "K >= 1"),
+        (lambda x, w, b, h: causal_conv1d(x, w, b[:2]), ValueError, "bias: expected shape"),
+        (lambda x, w, b, h: causal_conv1d(x, w, b, h[..., :1]), ValueError, "initial_states"),
+        (lambda x, w, b, h: causal_conv1d(x, w, b, h[:1]), ValueError, "initial_states"),
+        (lambda x, w, b, h: causal_conv1d(x, w, activation="relu"), ValueError, "activation"),
+        (lambda x, w, b, h: causal_conv1d(x, w, activation=True), ValueError, "activation"),
+        (lambda x, w, b, h: causal_conv1d(x.long(), w), TypeError, "x: expected a real"),
+        (lambda x, w, b, h: causal_conv1d(x, w.to(torch.complex128)), TypeError, "weight"),
+        (lambda x, w, b, h: causal_conv1d(x.detach().numpy(), w), TypeError, "x: expected a"),
+        (lambda x, w, b, h: causal_conv1d(x, w, b.to("meta")), ValueError, "bias: expected a t"),
+        (lambda x, w, b, h: causal_conv1d(x, w, backend="nope"), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, exc, match):
+    x, w, b, h = (t.detach() for t in _inputs(2, 3, 6, 4))
+    with pytest.raises(exc, match=match):
+        call(x, w, b, h)
+
+
+# ------------------------------------------------------------------------ the model helper
+
+
+@pytest.mark.parametrize("history", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_causal_depthwise_conv_matches_conv1d_on_the_window(history, dtype):
+    """The helper Mamba and RG-LRU call: nn.Conv1d's layout, y in x's dtype, and the window
+    the cache states are read from."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6).double()
+    x = torch.randn(2, 6, 10, dtype=torch.float64)
+    h = torch.randn(2, 6, 3, dtype=torch.float64) if history else None
+    y, window = causal_depthwise_conv(x.to(dtype), conv.weight, conv.bias, h)
+    expect_window = torch.cat(
+        [torch.zeros(2, 6, 3, dtype=torch.float64) if h is None else h, x], -1
+    )
+    assert y.dtype == dtype and window.dtype == dtype
+    assert torch.equal(window, expect_window.to(dtype))
+    expect = F.conv1d(expect_window.to(dtype).double(), conv.weight, conv.bias, groups=6)
+    assert_close_rel(y, expect.detach(), dtype=dtype, length=4 if dtype == torch.float64 else 1)
+    # window_tail reads the streaming state from the window
+    tail = window_tail(window, 3, 3, torch.tensor([10, 1]))
+    assert torch.equal(tail[0], window[0, :, -3:])
+    assert torch.equal(tail[1], window[1, :, 1:4])
+
+
+def test_causal_depthwise_conv_gradients_reach_the_conv_parameters():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(5, 5, 4, groups=5).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    y, _ = causal_depthwise_conv(x, conv.weight, conv.bias)
+    grads = torch.autograd.grad(y.square().sum(), [x, conv.weight, conv.bias])
+    expect_y = F.conv1d(F.pad(x, (3, 0)), conv.weight, conv.bias, groups=5)
+    expect = torch.autograd.grad(expect_y.square().sum(), [x, conv.weight, conv.bias])
+    for a, e in zip(grads, expect, strict=True):
+        assert_close_rel(a, e, length=48)
+
+
+def test_bench_row():
+    """``lrnnx bench --ops causal_conv1d``: lrnnx's choice beside the torch backend (no timing
+    assertion)."""
+    from lrnnx import bench
+
+    assert "causal_conv1d" in bench.OPS
+    assert bench.causal_conv1d_shapes(False) == [(4, 512, 2048, 4)]
+    rows = bench.bench_causal_conv1d(torch.device("cpu"), True, 1.0, 1, [(1, 8, 16, 4)])
+    assert [r.backend for r in rows][-1] == "torch" and rows[0].name == "causal_conv1d"
+    assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 for r in rows)
+    if len(rows) == 2:
+        assert "torch" in rows[0].speedup
