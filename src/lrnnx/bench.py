@@ -262,27 +262,31 @@ def _causal_conv1d_case(
     w = (torch.randn(D, K, generator=g) / K**0.5).to(device).requires_grad_()
     b = torch.randn(D, generator=g).to(device).requires_grad_()
     bytes_moved = 2 * x.numel() * 4  # read x; write y
-    chosen = _dispatch.select("causal_conv1d", device)[0]
+    call = lambda backend: partial(causal_conv1d, x, w, b, backend=backend)  # noqa: E731
+    label = f"B={B} D={D} L={L} K={K}"
+    return _chosen_vs_torch(
+        "causal_conv1d", label, call, [x, w, b], bytes_moved, device, copy_gbps, repeats
+    )
+
+
+def _chosen_vs_torch(
+    op: str,
+    label: str,
+    call: Callable[[str], Callable[[], Any]],
+    inputs: List[torch.Tensor],
+    bytes_moved: int,
+    device: torch.device,
+    copy_gbps: float,
+    repeats: int,
+) -> List[Row]:
+    """Rows of ``op`` on the backend the dispatcher picks and on the torch backend, on the same
+    tensors; ``call(backend)`` returns the op's call for that backend."""
+    chosen = _dispatch.select(op, device)[0]
     rows = []
     for backend in dict.fromkeys([chosen, "torch"]):
-        f, fb, mem = _time_backend(
-            partial(causal_conv1d, x, w, b, backend=backend), [x, w, b], device, repeats
-        )
+        f, fb, mem = _time_backend(call(backend), inputs, device, repeats)
         gbps = bytes_moved / (f * 1e-3) / 1e9
-        rows.append(
-            Row(
-                "op",
-                "causal_conv1d",
-                f"B={B} D={D} L={L} K={K}",
-                backend,
-                f,
-                fb,
-                None,
-                mem,
-                gbps,
-                gbps / copy_gbps,
-            )
-        )
+        rows.append(Row("op", op, label, backend, f, fb, None, mem, gbps, gbps / copy_gbps))
     _add_speedups(rows)
     return rows
 
@@ -307,29 +311,11 @@ def _linear_scan_case(
     a = (torch.rand(B, L, C, device=device) * 0.5 + 0.5).requires_grad_()
     b = torch.randn(B, L, C, device=device, requires_grad=True)
     bytes_moved = 3 * a.numel() * 4  # read a, b; write h
-    chosen = _dispatch.select("linear_scan", device)[0]
-    rows = []
-    for backend in dict.fromkeys([chosen, "torch"]):
-        f, fb, mem = _time_backend(
-            partial(linear_scan, a, b, backend=backend), [a, b], device, repeats
-        )
-        gbps = bytes_moved / (f * 1e-3) / 1e9
-        rows.append(
-            Row(
-                "op",
-                "linear_scan",
-                f"B={B} L={L} C={C}",
-                backend,
-                f,
-                fb,
-                None,
-                mem,
-                gbps,
-                gbps / copy_gbps,
-            )
-        )
-    _add_speedups(rows)
-    return rows
+    call = lambda backend: partial(linear_scan, a, b, backend=backend)  # noqa: E731
+    label = f"B={B} L={L} C={C}"
+    return _chosen_vs_torch(
+        "linear_scan", label, call, [a, b], bytes_moved, device, copy_gbps, repeats
+    )
 
 
 def _baseline_affordable(
