@@ -172,16 +172,7 @@ def test_s4_kernel(kw):
 
 
 @pytest.mark.parametrize("disc", ["zoh", "bilinear", "dirac"])
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(init="legs"),
-        dict(init="diag-lin", dt_tie=False),
-        dict(init="diag-inv", channels=2),
-        dict(init="diag-real", is_real=True),
-    ],
-    ids=["legs", "lin-untied", "inv-channels", "real"],
-)
+@pytest.mark.parametrize("kw", ts.S4D_CONFIGS, ids=ts.S4D_CONFIG_IDS)
 def test_s4d_kernel(disc, kw):
     m = ts.make(S4D, d_model=3, d_state=8, disc=disc, dt_min=0.01, dt_max=0.5, **kw)
     K, _ = m.compute_kernel(64)

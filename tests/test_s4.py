@@ -201,17 +201,19 @@ def test_s4_kernel_matches_dense_dplr_powers(kw):
     torch.testing.assert_close(K2, powered_kernel(dA, dB, Cf, 150), atol=1e-12, rtol=0)
 
 
+#: S4D set-ups whose kernels are checked against powers of the discrete matrices (here) and
+#: differentiated against them (test_gradients.py)
+S4D_CONFIGS = [
+    dict(init="legs"),
+    dict(init="diag-lin", dt_tie=False),
+    dict(init="diag-inv", channels=2),
+    dict(init="diag-real", is_real=True),
+]
+S4D_CONFIG_IDS = ["legs", "lin-untied", "inv-channels", "real"]
+
+
 @pytest.mark.parametrize("disc", ["zoh", "bilinear", "dirac"])
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(init="legs"),
-        dict(init="diag-lin", dt_tie=False),
-        dict(init="diag-inv", channels=2),
-        dict(init="diag-real", is_real=True),
-    ],
-    ids=["legs", "lin-untied", "inv-channels", "real"],
-)
+@pytest.mark.parametrize("kw", S4D_CONFIGS, ids=S4D_CONFIG_IDS)
 def test_s4d_kernel_matches_powers(disc, kw):
     m = make(S4D, d_model=3, d_state=8, disc=disc, dt_min=0.01, dt_max=0.5, **kw)
     K, _ = m.compute_kernel(64)
