@@ -507,3 +507,16 @@ def test_a_stale_models_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} == set(MODEL_REGISTRY)
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_the_sigpipe_status():
+    """``lrnnx ... | head`` : the reader leaves early; no traceback, exit status 128 + SIGPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrnnx.cli", "tasks"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the program writes its first line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()

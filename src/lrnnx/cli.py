@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 EXIT_USAGE = 2
 #: exit status after Ctrl-C (128 + SIGINT)
 EXIT_INTERRUPTED = 130
+#: exit status when stdout's reader closed the pipe (128 + SIGPIPE, what a shell reports)
+EXIT_BROKEN_PIPE = 141
 
 #: the reference size of the ``models`` table
 REFERENCE_D_MODEL = 64
@@ -892,6 +894,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (``lrnnx train ... | head``): stop quietly, as a Unix filter
+        # does on SIGPIPE; point stdout at devnull so the interpreter's final flush cannot
+        # raise again (the recipe in Python's signal module documentation)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
