@@ -520,3 +520,24 @@ def test_a_closed_stdout_pipe_ends_quietly_with_the_sigpipe_status():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--lr", "0.001"], "--lr 0.002"),
+        (["--seed", "3"], "--seed 0"),
+        (["--task-option", "n_keys=6"], "n_keys"),
+    ],
+    ids=["lr", "seed", "task-option"],
+)
+def test_resume_refuses_other_task_or_optimisation_settings(tmp_path, capsys, change, named):
+    """A resumed run is the same run: its task options, seed and optimiser settings must match
+    the checkpoint's (the message names each difference); steps and intervals may change."""
+    out = tmp_path / "run"
+    assert main(_run(out, steps=2, extra=["--eval-every", "2"])) == 0
+    capsys.readouterr()
+    assert main(_run(out, steps=3, extra=["--resume", *change])) == 2
+    err = capsys.readouterr().err
+    assert "resume:" in err and named in err and "(now" in err, err
+    assert main(_run(out, steps=3, extra=["--resume", "--eval-every", "3"])) == 0

@@ -453,6 +453,37 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+#: settings a resumed run must share with its checkpoint: they define the data, the batches
+#: and the optimisation (changing one midway would make a different run than the one reported);
+#: steps, evaluation/logging intervals, time limits, device and threads may change
+RESUME_FIXED = ("seed", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "n_train")
+
+
+def _check_resumed_run(
+    ckpt_path: Path, state: Dict[str, Any], config: TrainConfig, data: Any
+) -> None:
+    """Raise ConfigError naming every setting that differs between ``config`` and the run that
+    wrote the checkpoint ``state`` (the task and its options, and :data:`RESUME_FIXED`)."""
+    saved = state.get("config", {})
+    task = state.get("task", {})
+    diffs = []
+    if task.get("name") != data.name or task.get("params") != data.params:
+        diffs.append(
+            f"task {task.get('name')} {task.get('params')} (now {data.name} {data.params})"
+        )
+    for name in RESUME_FIXED:
+        if name in saved and saved[name] != getattr(config, name):
+            diffs.append(
+                f"--{name.replace('_', '-')} {saved[name]!r} (now {getattr(config, name)!r})"
+            )
+    if diffs:
+        raise ConfigError(
+            f"resume: {ckpt_path} was trained with "
+            + "; ".join(diffs)
+            + ". Resume with the same settings, or use another --out / --overwrite"
+        )
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
@@ -748,7 +779,8 @@ def _train(
     start_step, elapsed_before = 0, 0.0
     if config.resume and ckpt_path is not None:  # check_output_dir made sure it exists
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("architecture") != arch:
+        _check_resumed_run(ckpt_path, state, config, data)  # first: a task change explains
+        if state.get("architecture") != arch:  # an architecture change (its vocabulary, say)
             raise ConfigError(
                 f"resume: {ckpt_path} was trained with a different architecture; "
                 "use another --out or the same model settings"
