@@ -46,7 +46,13 @@ from lrnnx.core.checks import (
 )
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.core.hippo import nplr
-from lrnnx.models.lti.base import LTI_LRNN
+from lrnnx.models.lti.base import (
+    LTI_LRNN,
+    check_packed_cache,
+    packed_offsets,
+    packed_seqlen_offset,
+)
+from lrnnx.ops.linear_scan.packing import step_layout
 
 log = logging.getLogger(__name__)
 
@@ -703,18 +709,29 @@ class S4BlockBase(LTI_LRNN):
         state: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
         rate: float = 1.0,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Run the block over a whole sequence.
 
         Args:
-            x: (B, H, L) if ``transposed`` else (B, L, H).
+            x: (B, H, L) if ``transposed`` else (B, L, H); with ``cu_seqlens``, (1, H, T) or
+                (1, T, H).
             lengths: (B,) valid lengths (or one int); padded outputs are zero and padding never
                 affects the valid outputs or the returned state.
-            state: initial recurrent state (B, H', N) (e.g. from :meth:`default_state`).
+            state: initial recurrent state (B, H', N) (e.g. from :meth:`default_state`); with
+                ``cu_seqlens`` one per sequence, (S, H', N).
             inference_cache: a cache from :meth:`allocate_inference_cache`; its state is the
                 initial state and receives the final one (``seqlen_offset`` advances by L).
+                With ``cu_seqlens`` it holds one state per sequence (batch size S) and
+                ``seqlen_offset`` advances by the longest sequence's length.
             rate: sampling-rate factor of the original lrnnx / state-spaces FFT convolution
                 (dt scaled by ``rate``); only 1.0 is supported (ValueError otherwise).
+            cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) into the
+                T steps of the one batch row, 0 first and T last, repeated offsets for
+                zero-length sequences.  The result equals running each sequence alone
+                (outputs, gradients, states), see :meth:`_packed_ssm` for how.  ValueError for
+                ``lengths`` with it, a batch other than 1 or bad offsets.
 
         Returns:
             y of x's shape (with d_output features) and the state after each sequence's last valid
@@ -725,35 +742,27 @@ class S4BlockBase(LTI_LRNN):
         Bsz, L, _ = x.shape
         if state is not None and inference_cache is not None:
             raise ValueError("state, inference_cache: pass at most one of them")
+        layout = "(1, H, T)" if self.transposed else "(1, T, H)"
+        cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {layout}")
         lengths = self._lengths(lengths, Bsz, L, x.device)
         mask = None if lengths is None else lengths_mask(lengths, Bsz, L, x.device)
-        h0 = None
-        if state is not None:
-            h0 = self._check_state(state, Bsz, "state")
-        elif inference_cache is not None:
-            h0 = self._check_cache(inference_cache, Bsz)["lrnn_state"].to(self.state_dtype)
+        h0 = self._initial_state(state, inference_cache, Bsz if cu is None else cu.shape[0] - 1, cu)
         if x.numel() == 0:  # no batch or no steps: empty output, the state stays
             return self._empty_block_output(x, h0, inference_cache)
         if mask is not None:  # a select: padding may hold anything, NaN included
             x = zero_where_not(x, mask[..., None])
         v = self.input_gate(x) if self.gate is not None else None
         u = self.input_linear(x) if self.bottleneck is not None else x
+        # a cache's state is an inference constant: no graph through it
+        state_grad = inference_cache is None
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.transpose(1, 2).to(self.A_real.dtype)  # (B, H', L)
             if mask is not None:
                 uf = zero_where_not(uf, mask[:, None])
-            Lk = L if self.l_max is None else min(L, self.l_max)
-            k, k_state = self.compute_kernel(Lk, h0)
-            k = self.kernel_dropout(k)
-            y = causal_conv(uf[:, None], k)  # (B, C, H', L)
-            y = y + self.D[..., None] * uf[:, None]
-            if k_state is not None:
-                y = y + F.pad(k_state, (0, L - Lk))
-            next_state = None
-            if h0 is not None:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and inference_cache is None):
-                    dA, dB = self._state_matrices()
-                    next_state = ssm_final_state(dA, dB, uf, h0, lengths)
+            if cu is None:
+                y, next_state = self._ssm(uf, h0, lengths, state_grad)
+            else:
+                y, next_state = self._packed_ssm(uf, h0, cu, state_grad)
             y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C, L)
             y = y.reshape(Bsz, -1, L).transpose(1, 2).to(x.dtype)  # (B, L, C*H')
         y = self.activation(self.conv_dropout(y))
@@ -766,9 +775,78 @@ class S4BlockBase(LTI_LRNN):
             y = y.transpose(1, 2)
         if inference_cache is not None:
             inference_cache["lrnn_state"].copy_(next_state.detach())
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+            advance = L if cu is None else packed_seqlen_offset(cu)
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
             next_state = inference_cache["lrnn_state"]
         return y, next_state
+
+    def _initial_state(
+        self,
+        state: Optional[Tensor],
+        cache: Optional[Dict[str, Any]],
+        rows: int,
+        cu: Optional[Tensor],
+    ) -> Optional[Tensor]:
+        """The validated initial state (rows, H', N): from ``state``, from the cache, or None.
+
+        ``rows`` is the batch size, or the number of sequences S with the offsets ``cu``."""
+        if state is not None:
+            name = "state" if cu is None else "state (one per packed sequence)"
+            return self._check_state(state, rows, name)
+        if cache is None:
+            return None
+        if cu is not None:
+            check_packed_cache(cache, rows, type(self).__name__)
+        # a copy: the final state is written into the cache's tensor in place, which must not
+        # change a value saved by the graph of a forward under autograd
+        return self._check_cache(cache, rows)["lrnn_state"].to(self.state_dtype, copy=True)
+
+    def _ssm(
+        self, uf: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], state_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The SSM of a batch by the FFT convolution with the kernel: uf (B, H', L) ->
+        y (B, C, H', L) (D included), and the final state (B, H', N) when ``h0`` is given.
+
+        ``lengths`` (B,): the state is read at each sequence's length (padding zeroed by the
+        caller); ``state_grad``: whether the state carries a graph."""
+        L = uf.shape[-1]
+        Lk = L if self.l_max is None else min(L, self.l_max)
+        k, k_state = self.compute_kernel(Lk, h0)
+        k = self.kernel_dropout(k)
+        y = causal_conv(uf[:, None], k)  # (B, C, H', L)
+        y = y + self.D[..., None] * uf[:, None]
+        if k_state is not None:
+            y = y + F.pad(k_state, (0, L - Lk))
+        next_state = None
+        if h0 is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and state_grad):
+                dA, dB = self._state_matrices()
+                next_state = ssm_final_state(dA, dB, uf, h0, lengths)
+        return y, next_state
+
+    def _packed_ssm(
+        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor, state_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`_ssm` for S sequences packed along the T steps of uf (1, H', T) at the int64
+        offsets ``cu`` (S + 1,); ``h0`` (S, H', N).  Returns y (1, C, H', T) and the final
+        states (S, H', N) (or None).
+
+        The kernel of a dense (DPLR) state matrix has no scan with resets, so the sequences are
+        laid out as a padded batch (S, H', max length), run through :meth:`_ssm` with their
+        lengths, and gathered back: exactly each sequence alone, with the block's own kernel
+        (l_max and kernel dropout included), at the memory of that padded batch,
+        O(S * max length * H' * channels).  Diagonal subclasses override this with the scan."""
+        lens = cu[1:] - cu[:-1]
+        T, longest, dev = uf.shape[-1], int(lens.max()), uf.device
+        pos = torch.arange(longest)
+        src = (cu[:-1, None] + pos).clamp(max=T - 1)  # (S, max length) packed step of each slot
+        valid = (pos[None] < lens[:, None]).to(dev)
+        u_pad = zero_where_not(uf[0][:, src.to(dev)].transpose(0, 1), valid[:, None])
+        short = None if bool((lens == longest).all()) else lens.to(dev)
+        y_pad, next_state = self._ssm(u_pad, h0, short, state_grad)  # (S, C, H', max length)
+        seq, _, _ = step_layout(cu, reverse=False)
+        y = y_pad[seq.to(dev), :, :, (torch.arange(T) - cu[seq]).to(dev)]  # (T, C, H')
+        return y.permute(1, 2, 0)[None], next_state
 
     def step(
         self, x: Tensor, inference_cache: Union[Dict[str, Any], Tensor]

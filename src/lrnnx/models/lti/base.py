@@ -19,6 +19,7 @@ from lrnnx.core.checks import (
 )
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.ops import _dispatch, linear_scan
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 
 #: how a forward pass evaluates the recurrence
 MODES = ("fft", "scan", "auto")
@@ -42,6 +43,60 @@ def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
     t = torch.arange(1, max(L, 1), device=A_bar.device, dtype=A_bar.real.dtype)
     P = torch.exp(torch.log(A_bar)[..., None] * t)
     return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)[..., :L]
+
+
+def packed_offsets(
+    cu_seqlens: Optional[Tensor], lengths: Any, batch: int, length: int, where: str
+) -> Optional[Tensor]:
+    """Validate a forward's ``cu_seqlens`` (packed sequences, fla's convention) against its input.
+
+    Args:
+        cu_seqlens: None, or int64/int32 offsets (S + 1,): sequence s is steps
+            ``cu_seqlens[s]:cu_seqlens[s + 1]`` of the one batch row, ``cu_seqlens[0] = 0``,
+            ``cu_seqlens[-1] = T``, no decrease (repeated offsets: zero-length sequences).
+        lengths: the forward's ``lengths``; it must be None with ``cu_seqlens``.
+        batch, length: the input's batch size (must be 1) and number of steps T.
+        where: the input's name and layout for the messages, e.g. "x (1, T, H)".
+
+    Returns:
+        None without ``cu_seqlens``, else the offsets as an int64 CPU tensor (S + 1,).
+
+    Raises:
+        ValueError: ``lengths`` given too (padding and packing are two ways of batching
+            variable-length sequences; pass one), or bad offsets / a batch other than 1
+            (:func:`lrnnx.ops.linear_scan.packing.check_cu_seqlens`).
+    """
+    if cu_seqlens is None:
+        return None
+    if lengths is not None:
+        raise ValueError(
+            "lengths, cu_seqlens: pass one of them: cu_seqlens packs the sequences back to back "
+            "in one row (each as long as its offsets say), lengths marks the padding of a "
+            f"padded batch; got both (lengths={lengths!r})"
+        )
+    return check_cu_seqlens(cu_seqlens, batch, length, where)
+
+
+def check_packed_cache(cache: Any, n_seq: int, owner: str) -> None:
+    """A cache used with ``cu_seqlens`` holds one state per packed sequence: batch size S.
+
+    Raises ValueError, naming S, when its ``"lrnn_state"`` has another number of rows (e.g. a
+    cache allocated for the single packed row); the model's own cache check runs after this.
+    """
+    state = cache.get("lrnn_state") if isinstance(cache, dict) else None
+    if isinstance(state, Tensor) and state.dim() and state.shape[0] != n_seq:
+        raise ValueError(
+            f"inference_cache: with cu_seqlens the cache holds one state per packed sequence "
+            f"(the initial state, then the final one), so it needs batch size S = {n_seq}; "
+            f"got a cache of batch size {state.shape[0]}; allocate one with "
+            f"{owner}.allocate_inference_cache(batch_size={n_seq})"
+        )
+
+
+def packed_seqlen_offset(cu: Tensor) -> int:
+    """How far a packed forward advances a cache's ``seqlen_offset``: the longest sequence,
+    as a padded batch of the same sequences (padded to that length) would."""
+    return int((cu[1:] - cu[:-1]).max())
 
 
 class _StepBuffers:
@@ -78,6 +133,11 @@ class LTI_LRNN(LRNN):
     ``"auto"`` (the default, the fastest path measured): the scan whenever the device's
     linear_scan backend is a fused one (:data:`FUSED_SCAN_BACKENDS`), otherwise the FFT from
     :data:`AUTO_FFT_MIN_LEN` steps on.  All give the same result up to floating-point rounding.
+
+    Packed sequences (``cu_seqlens``, fla's convention: x (1, T, H) holds S sequences back to
+    back) always run the scan with resets, in every mode, ``"fft"`` included: a convolution over
+    the packed row would carry each sequence's inputs into the next one.  ``mode`` is a speed
+    choice, so the packed result is the same either way: each sequence as if run alone.
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "no_discretization")
@@ -154,33 +214,44 @@ class LTI_LRNN(LRNN):
         inference_cache: Optional[Dict[str, Any]] = None,
         out_scale: float = 1.0,
         powers: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the diagonal system h_t = A_bar h_{t-1} + B_bar x_t, y_t = out_scale Re(C h_t) + D x_t.
 
         Args:
-            x: (B, L, H) real input.
+            x: (B, L, H) real input; (1, T, H) with ``cu_seqlens``.
             A_bar: (N,) complex discrete eigenvalues.  B_bar: (N, H).  C: (H, N).  D: (H,) or None.
             lengths: (B,) valid lengths; outputs past them are zero and the state stops there.
             inference_cache: if given, the scan starts from its ``"lrnn_state"`` (B, N) and the
                 state at each sequence's end is written back (``seqlen_offset`` advances by L).
+                With ``cu_seqlens`` it holds one state per sequence, (S, N).
             out_scale: 2 for conjugate-symmetric models that keep half of each eigenvalue pair.
             powers: A_bar^t (N, L) when the caller already has them.
+            cu_seqlens: packed sequences (see :func:`packed_offsets`): the state restarts at
+                each sequence's first step, always through the scan with resets (an FFT
+                convolution would mix neighbouring sequences), whatever ``mode`` says.
 
         Returns:
             y (B, L, H) in x's dtype; state arithmetic is float32/complex64 (or wider) always.
         """
         Bsz, L, _ = x.shape
+        cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {tuple(x.shape)} = (1, T, H)")
         lengths = as_lengths(lengths, Bsz, L, x.device)
         mask = lengths_mask(lengths, Bsz, L, x.device)
         h0 = None
         if inference_cache is not None:
-            h0 = self._check_cache(inference_cache, Bsz)["lrnn_state"]
+            h0 = self._cached_state(inference_cache, Bsz, cu)
+        final = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             if mask is not None:  # a select: padding may hold anything, NaN included
                 xf = zero_where_not(xf, mask[..., None])
             u = xf.to(B_bar.dtype) @ B_bar.transpose(0, 1)  # (B, L, N)
-            if self._use_fft(L):
+            if cu is not None:
+                h, final = linear_scan(
+                    A_bar, u, initial_state=h0, output_final_state=True, cu_seqlens=cu
+                )
+            elif self._use_fft(L):
                 K = diagonal_powers(A_bar, L) if powers is None else powers
                 h = causal_conv(u.transpose(1, 2), K).transpose(1, 2)  # (B, L, N)
                 if h0 is not None:
@@ -192,9 +263,23 @@ class LTI_LRNN(LRNN):
                 y = y + xf * D
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
-        if inference_cache is not None:
+        if inference_cache is not None and cu is not None:
+            inference_cache["lrnn_state"].copy_(final.detach())
+            offset = inference_cache.get("seqlen_offset", 0) + packed_seqlen_offset(cu)
+            inference_cache["seqlen_offset"] = offset
+        elif inference_cache is not None:
             self._store_final_state(inference_cache, h, lengths)
         return y.to(x.dtype)
+
+    def _cached_state(self, cache: Dict[str, Any], batch: int, cu: Optional[Tensor]) -> Tensor:
+        """The validated initial state (B, N) of a cache; (S, N), one per sequence, when packed.
+
+        A copy: the forward writes the final state into the cache's tensor in place, which must
+        not change a value that the graph of a forward under autograd saved."""
+        rows = batch if cu is None else cu.shape[0] - 1
+        if cu is not None:
+            check_packed_cache(cache, rows, type(self).__name__)
+        return self._check_cache(cache, rows)["lrnn_state"].clone()
 
     def _diagonal_step(
         self, x: Tensor, cache: Dict[str, Any], out_scale: float = 1.0

@@ -94,14 +94,24 @@ class LRU(LTI_LRNN):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, L, H) -> (B, L, H). ``lengths`` (B,) zeroes padded outputs; an ``inference_cache``
-        supplies the initial state and receives the final one."""
+        supplies the initial state and receives the final one.
+
+        ``cu_seqlens`` (S + 1,) int64: x is (1, T, H) holding S sequences back to back (fla's
+        convention); the result equals running each alone.  They always run through the scan
+        with resets (see :class:`LTI_LRNN`); a cache then holds one state per sequence (S, N).
+        ValueError for ``lengths`` with ``cu_seqlens``, a batch other than 1 or bad offsets.
+        """
         self._check_forward_args(x, integration_timesteps)
         # the diagonal is used as a vector: no (N, N) matrix on the training path
         Lambda, B, C = self._matrices()
         Lambda, B_norm = self.compute_kernel(x.shape[1], Lambda, B)
-        return self._diagonal_ssm(x, Lambda, B_norm, C, self.D, lengths, inference_cache)
+        return self._diagonal_ssm(
+            x, Lambda, B_norm, C, self.D, lengths, inference_cache, cu_seqlens=cu_seqlens
+        )
 
     def allocate_inference_cache(
         self,

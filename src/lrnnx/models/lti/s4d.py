@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lrnnx.core.checks import merge_alias
@@ -34,6 +34,7 @@ from lrnnx.models.lti._s4_block import (
     check_kernel_name,
     check_original_init_options,
 )
+from lrnnx.ops import linear_scan
 
 
 def vandermonde(v: Tensor, x: Tensor, L: int, max_elements: Optional[int] = None) -> Tensor:
@@ -236,6 +237,33 @@ class S4D(S4BlockBase):
         with torch.no_grad():
             dA, dB, dC = self.discretize()
         return {"dA": dA.to(self.state_dtype), "dB": dB.to(self.state_dtype), "dC": dC.clone()}
+
+    def _packed_ssm(
+        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor, state_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Packed sequences (uf (1, H, T), offsets ``cu`` (S + 1,), ``h0`` (S, H, N)) through
+        the diagonal recurrence x_t = dA x_{t-1} + dB u_t with resets at the sequence starts
+        (:func:`lrnnx.ops.linear_scan` with ``cu_seqlens``): y (1, C, H, T) and the final
+        states (S, H, N) (or None).
+
+        The block's convolution is that recurrence with its kernel cut at ``l_max`` and, while
+        training, kernel dropout; when either applies (a sequence longer than ``l_max``, or
+        ``drop_kernel`` > 0 in training) the padded-batch convolution of the base class runs
+        instead, so the result is always each sequence as if run alone."""
+        kernel_dropout = self.training and isinstance(self.kernel_dropout, nn.Dropout)
+        too_long = self.l_max is not None and int((cu[1:] - cu[:-1]).max()) > self.l_max
+        if kernel_dropout or too_long:
+            return super()._packed_ssm(uf, h0, cu, state_grad)
+        dA, dB, C = self.discretize()
+        b = dB * uf[0].transpose(0, 1)[..., None].to(dB.dtype)  # (T, H, N)
+        h, final = linear_scan(
+            dA, b[None], initial_state=h0, output_final_state=True, cu_seqlens=cu
+        )
+        y = torch.einsum("chn,thn->cht", C.to(h.dtype), h[0])
+        y = (y.real if self.is_real else 2 * y.real)[None] + self.D[..., None] * uf[:, None]
+        if h0 is None:  # as the convolution path: a final state only for a given initial one
+            return y, None
+        return y, final if state_grad else final.detach()
 
     def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
         x = cache["lrnn_state"]

@@ -136,18 +136,35 @@ class S5(LTI_LRNN):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, L, H) -> (B, L, H). ``lengths`` (B,) zeroes padded outputs; an ``inference_cache``
-        supplies the initial state and receives the final one."""
+        supplies the initial state and receives the final one.
+
+        ``cu_seqlens`` (S + 1,) int64: x is (1, T, H) holding S sequences back to back (fla's
+        convention); the result equals running each alone.  They always run through the scan
+        with resets (see :class:`LTI_LRNN`); a cache then holds one state per sequence (S, N).
+        ValueError for ``lengths`` with ``cu_seqlens``, a batch other than 1 or bad offsets.
+        """
         self._check_forward_args(x, integration_timesteps)
         A_bar, gamma_bar, C = self.discretize()
         L = x.shape[1]
-        if self._use_fft(L):
+        if cu_seqlens is None and self._use_fft(L):
             K, B_bar = self.compute_kernel(L, A_bar, gamma_bar)
         else:
             K, B_bar = None, self.compute_kernel(1, A_bar, gamma_bar)[1]
         return self._diagonal_ssm(
-            x, A_bar, B_bar, C, self.D, lengths, inference_cache, self.out_scale, powers=K
+            x,
+            A_bar,
+            B_bar,
+            C,
+            self.D,
+            lengths,
+            inference_cache,
+            self.out_scale,
+            powers=K,
+            cu_seqlens=cu_seqlens,
         )
 
     def allocate_inference_cache(

@@ -43,6 +43,7 @@ from lrnnx.core.checks import (
     merge_alias,
     zero_where_not,
 )
+from lrnnx.models.lti.base import check_packed_cache, packed_offsets, packed_seqlen_offset
 from lrnnx.models.lti.s5 import MAX_REAL_EIG, hippo_n_init
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
@@ -144,13 +145,21 @@ def masked_scan(
     mask: Optional[Tensor],
     h0: Optional[Tensor],
     backend: Optional[str],
-) -> Tensor:
-    """h_k = a_k h_{k-1} + b_k over (B, L, P); padded positions (mask False) keep the state."""
+    cu_seqlens: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """h_k = a_k h_{k-1} + b_k over (B, L, P); padded positions (mask False) keep the state.
+
+    Returns h (B, L, P) and the final state: (B, P) at step L - 1 (padding carries each
+    sequence's state there), or with packed ``cu_seqlens`` (S + 1,) (then B = 1 and the state
+    restarts at each sequence's first step, from ``h0`` (S, P)) each sequence's own, (S, P).
+    """
     if mask is not None:
         valid = mask[..., None]
         a = torch.where(valid, a, torch.ones_like(a))  # broadcasts a (P,) to (B, L, P)
         b = torch.where(valid, b, torch.zeros_like(b))
-    return linear_scan(a, b, initial_state=h0, backend=backend)
+    return linear_scan(
+        a, b, initial_state=h0, backend=backend, output_final_state=True, cu_seqlens=cu_seqlens
+    )
 
 
 class _EventSSM(LTV_LRNN):
@@ -243,6 +252,7 @@ class _EventSSM(LTV_LRNN):
         inference_cache: Optional[Dict[str, Any]] = None,
         *,
         hidden_states: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B, L, H) -> y (B, L, H), in x's dtype.
 
@@ -256,12 +266,24 @@ class _EventSSM(LTV_LRNN):
             inference_cache: from :meth:`allocate_inference_cache`; the scan starts from its
                 ``"lrnn_state"`` and the final states are written back (``seqlen_offset``
                 advances by L), so :meth:`step` continues the sequence.
+            cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) into the
+                T steps of x (1, T, H) and of ``integration_timesteps`` (1, T), 0 first and T
+                last (repeated offsets: zero-length sequences).  The result equals running each
+                sequence alone (outputs, gradients, states): the state restarts at each
+                sequence's first event, whose elapsed time is the one given at that position
+                (it only matters for a cached initial state, as when run alone).  A cache then
+                holds one state per sequence (batch size S) and ``seqlen_offset`` advances by
+                the longest length.  ValueError for ``lengths`` with it, a batch other than 1
+                or bad offsets.
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
+        cu = packed_offsets(
+            cu_seqlens, lengths, x.shape[0], x.shape[1], f"x {tuple(x.shape)} = (1, T, H)"
+        )
         h0 = None
         if inference_cache is not None:
-            h0 = check_cache(inference_cache, x.shape[0], self.n_state, type(self).__name__)
+            h0 = self._cached_state(inference_cache, x.shape[0], cu)
         if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
             return self._empty_output(x)
         if mask is not None:  # a select: padding may hold anything, NaN included
@@ -274,16 +296,28 @@ class _EventSSM(LTV_LRNN):
             p = self._tensors()
             A_bar, gamma_bar = self._discretize(p, u, ts)
             Bu = self._input(p, u)  # (B, L, P)
-            h0c = None if h0 is None else h0.to(Bu.dtype)
-            h = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend)
+            h0c = None if h0 is None else h0.to(Bu.dtype, copy=True)
+            h, final = masked_scan(A_bar, gamma_bar * Bu, mask, h0c, self._backend, cu)
             y = self._output(p, h, u)
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
-            # padded steps carry the state unchanged, so h[:, -1] is the state at each length
-            h0.copy_(h[:, -1].detach())
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + x.shape[1]
+            # padded steps carry the state unchanged, so the final state is each length's
+            h0.copy_(final.detach())
+            advance = x.shape[1] if cu is None else packed_seqlen_offset(cu)
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
         return y.to(x.dtype)
+
+    def _cached_state(self, cache: Dict[str, Any], batch: int, cu: Optional[Tensor]) -> Tensor:
+        """The validated state of a cache: (B, P), or (S, P), one per sequence, when packed.
+
+        The cache's own tensor: the forward writes the final state into it in place (the scan
+        reads a copy, so a forward under autograd keeps a graph that this write cannot break)."""
+        owner = type(self).__name__
+        if cu is None:
+            return check_cache(cache, batch, self.n_state, owner)
+        check_packed_cache(cache, cu.shape[0] - 1, owner)
+        return check_cache(cache, cu.shape[0] - 1, self.n_state, owner)
 
     def step(
         self,
