@@ -3,7 +3,12 @@
 
     x_0 = Embed(ids)
     x_l = Block_l(x_{l-1})       pre-norm residual: x + mixer(norm(x)) [+ x + MLP(norm(x))]
-    logits = W_E RMSNorm(x_n)    (head tied to the embedding by default)
+    logits = W_E Norm(x_n)       (head tied to the embedding by default)
+
+Norm is RMSNorm (default) or LayerNorm; with ``residual_in_fp32`` the residual stream x_l is
+kept in float32 while the weights may be bf16/fp16 (mamba_ssm's and transformers' Mamba).
+:meth:`LRNNLMHeadModel.from_pretrained` also loads transformers' ``MambaForCausalLM`` and
+mamba_ssm's ``MambaLMHeadModel`` checkpoints (see :mod:`lrnnx.interop.mamba`).
 
 Every mixer type — recurrent or attention — supports prefill (``forward`` with a cache) and
 decoding (``step``), so generation runs the whole stack on cached states: the attention
@@ -12,13 +17,17 @@ layers keep a KV cache and are stepped like the others.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+import os
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.architectures._common import (
+    CONFIG_NAME,
     PretrainedMixin,
     mixer_name,
     positive_int,
@@ -49,6 +58,48 @@ def _check_ids(
             f"{name}: expected token ids in [0, {vocab_size}), got min {int(ids.min())} "
             f"max {int(ids.max())}"
         )
+
+
+#: the normalisations an LM can use before each mixer / MLP and before the head (``norm_type``)
+NORM_TYPES = ("rmsnorm", "layernorm")
+
+
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al., arXiv 1607.06450) with a bias, computed in float32 at least (like
+    :class:`lrnnx.layers.RMSNorm`), output in the input's dtype: mamba_ssm's ``rms_norm=False``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        w = None if self.weight is None else self.weight.to(xf.dtype)
+        b = None if self.bias is None else self.bias.to(xf.dtype)
+        return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class _OutputInWeightDtype:
+    """Norm mixin for a residual stream wider than the weights (``residual_in_fp32``): the norm
+    reads the float32 stream and hands the mixer / MLP / head its own (the weights') dtype."""
+
+    weight: Tensor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).to(self.weight.dtype)  # type: ignore[misc]
+
+
+class _FP32ResidualRMSNorm(_OutputInWeightDtype, RMSNorm):
+    """RMSNorm of a float32 residual stream (same parameters as :class:`RMSNorm`)."""
+
+
+class _FP32ResidualLayerNorm(_OutputInWeightDtype, _LayerNorm):
+    """LayerNorm of a float32 residual stream (same parameters as ``nn.LayerNorm``)."""
+
+
+def _norm_factory(norm_type: str, eps: float, residual_in_fp32: bool) -> Callable[[int], nn.Module]:
+    """``dim -> norm module`` for ``norm_type`` (one of :data:`NORM_TYPES`)."""
+    if norm_type == "rmsnorm":
+        cls = _FP32ResidualRMSNorm if residual_in_fp32 else RMSNorm
+        return lambda d: cls(d, eps=eps)
+    cls_ln = _FP32ResidualLayerNorm if residual_in_fp32 else _LayerNorm
+    return lambda d: cls_ln(d, eps=eps)
 
 
 class CausalLMOutput(NamedTuple):
@@ -84,7 +135,13 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         pad_vocab_size_multiple: the embedding/head rows are padded to a multiple of this
             (faster matmuls); the padded logits are dropped.
         rotary: rotary position embeddings in the attention layers.
-        norm_eps: epsilon of the RMSNorms.
+        norm_eps: epsilon of the norms.
+        norm_type: ``"rmsnorm"`` (RMSNorm, weight only) or ``"layernorm"`` (LayerNorm with
+            weight and bias; mamba_ssm's ``rms_norm=False``).
+        residual_in_fp32: keep the residual stream (the sum of the blocks' outputs) in float32
+            (float64 for a float64 model) whatever the weights' dtype, as mamba_ssm and
+            transformers' Mamba do; each norm hands its mixer / MLP / the head the weights'
+            dtype.  Only changes results for bf16 / fp16 weights.
         initializer_range: std of the normal initialisation of the embedding.
         bidirectional: must be False: a language model predicts the next token, so its mixers
             are causal (True raises a ValueError; use ``Classifier(bidirectional=True)`` or
@@ -107,6 +164,8 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         bidirectional: bool = False,
+        norm_type: str = "rmsnorm",
+        residual_in_fp32: bool = False,
     ) -> None:
         super().__init__()
         if bidirectional:
@@ -121,6 +180,12 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         positive_int("vocab_size", vocab_size)
         positive_int("num_heads", num_heads)
         positive_int("pad_vocab_size_multiple", pad_vocab_size_multiple)
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type: expected one of {list(NORM_TYPES)}, got {norm_type!r}")
+        if not isinstance(residual_in_fp32, bool):
+            raise TypeError(
+                f"residual_in_fp32: expected a bool, got {type(residual_in_fp32).__name__}"
+            )
         if (
             not isinstance(d_intermediate, int)
             or isinstance(d_intermediate, bool)
@@ -167,9 +232,13 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             "norm_eps": norm_eps,
             "initializer_range": initializer_range,
             "bidirectional": False,
+            "norm_type": norm_type,
+            "residual_in_fp32": residual_in_fp32,
         }
         self.d_model, self.vocab_size, self.n_layer = d_model, vocab_size, n_layer
         self.mixer_types = names
+        self.residual_in_fp32 = residual_in_fp32
+        norm_cls = _norm_factory(norm_type, norm_eps, residual_in_fp32)
         self.padded_vocab_size = (
             math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
         )
@@ -184,17 +253,22 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             else:
                 mixer = build_mixer(name, d_model, d_state, **per_type[name])
             mlp = GatedMLP(d_model, hidden=d_intermediate) if d_intermediate > 0 else None
-            layers.append(
-                Block(d_model, mixer, mlp=mlp, norm_cls=lambda d: RMSNorm(d, eps=norm_eps))
-            )
+            layers.append(Block(d_model, mixer, mlp=mlp, norm_cls=norm_cls))
         self.layers = nn.ModuleList(layers)
-        self.norm_f = RMSNorm(d_model, eps=norm_eps)
+        self.norm_f = norm_cls(d_model)
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
         nn.init.normal_(self.embedding.weight, std=initializer_range)
         if tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
     # --------------------------------------------------------------------------------- forward
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's start: float32 at least with ``residual_in_fp32``."""
+        x = self.embedding(input_ids)
+        if self.residual_in_fp32:
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+        return x
+
     def forward(
         self,
         input_ids: Tensor,
@@ -227,7 +301,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         mask = lengths_mask(lengths, B, L, input_ids.device)
         if inference_cache is not None:
             self._check_cache(inference_cache)
-        x = self.embedding(input_ids)
+        x = self._embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(
                 x,
@@ -267,7 +341,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 f"input_ids: expected shape (B,) or (B, 1), got {tuple(input_ids.shape)}"
             )
         self._check_cache(inference_cache)
-        x = self.embedding(input_ids)
+        x = self._embed(input_ids)
         for i, layer in enumerate(self.layers):
             x, _ = layer.step(x, inference_cache[i], integration_timesteps=integration_timesteps)
         logits = self.lm_head(self.norm_f(x))[..., : self.vocab_size]
@@ -316,3 +390,67 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         from lrnnx.utils.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ---------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_pretrained(
+        cls,
+        load_directory: Union[str, os.PathLike],
+        map_location: Union[str, torch.device, None] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        torch_dtype: Union[str, torch.dtype, None] = None,
+    ) -> LRNNLMHeadModel:
+        """Load a checkpoint directory; returns the model in eval mode (call ``.train()`` to
+        fine-tune).
+
+        Three layouts are recognised from ``config.json``:
+
+        * lrnnx's own (written by :meth:`save_pretrained`): see
+          :meth:`lrnnx.architectures._common.PretrainedMixin.from_pretrained`.
+        * transformers' ``MambaForCausalLM`` (``"model_type": "mamba"``, e.g. the
+          state-spaces/mamba-130m-hf ... mamba-2.8b-hf checkpoints): ``model.safetensors``,
+          sharded safetensors or ``pytorch_model.bin``.
+        * mamba_ssm's ``MambaLMHeadModel`` (``d_model``, ``n_layer``, ``ssm_cfg``, ...;
+          ``pytorch_model.bin``), Mamba-1 layers only.
+
+        The two Mamba layouts are mapped exactly (same logits as the source library, within
+        floating-point rounding) by :func:`lrnnx.interop.mamba.load_mamba_checkpoint`; logits
+        always have ``vocab_size`` entries (mamba_ssm's padded vocabulary rows are dropped).
+
+        Args:
+            load_directory: the checkpoint directory.
+            map_location: device for the weights (default: CPU).
+            device: the same as ``map_location`` (give one, or both equal).
+            dtype: cast the whole model after loading (``model.to(dtype)``): a floating-point
+                ``torch.dtype`` or its name (``"bfloat16"``); None or ``"auto"`` keeps the dtypes
+                as saved.
+            torch_dtype: alias of ``dtype`` (Hugging Face's name).
+
+        Raises:
+            FileNotFoundError: ``config.json`` or the weights are missing.
+            ValueError: a config that is none of the three layouts, or a Mamba checkpoint with
+                parts lrnnx does not have (Mamba-2 layers, attention layers, ...); conflicting
+                ``map_location``/``device`` or ``dtype``/``torch_dtype``; a corrupted lrnnx
+                weights file (ChecksumError).
+            RuntimeError: the weights do not match the config (missing / unexpected / shape).
+        """
+        config_path = os.path.join(load_directory, CONFIG_NAME)
+        if os.path.isfile(config_path):
+            from lrnnx.interop.mamba import detect_layout, load_mamba_checkpoint
+
+            with open(config_path) as f:
+                config = json.load(f)
+            if detect_layout(config) != "lrnnx":
+                return load_mamba_checkpoint(
+                    load_directory,
+                    map_location,
+                    device=device,
+                    dtype=dtype,
+                    torch_dtype=torch_dtype,
+                    model_cls=cls,
+                )
+        return super().from_pretrained(
+            load_directory, map_location, device=device, dtype=dtype, torch_dtype=torch_dtype
+        )
