@@ -31,13 +31,19 @@ def _gelu_tanh(z):
     return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
 
 
+def _gelu_erf(z):
+    return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+
+
 def _dense_gate(bdl):
     """The block-diagonal gate as a dense (D, D) matrix acting as x @ W, and its bias."""
     return torch.block_diag(*bdl.weight.double()), bdl.bias.double()
 
 
-def _naive_rglru(model, xc, h0=None):
-    """h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t) with a_t = sigmoid(Lambda)^(c r_t)."""
+def _naive_rglru(model, xc, h0=None, reset=False):
+    """h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t) with a_t = sigmoid(Lambda)^(c r_t).
+
+    reset: Griffin's segment start at t = 0 instead: h_0 = i_0 x_0 (h0 is ignored there)."""
     Wa, ba = _dense_gate(model.recurrent_gate_proj)
     Wx, bx = _dense_gate(model.input_gate_proj)
     a = torch.sigmoid(model.Lambda.double())
@@ -50,15 +56,19 @@ def _naive_rglru(model, xc, h0=None):
         r_t = torch.sigmoid(x_t @ Wa + ba)
         i_t = torch.sigmoid(x_t @ Wx + bx)
         a_t = a ** (model.c * r_t)
-        h = a_t * h + torch.sqrt(1 - a_t**2) * (i_t * x_t)
+        if reset and t == 0:
+            h = i_t * x_t
+        else:
+            h = a_t * h + torch.sqrt(1 - a_t**2) * (i_t * x_t)
         out.append(h)
     return torch.stack(out, 1), h
 
 
-def _naive_block(model, x, h0=None, conv0=None):
+def _naive_block(model, x, h0=None, conv0=None, reset=False):
     """Whole Griffin recurrent block, one timestep at a time, in float64.
 
-    conv0 (B, D, K-1): the conv inputs before t = 0 (zeros when None).
+    conv0 (B, D, K-1): the conv inputs before t = 0 (zeros when None); reset: Griffin's
+    segment reset at t = 0 (see _naive_rglru).  The GeLU is the model's (tanh or erf).
     Returns (y, final h, last K-1 conv inputs).  The parameters are not detached: test_gradients.py
     differentiates this loop."""
     f = lambda t: None if t is None else t.double()  # noqa: E731
@@ -78,8 +88,9 @@ def _naive_block(model, x, h0=None, conv0=None):
         hist.append(lin(x[:, t], Wi, bi))
         xc = sum(w[:, k] * hist[len(hist) - K + k] for k in range(K))
         xcs.append(xc + (0 if cb is None else cb))
-        gates.append(_gelu_tanh(lin(x[:, t], Wg, bg)))
-    h, hL = _naive_rglru(model, torch.stack(xcs, 1), h0)
+        gelu = _gelu_erf if model.gelu_approximate == "none" else _gelu_tanh
+        gates.append(gelu(lin(x[:, t], Wg, bg)))
+    h, hL = _naive_rglru(model, torch.stack(xcs, 1), h0, reset=reset)
     y = lin(torch.stack(gates, 1) * h, Wo, bo)
     conv_tail = torch.stack(hist[len(hist) - (K - 1) :], -1) if K > 1 else x.new_zeros(B, D, 0)
     return y, hL, conv_tail
@@ -314,3 +325,138 @@ def test_bad_constructor_arguments():
         RGLRU(6, d_conv=0)
     ok = RGLRU(6, d_state=1, expand=2)
     assert ok.lru_width == 12 and ok.allocate_inference_cache(2, 1)["lrnn_state"].shape == (2, 12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Griffin's segment reset (reset_at_start=True): a_0 = 0 and no sqrt(1 - a_0^2) at t = 0
+
+
+def _reset_model(seed: int = 8, **kw) -> RGLRU:
+    kw = dict(d_model=5, lru_width=8, num_heads=2, bias=True, reset_at_start=True, **kw)
+    return _randomize(RGLRU(**kw), seed=seed).double()
+
+
+@pytest.mark.parametrize("use_fast_path", [True, False], ids=["fast", "torch"])
+@pytest.mark.parametrize("gelu", ["tanh", "none"])
+def test_reset_forward_matches_naive_float64(use_fast_path, gelu):
+    torch.manual_seed(0)
+    m = _reset_model(use_fast_path=use_fast_path, gelu_approximate=gelu)
+    x = torch.randn(3, 25, 5, dtype=torch.float64)
+    y_ref, h_ref, conv_ref = _naive_block(m, x, reset=True)
+    torch.testing.assert_close(m(x), y_ref, rtol=1e-10, atol=1e-12)
+    cache = m.allocate_inference_cache(3, 25)
+    assert not cache["started"].any()
+    torch.testing.assert_close(m(x, inference_cache=cache), y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache["lrnn_state"], h_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache["conv_state"], conv_ref, rtol=1e-12, atol=1e-14)
+    assert cache["started"].all()
+    # the recurrence alone ignores its initial state at the reset step
+    xc = torch.randn(3, 9, 8, dtype=torch.float64)
+    h0 = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(
+        m.rg_lru(xc, initial_state=h0), _naive_rglru(m, xc, reset=True)[0], rtol=1e-10, atol=1e-12
+    )
+    # the option matters: the paper's update at t = 0 gives other outputs
+    y_paper, _, _ = _naive_block(m, x)
+    assert (y_paper[:, 0] - y_ref[:, 0]).abs().max() > 1e-2 * y_ref[:, 0].abs().max()
+
+
+@pytest.mark.parametrize("prompt_len", [0, 1, 6])
+def test_reset_prefill_then_steps_resets_once(prompt_len):
+    torch.manual_seed(0)
+    m = _reset_model(seed=9)
+    L = 14
+    x = torch.randn(2, L, 5, dtype=torch.float64)
+    y_ref, h_ref, _ = _naive_block(m, x, reset=True)
+    cache = m.allocate_inference_cache(2, L)
+    ys = [m(x[:, :prompt_len], inference_cache=cache)] if prompt_len else []
+    ys += [m.step(x[:, t], cache)[0][:, None] for t in range(prompt_len, L)]
+    torch.testing.assert_close(torch.cat(ys, 1), y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache["lrnn_state"], h_ref, rtol=1e-10, atol=1e-12)
+    # chunked prefills reset only in the first chunk
+    cache = m.allocate_inference_cache(2, L)
+    chunks = [m(x[:, s:e], inference_cache=cache) for s, e in [(0, 3), (3, 4), (4, L)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), y_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_reset_lengths_rows_start_independently():
+    torch.manual_seed(0)
+    m = _reset_model(seed=10)
+    L, lengths = 9, torch.tensor([9, 4, 0])
+    x = torch.randn(3, L, 5, dtype=torch.float64)
+    for b, n in enumerate(lengths.tolist()):
+        x[b, n:] = float("nan")  # padding must not reach anything
+    cache = m.allocate_inference_cache(3, L)
+    y = m(x, lengths=lengths, inference_cache=cache)
+    assert cache["started"].tolist() == [True, True, False]
+    nxt = torch.randn(3, 5, dtype=torch.float64)
+    y_next, _ = m.step(nxt, cache)  # row 2 takes its reset step now, the others continue
+    assert cache["started"].all()
+    for b, n in enumerate(lengths.tolist()):
+        assert (y[b, n:] == 0).all()
+        seq = torch.cat([x[b : b + 1, :n], nxt[b : b + 1, None]], 1)
+        y_ref, _, _ = _naive_block(m, seq, reset=True)
+        torch.testing.assert_close(y[b : b + 1, :n], y_ref[:, :n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(y_next[b : b + 1], y_ref[:, n], rtol=1e-10, atol=1e-12)
+    # without a cache: every row resets at its first step
+    y_nc = m(x, lengths=lengths)
+    torch.testing.assert_close(y_nc, y, rtol=1e-12, atol=1e-14)
+
+
+def test_reset_gradients_float64():
+    torch.manual_seed(0)
+    m = _reset_model(seed=11, d_conv=2)
+    B, L = 2, 5
+    x = torch.randn(B, L, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 3])
+    # every parameter's gradient against the loop's autograd gradient
+    W = torch.randn(B, L, 5, dtype=torch.float64)
+    params = dict(m.named_parameters())
+    got = torch.autograd.grad((m(x) * W).sum(), list(params.values()))
+    exp = torch.autograd.grad((_naive_block(m, x, reset=True)[0] * W).sum(), list(params.values()))
+    for name, g, e in zip(params, got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=name)
+
+    # finite differences through x, Lambda and a recurrence gate: forward with lengths
+    def forward(x_, lam, wa):
+        p = {"Lambda": lam, "recurrent_gate_proj.weight": wa}
+        return torch.func.functional_call(m, p, (x_,), {"lengths": lengths})
+
+    lam = m.Lambda.detach().clone().requires_grad_(True)
+    wa = m.recurrent_gate_proj.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(forward, (x, lam, wa))
+
+    # through x with a cache (its states are constants: no gradient flows across calls):
+    # a prefill, the reset step of a fresh cache, and a step after a prefill
+    x0 = x.detach()
+
+    def cached(x_, prompt_len):
+        cache = m.allocate_inference_cache(B, L)
+        if prompt_len:
+            with torch.no_grad():
+                m(x0[:, :prompt_len], inference_cache=cache)
+        if x_.dim() == 2:
+            return m.step(x_, cache)[0]
+        return m(x_, inference_cache=cache)
+
+    assert torch.autograd.gradcheck(lambda x_: cached(x_, 0), (x,))
+    assert torch.autograd.gradcheck(lambda x_: cached(x_, 0), (x[:, 0],))
+    assert torch.autograd.gradcheck(lambda x_: cached(x_, 2), (x[:, 2],))
+
+
+def test_reset_bad_arguments_and_cache():
+    with pytest.raises(TypeError, match=r"^reset_at_start: .*got 1 \(int\)"):
+        RGLRU(4, reset_at_start=1)
+    with pytest.raises(ValueError, match=r"^gelu_approximate: .*'erf'"):
+        RGLRU(4, gelu_approximate="erf")
+    m = RGLRU(4, reset_at_start=True)
+    cache = m.allocate_inference_cache(2, 3)
+    del cache["started"]
+    with pytest.raises(ValueError, match=r"missing entries \['started'\]"):
+        m.step(torch.randn(2, 4), cache)
+    cache["started"] = torch.zeros(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"inference_cache\['started'\]: allocated for batch"):
+        m(torch.randn(2, 3, 4), inference_cache=cache)
+    cache["started"] = torch.zeros(2)
+    with pytest.raises(TypeError, match=r"inference_cache\['started'\]: .*torch.bool.*float32"):
+        m.step(torch.randn(2, 4), cache)

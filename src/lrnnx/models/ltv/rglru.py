@@ -11,13 +11,29 @@ The block maps x (B, L, H) through two branches of width D = ``lru_width``:
     h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x'_t)     the RG-LRU, one real state per channel
     y_t = W_out (g_t * h_t)
 
+Segment reset (``reset_at_start=True``): Griffin's reference code (DeepMind's recurrentgemma,
+and transformers' RecurrentGemma) restarts the recurrence where a segment begins
+(``segment_pos == 0``).  There the decay is a_0 = 0 and the input is not normalised:
+
+    h_0 = i_0 * x'_0                                         first step of a sequence only
+
+so the initial state is ignored at that step and the first output is not shrunk by
+sqrt(1 - a_0^2).  The paper's equation above applies at every later step.  The default
+(``False``) applies the paper's update at t = 0 too; the same weights then give different
+outputs at the start of a sequence, so weights trained with the reset (all published Griffin /
+RecurrentGemma checkpoints, see :mod:`lrnnx.interop.recurrentgemma`) need it.  The reset is
+folded into the coefficients (log a_0 := -inf, hence a_0 = 0 and sqrt(1 - a_0^2) = 1 exactly),
+so every scan backend and the gradients see an ordinary step.
+
 W_a and W_x are block-diagonal with ``num_heads`` blocks (as in DeepMind's recurrentgemma;
 ``num_heads=1`` gives the dense gates written in the paper).  Lambda is initialised so that a^c
 is uniform in [0.9, 0.999] (the paper's choice), i.e. at r_t = 1 the decay per step lies there.
 
 The decay is kept in log space (log a = logsigmoid(Lambda)), so a_t never rounds to 1 from
 below where it matters, and the input normaliser is sqrt(1 - a_t^2) = sqrt(-expm1(2 log a_t)),
-which is accurate when a_t is close to 1.  The recurrence runs through
+which is accurate when a_t is close to 1.  GeLU is the tanh approximation by default (that of
+recurrentgemma, "gelu_pytorch_tanh" in transformers); ``gelu_approximate="none"`` gives the
+exact erf GeLU.  The recurrence runs through
 :func:`lrnnx.ops.linear_scan` in float32 (or wider), also under autocast.
 """
 
@@ -43,6 +59,9 @@ from lrnnx.core.checks import (
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
+
+#: values of ``gelu_approximate`` (F.gelu's ``approximate`` argument)
+_GELU_APPROXIMATIONS = ("tanh", "none")
 
 #: 1 - a_t^2 is floored here before the square root, so its derivative stays finite even if
 #: a_t rounds to exactly 1 (r_t or softplus(-Lambda) underflowing); far below any a_t reachable
@@ -119,6 +138,19 @@ class RGLRU(LTV_LRNN):
             blocks of width D_rnn / num_heads = 256.
         layer_idx: index of this layer in a stack, for callers that key caches by layer.
         device, dtype: factory arguments for the parameters (Lambda is at least float32).
+        reset_at_start: Griffin's segment reset (see the module docstring): at the first step
+            of each sequence a_t = 0 and the input is not scaled by sqrt(1 - a_t^2), so
+            h_0 = i_0 * x'_0 whatever the initial state.  "First step" means t = 0 of a
+            forward without a cache, and the first step a cache row ever takes (its
+            ``"started"`` entry is False) with a cache: a prefill followed by :meth:`step`
+            calls continues without a reset.  False (default) applies the paper's update at
+            every step.  Checkpoints of recurrentgemma / transformers need True.
+        gelu_approximate: the gate branch's GeLU, as F.gelu's ``approximate``: "tanh"
+            (default, recurrentgemma's) or "none" (exact erf GeLU).
+
+    Raises:
+        ValueError: a size or range argument out of its domain (the message names it).
+        TypeError: ``reset_at_start`` not a bool, or a size that is not an int.
     """
 
     def __init__(
@@ -138,6 +170,8 @@ class RGLRU(LTV_LRNN):
         d_state: int | None = None,
         lru_width: int | None = None,
         num_heads: int = 1,
+        reset_at_start: bool = False,
+        gelu_approximate: str = "tanh",
     ) -> None:
         super().__init__(discretization=None)  # RG-LRU is parameterised in discrete time
         d_model = check_positive_int("d_model", d_model)
@@ -171,7 +205,18 @@ class RGLRU(LTV_LRNN):
                 f"num_heads: expected a positive int dividing lru_width={lru_width}, "
                 f"got {num_heads!r}"
             )
+        if not isinstance(reset_at_start, bool):
+            raise TypeError(
+                f"reset_at_start: expected a bool, got {reset_at_start!r} "
+                f"({type(reset_at_start).__name__})"
+            )
+        if gelu_approximate not in _GELU_APPROXIMATIONS:
+            raise ValueError(
+                f"gelu_approximate: expected one of {_GELU_APPROXIMATIONS}, "
+                f"got {gelu_approximate!r}"
+            )
         fk = {"device": device, "dtype": dtype}
+        self.reset_at_start, self.gelu_approximate = reset_at_start, gelu_approximate
         self.d_model, self.d_conv, self.expand, self.c = d_model, d_conv, expand, float(c)
         self.a_init_range = (float(lo), float(hi))
         self.d_inner = self.lru_width = lru_width
@@ -215,14 +260,25 @@ class RGLRU(LTV_LRNN):
     # ------------------------------------------------------------------------------------------
     # pieces shared by forward and step
 
-    def _decay_and_input(self, xc: Tensor) -> Tuple[Tensor, Tensor]:
+    def _gate(self, x: Tensor) -> Tensor:
+        """The GeLU gate branch g_t = GeLU(W_gate x_t)."""
+        return F.gelu(self.gate_proj(x), approximate=self.gelu_approximate)
+
+    def _decay_and_input(self, xc: Tensor, reset: Tensor | None = None) -> Tuple[Tensor, Tensor]:
         """RG-LRU coefficients for conv features xc (..., D) in the accumulation dtype.
+
+        ``reset`` (bool, xc's shape without D): where True, Griffin's segment start, a_t = 0
+        and no sqrt(1 - a_t^2) scaling.
 
         Returns (a_t, sqrt(1 - a_t^2) * i_t * xc), both (..., D), so h_t = a_t h_{t-1} + b_t.
         """
         r = torch.sigmoid(self.recurrent_gate_proj(xc))
         i = torch.sigmoid(self.input_gate_proj(xc))
         log_a = self.c * r * F.logsigmoid(self.Lambda.to(xc.dtype))  # c r_t log a  (< 0)
+        if reset is not None:
+            # log a_t = -inf gives a_t = 0 and sqrt(1 - a_t^2) = 1 exactly, with zero gradient
+            # into the gates there (where routes none to the unused branch)
+            log_a = torch.where(reset[..., None], log_a.new_full((), -math.inf), log_a)
         a_t = torch.exp(log_a)
         # sqrt(1 - a_t^2) from log a_t: no cancellation when a_t is close to 1
         mult = torch.sqrt((-torch.expm1(2.0 * log_a)).clamp(min=_MIN_ONE_MINUS_A_SQ))
@@ -233,6 +289,7 @@ class RGLRU(LTV_LRNN):
         xc: Tensor,
         initial_state: Tensor | None = None,
         mask: Tensor | None = None,
+        reset: Tensor | None = None,
     ) -> Tensor:
         """The RG-LRU recurrence alone, on conv features.
 
@@ -241,13 +298,19 @@ class RGLRU(LTV_LRNN):
             initial_state: (B, D_rnn) h_{-1}; zero when None.
             mask: (B, L) bool, True at valid positions; the state passes padded positions
                 unchanged (a_t = 1, input 0), so h[:, -1] is each sequence's state at its end.
+                A padded position is never reset.
+            reset: (B, L) bool, True where a segment starts (Griffin's reset: a_t = 0, no
+                sqrt(1 - a_t^2) scaling, so h_t = i_t * x'_t).  None: t = 0 of every row
+                when ``reset_at_start``, else nowhere.
 
         Returns:
             h (B, L, D_rnn) in float32 (float64 for a float64 model), also under autocast.
         """
         with torch.autocast(device_type=xc.device.type, enabled=False):
             xf = xc.to(_acc_dtype(self.Lambda.dtype))
-            a_t, b_t = self._decay_and_input(xf)
+            if reset is None and self.reset_at_start:
+                reset = self._first_step(xc.shape[0], xc.shape[1], None, xc.device)
+            a_t, b_t = self._decay_and_input(xf, reset)
             if mask is not None:
                 valid = mask[..., None]
                 a_t = torch.where(valid, a_t, torch.ones_like(a_t))
@@ -256,18 +319,34 @@ class RGLRU(LTV_LRNN):
             backend = None if self.use_fast_path else "torch"
             return linear_scan(a_t, b_t, initial_state=h0, backend=backend)
 
+    @staticmethod
+    def _first_step(batch: int, seqlen: int, started: Tensor | None, device) -> Tensor:
+        """(B, L) reset mask: True at t = 0 of the rows that have not started yet."""
+        reset = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
+        reset[:, 0] = True if started is None else ~started.to(device)
+        return reset
+
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
-        return check_inference_cache(
+        check_inference_cache(
             cache,
             batch,
-            ("lrnn_state", "conv_state"),
+            ("lrnn_state", "conv_state", "started"),
             "RGLRU",
-            batch_keys=("lrnn_state", "conv_state"),
+            batch_keys=("lrnn_state", "conv_state", "started"),
             shapes={
                 "lrnn_state": (batch, self.lru_width),
                 "conv_state": (batch, self.lru_width, self.d_conv - 1),
+                "started": (batch,),
             },
         )
+        started = cache["started"]
+        if not isinstance(started, Tensor) or started.dtype != torch.bool:
+            got = started.dtype if isinstance(started, Tensor) else type(started).__name__
+            raise TypeError(
+                f"inference_cache['started']: expected a (B,) torch.bool tensor, got {got}; "
+                f"allocate one with RGLRU.allocate_inference_cache(batch_size={batch})"
+            )
+        return cache
 
     # ------------------------------------------------------------------------------------------
 
@@ -291,7 +370,9 @@ class RGLRU(LTV_LRNN):
                 valid outputs, and the cache receives each sequence's state at its own length.
             inference_cache: from :meth:`allocate_inference_cache`; the conv and the recurrence
                 start from its state, and the final states are written back (``seqlen_offset``
-                advances by L), so :meth:`step` continues the sequence.
+                advances by L), so :meth:`step` continues the sequence.  With
+                ``reset_at_start``, the rows whose ``"started"`` is still False take Griffin's
+                reset at t = 0 (and are marked started); without a cache every row does.
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths, supports_timesteps=False)
@@ -303,12 +384,18 @@ class RGLRU(LTV_LRNN):
             return self._empty_output(x)
         xin = x if mask is None else zero_where_not(x, mask[..., None])
 
-        gate = F.gelu(self.gate_proj(xin), approximate="tanh")  # tanh GeLU as in recurrentgemma
+        gate = self._gate(xin)
         u = self.in_proj(xin).transpose(1, 2)  # (B, D, L)
-        history = None if inference_cache is None else inference_cache["conv_state"]
+        history = h0 = None
+        if inference_cache is not None:
+            # copies: the ops may save them for backward, and the cache is overwritten below
+            history = inference_cache["conv_state"].clone()
+            h0 = inference_cache["lrnn_state"].clone()
         xc, window = causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, history)
-        h0 = None if inference_cache is None else inference_cache["lrnn_state"]
-        h = self.rg_lru(xc.transpose(1, 2), initial_state=h0, mask=mask)  # (B, L, D)
+        reset = None
+        if self.reset_at_start and inference_cache is not None:  # only rows not started yet
+            reset = self._first_step(Bsz, L, inference_cache["started"], x.device)
+        h = self.rg_lru(xc.transpose(1, 2), initial_state=h0, mask=mask, reset=reset)  # (B, L, D)
 
         y = self.out_proj(gate * h.to(gate.dtype))
         if mask is not None:
@@ -321,6 +408,12 @@ class RGLRU(LTV_LRNN):
                 inference_cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths))
                 # padded positions carry the state unchanged, so the last one is the final state
                 inference_cache["lrnn_state"].copy_(h[:, -1])
+                # a row has started once it took a valid step (a length-0 row has not)
+                started = inference_cache["started"]
+                if mask is None:
+                    started.fill_(True)
+                else:
+                    started.logical_or_(mask[:, 0].to(started.device))
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
         return y.to(x.dtype)
 
@@ -334,8 +427,9 @@ class RGLRU(LTV_LRNN):
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
 
-        The cache's ``conv_state`` and ``lrnn_state`` are updated in place and
-        ``seqlen_offset`` advances by one; the cache is returned too.  ``hidden_states`` is
+        The cache's ``conv_state`` and ``lrnn_state`` are updated in place, ``started`` becomes
+        True and ``seqlen_offset`` advances by one; the cache is returned too.  With
+        ``reset_at_start`` the rows not started yet take Griffin's reset step.  ``hidden_states`` is
         another name for ``x`` (that of the original lrnnx).
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
@@ -345,7 +439,7 @@ class RGLRU(LTV_LRNN):
         self._check_cache(inference_cache, Bsz)
         conv_state, state = inference_cache["conv_state"], inference_cache["lrnn_state"]
 
-        gate = F.gelu(self.gate_proj(xin), approximate="tanh")
+        gate = self._gate(xin)
         u = self.in_proj(xin)  # (B, D)
         window = torch.cat([conv_state.to(u.dtype), u[..., None]], dim=-1)  # (B, D, K)
         xc = (window * self.conv1d.weight[:, 0, :]).sum(-1)
@@ -353,13 +447,17 @@ class RGLRU(LTV_LRNN):
             xc = xc + self.conv1d.bias
         with torch.autocast(device_type=xin.device.type, enabled=False):
             xf = xc.to(_acc_dtype(self.Lambda.dtype))
-            a_t, b_t = self._decay_and_input(xf)
-            h = a_t * state.to(xf.dtype) + b_t
+            started = inference_cache["started"]
+            reset = ~started if self.reset_at_start else None  # on the device: graph-capturable
+            a_t, b_t = self._decay_and_input(xf, reset)
+            # a copy: autograd keeps it for a_t's gradient, and the cache is overwritten below
+            h = a_t * state.to(xf.dtype, copy=True) + b_t
         y = self.out_proj(gate * h.to(gate.dtype))
 
         # the cache holds inference constants: no graph through it
         conv_state.copy_(window[..., 1:].detach())
         state.copy_(h.detach())
+        started.fill_(True)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype).reshape(x.shape), inference_cache
 
@@ -376,7 +474,9 @@ class RGLRU(LTV_LRNN):
         Returns:
             ``"lrnn_state"`` (B, D_rnn) in float32 (float64 for a float64 model) whatever
             ``dtype``; ``"conv_state"`` (B, D_rnn, d_conv - 1), the last d_conv - 1 conv inputs,
-            in ``dtype`` (default: the projection weights' dtype); ``"seqlen_offset"`` 0.
+            in ``dtype`` (default: the projection weights' dtype); ``"started"`` (B,) bool,
+            False: whether each row has taken a step (the first one takes Griffin's reset when
+            ``reset_at_start``); ``"seqlen_offset"`` 0.
             ``max_seqlen`` is unused: the state does not grow with the sequence.
         """
         check_batch_size(batch_size)
@@ -389,5 +489,6 @@ class RGLRU(LTV_LRNN):
             "conv_state": torch.zeros(
                 batch_size, self.lru_width, self.d_conv - 1, device=device, dtype=conv_dtype
             ),
+            "started": torch.zeros(batch_size, device=device, dtype=torch.bool),
             "seqlen_offset": 0,
         }
