@@ -16,6 +16,7 @@ name                          A_bar                                gamma_bar
 ``bilinear`` (Tustin)         (1 + delta A / 2) / (1 - delta A / 2)  delta / (1 - delta A / 2)
 ``dirac``                     exp(delta A)                         1
 ``async`` (Event-SSM)         exp(delta * dt_k * A)                (exp(delta A) - 1) / A
+``simplified_zoh``            exp(delta A)                         delta
 ``no_discretization``         A                                    1
 ============================  ===================================  ==============================
 
@@ -23,6 +24,9 @@ For ``Re(A) < 0`` and ``delta > 0`` every rule but ``no_discretization`` gives `
 ``async`` is the asynchronous rule of Event-SSM (arXiv 2404.18508): the state decays over the
 elapsed time ``dt_k`` (``integration_timesteps``) scaled by the learned step while the input is
 integrated over the learned step alone, so ``dt_k = 1`` recovers ``zoh``.
+``simplified_zoh`` keeps the exact decay of ``zoh`` but integrates the input with one Euler step
+(gamma_bar = delta, the first-order term of (exp(delta A) - 1) / A): the default of the official
+Centaurus code and of Mamba (see :func:`simplified_zoh`).
 """
 
 from __future__ import annotations
@@ -67,6 +71,23 @@ def async_(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = N
     return torch.exp(dA * integration_timesteps), _phi1(dA, A)
 
 
+def simplified_zoh(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
+    """Simplified zero-order hold: A_bar = exp(delta A), B_bar = delta B.
+
+    The decay is ``zoh``'s; the input is integrated by the rectangle rule, gamma_bar = delta, which
+    agrees with ``zoh``'s (exp(delta A) - 1) / A to first order in delta.  This is the rule of the
+    official Centaurus layers (Brainchip-Inc/Centaurus, ``centaurus/ssm.py``,
+    ``Kernelizer.discretize``: the B / E weights times dt, the kernel exp(dt A l)) and of Mamba
+    (Gu & Dao, arXiv 2312.00752, Sec. 3.5; ``selective_scan_fn(discretization="mamba")``).
+
+    Returns:
+        A_bar with the broadcast shape of ``delta * A``, and gamma_bar = ``delta`` broadcast to
+        that shape (real: the input gain has no phase).
+    """
+    dA = delta * A
+    return torch.exp(dA), torch.broadcast_to(delta, dA.shape)
+
+
 def no_discretization(A: Tensor, delta=None, integration_timesteps: Optional[Tensor] = None):
     """The parameters are already discrete: A_bar = A, B_bar = B."""
     return A, 1.0
@@ -77,6 +98,7 @@ DISCRETIZATIONS: dict[str, Discretization] = {
     "bilinear": bilinear,
     "dirac": dirac,
     "async": async_,
+    "simplified_zoh": simplified_zoh,
     "no_discretization": no_discretization,
 }
 

@@ -29,10 +29,18 @@ with optimal einsum paths: either project to the latent channels, convolve each 
 (H_out, H_in, L) kernel and convolve in the frequency domain.  Inference runs the recurrence on
 the (B, N, M) sub-state tensor.
 
-The reference code discretizes with a simplified hold (gamma = dt); here every rule of
-:mod:`lrnnx.core.discretization` is exact: ``zoh`` (gamma = (e^{dt A} - 1)/A, which is dt to first
-order), ``bilinear`` and ``dirac`` (gamma = 1).  Initialisation follows the reference code:
-Re(A) = -softplus(.) starting at -0.5, Im(A_nm) = pi m, dt log-spaced in [1e-3, 1e-1].
+The step rule is one of :mod:`lrnnx.core.discretization`: ``zoh`` (the default, gamma =
+(e^{dt A} - 1)/A), ``bilinear``, ``dirac`` (gamma = 1) or ``simplified_zoh`` (gamma = dt, the first
+order term of zoh's gamma), which is the rule of the official code (Brainchip-Inc/Centaurus).
+Initialisation follows the official code: Re(A) = -softplus(.) starting at -0.5, Im(A_nm) = pi m,
+dt log-spaced in [1e-3, 1e-1].
+
+Options that reproduce the official layers (:mod:`lrnnx.interop.centaurus` loads their weights):
+``d_output`` (H_out != H_in for neck, pointwise, dws), ``dt_per_sub_state`` (one learned log_dt per
+sub-state instead of one per state), a norm + activation between the depthwise SSM and the 1x1
+mixing C of ``dws`` (``mix_norm``, ``mix_activation``) and on the block's output (``out_norm``,
+``out_activation``).  With a ``"batch"`` norm in train mode the block is no longer causal nor
+time-invariant (see :class:`CentaurusBase`); in eval mode it is.
 """
 
 from __future__ import annotations
@@ -62,6 +70,17 @@ from lrnnx.ops import linear_scan
 MIN_NEG_REAL = 1e-4
 #: how ``forward`` orders the contractions: by estimated cost, or forced
 CONTRACTIONS = ("auto", "latent", "kernel")
+#: per-position norms over the channel axis (BatchNorm with running statistics in eval mode)
+NORMS = ("batch", "layer", "rms")
+#: element-wise activations after a norm
+ACTIVATIONS = {
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 
 Weights = Dict[str, Tensor | None]
 
@@ -70,33 +89,129 @@ def _check_positive_int(name: str, value: Any) -> int:
     return check_positive_int(name, value)
 
 
+def _check_choice(name: str, value: Any, choices: Tuple[Any, ...]) -> Any:
+    if value is not None and (not isinstance(value, str) or value not in choices):
+        raise ValueError(f"{name}: expected None or one of {list(choices)}, got {value!r}")
+    return value
+
+
+class ChannelNormAct(nn.Module):
+    """A norm, then an element-wise activation, over the channel (last) axis of (..., C).
+
+    Each position is normalised alone (``"layer"``: LayerNorm over C, ``"rms"``: RMSNorm over C),
+    except ``"batch"`` (BatchNorm1d over C) in train mode, which normalises with the mean and
+    variance of the batch's valid positions (all (sequence, step) pairs) and updates the running
+    statistics; in eval mode, and always when ``running_stats`` is set, it is the per-channel
+    affine map of the running statistics.  With neither a norm nor an activation it is the
+    identity.
+
+    Args:
+        channels: C.
+        norm: None, ``"batch"``, ``"layer"`` or ``"rms"`` (torch's default eps for each).
+        activation: None or a key of :data:`ACTIVATIONS`.
+
+    Raises:
+        ValueError: an unknown norm or activation name.
+    """
+
+    def __init__(self, channels: int, norm: str | None = None, activation: str | None = None):
+        super().__init__()
+        _check_choice("norm", norm, NORMS)
+        self.activation = _check_choice("activation", activation, tuple(ACTIVATIONS))
+        layers = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
+        self.norm = None if norm is None else layers[norm](channels)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.norm is None and self.activation is None
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, running_stats: bool = False) -> Tensor:
+        """x (..., C) -> (..., C); ``mask`` (x.shape[:-1]) marks the positions BatchNorm's batch
+        statistics are taken over (default: all); ``running_stats`` forces the eval-mode map."""
+        if self.norm is not None:
+            x = self._normalize(x, mask, running_stats)
+        return x if self.activation is None else ACTIVATIONS[self.activation](x)
+
+    def _normalize(self, x: Tensor, mask: Tensor | None, running_stats: bool) -> Tensor:
+        bn = self.norm
+        if not isinstance(bn, nn.BatchNorm1d):
+            return bn(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if running_stats or not bn.training:  # per-channel affine map, no statistics update
+            stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+            return F.batch_norm(flat, *stats, training=False, eps=bn.eps).view_as(x)
+        if mask is None:
+            return bn(flat).view_as(x)
+        out = x.new_zeros(x.shape)  # padding is left out of the batch statistics
+        out[mask] = bn(x[mask])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
 class CentaurusBase(LTI_LRNN):
     """Common part of the Centaurus modes: poles, steps, discretization, kernel and recurrence.
 
     Internally the sub-states form an (S, M) grid of *rows* s (S = N, or N * H_in for ``full``)
     and M sub-states; each mode defines how the input drives the rows and how the outputs are read.
 
+    With a norm or activation (``mix_*`` for dws, ``out_*``) the block is LTI followed by a
+    per-position map, so causality, time invariance and step == forward hold in eval mode and for
+    ``"layer"`` / ``"rms"`` norms in both modes.  A ``"batch"`` norm in train mode normalises with
+    the statistics of the whole batch (every valid step of every sequence), so an output then
+    depends on later steps and on the other sequences (neither causal nor time-invariant), and
+    :meth:`step` (which always applies the running statistics, the eval-mode function) agrees with
+    :meth:`forward` only in eval mode.
+
     Args:
         d_model: input width H_in.
         d_state: number of states N (for ``full``: output channels, see :class:`CentaurusFull`).
         sub_state_dim: sub-states M per state.
-        discretization: ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
+        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"`` or ``"simplified_zoh"`` (the
+            official code's rule); see :mod:`lrnnx.core.discretization`.
+        d_output: output width H_out for neck, pointwise and dws (default d_model); ``full``
+            takes it from d_state (None or d_state only).
+        dt_per_sub_state: learn one log_dt per sub-state, ``log_dt`` of shape (N, M) ((N * M,)
+            for pointwise, like its B), instead of one per state, ``log_dt`` (N,).
+        mix_norm, mix_activation: dws only; a norm (None, ``"batch"``, ``"layer"``, ``"rms"``)
+            and then an activation (a key of :data:`ACTIVATIONS`) on the (B, L, N) output of the
+            depthwise SSM, before the 1x1 mixing C (:class:`ChannelNormAct`).
+        out_norm, out_activation: the same on the (B, L, H_out) output of the block.
+
+    Raises:
+        ValueError: a size below 1, an unknown rule, norm or activation, a ``mix_*`` option
+            outside dws, or d_output != d_state for full.
+        TypeError: a size that is not an int, or a non-bool ``dt_per_sub_state``.
     """
 
-    allowed_discretizations = ("zoh", "bilinear", "dirac")
+    allowed_discretizations = ("zoh", "bilinear", "dirac", "simplified_zoh")
+    # the norms are part of the block's arithmetic: they keep float32 under .half() like A and dt
+    _spectral_submodules = ("mix_act", "out_act")
 
     def __init__(
         self,
         d_model: int,
         d_state: int,
         sub_state_dim: int,
-        discretization: Literal["zoh", "bilinear", "dirac"] = "zoh",
+        discretization: Literal["zoh", "bilinear", "dirac", "simplified_zoh"] = "zoh",
+        *,
+        d_output: int | None = None,
+        dt_per_sub_state: bool = False,
+        mix_norm: str | None = None,
+        mix_activation: str | None = None,
+        out_norm: str | None = None,
+        out_activation: str | None = None,
     ) -> None:
         super().__init__(discretization)
         self.d_model = _check_positive_int("d_model", d_model)
         self.d_state = _check_positive_int("d_state", d_state)
         self.sub_state_dim = _check_positive_int("sub_state_dim", sub_state_dim)
-        self._check_sizes()
+        self._d_output = d_model if d_output is None else _check_positive_int("d_output", d_output)
+        self._check_sizes(d_output)
+        if not isinstance(dt_per_sub_state, bool):
+            raise TypeError(f"dt_per_sub_state: expected a bool, got {dt_per_sub_state!r}")
+        self.dt_per_sub_state = dt_per_sub_state
         #: length of the kernel built by compute_kernel(); forward sets it to the input length
         self.kernel_length: int | None = None
         self.contraction = "auto"
@@ -104,12 +219,31 @@ class CentaurusBase(LTI_LRNN):
         # Re(A) = -softplus(A_real_raw) starts at -0.5; Im(A_nm) = pi * m (reference initialisation)
         self.A_real_raw = nn.Parameter(torch.full((S, M), math.log(math.expm1(0.5))))
         self.A_imag = nn.Parameter((math.pi * torch.arange(M, dtype=torch.float32)).repeat(S, 1))
-        self.log_dt = nn.Parameter(torch.linspace(math.log(1e-3), math.log(1e-1), self.d_state))
+        log_dt = torch.linspace(math.log(1e-3), math.log(1e-1), self.d_state)
+        if dt_per_sub_state:  # the sub-states of a state start from the state's step
+            log_dt = log_dt[:, None].expand(-1, M).reshape(self._log_dt_shape())
+        self.log_dt = nn.Parameter(log_dt.contiguous())
         self._init_mode_parameters()
+        self._init_norm_acts(mix_norm, mix_activation, out_norm, out_activation)
+
+    def _init_norm_acts(
+        self, mix_norm: Any, mix_activation: Any, out_norm: Any, out_activation: Any
+    ) -> None:
+        if (mix_norm is not None or mix_activation is not None) and not self._has_mix_act:
+            raise ValueError(
+                f"mix_norm, mix_activation: only the dws mode has a norm/activation between its "
+                f"SSM and the mixing C, got mix_norm={mix_norm!r}, "
+                f"mix_activation={mix_activation!r} for {type(self).__name__}"
+            )
+        self.mix_act = ChannelNormAct(self.n_rows, mix_norm, mix_activation)
+        self.out_act = ChannelNormAct(self.d_output, out_norm, out_activation)
 
     # ----------------------------------------------------------------------------- mode interface
-    def _check_sizes(self) -> None:
-        """Mode-specific constraints on d_model / d_state (ValueError)."""
+    def _check_sizes(self, d_output: int | None) -> None:
+        """Mode-specific constraints on d_model / d_state / d_output (ValueError)."""
+
+    #: whether the mode has a latent norm/activation slot between its SSM and C (dws)
+    _has_mix_act = False
 
     @property
     def n_rows(self) -> int:
@@ -119,7 +253,11 @@ class CentaurusBase(LTI_LRNN):
     @property
     def d_output(self) -> int:
         """Output width H_out."""
-        return self.d_model
+        return self._d_output
+
+    def _log_dt_shape(self) -> Tuple[int, ...]:
+        """Shape of ``log_dt`` with ``dt_per_sub_state``."""
+        return (self.d_state, self.sub_state_dim)
 
     @abstractmethod
     def _init_mode_parameters(self) -> None:
@@ -170,9 +308,9 @@ class CentaurusBase(LTI_LRNN):
         return torch.complex(re, self.A_imag)
 
     def _row_dt(self) -> Tensor:
-        """Step of every row, (S, 1): dt_n, repeated over the rows a state owns."""
-        dt = torch.exp(self.log_dt)
-        return dt.repeat_interleave(self.n_rows // self.d_state)[:, None]
+        """Steps (S, 1), or (S, M) per sub-state: those of a state, repeated over its rows."""
+        dt = torch.exp(self.log_dt).reshape(self.d_state, -1)
+        return dt.repeat_interleave(self.n_rows // self.d_state, dim=0)
 
     def _mix_weight(self, w: Weights) -> Tensor | None:
         """E (S, M) mixing the sub-states of a row, or None where every sub-state is read alone."""
@@ -194,6 +332,8 @@ class CentaurusBase(LTI_LRNN):
         A_bar, gamma = self.discretize_fn(A, self._row_dt())
         if not isinstance(gamma, Tensor):
             gamma = torch.full_like(A_bar, gamma)
+        else:  # a real or (S, 1) gain, e.g. simplified_zoh's dt: one complex (S, M) layout
+            gamma = gamma.to(A_bar.dtype).expand_as(A_bar).contiguous()
         E = self._mix_weight(self._weights())
         return A_bar, gamma, torch.ones_like(A.real) if E is None else E
 
@@ -226,6 +366,13 @@ class CentaurusBase(LTI_LRNN):
     # --------------------------------------------------------------------------------- forward
     def _use_kernel_path(self, batch: int, L: int) -> bool:
         """Contract (B, k, C) first when that costs fewer flops than projecting and convolving."""
+        if not self.mix_act.is_identity:  # a nonlinearity sits between k and C
+            if self.contraction == "kernel":
+                raise ValueError(
+                    "contraction: 'kernel' folds C into the kernel, which the mix norm/activation "
+                    "between the SSM and C forbids; use 'auto' or 'latent'"
+                )
+            return False
         if self.contraction != "auto":
             return self.contraction == "kernel"
         n = fft_length(2 * L)
@@ -258,7 +405,7 @@ class CentaurusBase(LTI_LRNN):
             x: input sequence (B, L, H_in).
             integration_timesteps: must be None (the block is time-invariant).
             lengths: (B,) valid lengths; outputs past them are zero and padding never reaches the
-                valid outputs or the state.
+                valid outputs, the state or a train-mode BatchNorm's statistics.
             inference_cache: from :meth:`allocate_inference_cache`; the sequence starts from its
                 ``"lrnn_state"`` and the state at each sequence's end is written back, so
                 forward(prompt) followed by :meth:`step` continues the sequence.
@@ -266,6 +413,10 @@ class CentaurusBase(LTI_LRNN):
         Returns:
             (B, L, H_out) in x's dtype; the sub-state arithmetic is float32/complex64 (or the
             parameters' wider dtype) even under autocast.
+
+        Raises:
+            ValueError: bad x / lengths / cache, or ``contraction == "kernel"`` with a dws mix
+                norm/activation (C cannot be folded into the kernel past a nonlinearity).
         """
         self._check_forward_args(x, integration_timesteps)
         Bsz, L, _ = x.shape
@@ -286,22 +437,24 @@ class CentaurusBase(LTI_LRNN):
             if self._use_fft(L):
                 P = diagonal_powers(A_bar, L)
                 k = self._kernel(P, gamma, w)
-                if self._use_kernel_path(Bsz, L):
+                free = None if h0f is None else self._free_response(h0f, A_bar, P, w)
+                if self._use_kernel_path(Bsz, L):  # only when the readout is linear
                     K = self._effective_kernel(k, w)
                     y = causal_conv_mix(xf.transpose(1, 2), K).transpose(1, 2)
+                    if free is not None:
+                        y = y + self._readout(free, w)
+                    y = self.out_act(y, mask)
                 else:
                     u = self._latent_input(xf, w)  # (B, L, Z)
                     z = causal_conv(u.transpose(1, 2), k).transpose(1, 2)
-                    y = self._readout(z, w)
-                if h0f is not None:
-                    y = y + self._readout(self._free_response(h0f, A_bar, P, w), w)
+                    y = self._output(z if free is None else z + free, w, mask)
                 final = None
                 if inference_cache is not None:
                     final = self._final_state(xf, lengths, h0f, A_bar, gamma, P, w)
             else:
                 v = gamma * self._lanes(xf, w)  # (B, L, S, M)
                 h = linear_scan(A_bar, v, initial_state=h0f)
-                y = self._readout(self._mix(h.real, w), w)
+                y = self._output(self._mix(h.real, w), w, mask)
                 final = None if inference_cache is None else self._gather_final(h, lengths, h0f)
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
@@ -309,6 +462,14 @@ class CentaurusBase(LTI_LRNN):
             inference_cache["lrnn_state"].copy_(final.detach().reshape(h0.shape))
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
         return y.to(x.dtype)
+
+    def _output(
+        self, z: Tensor, w: Weights, mask: Tensor | None = None, running_stats: bool = False
+    ) -> Tensor:
+        """Latent outputs (..., Z) -> block outputs (..., H_out): mix norm/activation, the mode's
+        readout, output norm/activation (``mask``, ``running_stats``: see :class:`ChannelNormAct`)."""
+        z = self.mix_act(z, mask, running_stats)
+        return self.out_act(self._readout(z, w), mask, running_stats)
 
     def _free_response(self, h0: Tensor, A_bar: Tensor, P: Tensor, w: Weights) -> Tensor:
         """Latent outputs (B, L, Z) of the initial state alone: Re(A_bar^{t+1} h0) mixed by E."""
@@ -400,7 +561,8 @@ class CentaurusBase(LTI_LRNN):
         """Single-timestep streaming update for a Centaurus variant.
 
         The sub-states advance in place, x_nm <- A_bar_nm x_nm + gamma_nm v_n, in the cached
-        (B, N, M) layout ((B, H_out, H_in, M) for full).
+        (B, N, M) layout ((B, H_out, H_in, M) for full).  BatchNorms apply their running
+        statistics (the eval-mode function) whatever the module's mode.
 
         Args:
             x: (B, H_in) (or (B, 1, H_in)) input at the current timestep.
@@ -417,7 +579,7 @@ class CentaurusBase(LTI_LRNN):
             xf = x.to(inference_cache["A_bar"].real.dtype)
             v = inference_cache["gamma_bar"] * self._lanes(xf, w)
             h.mul_(inference_cache["A_bar"]).add_(v)
-            y = self._readout(self._mix(h.real, w), w)
+            y = self._output(self._mix(h.real, w), w, running_stats=True)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), inference_cache
 
@@ -434,6 +596,9 @@ class Centaurus(CentaurusBase):
     Args:
         d_model, d_state, sub_state_dim, discretization: see :class:`CentaurusBase`.
         mode: the connectivity, as above.
+        **options: keyword-only options of :class:`CentaurusBase` (``d_output``,
+            ``dt_per_sub_state``, ``mix_norm``, ``mix_activation``, ``out_norm``,
+            ``out_activation``).
 
     Example:
         >>> model = Centaurus(d_model=64, d_state=64, sub_state_dim=8, mode="neck")
@@ -448,8 +613,9 @@ class Centaurus(CentaurusBase):
         d_model: int,
         d_state: int,
         sub_state_dim: int,
-        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
+        discretization: Literal["zoh", "bilinear", "dirac", "simplified_zoh"] = "zoh",
         mode: Literal["neck", "pointwise", "pw", "s5", "dws", "full"] = "neck",
+        **options: Any,
     ) -> Centaurus:
         if cls is Centaurus:
             cls = _mode_class(mode)
@@ -460,15 +626,16 @@ class Centaurus(CentaurusBase):
         d_model: int,
         d_state: int,
         sub_state_dim: int,
-        discretization: Literal["zoh", "bilinear", "dirac", "async"] = "zoh",
+        discretization: Literal["zoh", "bilinear", "dirac", "simplified_zoh"] = "zoh",
         mode: str | None = None,
+        **options: Any,
     ) -> None:
         if mode is not None and not isinstance(self, _mode_class(mode)):
             raise ValueError(
                 f"mode: {type(self).__name__} is the {_mode_name(type(self))!r} mode, got "
                 f"mode={mode!r}; use Centaurus(..., mode={mode!r}) for that mode"
             )
-        super().__init__(d_model, d_state, sub_state_dim, discretization)
+        super().__init__(d_model, d_state, sub_state_dim, discretization, **options)
 
     def __getnewargs_ex__(self) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         # copy / pickle rebuild the object with __new__(cls, *args): give it the sizes
@@ -478,7 +645,8 @@ class Centaurus(CentaurusBase):
 class CentaurusNeck(Centaurus):
     """Bottleneck block with dense in/out projections.
 
-    u (H_in) -B-> N states, each of M sub-states mixed by E_n -> z (N) -C-> y (H_out = d_model).
+    u (H_in) -B-> N states, each of M sub-states mixed by E_n -> z (N) -C-> y (H_out = d_output,
+    default d_model).  B (N, H_in), C (H_out, N), E (N, M).
 
     Example:
         >>> model = CentaurusNeck(d_model=64, d_state=64, sub_state_dim=8)
@@ -487,9 +655,9 @@ class CentaurusNeck(Centaurus):
     """
 
     def _init_mode_parameters(self) -> None:
-        N, M, H = self.d_state, self.sub_state_dim, self.d_model
+        N, M, H, Ho = self.d_state, self.sub_state_dim, self.d_model, self.d_output
         self.B = nn.Parameter(torch.ones(N, H) / math.sqrt(H))
-        self.C = nn.Parameter(torch.randn(H, N) * math.sqrt(2.0 / (N * M)))
+        self.C = nn.Parameter(torch.randn(Ho, N) * math.sqrt(2.0 / (N * M)))
         self.E = nn.Parameter(torch.randn(N, M) * math.sqrt(2.0))
 
     def _weights(self) -> Weights:
@@ -517,7 +685,8 @@ class CentaurusPWNeck(Centaurus):
     """Pointwise bottleneck (s5 in public implementations) that flattens (N, M) -> (N*M).
 
     This variant removes E-mixing and repeats delta over M sub-states per state, yielding
-    independent SISO lanes aggregated in a single flattened axis: B (N*M, H_in), C (H_out, N*M).
+    independent SISO lanes aggregated in a single flattened axis: B (N*M, H_in), C (H_out, N*M),
+    and with ``dt_per_sub_state`` log_dt (N*M,).
 
     Example:
         >>> model = CentaurusPWNeck(d_model=64, d_state=64, sub_state_dim=8)
@@ -528,7 +697,10 @@ class CentaurusPWNeck(Centaurus):
     def _init_mode_parameters(self) -> None:
         NM, H = self.d_state * self.sub_state_dim, self.d_model
         self.B = nn.Parameter(torch.ones(NM, H) / math.sqrt(H))
-        self.C = nn.Parameter(torch.randn(H, NM) * math.sqrt(2.0 / NM))
+        self.C = nn.Parameter(torch.randn(self.d_output, NM) * math.sqrt(2.0 / NM))
+
+    def _log_dt_shape(self) -> Tuple[int, ...]:
+        return (self.d_state * self.sub_state_dim,)  # flat like B and C
 
     def _weights(self) -> Weights:
         return {"B": self.B, "C": self.C}
@@ -555,7 +727,9 @@ class CentaurusDWS(Centaurus):
     """Depthwise-separable block with one state per channel.
 
     Channel n drives its own M sub-states, mixed by E_n (the depthwise SSM), then the pointwise
-    matrix C (H_out x N) mixes the channels.  Requires d_state == d_model.
+    matrix C (H_out x N) mixes the channels.  Requires d_state == d_model.  ``mix_norm`` /
+    ``mix_activation`` put a norm and an activation on the SSM's output before C (the official
+    layer's default is BatchNorm + ReLU there); E (N, M).
 
     Example:
         >>> model = CentaurusDWS(d_model=64, d_state=64, sub_state_dim=8)
@@ -563,7 +737,9 @@ class CentaurusDWS(Centaurus):
         torch.Size([2, 128, 64])
     """
 
-    def _check_sizes(self) -> None:
+    _has_mix_act = True
+
+    def _check_sizes(self, d_output: int | None) -> None:
         if self.d_state != self.d_model:
             raise ValueError(
                 f"d_state: the dws mode has one state per channel, so d_state must equal "
@@ -571,10 +747,10 @@ class CentaurusDWS(Centaurus):
             )
 
     def _init_mode_parameters(self) -> None:
-        N, M, H = self.d_state, self.sub_state_dim, self.d_model
+        N, M = self.d_state, self.sub_state_dim
         self.E = nn.Parameter(torch.ones(N, M) / math.sqrt(M))
         bound = 1.0 / math.sqrt(N)  # the default init of the reference's 1x1 convolution
-        self.C = nn.Parameter(torch.empty(H, N).uniform_(-bound, bound))
+        self.C = nn.Parameter(torch.empty(self.d_output, N).uniform_(-bound, bound))
 
     def _weights(self) -> Weights:
         return {"C": self.C, "E": self.E}
@@ -600,7 +776,9 @@ class CentaurusFull(Centaurus):
 
     Like a full convolution from H_in = d_model to H_out = d_state channels: output o and input i
     are connected by a state of M sub-states with its own poles and mixing E_oi, and the step dt_o
-    is shared by the states of an output channel.  The inference state is (B, H_out, H_in, M).
+    is shared by the states of an output channel (with ``dt_per_sub_state``: dt_om, log_dt
+    (H_out, M)).  E is (H_out * H_in, M), row o * H_in + i.  The inference state is
+    (B, H_out, H_in, M).
 
     Example:
         >>> model = CentaurusFull(d_model=64, d_state=64, sub_state_dim=8)
@@ -615,6 +793,13 @@ class CentaurusFull(Centaurus):
     @property
     def d_output(self) -> int:
         return self.d_state
+
+    def _check_sizes(self, d_output: int | None) -> None:
+        if d_output is not None and d_output != self.d_state:
+            raise ValueError(
+                f"d_output: the full mode has d_state={self.d_state} output channels, so "
+                f"d_output must be None or {self.d_state}, got {d_output!r}"
+            )
 
     def _state_shape(self) -> Tuple[int, ...]:
         return (self.d_state, self.d_model, self.sub_state_dim)
