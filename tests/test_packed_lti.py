@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from _tol import assert_close_rel
-from lrnnx.models.lti import LRU, S4, S4D, S5
+from lrnnx.models.lti import LRU, S4, S4D, S5, Centaurus
 from lrnnx.models.ltv import S5 as EventS5
 from lrnnx.models.ltv import S7
 
@@ -37,6 +37,12 @@ CASES = (
     + [(m, layout) for m in ("s4", "s4d") for layout in ("transposed", "flat")]
     + [("s4d-real", "transposed"), ("s4d-lmax", "flat"), ("s4-gate", "transposed")]
     + [(m, path) for m in ("event-s5", "event-s5-sync", "s7") for path in ("fast", "torch")]
+    + [
+        (f"centaurus-{c}", mode)
+        for c in ("neck", "pointwise", "dws", "full")
+        for mode in ("fft", "scan")
+    ]
+    + [("centaurus-dws-norms", "scan"), ("centaurus-neck-simplified", "auto")]
 )
 
 
@@ -62,6 +68,14 @@ def build(name: str, variant: str, dtype: torch.dtype = torch.float64) -> torch.
     elif name.startswith("event-s5"):
         disc = "zoh" if name.endswith("sync") else "async"
         m = EventS5(H, N, disc, use_fast_path=variant == "fast")
+    elif name.startswith("centaurus"):
+        conn = name.split("-")[1]
+        kw = {}
+        if name.endswith("norms"):  # per-position maps after the LTI part (eval mode: exact)
+            kw = {"mix_norm": "layer", "mix_activation": "relu", "out_norm": "rms"}
+        disc = "simplified_zoh" if name.endswith("simplified") else "zoh"
+        m = Centaurus(H, N, 2, disc, mode=conn, dt_per_sub_state=conn == "dws", **kw)
+        m.mode = variant
     else:
         m = S7(H, N, J=2, use_fast_path=variant == "fast")
     return m.to(dtype)
@@ -171,7 +185,14 @@ def test_packed_equals_alone_float64(name, variant, cu):
 
 @pytest.mark.parametrize(
     "name,variant",
-    [("lru", "auto"), ("s5", "fft"), ("s4", "flat"), ("s4d", "transposed"), ("s7", "fast")],
+    [
+        ("lru", "auto"),
+        ("s5", "fft"),
+        ("s4", "flat"),
+        ("s4d", "transposed"),
+        ("s7", "fast"),
+        ("centaurus-neck", "fft"),
+    ],
 )
 def test_packed_float32_against_float64_alone(name, variant):
     m = build(name, variant, torch.float32)
@@ -192,7 +213,14 @@ def _single(dtype: torch.dtype) -> torch.dtype:
 
 @pytest.mark.parametrize(
     "name,variant",
-    [("lru", "fft"), ("s5", "scan"), ("s4", "transposed"), ("s4d", "flat"), ("event-s5", "fast")],
+    [
+        ("lru", "fft"),
+        ("s5", "scan"),
+        ("s4", "transposed"),
+        ("s4d", "flat"),
+        ("event-s5", "fast"),
+        ("centaurus-full", "fft"),
+    ],
 )
 def test_causal_and_separate(name, variant):
     """y at step t of sequence s depends only on the steps of s up to t."""
@@ -212,7 +240,10 @@ def test_causal_and_separate(name, variant):
                 assert_close_rel(y2[:, a : t + 1], y[:, a : t + 1], length=T, msg=f"t={t}")
 
 
-@pytest.mark.parametrize("name,variant", [("lru", "scan"), ("s4", "flat"), ("event-s5", "fast")])
+@pytest.mark.parametrize(
+    "name,variant",
+    [("lru", "scan"), ("s4", "flat"), ("event-s5", "fast"), ("centaurus-dws", "fft")],
+)
 def test_packed_errors(name, variant):
     m = build(name, variant)
     cu = torch.tensor(CU)
@@ -232,7 +263,10 @@ def test_packed_errors(name, variant):
             m(xi, state=m.default_state(1), cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("name,variant", [("s5", "scan"), ("s4d", "flat"), ("s7", "fast")])
+@pytest.mark.parametrize(
+    "name,variant",
+    [("s5", "scan"), ("s4d", "flat"), ("s7", "fast"), ("centaurus-pointwise", "fft")],
+)
 def test_packed_cache_then_step(name, variant):
     """A packed prefill leaves each sequence's state in its cache row; ``step`` continues them
     as it continues each sequence prefilled alone."""

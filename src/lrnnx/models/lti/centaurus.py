@@ -63,7 +63,14 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
-from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
+from lrnnx.models.lti.base import (
+    LTI_LRNN,
+    cache_to_device,
+    check_packed_cache,
+    diagonal_powers,
+    packed_offsets,
+    packed_seqlen_offset,
+)
 from lrnnx.ops import linear_scan
 
 #: -Re(A) is kept at or above this, so every discretization stays strictly stable
@@ -398,6 +405,8 @@ class CentaurusBase(LTI_LRNN):
         integration_timesteps: Tensor | None = None,
         lengths: Tensor | None = None,
         inference_cache: Dict[str, Any] | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Forward pass through a Centaurus LTI mode variant.
 
@@ -408,21 +417,38 @@ class CentaurusBase(LTI_LRNN):
                 valid outputs, the state or a train-mode BatchNorm's statistics.
             inference_cache: from :meth:`allocate_inference_cache`; the sequence starts from its
                 ``"lrnn_state"`` and the state at each sequence's end is written back, so
-                forward(prompt) followed by :meth:`step` continues the sequence.
+                forward(prompt) followed by :meth:`step` continues the sequence.  With
+                ``cu_seqlens`` it holds one state per packed sequence (batch size S).
+            cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) into the T
+                steps of x (1, T, H_in), 0 first and T last (repeated offsets: zero-length
+                sequences).  The result equals running each sequence alone (outputs, gradients,
+                states) and is always computed by the scan with resets (an FFT convolution
+                would carry one sequence's inputs into the next), whatever the mode.  A
+                ``"batch"`` norm in train mode pools its statistics over all packed steps, as
+                it pools over a padded batch.
 
         Returns:
             (B, L, H_out) in x's dtype; the sub-state arithmetic is float32/complex64 (or the
             parameters' wider dtype) even under autocast.
 
         Raises:
-            ValueError: bad x / lengths / cache, or ``contraction == "kernel"`` with a dws mix
-                norm/activation (C cannot be folded into the kernel past a nonlinearity).
+            ValueError: bad x / lengths / cache / cu_seqlens (with lengths, or a batch other
+                than 1), or ``contraction == "kernel"`` with a dws mix norm/activation (C cannot
+                be folded into the kernel past a nonlinearity).
         """
         self._check_forward_args(x, integration_timesteps)
         Bsz, L, _ = x.shape
+        cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {tuple(x.shape)} = (1, T, H_in)")
         lengths = as_lengths(lengths, Bsz, L, x.device)
         mask = lengths_mask(lengths, Bsz, L, x.device)
-        h0 = None if inference_cache is None else self._check_cache(inference_cache, Bsz)
+        rows = Bsz if cu is None else cu.shape[0] - 1  # states: one per sequence
+        h0 = None
+        if inference_cache is not None:
+            if cu is not None:
+                check_packed_cache(inference_cache, rows, type(self).__name__)
+            # a copy: the cache's tensor is overwritten in place with the final state below,
+            # which must not change a value the autograd graph of this forward has saved
+            h0 = self._check_cache(inference_cache, rows).clone()
         if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
             return x.new_zeros(Bsz, L, self.d_output)
         self.kernel_length = L
@@ -433,8 +459,8 @@ class CentaurusBase(LTI_LRNN):
             if mask is not None:  # a select: padding may hold anything, NaN included
                 xf = zero_where_not(xf, mask[..., None])
             A_bar, gamma, _ = self.discretize()
-            h0f = None if h0 is None else h0.reshape(Bsz, S, M).to(A_bar.dtype)
-            if self._use_fft(L):
+            h0f = None if h0 is None else h0.reshape(rows, S, M).to(A_bar.dtype)
+            if cu is None and self._use_fft(L):
                 P = diagonal_powers(A_bar, L)
                 k = self._kernel(P, gamma, w)
                 free = None if h0f is None else self._free_response(h0f, A_bar, P, w)
@@ -453,14 +479,20 @@ class CentaurusBase(LTI_LRNN):
                     final = self._final_state(xf, lengths, h0f, A_bar, gamma, P, w)
             else:
                 v = gamma * self._lanes(xf, w)  # (B, L, S, M)
-                h = linear_scan(A_bar, v, initial_state=h0f)
+                if cu is None:
+                    h = linear_scan(A_bar, v, initial_state=h0f)
+                    final = None if inference_cache is None else self._gather_final(h, lengths, h0f)
+                else:  # the recurrence restarts at each sequence; its final state is read there
+                    h, final = linear_scan(
+                        A_bar, v, initial_state=h0f, output_final_state=True, cu_seqlens=cu
+                    )
                 y = self._output(self._mix(h.real, w), w, mask)
-                final = None if inference_cache is None else self._gather_final(h, lengths, h0f)
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
             inference_cache["lrnn_state"].copy_(final.detach().reshape(h0.shape))
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+            advance = L if cu is None else packed_seqlen_offset(cu)
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
         return y.to(x.dtype)
 
     def _output(
@@ -596,9 +628,8 @@ class Centaurus(CentaurusBase):
     Args:
         d_model, d_state, sub_state_dim, discretization: see :class:`CentaurusBase`.
         mode: the connectivity, as above.
-        **options: keyword-only options of :class:`CentaurusBase` (``d_output``,
-            ``dt_per_sub_state``, ``mix_norm``, ``mix_activation``, ``out_norm``,
-            ``out_activation``).
+        d_output, dt_per_sub_state, mix_norm, mix_activation, out_norm, out_activation:
+            keyword-only options of :class:`CentaurusBase`.
 
     Example:
         >>> model = Centaurus(d_model=64, d_state=64, sub_state_dim=8, mode="neck")
@@ -615,7 +646,13 @@ class Centaurus(CentaurusBase):
         sub_state_dim: int,
         discretization: Literal["zoh", "bilinear", "dirac", "simplified_zoh"] = "zoh",
         mode: Literal["neck", "pointwise", "pw", "s5", "dws", "full"] = "neck",
-        **options: Any,
+        *,
+        d_output: int | None = None,
+        dt_per_sub_state: bool = False,
+        mix_norm: str | None = None,
+        mix_activation: str | None = None,
+        out_norm: str | None = None,
+        out_activation: str | None = None,
     ) -> Centaurus:
         if cls is Centaurus:
             cls = _mode_class(mode)
@@ -628,14 +665,33 @@ class Centaurus(CentaurusBase):
         sub_state_dim: int,
         discretization: Literal["zoh", "bilinear", "dirac", "simplified_zoh"] = "zoh",
         mode: str | None = None,
-        **options: Any,
+        *,
+        d_output: int | None = None,
+        dt_per_sub_state: bool = False,
+        mix_norm: str | None = None,
+        mix_activation: str | None = None,
+        out_norm: str | None = None,
+        out_activation: str | None = None,
     ) -> None:
+        # the options are spelled out (not **options) so that a misspelt one is an error that
+        # names it, here and in build_mixer's argument check, which reads this signature
         if mode is not None and not isinstance(self, _mode_class(mode)):
             raise ValueError(
                 f"mode: {type(self).__name__} is the {_mode_name(type(self))!r} mode, got "
                 f"mode={mode!r}; use Centaurus(..., mode={mode!r}) for that mode"
             )
-        super().__init__(d_model, d_state, sub_state_dim, discretization, **options)
+        super().__init__(
+            d_model,
+            d_state,
+            sub_state_dim,
+            discretization,
+            d_output=d_output,
+            dt_per_sub_state=dt_per_sub_state,
+            mix_norm=mix_norm,
+            mix_activation=mix_activation,
+            out_norm=out_norm,
+            out_activation=out_activation,
+        )
 
     def __getnewargs_ex__(self) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         # copy / pickle rebuild the object with __new__(cls, *args): give it the sizes
