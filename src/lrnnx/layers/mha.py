@@ -11,6 +11,14 @@ with Rotary Position Embedding", arXiv 2104.09864) and a key/value cache for dec
 Since R(t)^T R(s) = R(s - t), scores only see relative positions.  Positions are absolute
 token indices: in ``forward`` with a cache and in ``step`` they continue from each sequence's
 cached length (``"cache_seqlens"``), so prefill + steps rotate exactly as one long forward.
+
+Packed sequences (``cu_seqlens``, flash-attn's varlen convention): x (1, T, D) holds S
+sequences back to back; a token attends only within its own sequence and its rotary position
+restarts at 0 at the sequence start, so each sequence's output equals running it alone.  The
+attention runs as one ``scaled_dot_product_attention`` call with a block-diagonal (T, T)
+boolean mask: O(T^2) memory for the mask (and for the scores on backends that materialise
+them), as for an unpacked sequence of length T; flash-attn's varlen kernels avoid it but are
+not a dependency.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     zero_where_not,
 )
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -148,11 +157,13 @@ class MHA(nn.Module):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, L, D) -> (B, L, D).
 
         Args:
-            x: input sequence.
+            x: input sequence; (1, T, D) holding S sequences with ``cu_seqlens``.
             integration_timesteps: (B, L), validated and unused: attention positions are token
                 indices, so it is accepted only to keep the mixer interface uniform in mixed
                 stacks with event-driven models.
@@ -161,13 +172,24 @@ class MHA(nn.Module):
             inference_cache: from :meth:`allocate_inference_cache`; keys/values are appended at
                 each sequence's cached length, queries attend to the cached prefix too, and
                 ``cache_seqlens`` advances by ``lengths`` (or L), ``seqlen_offset`` by L.
+            cu_seqlens: int64 offsets (S + 1,) of S packed sequences (0 first, T last, repeats
+                are empty sequences): attention stays within each sequence (causal within it,
+                or full within it when ``causal=False``) and rotary positions restart at 0 at
+                each sequence start, so the output equals running each sequence alone.  Builds
+                a (T, T) boolean mask (O(T^2) memory).
+
+        Raises:
+            ValueError: ``cu_seqlens`` malformed, with a batch other than 1, or together with
+                ``lengths`` or ``inference_cache``.
         """
         check_sequence(x, self.dim)
         B, L, _ = x.shape
         check_timesteps(integration_timesteps, B, L)
         mask = lengths_mask(lengths, B, L, x.device)
         q, k, v = self._split(x)
-        if inference_cache is not None:
+        if cu_seqlens is not None:
+            out = self._attend_packed(q, k, v, cu_seqlens, lengths, inference_cache)
+        elif inference_cache is not None:
             out = self._attend_cached(q, k, v, lengths, inference_cache)
         else:
             pos = torch.arange(L, device=x.device)
@@ -188,6 +210,38 @@ class MHA(nn.Module):
         if mask is not None:
             y = zero_where_not(y, mask[..., None])
         return y
+
+    def _attend_packed(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens: Tensor,
+        lengths: Optional[Tensor],
+        cache: Optional[Dict[str, Any]],
+    ) -> Tensor:
+        """Attention of packed sequences, q, k, v (1, heads, T, head_dim): a block-diagonal
+        mask keeps every token within its sequence, positions count from each sequence start."""
+        if lengths is not None:
+            raise ValueError(
+                "lengths: packed sequences (cu_seqlens) have no padding; pass lengths=None "
+                "with cu_seqlens (or pad the batch and pass lengths alone)"
+            )
+        if cache is not None:
+            raise ValueError(
+                "inference_cache: MHA has no packed prefill; pass cu_seqlens=None with a cache "
+                "(prefill a padded batch with lengths instead)"
+            )
+        B, _, T, _ = q.shape
+        cu = check_cu_seqlens(cu_seqlens, B, T, f"x ({B}, {T}, {self.dim}) (1, T, D)")
+        seq = step_layout(cu.to(q.device), False)[0]  # (T,) the sequence of every token
+        pos = torch.arange(T, device=q.device) - cu.to(q.device)[seq]  # restarts at 0
+        q, k = self.rotate(q, pos), self.rotate(k, pos)
+        # every token sees itself, so no softmax row is empty
+        allowed = seq[:, None] == seq[None, :]  # (T, T) block diagonal
+        if self.causal:
+            allowed = allowed.tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, lengths: Optional[Tensor], cache: Dict[str, Any]

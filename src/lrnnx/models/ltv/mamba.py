@@ -18,6 +18,12 @@ Event mode: ``integration_timesteps`` dt_k (B, L) >= 0 is the time elapsed since
 element.  The state decays over that time, A_bar = rule(A, delta * dt_k), while the input is
 integrated with the learned step delta; dt_k = 1 everywhere gives the synchronous model.
 
+Packed sequences: ``forward(x, cu_seqlens=...)`` with x (1, T, H) holding S sequences back to
+back (fla's / flash-attn's offsets (S + 1,)): the conv windows and the scan restart at every
+sequence start, so each sequence's output (and gradient) equals running it alone.  With an
+inference cache of S rows this is a varlen prefill (as mamba_ssm's): row s starts from its
+state and receives sequence s's conv and SSM states.
+
 Parameter names and shapes match mamba_ssm's ``Mamba`` module, so its checkpoints load as they are.
 """
 
@@ -45,6 +51,7 @@ from lrnnx.core.checks import (
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import selective_scan_fn
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 from lrnnx.ops.selective_scan import DISCRETIZATIONS, discretize
 
 
@@ -180,17 +187,33 @@ class Mamba(LTV_LRNN):
         inference_cache: Optional[Dict[str, Any]] = None,
         *,
         hidden_states: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, L, H) -> (B, L, H); see the module docstring for the event mode and the cache.
 
-        ``hidden_states``: another name of ``x`` (that of the original lrnnx and mamba_ssm).
+        Args:
+            x: input (B, L, H); (1, T, H) with ``cu_seqlens``.  ``hidden_states``: another
+                name of ``x`` (that of the original lrnnx and mamba_ssm).
+            integration_timesteps: (B, L) (or (1, T)) time since the previous element, >= 0.
+            lengths: (B,) valid lengths of a padded batch; outputs past them are 0 and the
+                cache receives each sequence's state at its own length.
+            inference_cache: from :meth:`allocate_inference_cache` (batch B, or S with
+                ``cu_seqlens``); the forward starts from its states and writes the final ones
+                back (``seqlen_offset`` advances by L, or by the longest packed sequence).
+            cu_seqlens: int64 offsets (S + 1,) of S sequences packed along time (0 first, T
+                last, repeats are empty sequences): the result equals running each alone.
+
+        Raises:
+            ValueError: ``cu_seqlens`` malformed, with a batch other than 1, or together with
+                ``lengths``; a cache of the wrong size.
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
         check_input_dtype(x, self.in_proj.weight.dtype)
+        cu = self._packed_offsets(x, lengths, cu_seqlens)
         cache = inference_cache
         if cache is not None:
-            self._check_cache(cache, x.shape[0])
+            self._check_cache(cache, x.shape[0] if cu is None else cu.shape[0] - 1)
         if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
             return self._empty_output(x)
         if mask is not None:  # a select, not a product: padding may hold NaN
@@ -200,7 +223,9 @@ class Mamba(LTV_LRNN):
         if mask is not None:
             xi = zero_where_not(xi, mask[:, None, :])  # padding must not reach the conv state
         history = None if cache is None else cache["conv_state"][..., 1:]
-        conv, window = causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias, history)
+        conv, window = causal_depthwise_conv(
+            xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu
+        )
         u = F.silu(conv)  # (B, E, L)
         delta, Bt, Ct = self._ssm_params(u.transpose(1, 2))
         delta = delta.transpose(1, 2)  # (B, E, L)
@@ -227,17 +252,54 @@ class Mamba(LTV_LRNN):
             deltaA=deltaA,
             initial_state=None if cache is None else cache["lrnn_state"],
             backend=None if self.use_fast_path else "torch",
+            cu_seqlens=cu,
         )
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
         if mask is not None:
             out = zero_where_not(out, mask[..., None])
         if cache is not None:
-            with torch.no_grad():
-                cache["lrnn_state"].copy_(last)
-                tail = window_tail(window, self.d_conv, self.d_conv - 1, lengths)
-                cache["conv_state"].copy_(tail)
-            cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + x.shape[1]
+            self._write_cache(cache, last, window, lengths, cu, x.shape[1])
         return out
+
+    @staticmethod
+    def _packed_offsets(
+        x: Tensor, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor]
+    ) -> Optional[Tensor]:
+        """The validated int64 offsets (S + 1,) (on the host), or None without packing."""
+        if cu_seqlens is None:
+            return None
+        if lengths is not None:
+            raise ValueError(
+                "lengths: packed sequences (cu_seqlens) have no padding; pass lengths=None "
+                "with cu_seqlens (or pad the batch and pass lengths alone)"
+            )
+        return check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], f"x {tuple(x.shape)} (1, T, H)")
+
+    def _write_cache(
+        self,
+        cache: Dict[str, Any],
+        last: Tensor,
+        window: Tensor,
+        lengths: Optional[Tensor],
+        cu: Optional[Tensor],
+        length: int,
+    ) -> None:
+        """Store the final states of a forward: the SSM state and the last d_conv conv inputs
+        of every sequence (at its own length; per packed sequence with ``cu``)."""
+        K = self.d_conv
+        with torch.no_grad():
+            tail = window_tail(window, K, K - 1, lengths, cu_seqlens=cu)
+            if cu is not None:
+                # an empty sequence leaves its row as it was, as a forward of no steps does
+                # (window_tail zeroes the oldest entry, which lies before its window)
+                empty = (cu[1:] == cu[:-1]).to(tail.device)[:, None, None]
+                tail = torch.where(empty, cache["conv_state"].to(tail.dtype), tail)
+            cache["lrnn_state"].copy_(last)
+            cache["conv_state"].copy_(tail)
+        # packed: every row advanced by its own length; the longest is what a padded batch of
+        # the same sequences would add
+        steps = length if cu is None else int((cu[1:] - cu[:-1]).max())
+        cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + steps
 
     def step(
         self,

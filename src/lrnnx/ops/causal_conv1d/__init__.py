@@ -10,6 +10,11 @@ Backends (same signature, same results):
   recomputed in backward.  Replaces ``aten::convolution_backward``, which on some CPUs takes
   seconds for this depthwise shape.
 
+Packed sequences (``cu_seqlens``, fla's convention) are native in every backend: the window of
+each step stops at its sequence's first step and takes the rest from that sequence's initial
+states (no loop over sequences in Python; the torch backend convolves the padded window of
+:mod:`lrnnx.ops.causal_conv1d.packing` once).
+
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device
 (the CUDA default is ``torch``: cuDNN's depthwise kernels).
 """
@@ -22,6 +27,8 @@ import torch as _torch  # the sibling module `torch.py` takes the name `torch` h
 from torch import Tensor
 
 from lrnnx.ops import _dispatch
+from lrnnx.ops.causal_conv1d.packing import padded_window, segment_tails
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 
 __all__ = ["causal_conv1d", "ACTIVATIONS"]
 
@@ -54,6 +61,8 @@ def causal_conv1d(
     return_final_states: bool = False,
     activation: Optional[str] = None,
     backend: Optional[str] = None,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Depthwise causal convolution along time, channel by channel::
 
@@ -63,18 +72,27 @@ def causal_conv1d(
     it: weight[:, K - 1] multiplies the current input, weight[:, 0] the oldest.  Then
     ``silu(y)`` when ``activation`` is ``"silu"`` or ``"swish"``.
 
+    With ``cu_seqlens`` x (1, D, T) holds S sequences back to back and each is convolved as if
+    alone: its window starts with its own K - 1 initial states (``initial_states`` (S, D, K - 1))
+    and never reaches into the previous sequence; y, the final states (S, D, K - 1) and every
+    gradient equal those of S separate calls.
+
     Args:
         x: input (B, D, L).
         weight: (D, K), K >= 1 (an ``nn.Conv1d(D, D, K, groups=D)`` weight is (D, 1, K):
             pass ``weight[:, 0]``).
         bias: (D,) or None.
         initial_states: (B, D, K - 1) the inputs before x (a previous call's final states);
-            zeros when None.
+            zeros when None.  (S, D, K - 1), one per sequence, with ``cu_seqlens``.
         return_final_states: also return the last K - 1 entries of ``xpad`` (B, D, K - 1):
             what the next call takes as ``initial_states`` to continue the sequence.  With
-            L < K - 1 they reach back into ``initial_states``.
+            L < K - 1 they reach back into ``initial_states``.  (S, D, K - 1) with
+            ``cu_seqlens``, each sequence's own (a zero-length sequence's: its initial states).
         activation: None, ``"silu"`` or ``"swish"``.
         backend: force a backend ("reference", "torch", "cpu").
+        cu_seqlens: int64 (or int32) offsets (S + 1,) of S packed sequences, keyword-only:
+            ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = T``, non-decreasing (repeats are
+            zero-length sequences); x must be (1, D, T).  Validated on the host (one sync).
 
     Returns:
         y (B, D, L) in x's dtype [, final states (B, D, K - 1) in x's dtype].  float32 and
@@ -85,8 +103,8 @@ def causal_conv1d(
 
     Raises:
         TypeError: an argument is not a real floating-point tensor.
-        ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, or the
-            activation is unknown.
+        ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, the
+            activation is unknown, or ``cu_seqlens`` is malformed or given with B != 1.
     """
     _check_tensor("x", x)
     if x.dim() != 3:
@@ -101,16 +119,20 @@ def causal_conv1d(
             f"got {tuple(weight.shape)}"
         )
     K = weight.shape[1]
+    cu = None
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens(cu_seqlens, B, L, f"x {tuple(x.shape)} (1, D, T)")
     if bias is not None:
         _check_tensor("bias", bias, device)
         if tuple(bias.shape) != (D,):
             raise ValueError(f"bias: expected shape (D,) = ({D},), got {tuple(bias.shape)}")
     if initial_states is not None:
         _check_tensor("initial_states", initial_states, device)
-        if tuple(initial_states.shape) != (B, D, K - 1):
+        rows, label = (B, "B") if cu is None else (cu.shape[0] - 1, "S")
+        if tuple(initial_states.shape) != (rows, D, K - 1):
             raise ValueError(
-                f"initial_states: expected shape (B, D, K - 1) = ({B}, {D}, {K - 1}), got "
-                f"{tuple(initial_states.shape)}"
+                f"initial_states: expected shape ({label}, D, K - 1) = ({rows}, {D}, {K - 1}), "
+                f"got {tuple(initial_states.shape)}"
             )
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -131,14 +153,16 @@ def causal_conv1d(
         y = xc * wc.sum(-1)[:, None]
         if bc is not None:
             y = y + bc[:, None]
-        if hc is not None:
-            y = y + hc.sum(-1, keepdim=True)
+        if hc is not None:  # (1, D, 1): broadcasts to y whether hc has B rows or S
+            y = y + hc.sum((0, 2), keepdim=True)
     else:
         fn = _dispatch.resolve("causal_conv1d", device, backend)
-        y = fn(xc, wc, bc, hc, silu)
+        y = fn(xc, wc, bc, hc, silu) if cu is None else fn(xc, wc, bc, hc, silu, cu)
     y = y.to(out_dtype)
     if not return_final_states:
         return y
+    if cu is not None:
+        return y, _packed_final_states(x, initial_states, cu, K)
     return y, _final_states(x, initial_states, K)
 
 
@@ -153,3 +177,10 @@ def _final_states(x: Tensor, initial_states: Optional[Tensor], K: int) -> Tensor
     else:
         head = initial_states[..., L:].to(x.dtype)
     return _torch.cat([head, x], dim=-1)
+
+
+def _packed_final_states(x: Tensor, initial_states: Optional[Tensor], cu: Tensor, K: int) -> Tensor:
+    """Each packed sequence's last K - 1 entries of [its initial states, its inputs], (S, D,
+    K - 1) in x's dtype: read from the padded window (index arithmetic, differentiable)."""
+    cu = cu.to(x.device)
+    return segment_tails(padded_window(x, initial_states, cu, K - 1), cu, K - 1, K - 1)

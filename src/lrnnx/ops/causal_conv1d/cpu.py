@@ -6,7 +6,11 @@ pool hands the tasks out).  Small inputs run as one task on the calling thread, 
 threads would cost more than the work.
 
 Forward, per row: y = bias, then one pass per tap j, y_t += w_j xpad_{t + j} (a shifted read of
-the row, from the initial states for the first K - 1 - j steps), then silu in place.  Every
+the row, from the initial states for the first K - 1 - j steps), then silu in place.
+
+Packed sequences (``cu_seqlens``, B = 1): each row runs the same per-row code on every
+sequence's own padded window [h_s, x_s] in turn (a loop inside the compiled kernel), so the
+window stops at the sequence start forward and backward; unpacked rows are one sequence each.  Every
 inner loop runs along time, so LLVM vectorises it, and the row (L values) stays in L1.
 
 Backward, per row: the pre-activation is recomputed (nothing but the inputs is saved), the
@@ -77,87 +81,119 @@ if HAVE_NUMBA:
                 yr[t] += wj * xp[t + j]
 
     @numba.njit(**_OPTS)
-    def _fwd_rows(x, w, bias, h0, silu, y, r0, r1):  # pragma: no cover - compiled
-        """y[b, d] for rows r = b D + d, r0 <= r < r1, of x (B, D, L) (any strides)."""
+    def _fwd_rows(x, w, bias, h0, cu, silu, y, r0, r1):  # pragma: no cover - compiled
+        """y[b, d] for rows r = b D + d, r0 <= r < r1, of x (B, D, L) (any strides).  Each row
+        holds the sequences cu[s] : cu[s + 1] (cu = [0, L] unpacked); sequence s of row b starts
+        from the states h0[(b S + s) D + d]."""
         D, K = w.shape
         L = x.shape[2]
+        P = K - 1
+        S = cu.shape[0] - 1
         one = np.ones(1, x.dtype)[0]  # a constant of the rows' dtype (no float64 promotion)
-        xp = np.empty(L + K - 1, x.dtype)
+        xp = np.empty(L + P, x.dtype)
         for r in range(r0, r1):
             b, d = r // D, r % D
-            yr = y[b, d]
-            _padded_row(x[b, d], h0[r], xp)
-            _preact_row(xp, w[d], bias[d], yr)
+            xr, yr = x[b, d], y[b, d]
+            for s in range(S):  # the window stops at each sequence's start
+                lo, hi = cu[s], cu[s + 1]
+                if hi > lo:
+                    xs = xp[: hi - lo + P]
+                    _padded_row(xr[lo:hi], h0[(b * S + s) * D + d], xs)
+                    _preact_row(xs, w[d], bias[d], yr[lo:hi])
             if silu:
                 for t in range(L):
                     v = yr[t]
                     yr[t] = v / (one + math.exp(-v))
 
     @numba.njit(**_OPTS)
-    def _bwd_rows(x, w, bias, h0, silu, dy, dx, dh0, dw, db, r0, r1):  # pragma: no cover
-        """Gradients of rows r = b D + d, r0 <= r < r1: dx (B, D, L), dh0 (R, K - 1), and
-        per-row dw (R, K), db (R,).  x, dy and dx may have any strides (x transposed from
+    def _bwd_segment(xs, dys, wr, bv, silu, dz, gx, dwr, dhr):  # pragma: no cover - compiled
+        """Backward of one sequence of one row: xs its padded window (n + K - 1), dys its
+        upstream gradient (n); adds to dwr (K,), writes gx[:n] (dx) and dhr (K - 1,) (dinit);
+        returns its dbias.  dz is scratch of n + K - 1 or more."""
+        K = wr.shape[0]
+        P = K - 1
+        n = dys.shape[0]
+        one = np.ones(1, xs.dtype)[0]
+        zero = np.zeros(1, xs.dtype)[0]
+        dz = dz[: n + P]  # [dz, K - 1 zeros]: dx_u = sum_j w_j dz_{u + K - 1 - j}
+        if silu:  # dz = dy silu'(z), z recomputed: silu'(z) = s (1 + z (1 - s))
+            _preact_row(xs, wr, bv, dz[:n])
+            for t in range(n):
+                z = dz[t]
+                sg = one / (one + math.exp(-z))
+                dz[t] = dys[t] * (sg * (one + z * (one - sg)))
+        else:
+            for t in range(n):
+                dz[t] = dys[t]
+        for t in range(n, n + P):
+            dz[t] = zero
+        db = zero
+        if K == 4:  # one pass each for (dbias, dw) and dx
+            a0, a1, a2, a3 = zero, zero, zero, zero
+            for t in range(n):
+                g = dz[t]
+                db += g
+                a0 += g * xs[t]
+                a1 += g * xs[t + 1]
+                a2 += g * xs[t + 2]
+                a3 += g * xs[t + 3]
+            dwr[0] += a0
+            dwr[1] += a1
+            dwr[2] += a2
+            dwr[3] += a3
+            w0, w1, w2, w3 = wr[0], wr[1], wr[2], wr[3]
+            for u in range(n):
+                gx[u] = w3 * dz[u] + w2 * dz[u + 1] + w1 * dz[u + 2] + w0 * dz[u + 3]
+        else:
+            for t in range(n):
+                db += dz[t]
+            for j in range(K):
+                a = zero
+                for t in range(n):
+                    a += dz[t] * xs[t + j]
+                dwr[j] += a
+            for u in range(n):
+                gx[u] = zero
+            for j in range(K):
+                wj = wr[j]
+                sh = P - j
+                for u in range(n):
+                    gx[u] += wj * dz[u + sh]
+        for i in range(P):  # state i reaches y_t through tap j = i - t
+            a = zero
+            for j in range(max(0, i - n + 1), i + 1):
+                a += wr[j] * dz[i - j]
+            dhr[i] = a
+        return db
+
+    @numba.njit(**_OPTS)
+    def _bwd_rows(x, w, bias, h0, cu, silu, dy, dx, dh0, dw, db, r0, r1):  # pragma: no cover
+        """Gradients of rows r = b D + d, r0 <= r < r1: dx (B, D, L), dh0 (laid out as h0),
+        and per-row dw (R, K), db (R,).  x, dy and dx may have any strides (x transposed from
         (B, L, D), an expanded dy): each is read or written once per row, in a copy loop."""
         D, K = w.shape
         L = x.shape[2]
         P = K - 1
-        one = np.ones(1, x.dtype)[0]
+        S = cu.shape[0] - 1
         zero = np.zeros(1, x.dtype)[0]
-        xp = np.empty(L + P, x.dtype)  # [initial states, x]
-        dz = np.zeros(L + P, x.dtype)  # [dz, K - 1 zeros]: dx_u = sum_j w_j dz_{u + K - 1 - j}
-        gx = np.empty(L, x.dtype)  # dx of the row, copied out at the end
+        xp = np.empty(L + P, x.dtype)  # [initial states, x] of one sequence
+        dz = np.empty(L + P, x.dtype)
+        gx = np.empty(L, x.dtype)  # dx of one sequence, copied out at the end
         for r in range(r0, r1):
             b, d = r // D, r % D
-            wr, dyr = w[d], dy[b, d]
-            _padded_row(x[b, d], h0[r], xp)
-            if silu:  # dz = dy silu'(z), z recomputed: silu'(z) = s (1 + z (1 - s))
-                _preact_row(xp, wr, bias[d], dz[:L])
-                for t in range(L):
-                    z = dz[t]
-                    s = one / (one + math.exp(-z))
-                    dz[t] = dyr[t] * (s * (one + z * (one - s)))
-            else:
-                for t in range(L):
-                    dz[t] = dyr[t]
-            if K == 4:  # one pass each for (dbias, dw) and dx
-                a, a0, a1, a2, a3 = zero, zero, zero, zero, zero
-                for t in range(L):
-                    g = dz[t]
-                    a += g
-                    a0 += g * xp[t]
-                    a1 += g * xp[t + 1]
-                    a2 += g * xp[t + 2]
-                    a3 += g * xp[t + 3]
-                db[r] = a
-                dw[r, 0], dw[r, 1], dw[r, 2], dw[r, 3] = a0, a1, a2, a3
-                w0, w1, w2, w3 = wr[0], wr[1], wr[2], wr[3]
-                for u in range(L):
-                    gx[u] = w3 * dz[u] + w2 * dz[u + 1] + w1 * dz[u + 2] + w0 * dz[u + 3]
-            else:
-                a = zero
-                for t in range(L):
-                    a += dz[t]
-                db[r] = a
-                for j in range(K):
-                    a = zero
-                    for t in range(L):
-                        a += dz[t] * xp[t + j]
-                    dw[r, j] = a
-                for u in range(L):
-                    gx[u] = zero
-                for j in range(K):
-                    wj = wr[j]
-                    s = P - j
-                    for u in range(L):
-                        gx[u] += wj * dz[u + s]
-            dxr = dx[b, d]
-            for u in range(L):
-                dxr[u] = gx[u]
-            for i in range(P):  # state i reaches y_t through tap j = i - t
-                a = zero
-                for j in range(max(0, i - L + 1), i + 1):
-                    a += wr[j] * dz[i - j]
-                dh0[r, i] = a
+            xr, dyr, dxr = x[b, d], dy[b, d], dx[b, d]
+            for j in range(K):
+                dw[r, j] = zero
+            acc = zero
+            for s in range(S):
+                lo, hi = cu[s], cu[s + 1]
+                hs = (b * S + s) * D + d
+                xs = xp[: hi - lo + P]
+                _padded_row(xr[lo:hi], h0[hs], xs)
+                acc += _bwd_segment(xs, dyr[lo:hi], w[d], bias[d], silu, dz, gx, dw[r], dh0[hs])
+                for u in range(hi - lo):
+                    dxr[lo + u] = gx[u]
+            db[r] = acc
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
@@ -202,50 +238,73 @@ def kernel_layout(t: Tensor) -> Tensor:
     return t if _rows_contiguous(t) else t.contiguous()
 
 
-def _arrays(x: Tensor, weight: Tensor, bias: Optional[Tensor], h0: Optional[Tensor]):
+def _states_rows(x: Tensor, cu: Optional[Tensor]) -> int:
+    """How many (b, s) state rows there are: B unpacked, S packed (x (1, D, T))."""
+    return x.shape[0] if cu is None else cu.shape[0] - 1
+
+
+def _arrays(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], h0: Optional[Tensor], cu: Optional[Tensor]
+):
     """Kernel-ready arrays: x (B, D, L) in :func:`kernel_layout`, the small ones contiguous,
-    zeros for a missing bias or state (B * D, K - 1)."""
+    zeros for a missing bias or state ((B or S) * D, K - 1), the offsets (S + 1,) int64
+    ([0, L] unpacked: one sequence per row)."""
     B, D, L = x.shape
     K = weight.shape[1]
+    rows = _states_rows(x, cu) * D
     xa = kernel_layout(x).numpy()
     wa = as_array(weight)
     ba = as_array(bias) if bias is not None else torch.zeros(D, dtype=x.dtype).numpy()
     if h0 is None:
-        ha = torch.zeros(B * D, K - 1, dtype=x.dtype).numpy()
+        ha = torch.zeros(rows, K - 1, dtype=x.dtype).numpy()
     else:
-        ha = as_array(h0.reshape(B * D, K - 1))
-    return xa, wa, ba, ha
+        ha = as_array(h0.reshape(rows, K - 1))
+    offsets = torch.tensor([0, L]) if cu is None else cu
+    return xa, wa, ba, ha, as_array(offsets.to(torch.int64))
 
 
 @torch.no_grad()
 def forward_kernel(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], h0: Optional[Tensor], silu: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    h0: Optional[Tensor],
+    silu: bool,
+    cu: Optional[Tensor] = None,
 ) -> Tensor:
-    """y (B, D, L) for CPU tensors of one dtype (float32 or float64)."""
+    """y (B, D, L) for CPU tensors of one dtype (float32 or float64); ``cu`` (S + 1,) int64
+    offsets of packed sequences (B = 1, h0 (S, D, K - 1)) or None."""
     B, D, L = x.shape
     y = torch.empty(B, D, L, dtype=x.dtype)
-    xa, wa, ba, ha = _arrays(x, weight, bias, h0)
-    _run(_fwd_rows, B * D, L, xa, wa, ba, ha, bool(silu), y.numpy())
+    xa, wa, ba, ha, ca = _arrays(x, weight, bias, h0, cu)
+    _run(_fwd_rows, B * D, L, xa, wa, ba, ha, ca, bool(silu), y.numpy())
     return y
 
 
 @torch.no_grad()
 def backward_kernel(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], h0: Optional[Tensor], silu: bool, dy: Tensor
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    h0: Optional[Tensor],
+    silu: bool,
+    dy: Tensor,
+    cu: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx (B, D, L), dweight (D, K), dbias (D,), dinitial_states (B, D, K - 1))."""
+    """(dx (B, D, L), dweight (D, K), dbias (D,), dinitial_states (B or S, D, K - 1))."""
     B, D, L = x.shape
     K = weight.shape[1]
     R = B * D
+    H = _states_rows(x, cu)
     dx = torch.empty(B, D, L, dtype=x.dtype)
-    dh0 = torch.empty(B, D, K - 1, dtype=x.dtype)
+    dh0 = torch.empty(H, D, K - 1, dtype=x.dtype)
     dw = torch.empty(B, D, K, dtype=x.dtype)  # per row, summed over the batch below
     db = torch.empty(B, D, dtype=x.dtype)
-    xa, wa, ba, ha = _arrays(x, weight, bias, h0)
+    xa, wa, ba, ha, ca = _arrays(x, weight, bias, h0, cu)
     dya = kernel_layout(dy.to(x.dtype)).numpy()  # an expanded dy is not copied
     _run(
-        _bwd_rows, R, L, xa, wa, ba, ha, bool(silu), dya,
-        dx.numpy(), dh0.view(R, K - 1).numpy(), dw.view(R, K).numpy(), db.view(R).numpy(),
+        _bwd_rows, R, L, xa, wa, ba, ha, ca, bool(silu), dya,
+        dx.numpy(), dh0.view(H * D, K - 1).numpy(), dw.view(R, K).numpy(), db.view(R).numpy(),
     )  # fmt: skip
     return dx, dw.sum(0), db.sum(0), dh0
 
@@ -256,17 +315,17 @@ class CausalConv1dCPUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_states, silu: bool):
-        ctx.silu = silu
+    def forward(ctx, x, weight, bias, initial_states, silu: bool, cu):
+        ctx.silu, ctx.cu = silu, cu
         xk = x if _rows_contiguous(x) else kernel_layout(x)
         ctx.save_for_backward(xk, weight, bias, initial_states)
-        return forward_kernel(xk, weight, bias, initial_states, silu)
+        return forward_kernel(xk, weight, bias, initial_states, silu, cu)
 
     @staticmethod
     @once_differentiable  # the backward kernel is not itself differentiable
     def backward(ctx, dy: Tensor):
         x, weight, bias, h0 = ctx.saved_tensors
-        dx, dw, db, dh0 = backward_kernel(x, weight, bias, h0, ctx.silu, dy)
+        dx, dw, db, dh0 = backward_kernel(x, weight, bias, h0, ctx.silu, dy, ctx.cu)
         need = ctx.needs_input_grad
         return (
             dx if need[0] else None,
@@ -274,11 +333,17 @@ class CausalConv1dCPUFunction(torch.autograd.Function):
             db if bias is not None and need[2] else None,
             dh0 if h0 is not None and need[3] else None,
             None,
+            None,
         )
 
 
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor], silu: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    silu: bool,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused CPU causal depthwise convolution; same arguments and result as the reference.
 
@@ -287,8 +352,9 @@ def causal_conv1d(
     if x.device.type != "cpu":
         from lrnnx.ops.causal_conv1d.torch import causal_conv1d as torch_conv
 
-        return torch_conv(x, weight, bias, initial_states, silu)
+        return torch_conv(x, weight, bias, initial_states, silu, cu_seqlens)
+    cu = None if cu_seqlens is None else cu_seqlens.detach().to(torch.int64)
     tensors = (x, weight, bias, initial_states)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return CausalConv1dCPUFunction.apply(x, weight, bias, initial_states, bool(silu))
-    return forward_kernel(x, weight, bias, initial_states, silu)
+        return CausalConv1dCPUFunction.apply(x, weight, bias, initial_states, bool(silu), cu)
+    return forward_kernel(x, weight, bias, initial_states, silu, cu)
