@@ -22,6 +22,8 @@ EXPECTED = [
     "02_event_data.md",
     "03_language_model_and_generation.md",
     "04_ops_and_backends.md",
+    "05_hugging_face.md",
+    "06_packed_and_bidirectional.md",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -16,6 +17,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: reserved config.json key: sha256 (hex) of the weights file; never a constructor argument
 CHECKSUM_KEY = "_weights_sha256"
+#: reserved config.json key: the Hugging Face model type (``AutoConfig`` dispatches on it)
+MODEL_TYPE_KEY = "model_type"
+#: classes whose directories Hugging Face transformers loads (after ``import lrnnx.hf``):
+#: ``"module:Class"`` -> the ``model_type`` that ``save_pretrained`` writes into config.json
+HF_MODEL_TYPES = {"lrnnx.architectures.lm:LRNNLMHeadModel": "lrnnx"}
+#: reserved config.json key of those classes: the modules' JSON extra states (state_dict key ->
+#: value), which transformers reads from the config as it keeps no metadata of weights files
+EXTRA_STATE_CONFIG_KEY = "lrnnx_extra_state"
 #: safetensors metadata entry holding the modules' extra state (``get_extra_state``), as JSON
 EXTRA_STATE_METADATA = "lrnnx_extra_state"
 _EXTRA_SUFFIX = "_extra_state"  # torch's state_dict key suffix for a module's extra state
@@ -248,7 +257,15 @@ class PretrainedMixin:
       in the file's metadata as JSON (key ``"lrnnx_extra_state"``), a tensor extra state in
       the file itself, and is given back to ``set_extra_state`` on load.
     * ``config.json``: the constructor arguments, plus the reserved key ``"_weights_sha256"``
-      (sha256 of ``model.safetensors``, checked on load; never passed to the constructor).
+      (sha256 of ``model.safetensors``, checked on load; never passed to the constructor) and,
+      for the classes that Hugging Face transformers can load (:data:`HF_MODEL_TYPES`), the
+      reserved key ``"model_type"`` (``"lrnnx"`` for :class:`LRNNLMHeadModel`), with a copy
+      of the JSON extra states under ``"lrnnx_extra_state"`` for transformers (lrnnx reads
+      that copy only from directories that transformers wrote).  Such a
+      directory is also what transformers' ``save_pretrained`` writes for ``lrnnx.hf``'s
+      classes: its other keys (``transformers_version``, ``architectures``, ``dtype``,
+      ``tie_word_embeddings``, ...) are transformers' own, and on load only the constructor's
+      parameters are taken from it.
     """
 
     config: Dict[str, Any]
@@ -257,8 +274,9 @@ class PretrainedMixin:
         """Write ``model.safetensors`` and then ``config.json`` (with the weights' sha256)."""
         from safetensors.torch import save_file
 
-        if CHECKSUM_KEY in self.config:
-            raise ValueError(f"config: {CHECKSUM_KEY!r} is reserved for the weights' checksum")
+        for key in (CHECKSUM_KEY, MODEL_TYPE_KEY, EXTRA_STATE_CONFIG_KEY):
+            if key in self.config:
+                raise ValueError(f"config: {key!r} is a reserved config.json key, not an argument")
         try:
             json.dumps(self.config, sort_keys=True)
         except TypeError as e:
@@ -281,6 +299,11 @@ class PretrainedMixin:
         w_path = os.path.join(save_directory, WEIGHTS_NAME)
         save_file(tensors, w_path, metadata=metadata)
         config = {**self.config, CHECKSUM_KEY: _sha256(w_path)}  # of the file as written
+        model_type = HF_MODEL_TYPES.get(class_path(type(self)))
+        if model_type is not None:
+            config[MODEL_TYPE_KEY] = model_type
+            if extra_json:
+                config[EXTRA_STATE_CONFIG_KEY] = extra_json
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -314,6 +337,8 @@ class PretrainedMixin:
             FileNotFoundError: a file is missing.
             ChecksumError (a ValueError): the weights file's sha256 differs from the recorded
                 one; the message names the file and both digests.
+            ValueError: config.json's ``"model_type"`` is not this class's (e.g. another
+                architecture's directory).
             RuntimeError: the weights do not match the config (missing / unexpected / shape).
             ValueError: conflicting ``map_location``/``device`` or ``dtype``/``torch_dtype``.
         """
@@ -337,6 +362,9 @@ class PretrainedMixin:
         with open(cfg_path) as f:
             config = json.load(f)
         expected = config.pop(CHECKSUM_KEY, None)
+        config_extra = config.pop(EXTRA_STATE_CONFIG_KEY, None) or {}
+        by_transformers = "transformers_version" in config  # lrnnx.hf's save_pretrained
+        config = _constructor_arguments(cls, config, cfg_path)
         if expected is not None:
             found = _sha256(w_path)
             if found != expected:
@@ -362,6 +390,8 @@ class PretrainedMixin:
             for k in stored.get("tensors", []):
                 if k in state:
                     extra[k] = state.pop(k)
+        elif by_transformers:  # its weights files keep no metadata: lrnnx.hf uses the config
+            extra.update(config_extra)
         model._assign_state(state, extra)
         model.to(target)
         if cast is not None:
@@ -403,6 +433,39 @@ class PretrainedMixin:
                     mod._buffers[leaf] = tensor
         for key, value in extra.items():
             _owner(self, key)[0].set_extra_state(value)
+
+
+def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> Dict[str, Any]:
+    """The constructor arguments in a config.json (its checksum already removed).
+
+    A config with a ``"model_type"`` is one Hugging Face transformers can read (written by
+    :meth:`PretrainedMixin.save_pretrained` or by ``lrnnx.hf``'s classes): its keys that are
+    not constructor parameters are transformers' own (``transformers_version``,
+    ``architectures``, ``dtype``, ``tie_word_embeddings``, token ids, ...; the set depends on
+    the transformers version) and are left out.  A config without one (lrnnx before the
+    Hugging Face integration) holds nothing but the arguments, all passed on.
+    """
+    if MODEL_TYPE_KEY not in config:
+        return config
+    model_type = config[MODEL_TYPE_KEY]
+    # a subclass reads its base class's directories (it writes none: its arguments may differ)
+    own_type = next(
+        (HF_MODEL_TYPES[class_path(c)] for c in cls.__mro__ if class_path(c) in HF_MODEL_TYPES),
+        None,
+    )
+    if model_type != own_type:
+        raise ValueError(
+            f"{cfg_path}: model_type {model_type!r} is not {cls.__name__}'s (expected "
+            f"{own_type!r}); the directory holds another architecture"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    named = {
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    named.discard("self")
+    return {k: v for k, v in config.items() if k in named}
 
 
 def _resolve_dtype(
