@@ -353,6 +353,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="variable-length tasks (e.g. --task selective-copy --task-option min_len=32): lay "
+        "each batch's examples back to back in one row of about batch-size x mean-length "
+        "tokens (cu_seqlens) instead of padding them; same losses as padded, no compute on "
+        "padding",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument(
         "--resume", action="store_true", help="continue from OUT's checkpoint (error if none)"
@@ -408,6 +416,7 @@ def _config_from_args(args: argparse.Namespace):
         overwrite=args.overwrite,
         plot=not args.no_plot,
         threads=args.threads,
+        pack=args.pack,
     )
 
 

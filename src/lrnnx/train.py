@@ -6,6 +6,12 @@
 
 Token tasks get an :class:`lrnnx.architectures.LRNNLMHeadModel` (loss and accuracy on the
 positions the task scores), classification tasks a :class:`lrnnx.architectures.Classifier`.
+
+Variable-length tasks (splits with ``lengths``, e.g. ``selective-copy`` with ``min_len``) are
+batched as padded (B, L) batches with ``lengths``, or with ``pack=True`` (``--pack``) packed:
+the batch's examples are laid back to back in one row of about batch_size * mean length tokens
+with ``cu_seqlens`` (fla's convention), so no compute goes to padding.  Both give the same loss
+and gradients up to rounding (each example is still run as if alone).
 Training is AdamW with linear warm-up and cosine decay, gradient clipping, periodic evaluation on
 the held-out split, an atomically written checkpoint (so an interrupt never leaves a torn file),
 a metrics JSON and, when matplotlib is installed, a learning-curve PNG.
@@ -99,6 +105,10 @@ class TrainConfig:
         plot: write the learning-curve PNG (needs matplotlib).
         threads: CPU threads for torch (None: leave torch's setting; small models on a busy
             machine often train faster with 1).
+        pack: batch variable-length examples packed (one row of the batch's examples back to
+            back, with ``cu_seqlens``) instead of padded (with ``lengths``); training and
+            evaluation see the same examples and losses either way.  Needs a task with
+            variable lengths and mixers that take packed sequences.
     """
 
     task: str = "selective-copy"
@@ -129,6 +139,7 @@ class TrainConfig:
     overwrite: bool = False
     plot: bool = True
     threads: Optional[int] = None
+    pack: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible setting."""
@@ -353,15 +364,67 @@ def prepare(config: TrainConfig) -> Prepared:
         model = build_from_spec(arch)
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"cannot build {arch['class']} with {info.name!r}: {e}") from None
+    if config.pack:
+        _check_packing(data, model, info.name)
     return Prepared(config, data, model, info, arch)
+
+
+def _check_packing(data: TaskData, model: nn.Module, name: str) -> None:
+    """``pack`` needs variable-length examples and mixers that take ``cu_seqlens``."""
+    if data.train.lengths is None:
+        raise ConfigError(
+            f"pack: task {data.name!r} has fixed-length examples (no padding to save); packing "
+            "needs variable lengths, e.g. --task selective-copy --task-option min_len=32"
+        )
+    from lrnnx.models.registry import MixerAdapter
+
+    for module in model.modules():
+        if isinstance(module, MixerAdapter) and not module.supports_cu_seqlens:
+            raise ConfigError(
+                f"pack: model {name!r} does not take packed sequences yet (its forward has no "
+                "cu_seqlens); train it without --pack (padded batches with lengths)"
+            )
 
 
 # ----------------------------------------------------------------------------- loss and metrics
 
 
-def forward_batch(model: nn.Module, batch: Split, kind: str) -> tuple[Tensor, Tensor, int]:
-    """Mean loss, number of correct predictions and number of scored predictions of one batch."""
-    kwargs = {}
+def pack_batch(batch: Split, kind: str) -> tuple[Split, Tensor]:
+    """Lay a padded batch's examples back to back: (packed split, cu_seqlens).
+
+    The packed split holds inputs (1, T) (or (1, T, d_input)), elapsed times (1, T) and, for
+    ``"lm"`` tasks, targets (1, T) (an example's targets are its own: none crosses into the
+    next); classification targets stay (S,).  ``cu_seqlens`` is int64 (S + 1,) on the CPU (the
+    models validate it there, without a device sync per layer).  Needs ``batch.lengths``.
+    """
+    lengths = batch.lengths
+    if lengths is None:
+        raise ValueError("batch: packing needs the examples' lengths, got a split without them")
+    L = batch.inputs.shape[1]
+    valid = torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
+    ts = batch.integration_timesteps
+    packed = Split(
+        batch.inputs[valid][None],
+        batch.targets[valid][None] if kind == "lm" else batch.targets,
+        None if ts is None else ts[valid][None],
+    )
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to("cpu", torch.int64)
+    return packed, cu
+
+
+def forward_batch(
+    model: nn.Module, batch: Split, kind: str, pack: bool = False
+) -> tuple[Tensor, Tensor, int]:
+    """Mean loss, number of correct predictions and number of scored predictions of one batch.
+
+    A batch with ``lengths`` runs padded (``lengths=``), or packed with ``pack``
+    (:func:`pack_batch`, ``cu_seqlens=``); the two give the same numbers up to rounding.
+    """
+    kwargs: Dict[str, Any] = {}
+    if batch.lengths is not None and pack:
+        batch, kwargs["cu_seqlens"] = pack_batch(batch, kind)
+    elif batch.lengths is not None:
+        kwargs["lengths"] = batch.lengths
     if batch.integration_timesteps is not None:
         kwargs["integration_timesteps"] = batch.integration_timesteps
     logits = model(batch.inputs, **kwargs)
@@ -384,15 +447,17 @@ def evaluate(
     batch_size: int = 256,
     rank: int = 0,
     world_size: int = 1,
+    pack: bool = False,
 ) -> Dict[str, float]:
-    """Loss and accuracy over ``split`` (each process takes every world_size-th example)."""
+    """Loss and accuracy over ``split`` (each process takes every world_size-th example);
+    variable-length batches packed with ``pack`` (see :func:`forward_batch`)."""
     was_training = model.training
     model.eval()
     idx = torch.arange(rank, len(split), world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for start in range(0, len(idx), batch_size):
         batch = split[idx[start : start + batch_size]].to(device)
-        loss, correct, count = forward_batch(model, batch, kind)
+        loss, correct, count = forward_batch(model, batch, kind, pack)
         totals += torch.stack(
             [loss.double() * count, correct.double(), torch.tensor(count, device=device).double()]
         )
@@ -710,6 +775,23 @@ class TrainResult:
     interrupted: bool = False
 
 
+def _batching_text(data: TaskData, config: TrainConfig) -> str:
+    """How variable-length batches are laid out, for the run's header line."""
+    if data.train.lengths is None:
+        return ""
+    mean = float(data.train.lengths.float().mean())
+    if config.pack:
+        return f" packed (rows of ~{config.batch_size * mean:.0f} tokens, mean length {mean:.0f})"
+    return f" padded to {data.seq_len} (mean length {mean:.0f})"
+
+
+def _batch_tokens(batch: Split) -> int:
+    """Tokens of a batch's examples (without padding, so padded and packed runs compare)."""
+    if batch.lengths is None:
+        return batch.inputs.shape[0] * batch.inputs.shape[1]
+    return int(batch.lengths.sum())
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
@@ -876,6 +958,7 @@ def _train(
         f"{config.layers} layers, d_model {config.d_model}, {n_params:,} parameters | "
         f"{what}, batch {config.batch_size}"
         + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        + _batching_text(data, config)
         + f", lr {config.lr:g} | device {device}"
     )
     if chance is not None:
@@ -890,7 +973,7 @@ def _train(
         while step < config.steps:
             idx = batch_indices(len(data.train), config.batch_size, config.seed, ctx.rank, step)
             batch = data.train[idx].to(device)
-            loss, correct, count = forward_batch(net, batch, data.kind)
+            loss, correct, count = forward_batch(net, batch, data.kind, config.pack)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -901,7 +984,7 @@ def _train(
             window["loss"] += float(loss.detach())
             window["correct"] += float(correct)
             window["count"] += count
-            window["tokens"] += batch.inputs.shape[0] * batch.inputs.shape[1] * ctx.world_size
+            window["tokens"] += _batch_tokens(batch) * ctx.world_size
             window["steps"] += 1
             stop = _time_is_up(config.max_time, elapsed_before + time.perf_counter() - t0, ctx)
             if step % config.log_interval == 0 or step == config.steps or stop:
@@ -931,6 +1014,7 @@ def _train(
                     config.eval_batch_size,
                     ctx.rank,
                     ctx.world_size,
+                    config.pack,
                 )
                 history["eval"].append({"step": step, **ev})
                 say(f"eval step {step}: test loss {ev['loss']:.4f}  test acc {ev['acc']:.1%}")

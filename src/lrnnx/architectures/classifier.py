@@ -10,6 +10,11 @@ Hierarchical pooling between blocks groups time into windows of ``factor`` eleme
 elements.  Lengths become ceil(length / factor) and the elapsed times of a window are summed,
 so ``integration_timesteps`` stay the time between consecutive kept elements (exactly so for
 ``"stride"``, which keeps the window's last element).
+
+Packed sequences: ``forward(x (1, T, d_input), cu_seqlens=...)`` classifies S sequences laid
+back to back in one row (fla's convention) and returns (S, n_classes): every block restarts at
+each sequence's start, pooling windows (between blocks and at the end) stay within a sequence,
+so the logits equal classifying each sequence alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import check_timesteps, lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
 
 ENCODERS = ("linear", "embedding")
 POOLINGS = ("mean", "last", "max")
@@ -75,6 +81,52 @@ def pool_time(
         ts = F.pad(integration_timesteps * valid.to(integration_timesteps.dtype), (0, pad))
         ts = ts.view(B, n, factor).sum(-1)
     return out, new_lengths, ts
+
+
+def _segment_reduce(h: Tensor, seg: Tensor, n_seg: int, kind: str) -> Tensor:
+    """Reduce rows of h (T, D) by segment id ``seg`` (T,) into (n_seg, D); every segment holds
+    at least one row.  ``kind``: "mean", "max", or "stride"/"last" (the segment's last row)."""
+    D = h.shape[-1]
+    if kind in ("stride", "last"):
+        last = torch.zeros(n_seg, dtype=torch.long, device=h.device)
+        last.scatter_reduce_(0, seg, torch.arange(h.shape[0], device=h.device), "amax")
+        return h[last]
+    index = seg[:, None].expand(-1, D)
+    if kind == "mean":
+        count = torch.zeros(n_seg, dtype=h.dtype, device=h.device).index_add_(
+            0, seg, torch.ones_like(h[:, 0])
+        )
+        return h.new_zeros(n_seg, D).index_add(0, seg, h) / count[:, None]
+    start = h.new_full((n_seg, D), float("-inf"))
+    return start.scatter_reduce(0, index, h, "amax", include_self=True)
+
+
+def pool_time_packed(
+    h: Tensor,
+    cu: Tensor,
+    integration_timesteps: Optional[Tensor],
+    kind: str,
+    factor: int,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """:func:`pool_time` of packed sequences h (1, T, D) with int64 offsets ``cu`` (S + 1,):
+    windows of ``factor`` steps start at each sequence's own start.
+
+    Returns (1, T', D), the new offsets (S + 1,) with lengths ceil(n_s / factor), and the
+    summed elapsed times (1, T') (None if None).
+    """
+    n = cu[1:] - cu[:-1]
+    new_cu = torch.cat([cu.new_zeros(1), ((n + factor - 1) // factor).cumsum(0)])
+    dev = h.device
+    seq = step_layout(cu.to(dev), False)[0]
+    t = torch.arange(h.shape[1], device=dev)
+    window = new_cu.to(dev)[seq] + (t - cu.to(dev)[seq]) // factor  # (T,) window of each step
+    n_win = int(new_cu[-1])
+    out = _segment_reduce(h[0], window, n_win, kind)[None]
+    ts = None
+    if integration_timesteps is not None:
+        ts_in = integration_timesteps[0]
+        ts = ts_in.new_zeros(n_win).index_add(0, window.to(ts_in.device), ts_in)[None]
+    return out, new_cu, ts
 
 
 class Classifier(PretrainedMixin, nn.Module):
@@ -242,13 +294,25 @@ class Classifier(PretrainedMixin, nn.Module):
         x: Tensor,
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B, L, d_input) float, or (B, L) token ids -> logits (B, n_classes).
 
         Args:
             integration_timesteps: (B, L) elapsed times for event-driven mixers.
             lengths: (B,) valid lengths (>= 1); padding never changes the logits.
+            cu_seqlens: int64 offsets (S + 1,) of S sequences (each of length >= 1) packed in
+                the one row of x (1, T, d_input) (or (1, T) ids); returns (S, n_classes),
+                equal to classifying each sequence alone.  Not with ``lengths``.
+
+        Raises:
+            ValueError: bad shapes or lengths; ``cu_seqlens`` malformed, with an empty
+                sequence, a batch other than 1, ``lengths``, or a mixer that does not take
+                packed sequences.
         """
+        if cu_seqlens is not None:
+            return self._forward_packed(x, integration_timesteps, lengths, cu_seqlens)
         h = self._encode(x)
         B, L, _ = h.shape
         if lengths is not None and not isinstance(lengths, Tensor):
@@ -270,6 +334,34 @@ class Classifier(PretrainedMixin, nn.Module):
                 h, lengths, ts = pool_time(h, lengths, ts, *self.pool_between)
         h = self.norm_f(h)
         return self.decoder(self.drop(self._pool(h, lengths)))
+
+    def _forward_packed(
+        self, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Tensor
+    ) -> Tensor:
+        """Packed sequences: (1, T, ...) -> (S, n_classes)."""
+        if lengths is not None:
+            raise ValueError(
+                "lengths, cu_seqlens: pass one of them: packed sequences (cu_seqlens) have no "
+                "padding, lengths marks the padding of a padded batch"
+            )
+        h = self._encode(x)
+        B, T, _ = h.shape
+        cu = check_cu_seqlens(cu_seqlens, B, T, f"x {tuple(x.shape)} (1, T, ...)")
+        if bool((cu[1:] == cu[:-1]).any()):
+            s = int((cu[1:] == cu[:-1]).nonzero()[0, 0])
+            raise ValueError(
+                f"cu_seqlens: expected every sequence to have length >= 1 to classify, got an "
+                f"empty sequence {s} (cu_seqlens[{s}] = cu_seqlens[{s + 1}] = {int(cu[s])})"
+            )
+        check_timesteps(ts, B, T)
+        for i, block in enumerate(self.blocks):
+            h = block(h, integration_timesteps=ts, cu_seqlens=cu)
+            if self.pool_between is not None and i < len(self.blocks) - 1:
+                h, cu, ts = pool_time_packed(h, cu, ts, *self.pool_between)
+        h = self.norm_f(h)
+        seq = step_layout(cu.to(h.device), False)[0]
+        pooled = _segment_reduce(h[0], seq, cu.shape[0] - 1, self.pooling)
+        return self.decoder(self.drop(pooled))
 
     def _pool(self, h: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """(B, L, D) -> (B, D) over the valid positions."""

@@ -10,6 +10,12 @@ kept in float32 while the weights may be bf16/fp16 (mamba_ssm's and transformers
 :meth:`LRNNLMHeadModel.from_pretrained` also loads transformers' ``MambaForCausalLM`` and
 mamba_ssm's ``MambaLMHeadModel`` checkpoints (see :mod:`lrnnx.interop.mamba`).
 
+Packed sequences: ``forward(input_ids (1, T), cu_seqlens=...)`` runs S documents laid back to
+back in one row (fla's / flash-attn's convention); every layer restarts at each document's
+start, so the logits equal running each document alone.  Train on them with
+:func:`packed_lm_loss` (or the labels of :func:`packed_next_token_labels`): the last token of a
+document predicts nothing, in particular not the first token of the next one.
+
 Every mixer type — recurrent or attention — supports prefill (``forward`` with a cache) and
 decoding (``step``), so generation runs the whole stack on cached states: the attention
 layers keep a KV cache and are stepped like the others.
@@ -36,6 +42,70 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.models.registry import build_mixer
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens
+
+#: label value that :func:`packed_lm_loss` and torch's cross_entropy skip
+IGNORE_INDEX = -100
+
+
+def packed_next_token_labels(
+    input_ids: Tensor, cu_seqlens: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Next-token labels of packed documents: (1, T) -> (1, T).
+
+    labels[t] = input_ids[t + 1] when t + 1 lies in the same document, else ``ignore_index``:
+    a document's last token has nothing to predict, and must not be trained to predict the
+    first token of the next document (a causal LM run alone never sees that pair).
+
+    Args:
+        input_ids: (1, T) token ids of S documents back to back.
+        cu_seqlens: int64 offsets (S + 1,) (0 first, T last; repeats: empty documents).
+        ignore_index: the label of positions without a target.
+
+    Raises:
+        ValueError: ``input_ids`` not (1, T), or malformed ``cu_seqlens``.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids: expected packed token ids of shape (1, T), got "
+            f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
+        )
+    B, T = input_ids.shape
+    cu = check_cu_seqlens(cu_seqlens, B, T, f"input_ids {tuple(input_ids.shape)} (1, T)")
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    ends = cu[1:][cu[1:] > cu[:-1]] - 1  # the last token of every non-empty document
+    labels[:, ends.to(input_ids.device)] = ignore_index
+    return labels
+
+
+def packed_lm_loss(
+    logits: Tensor, input_ids: Tensor, cu_seqlens: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Mean next-token cross-entropy (nats) of packed documents, within each document only.
+
+    Equals the loss of the same documents as a padded batch, averaged over every predicted
+    token (each document of length n contributes its n - 1 predictions).
+
+    Args:
+        logits: (1, T, V) from ``LRNNLMHeadModel(input_ids, cu_seqlens=cu_seqlens)``.
+        input_ids: (1, T) the packed token ids.
+        cu_seqlens: int64 offsets (S + 1,).
+        ignore_index: passed to :func:`packed_next_token_labels`.
+
+    Returns:
+        A scalar in float32 (at least); NaN when no document has two tokens.
+    """
+    labels = packed_next_token_labels(input_ids, cu_seqlens, ignore_index)
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"logits: expected shape (1, T, V) with (1, T) = {tuple(input_ids.shape)}, got "
+            f"{tuple(logits.shape)}"
+        )
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index)
 
 
 def _check_ids(
@@ -276,8 +346,10 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[Any, Any]] = None,
         return_dict: bool = False,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, CausalLMOutput]:
-        """input_ids (B, L) -> logits (B, L, vocab_size).
+        """input_ids (B, L) -> logits (B, L, vocab_size); (1, T) -> (1, T, vocab_size) packed.
 
         Compiles with ``torch.compile(lm, fullgraph=True)`` when every mixer does (the id range
         check runs in eager mode only).
@@ -293,11 +365,22 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 each sequence's cache holds its state after its own ``lengths[b]`` tokens.
             return_dict: return a :class:`CausalLMOutput` (``.logits``) instead of the tensor,
                 as transformers and mamba_ssm models do.
+            cu_seqlens: int64 offsets (S + 1,) of S documents packed in the one row of
+                ``input_ids`` (0 first, T last, repeats: empty documents); every layer gets
+                them and the logits equal running each document alone.  Not with
+                ``lengths``; a cache then holds one state per document (batch size S, where
+                the mixers have a packed prefill) and ``seqlen_offset`` advances by the
+                longest.  Train with :func:`packed_lm_loss`.
+
+        Raises:
+            ValueError: bad ids or shapes; ``cu_seqlens`` malformed, with a batch other than
+                1, with ``lengths``, or with a mixer that does not take packed sequences.
         """
         _check_ids(input_ids, self.vocab_size)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
         B, L = input_ids.shape
+        cu = self._packed_offsets(input_ids, lengths, cu_seqlens)
         mask = lengths_mask(lengths, B, L, input_ids.device)
         if inference_cache is not None:
             self._check_cache(inference_cache)
@@ -308,13 +391,31 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 integration_timesteps=integration_timesteps,
                 lengths=lengths,
                 inference_cache=None if inference_cache is None else inference_cache[i],
+                cu_seqlens=cu,
             )
         logits = self.lm_head(self.norm_f(x))[..., : self.vocab_size]
         if mask is not None:
             logits = zero_where_not(logits, mask[..., None])
         if inference_cache is not None:
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+            # packed: the longest document, what a padded batch of the same documents adds
+            steps = L if cu is None else int((cu[1:] - cu[:-1]).max())
+            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + steps
         return CausalLMOutput(logits=logits) if return_dict else logits
+
+    @staticmethod
+    def _packed_offsets(
+        input_ids: Tensor, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor]
+    ) -> Optional[Tensor]:
+        """The validated int64 offsets (on the host, one check for all layers), or None."""
+        if cu_seqlens is None:
+            return None
+        if lengths is not None:
+            raise ValueError(
+                "lengths, cu_seqlens: pass one of them: packed documents (cu_seqlens) have no "
+                "padding, lengths marks the padding of a padded batch"
+            )
+        B, L = input_ids.shape
+        return check_cu_seqlens(cu_seqlens, B, L, f"input_ids ({B}, {L}) (1, T)")
 
     def step(
         self,

@@ -22,6 +22,13 @@ are :class:`lrnnx.layers.Bidirectional` (a forward mixer plus a second one on th
 sequence, summed), attention is unmasked, and there is no shift; the same rule as
 ``Classifier(bidirectional=True)``.  ``forward`` pads L to a multiple of
 factor^depth with zeros at the end and crops the output back to L.
+
+Packed sequences (``cu_seqlens``) are refused (ValueError): the down-sampling stacks f
+consecutive steps into one coarse step, counted from the start of the row, so a window
+straddles two sequences wherever a boundary is not a multiple of f^depth, and a sequence run
+alone is zero-padded at its own end to a multiple of f^depth, which a packed row cannot
+reproduce in place.  The causal shift also carries each sequence's last coarse step into the
+next one.  Run variable-length signals as a padded batch instead.
 """
 
 from __future__ import annotations
@@ -232,8 +239,21 @@ class UNet(PretrainedMixin, nn.Module):
         """forward pads L to a multiple of this (factor ** depth)."""
         return self.factor**self.depth
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, L, d_input) -> (B, L, d_output), any L >= 1."""
+    def forward(self, x: Tensor, *, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """(B, L, d_input) -> (B, L, d_output), any L >= 1.
+
+        Raises:
+            ValueError: L = 0; any ``cu_seqlens`` (packed sequences; the module docstring says
+                why the U-Net cannot keep them apart).
+        """
+        if cu_seqlens is not None:
+            raise ValueError(
+                "cu_seqlens: the U-Net cannot run packed sequences: its down-sampling stacks "
+                f"factor = {self.factor} consecutive steps (from the row's start) into one, so "
+                "windows would straddle sequence boundaries, and each sequence alone is padded "
+                f"at its own end to a multiple of {self.multiple}; pass a padded batch (B, L, "
+                f"{self.d_input}) without cu_seqlens"
+            )
         check_sequence(x, self.d_input)
         L = x.shape[1]
         if L == 0:

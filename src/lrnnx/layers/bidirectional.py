@@ -24,6 +24,13 @@ the recording to the last event is unknown, so it keeps the gap the original fir
 whose input gain depends on dt (event-S5 with ``zoh``/``bilinear``); Mamba's event mode and
 event-S5's ``async`` use dt only in the decay of the (zero) previous state.
 
+Packed sequences.  With ``cu_seqlens`` (S + 1,) int64 offsets (fla's convention: x (1, T, D)
+holds S sequences back to back), R reverses each sequence within its own span,
+R(x)[cu[s] + t] = x[cu[s + 1] - 1 - t], the elapsed times are reversed per sequence by the rule
+above, and both mixers get the same offsets (a reversed sequence keeps its span), so the
+backward mixer's packed scan restarts at each reversed sequence's start.  The output equals
+running each sequence alone through the bidirectional mixer.
+
 A bidirectional mixer has no streaming mode: :meth:`Bidirectional.step`,
 :meth:`Bidirectional.allocate_inference_cache` and ``forward(..., inference_cache=...)`` raise
 :class:`NoStreamingError` (a ValueError and a NotImplementedError).
@@ -37,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.checks import as_lengths, check_sequence, check_timesteps, zero_where_not
+from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
 
 _NO_STREAMING = (
     "a bidirectional model has no streaming mode: its output at t depends on the inputs after "
@@ -86,6 +94,24 @@ def reverse_timesteps(ts: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
     return ts.gather(1, idx)
 
 
+def packed_reverse_index(cu_seqlens: Tensor, device=None) -> Tensor:
+    """(T,) gather index that reverses each packed sequence within its span:
+    cu[s] + cu[s + 1] - 1 - t for t in [cu[s], cu[s + 1]).  ``cu_seqlens``: int64 (S + 1,)."""
+    cu = cu_seqlens.to(device, torch.int64)
+    seq = step_layout(cu, False)[0]
+    return cu[seq] + cu[seq + 1] - 1 - torch.arange(int(cu[-1]), device=device)
+
+
+def packed_reverse_timesteps_index(cu_seqlens: Tensor, device=None) -> Tensor:
+    """(T,) gather index of the elapsed times of the reversed packed sequences (the module
+    docstring's rule per sequence): cu[s] + cu[s + 1] - t, and cu[s] at each sequence start."""
+    cu = cu_seqlens.to(device, torch.int64)
+    seq = step_layout(cu, False)[0]
+    t = torch.arange(int(cu[-1]), device=device)
+    first = cu[seq]
+    return torch.where(t == first, first, first + cu[seq + 1] - t)
+
+
 class Bidirectional(nn.Module):
     """Non-causal mixer: ``forward_mixer(x) + R(backward_mixer(R(x)))`` (see the module docstring).
 
@@ -123,12 +149,20 @@ class Bidirectional(nn.Module):
         return f"d_model={self.d_model}"
 
     @staticmethod
-    def _call(mixer: nn.Module, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor]):
+    def _call(
+        mixer: nn.Module,
+        x: Tensor,
+        ts: Optional[Tensor],
+        lengths: Optional[Tensor],
+        cu_seqlens: Optional[Tensor] = None,
+    ):
         kwargs: Dict[str, Any] = {}
         if ts is not None:
             kwargs["integration_timesteps"] = ts
         if lengths is not None:
             kwargs["lengths"] = lengths
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
         y = mixer(x, **kwargs)
         return y[0] if isinstance(y, (tuple, list)) else y
 
@@ -138,8 +172,10 @@ class Bidirectional(nn.Module):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
-        """(B, L, D) -> (B, L, D).
+        """(B, L, D) -> (B, L, D); (1, T, D) -> (1, T, D) with ``cu_seqlens``.
 
         Args:
             x: input sequences; padding (positions >= lengths) may hold anything.
@@ -148,6 +184,13 @@ class Bidirectional(nn.Module):
             lengths: (B,) valid lengths; each sequence is reversed inside its length and the
                 padded outputs are zero.
             inference_cache: not supported (raises :class:`NoStreamingError`).
+            cu_seqlens: int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
+                T last, repeats are empty sequences): each is reversed within its own span
+                (see the module docstring); the result equals running each alone.
+
+        Raises:
+            ValueError: ``cu_seqlens`` malformed, with a batch other than 1, or together with
+                ``lengths``; a mixer that does not take packed sequences.
         """
         if inference_cache is not None:
             raise NoStreamingError(f"inference_cache: {_NO_STREAMING}")
@@ -156,6 +199,8 @@ class Bidirectional(nn.Module):
         elif not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError(f"x: expected a (B, L, D) tensor, got {getattr(x, 'shape', x)!r}")
         B, L, _ = x.shape
+        if cu_seqlens is not None:
+            return self._forward_packed(x, integration_timesteps, lengths, cu_seqlens)
         lengths = as_lengths(lengths, B, L, x.device)
         ts = integration_timesteps
         mask = None
@@ -173,6 +218,26 @@ class Bidirectional(nn.Module):
             y = zero_where_not(y, mask[..., None])
         return y
 
+    def _forward_packed(
+        self, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Tensor
+    ) -> Tensor:
+        """Both directions over packed sequences: the reversal stays within each span."""
+        if lengths is not None:
+            raise ValueError(
+                "lengths, cu_seqlens: pass one of them: packed sequences (cu_seqlens) have no "
+                "padding, lengths marks the padding of a padded batch"
+            )
+        B, T, D = x.shape
+        cu = check_cu_seqlens(cu_seqlens, B, T, f"x ({B}, {T}, {D}) (1, T, D)")
+        check_timesteps(ts, B, T)
+        idx = packed_reverse_index(cu, x.device)
+        ts_rev = None
+        if ts is not None:
+            ts_rev = ts[:, packed_reverse_timesteps_index(cu, ts.device)]
+        y = self._call(self.fwd, x, ts, None, cu)
+        y_rev = self._call(self.bwd, x[:, idx], ts_rev, None, cu)
+        return y + y_rev[:, idx]  # the reversal is its own inverse
+
     def step(self, x: Tensor, inference_cache: Any = None, **kwargs: Any) -> Tuple[Tensor, Any]:
         """Not supported: raises :class:`NoStreamingError`."""
         raise NoStreamingError(f"step: {_NO_STREAMING}")
@@ -185,6 +250,8 @@ class Bidirectional(nn.Module):
 __all__ = [
     "Bidirectional",
     "NoStreamingError",
+    "packed_reverse_index",
+    "packed_reverse_timesteps_index",
     "reverse_index",
     "reverse_timesteps",
     "reverse_within_lengths",

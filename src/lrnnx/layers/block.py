@@ -5,12 +5,18 @@
 
 The mixer follows the lrnnx mixer protocol (any model from
 :func:`lrnnx.models.registry.build_mixer`, or :class:`lrnnx.layers.MHA`):
-``forward(x, integration_timesteps=None, lengths=None, inference_cache=None)``,
-``step(x, cache)`` and ``allocate_inference_cache(batch_size, max_seqlen, dtype)``.
+``forward(x, integration_timesteps=None, lengths=None, inference_cache=None, *,
+cu_seqlens=None)``, ``step(x, cache)`` and ``allocate_inference_cache(batch_size, max_seqlen,
+dtype)``.
+
+Packed sequences (``cu_seqlens``, fla's convention: x (1, T, D) holds S sequences back to back)
+go to the mixer; the norms, the activation and the MLP act on each position alone, so the
+block's output equals running each sequence alone whenever the mixer's does.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -78,6 +84,15 @@ class Block(nn.Module):
         self._act = ACTIVATIONS[activation] if activation is not None else None
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def _check_packing(self, cu_seqlens: Optional[Tensor]) -> None:
+        """A mixer whose forward has no ``cu_seqlens`` cannot run packed sequences."""
+        if cu_seqlens is None or "cu_seqlens" in inspect.signature(self.mixer.forward).parameters:
+            return
+        raise ValueError(
+            f"cu_seqlens: the block's mixer {type(self.mixer).__name__} does not take packed "
+            "sequences (its forward has no cu_seqlens); pad the batch and pass lengths instead"
+        )
+
     def _mixer_out(self, h: Tensor) -> Tensor:
         return self.drop(self._act(h) if self._act is not None else h)
 
@@ -87,12 +102,20 @@ class Block(nn.Module):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, L, D) -> (B, L, D); with ``lengths`` the padded positions of the output are zero.
 
-        The arguments are forwarded to the mixer (see the module docstring).
+        The arguments are forwarded to the mixer (see the module docstring); with
+        ``cu_seqlens`` (S + 1,) int64 offsets, x is (1, T, D) holding S packed sequences.
+
+        Raises:
+            ValueError: ``cu_seqlens`` with a mixer that does not take packed sequences (or
+                whatever the mixer raises: malformed offsets, ``lengths`` too, ...).
         """
         check_sequence(x, self.dim)
+        self._check_packing(cu_seqlens)
         mask = lengths_mask(lengths, x.shape[0], x.shape[1], x.device)
         kwargs: Dict[str, Any] = {}
         if integration_timesteps is not None:
@@ -101,6 +124,8 @@ class Block(nn.Module):
             kwargs["lengths"] = lengths
         if inference_cache is not None:
             kwargs["inference_cache"] = inference_cache
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
         x = x + self._mixer_out(self.mixer(self.norm(x), **kwargs))
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.norm2(x)))

@@ -7,13 +7,19 @@ importable ones and :func:`model_status` says why the others are not.
 :func:`build_mixer` turns a name (or a class) plus ``d_model``/``d_state`` into a module that
 follows the MIXER PROTOCOL used by :class:`lrnnx.layers.Block` and the architectures:
 
-    forward(x (B, L, D), integration_timesteps=None, lengths=None, inference_cache=None) -> (B, L, D)
+    forward(x (B, L, D), integration_timesteps=None, lengths=None, inference_cache=None,
+            *, cu_seqlens=None) -> (B, L, D)
     allocate_inference_cache(batch_size, max_seqlen, dtype=None) -> dict
     step(x (B, D), cache, integration_timesteps=None) -> (y (B, D), cache)
 
 Recurrent models are wrapped in :class:`MixerAdapter` (one generic adapter): it passes only the
 arguments a model's methods accept, transposes (B, H, L) models, keeps the first element of
 tuple outputs, feeds (B, 1, H) steps to time-varying models, and gives clear errors.
+
+Packed sequences: ``cu_seqlens`` (S + 1,) int64 offsets (fla's convention: x (1, T, D) holds S
+sequences back to back, 0 first, T last, repeats are empty sequences) reach every model whose
+forward takes them; the output equals running each sequence alone.  A model that does not
+take them yet raises a ValueError naming it (see :attr:`MixerAdapter.supports_cu_seqlens`).
 Attention (``"attn"``) is :class:`lrnnx.layers.MHA`, which follows the protocol natively.
 
 ``build_mixer(..., bidirectional=True)`` gives :class:`lrnnx.layers.Bidirectional` around two
@@ -413,6 +419,10 @@ class MixerAdapter(nn.Module):
             for k in ("integration_timesteps", "lengths", "inference_cache")
             if fwd_varkw or k in fwd
         }
+        # packing must be explicit: a **kwargs forward could drop cu_seqlens and silently mix
+        # the packed sequences
+        if "cu_seqlens" in fwd:
+            self._fwd_accepts.add("cu_seqlens")
         step, step_varkw = _signature_params(model.step)
         self._step_accepts_ts = "integration_timesteps" in step or step_varkw
         alloc, alloc_varkw = _signature_params(model.allocate_inference_cache)
@@ -422,6 +432,35 @@ class MixerAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, family={self.family!r}"
+
+    @property
+    def supports_cu_seqlens(self) -> bool:
+        """Whether the wrapped model's forward takes packed sequences (``cu_seqlens``)."""
+        return "cu_seqlens" in self._fwd_accepts
+
+    def _check_packed(
+        self, cu_seqlens: Optional[Tensor], lengths: Optional[Tensor], cache: Any
+    ) -> None:
+        """Errors for ``cu_seqlens`` the wrapped model cannot take (or with ``lengths``)."""
+        if cu_seqlens is None:
+            return
+        if not self.supports_cu_seqlens:
+            target = class_path(type(self.model))
+            raise ValueError(
+                f"cu_seqlens: the mixer {self.name!r} ({target}) does not take packed sequences "
+                f"(its forward has no cu_seqlens); pad the batch and pass lengths instead"
+            )
+        if lengths is not None:
+            raise ValueError(
+                "lengths, cu_seqlens: pass one of them: packed sequences (cu_seqlens) have no "
+                "padding, lengths marks the padding of a padded batch"
+            )
+        if cache is not None and "inference_cache" not in self._fwd_accepts:
+            raise ValueError(
+                f"inference_cache: the mixer {self.name!r} prefills a cache step by step, which "
+                "has no packed form; pass cu_seqlens=None with a cache (a padded batch with "
+                "lengths)"
+            )
 
     def _timesteps_error(self) -> ValueError:
         event = [n for n, s in MODEL_REGISTRY.items() if s.supports_timesteps]
@@ -436,13 +475,21 @@ class MixerAdapter(nn.Module):
         integration_timesteps: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         inference_cache: Optional[Dict[str, Any]] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
-        """(B, L, D) -> (B, L, D); see the mixer protocol."""
+        """(B, L, D) -> (B, L, D); see the mixer protocol.
+
+        ``cu_seqlens`` (S + 1,): x is (1, T, D) holding S packed sequences; passed on to the
+        model (ValueError naming the mixer if its forward does not take it, or with
+        ``lengths``).  For (B, H, L) models the packed row is transposed like any other.
+        """
         check_sequence(x, self.d_model)
         B, L, _ = x.shape
         ts = integration_timesteps
         if ts is not None and not self.supports_timesteps:
             raise self._timesteps_error()
+        self._check_packed(cu_seqlens, lengths, inference_cache)
         if inference_cache is not None and "inference_cache" not in self._fwd_accepts:
             return self._prefill_by_steps(x, ts, lengths, inference_cache)
         kwargs: Dict[str, Any] = {}
@@ -458,6 +505,8 @@ class MixerAdapter(nn.Module):
                 x = zero_where_not(x, mask[..., None])
         if inference_cache is not None:
             kwargs["inference_cache"] = inference_cache
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
         y = self.model(x.transpose(1, 2) if self._transposed else x, **kwargs)
         if isinstance(y, (tuple, list)):
             y = y[0]  # (y, state) outputs

@@ -87,9 +87,10 @@ TASKS: Dict[str, TaskInfo] = {
             "selective-copy",
             "lm",
             "lrnnx.tasks.synthetic:selective_copy",
-            "copy the data tokens scattered among noise tokens, in order, after the markers",
+            "copy the data tokens scattered among noise tokens, in order, after the markers "
+            "(min_len > 0: variable lengths)",
             "Mamba, arXiv 2312.00752, sec. 4.1.1",
-            options={"n_tokens": 16, "n_memorize": 8},
+            options={"n_tokens": 16, "n_memorize": 8, "min_len": 0},
         ),
         TaskInfo(
             "induction-heads",

@@ -31,23 +31,35 @@ class Split:
             ``"lm"`` tasks, (N,) long class labels for ``"classification"`` tasks.
         integration_timesteps: (N, L) float elapsed time before each element, for irregularly
             sampled tasks; None for uniformly sampled ones.
+        lengths: (N,) long valid length of each example, for variable-length tasks (the
+            inputs are padded after it, and no target is scored there); None when every
+            example is L long.
     """
 
     inputs: Tensor
     targets: Tensor
     integration_timesteps: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def __getitem__(self, index: Any) -> Split:
-        ts = self.integration_timesteps
-        return Split(self.inputs[index], self.targets[index], None if ts is None else ts[index])
+        ts, n = self.integration_timesteps, self.lengths
+        return Split(
+            self.inputs[index],
+            self.targets[index],
+            None if ts is None else ts[index],
+            None if n is None else n[index],
+        )
 
     def to(self, device: Any) -> Split:
-        ts = self.integration_timesteps
+        ts, n = self.integration_timesteps, self.lengths
         return Split(
-            self.inputs.to(device), self.targets.to(device), None if ts is None else ts.to(device)
+            self.inputs.to(device),
+            self.targets.to(device),
+            None if ts is None else ts.to(device),
+            None if n is None else n.to(device),
         )
 
 

@@ -10,6 +10,11 @@ Token tasks (next-token prediction, scored only where the task defines an answer
       input   3 0 0 5 0 1 0 0 M M M        (0 = noise, M = marker)
       target  . . . . . . . . 3 5 1
 
+  With ``min_len`` > 0 the examples have variable lengths, log-uniform in [min_len, seq_len]
+  (a long-tailed spread, as document lengths are): each is padded with noise tokens after its
+  markers, nothing is scored there, and the split's ``lengths`` say where each one ends (the
+  task for ``lrnnx train --pack``).
+
 * ``induction-heads`` (Mamba section 4.1.2, after Olsson et al. 2022): a random token sequence
   contains a special token S once, followed by some token a; the sequence ends with S again and
   the model must predict a (associative recall of what followed S).
@@ -72,6 +77,45 @@ def selective_copy_split(
     return Split(inputs, targets)
 
 
+def log_uniform_lengths(
+    n: int, min_len: int, max_len: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` integer lengths, log-uniform in [min_len, max_len] (long-tailed: as many examples
+    between 64 and 128 tokens as between 1024 and 2048)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    lo, hi = math.log(min_len), math.log(max_len + 1)
+    return torch.exp(lo + u * (hi - lo)).floor().long().clamp(min_len, max_len)
+
+
+def selective_copy_varlen_split(
+    n: int,
+    seq_len: int,
+    n_tokens: int,
+    n_memorize: int,
+    min_len: int,
+    generator: torch.Generator,
+) -> Split:
+    """``n`` selective-copy examples of lengths log-uniform in [min_len, seq_len], padded to
+    ``seq_len``: example i has its context in the first ``lengths[i] - n_memorize`` positions,
+    its markers (the scored positions) right after, and noise tokens (0) as padding, where
+    nothing is scored."""
+    lengths = log_uniform_lengths(n, min_len, seq_len, generator)
+    ctx = lengths - n_memorize  # (n,) context length of every example
+    marker = n_tokens + 1
+    # random keys, +inf past each context: the K smallest are K distinct context positions
+    keys = torch.rand(n, seq_len, generator=generator)
+    keys = keys.masked_fill(torch.arange(seq_len)[None, :] >= ctx[:, None], math.inf)
+    pos = keys.argsort(dim=1)[:, :n_memorize].sort(dim=1).values
+    data = torch.randint(1, n_tokens + 1, (n, n_memorize), generator=generator)
+    inputs = torch.zeros(n, seq_len, dtype=torch.long)
+    inputs.scatter_(1, pos, data)
+    at_markers = ctx[:, None] + torch.arange(n_memorize)[None, :]
+    inputs.scatter_(1, at_markers, marker)
+    targets = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    targets.scatter_(1, at_markers, data)
+    return Split(inputs, targets, lengths=lengths)
+
+
 def selective_copy(
     n_train: int = 4096,
     n_test: int = 512,
@@ -79,36 +123,56 @@ def selective_copy(
     seed: int = 0,
     n_tokens: int = 16,
     n_memorize: int = 8,
+    min_len: int = 0,
 ) -> TaskData:
     """Selective copying (Mamba, section 4.1.1).
 
     Args:
         n_train, n_test: number of sequences per split.
-        seq_len: total length (context + ``n_memorize`` markers); default 128.
+        seq_len: total length (context + ``n_memorize`` markers); default 128.  With
+            ``min_len`` the longest length.
         seed: the same seed gives the same data.
         n_tokens: number of distinct data tokens (the paper uses 16).
         n_memorize: K, the number of data tokens to copy (the paper uses 16).
+        min_len: 0 (default): every example is ``seq_len`` long.  Else variable lengths,
+            log-uniform in [min_len, seq_len] (needs 2 K <= min_len <= seq_len); the splits
+            carry ``lengths``.
     """
     _check_sizes(n_train, n_test)
     seq_len = 128 if seq_len is None else seq_len
     _check_int("n_tokens", n_tokens, 1)
     _check_int("n_memorize", n_memorize, 1)
     _check_int("seq_len", seq_len, 2)
+    _check_int("min_len", min_len, 0)
     if seq_len < 2 * n_memorize:
         raise ValueError(
             f"seq_len: selective-copy needs room for {n_memorize} data tokens and {n_memorize} "
             f"markers (seq_len >= {2 * n_memorize}), got {seq_len}"
         )
+    if min_len and not 2 * n_memorize <= min_len <= seq_len:
+        raise ValueError(
+            f"min_len: expected 0 (fixed length) or {2 * n_memorize} <= min_len <= seq_len = "
+            f"{seq_len} (room for {n_memorize} data tokens and markers), got {min_len}"
+        )
     g_train, g_test = split_generators(seed)
     args = (seq_len, n_tokens, n_memorize)
+    if min_len:
+        train = selective_copy_varlen_split(n_train, *args, min_len, g_train)
+        test = selective_copy_varlen_split(n_test, *args, min_len, g_test)
+    else:  # the fixed-length generator, unchanged: same data for the same seed as before
+        train = selective_copy_split(n_train, *args, g_train)
+        test = selective_copy_split(n_test, *args, g_test)
+    params = {"n_tokens": n_tokens, "n_memorize": n_memorize, "seed": seed}
+    if min_len:
+        params["min_len"] = min_len
     return TaskData(
         name="selective-copy",
         kind="lm",
-        train=selective_copy_split(n_train, *args, g_train),
-        test=selective_copy_split(n_test, *args, g_test),
+        train=train,
+        test=test,
         seq_len=seq_len,
         vocab_size=n_tokens + 2,
-        params={"n_tokens": n_tokens, "n_memorize": n_memorize, "seed": seed},
+        params=params,
         n_choices=n_tokens,  # every answer is one of the n_tokens data tokens, uniformly drawn
     )
 

@@ -35,6 +35,13 @@ which is accurate when a_t is close to 1.  GeLU is the tanh approximation by def
 recurrentgemma, "gelu_pytorch_tanh" in transformers); ``gelu_approximate="none"`` gives the
 exact erf GeLU.  The recurrence runs through
 :func:`lrnnx.ops.linear_scan` in float32 (or wider), also under autocast.
+
+Packed sequences (``forward(x, cu_seqlens=...)``, fla's convention: x (1, T, H) holds S
+sequences back to back, int64 offsets (S + 1,)): the convolution windows start at each
+sequence's own start (:func:`lrnnx.core.conv.causal_depthwise_conv` with ``cu_seqlens``), the
+recurrence restarts there (:func:`lrnnx.ops.linear_scan` with ``cu_seqlens``), and with
+``reset_at_start`` Griffin's reset applies at each sequence's first step; the result equals
+running each sequence alone.  A cache then holds one state per sequence (batch size S).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
+from lrnnx.models.lti.base import check_packed_cache, packed_offsets, packed_seqlen_offset
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
 
@@ -290,26 +298,43 @@ class RGLRU(LTV_LRNN):
         initial_state: Tensor | None = None,
         mask: Tensor | None = None,
         reset: Tensor | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """The RG-LRU recurrence alone, on conv features.
 
         Args:
-            xc: (B, L, D_rnn) conv-branch features x'_t.
-            initial_state: (B, D_rnn) h_{-1}; zero when None.
+            xc: (B, L, D_rnn) conv-branch features x'_t; (1, T, D_rnn) with ``cu_seqlens``.
+            initial_state: (B, D_rnn) h_{-1}; zero when None; (S, D_rnn) with ``cu_seqlens``.
             mask: (B, L) bool, True at valid positions; the state passes padded positions
                 unchanged (a_t = 1, input 0), so h[:, -1] is each sequence's state at its end.
                 A padded position is never reset.
             reset: (B, L) bool, True where a segment starts (Griffin's reset: a_t = 0, no
-                sqrt(1 - a_t^2) scaling, so h_t = i_t * x'_t).  None: t = 0 of every row
-                when ``reset_at_start``, else nowhere.
+                sqrt(1 - a_t^2) scaling, so h_t = i_t * x'_t).  None: t = 0 of every row (the
+                first step of every packed sequence) when ``reset_at_start``, else nowhere.
+            cu_seqlens: int64 offsets (S + 1,) of S sequences packed along time: the
+                recurrence restarts at each one's first step (fla's convention).
 
         Returns:
             h (B, L, D_rnn) in float32 (float64 for a float64 model), also under autocast.
         """
+        cu = packed_offsets(cu_seqlens, None, xc.shape[0], xc.shape[1], "xc (1, T, D_rnn)")
+        return self._scan(xc, initial_state, mask, reset, cu)[0]
+
+    def _scan(
+        self,
+        xc: Tensor,
+        initial_state: Tensor | None,
+        mask: Tensor | None,
+        reset: Tensor | None,
+        cu: Tensor | None,
+    ) -> Tuple[Tensor, Tensor]:
+        """:meth:`rg_lru` with validated offsets ``cu``; returns (h, final state (B or S,
+        D_rnn)), the final state being each row's (each packed sequence's) last state."""
         with torch.autocast(device_type=xc.device.type, enabled=False):
             xf = xc.to(_acc_dtype(self.Lambda.dtype))
             if reset is None and self.reset_at_start:
-                reset = self._first_step(xc.shape[0], xc.shape[1], None, xc.device)
+                reset = self._first_step(xc.shape[0], xc.shape[1], None, xc.device, cu)
             a_t, b_t = self._decay_and_input(xf, reset)
             if mask is not None:
                 valid = mask[..., None]
@@ -317,13 +342,27 @@ class RGLRU(LTV_LRNN):
                 b_t = torch.where(valid, b_t, torch.zeros_like(b_t))
             h0 = None if initial_state is None else initial_state.to(xf.dtype)
             backend = None if self.use_fast_path else "torch"
-            return linear_scan(a_t, b_t, initial_state=h0, backend=backend)
+            return linear_scan(
+                a_t, b_t, initial_state=h0, backend=backend, output_final_state=True, cu_seqlens=cu
+            )
 
     @staticmethod
-    def _first_step(batch: int, seqlen: int, started: Tensor | None, device) -> Tensor:
-        """(B, L) reset mask: True at t = 0 of the rows that have not started yet."""
+    def _first_step(
+        batch: int, seqlen: int, started: Tensor | None, device, cu: Tensor | None = None
+    ) -> Tensor:
+        """(B, L) reset mask: True at t = 0 of the rows that have not started yet; with packed
+        offsets ``cu`` (S + 1,), (1, T) True at the first step of every non-empty sequence
+        that has not started (``started`` (S,) then)."""
         reset = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
-        reset[:, 0] = True if started is None else ~started.to(device)
+        if cu is None:
+            reset[:, 0] = True if started is None else ~started.to(device)
+            return reset
+        nonempty = cu[1:] > cu[:-1]
+        starts = cu[:-1][nonempty].to(device)
+        fresh = torch.ones(starts.shape[0], dtype=torch.bool, device=device)
+        if started is not None:
+            fresh = ~started.to(device)[nonempty.to(device)]
+        reset[0, starts] = fresh
         return reset
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
@@ -358,8 +397,9 @@ class RGLRU(LTV_LRNN):
         inference_cache: Dict[str, Any] | None = None,
         *,
         hidden_states: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """x (B, L, H) -> y (B, L, H), in x's dtype.
+        """x (B, L, H) -> y (B, L, H), in x's dtype; (1, T, H) -> (1, T, H) packed.
 
         Args:
             x: input sequence (B, L, d_model); ``hidden_states`` is another name for it (that of
@@ -373,13 +413,25 @@ class RGLRU(LTV_LRNN):
                 advances by L), so :meth:`step` continues the sequence.  With
                 ``reset_at_start``, the rows whose ``"started"`` is still False take Griffin's
                 reset at t = 0 (and are marked started); without a cache every row does.
+            cu_seqlens: int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
+                T last, repeats: empty sequences): conv windows, the recurrence and Griffin's
+                reset restart at each sequence's start, so the result equals running each
+                alone.  A cache then holds one state per sequence (batch size S) and
+                ``seqlen_offset`` advances by the longest sequence.
+
+        Raises:
+            ValueError: bad shapes, ``integration_timesteps``; ``cu_seqlens`` malformed, with
+                a batch other than 1 or with ``lengths``; a cache of the wrong batch size.
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths, supports_timesteps=False)
         check_input_dtype(x, self.in_proj.weight.dtype)
         Bsz, L, _ = x.shape
+        cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {tuple(x.shape)} (1, T, H)")
         if inference_cache is not None:
-            self._check_cache(inference_cache, Bsz)
+            if cu is not None:
+                check_packed_cache(inference_cache, cu.shape[0] - 1, "RGLRU")
+            self._check_cache(inference_cache, Bsz if cu is None else cu.shape[0] - 1)
         if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
             return self._empty_output(x)
         xin = x if mask is None else zero_where_not(x, mask[..., None])
@@ -391,31 +443,51 @@ class RGLRU(LTV_LRNN):
             # copies: the ops may save them for backward, and the cache is overwritten below
             history = inference_cache["conv_state"].clone()
             h0 = inference_cache["lrnn_state"].clone()
-        xc, window = causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, history)
+        xc, window = causal_depthwise_conv(
+            u, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu
+        )
         reset = None
         if self.reset_at_start and inference_cache is not None:  # only rows not started yet
-            reset = self._first_step(Bsz, L, inference_cache["started"], x.device)
-        h = self.rg_lru(xc.transpose(1, 2), initial_state=h0, mask=mask, reset=reset)  # (B, L, D)
+            reset = self._first_step(Bsz, L, inference_cache["started"], x.device, cu)
+        # (B, L, D) and the final states (B or S, D)
+        h, final = self._scan(xc.transpose(1, 2), h0, mask, reset, cu)
 
         y = self.out_proj(gate * h.to(gate.dtype))
         if mask is not None:
             y = zero_where_not(y, mask[..., None])
 
         if inference_cache is not None:
-            with torch.no_grad():
-                # the last d_conv - 1 conv inputs of each sequence, ending at its own length
-                K = self.d_conv
-                inference_cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths))
-                # padded positions carry the state unchanged, so the last one is the final state
-                inference_cache["lrnn_state"].copy_(h[:, -1])
-                # a row has started once it took a valid step (a length-0 row has not)
-                started = inference_cache["started"]
-                if mask is None:
-                    started.fill_(True)
-                else:
-                    started.logical_or_(mask[:, 0].to(started.device))
-            inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + L
+            self._write_cache(inference_cache, window, final, mask, lengths, cu, L)
         return y.to(x.dtype)
+
+    def _write_cache(
+        self,
+        cache: Dict[str, Any],
+        window: Tensor,
+        final: Tensor,
+        mask: Tensor | None,
+        lengths: Tensor | None,
+        cu: Tensor | None,
+        length: int,
+    ) -> None:
+        """Store a forward's final states: the last d_conv - 1 conv inputs and the recurrent
+        state of each row (each packed sequence with ``cu``), at its own length."""
+        with torch.no_grad():
+            K = self.d_conv
+            # an empty packed sequence's tail is its own history: its row stays as it was
+            cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths, cu_seqlens=cu))
+            # padded positions carry the state unchanged, so it is each row's state at its end
+            cache["lrnn_state"].copy_(final)
+            # a row has started once it took a valid step (a length-0 row has not)
+            started = cache["started"]
+            if cu is not None:
+                started.logical_or_((cu[1:] > cu[:-1]).to(started.device))
+            elif mask is None:
+                started.fill_(True)
+            else:
+                started.logical_or_(mask[:, 0].to(started.device))
+        steps = length if cu is None else packed_seqlen_offset(cu)
+        cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + steps
 
     def step(
         self,
