@@ -295,7 +295,7 @@ def test_mamba_packed_bad_arguments():
     model = _mamba()
     x, _ = _mamba_inputs(CU)
     cu = torch.tensor(CU)
-    with pytest.raises(ValueError, match="lengths: packed sequences"):
+    with pytest.raises(ValueError, match="lengths, cu_seqlens: pass one"):
         model(x, lengths=torch.tensor([T]), cu_seqlens=cu)
     with pytest.raises(ValueError, match="batch size 1"):
         model(x.expand(2, -1, -1), cu_seqlens=cu)
@@ -363,7 +363,7 @@ def test_mha_packed_bad_arguments():
     attn = _mha(True)
     x = _randn(1, T, 16, seed=14)
     cu = torch.tensor(CU)
-    with pytest.raises(ValueError, match="lengths: packed sequences"):
+    with pytest.raises(ValueError, match="lengths, cu_seqlens: pass one"):
         attn(x, lengths=torch.tensor([T]), cu_seqlens=cu)
     with pytest.raises(ValueError, match="batch size 1"):
         attn(x.expand(2, -1, -1), cu_seqlens=cu)

@@ -32,10 +32,10 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.checks import check_timesteps, lengths_mask, zero_where_not
+from lrnnx.core.checks import check_cu_seqlens, check_timesteps, lengths_mask, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
+from lrnnx.ops.linear_scan.packing import step_layout
 
 ENCODERS = ("linear", "embedding")
 POOLINGS = ("mean", "last", "max")

@@ -39,10 +39,9 @@ from lrnnx.architectures._common import (
     positive_int,
     split_mixer_kwargs,
 )
-from lrnnx.core.checks import lengths_mask, zero_where_not
+from lrnnx.core.checks import check_cu_seqlens, lengths_mask, packed_offsets, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.models.registry import build_mixer
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 
 #: label value that :func:`packed_lm_loss` and torch's cross_entropy skip
 IGNORE_INDEX = -100
@@ -380,7 +379,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
         B, L = input_ids.shape
-        cu = self._packed_offsets(input_ids, lengths, cu_seqlens)
+        cu = packed_offsets(
+            cu_seqlens, lengths, *input_ids.shape, f"input_ids {tuple(input_ids.shape)} (1, T)"
+        )
         mask = lengths_mask(lengths, B, L, input_ids.device)
         if inference_cache is not None:
             self._check_cache(inference_cache)
@@ -401,21 +402,6 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             steps = L if cu is None else int((cu[1:] - cu[:-1]).max())
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + steps
         return CausalLMOutput(logits=logits) if return_dict else logits
-
-    @staticmethod
-    def _packed_offsets(
-        input_ids: Tensor, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor]
-    ) -> Optional[Tensor]:
-        """The validated int64 offsets (on the host, one check for all layers), or None."""
-        if cu_seqlens is None:
-            return None
-        if lengths is not None:
-            raise ValueError(
-                "lengths, cu_seqlens: pass one of them: packed documents (cu_seqlens) have no "
-                "padding, lengths marks the padding of a padded batch"
-            )
-        B, L = input_ids.shape
-        return check_cu_seqlens(cu_seqlens, B, L, f"input_ids ({B}, {L}) (1, T)")
 
     def step(
         self,

@@ -293,3 +293,105 @@ def merge_alias(name: str, value: Any, alias: str, alias_value: Any, default: An
         f"{name}, {alias}: two names of the same argument, given different values "
         f"({name}={value!r}, {alias}={alias_value!r}); pass only one of them"
     )
+
+
+# ------------------------------------------------------------------ packed sequences (cu_seqlens)
+
+
+def check_cu_seqlens(cu_seqlens: object, batch: int, length: int, where: str) -> Tensor:
+    """Validate ``cu_seqlens`` for an input of ``batch`` rows and ``length`` steps.
+
+    ``where`` names the input's layout for the messages (e.g. "b (1, T, *C)").  Returns the
+    offsets as an int64 CPU tensor (S + 1,).  Raises ValueError (naming ``cu_seqlens``) for a
+    non-tensor, a non-integer dtype, a shape other than (S + 1,) with S >= 1, a batch other than
+    1, a first offset other than 0, a last other than T, or decreasing offsets.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(
+            "cu_seqlens: expected a LongTensor (S + 1,) of offsets, got "
+            f"{type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"cu_seqlens: expected an integer tensor (int64, or int32 as flash-attn's), got dtype "
+            f"{cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens: expected shape (S + 1,) with S >= 1 sequences, got "
+            f"{tuple(cu_seqlens.shape)}"
+        )
+    if batch != 1:
+        raise ValueError(
+            f"cu_seqlens: packed sequences lie back to back in one batch row, so {where} needs "
+            f"batch size 1, got {batch}"
+        )
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] = 0, got {cu[0].item()}")
+    if cu[-1].item() != length:
+        raise ValueError(
+            f"cu_seqlens: expected cu_seqlens[-1] = T = {length} (the number of steps), got "
+            f"{cu[-1].item()}"
+        )
+    if bool((cu[1:] < cu[:-1]).any()):
+        s = int((cu[1:] < cu[:-1]).nonzero()[0, 0])
+        raise ValueError(
+            f"cu_seqlens: offsets must not decrease, got cu_seqlens[{s}] = {cu[s].item()} > "
+            f"cu_seqlens[{s + 1}] = {cu[s + 1].item()}"
+        )
+    return cu
+
+
+def packed_offsets(
+    cu_seqlens: Optional[Tensor], lengths: Any, batch: int, length: int, where: str
+) -> Optional[Tensor]:
+    """Validate a forward's ``cu_seqlens`` (packed sequences, fla's convention) against its input.
+
+    Args:
+        cu_seqlens: None, or int64/int32 offsets (S + 1,): sequence s is steps
+            ``cu_seqlens[s]:cu_seqlens[s + 1]`` of the one batch row, ``cu_seqlens[0] = 0``,
+            ``cu_seqlens[-1] = T``, no decrease (repeated offsets: zero-length sequences).
+        lengths: the forward's ``lengths``; it must be None with ``cu_seqlens``.
+        batch, length: the input's batch size (must be 1) and number of steps T.
+        where: the input's name and layout for the messages, e.g. "x (1, T, H)".
+
+    Returns:
+        None without ``cu_seqlens``, else the offsets as an int64 CPU tensor (S + 1,).
+
+    Raises:
+        ValueError: ``lengths`` given too (padding and packing are two ways of batching
+            variable-length sequences; pass one), or bad offsets / a batch other than 1
+            (:func:`lrnnx.ops.linear_scan.packing.check_cu_seqlens`).
+    """
+    if cu_seqlens is None:
+        return None
+    if lengths is not None:
+        raise ValueError(
+            "lengths, cu_seqlens: pass one of them: cu_seqlens packs the sequences back to back "
+            "in one row (each as long as its offsets say), lengths marks the padding of a "
+            f"padded batch; got both (lengths={lengths!r})"
+        )
+    return check_cu_seqlens(cu_seqlens, batch, length, where)
+
+
+def check_packed_cache(cache: Any, n_seq: int, owner: str) -> None:
+    """A cache used with ``cu_seqlens`` holds one state per packed sequence: batch size S.
+
+    Raises ValueError, naming S, when its ``"lrnn_state"`` has another number of rows (e.g. a
+    cache allocated for the single packed row); the model's own cache check runs after this.
+    """
+    state = cache.get("lrnn_state") if isinstance(cache, dict) else None
+    if isinstance(state, Tensor) and state.dim() and state.shape[0] != n_seq:
+        raise ValueError(
+            f"inference_cache: with cu_seqlens the cache holds one state per packed sequence "
+            f"(the initial state, then the final one), so it needs batch size S = {n_seq}; "
+            f"got a cache of batch size {state.shape[0]}; allocate one with "
+            f"{owner}.allocate_inference_cache(batch_size={n_seq})"
+        )
+
+
+def packed_seqlen_offset(cu: Tensor) -> int:
+    """How far a packed forward advances a cache's ``seqlen_offset``: the longest sequence,
+    as a padded batch of the same sequences (padded to that length) would."""
+    return int((cu[1:] - cu[:-1]).max())

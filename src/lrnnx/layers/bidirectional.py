@@ -43,8 +43,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import as_lengths, check_sequence, check_timesteps, zero_where_not
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
+from lrnnx.core.checks import (
+    as_lengths,
+    check_cu_seqlens,
+    check_sequence,
+    check_timesteps,
+    zero_where_not,
+)
+from lrnnx.ops.linear_scan.packing import step_layout
 
 _NO_STREAMING = (
     "a bidirectional model has no streaming mode: its output at t depends on the inputs after "

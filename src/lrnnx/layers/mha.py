@@ -36,9 +36,10 @@ from lrnnx.core.checks import (
     check_step_input,
     check_timesteps,
     lengths_mask,
+    packed_offsets,
     zero_where_not,
 )
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens, step_layout
+from lrnnx.ops.linear_scan.packing import step_layout
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -222,18 +223,13 @@ class MHA(nn.Module):
     ) -> Tensor:
         """Attention of packed sequences, q, k, v (1, heads, T, head_dim): a block-diagonal
         mask keeps every token within its sequence, positions count from each sequence start."""
-        if lengths is not None:
-            raise ValueError(
-                "lengths: packed sequences (cu_seqlens) have no padding; pass lengths=None "
-                "with cu_seqlens (or pad the batch and pass lengths alone)"
-            )
         if cache is not None:
             raise ValueError(
                 "inference_cache: MHA has no packed prefill; pass cu_seqlens=None with a cache "
                 "(prefill a padded batch with lengths instead)"
             )
         B, _, T, _ = q.shape
-        cu = check_cu_seqlens(cu_seqlens, B, T, f"x ({B}, {T}, {self.dim}) (1, T, D)")
+        cu = packed_offsets(cu_seqlens, lengths, B, T, f"x ({B}, {T}, {self.dim}) (1, T, D)")
         seq = step_layout(cu.to(q.device), False)[0]  # (T,) the sequence of every token
         pos = torch.arange(T, device=q.device) - cu.to(q.device)[seq]  # restarts at 0
         q, k = self.rotate(q, pos), self.rotate(k, pos)

@@ -38,20 +38,18 @@ from lrnnx.core.checks import (
     check_inference_cache,
     check_input_dtype,
     check_optional_positive_int,
+    check_packed_cache,
     check_positive_float,
     check_positive_int,
     check_step_input,
     lengths_mask,
+    packed_offsets,
+    packed_seqlen_offset,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.core.hippo import nplr
-from lrnnx.models.lti.base import (
-    LTI_LRNN,
-    check_packed_cache,
-    packed_offsets,
-    packed_seqlen_offset,
-)
+from lrnnx.models.lti.base import LTI_LRNN
 from lrnnx.ops.linear_scan.packing import step_layout
 
 log = logging.getLogger(__name__)

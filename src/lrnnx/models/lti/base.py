@@ -12,14 +12,16 @@ from lrnnx.core.base import LRNN
 from lrnnx.core.checks import (
     as_lengths,
     check_inference_cache,
+    check_packed_cache,
     check_sequence,
     check_step_input,
     lengths_mask,
+    packed_offsets,
+    packed_seqlen_offset,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.ops import _dispatch, linear_scan
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 
 #: how a forward pass evaluates the recurrence
 MODES = ("fft", "scan", "auto")
@@ -43,60 +45,6 @@ def diagonal_powers(A_bar: Tensor, L: int) -> Tensor:
     t = torch.arange(1, max(L, 1), device=A_bar.device, dtype=A_bar.real.dtype)
     P = torch.exp(torch.log(A_bar)[..., None] * t)
     return torch.cat([torch.ones_like(A_bar)[..., None], P], dim=-1)[..., :L]
-
-
-def packed_offsets(
-    cu_seqlens: Optional[Tensor], lengths: Any, batch: int, length: int, where: str
-) -> Optional[Tensor]:
-    """Validate a forward's ``cu_seqlens`` (packed sequences, fla's convention) against its input.
-
-    Args:
-        cu_seqlens: None, or int64/int32 offsets (S + 1,): sequence s is steps
-            ``cu_seqlens[s]:cu_seqlens[s + 1]`` of the one batch row, ``cu_seqlens[0] = 0``,
-            ``cu_seqlens[-1] = T``, no decrease (repeated offsets: zero-length sequences).
-        lengths: the forward's ``lengths``; it must be None with ``cu_seqlens``.
-        batch, length: the input's batch size (must be 1) and number of steps T.
-        where: the input's name and layout for the messages, e.g. "x (1, T, H)".
-
-    Returns:
-        None without ``cu_seqlens``, else the offsets as an int64 CPU tensor (S + 1,).
-
-    Raises:
-        ValueError: ``lengths`` given too (padding and packing are two ways of batching
-            variable-length sequences; pass one), or bad offsets / a batch other than 1
-            (:func:`lrnnx.ops.linear_scan.packing.check_cu_seqlens`).
-    """
-    if cu_seqlens is None:
-        return None
-    if lengths is not None:
-        raise ValueError(
-            "lengths, cu_seqlens: pass one of them: cu_seqlens packs the sequences back to back "
-            "in one row (each as long as its offsets say), lengths marks the padding of a "
-            f"padded batch; got both (lengths={lengths!r})"
-        )
-    return check_cu_seqlens(cu_seqlens, batch, length, where)
-
-
-def check_packed_cache(cache: Any, n_seq: int, owner: str) -> None:
-    """A cache used with ``cu_seqlens`` holds one state per packed sequence: batch size S.
-
-    Raises ValueError, naming S, when its ``"lrnn_state"`` has another number of rows (e.g. a
-    cache allocated for the single packed row); the model's own cache check runs after this.
-    """
-    state = cache.get("lrnn_state") if isinstance(cache, dict) else None
-    if isinstance(state, Tensor) and state.dim() and state.shape[0] != n_seq:
-        raise ValueError(
-            f"inference_cache: with cu_seqlens the cache holds one state per packed sequence "
-            f"(the initial state, then the final one), so it needs batch size S = {n_seq}; "
-            f"got a cache of batch size {state.shape[0]}; allocate one with "
-            f"{owner}.allocate_inference_cache(batch_size={n_seq})"
-        )
-
-
-def packed_seqlen_offset(cu: Tensor) -> int:
-    """How far a packed forward advances a cache's ``seqlen_offset``: the longest sequence,
-    as a padded batch of the same sequences (padded to that length) would."""
-    return int((cu[1:] - cu[:-1]).max())
 
 
 class _StepBuffers:

@@ -57,20 +57,16 @@ from lrnnx.core.checks import (
     as_lengths,
     check_batch_size,
     check_inference_cache,
+    check_packed_cache,
     check_positive_int,
     check_step_input,
     lengths_mask,
+    packed_offsets,
+    packed_seqlen_offset,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
-from lrnnx.models.lti.base import (
-    LTI_LRNN,
-    cache_to_device,
-    check_packed_cache,
-    diagonal_powers,
-    packed_offsets,
-    packed_seqlen_offset,
-)
+from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
 from lrnnx.ops import linear_scan
 
 #: -Re(A) is kept at or above this, so every discretization stays strictly stable

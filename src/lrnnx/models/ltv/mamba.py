@@ -46,12 +46,12 @@ from lrnnx.core.checks import (
     check_step_input,
     check_timesteps,
     merge_alias,
+    packed_offsets,
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import selective_scan_fn
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 from lrnnx.ops.selective_scan import DISCRETIZATIONS, discretize
 
 
@@ -210,7 +210,9 @@ class Mamba(LTV_LRNN):
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
         check_input_dtype(x, self.in_proj.weight.dtype)
-        cu = self._packed_offsets(x, lengths, cu_seqlens)
+        cu = packed_offsets(
+            cu_seqlens, lengths, x.shape[0], x.shape[1], f"x {tuple(x.shape)} (1, T, H)"
+        )
         cache = inference_cache
         if cache is not None:
             self._check_cache(cache, x.shape[0] if cu is None else cu.shape[0] - 1)
@@ -260,20 +262,6 @@ class Mamba(LTV_LRNN):
         if cache is not None:
             self._write_cache(cache, last, window, lengths, cu, x.shape[1])
         return out
-
-    @staticmethod
-    def _packed_offsets(
-        x: Tensor, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor]
-    ) -> Optional[Tensor]:
-        """The validated int64 offsets (S + 1,) (on the host), or None without packing."""
-        if cu_seqlens is None:
-            return None
-        if lengths is not None:
-            raise ValueError(
-                "lengths: packed sequences (cu_seqlens) have no padding; pass lengths=None "
-                "with cu_seqlens (or pad the batch and pass lengths alone)"
-            )
-        return check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], f"x {tuple(x.shape)} (1, T, H)")
 
     def _write_cache(
         self,

@@ -57,14 +57,16 @@ from lrnnx.core.checks import (
     check_batch_size,
     check_inference_cache,
     check_input_dtype,
+    check_packed_cache,
     check_positive_float,
     check_positive_int,
     check_step_input,
     merge_alias,
+    packed_offsets,
+    packed_seqlen_offset,
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
-from lrnnx.models.lti.base import check_packed_cache, packed_offsets, packed_seqlen_offset
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
 

@@ -37,13 +37,15 @@ from lrnnx.core.checks import (
     check_batch_size,
     check_dt_range,
     check_inference_cache,
+    check_packed_cache,
     check_positive_float,
     check_positive_int,
     check_step_input,
     merge_alias,
+    packed_offsets,
+    packed_seqlen_offset,
     zero_where_not,
 )
-from lrnnx.models.lti.base import check_packed_cache, packed_offsets, packed_seqlen_offset
 from lrnnx.models.lti.s5 import MAX_REAL_EIG, hippo_n_init
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan

@@ -26,9 +26,9 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
+from lrnnx.core.checks import check_cu_seqlens
 from lrnnx.ops import _dispatch
 from lrnnx.ops.causal_conv1d.packing import padded_window, segment_tails
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 
 __all__ = ["causal_conv1d", "ACTIVATIONS"]
 

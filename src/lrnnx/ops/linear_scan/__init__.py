@@ -23,8 +23,9 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
+from lrnnx.core.checks import check_cu_seqlens
 from lrnnx.ops import _dispatch
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens, scan_bounds
+from lrnnx.ops.linear_scan.packing import scan_bounds
 
 _dispatch.register("linear_scan", "reference", "lrnnx.ops.linear_scan.reference:linear_scan")
 _dispatch.register("linear_scan", "torch", "lrnnx.ops.linear_scan.torch:linear_scan")

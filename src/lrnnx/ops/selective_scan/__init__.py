@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
+from lrnnx.core.checks import check_cu_seqlens
 from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan import _final_state_flag
-from lrnnx.ops.linear_scan.packing import check_cu_seqlens
 from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
 
 __all__ = ["selective_scan_fn", "discretize", "effective_delta", "DISCRETIZATIONS"]
