@@ -36,10 +36,45 @@ Initialisation (the paper follows S5; its open details follow the authors' code)
 - W_B, W_C, W_D: Gaussian, scaled so that for unit-variance inputs the input-dependent part of
   each matrix has the variance of its constant part (the paper does not specify these).
 
+Evaluation.  B_k and C_k are never formed.  With W_B (P, H, H) and W_C (H, P, H),
+
+    B_k u_k = B u_k + [u_k^T W_B[p] u_k]_p               a quadratic form in u_k
+    Re(C_k x_k) = Re(C x_k) + [sum_{p,i} Re(W_C[h, p, i] x_k[p]) u_k[i]]_h     bilinear in (x_k, u_k)
+
+are evaluated exactly in chunks of tokens inside custom autograd functions: a chunk forms
+T = u W^T (tokens, 2 P H) with one matrix product and contracts it with u (or with
+(Re x, -Im x)); the backward recomputes T chunk by chunk.  Only the symmetric part of each
+W_B[p] enters a quadratic form, which saves the backward one product; the imaginary part of
+C_k x_k is never computed.  Nothing of size L H^2 or L P H outlives a chunk (about 8 MB,
+``_CHUNK_ELEMENTS``), so memory is that of S5 plus the weights and one chunk.
+
+Cost per token (real multiply-adds, forward; H = d_model, P complex states, r_dt = dt_rank):
+
+    W_B term  2 P H^2      W_C term  2 P H^2      B u, Re(C x)  4 P H      D_k  H^2
+    Delta_k   r_dt (H + P)          scan and discretization  O(P)
+
+The two bilinear maps dominate: at H = 256, P = 16 about 4.3M multiply-adds per token forward
+(about 15M forward and backward: 3 chunked products for W_B, 4 for W_C) against about 0.45M
+(1.4M) for a Mamba layer of the same width (expand 2, N = 16).  The paper's parameterisation is
+therefore about 10x Mamba's arithmetic: no implementation can run it at Mamba's speed.
+
+Low-rank option (``bc_rank=r``; ours, not the paper's).  W_B and W_C are replaced by rank-r CP
+factorisations of the same bilinear maps, W_B[p, h, i] = sum_s U_B[p, s] R_B[s, h] V_B[s, i]
+and W_C[h, p, i] = sum_s U_C[h, s] V_C[s, p] R_C[s, i]:
+
+    B_k u_k = B u_k + U_B ((R_B u_k) * (V_B u_k))        R_B, V_B (r, H) real, U_B (P, r) complex
+    C_k x_k = C x_k + U_C ((R_C u_k) * (V_C x_k))        R_C (r, H) real, V_C (r, P), U_C (H, r)
+                                                          complex
+
+at 5 r H + 6 r P multiply-adds per token instead of 4 P H^2 (r = 16 at H = 256, P = 16: 22K
+instead of 4.2M; the layer then costs about 0.25x Mamba's arithmetic).  Its factors are
+Gaussian, scaled so that for unit-variance inputs the input-dependent parts have the variance
+of the paper version's (E|entry|^2: R, V 1/H; V_C 1/P; U_B 1/r; U_C 2 P / (d_state r)).  Every
+W_B, W_C has a CP rank of at most P H, so r = P H holds the paper's model; r = H / 16
+(``bc_rank="auto"``) is our suggested default, chosen for speed.
+
 The recurrence over (B, L, P) complex states runs through :func:`lrnnx.ops.linear_scan` in
-complex64 (complex128 for a float64 model), also under autocast.  B_k u_k and C_k x_k are
-evaluated without forming B_k, C_k, but through the (B, L, H^2) products u_k u_k^T and the
-(B, L, P H) products x_k u_k^T: memory grows as B L H max(H, P).  The scan, the step, the
+complex64 (complex128 for a float64 model), also under autocast.  The scan, the step, the
 inference cache and their checks are event-driven S5's (:class:`lrnnx.models.ltv.s5._EventSSM`);
 this module defines only S7's parameters and its input-dependent Delta_k, B_k, C_k, D_k.
 """
@@ -47,11 +82,12 @@ this module defines only S7's parameters and its input-dependent Delta_k, B_k, C
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
@@ -82,6 +118,153 @@ def stable_real(w: Tensor, a: float, b: float) -> Tensor:
     return -1.0 / (a * w * w + b)
 
 
+def _auto_rank(name: str, rank: Union[int, str], d_model: int) -> int:
+    """A rank argument: a positive int, or ``"auto"`` for ceil(d_model / 16)."""
+    if isinstance(rank, str) and rank == "auto":
+        return math.ceil(d_model / 16)
+    return check_positive_int(name, rank)
+
+
+def _stack_rows(w: Tensor) -> Tensor:
+    """(R, ..., 2) real pairs of a complex (R, ...) tensor -> (2R, ...) = [Re; Im]."""
+    return torch.cat([w[..., 0], w[..., 1]], dim=0)
+
+
+def _stack_columns(w: Tensor) -> Tensor:
+    """(R, K, ..., 2) real pairs of a complex (R, K, ...) tensor -> (R, 2K, ...) = [Re, Im]."""
+    return torch.cat([w[..., 0], w[..., 1]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's bilinear maps, evaluated exactly in chunks of tokens (module docstring: "Evaluation")
+
+#: a chunk has about this many elements in its (rows, O * J) intermediate (8 MB in float32)
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_chunks(n: int, width: int) -> Iterator[slice]:
+    """Slices of ``n`` rows whose (rows, width) intermediates hold about _CHUNK_ELEMENTS."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, width))
+    return (slice(s, min(s + rows, n)) for s in range(0, n, rows))
+
+
+def _contract(T: Tensor, a: Tensor) -> Tensor:
+    """z[n, o] = sum_j T[n, o, j] a[n, j] for T (n, O * J) and a (n, J)."""
+    # vecdot, not bmm: a batch of matrix-vector products runs ~10x slower through bmm on CPU
+    return torch.linalg.vecdot(T.view(a.shape[0], -1, a.shape[1]), a[:, None, :])
+
+
+def _contract_grad(T: Tensor, dz: Tensor, J: int) -> Tensor:
+    """da[n, j] = sum_o dz[n, o] T[n, o, j] for T (n, O * J) and dz (n, O)."""
+    return torch.bmm(dz[:, None, :], T.view(dz.shape[0], dz.shape[1], J)).squeeze(1)
+
+
+def _outer(dz: Tensor, a: Tensor) -> Tensor:
+    """dT[n, o * J + j] = dz[n, o] a[n, j]: the gradient of T in z = _contract(T, a)."""
+    return (dz[:, :, None] * a[:, None, :]).flatten(1)
+
+
+class _BilinearForm(torch.autograd.Function):
+    """z[n, o] = sum_{j, i} W[o, j, i] a[n, j] b[n, i] for a (n, J), b (n, I), W (O, J, I).
+
+    Each chunk of rows forms T = b W^T (rows, O * J), then contracts it with a; the backward
+    recomputes T.  Nothing of size n * J * I or n * O * J outlives a chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, W: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b, W)
+        Wm = W.reshape(-1, W.shape[-1])
+        z = a.new_empty(a.shape[0], W.shape[0])
+        for s in _row_chunks(a.shape[0], Wm.shape[0]):
+            z[s] = _contract(b[s] @ Wm.T, a[s])
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dz: Tensor) -> Tuple[Optional[Tensor], ...]:
+        a, b, W = ctx.saved_tensors
+        need_a, need_b, need_W = ctx.needs_input_grad
+        Wm = W.reshape(-1, W.shape[-1])
+        da = torch.empty_like(a) if need_a else None
+        db = torch.empty_like(b) if need_b else None
+        dWm = torch.zeros_like(Wm) if need_W else None
+        for s in _row_chunks(a.shape[0], Wm.shape[0]):
+            if need_a:
+                da[s] = _contract_grad(b[s] @ Wm.T, dz[s], a.shape[1])
+            dT = _outer(dz[s], a[s])
+            if need_b:
+                db[s] = dT @ Wm
+            if need_W:
+                dWm.addmm_(dT.T, b[s])
+        return da, db, None if dWm is None else dWm.view_as(W)
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """z[n, o] = u[n]^T S[o] u[n] for u (n, H) and a symmetric S (O, H, H).
+
+    As :class:`_BilinearForm` with a = b = u, but symmetry gives du = 2 sum_o dz[o] S[o] u from
+    the recomputed T = u S^T alone: three chunked matrix products in all instead of four.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, S: Tensor) -> Tensor:
+        ctx.save_for_backward(u, S)
+        Sm = S.reshape(-1, S.shape[-1])
+        z = u.new_empty(u.shape[0], S.shape[0])
+        for s in _row_chunks(u.shape[0], Sm.shape[0]):
+            z[s] = _contract(u[s] @ Sm.T, u[s])
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dz: Tensor) -> Tuple[Optional[Tensor], ...]:
+        u, S = ctx.saved_tensors
+        need_u, need_S = ctx.needs_input_grad
+        Sm = S.reshape(-1, S.shape[-1])
+        du = torch.empty_like(u) if need_u else None
+        dSm = torch.zeros_like(Sm) if need_S else None
+        for s in _row_chunks(u.shape[0], Sm.shape[0]):
+            if need_u:
+                du[s] = 2.0 * _contract_grad(u[s] @ Sm.T, dz[s], u.shape[1])
+            if need_S:
+                dSm.addmm_(_outer(dz[s], u[s]).T, u[s])
+        return du, None if dSm is None else dSm.view_as(S)
+
+
+def bilinear_form(a: Tensor, b: Tensor, W: Tensor) -> Tensor:
+    """z[..., o] = sum_{j, i} W[o, j, i] a[..., j] b[..., i], differentiable, in bounded memory.
+
+    Evaluated in chunks of rows (:class:`_BilinearForm`): neither a (..., J * I) outer product
+    nor a (..., O * J) intermediate is formed beyond a chunk of about ``_CHUNK_ELEMENTS``.
+
+    Args:
+        a: (..., J) and b: (..., I) real tensors with the same leading shape, in W's dtype.
+        W: (O, J, I) real.
+
+    Returns:
+        z (..., O).
+    """
+    lead = a.shape[:-1]
+    z = _BilinearForm.apply(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), W)
+    return z.reshape(*lead, W.shape[0])
+
+
+def quadratic_form(u: Tensor, S: Tensor) -> Tensor:
+    """z[..., o] = u[...]^T S[o] u[...], differentiable, in bounded memory (no (..., H * H)).
+
+    Args:
+        u: (..., H) real, in S's dtype.
+        S: (O, H, H) real and symmetric in its last two dimensions (the gradient with respect
+            to u assumes it: pass the symmetric part (W + W^T) / 2 of a general W).
+
+    Returns:
+        z (..., O).
+    """
+    z = _QuadraticForm.apply(u.reshape(-1, u.shape[-1]), S)
+    return z.reshape(*u.shape[:-1], S.shape[0])
+
+
 class S7(_EventSSM):
     """S7: selective (input-dependent) S5 with a stable reparameterisation, for event streams too.
 
@@ -89,6 +272,7 @@ class S7(_EventSSM):
         >>> model = S7(d_model=64, d_state=64, J=4)
         >>> x, dt = torch.randn(2, 128, 64), torch.rand(2, 128)
         >>> y = model(x, integration_timesteps=dt)  # (B, L, H) -> (B, L, H)
+        >>> fast = S7(d_model=256, d_state=16, bc_rank="auto")  # low-rank W_B, W_C (r = 16)
 
     Args:
         d_model: model width H (input and output features).
@@ -104,16 +288,30 @@ class S7(_EventSSM):
         dt_rank: rank of the step projection W_dt W_r; ``"auto"`` is ceil(d_model / 16).
         reparam_a, reparam_b: the a > 0 and 0 < b < 2 of f(w) = -1 / (a w^2 + b); Re(Lambda)
             stays in [-1/b, 0).  b < 2 so that HiPPO-N's Re(Lambda) = -1/2 is reachable.
+        bc_rank: None (default) for the paper's full maps W_B (P, H, H) and W_C (H, P, H);
+            an int r (or ``"auto"``: ceil(d_model / 16)) for our rank-r factorisation of both
+            (not the paper's; see the module docstring: 5 r H + 6 r P instead of 4 P H^2
+            multiply-adds per token).
         use_fast_path: if True, :func:`lrnnx.ops.linear_scan` dispatches to the fastest fused
             scan backend available for the device; if False, the portable pure-torch scan is
             used.  Both give the same result up to rounding.
         layer_idx: index of this layer in a stack, for callers that key caches by layer.
         device, dtype: factory arguments for the parameters (float32 or float64).
 
+    Parameters (complex ones stored as (..., 2) real pairs): ``Lambda_w``, ``Lambda_im`` (P,);
+    ``B`` (P, H, 2); ``C`` (H, P, 2); ``D`` (H,); ``D_proj`` (H, H); ``dt_down``, ``dt_proj``;
+    with ``bc_rank=None`` ``B_proj`` (P, H, H, 2) = W_B and ``C_proj`` (H, P, H, 2) = W_C;
+    with a rank r ``B_proj_in`` (2, r, H) = (R_B, V_B), ``B_proj_out`` (P, r, 2) = U_B,
+    ``C_proj_in`` (r, H) = R_C, ``C_proj_state`` (r, P, 2) = V_C, ``C_proj_out`` (H, r, 2) = U_C.
+
     The inference cache of :meth:`allocate_inference_cache` holds, besides ``"lrnn_state"``
-    and ``"seqlen_offset"``, detached ``"Lambda"``, ``"B"``, ``"B_proj"``, ``"C"``,
-    ``"C_proj"``, ``"D"``, ``"D_proj"``, ``"dt_down"``, ``"dt_proj_weight"`` and
-    ``"dt_proj_bias"``.
+    and ``"seqlen_offset"``, detached real forms of these (``"Lambda"``, ``"B"``, ``"C"``,
+    ``"D"``, ``"D_proj"``, ``"dt_down"``, ``"dt_proj_weight"``, ``"dt_proj_bias"`` and the
+    ``"B_proj*"``, ``"C_proj*"`` entries of :meth:`_tensors`).
+
+    Raises:
+        ValueError / TypeError: a bad argument (named in the message), e.g. ``J`` not dividing
+            ``d_state`` or ``bc_rank`` neither None, ``"auto"`` nor a positive int.
     """
 
     allowed_discretizations = ("zoh", "bilinear", "dirac", "async")
@@ -138,6 +336,7 @@ class S7(_EventSSM):
         layer_idx: Optional[int] = None,
         device=None,
         dtype=None,
+        bc_rank: Union[int, str, None] = None,
     ) -> None:
         if isinstance(discretization, bool):
             raise ArgumentTypeError(
@@ -156,9 +355,8 @@ class S7(_EventSSM):
                 f"got d_state={d_state}"
             )
         check_step_size(dt_min, dt_max, step_rescale)
-        if isinstance(dt_rank, str) and dt_rank == "auto":
-            dt_rank = math.ceil(d_model / 16)
-        dt_rank = check_positive_int("dt_rank", dt_rank)
+        dt_rank = _auto_rank("dt_rank", dt_rank, d_model)
+        bc_rank = None if bc_rank is None else _auto_rank("bc_rank", bc_rank, d_model)
         check_positive_float("reparam_a", reparam_a)
         if not 0 < check_positive_float("reparam_b", reparam_b) < 2:
             raise ValueError(
@@ -169,7 +367,7 @@ class S7(_EventSSM):
         self.J = J
         self.dt_min, self.dt_max = float(dt_min), float(dt_max)
         self.step_rescale = float(step_rescale)
-        self.dt_rank = dt_rank
+        self.dt_rank, self.bc_rank = dt_rank, bc_rank
         self.reparam_a, self.reparam_b = float(reparam_a), float(reparam_b)
         self.layer_idx = layer_idx
         P = d_state // 2 if conj_sym else d_state
@@ -179,9 +377,17 @@ class S7(_EventSSM):
         self.Lambda_w = nn.Parameter(torch.empty(P, **fk))  # Re(Lambda) = -1 / (a w^2 + b)
         self.Lambda_im = nn.Parameter(torch.empty(P, **fk))  # Im(Lambda) = theta
         self.B = nn.Parameter(torch.empty(P, H, 2, **fk))  # constant part of B_k (complex)
-        self.B_proj = nn.Parameter(torch.empty(P, H, H, 2, **fk))  # W_B[p, h, i]: u_i -> B_k[p, h]
         self.C = nn.Parameter(torch.empty(H, P, 2, **fk))  # constant part of C_k (complex)
-        self.C_proj = nn.Parameter(torch.empty(H, P, H, 2, **fk))  # W_C[h, p, i]: u_i -> C_k[h, p]
+        if bc_rank is None:
+            # W_B[p, h, i]: u_i -> B_k[p, h];  W_C[h, p, i]: u_i -> C_k[h, p]  (complex)
+            self.B_proj = nn.Parameter(torch.empty(P, H, H, 2, **fk))
+            self.C_proj = nn.Parameter(torch.empty(H, P, H, 2, **fk))
+        else:
+            self.B_proj_in = nn.Parameter(torch.empty(2, bc_rank, H, **fk))  # R_B, V_B
+            self.B_proj_out = nn.Parameter(torch.empty(P, bc_rank, 2, **fk))  # U_B (complex)
+            self.C_proj_in = nn.Parameter(torch.empty(bc_rank, H, **fk))  # R_C
+            self.C_proj_state = nn.Parameter(torch.empty(bc_rank, P, 2, **fk))  # V_C (complex)
+            self.C_proj_out = nn.Parameter(torch.empty(H, bc_rank, 2, **fk))  # U_C (complex)
         self.D = nn.Parameter(torch.empty(H, **fk))  # constant part of D_k
         self.D_proj = nn.Parameter(torch.empty(H, H, **fk))  # W_D[h, i]: u_i -> D_k[h]
         self.dt_down = nn.Linear(H, dt_rank, bias=False, **fk)  # W_r
@@ -209,36 +415,65 @@ class S7(_EventSSM):
             self.B.copy_(torch.view_as_real(B_tilde))
             self.C.copy_(torch.view_as_real(C_tilde))
             nn.init.normal_(self.D)
-            # input-dependent parts: same variance as the constant parts for unit-variance u
-            nn.init.normal_(self.B_proj, std=1.0 / (H * math.sqrt(2.0)))
-            nn.init.normal_(self.C_proj, std=1.0 / math.sqrt(N * H))
+            self._reset_input_dependent()
             nn.init.normal_(self.D_proj, std=1.0 / math.sqrt(H))
             nn.init.normal_(self.dt_down.weight, std=1.0 / math.sqrt(H))
             bound = self.dt_rank**-0.5
             nn.init.uniform_(self.dt_proj.weight, -bound, bound)
             self.dt_proj.bias.copy_(inv_softplus_dt)
 
+    def _reset_input_dependent(self) -> None:
+        """W_B, W_C (or their factors): for unit-variance u, E|W_B (u x u)|^2 = E|B u|^2 ~ 1 and
+        E|W_C (x x u)|^2 = (2 P / d_state) E|x|^2, the constant parts' variances."""
+        H, P, N, r = self.d_model, self.n_state, self.d_state, self.bc_rank
+        if r is None:
+            nn.init.normal_(self.B_proj, std=1.0 / (H * math.sqrt(2.0)))  # E|W_B|^2 = 1 / H^2
+            nn.init.normal_(self.C_proj, std=1.0 / math.sqrt(N * H))  # E|W_C|^2 = 2 / (N H)
+            return
+        # R u, V u, V_C x have the variance of one u_i (of x_p); U sums r unit-variance products
+        nn.init.normal_(self.B_proj_in, std=1.0 / math.sqrt(H))
+        nn.init.normal_(self.B_proj_out, std=1.0 / math.sqrt(2.0 * r))
+        nn.init.normal_(self.C_proj_in, std=1.0 / math.sqrt(H))
+        nn.init.normal_(self.C_proj_state, std=1.0 / math.sqrt(2.0 * P))
+        nn.init.normal_(self.C_proj_out, std=math.sqrt(P / (N * r)))
+
     # ------------------------------------------------------------------------------------------
     # _EventSSM's hooks; ``p`` holds the live parameters (forward) or the cache's copies (step)
 
     def _tensors(self) -> Dict[str, Tensor]:
-        """Lambda (P,), B (P, H), W_B (P, H*H), C (H, P), W_C (H, P*H) complex; D, W_D, step weights."""
-        P, H = self.n_state, self.d_model
+        """The real forms the hooks compute with (complex matrices as stacked real parts).
+
+        Lambda (P,) complex; B (2P, H) = [Re B; Im B]; C (H, 2P) = [Re C, Im C], so that
+        Re(C x) = C [Re x; -Im x]; D, D_proj, the step weights; with the paper's maps B_proj
+        (2P, H, H) = the symmetric part of [Re W_B; Im W_B] and C_proj (H, 2P, H) =
+        [Re W_C, Im W_C] along p; with a rank r B_proj_in (2r, H) = [R_B; V_B], B_proj_out
+        (2P, r) = [Re U_B; Im U_B], C_proj_in (r, H), C_proj_state (r, P) complex and
+        C_proj_out (H, 2r) = [Re U_C, Im U_C].
+        """
         Lambda = torch.complex(
             stable_real(self.Lambda_w, self.reparam_a, self.reparam_b), self.Lambda_im
         )
-        return {
+        p = {
             "Lambda": Lambda,
-            "B": torch.view_as_complex(self.B),
-            "B_proj": torch.view_as_complex(self.B_proj).reshape(P, H * H),
-            "C": torch.view_as_complex(self.C),
-            "C_proj": torch.view_as_complex(self.C_proj).reshape(H, P * H),
+            "B": _stack_rows(self.B),
+            "C": _stack_columns(self.C),
             "D": self.D,
             "D_proj": self.D_proj,
             "dt_down": self.dt_down.weight,
             "dt_proj_weight": self.dt_proj.weight,
             "dt_proj_bias": self.dt_proj.bias,
         }
+        if self.bc_rank is None:
+            W_B = _stack_rows(self.B_proj)  # (2P, H, H)
+            p["B_proj"] = 0.5 * (W_B + W_B.transpose(1, 2))  # u^T W u = u^T sym(W) u
+            p["C_proj"] = _stack_columns(self.C_proj)
+        else:
+            p["B_proj_in"] = self.B_proj_in.flatten(0, 1)
+            p["B_proj_out"] = _stack_rows(self.B_proj_out)
+            p["C_proj_in"] = self.C_proj_in
+            p["C_proj_state"] = torch.view_as_complex(self.C_proj_state)
+            p["C_proj_out"] = _stack_columns(self.C_proj_out)
+        return p
 
     def _step_size(self, p: Dict[str, Tensor], u: Tensor) -> Tensor:
         """Selective step Delta_k (..., P) > 0 for inputs u (..., H)."""
@@ -248,23 +483,36 @@ class S7(_EventSSM):
     def _input(
         self, p: Dict[str, Tensor], u: Tensor, dtype: Optional[torch.dtype] = None
     ) -> Tensor:
-        """B_k u_k = B u_k + W_B (u_k outer u_k), (..., P) complex.
+        """B_k u_k (..., P) complex: B u_k + [u_k^T W_B[p] u_k]_p (chunked quadratic forms), or
+        with a rank r B u_k + U_B ((R_B u_k) * (V_B u_k)).
 
         Computed in the parameters' precision with real products; ``dtype`` (the state's, in
         :meth:`step`) is reached by the in-place state update.
         """
-        uu = (u[..., :, None] * u[..., None, :]).flatten(-2)  # (..., H*H), kept real
-        B, W = p["B"], p["B_proj"]
-        re = F.linear(u, B.real) + F.linear(uu, W.real)
-        im = F.linear(u, B.imag) + F.linear(uu, W.imag)
+        if self.bc_rank is None:
+            z = quadratic_form(u, p["B_proj"])
+        else:
+            Ru, Vu = F.linear(u, p["B_proj_in"]).chunk(2, dim=-1)
+            z = F.linear(Ru * Vu, p["B_proj_out"])
+        re, im = (F.linear(u, p["B"]) + z).chunk(2, dim=-1)
         return torch.complex(re, im)
 
     def _output(self, p: Dict[str, Tensor], h: Tensor, u: Tensor) -> Tensor:
-        """Re(C_k x_k) (times 2 with conj_sym) + D_k * u_k, (..., H) real."""
-        hu = (h[..., :, None] * u[..., None, :].to(h.dtype)).flatten(-2)  # (..., P*H)
-        Ch = h @ p["C"].to(h.dtype).transpose(0, 1) + hu @ p["C_proj"].to(h.dtype).transpose(0, 1)
+        """Re(C_k x_k) (times 2 with conj_sym) + D_k * u_k, (..., H) real, for states h = x_k.
+
+        Re(C_k x_k) is Re(C x_k) plus the chunked bilinear form of W_C, or with a rank r
+        Re(U_C ((R_C u_k) * (V_C x_k))); computed in the state's real precision (wider than
+        u's for a float64 step cache)."""
+        a = torch.cat([h.real, -h.imag], dim=-1)  # Re(M x) = [Re M, Im M] @ a for complex M
+        uh = u.to(a.dtype)
+        if self.bc_rank is None:
+            z = bilinear_form(a, uh, p["C_proj"].to(a.dtype))
+        else:
+            w = F.linear(uh, p["C_proj_in"].to(a.dtype)) * (h @ p["C_proj_state"].to(h.dtype).T)
+            z = F.linear(torch.cat([w.real, -w.imag], dim=-1), p["C_proj_out"].to(a.dtype))
+        Ch = F.linear(a, p["C"].to(a.dtype)) + z
         D_k = p["D"] + F.linear(u, p["D_proj"])
-        return self.out_scale * Ch.real.to(u.dtype) + D_k * u
+        return self.out_scale * Ch.to(u.dtype) + D_k * u
 
     # ------------------------------------------------------------------------------------------
 
