@@ -27,7 +27,9 @@ independently built mixers (a non-causal mixer: forward and time-reversed direct
 
 ``"stream"`` (STREAM) is the Mamba class used for irregularly sampled or event data: its event
 mode runs whenever ``integration_timesteps`` are given (with none it is plain Mamba).  RG-LRU
-(one state per channel) and attention ignore ``d_state``.
+(one state per channel) and attention ignore ``d_state``.  ``"s7-lowrank"`` is S7 with
+``bc_rank="auto"``: rank-r input-dependent B_k and C_k, lrnnx's cheaper option beside the
+paper's full bilinear maps (see :class:`lrnnx.models.ltv.S7`).
 """
 
 from __future__ import annotations
@@ -269,6 +271,16 @@ MODEL_REGISTRY: Dict[str, ModelSpec] = {
             "S7: Selective and Simplified State Space Layers for Sequence Modeling",
             "2410.03464",
             True,
+        ),
+        _spec(  # lrnnx's option beside the paper's version: rank-r input-dependent B_k, C_k
+            "s7-lowrank",
+            "lrnnx.models.ltv.s7:S7",
+            "LTV",
+            "S7 with rank-r input-dependent B and C (lrnnx's option beside the paper's S7)",
+            "2410.03464",
+            True,
+            aliases=("s7-lr",),
+            defaults={"bc_rank": "auto"},  # ceil(d_model / 16)
         ),
         _spec(
             "rglru",
