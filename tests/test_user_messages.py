@@ -3,9 +3,7 @@ names in ``mixer_kwargs``, and README code blocks that must run on their own."""
 
 from __future__ import annotations
 
-import logging
 import re
-import types
 from pathlib import Path
 
 import pytest
@@ -36,43 +34,8 @@ def test_missing_numba_warning_names_the_fallback_and_the_fix(monkeypatch):
     torch.testing.assert_close(h, linear_scan(a, b, backend="torch"))
 
 
-class _FakeCacheFile:
-    def __init__(self, index):
-        self.index = index
-
-    def _load_index(self):
-        return self.index
-
-
-def _fake_kernel_module(index):
-    cache = types.SimpleNamespace(cache_path="/some/cache/dir", _cache_file=_FakeCacheFile(index))
-    kernel = types.SimpleNamespace(py_func=lambda: None, _cache=cache)
-    return types.SimpleNamespace(_kernel=kernel, CHANNEL_BLOCK=256)
-
-
-def test_first_compilation_is_announced_once_per_process(monkeypatch, caplog):
-    monkeypatch.setattr(_numba, "_ANNOUNCED", False)
-    monkeypatch.setattr(_numba, "HAVE_NUMBA", True)
-    with caplog.at_level(logging.INFO, logger="lrnnx.ops"):
-        _numba.announce_compilation(_fake_kernel_module({("sig",): "cached"}))  # in the cache
-        assert not caplog.records
-        _numba.announce_compilation(_fake_kernel_module({}))  # not compiled yet
-        _numba.announce_compilation(_fake_kernel_module({}))  # once per process
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines == [
-        "lrnnx: compiling the fused CPU kernels (first use; cached in /some/cache/dir, later "
-        "runs load them)"
-    ]
-
-
-def test_without_logging_configured_the_notice_is_one_stderr_line(monkeypatch, capsys):
-    monkeypatch.setattr(_numba, "_ANNOUNCED", False)
-    monkeypatch.setattr(_numba, "HAVE_NUMBA", True)
-    monkeypatch.setattr(_numba.logger, "hasHandlers", lambda: False)
-    _numba.announce_compilation(_fake_kernel_module({}))
-    _numba.announce_compilation(_fake_kernel_module({}))
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "compiling the fused CPU kernels" in err[0]
+# the first-compile notice (only when numba compiles, once per process, logger or stderr) is
+# tested in test_cold_start.py with real numba compilations
 
 
 # ----------------------------------------------------------------------------- mixer_kwargs

@@ -25,7 +25,12 @@ torch's ``aten::convolution_backward`` took seconds on an AMD EPYC.  Peers (mamb
 the selective scan when installed.
 
 ``--quick`` shrinks every case (see its ``--help``) so the whole run takes about a minute on a
-2-core CPU.  Each case prints one line as soon as it is measured.
+2-core CPU.  Each case prints one line as soon as it is measured.  The timed cases compile the
+fused CPU kernels in this process before timing them (``LRNNX_NUMBA_COMPILE=wait``).
+
+``--cold`` measures the cold start instead: each model's import, build and first two training
+steps in fresh processes with an empty numba cache, then with the cache that left, for each
+``LRNNX_NUMBA_COMPILE`` mode (see :func:`bench_cold`); it writes ``cold.md``.
 
 Run ``lrnnx bench [--quick] [--models ...] [--ops ...] [--out DIR] [--markdown FILE]`` or
 ``python -m lrnnx.bench``.  Writes ``bench.csv``, ``bench.md`` and (with matplotlib)
@@ -57,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from lrnnx.ops import _dispatch, causal_conv1d, linear_scan, selective_scan_fn
+from lrnnx.ops._numba import COMPILE_ENV
 
 OPS = ("linear_scan", "selective_scan", "causal_conv1d")
 
@@ -416,19 +422,28 @@ def _add_speedups(rows: List[Row]) -> None:
 
 
 @contextmanager
-def _backend_env(name: Optional[str]) -> Iterator[None]:
-    old = os.environ.get("LRNNX_BACKEND")
-    if name is None:
-        os.environ.pop("LRNNX_BACKEND", None)
-    else:
-        os.environ["LRNNX_BACKEND"] = name
+def _env(**values: Optional[str]) -> Iterator[None]:
+    """Set (a string) or unset (None) environment variables for the block."""
+    old = {k: os.environ.get(k) for k in values}
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
-        if old is None:
-            os.environ.pop("LRNNX_BACKEND", None)
-        else:
-            os.environ["LRNNX_BACKEND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _backend_env(name: Optional[str]) -> contextlib.AbstractContextManager:
+    """``LRNNX_BACKEND=name`` (None: lrnnx's choice) with the fused kernels compiled in this
+    process before they are timed, never replaced by the torch backend while they compile."""
+    return _env(LRNNX_BACKEND=name, **{COMPILE_ENV: "wait"})
 
 
 def model_shape(quick: bool) -> tuple[int, int, int, int]:
@@ -513,6 +528,150 @@ def bench_lti_modes(
             auto.speedup["picks faster"] = float(picked == faster)
             rows.append(auto)
     return rows
+
+
+# --------------------------------------------------------------------------------- cold start
+
+#: LRNNX_NUMBA_COMPILE modes compared by --cold: the default, then compiling in the process
+COLD_MODES = ("background", "wait")
+
+
+@dataclass
+class ColdRow:
+    """One fresh process: import, build, two training steps; seconds."""
+
+    model: str
+    mode: str  # LRNNX_NUMBA_COMPILE
+    cache: str  # "cold" (empty numba cache) or "warm"
+    import_s: float
+    build_s: float
+    step1_s: float
+    step2_s: float
+    compiling_after: bool  # a background compile was still running after step 2
+    ready_s: Optional[float] = None  # since the start: the fused kernels are cached
+    step3_s: Optional[float] = None  # a step once they are
+
+
+def _cold_child(t0: float, name: str, B: int, L: int, H: int, N: int, threads: int) -> None:
+    """Body of one cold-start process (started by :func:`cold_run`): prints a ColdRow as JSON."""
+    import json
+
+    from lrnnx.models.registry import build_mixer
+    from lrnnx.ops import _numba
+
+    if threads:
+        torch.set_num_threads(threads)
+    t1 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_mixer(name, H, N)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(B, L, H)
+    t2 = time.perf_counter()
+
+    def step() -> float:
+        t = time.perf_counter()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    s1, s2 = step(), step()
+    row = ColdRow(name, _numba.compile_mode(), "", t1 - t0, t2 - t1, s1, s2, _numba.compiling())
+    while _numba.compiling():  # the cache fills in the background: when, and a step after it
+        _numba.wait_for_background()
+        row.ready_s = time.perf_counter() - t0
+        row.step3_s = step()  # may start the compile of a variant that waited its turn
+    print(json.dumps(asdict(row)), flush=True)
+
+
+def cold_run(
+    name: str, mode: str, cache_dir: Path, shape: tuple, threads: Optional[int]
+) -> ColdRow:
+    """Run :func:`_cold_child` for ``name`` in a fresh process with ``NUMBA_CACHE_DIR=cache_dir``
+    and ``LRNNX_NUMBA_COMPILE=mode`` (lrnnx's backend choice)."""
+    import json
+    import subprocess
+
+    code = (
+        "import sys, time; t0 = time.perf_counter(); from lrnnx.bench import _cold_child; "
+        "_cold_child(t0, sys.argv[1], *map(int, sys.argv[2:]))"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **{COMPILE_ENV: mode})
+    env.pop("LRNNX_BACKEND", None)
+    argv = [sys.executable, "-c", code, name, *map(str, shape), str(threads or 0)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"cold start of {name} ({mode}) failed:\n{out.stderr[-2000:]}")
+    return ColdRow(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def bench_cold(
+    names: List[str], quick: bool, threads: Optional[int] = None, modes: Sequence[str] = COLD_MODES
+) -> List[ColdRow]:
+    """Each model's first training steps in fresh processes: with an empty numba cache (a new
+    machine, CI, a fresh venv), then again with the cache that run left, per compile mode."""
+    import shutil
+    import tempfile
+
+    shape = model_shape(quick)
+    rows = []
+    for name in names:
+        for mode in modes:
+            cache_dir = Path(tempfile.mkdtemp(prefix="lrnnx-cold-"))
+            try:
+                for cache in ("cold", "warm"):
+                    row = cold_run(name, mode, cache_dir, shape, threads)
+                    row.cache = cache
+                    rows.append(row)
+                    print(f"  {cold_line(row)}", flush=True)
+            finally:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    return rows
+
+
+def cold_line(r: ColdRow) -> str:
+    line = (
+        f"{r.model} {r.mode} {r.cache}: import {r.import_s:.1f}s, build {r.build_s:.2f}s, "
+        f"step 1 {r.step1_s:.2f}s, step 2 {r.step2_s:.2f}s"
+    )
+    if r.ready_s is not None:
+        line += f"; fused kernels ready {r.ready_s:.0f}s after start, then a step {r.step3_s:.2f}s"
+    return line
+
+
+def cold_markdown(rows: List[ColdRow], info: str, shape: tuple) -> str:
+    B, L, H, N = shape
+    lines = [
+        f"Cold start on {info}: each model in fresh processes, B={B} L={L} H={H} N={N}, one "
+        "training step = forward, backward, SGD step (seconds).  `cold`: empty numba cache; "
+        "`warm`: the cache the cold run left.  `ready`: seconds after the process started when "
+        "the background compile had filled the cache; `after`: a step then.",
+        "",
+        "| model | LRNNX_NUMBA_COMPILE | cache | import | build | step 1 | step 2 | ready | after |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.mode} | {r.cache} | {r.import_s:.1f} | {r.build_s:.2f} | "
+            f"{r.step1_s:.2f} | {r.step2_s:.2f} | {_fmt(r.ready_s, '.0f')} | "
+            f"{_fmt(r.step3_s, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_cold(args: argparse.Namespace, names: List[str], info: str) -> int:
+    """``lrnnx bench --cold``: writes cold.md under --out (and --markdown)."""
+    print(f"cold start of {len(names)} models, {len(COLD_MODES) * 2} fresh processes each:")
+    rows = bench_cold(names, args.quick, getattr(args, "threads", None))
+    md = cold_markdown(rows, info, model_shape(args.quick))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "cold.md").write_text(md)
+    if getattr(args, "markdown", None):
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("# lrnnx cold start\n\n" + md)
+    print(md)
+    print(f"wrote {args.out}/cold.md")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ reports
@@ -685,6 +844,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--no-lti", action="store_true", help="skip the LTI FFT-vs-scan comparison")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="instead of the timings: each model's first training steps in fresh processes, "
+        "with an empty numba cache and then a warm one, for each LRNNX_NUMBA_COMPILE mode",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -696,6 +861,13 @@ def run(args: argparse.Namespace) -> int:
     names = available_models() if args.models is None else [resolve_name(m) for m in args.models]
     info = machine_info(device)
     print(f"lrnnx bench on {info}")
+    if getattr(args, "cold", False):
+        return run_cold(args, names, info)
+    with _env(**{COMPILE_ENV: "wait"}):  # time the fused kernels, compiled before timing
+        return _run_cases(args, device, names, info)
+
+
+def _run_cases(args: argparse.Namespace, device: torch.device, names: List[str], info: str) -> int:
     copy_gbps = copy_bandwidth(device, 64 if args.quick else 256)
     prealloc_gbps = copy_bandwidth(device, 64 if args.quick else 256, preallocated=True)
     # the ops allocate their outputs, so the clone (allocation included) is the yardstick; the

@@ -4,8 +4,12 @@ Each op folder registers its backends here by name.  A call picks, in order:
 the ``backend=`` argument, the ``LRNNX_BACKEND`` environment variable, then the first
 available backend in the device's preference list.  A backend whose import or toolchain is
 missing is skipped with one warning (naming the backend used instead and how to install the
-missing one), so a call always lands on a backend that runs.  The first call of a numba backend
-says once that its kernels are being compiled.
+missing one), so a call always lands on a backend that runs.
+
+A numba backend picked from the preference list runs on the pure-torch backend while its kernels
+compile in a background process, unless ``LRNNX_NUMBA_COMPILE=wait`` (see
+:mod:`lrnnx.ops._numba`) or the op is in :data:`COMPILE_IN_PROCESS`; one asked for by name runs
+its own kernels, compiling them if needed.
 """
 
 from __future__ import annotations
@@ -74,10 +78,6 @@ def _load(op: str, name: str) -> Optional[Callable]:
             _LOADED[key] = fn if available() else None
             if _LOADED[key] is None:
                 _REASONS[key] = _missing_reason(mod, name)
-            elif getattr(mod, "HAVE_NUMBA", False):
-                from lrnnx.ops import _numba
-
-                _numba.announce_compilation(mod)  # its first call compiles (once, then cached)
         except Exception as e:  # a missing optional dependency must never break the op
             _LOADED[key] = None
             _REASONS[key] = f"{type(e).__name__}: {e}"
@@ -117,11 +117,37 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> tupl
             if fn is not None:
                 for s in skipped:
                     _warn_unavailable(op, s, name)
-                return name, fn
+                return name, _deferred(op, name, fn)
             skipped.append(name)
     for s in skipped:
         _warn_unavailable(op, s, "torch")
     return "torch", _load(op, "torch")
+
+
+#: ops whose numba kernels compile in the process at their first call even in "background"
+#: mode, because their torch backend is far slower than the compile: torch's depthwise
+#: convolution backward took 12.6 s per call at B=4, D=512, L=2048 on the 2-core AMD EPYC
+#: (the fused kernels: 0.1 s, compiled in about 5 s)
+COMPILE_IN_PROCESS = {"causal_conv1d"}
+
+_DEFERRED: Dict[tuple, Callable] = {}
+
+
+def _deferred(op: str, name: str, fn: Callable) -> Callable:
+    """``fn``, or for a numba backend ``fn`` that runs the torch backend until its kernels are
+    compiled (see :func:`lrnnx.ops._numba.deferred`)."""
+    key = (op, name, fn)
+    if key not in _DEFERRED:
+        module = sys.modules[_REGISTRY[op][name].split(":")[0]]
+        fallback = _load(op, "torch") if "torch" in _REGISTRY[op] else None
+        numba_backend = getattr(module, "HAVE_NUMBA", False)
+        if numba_backend and fallback is not None and op not in COMPILE_IN_PROCESS:
+            from lrnnx.ops import _numba
+
+            _DEFERRED[key] = _numba.deferred(module, fn, fallback)
+        else:
+            _DEFERRED[key] = fn
+    return _DEFERRED[key]
 
 
 _OPAQUE: Dict[Callable, Callable] = {}

@@ -1,9 +1,40 @@
-"""Shared plumbing for the numba CPU backends: availability, threads, tensor <-> array views."""
+"""Shared plumbing for the numba CPU backends: availability, threads, tensor <-> array views, and
+when their kernels compile.
+
+Cold start.  numba compiles a kernel at its first call for each argument type (dtype, real or
+complex) and keeps the machine code in its on-disk cache (``cache=True``: next to the source
+file, or under ``NUMBA_CACHE_DIR`` or numba's per-user cache directory when the install
+directory is read-only).  Compiling the selective scan takes 10-30 s on a 2-core machine, so
+``LRNNX_NUMBA_COMPILE`` chooses what a first call does when its kernels are not in the cache:
+
+* ``background`` (default): the call runs on the pure-torch backend at once (same results up to
+  rounding) while a separate process, on otherwise idle CPU time, compiles the kernels into the
+  cache; calls switch to the fused kernels once that process is done (one such process at a
+  time).  A process, not a thread: compiling holds the GIL.  The process ends with this one (it
+  watches a pipe from it), so it never outlives it; what it compiled so far stays cached.
+  Processes starting together (pytest-xdist, DDP ranks, CI jobs) take turns through a lock file
+  in the cache directory: one compiles, the others then find the kernels cached.
+* ``wait``: the call compiles in this process and waits (reproducible timing: ``lrnnx bench``).
+
+Either way the first compilation is announced once per process (only when numba actually
+compiles, not when it loads from the cache).  A backend asked for by name (``backend="cpu"``,
+``LRNNX_BACKEND=cpu``) always runs its own kernels, compiling in this process if needed.
+"""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
+import os
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -22,8 +53,16 @@ CHANNEL_BLOCK = 256
 #: why the ``cpu`` backends are unavailable without numba, and the fix
 MISSING_NUMBA = 'numba is not installed: pip install "lrnnx[cpu]" adds it'
 
+#: the environment variable choosing what a first call does while its kernels are not cached
+COMPILE_ENV = "LRNNX_NUMBA_COMPILE"
+COMPILE_MODES = ("background", "wait")
+
+#: the modules whose kernels' compilation is announced
+KERNEL_PACKAGE = "lrnnx."
+
 logger = logging.getLogger("lrnnx.ops")
 _ANNOUNCED = False
+_IN_WORKER = False  # set in the background compile process: notices go to the parent
 
 
 def is_available() -> bool:
@@ -37,51 +76,364 @@ def sync_threads() -> None:
         numba.set_num_threads(n)
 
 
-def _dispatchers(module) -> list:
-    """The module's cached numba functions (``@numba.njit(cache=True)``)."""
-    return [
-        f for f in vars(module).values() if hasattr(f, "py_func") and getattr(f, "_cache", None)
-    ]
+def as_array(t: Tensor):
+    """A contiguous CPU tensor as a numpy array sharing its memory."""
+    return t.detach().contiguous().numpy()
 
 
-def _compiled_before(dispatchers: list) -> bool:
-    """Whether numba's on-disk cache already holds every one of these functions (numba's
-    private cache API; anything unexpected counts as "not compiled")."""
-    try:
-        return all(d._cache._cache_file._load_index() for d in dispatchers)
-    except Exception:  # noqa: BLE001 - a numba version without these internals
-        return False
+def compile_mode() -> str:
+    """``LRNNX_NUMBA_COMPILE``: "background" (default) or "wait" (see the module docstring).
 
-
-def announce_compilation(module) -> None:
-    """Say once per process that the fused CPU kernels are being compiled, when ``module`` (a
-    numba backend about to run for the first time) has kernels not in numba's cache yet: the
-    first call otherwise stalls for seconds without a word.
-
-    Logged at INFO on the ``lrnnx.ops`` logger; when logging is not configured, one line on
-    stderr instead.
+    Raises:
+        ValueError: the variable holds anything else.
     """
-    global _ANNOUNCED
-    if _ANNOUNCED or not HAVE_NUMBA:
-        return
-    dispatchers = _dispatchers(module)
-    if not dispatchers or _compiled_before(dispatchers):
-        return
-    _ANNOUNCED = True
-    try:
-        where = dispatchers[0]._cache.cache_path
-    except AttributeError:
-        where = "numba's cache directory"
-    message = (
-        f"lrnnx: compiling the fused CPU kernels (first use; cached in {where}, later runs "
-        "load them)"
-    )
+    mode = os.environ.get(COMPILE_ENV, "").strip().lower() or "background"
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"{COMPILE_ENV}: expected one of {list(COMPILE_MODES)}, got {os.environ[COMPILE_ENV]!r}"
+        )
+    return mode
+
+
+# ------------------------------------------------------------------------------ the notice
+
+
+def _say(message: str) -> None:
+    """INFO on the ``lrnnx.ops`` logger; one stderr line when logging is not configured."""
     if logger.hasHandlers():
         logger.info(message)
     else:
         print(message, file=sys.stderr, flush=True)
 
 
-def as_array(t: Tensor):
-    """A contiguous CPU tensor as a numpy array sharing its memory."""
-    return t.detach().contiguous().numpy()
+def announce_compilation(where: str, background: bool = False) -> None:
+    """Say once per process that the fused CPU kernels are being compiled into ``where`` (the
+    first call would otherwise stall, or run slower, for seconds without a word)."""
+    global _ANNOUNCED
+    if _ANNOUNCED:
+        return
+    _ANNOUNCED = True
+    if background:
+        _say(
+            "lrnnx: compiling the fused CPU kernels in a background process (first use; cached "
+            f"in {where}, later runs load them); calls run on the pure-torch backend until they "
+            f"are ready ({COMPILE_ENV}=wait compiles them in this process instead)"
+        )
+    else:
+        _say(
+            f"lrnnx: compiling the fused CPU kernels (first use; cached in {where}, later runs "
+            "load them)"
+        )
+
+
+def _cache_dir(dispatcher) -> str:
+    try:
+        return str(dispatcher._cache.cache_path)
+    except AttributeError:  # a numba version without this attribute, or caching off
+        return "numba's cache directory"
+
+
+if HAVE_NUMBA:
+    from numba.core import event as _event
+
+    class _CompileListener(_event.Listener):
+        """Fires when numba compiles (not when it loads from its cache) an lrnnx kernel."""
+
+        def on_start(self, event) -> None:
+            dispatcher = (event.data or {}).get("dispatcher")
+            module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+            if not module.startswith(KERNEL_PACKAGE):
+                return
+            if _IN_WORKER:  # tell the parent process, which says it (see _Job._read)
+                print(f"compiling\t{_cache_dir(dispatcher)}", flush=True)
+            else:
+                announce_compilation(_cache_dir(dispatcher))
+
+        def on_end(self, event) -> None:
+            pass
+
+    _event.register("numba:compile", _CompileListener())
+
+
+# ------------------------------------------------------------------- background compilation
+
+
+def variant_key(args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """What selects a call's kernels: the distinct floating and complex dtypes of its tensors,
+    e.g. ("complex64", "float32"), sorted."""
+    names = {
+        str(a.dtype).removeprefix("torch.")
+        for a in (*args, *kwargs.values())
+        if isinstance(a, Tensor) and (a.is_floating_point() or a.is_complex())
+    }
+    return tuple(sorted(names))
+
+
+def _kernel_cache_dir(module) -> Optional[Path]:
+    """numba's cache directory for ``module``'s kernels (honours NUMBA_CACHE_DIR and numba's
+    fallback for a read-only install), or None when it has none."""
+    for f in vars(module).values():
+        if hasattr(f, "py_func") and getattr(f, "_cache", None) is not None:
+            try:
+                return Path(f._cache.cache_path)
+            except AttributeError:
+                return None
+    return None
+
+
+def _host_cpu() -> tuple:
+    """The CPU numba compiles for (its cache keys on it too)."""
+    import llvmlite.binding as ll
+
+    name = numba.config.CPU_NAME or ll.get_host_cpu_name()
+    return name, numba.config.CPU_FEATURES or ll.get_host_cpu_features().flatten()
+
+
+def _marker(module, key: tuple[str, ...]) -> Optional[Path]:
+    """The file the compile process leaves in the cache directory once every kernel a call of
+    variant ``key`` needs is cached.  Its name changes with whatever invalidates numba's cache
+    (the source file, numba, Python, the CPU), so an old marker never claims new kernels."""
+    folder = _kernel_cache_dir(module)
+    try:
+        source = os.stat(module.__file__)
+    except (OSError, TypeError):  # no source file (a frozen app): numba caches nothing either
+        return None
+    if folder is None:
+        return None
+    stamp = repr((source.st_mtime_ns, source.st_size, numba.__version__, sys.version, _host_cpu()))
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return folder / f"lrnnx-ready-{module.__name__}-{'-'.join(key)}-{digest}"
+
+
+class _Job:
+    """One background compile process for (module, key), started by this process."""
+
+    def __init__(self, module, key: tuple[str, ...], replay: Optional[str] = None):
+        """``replay``: a file holding a call (see :func:`_save_call`) for the child to run, for
+        a module without ``warm_up``."""
+        self.pid = os.getpid()  # a forked child of this process must not poll it
+        self.failed = False
+        self.replay = replay
+        self.stderr = tempfile.TemporaryFile()
+        env = dict(os.environ, **{COMPILE_ENV: "wait", "OMP_NUM_THREADS": "1"})
+        # the child imports lrnnx from where this process did (a source checkout included)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        code = "from lrnnx.ops._numba import _worker_main; _worker_main()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, module.__name__, replay or "-", *key],
+            stdin=subprocess.PIPE,  # the child exits when this pipe closes (we exited)
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=env,
+        )
+        _JOBS.append(self)
+        threading.Thread(target=self._read, daemon=True, name="lrnnx-compile-notice").start()
+
+    def _read(self) -> None:
+        """The child's notices: it says when it compiles (not when it only loads)."""
+        for line in self.proc.stdout:
+            kind, _, where = line.decode(errors="replace").rstrip("\n").partition("\t")
+            if kind == "compiling":
+                announce_compilation(where, background=True)
+
+    def done(self) -> bool:
+        """Whether the kernels are cached now; warns once if the process failed."""
+        rc = self.proc.poll()
+        if rc is None or self.failed:
+            return False
+        self.stop()  # removes the replay file
+        if rc == 0:
+            return True
+        self.failed = True
+        self.stderr.seek(0)
+        tail = self.stderr.read().decode(errors="replace").strip().splitlines()[-5:]
+        warnings.warn(
+            f"lrnnx: compiling the fused CPU kernels in a background process failed (exit code "
+            f"{rc}: {' | '.join(tail) or 'no message'}); calls stay on the pure-torch backend. "
+            f"{COMPILE_ENV}=wait compiles them in this process instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.replay:
+            Path(self.replay).unlink(missing_ok=True)
+
+
+_JOBS: list = []
+_READY: Dict[tuple, object] = {}  # (module name, key) -> True, or the _Job compiling it
+_STATE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_jobs() -> None:
+    """No compile process outlives this one (what it compiled so far stays cached)."""
+    for job in _own_jobs():
+        job.stop()
+
+
+def _own_jobs() -> list:
+    return [job for job in _JOBS if job.pid == os.getpid()]
+
+
+def compiling() -> bool:
+    """Whether a background process started by this one is still compiling kernels."""
+    return any(job.proc.poll() is None for job in _own_jobs())
+
+
+def wait_for_background(timeout: Optional[float] = None) -> bool:
+    """Wait until the background compile processes started by this one have finished (at most
+    ``timeout`` seconds); True when all of them succeeded, so later calls run the fused kernels.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for job in _own_jobs():
+            job.proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return all(job.proc.returncode == 0 for job in _own_jobs())
+
+
+#: a call without a ``warm_up`` recipe is replayed only up to this size (its tensors are
+#: written to a file); a larger one compiles in this process
+REPLAY_MAX_BYTES = 1 << 28
+
+
+def _save_call(fn: Callable, args: tuple, kwargs: dict) -> Optional[str]:
+    """Write ``fn``'s name and a copy of its arguments (same strides and ``requires_grad``, so
+    numba sees the same types) to a temporary file; None when they are too large."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    if sum(t.numel() * t.element_size() for t in tensors) > REPLAY_MAX_BYTES:
+        return None
+
+    def copy(a):
+        if not isinstance(a, Tensor):
+            return a
+        return a.detach().clone().requires_grad_(a.requires_grad)
+
+    fd, path = tempfile.mkstemp(prefix="lrnnx-replay-", suffix=".pt")
+    with os.fdopen(fd, "wb") as f:
+        torch.save(
+            (fn.__name__, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}), f
+        )
+    return path
+
+
+def _replay(module, path: str) -> None:
+    """Run the call :func:`_save_call` wrote, forward and backward (gradients as in training:
+    dense, one per output that needs one)."""
+    name, args, kwargs = torch.load(path, weights_only=True)
+    out = getattr(module, name)(*args, **kwargs)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, Tensor)]
+    outs = [o for o in outs if o.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+
+
+def kernels_ready(module, key: tuple[str, ...], call: Optional[tuple] = None) -> bool:
+    """Whether a call of variant ``key`` can run ``module``'s kernels without compiling here;
+    if not, makes sure a background process is compiling them: by ``module.warm_up``, else by
+    replaying ``call`` = (function, args, kwargs) there."""
+    state = _READY.get((module.__name__, key))
+    if state is True:
+        return True
+    with _STATE_LOCK:
+        state = _READY.get((module.__name__, key))
+        if isinstance(state, _Job) and state.pid == os.getpid():
+            ready = state.done()
+        else:
+            marker = _marker(module, key)
+            ready = marker is None or marker.exists()  # no cache at all: nothing to wait for
+            if not ready and compiling():  # one compile process at a time: each takes a core
+                return False
+            if not ready:
+                replay = None if hasattr(module, "warm_up") or call is None else _save_call(*call)
+                if replay is None and not hasattr(module, "warm_up"):
+                    return True  # too large to hand over: compile here, at this call
+                _READY[(module.__name__, key)] = _Job(module, key, replay)
+        if ready:
+            _READY[(module.__name__, key)] = True
+        return ready
+
+
+def deferred(module, fused: Callable, fallback: Callable) -> Callable:
+    """``fused`` (a numba backend's function) that, in "background" mode, runs ``fallback`` (the
+    pure-torch backend, same arguments) while the kernels the call needs compile elsewhere.
+
+    The background process runs ``module.warm_up(dtypes)`` when the module defines it (every
+    kernel a call with tensors of those dtypes runs, forward and backward, on tiny inputs);
+    otherwise it replays the first call of each variant on a copy of its arguments."""
+
+    def call(*args, **kwargs):
+        if compile_mode() == "background" and not kernels_ready(
+            module, variant_key(args, kwargs), (fused, args, kwargs)
+        ):
+            return fallback(*args, **kwargs)
+        return fused(*args, **kwargs)
+
+    call.__wrapped__ = fused  # inspect.unwrap finds the backend's own function
+    call.__name__ = getattr(fused, "__name__", "call")
+    call.__doc__ = fused.__doc__
+    return call
+
+
+def _watch_parent() -> None:
+    """End this process when the pipe from its parent closes: the parent has exited."""
+    while os.read(0, 4096):  # unbuffered: no lock left held at interpreter shutdown
+        pass
+    os._exit(3)
+
+
+def _yield_cpu() -> None:
+    """Run only on CPU time the user's processes leave idle (Linux SCHED_IDLE, else the lowest
+    nice): at any higher share, a torch process using every core waits for its preempted thread
+    at each parallel region, and its steps took several times longer."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        if hasattr(os, "nice"):
+            os.nice(19)
+
+
+def _worker_main() -> None:
+    """The background compile process: ``<module> <replay file or -> <dtype>...`` on the
+    command line.
+
+    Takes the cache directory's lock, then runs the module's ``warm_up`` or replays the call
+    (numba compiles what is missing and loads the rest) and leaves the marker
+    :func:`kernels_ready` looks for."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    threading.Thread(target=_watch_parent, daemon=True).start()
+    _yield_cpu()
+    torch.set_num_threads(1)
+    import importlib
+
+    module = importlib.import_module(sys.argv[1])
+    replay = None if sys.argv[2] == "-" else sys.argv[2]
+    key = tuple(sys.argv[3:])
+    marker = _marker(module, key)
+    if marker is None:  # no cache directory: nothing would outlive this process
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker.parent / "lrnnx-compile.lock", "a+b") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one compiler per cache directory at a time
+        except ImportError:  # no fcntl (Windows): concurrent compiles only repeat work
+            pass
+        if marker.exists():  # another process compiled them while this one waited
+            return
+        if replay is not None:
+            _replay(module, replay)
+        else:
+            module.warm_up(tuple(getattr(torch, name) for name in key))
+        tmp = marker.parent / f"{marker.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(b"")
+        os.replace(tmp, marker)  # atomic: a reader sees no marker or a whole one
