@@ -89,3 +89,19 @@ def test_plot_has_a_title_shapes_and_a_colour_per_role(tmp_path):
     assert "lrnnx bench" in saved["title"] and "test machine" in saved["title"]
     assert all("B=1 L=256 H=64 N=16" in label for label in saved["labels"])
     assert len(saved["legend"]) == 2 and len(saved["colours"]) == 2
+
+
+def test_packing_flag_prints_padded_and_packed_rows(tmp_path, capsys):
+    """`lrnnx bench --packing` reaches lrnnx.bench_packing: one row per model, both layouts."""
+    from lrnnx.cli import main
+
+    md = tmp_path / "packing.md"
+    argv = [
+        "bench", "--packing", "--models", "s5", "--pack-seqs", "3", "--pack-mean-len", "8",
+        "--pack-max-len", "16", "--pack-d-model", "8", "--repeats", "1", "--device", "cpu",
+        "--markdown", str(md), "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Packed vs padded" in out and "packed/padded" in out
+    assert "| s5 |" in md.read_text()

@@ -850,6 +850,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of the timings: each model's first training steps in fresh processes, "
         "with an empty numba cache and then a warm one, for each LRNNX_NUMBA_COMPILE mode",
     )
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="instead of the timings: tokens/s of forward+backward, padded (lengths) vs packed "
+        "(cu_seqlens), per model family at log-normal sequence lengths",
+    )
+    from lrnnx.bench_packing import add_packing_arguments
+
+    add_packing_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -863,6 +872,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"lrnnx bench on {info}")
     if getattr(args, "cold", False):
         return run_cold(args, names, info)
+    if getattr(args, "packing", False):
+        from lrnnx.bench_packing import run_packing
+
+        with _env(**{COMPILE_ENV: "wait"}):  # time the fused kernels
+            return run_packing(args)
     with _env(**{COMPILE_ENV: "wait"}):  # time the fused kernels, compiled before timing
         return _run_cases(args, device, names, info)
 
