@@ -345,12 +345,7 @@ class PretrainedMixin:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        if map_location is not None and device is not None:
-            if torch.device(map_location) != torch.device(device):
-                raise ValueError(
-                    f"map_location={map_location!r} and device={device!r} disagree; give one"
-                )
-        where = device if device is not None else map_location
+        target = _resolve_device(map_location, device)
         cast = _resolve_dtype(dtype, torch_dtype)
         cfg_path = os.path.join(load_directory, CONFIG_NAME)
         w_path = os.path.join(load_directory, WEIGHTS_NAME)
@@ -373,7 +368,6 @@ class PretrainedMixin:
                     f"found {found}; the weights file is corrupted or was changed after saving"
                 )
         model = cls(**config)
-        target = torch.device("cpu") if where is None else torch.device(where)
         state = load_file(w_path, device=str(target))
         with safe_open(w_path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -466,6 +460,20 @@ def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> 
     }
     named.discard("self")
     return {k: v for k, v in config.items() if k in named}
+
+
+def _resolve_device(
+    map_location: Union[str, torch.device, None], device: Union[str, torch.device, None]
+) -> torch.device:
+    """from_pretrained's map_location / device (aliases) -> the device to load onto (CPU if
+    neither is given); ValueError if both are given and disagree."""
+    if map_location is not None and device is not None:
+        if torch.device(map_location) != torch.device(device):
+            raise ValueError(
+                f"map_location={map_location!r} and device={device!r} disagree; give one"
+            )
+    where = device if device is not None else map_location
+    return torch.device("cpu") if where is None else torch.device(where)
 
 
 def _resolve_dtype(

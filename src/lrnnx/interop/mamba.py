@@ -49,7 +49,7 @@ from typing import Any, Dict, Mapping, Optional, Type, Union
 import torch
 from torch import Tensor
 
-from lrnnx.architectures._common import CONFIG_NAME, _resolve_dtype
+from lrnnx.architectures._common import CONFIG_NAME, _resolve_device, _resolve_dtype
 
 #: the layouts :func:`detect_layout` tells apart
 LAYOUTS = ("lrnnx", "transformers", "mamba_ssm")
@@ -387,18 +387,6 @@ def read_mamba_weights(
     raise FileNotFoundError(
         f"load_directory: no weights in {d} (expected one of {[name for name, _ in candidates]})"
     )
-
-
-def _resolve_device(
-    map_location: Union[str, torch.device, None], device: Union[str, torch.device, None]
-) -> torch.device:
-    if map_location is not None and device is not None:
-        if torch.device(map_location) != torch.device(device):
-            raise ValueError(
-                f"map_location={map_location!r} and device={device!r} disagree; give one"
-            )
-    where = device if device is not None else map_location
-    return torch.device("cpu") if where is None else torch.device(where)
 
 
 def load_mamba_checkpoint(
