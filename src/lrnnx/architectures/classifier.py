@@ -32,7 +32,7 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.checks import check_cu_seqlens, check_timesteps, lengths_mask, zero_where_not
+from lrnnx.core.checks import check_timesteps, lengths_mask, packed_offsets, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
 from lrnnx.ops.linear_scan.packing import step_layout
@@ -339,14 +339,9 @@ class Classifier(PretrainedMixin, nn.Module):
         self, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Tensor
     ) -> Tensor:
         """Packed sequences: (1, T, ...) -> (S, n_classes)."""
-        if lengths is not None:
-            raise ValueError(
-                "lengths, cu_seqlens: pass one of them: packed sequences (cu_seqlens) have no "
-                "padding, lengths marks the padding of a padded batch"
-            )
         h = self._encode(x)
         B, T, _ = h.shape
-        cu = check_cu_seqlens(cu_seqlens, B, T, f"x {tuple(x.shape)} (1, T, ...)")
+        cu = packed_offsets(cu_seqlens, lengths, B, T, f"x {tuple(x.shape)} (1, T, ...)")
         if bool((cu[1:] == cu[:-1]).any()):
             s = int((cu[1:] == cu[:-1]).nonzero()[0, 0])
             raise ValueError(

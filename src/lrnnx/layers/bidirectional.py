@@ -45,9 +45,9 @@ from torch import Tensor, nn
 
 from lrnnx.core.checks import (
     as_lengths,
-    check_cu_seqlens,
     check_sequence,
     check_timesteps,
+    packed_offsets,
     zero_where_not,
 )
 from lrnnx.ops.linear_scan.packing import step_layout
@@ -228,13 +228,8 @@ class Bidirectional(nn.Module):
         self, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Tensor
     ) -> Tensor:
         """Both directions over packed sequences: the reversal stays within each span."""
-        if lengths is not None:
-            raise ValueError(
-                "lengths, cu_seqlens: pass one of them: packed sequences (cu_seqlens) have no "
-                "padding, lengths marks the padding of a padded batch"
-            )
         B, T, D = x.shape
-        cu = check_cu_seqlens(cu_seqlens, B, T, f"x ({B}, {T}, {D}) (1, T, D)")
+        cu = packed_offsets(cu_seqlens, lengths, B, T, f"x ({B}, {T}, {D}) (1, T, D)")
         check_timesteps(ts, B, T)
         idx = packed_reverse_index(cu, x.device)
         ts_rev = None
