@@ -25,6 +25,8 @@ from _scan_inputs import make_scan_inputs
 from lrnnx.ops import _dispatch, linear_scan, selective_scan_fn
 
 LAUNCHES = {"linear_scan": 0, "ss_forward": 0, "ss_backward": 0}
+#: the ``reverse`` of each selective-scan forward launch (native reverse: the kernels' REVERSE)
+SS_REVERSE: list = []
 
 
 def _count_launches() -> None:
@@ -45,6 +47,8 @@ def _count_launches() -> None:
 
         def spy(self, *args, _orig=orig, _name=name, **kwargs):
             LAUNCHES["ss_" + _name] += 1
+            if _name == "forward":
+                SS_REVERSE.append(self.reverse)
             return _orig(self, *args, **kwargs)
 
         setattr(ss_triton._Plan, name, spy)
@@ -120,7 +124,7 @@ SS_CASES = {
         disc="mamba", cplx=False, form="grouped", extras=False, L=64
     ),
     "ss-dirac-real-input-bare-L1": dict(disc="dirac", cplx=False, form="input", extras=False, L=1),
-    # reverse=True: the dispatcher flips time around the forward kernels
+    # reverse=True: the kernels walk time backwards (no flipped copies)
     "ss-zoh-complex-grouped-extras-deltaA-rev": dict(
         disc="zoh", cplx=True, form="grouped", deltaA=True, reverse=True
     ),
@@ -166,6 +170,69 @@ def run_selective_scan(
     return dict(L=L, launches=launches, pairs=pairs)
 
 
+# ---------------------------------------------------------------------------------------------
+# selective_scan_fn(reverse=True) runs natively in the kernels; it must equal the forward kernels
+# on time-flipped inputs (y flipped back), with and without packed sequences (whose order the
+# flip reverses: offsets T - cu.flip(0), initial and final states flipped along S)
+
+FLIP_CASES = {
+    "ss-flip-real-grouped-zoh-packed": dict(
+        cplx=False, form="grouped", disc="zoh", cu=[0, 3, 3, 20, 37]
+    ),
+    "ss-flip-complex-input-bilinear-deltaA": dict(cplx=True, form="input", disc="bilinear"),
+}
+
+
+def _flip_time(kw: dict) -> dict:
+    """The time-varying inputs (u, delta, z, deltaA, per-step B/C) flipped along time."""
+    return {
+        k: v.flip(-1) if isinstance(v, Tensor) and v.dim() >= 3 and k != "initial_state" else v
+        for k, v in kw.items()
+    }
+
+
+def run_reverse_vs_flip(cplx: bool, form: str, disc: str, cu: list | None = None) -> dict:
+    b = 2 if cu is None else 1  # packed: one batch row
+    kw = make_scan_inputs(form, cplx, extras=True, deltaA=cplx, b=b, L=37, dtype=torch.float32)
+    if cu is not None:  # one initial state per sequence
+        gen = torch.Generator().manual_seed(3)
+        h0 = torch.randn(len(cu) - 1, 4, 3, generator=gen)
+        kw["initial_state"] = (
+            torch.complex(h0, torch.randn(h0.shape, generator=gen)) if cplx else h0
+        )
+    leaves = {k: v.clone().requires_grad_() if isinstance(v, Tensor) else v for k, v in kw.items()}
+    names = [k for k in SS_GRADS if k in leaves]
+    T = kw["u"].shape[-1]
+    cu_t = None if cu is None else torch.tensor(cu)
+
+    def grads(y: Tensor, h: Tensor) -> list:
+        gen = torch.Generator().manual_seed(1)  # a fixed projection of y and the final states
+        w = torch.randn(y.shape, generator=gen)
+        wh = torch.randn(h.shape, generator=gen)
+        h = torch.view_as_real(h).sum(-1) if h.is_complex() else h  # Re + Im: both parts count
+        return list(torch.autograd.grad((y * w).sum() + (h * wh).sum(), [leaves[k] for k in names]))
+
+    before = len(SS_REVERSE)
+    y, h = selective_scan_fn(
+        **leaves, discretization=disc, output_final_state=True, backend="triton", reverse=True,
+        cu_seqlens=cu_t,
+    )  # fmt: skip
+    g = grads(y, h)
+    flipped = _flip_time(leaves)
+    if cu is not None:
+        flipped["initial_state"] = flipped["initial_state"].flip(0)
+    y1, h1 = selective_scan_fn(
+        **flipped, discretization=disc, output_final_state=True, backend="triton",
+        cu_seqlens=None if cu is None else T - cu_t.flip(0),
+    )  # fmt: skip
+    y1 = y1.flip(-1)
+    h1 = h1 if cu is None else h1.flip(0)
+    g1 = grads(y1, h1)
+    pairs = {"y": (y, y1), "last_state": (h, h1)}
+    pairs.update({f"grad_{k}": (a, b) for k, a, b in zip(names, g, g1, strict=True)})
+    return dict(L=T, reverse_flags=SS_REVERSE[before:], pairs=pairs)
+
+
 def main(out: str) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("TRITON_INTERPRET=1 must be set before this process starts")
@@ -184,6 +251,8 @@ def main(out: str) -> None:
         results[case] = run_linear_scan(**kw)
     for case, kw in SS_CASES.items():
         results[case] = run_selective_scan(**kw)
+    for case, kw in FLIP_CASES.items():
+        results[case] = run_reverse_vs_flip(**kw)
     for r in results.values():
         r["pairs"] = {k: (a.detach(), e.detach()) for k, (a, e) in r["pairs"].items()}
     torch.save(results, out)

@@ -106,3 +106,41 @@ def test_bad_arguments():
         linear_scan(torch.rand(2, 5, 3), torch.rand(2, 5, 3), torch.rand(2, 4))
     with pytest.raises(ValueError, match="backend"):
         linear_scan(torch.rand(2, 5, 3), torch.rand(2, 5, 3), backend="nope")
+
+
+def naive_resets(a, b, h0, reverse, resets):
+    """The loop with restarts: h_t = b_t where ``resets`` (L,) is set, whatever came before."""
+    h = h0.clone()
+    out = torch.empty_like(b)
+    ts = range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1])
+    for t in ts:
+        h = b[:, t].clone() if resets[t] else a[:, t] * h + b[:, t]
+        out[:, t] = h
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backend_resets_select_the_state(backend, dtype, reverse, monkeypatch):
+    """Each backend's ``resets`` argument: the state restarts (selected, so a nan before a
+    restart does not reach past it), across the torch backend's chunks; gradients by gradcheck,
+    with a restart on the first processed step too (the initial state's gradient is then 0)."""
+    monkeypatch.setattr(torch_backend, "CHUNK", 4)
+    fn = _dispatch.select("linear_scan", torch.device("cpu"), backend)[1]
+    a, b = make((2, 11, 2), dtype, -0.9, 0.9)
+    h0 = torch.randn(2, 2, dtype=dtype)
+    resets = torch.zeros(11, dtype=torch.bool)
+    resets[[3, 4, 8]] = True
+    poisoned = b.clone()
+    poisoned[:, 6 if reverse else 2] = float("nan")  # between two restarts
+    h = fn(a, poisoned, h0, reverse, resets)
+    ref = naive_resets(a, poisoned, h0, reverse, resets)
+    assert torch.isnan(h).sum() == torch.isnan(ref).sum() > 0
+    finite = ~torch.isnan(ref)
+    assert torch.allclose(h[finite], ref[finite], atol=1e-10)
+    for first in (False, True):
+        r = resets.clone()
+        r[-1 if reverse else 0] = first
+        args = tuple(t.clone().requires_grad_() for t in (a, b, h0))
+        assert torch.autograd.gradcheck(lambda a, b, h0, r=r: fn(a, b, h0, reverse, r), args)

@@ -9,6 +9,10 @@ sequence reversed within itself), with zero-length sequences next to others (and
 a length-1 sequence and sequences crossing the chunk boundaries (chunks shrunk).  The Triton
 kernels are run in a subprocess under ``TRITON_INTERPRET=1`` (as test_triton_interpret.py does),
 a few cases, about 10 s.  Tolerances follow ``_tol.py``.
+
+A nan or an inf inside one sequence (in its inputs, decays or initial state) must stay there:
+the other sequences' outputs, final states and gradients still equal running them alone (a
+restart that multiplied the carried state by zero would spread 0 * nan = nan to all of them).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import lrnnx.ops.selective_scan.torch as ss_torch
 from _scan_inputs import make_scan_inputs
 from _tol import assert_close_rel
 from lrnnx.ops import _dispatch, linear_scan, selective_scan_fn
+from lrnnx.ops.linear_scan import torch as ls_torch
 
 try:
     import lrnnx.ops.selective_scan.cpu as ss_cpu
@@ -305,6 +310,104 @@ def test_selective_scan_packed_no_steps():
 
 
 # ---------------------------------------------------------------------------------------------
+# a nan or inf inside one sequence stays there (a restart selects, never multiplies by zero)
+
+#: sequence 1 holds a nan and sequence 3 an inf (2 is empty between them, 4 has one step); the
+#: finite sequences 0, 4 and 5 lie before, between and after them
+CU_BAD = [0, 6, 13, 13, 19, 20, 27]
+BAD = {1: float("nan"), 3: float("inf")}
+GOOD = [s for s in range(len(CU_BAD) - 1) if s not in BAD]
+_GOOD_STEPS = torch.tensor([t for s in GOOD for t in range(CU_BAD[s], CU_BAD[s + 1])])
+_BAD_STEPS = torch.tensor([t for s in BAD for t in range(CU_BAD[s], CU_BAD[s + 1])])
+
+
+def _poison(kw: dict, name: str, time_dim: int) -> dict:
+    """A copy of ``kw`` whose input ``name`` holds a nan in sequence 1 and an inf in sequence 3:
+    at a middle step (each sequence's first steps are finite), or the whole initial state."""
+    kw = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kw.items()}
+    for s, value in BAD.items():
+        if name == "initial_state":
+            kw[name][s] = value
+        else:
+            mid = (CU_BAD[s] + CU_BAD[s + 1]) // 2
+            kw[name].select(time_dim, mid).fill_(value)
+    return kw
+
+
+def _good_part(result: tuple, time_dim: int, per_step: tuple[str, ...]) -> tuple:
+    """The finite sequences' part of (outputs, final states, gradients): their steps of the
+    output and of each per-step input's gradient, their rows of the final and initial states."""
+    out, final, g = result
+    seqs = torch.tensor(GOOD)
+    part = {k: v.index_select(time_dim, _GOOD_STEPS) for k, v in g.items() if k in per_step}
+    if "initial_state" in g:
+        part["initial_state"] = g["initial_state"].index_select(0, seqs)
+    return out.index_select(time_dim, _GOOD_STEPS), final.index_select(0, seqs), part
+
+
+def _assert_isolated(got: tuple, ref: tuple, time_dim: int, per_step: tuple, msg: str) -> None:
+    # the poison took: the packed output is non-finite in the bad sequences
+    assert not torch.isfinite(got[0].index_select(time_dim, _BAD_STEPS)).all(), msg
+    got, ref = _good_part(got, time_dim, per_step), _good_part(ref, time_dim, per_step)
+    assert set(got[2]) == set(ref[2]) and got[2], msg
+    _check(got, ref, CU_BAD[-1], msg)  # asserts every compared value is finite
+
+
+@pytest.fixture
+def small_scan_chunk(monkeypatch):
+    """linear_scan's torch chunks of 4 steps: restarts inside chunks, at their starts and in
+    the recursive scan of the chunk ends."""
+    monkeypatch.setattr(ls_torch, "CHUNK", 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["b", "a", "initial_state"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["real", "complex"])
+def test_linear_scan_nonfinite_sequence_stays_in_it(
+    small_scan_chunk, backend, where, reverse, dtype
+):
+    """Outputs, final states and gradients of the finite sequences equal running them alone."""
+    got, ref = _ls_nonfinite(dtype, where, reverse, backend)
+    _assert_isolated(got, ref, 1, _LS_PER_STEP, f"linear_scan {backend} {where}")
+
+
+_LS_PER_STEP = ("a", "b")
+
+
+def _ls_nonfinite(dtype: torch.dtype, where: str, reverse: bool, backend: str) -> tuple:
+    """(packed through ``backend``, each sequence alone) with ``where`` poisoned."""
+    kw = _poison(_ls_inputs(dtype, True, cu=CU_BAD), where, 1)
+    return _ls_packed(kw, backend, reverse, cu=CU_BAD), _ls_per_sequence(kw, reverse, cu=CU_BAD)
+
+
+#: the selective scan's per-step inputs (their gradients are per sequence); A, D, delta_bias and
+#: time-invariant B/C are shared, so their gradients sum over the poisoned sequences too
+_SS_PER_STEP = ("u", "delta", "z", "deltaA", "B", "C")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["u", "delta", "initial_state"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_selective_scan_nonfinite_sequence_stays_in_it(small_chunk, backend, where, reverse):
+    """As for linear_scan, complex for the reverse scans."""
+    got, ref = _ss_nonfinite(where, reverse, reverse, backend)
+    _assert_isolated(got, ref, -1, _SS_PER_STEP, f"selective_scan {backend} {where}")
+
+
+def _ss_nonfinite(where: str, reverse: bool, cplx: bool, backend: str, cast=lambda t: t):
+    """(packed through ``backend``, each sequence alone) with ``where`` poisoned; mamba's rule,
+    so an inf delta gives an inf input (zoh would turn it into a finite restart).  ``cast``
+    the inputs (float32 for the Triton kernels)."""
+    kw = _ss_inputs("grouped" if cplx else "input", cplx, True, cu=CU_BAD)
+    if where == "delta":  # delta then drives A_bar too
+        del kw["deltaA"]
+    kw = {k: cast(v) if isinstance(v, Tensor) else v for k, v in _poison(kw, where, -1).items()}
+    got = _ss_packed(kw, backend, reverse, "mamba", cu=CU_BAD)
+    return got, _ss_per_sequence(kw, reverse, "mamba", cu=CU_BAD)
+
+
+# ---------------------------------------------------------------------------------------------
 # the Triton kernels, under the interpreter in a subprocess
 
 _TRITON_WORKER = """
@@ -349,7 +452,18 @@ for cplx, reverse, form, disc, extras in [
 for dtype in (torch.float32, torch.complex64):
     kw = t._ls_inputs(dtype, True)
     out[f"ls-{{dtype}}"] = (t._ls_packed(kw, "triton", True), t._ls_per_sequence(kw, True))
-torch.save({{"cases": out, "launches": launches}}, sys.argv[1])
+# a nan and an inf in two sequences: the others are unaffected, forward and backward
+bad = {{}}
+for dtype, where, reverse in [
+    (torch.float32, "b", False),
+    (torch.complex64, "a", True),
+    (torch.float32, "initial_state", True),
+]:
+    bad[f"ls-{{dtype}}-{{where}}-rev{{reverse}}"] = t._ls_nonfinite(dtype, where, reverse, "triton")
+for where, reverse, cplx in [("u", False, False), ("delta", True, False), ("initial_state", True, True)]:
+    got, ref = t._ss_nonfinite(where, reverse, cplx, "triton", f32)
+    bad[f"ss-{{where}}-rev{{reverse}}-cplx{{cplx}}"] = (got, ref)
+torch.save({{"cases": out, "nonfinite": bad, "launches": launches}}, sys.argv[1])
 """
 
 
@@ -374,12 +488,17 @@ def test_triton_kernels_packed_under_interpreter(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     result = torch.load(out)
-    # four selective scans, each one fused forward and one fused backward launch; two linear
+    # seven selective scans, each one fused forward and one fused backward launch; five linear
     # scans, each one launch forward and one backward
-    assert result["launches"] == {"fwd": 4, "bwd": 4, "linear_scan": 4}
+    assert result["launches"] == {"fwd": 7, "bwd": 7, "linear_scan": 10}
     for case, (got, ref) in result["cases"].items():
         assert got[0].dtype in (torch.float32, torch.complex64), case
         _check(got, ref, T, f"triton {case}")
+    assert len(result["nonfinite"]) == 6
+    for case, (got, ref) in result["nonfinite"].items():
+        assert got[0].dtype in (torch.float32, torch.complex64), case
+        time_dim, per_step = (1, _LS_PER_STEP) if case.startswith("ls") else (-1, _SS_PER_STEP)
+        _assert_isolated(got, ref, time_dim, per_step, f"triton {case}")
 
 
 # ---------------------------------------------------------------------------------------------

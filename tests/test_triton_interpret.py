@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from _tol import assert_close_rel
-from _triton_interpret_worker import LS_CASES, SS_CASES
+from _triton_interpret_worker import FLIP_CASES, LS_CASES, SS_CASES
 
 WORKER = Path(__file__).with_name("_triton_interpret_worker.py")
 
@@ -89,4 +89,14 @@ def test_selective_scan_kernels_match_reference(results, case):
     if kw.get("deltaA", False):
         expected.add("grad_deltaA")
     assert set(r["pairs"]) == expected
+    _check(r, case)
+
+
+@pytest.mark.parametrize("case", list(FLIP_CASES))
+def test_selective_scan_native_reverse_equals_flip(results, case):
+    """reverse=True runs the kernels backwards in time (REVERSE, not a flipped copy) and equals
+    the forward kernels on flipped inputs: y, final states and every gradient."""
+    r = results[case]
+    assert r["reverse_flags"] == [True, False]  # native reverse, then the flipped forward run
+    assert {"y", "last_state", "grad_u", "grad_delta", "grad_initial_state"} <= set(r["pairs"])
     _check(r, case)

@@ -11,9 +11,12 @@ Backends (same signature, same results):
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 
-Packed sequences (``cu_seqlens``, fla's convention; see :mod:`lrnnx.ops.linear_scan.packing`)
-are handled here for every backend at once: a := 0 where a sequence's scan begins and
-b += a h0_s there, so the backends (and their backward scans) need no change.
+Packed sequences (``cu_seqlens``, fla's convention; see :mod:`lrnnx.ops.linear_scan.packing`):
+every backend takes per-step restart flags (``resets``, (L,) bool) and natively replaces the
+carried state there (h_t = b_t), forward and in its adjoint scan; this function sets the flags
+where each sequence's scan begins and adds a_t h0_s to b_t there.  The restart selects rather
+than multiplies the carried state by zero, because 0 * nan = 0 * inf = nan: a non-finite value
+inside one sequence (its inputs, or its state overflowing) stays in that sequence.
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ def linear_scan(
         (S, *C)].  bfloat16/float16 inputs are accumulated in float32 and returned in their
         dtype.  An empty batch (B = 0) or sequence (L = 0) gives an empty h.
 
-    With ``cu_seqlens`` this function restarts the recurrence at each sequence's first step
-    (its last with ``reverse``) for every backend at once: a := 0 there and b += a h0_s, so the
-    scan carries nothing across a boundary and the adjoint scan of the backward (which runs
-    on the same a) carries nothing back; the final states are read at each sequence's end.
+    With ``cu_seqlens`` the recurrence restarts at each sequence's first step (its last with
+    ``reverse``): h_t = a_t h0_s + b_t there, whatever the state before, so nothing (not even a
+    nan or inf of another sequence) crosses a boundary, forward or in the adjoint scan of the
+    backward; the final states are read at each sequence's end.
     """
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError("linear_scan: a and b must be torch.Tensor")
@@ -142,21 +145,23 @@ def linear_scan(
 
 
 def _packed(fn, a, b, h0, reverse: bool, cu: Tensor, want_final: bool, out_dtype):
-    """Packed sequences through any backend ``fn``: the recurrence restarts where each
-    sequence's scan begins (a := 0 there, b += a h0_s) and the final states are read where each
-    ends.  Gradients follow by autograd through these few index operations: the backend's
-    backward runs its adjoint scan on the reset a, so no gradient crosses a boundary, and the
-    gradient of a at a restart (g conj(h0_s)) and of h0_s (conj(a) g) come from b += a h0_s."""
+    """Packed sequences through any backend ``fn``: restart flags where each sequence's scan
+    begins (the backend replaces the carried state there: h_t = b_t), b += a h0_s at those
+    steps, and the final states read where each sequence ends.  Gradients: the backend's
+    adjoint scan restarts too (nothing flows back across a boundary) and gives a zero gradient
+    to a at a restart; autograd through b += a h0_s adds g conj(h0_s) to it and conj(a) g to
+    h0_s.  No loop over sequences: a few index operations."""
     nonempty, begin, end = scan_bounds(cu, reverse)
     device = b.device
     ids = nonempty.nonzero().squeeze(1)
     starts = begin[ids].to(device)
-    a_reset = a.index_fill(1, starts, 0)
+    resets = _torch.zeros(b.shape[1], dtype=_torch.bool, device=device)
+    resets[starts] = True
     if h0 is not None:
         b = b.index_add(
             1, starts, a.index_select(1, starts) * h0.index_select(0, ids.to(device))[None]
         )
-    h = fn(a_reset, b, None, reverse)
+    h = fn(a, b, None, reverse, resets)
     if out_dtype in _LOW_PRECISION:
         h = h.to(out_dtype)
     if not want_final:

@@ -4,8 +4,14 @@ Each program owns one batch row and a block of channels and walks time in tiles 
 steps: a tile of (a, b) is loaded with coalesced accesses along the contiguous channel axis,
 scanned in registers with ``tl.associative_scan`` under the composition
 (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2), offset by the carried state and stored.  Complex
-inputs are processed as contiguous (re, im) pairs split in registers.  The autograd wiring (backward = the same
-kernel run the other way) is shared with the torch backend.
+inputs are processed as contiguous (re, im) pairs split in registers.  The autograd wiring
+(backward = the same kernel run the other way) is shared with the torch backend.
+
+Restarts (packed sequences, ``RESETS``): a per-step flag is loaded with the tile and scanned
+along, (f1, a1, b1) then (f2, a2, b2) = (f1 | f2, f2 ? (a2, b2) : (a2 a1, a2 b1 + b2)), and a
+step whose segment holds a restart ignores the carried state: a select, so a nan or inf
+state of one sequence never reaches the next (0 * nan would).  Without restarts the kernel is
+compiled without the flags.
 """
 
 from __future__ import annotations
@@ -56,10 +62,26 @@ if HAVE_TRITON:
         )
 
     @triton.jit
+    def _combine_seg(f1, a1, b1, f2, a2, b2):
+        return f1 | f2, tl.where(f2 != 0, a2, a2 * a1), tl.where(f2 != 0, b2, a2 * b1 + b2)
+
+    @triton.jit
+    def _combine_seg_complex(f1, ar1, ai1, br1, bi1, f2, ar2, ai2, br2, bi2):
+        ar, ai, br, bi = _combine_complex(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2)
+        r = f2 != 0
+        return (
+            f1 | f2,
+            tl.where(r, ar2, ar),
+            tl.where(r, ai2, ai),
+            tl.where(r, br2, br),
+            tl.where(r, bi2, bi),
+        )
+
+    @triton.jit
     def _scan_kernel(
-        A, X, H0, OUT, L, C,
+        A, X, H0, R, OUT, L, C,
         HAS_H0: tl.constexpr, REVERSE: tl.constexpr, IS_COMPLEX: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        RESETS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -84,6 +106,9 @@ if HAVE_TRITON:
                 t = L - 1 - t
             m = ((t >= 0) & (t < L))[:, None] & cmask[None, :]
             offs = base + (t.to(tl.int64)[:, None] * C + cols[None, :]) * W
+            if RESETS:  # restart flags, broadcast over the channels (padding steps: none)
+                f = tl.load(R + t, mask=(t >= 0) & (t < L), other=0).to(tl.int32)
+                f = f[:, None] + tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.int32)
             # padding steps are the identity (a = 1, b = 0), so the tile's last row is the carry
             if IS_COMPLEX:
                 # load (re, im) pairs as one contiguous (BLOCK_T, BLOCK_C, 2) tile, then split
@@ -92,17 +117,28 @@ if HAVE_TRITON:
                 ar, ai = tl.split(tl.load(A + offs2, mask=m2, other=0.0).to(tl.float32))
                 br, bi = tl.split(tl.load(X + offs2, mask=m2, other=0.0).to(tl.float32))
                 ar = tl.where(m, ar, 1.0)
-                ar, ai, br, bi = tl.associative_scan((ar, ai, br, bi), 0, _combine_complex)
-                outr = ar * hr[None, :] - ai * hi[None, :] + br
-                outi = ar * hi[None, :] + ai * hr[None, :] + bi
+                if RESETS:
+                    f, ar, ai, br, bi = tl.associative_scan(
+                        (f, ar, ai, br, bi), 0, _combine_seg_complex
+                    )
+                    outr = tl.where(f != 0, br, ar * hr[None, :] - ai * hi[None, :] + br)
+                    outi = tl.where(f != 0, bi, ar * hi[None, :] + ai * hr[None, :] + bi)
+                else:
+                    ar, ai, br, bi = tl.associative_scan((ar, ai, br, bi), 0, _combine_complex)
+                    outr = ar * hr[None, :] - ai * hi[None, :] + br
+                    outi = ar * hi[None, :] + ai * hr[None, :] + bi
                 tl.store(OUT + offs2, tl.join(outr, outi), mask=m2)
                 hr = tl.sum(tl.where(last, outr, 0.0), axis=0)
                 hi = tl.sum(tl.where(last, outi, 0.0), axis=0)
             else:
                 ar = tl.load(A + offs, mask=m, other=1.0).to(tl.float32)
                 br = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-                ar, br = tl.associative_scan((ar, br), 0, _combine)
-                outr = ar * hr[None, :] + br
+                if RESETS:
+                    f, ar, br = tl.associative_scan((f, ar, br), 0, _combine_seg)
+                    outr = tl.where(f != 0, br, ar * hr[None, :] + br)
+                else:
+                    ar, br = tl.associative_scan((ar, br), 0, _combine)
+                    outr = ar * hr[None, :] + br
                 tl.store(OUT + offs, outr, mask=m)
                 hr = tl.sum(tl.where(last, outr, 0.0), axis=0)
 
@@ -118,8 +154,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def scan_kernel(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool) -> Tensor:
-    """Forward-only fused scan for CUDA tensors a, b (B, L, *C), float32 or complex64."""
+def scan_kernel(
+    a: Tensor,
+    b: Tensor,
+    initial_state: Optional[Tensor],
+    reverse: bool,
+    resets: Optional[Tensor] = None,
+) -> Tensor:
+    """Forward-only fused scan for CUDA tensors a, b (B, L, *C), float32 or complex64;
+    ``resets`` (L,) bool: steps where the state restarts (h_t = b_t)."""
     shape = b.shape
     B, L = shape[0], shape[1]
     a3 = a.reshape(B, L, -1).contiguous()
@@ -129,24 +172,32 @@ def scan_kernel(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: 
     is_complex = b.is_complex()
     view = torch.view_as_real if is_complex else (lambda t: t)
     h0 = None if initial_state is None else initial_state.reshape(B, -1).contiguous()
+    flags = None if resets is None else resets.to(device=b.device, dtype=torch.int8).contiguous()
     # narrower channel blocks when the grid would leave streaming multiprocessors idle
     block_c, sms = 64, _sm_count(b.device)
     while block_c > 16 and B * triton.cdiv(C, block_c) < 4 * sms:
         block_c //= 2
     grid = (B, triton.cdiv(C, block_c))
     _scan_kernel[grid](
-        view(a3), view(b3), view(h0) if h0 is not None else view(b3), view(out), L, C,
-        HAS_H0=h0 is not None, REVERSE=reverse, IS_COMPLEX=is_complex,
+        view(a3), view(b3), view(h0) if h0 is not None else view(b3),
+        flags if flags is not None else view(b3), view(out), L, C,
+        HAS_H0=h0 is not None, REVERSE=reverse, IS_COMPLEX=is_complex, RESETS=flags is not None,
         BLOCK_T=64, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out.reshape(shape)
 
 
-def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool) -> Tensor:
+def linear_scan(
+    a: Tensor,
+    b: Tensor,
+    initial_state: Optional[Tensor],
+    reverse: bool,
+    resets: Optional[Tensor] = None,
+) -> Tensor:
     """Fused CUDA scan for float32/complex64; other devices and dtypes use the torch backend
     (CPU tensors run the kernel too under ``TRITON_INTERPRET=1``, which is how the tests check it
-    without a GPU)."""
+    without a GPU).  ``resets`` (L,) bool: where the state restarts."""
     on_device = b.device.type == "cuda" or (b.device.type == "cpu" and INTERPRET)
     if not on_device or b.dtype not in _FLOAT:
-        return _torch_scan(a, b, initial_state, reverse)
-    return LinearScanFunction.apply(a, b, initial_state, reverse, scan_kernel)
+        return _torch_scan(a, b, initial_state, reverse, resets)
+    return LinearScanFunction.apply(a, b, initial_state, reverse, scan_kernel, resets)

@@ -8,13 +8,14 @@ Backends (same signature, same results):
   length-n buffer per channel, forward keeps one state per chunk, backward recomputes chunks.
 - ``triton``: fused Triton kernels for CUDA tensors (the CUDA default).
 
-``reverse=True`` (time from the last step to the first) runs natively in ``reference`` and
-``torch``; for ``cpu`` and ``triton`` this dispatcher flips the time axis of the inputs, runs the
-forward scan and flips y back (the states need no flip), so those backends pay for the copies.
+``reverse=True`` (time from the last step to the first) runs natively in ``reference``,
+``torch`` and ``triton``; for ``cpu`` this dispatcher flips the time axis of the inputs, runs
+the forward scan and flips y back (the states need no flip), so that backend pays for the copies.
 
 Packed sequences (``cu_seqlens``) are native in every backend: each restarts the state where a
-sequence's scan begins and stores each sequence's final state where it ends (for ``cpu`` and
-``triton`` with ``reverse`` the flipped offsets ``T - cu_seqlens.flip(0)`` reverse the order of
+sequence's scan begins (replacing the carried state, never multiplying it by zero, so a nan or
+inf in one sequence stays there) and stores each sequence's final state where it ends (for
+``cpu`` with ``reverse`` the flipped offsets ``T - cu_seqlens.flip(0)`` reverse the order of
 the sequences, so the initial and final states are flipped along S around the call).
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
@@ -42,7 +43,7 @@ _dispatch.register("selective_scan", "triton", "lrnnx.ops.selective_scan.triton:
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 #: backends whose function takes ``reverse``; the others get time-flipped inputs
-_NATIVE_REVERSE = ("reference", "torch")
+_NATIVE_REVERSE = ("reference", "torch", "triton")
 
 
 def _check_tensor(name: str, x: object, device: _torch.device, complex_ok: bool = False) -> Tensor:
@@ -117,14 +118,15 @@ def selective_scan_fn(
 
     ``initial_state`` is then h_L and the returned last state is h_0 (after processing t = 0):
     the result equals flipping every time-varying input along time, running the forward scan
-    and flipping y back.  Native in the ``reference`` and ``torch`` backends; the ``cpu`` and
-    ``triton`` backends get flipped inputs from this function.
+    and flipping y back.  Native in the ``reference``, ``torch`` and ``triton`` backends; the
+    ``cpu`` backend gets flipped inputs from this function.
 
     With ``cu_seqlens`` (packed sequences, fla's convention) u is (1, d, T) holding S sequences
     back to back; the state restarts at each sequence's first step (its last with ``reverse``):
-    there A_bar_t multiplies that sequence's initial state instead of the carried state, i.e.
-    A_bar_t := 0 and gamma_bar_t B_t u_t += A_bar_t h0_s, so nothing crosses a boundary
-    (forward or backward).  Every backend does this natively (no loop over sequences).
+    there A_bar_t multiplies that sequence's initial state instead of the carried state, which
+    is dropped (selected away, not multiplied by zero), so nothing crosses a boundary, not even
+    a nan or inf of another sequence (forward or backward).  Every backend does this natively
+    (no loop over sequences).
 
     Args:
         u: input (b, d, L).

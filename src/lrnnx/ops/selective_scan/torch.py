@@ -16,11 +16,12 @@ last to the first, each with a reverse in-chunk scan, and backward walks them in
 order (from the first chunk to the last).
 
 Packed sequences (``cu_seqlens``, batch 1) are native too: in a chunk holding the step where a
-sequence's scan begins, that step's A_bar is set to 0 and A_bar h0_s is added to its input
-(``index_fill`` / ``index_add`` on the chunk's few restart steps), so the in-chunk scan restarts
-there and its adjoint carries nothing back across it; the states at the steps where sequences
-end are the final states.  The sequences' initial states are one leaf shared by every chunk in
-backward, like A.
+sequence's scan begins, A_bar h0_s is added to that step's input (``index_add`` on the chunk's
+few restart steps) and the in-chunk scan gets a restart flag there, so it replaces the carried
+state (h_t = A_bar_t h0_s + x_t) and its adjoint carries nothing back across it.  A select, not
+A_bar := 0: 0 * nan = 0 * inf = nan, so a non-finite state in one sequence would reach every
+later one.  The states at the steps where sequences end are the final states.  The sequences'
+initial states are one leaf shared by every chunk in backward, like A.
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ def _chunk(
     A_bar = A_bar.expand(bu.shape)
     dtype = torch.promote_types(A_bar.dtype, bu.dtype)
     A_bar, bu = A_bar.to(dtype), bu.to(dtype)
+    resets = None
     if begins is not None:  # restart: h_t = A_bar_t h0_s + x_t, nothing carried in
         if h_begin is not None:
             bu = bu.index_add(1, begins, A_bar.index_select(1, begins) * h_begin.to(dtype)[None])
-        A_bar = A_bar.index_fill(1, begins, 0)
-    h = linear_scan(A_bar, bu, h0.to(dtype), reverse)  # (b, T, d, n)
+        resets = torch.zeros(bu.shape[1], dtype=torch.bool, device=bu.device)
+        resets[begins] = True
+    h = linear_scan(A_bar, bu, h0.to(dtype), reverse, resets)  # (b, T, d, n)
     y = _contract_C(h, C)
     if A.is_complex():  # conjugate-pair convention, as in the reference
         y = 2 * y.real

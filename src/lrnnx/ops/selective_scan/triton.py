@@ -22,13 +22,22 @@ and time-invariant B/C per program (summed over the batch with torch); time-vary
 summed over the program's channels in registers and added into (b, g, n, L) with atomics.
 
 Packed sequences (``cu_seqlens``, batch 1; ``PACKED``): per step, the sequence index and two
-flags (1: a sequence's scan begins here, 2: one ends here) are loaded with the tile.  Where a
-sequence begins, the scan element becomes (0, x_t + A_bar_t h0_s): the tile's scan restarts
-there and nothing carried from before reaches past it; where one ends, the state is stored as
-that sequence's final state.  Backward mirrors it: the recomputed h_{t-1} at a beginning is
-h0_s, the adjoint's element there is 0 (so nothing flows back across the boundary), the
-gradient of a final state joins the adjoint where its sequence ends, and conj(A_bar_t) G_t at a
-beginning is the gradient of h0_s.
+flags (1: a sequence's scan begins here, 2: one ends here) are loaded with the tile.  The scans
+then carry a restart flag with each element and compose segments by *selecting* the later
+one's values when it holds a restart (a segmented scan:
+(f1, a1, x1) then (f2, a2, x2) = (f1 | f2, f2 ? (a2, x2) : (a2 a1, a2 x1 + x2)); the exclusive
+part likewise), never by multiplying the carried state by a zero A_bar: 0 * nan = 0 * inf = nan,
+so a non-finite value in one sequence would reach every later one.  Where a sequence begins,
+the element is (restart, A_bar_t, x_t + A_bar_t h0_s) and a step whose segment holds a restart
+ignores the carried state; where one ends, the state is stored as that sequence's final state.
+Backward mirrors it: the recomputed h_{t-1} at a beginning is h0_s, the adjoint restarts there
+(c_t = 0, selected: nothing flows back across the boundary), the gradient of a final state joins
+the adjoint where its sequence ends, and conj(A_bar_t) G_t at a beginning is the gradient of
+h0_s.  Without ``cu_seqlens`` the kernels are compiled without any of this.
+
+``reverse`` (``REVERSE``) is native: tile c holds steps L - 1 - (c BLOCK_T + j), so the kernels
+walk time from the last step to the first (forward, and backward from the first to the last)
+with the same in-register scans, and no flipped copy of any input is made.
 
 Complex A is processed as (re, im) register planes; gradients follow PyTorch's convention
 (grad_w = dL/dRe w + i dL/dIm w), so they match autograd through the torch backend.
@@ -155,7 +164,58 @@ if HAVE_TRITON:
             pr2 * xi1 + pi2 * xr1 + qi2,
         )
 
+    @triton.jit
+    def _combine_seg(f1, a1, x1, f2, a2, x2):
+        # segmented: a later segment holding a restart keeps its own values (selected)
+        r = f2 != 0
+        return f1 | f2, tl.where(r, a2, a2 * a1), tl.where(r, x2, a2 * x1 + x2)
+
+    @triton.jit
+    def _combine_ex_seg(f1, a1, x1, g1, p1, q1, f2, a2, x2, g2, p2, q2):
+        # segmented _combine_ex: (f, a, x) the whole segment, (g, p, q) it without its last step
+        r = f2 != 0
+        e = g2 != 0
+        return (
+            f1 | f2, tl.where(r, a2, a2 * a1), tl.where(r, x2, a2 * x1 + x2),
+            f1 | g2, tl.where(e, p2, p2 * a1), tl.where(e, q2, p2 * x1 + q2),
+        )  # fmt: skip
+
+    @triton.jit
+    def _combine_seg_c(f1, ar1, ai1, xr1, xi1, f2, ar2, ai2, xr2, xi2):
+        ar, ai, xr, xi = _combine_c(ar1, ai1, xr1, xi1, ar2, ai2, xr2, xi2)
+        r = f2 != 0
+        return (
+            f1 | f2, tl.where(r, ar2, ar), tl.where(r, ai2, ai),
+            tl.where(r, xr2, xr), tl.where(r, xi2, xi),
+        )  # fmt: skip
+
+    @triton.jit
+    def _combine_ex_seg_c(
+        f1, ar1, ai1, xr1, xi1, g1, pr1, pi1, qr1, qi1,
+        f2, ar2, ai2, xr2, xi2, g2, pr2, pi2, qr2, qi2,
+    ):  # fmt: skip
+        f, ar, ai, xr, xi = _combine_seg_c(f1, ar1, ai1, xr1, xi1, f2, ar2, ai2, xr2, xi2)
+        _, pr, pi, qr, qi = _combine_seg_c(f1, ar1, ai1, xr1, xi1, g2, pr2, pi2, qr2, qi2)
+        return f, ar, ai, xr, xi, f1 | g2, pr, pi, qr, qi
+
     # ------------------------------------------------------------------ shared tile pieces
+
+    @triton.jit
+    def _tile_steps(c, tt, L, BLOCK_T: tl.constexpr, REVERSE: tl.constexpr):
+        """The steps of the c-th tile in processing order and their mask (reversed time: from
+        the last step down; masked lanes point at step 0)."""
+        pos = c * BLOCK_T + tt
+        tmask = pos < L
+        if REVERSE:
+            t = tl.where(tmask, L - 1 - pos, 0)
+        else:
+            t = pos
+        return t, tmask
+
+    @triton.jit
+    def _flags3(beg3, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The restart flags (1, T, 1) as an int32 (D, T, N) scan operand."""
+        return tl.where(beg3, 1, 0) + tl.zeros([BLOCK_D, BLOCK_T, BLOCK_N], dtype=tl.int32)
 
     @triton.jit
     def _steps(DELTA, DLA, off2, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -281,7 +341,7 @@ if HAVE_TRITON:
         HAS_BIAS: tl.constexpr, HAS_DA: tl.constexpr, HAS_H0: tl.constexpr,
         IS_COMPLEX: tl.constexpr, B_VAR: tl.constexpr, B_UNIF: tl.constexpr,
         C_VAR: tl.constexpr, C_UNIF: tl.constexpr, SAVE: tl.constexpr,
-        PACKED: tl.constexpr, H0_SEQ: tl.constexpr,
+        PACKED: tl.constexpr, H0_SEQ: tl.constexpr, REVERSE: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(0).to(tl.int64)
@@ -316,8 +376,7 @@ if HAVE_TRITON:
                 hi = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         row = (pb * d + dd) * L
         for c in range(0, nck):
-            t = c * BLOCK_T + tt
-            tmask = t < L
+            t, tmask = _tile_steps(c, tt, L, BLOCK_T, REVERSE)
             m2 = dmask[:, None] & tmask[None, :]
             off2 = row[:, None] + t[None, :]
             if SAVE:
@@ -352,17 +411,21 @@ if HAVE_TRITON:
                 ai = tl.where(tm3, ai, 0.0)
                 xr = tl.where(tm3, xr, 0.0)
                 xi = tl.where(tm3, xi, 0.0)
-                if PACKED:  # restart: the element (0, x + A_bar h0_s) where a sequence begins
+                if PACKED:  # restart: the element (1, A_bar, x + A_bar h0_s) where one begins
                     if H0_SEQ:
                         qr0 = tl.load(H0R + offQ, mask=mq & beg3, other=0.0)
                         qi0 = tl.load(H0I + offQ, mask=mq & beg3, other=0.0)
                         xr = xr + ar * qr0 - ai * qi0
                         xi = xi + ar * qi0 + ai * qr0
-                    ar = tl.where(beg3, 0.0, ar)
-                    ai = tl.where(beg3, 0.0, ai)
-                ar, ai, xr, xi = tl.associative_scan((ar, ai, xr, xi), 1, _combine_c)
-                h_r = ar * hr[:, None, :] - ai * hi[:, None, :] + xr
-                h_i = ar * hi[:, None, :] + ai * hr[:, None, :] + xi
+                    f = _flags3(beg3, BLOCK_D, BLOCK_T, BLOCK_N)
+                    f, ar, ai, xr, xi = tl.associative_scan((f, ar, ai, xr, xi), 1, _combine_seg_c)
+                    rs = f != 0  # a restart lies between the tile start and t: no carry
+                    h_r = tl.where(rs, xr, ar * hr[:, None, :] - ai * hi[:, None, :] + xr)
+                    h_i = tl.where(rs, xi, ar * hi[:, None, :] + ai * hr[:, None, :] + xi)
+                else:
+                    ar, ai, xr, xi = tl.associative_scan((ar, ai, xr, xi), 1, _combine_c)
+                    h_r = ar * hr[:, None, :] - ai * hi[:, None, :] + xr
+                    h_i = ar * hi[:, None, :] + ai * hr[:, None, :] + xi
                 y = 2.0 * tl.sum(Cr * h_r - Ci * h_i, 2)
                 hr = _row(h_r, tt, BLOCK_T - 1)
                 hi = _row(h_i, tt, BLOCK_T - 1)
@@ -374,12 +437,15 @@ if HAVE_TRITON:
                 x = gam * Br * u3
                 a = tl.where(tm3, a, 1.0)
                 x = tl.where(tm3, x, 0.0)
-                if PACKED:  # restart: the element (0, x + A_bar h0_s) where a sequence begins
+                if PACKED:  # restart: the element (1, A_bar, x + A_bar h0_s) where one begins
                     if H0_SEQ:
                         x = x + a * tl.load(H0R + offQ, mask=mq & beg3, other=0.0)
-                    a = tl.where(beg3, 0.0, a)
-                a, x = tl.associative_scan((a, x), 1, _combine)
-                h = a * hr[:, None, :] + x
+                    f = _flags3(beg3, BLOCK_D, BLOCK_T, BLOCK_N)
+                    f, a, x = tl.associative_scan((f, a, x), 1, _combine_seg)
+                    h = tl.where(f != 0, x, a * hr[:, None, :] + x)  # restarted: no carry
+                else:
+                    a, x = tl.associative_scan((a, x), 1, _combine)
+                    h = a * hr[:, None, :] + x
                 y = tl.sum(Cr * h, 2)
                 hr = _row(h, tt, BLOCK_T - 1)
                 if PACKED:  # final states where sequences end
@@ -406,7 +472,7 @@ if HAVE_TRITON:
         DISC: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_DA: tl.constexpr, IS_COMPLEX: tl.constexpr,
         B_VAR: tl.constexpr, B_UNIF: tl.constexpr, C_VAR: tl.constexpr, C_UNIF: tl.constexpr,
-        PACKED: tl.constexpr, H0_SEQ: tl.constexpr,
+        PACKED: tl.constexpr, H0_SEQ: tl.constexpr, REVERSE: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(0).to(tl.int64)
@@ -449,11 +515,11 @@ if HAVE_TRITON:
         db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         ones3 = tl.full([BLOCK_D, BLOCK_T, BLOCK_N], 1.0, tl.float32)
         zeros3 = tl.zeros([BLOCK_D, BLOCK_T, BLOCK_N], dtype=tl.float32)
+        nof3 = tl.zeros([BLOCK_D, BLOCK_T, BLOCK_N], dtype=tl.int32)  # no restart
         row = (pb * d + dd) * L
         for it in range(0, nck):
             c = nck - 1 - it
-            t = c * BLOCK_T + tt
-            tmask = t < L
+            t, tmask = _tile_steps(c, tt, L, BLOCK_T, REVERSE)
             m2 = dmask[:, None] & tmask[None, :]
             off2 = row[:, None] + t[None, :]
             tm3 = tmask[None, :, None]
@@ -494,23 +560,24 @@ if HAVE_TRITON:
                     else:
                         qr0 = zeros3
                         qi0 = zeros3
-                    ar_s = tl.where(beg3, 0.0, ar)
-                    ai_s = tl.where(beg3, 0.0, ai)
+                    f = _flags3(beg3, BLOCK_D, BLOCK_T, BLOCK_N)
                     xr_s = xr + ar * qr0 - ai * qi0
                     xi_s = xi + ar * qi0 + ai * qr0
-                else:
-                    ar_s = ar
-                    ai_s = ai
-                    xr_s = xr
-                    xi_s = xi
-                _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
-                    (ar_s, ai_s, xr_s, xi_s, ones3, zeros3, zeros3, zeros3), 1, _combine_ex_c
-                )
-                hpr = pr * h0r[:, None, :] - pi * h0i[:, None, :] + qr
-                hpi = pr * h0i[:, None, :] + pi * h0r[:, None, :] + qi
-                if PACKED:
+                    _, _, _, _, _, rs, pr, pi, qr, qi = tl.associative_scan(
+                        (f, ar, ai, xr_s, xi_s, nof3, ones3, zeros3, zeros3, zeros3),
+                        1, _combine_ex_seg_c,
+                    )  # fmt: skip
+                    rs = rs != 0  # a restart before t in the tile: h_{t-1} carries nothing in
+                    hpr = tl.where(rs, qr, pr * h0r[:, None, :] - pi * h0i[:, None, :] + qr)
+                    hpi = tl.where(rs, qi, pr * h0i[:, None, :] + pi * h0r[:, None, :] + qi)
                     hpr = tl.where(beg3, qr0, hpr)
                     hpi = tl.where(beg3, qi0, hpi)
+                else:
+                    _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
+                        (ar, ai, xr, xi, ones3, zeros3, zeros3, zeros3), 1, _combine_ex_c
+                    )
+                    hpr = pr * h0r[:, None, :] - pi * h0i[:, None, :] + qr
+                    hpi = pr * h0i[:, None, :] + pi * h0r[:, None, :] + qi
                 h_r = ar * hpr - ai * hpi + xr
                 h_i = ar * hpi + ai * hpr + xi
                 w = 2.0 * tl.sum(Cr * h_r - Ci * h_i, 2)
@@ -523,15 +590,16 @@ if HAVE_TRITON:
                         qr0 = tl.load(H0R + offQ, mask=m3 & beg3, other=0.0)
                     else:
                         qr0 = zeros3
-                    a_s = tl.where(beg3, 0.0, a)
-                    x_s = x + a * qr0
-                else:
-                    a_s = a
-                    x_s = x
-                _, _, p, q = tl.associative_scan((a_s, x_s, ones3, zeros3), 1, _combine_ex)
-                hp = p * h0r[:, None, :] + q
-                if PACKED:
+                    f = _flags3(beg3, BLOCK_D, BLOCK_T, BLOCK_N)
+                    _, _, _, rs, p, q = tl.associative_scan(
+                        (f, a, x + a * qr0, nof3, ones3, zeros3), 1, _combine_ex_seg
+                    )
+                    # a restart before t in the tile: h_{t-1} carries nothing in
+                    hp = tl.where(rs != 0, q, p * h0r[:, None, :] + q)
                     hp = tl.where(beg3, qr0, hp)
+                else:
+                    _, _, p, q = tl.associative_scan((a, x, ones3, zeros3), 1, _combine_ex)
+                    hp = p * h0r[:, None, :] + q
                 h = a * hp + x
                 w = tl.sum(Cr * h, 2)
             # gate: out = (y + D u) silu(z)
@@ -554,22 +622,40 @@ if HAVE_TRITON:
                 # adjoint: G_t = 2 dy_t conj(C_t) + conj(A_bar_{t+1}) G_{t+1}
                 btr = 2.0 * dy3 * Cr
                 bti = -2.0 * dy3 * Ci
-                car = ar_s  # conj(A_bar), 0 where a sequence begins (nothing flows back)
-                cai = -ai_s
                 if PACKED:  # a final state's gradient joins where its sequence ends
                     btr += tl.load(DHR + offQ, mask=m3 & end3, other=0.0)
                     bti += tl.load(DHI + offQ, mask=m3 & end3, other=0.0)
-                _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
-                    (car, cai, car * btr - cai * bti, car * bti + cai * btr,
-                     ones3, zeros3, zeros3, zeros3),
-                    1, _combine_ex_c, reverse=True,
-                )  # fmt: skip
-                Gr = btr + pr * cr[:, None, :] - pi * ci[:, None, :] + qr
-                Gi = bti + pr * ci[:, None, :] + pi * cr[:, None, :] + qi
+                car = ar  # conj(A_bar)
+                cai = -ai
+                cxr = car * btr - cai * bti
+                cxi = car * bti + cai * btr
+                if PACKED:
+                    # the adjoint restarts where a sequence begins: c_t = 0, selected
+                    cxr = tl.where(beg3, 0.0, cxr)
+                    cxi = tl.where(beg3, 0.0, cxi)
+                    _, _, _, _, _, rs, pr, pi, qr, qi = tl.associative_scan(
+                        (f, car, cai, cxr, cxi, nof3, ones3, zeros3, zeros3, zeros3),
+                        1, _combine_ex_seg_c, reverse=True,
+                    )  # fmt: skip
+                    rs = rs != 0  # a restart after t in the tile: nothing from the next one
+                    Gr = btr + tl.where(rs, qr, pr * cr[:, None, :] - pi * ci[:, None, :] + qr)
+                    Gi = bti + tl.where(rs, qi, pr * ci[:, None, :] + pi * cr[:, None, :] + qi)
+                else:
+                    _, _, _, _, pr, pi, qr, qi = tl.associative_scan(
+                        (car, cai, cxr, cxi, ones3, zeros3, zeros3, zeros3),
+                        1, _combine_ex_c, reverse=True,
+                    )  # fmt: skip
+                    Gr = btr + pr * cr[:, None, :] - pi * ci[:, None, :] + qr
+                    Gi = bti + pr * ci[:, None, :] + pi * cr[:, None, :] + qi
                 Gr = tl.where(m3, Gr, 0.0)
                 Gi = tl.where(m3, Gi, 0.0)
-                cr = _row(car * Gr - cai * Gi, tt, 0)
-                ci = _row(car * Gi + cai * Gr, tt, 0)
+                cnr = car * Gr - cai * Gi  # c_t = conj(A_bar_t) G_t, carried to the tile before
+                cni = car * Gi + cai * Gr
+                if PACKED:
+                    cnr = tl.where(beg3, 0.0, cnr)
+                    cni = tl.where(beg3, 0.0, cni)
+                cr = _row(cnr, tt, 0)
+                ci = _row(cni, tt, 0)
                 if PACKED:  # the gradient of h0_s: conj(A_bar) G where sequence s begins
                     tl.store(DH0R + offQ, ar * Gr + ai * Gi, mask=m3 & beg3)
                     tl.store(DH0I + offQ, ar * Gi - ai * Gr, mask=m3 & beg3)
@@ -643,14 +729,23 @@ if HAVE_TRITON:
             else:
                 # adjoint: G_t = dy_t C_t + A_bar_{t+1} G_{t+1}, via c_t = A_bar_t G_t
                 bt = dy3 * Cr
-                if PACKED:  # a final state's gradient joins where its sequence ends
+                if PACKED:
+                    # a final state's gradient joins where its sequence ends
                     bt += tl.load(DHR + offQ, mask=m3 & end3, other=0.0)
-                # a_s: 0 where a sequence begins, so nothing flows back across it
-                _, _, p, q = tl.associative_scan(
-                    (a_s, a_s * bt, ones3, zeros3), 1, _combine_ex, reverse=True
-                )
-                G = tl.where(m3, bt + p * cr[:, None, :] + q, 0.0)
-                cr = _row(a_s * G, tt, 0)
+                    # the adjoint restarts where a sequence begins: c_t = 0, selected
+                    _, _, _, rs, p, q = tl.associative_scan(
+                        (f, a, tl.where(beg3, 0.0, a * bt), nof3, ones3, zeros3),
+                        1, _combine_ex_seg, reverse=True,
+                    )  # fmt: skip
+                    # a restart after t in the tile: nothing arrives from the next one
+                    G = tl.where(m3, bt + tl.where(rs != 0, q, p * cr[:, None, :] + q), 0.0)
+                    cr = _row(tl.where(beg3, 0.0, a * G), tt, 0)
+                else:
+                    _, _, p, q = tl.associative_scan(
+                        (a, a * bt, ones3, zeros3), 1, _combine_ex, reverse=True
+                    )
+                    G = tl.where(m3, bt + p * cr[:, None, :] + q, 0.0)
+                    cr = _row(a * G, tt, 0)
                 if PACKED:  # the gradient of h0_s: A_bar G where sequence s begins
                     tl.store(DH0R + offQ, a * G, mask=m3 & beg3)
                 v = dy3 * h
@@ -736,15 +831,19 @@ def _sm_count(device: torch.device) -> int:
 class _Plan:
     """Tile sizes and kernel-ready tensors shared by forward and backward."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu=None):
+    def __init__(
+        self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu=None,
+        reverse=False,
+    ):  # fmt: skip
         b, d, L = u.shape
         n = A.shape[1]
         self.shape = (b, d, L, n)
+        self.reverse = bool(reverse)  # the kernels walk time backwards (REVERSE)
         # packed sequences (b = 1): per step its sequence and flags (1: begins, 2: ends)
         self.packed = cu is not None
         self.nstates = b if cu is None else cu.shape[0] - 1
         if self.packed:
-            seq, begins, ends = step_layout(cu, reverse=False)
+            seq, begins, ends = step_layout(cu, reverse=self.reverse)
             self.seq = seq.to(device=u.device, dtype=torch.int32)
             self.flg = (begins.int() + 2 * ends.int()).to(u.device)
         self.cplx = A.is_complex()
@@ -834,7 +933,7 @@ class _Plan:
             self.deltaA, *self.h0, self.seq, self.flg, y, *hl, *ck,
             d, L, n, self.nck, *self.bc,
             **self.flags, **self._var_flags(bd), **self.pack_flags,
-            HAS_H0=self.has_h0 and not self.packed, SAVE=save,
+            HAS_H0=self.has_h0 and not self.packed, SAVE=save, REVERSE=self.reverse,
             BLOCK_D=bd, BLOCK_T=self.BLOCK_T, BLOCK_N=self.BLOCK_N, num_warps=4,
         )  # fmt: skip
         h_last = torch.complex(*hl) if self.cplx else hl[0]
@@ -874,7 +973,7 @@ class _Plan:
             self.deltaA, *ck, dout, *dh, *self.h0, self.seq, self.flg,
             du, ddelta, dz, ddA, *dA, *dB, *dC, dD, dbias, *dh0,
             d, L, n, self.nck, *self.bc,
-            **self.flags, **self._var_flags(bd), **self.pack_flags,
+            **self.flags, **self._var_flags(bd), **self.pack_flags, REVERSE=self.reverse,
             BLOCK_D=bd, BLOCK_T=self.BLOCK_T, BLOCK_N=self.BLOCK_N, num_warps=4,
         )  # fmt: skip
 
@@ -903,8 +1002,8 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
     """Fused forward with a state checkpoint per time tile; fused backward recomputing tiles."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu):
-        plan = _Plan(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu, reverse):
+        plan = _Plan(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, cu, reverse)
         y, h_last, ck = plan.forward(save=True)
         ctx.plan = plan  # kernel-ready views of the inputs
         # the inputs are saved too, so autograd reports in-place changes made before backward
@@ -918,7 +1017,7 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
         grads = ctx.plan.backward(ck, dy, dh)
         needs = ctx.needs_input_grad[: len(_NAMES)]
         out = [grads[k] if need else None for k, need in zip(_NAMES, needs, strict=True)]
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def _supported(u: Tensor, A: Tensor) -> bool:
@@ -944,6 +1043,7 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    reverse: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused CUDA selective scan; same arguments and results as the reference backend.
@@ -953,7 +1053,9 @@ def selective_scan(
         B, C: (d, n) time-invariant, or (b, g, n, L) with g dividing d.
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
         initial_state: (b, d, n) (complex when A is) or None for zeros; (S, d, n) with
-            ``cu_seqlens``.
+            ``cu_seqlens``; h_L with ``reverse``.
+        reverse: run from the last step to the first (h_t = A_bar_t h_{t+1} + ...), natively:
+            the kernels walk time backwards, no input is flipped.
         cu_seqlens: int64 offsets (S + 1,) of packed sequences (b = 1): the kernels restart
             the scan where each sequence begins (see the module's docstring).
 
@@ -964,12 +1066,15 @@ def selective_scan(
     """
     if not _supported(u, A):
         return _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
-                           deltaA, initial_state, cu_seqlens=cu_seqlens)  # fmt: skip
+                           deltaA, initial_state, reverse, cu_seqlens)  # fmt: skip
     return _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA,
-                initial_state, cu_seqlens)  # fmt: skip
+                initial_state, cu_seqlens, reverse)  # fmt: skip
 
 
-def _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA, h0, cu=None):
+def _run(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, deltaA, h0, cu=None,
+    reverse=False,
+):  # fmt: skip
     """The kernels without the device check (the tests drive them under TRITON_INTERPRET)."""
     if A.is_complex():  # the kernels take complex B, C and state; autograd takes Re for real ones
         B, C = B.to(A.dtype), C.to(A.dtype)
@@ -979,6 +1084,9 @@ def _run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization, de
         cu = cu.to("cpu", torch.int64)
     tensors = (u, delta, A, B, C, D, z, delta_bias, deltaA, h0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SelectiveScanTritonFunction.apply(*tensors, delta_softplus, discretization, cu)
-    y, h_last, _ = _Plan(*tensors, delta_softplus, discretization, cu).forward(save=False)
+        return SelectiveScanTritonFunction.apply(
+            *tensors, delta_softplus, discretization, cu, bool(reverse)
+        )
+    plan = _Plan(*tensors, delta_softplus, discretization, cu, bool(reverse))
+    y, h_last, _ = plan.forward(save=False)
     return y, h_last
