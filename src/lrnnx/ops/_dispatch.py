@@ -10,6 +10,11 @@ A numba backend picked from the preference list runs on the pure-torch backend w
 compile in a background process, unless ``LRNNX_NUMBA_COMPILE=wait`` (see
 :mod:`lrnnx.ops._numba`) or the op is in :data:`COMPILE_IN_PROCESS`; one asked for by name runs
 its own kernels, compiling them if needed.
+
+Small work.  Picked from the preference list, a numba backend also hands calls too small to
+repay its fixed cost to the pure-torch backend (:data:`SMALL_CALLS`, :func:`call_backend`), and
+runs its ``parallel=True`` kernels on :func:`lrnnx.ops._numba.threads_for` threads: one below
+:data:`lrnnx.ops._numba.SERIAL_WORK` elements, never more than ``torch.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -130,24 +135,91 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> tupl
 #: (the fused kernels: 0.1 s, compiled in about 5 s)
 COMPILE_IN_PROCESS = {"causal_conv1d"}
 
+
+def _few_steps(most: int) -> Callable[..., bool]:
+    """A rule: the call's ``b`` (second argument, (B, L, ...)) has at most ``most`` steps."""
+
+    def rule(*args, **kwargs) -> bool:
+        b = args[1] if len(args) > 1 else kwargs.get("b")
+        return isinstance(b, torch.Tensor) and b.dim() > 1 and b.shape[1] <= most
+
+    return rule
+
+
+#: calls too small to repay a fused kernel's fixed cost: where the fused backend is lrnnx's own
+#: choice they run on the pure-torch backend (same arguments, same results up to rounding).
+#: linear_scan over <= 2 steps: the fused call took 113 us against torch's 71 (B = 1, 16 to 128
+#: channels, float32 or complex64; forward+backward 451 against 356), its fixed cost (array
+#: views, a zero state, the autograd Function) being all there is; from 4 steps on the kernel
+#: is as fast or faster.  The fused selective scan and causal_conv1d were faster from one step
+SMALL_CALLS: Dict[str, Callable[..., bool]] = {"linear_scan": _few_steps(2)}
+
+
+def small_call(op: str, args: tuple, kwargs: Optional[dict] = None) -> bool:
+    """Whether a call of ``op`` with these (backend) arguments is small enough to run on the
+    pure-torch backend rather than a fused one lrnnx picked (see :data:`SMALL_CALLS`)."""
+    rule = SMALL_CALLS.get(op)
+    return rule is not None and rule(*args, **(kwargs or {}))
+
+
+def call_backend(
+    op: str, device: torch.device, args: tuple, kwargs: Optional[dict] = None,
+    backend: Optional[str] = None,
+) -> str:  # fmt: skip
+    """The backend a call of ``op`` with these backend arguments runs on: :func:`select`'s pick,
+    except that a small call (:func:`small_call`) goes to "torch" when the pick was lrnnx's own
+    (a backend asked for by name always runs).  Background compilation aside (see
+    :mod:`lrnnx.ops._numba`)."""
+    name, _ = select(op, device, backend)
+    requested = backend or os.environ.get("LRNNX_BACKEND") or None
+    if name != requested and name != "torch" and "torch" in _REGISTRY[op]:
+        if small_call(op, args, kwargs):
+            return "torch"
+    return name
+
+
 _DEFERRED: Dict[tuple, Callable] = {}
 
 
 def _deferred(op: str, name: str, fn: Callable) -> Callable:
-    """``fn``, or for a numba backend ``fn`` that runs the torch backend until its kernels are
-    compiled (see :func:`lrnnx.ops._numba.deferred`)."""
+    """``fn`` as lrnnx's own pick runs it.  A numba backend's ``fn`` is wrapped: a small call
+    (:data:`SMALL_CALLS`) runs the torch backend; ``parallel=True`` kernels run on
+    :func:`lrnnx.ops._numba.threads_for` threads (one for small work), restored after; and,
+    unless the op is in :data:`COMPILE_IN_PROCESS`, calls run the torch backend until the
+    kernels are compiled (:func:`lrnnx.ops._numba.deferred`)."""
     key = (op, name, fn)
     if key not in _DEFERRED:
         module = sys.modules[_REGISTRY[op][name].split(":")[0]]
         fallback = _load(op, "torch") if "torch" in _REGISTRY[op] else None
-        numba_backend = getattr(module, "HAVE_NUMBA", False)
-        if numba_backend and fallback is not None and op not in COMPILE_IN_PROCESS:
-            from lrnnx.ops import _numba
-
-            _DEFERRED[key] = _numba.deferred(module, fn, fallback)
+        if getattr(module, "HAVE_NUMBA", False):
+            _DEFERRED[key] = _numba_call(op, module, fn, fallback)
         else:
             _DEFERRED[key] = fn
     return _DEFERRED[key]
+
+
+def _numba_call(op: str, module, fn: Callable, fallback: Optional[Callable]) -> Callable:
+    """The wrapper :func:`_deferred` gives a numba backend (``__wrapped__``: ``fn``)."""
+    from lrnnx.ops import _numba
+
+    # numba's pool gets the call's thread count (1 for small work, see threads_for); kernels
+    # on Python thread pools choose theirs (causal_conv1d: threads_for; selective_scan: its own)
+    fused = _numba.threaded(fn) if _numba.uses_numba_threads(module) else fn
+    if fallback is None:
+        return fused
+    if op not in COMPILE_IN_PROCESS:
+        fused = _numba.deferred(module, fused, fallback)
+    rule = SMALL_CALLS.get(op)
+
+    def call(*args, **kwargs):
+        if rule is not None and rule(*args, **kwargs):
+            return fallback(*args, **kwargs)
+        return fused(*args, **kwargs)
+
+    call.__wrapped__ = fn  # inspect.unwrap finds the backend's own function
+    call.__name__ = getattr(fn, "__name__", "call")
+    call.__doc__ = fn.__doc__
+    return call
 
 
 _OPAQUE: Dict[Callable, Callable] = {}

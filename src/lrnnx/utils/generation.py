@@ -9,7 +9,8 @@ tensor of token ids as the result.
 The prompt is prefilled with ONE parallel forward that fills every layer's cache (padded prompts
 each at their own length); decoding then calls ``step`` once per new token.  On CUDA the decode
 step can be captured once in a CUDA graph and replayed (every cache tensor is updated in place,
-so the graph's fixed addresses stay valid).
+so the graph's fixed addresses stay valid).  On the CPU a small model's decoding loop runs torch
+on one thread (:func:`decode_threads`; the count is restored after).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -322,6 +324,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: a CPU decoding step whose work (batch size x parameters, about its multiply-adds) is below
+#: this runs torch on one thread: each of its ops is too small to split, yet the ones torch
+#: parallelises regardless of size (oneDNN's gelu, log_sigmoid) then wait on a second thread,
+#: and on a busy 2-core machine such a wait cost a scheduler tick (4-8 ms) against a step of
+#: 0.5-1 ms for a 2-layer, d_model 64 LM
+DECODE_SERIAL_WORK = 1 << 20
+
+
+def decode_threads(model: nn.Module, batch_size: int, device: torch.device) -> int:
+    """torch threads for :func:`generate`'s decoding loop: 1 for a small step on the CPU
+    (:data:`DECODE_SERIAL_WORK`), else ``torch.get_num_threads()`` (unchanged).  torch's count
+    is process-wide: torch ops other Python threads run during the loop get it too."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu":
+        return threads
+    work = batch_size * sum(p.numel() for p in model.parameters())
+    return 1 if work < DECODE_SERIAL_WORK else threads
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, restored after."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+#: on CUDA, generate asks whether every sequence has finished once per this many tokens: the
+#: answer is a device-to-host copy that waits for the GPU, which would otherwise stall the
+#: launch queue at every token; the few extra steps' tokens are dropped afterwards
+EOS_CHECK_TOKENS = 8
+
+
+def eos_check_every(device: torch.device) -> int:
+    """How often (in tokens) :func:`generate` reads whether every sequence has finished: every
+    token on the CPU (free there), every :data:`EOS_CHECK_TOKENS` on an accelerator."""
+    return 1 if device.type == "cpu" else EOS_CHECK_TOKENS
+
+
+def _stop(i: int, all_done: List[Tensor], every: int) -> bool:
+    """Whether decoding stops after token ``i``: every sequence finished, read every ``every``
+    tokens (the one host synchronisation of the check)."""
+    return (i + 1) % every == 0 and bool(all_done[-1])
+
+
+def _first_done(all_done: List[Tensor]) -> int:
+    """The number of tokens up to and including the first at which every sequence had
+    finished (all of them if none), as an eager check after each token would have stopped."""
+    done = torch.stack(all_done).nonzero()
+    return int(done[0, 0]) + 1 if done.numel() else len(all_done)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -479,30 +538,38 @@ def generate(
             counts = torch.zeros(B, V, dtype=torch.long, device=device)
             seen = counts.scatter_add_(1, prompt.clamp(0, V - 1), valid) > 0
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        new = []
-        for i in range(n_new):
-            if output_logits:
-                raw_logits.append(logits.clone())
-            x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            if seen is not None:
-                x = _penalize(x, seen, repetition_penalty)
-            if sample:
-                x = filter_logits(x / temperature if temperature != 1 else x, top_k, top_p)
-                tok = torch.multinomial(x.softmax(-1), 1, generator=generator)[:, 0]
-            else:
-                tok = x.argmax(-1)
-            if output_scores:
-                scores.append(x if x is not logits else x.clone())
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
-            out_tok = tok
-            if eos_ids is not None:
-                out_tok = torch.where(finished, torch.full_like(tok, pad), tok)
-                finished |= torch.isin(tok, eos_ids)
-            new.append(out_tok)
-            if i == n_new - 1 or (eos_ids is not None and bool(finished.all())):
-                break
-            logits = step(tok)  # a finished sequence is fed its (discarded) own token
+        new: List[Tensor] = []
+        all_done: List[Tensor] = []  # per new token: whether every sequence had finished
+        every = eos_check_every(device)
+        # the loop's torch threads: one for a small step (see decode_threads)
+        with _torch_threads(decode_threads(model, B, device)):
+            for i in range(n_new):
+                if output_logits:
+                    raw_logits.append(logits.clone())
+                x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+                if seen is not None:
+                    x = _penalize(x, seen, repetition_penalty)
+                if sample:
+                    x = filter_logits(x / temperature if temperature != 1 else x, top_k, top_p)
+                    tok = torch.multinomial(x.softmax(-1), 1, generator=generator)[:, 0]
+                else:
+                    tok = x.argmax(-1)
+                if output_scores:
+                    scores.append(x if x is not logits else x.clone())
+                if seen is not None:
+                    seen.scatter_(1, tok[:, None], True)
+                out_tok = tok
+                if eos_ids is not None:
+                    out_tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                    finished |= torch.isin(tok, eos_ids)
+                    all_done.append(finished.all())  # a device tensor: no sync here
+                new.append(out_tok)
+                if i == n_new - 1 or (eos_ids is not None and _stop(i, all_done, every)):
+                    break
+                logits = step(tok)  # a finished sequence is fed its (discarded) own token
+        if eos_ids is not None and every > 1:  # drop the steps past the last sequence's end
+            n_keep = _first_done(all_done)
+            del new[n_keep:], scores[n_keep:], raw_logits[n_keep:]
         if graph is not None:
             graph.finish()
         _sync(device)

@@ -35,12 +35,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available
+from lrnnx.ops._numba import HAVE_NUMBA, SERIAL_WORK, as_array, is_available, threads_for
 
 __all__ = ["causal_conv1d", "is_available", "SERIAL_WORK"]
 
-#: below this many output elements (B * D * L) the kernels run on the calling thread
-SERIAL_WORK = 1 << 16
+# below SERIAL_WORK output elements (B * D * L) the kernels run on the calling thread
 #: parallel tasks per thread, so threads finish close together
 TASKS_PER_THREAD = 4
 
@@ -202,9 +201,10 @@ _POOL_LOCK = threading.Lock()
 
 def _run(kernel, rows: int, length: int, *args) -> None:
     """``kernel(*args, r0, r1)`` over all rows: on the calling thread for small work, else in
-    row ranges on torch.get_num_threads() threads."""
-    threads = max(1, min(torch.get_num_threads(), rows))
-    if threads == 1 or rows * length < SERIAL_WORK:
+    row ranges on :func:`lrnnx.ops._numba.threads_for` threads (torch.get_num_threads() at
+    most, one per row at most)."""
+    threads = min(threads_for(rows * length, SERIAL_WORK), rows)
+    if threads <= 1:
         kernel(*args, 0, rows)
         return
     global _POOL

@@ -1,0 +1,350 @@
+"""Small work without overhead (issue #11): which path a call of a given size takes (serial or
+parallel, fused kernel or torch), thread counts (numba's never above torch's, restored after),
+single-token steps that never reach the ops' dispatch, results against independent references,
+and the structure of :mod:`lrnnx.bench_small`'s rows."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from _tol import assert_close_rel
+from lrnnx.ops import _dispatch, _numba, linear_scan
+from lrnnx.ops.causal_conv1d import causal_conv1d
+
+CPU = torch.device("cpu")
+needs_numba = pytest.mark.skipif(not _numba.HAVE_NUMBA, reason="numba is not installed")
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ thread counts
+
+
+def test_small_work_is_serial_and_large_work_follows_torch():
+    with torch_threads(2):
+        assert _numba.threads_for(_numba.SERIAL_WORK - 1) == 1
+        assert _numba.threads_for(_numba.SERIAL_WORK) == 2
+    with torch_threads(1):
+        assert _numba.threads_for(1 << 30) == 1
+
+
+def test_kernel_pool_threads_run_serial():
+    """A kernel called from a thread of lrnnx's own pools must not start a nested pool."""
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(_numba.threads_for(1 << 30)), name="lrnnx-x")
+    with torch_threads(2):
+        t.start()
+        t.join()
+    assert seen == [1]
+
+
+@needs_numba
+@pytest.mark.parametrize("work", [1, 1 << 30])
+def test_kernel_threads_never_above_torch_and_restored(work):
+    import numba
+
+    before = numba.get_num_threads()
+    with torch_threads(2):
+        with _numba.kernel_threads(work) as n:
+            inside = numba.get_num_threads()
+            _numba.sync_threads()  # what a kernel calls: keeps the block's choice
+            after_sync = numba.get_num_threads()
+    assert inside == n == after_sync
+    assert n <= 2 and n <= numba.config.NUMBA_NUM_THREADS
+    assert n == (1 if work < _numba.SERIAL_WORK else min(2, numba.config.NUMBA_NUM_THREADS))
+    assert numba.get_num_threads() == before
+
+
+@needs_numba
+def test_kernel_threads_restored_after_an_error_and_nested_blocks_only_shrink():
+    import numba
+
+    before = numba.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with _numba.kernel_threads(1):
+            raise RuntimeError("boom")
+    assert numba.get_num_threads() == before
+    with torch_threads(2), _numba.kernel_threads(1):
+        assert _numba.threads_for(1 << 30) == 1  # an inner call never widens the outer choice
+    assert numba.get_num_threads() == before
+
+
+@needs_numba
+def test_threaded_backend_sees_the_count_for_its_work():
+    import numba
+
+    probe = _numba.threaded(lambda x: numba.get_num_threads())
+    with torch_threads(2):
+        assert probe(torch.zeros(8)) == 1
+        big = probe(x=torch.zeros(_numba.SERIAL_WORK))
+    assert big == min(2, numba.config.NUMBA_NUM_THREADS)
+
+
+_FIRST_KERNEL = """
+import torch
+from lrnnx.ops import linear_scan
+torch.set_num_threads(1)
+torch.get_num_threads()  # torch's lazy thread setup done, as after any first op
+linear_scan(torch.rand(1, 8, 4), torch.randn(1, 8, 4))  # the process's first numba kernel
+print(torch.get_num_threads())
+"""
+
+
+@needs_numba
+def test_first_kernel_keeps_the_torch_thread_count_the_user_set():
+    """numba's OpenMP layer, starting, sets the OpenMP thread count to NUMBA_NUM_THREADS (2
+    here), which can be torch's (the same libgomp): the user's torch.set_num_threads(1) must
+    survive it (it did not: torch ran its ops on 2 threads after lrnnx's first kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_KERNEL], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "1"
+
+
+@needs_numba
+@pytest.mark.parametrize("L, serial", [(8, True), (4096, False)])
+def test_default_linear_scan_runs_numba_serial_for_small_work(monkeypatch, L, serial):
+    """The parallel (prange) scan kernel sees one numba thread for small work, torch's count
+    (at most numba's pool) for large work, and the count is back to before afterwards."""
+    import importlib
+
+    import numba
+
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    mod = importlib.import_module("lrnnx.ops.linear_scan.cpu")
+    _dispatch.resolve("linear_scan", CPU)  # the wrapper is made for the real (prange) kernel
+    kernel, seen = mod._scan, []
+
+    def spy(*args):
+        seen.append(numba.get_num_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(mod, "_scan", spy)
+    before = numba.get_num_threads()
+    with torch_threads(2), torch.no_grad():
+        linear_scan(torch.rand(1, L, 32), torch.randn(1, L, 32))
+    assert seen == [1 if serial else min(2, numba.config.NUMBA_NUM_THREADS)]
+    assert numba.get_num_threads() == before
+
+
+def test_causal_conv1d_runs_small_work_on_the_calling_thread(monkeypatch):
+    from lrnnx.ops.causal_conv1d import cpu
+
+    calls = []
+
+    def kernel(r0, r1):
+        calls.append((threading.current_thread() is threading.main_thread(), r0, r1))
+
+    with torch_threads(2):
+        cpu._run(kernel, 8, 16)  # 128 elements
+        assert calls == [(True, 0, 8)]
+        calls.clear()
+        monkeypatch.setattr(cpu, "SERIAL_WORK", 0)
+        cpu._run(kernel, 8, 16)
+    assert sorted((r0, r1) for _, r0, r1 in calls)[0][0] == 0 and len(calls) > 1
+    assert sum(r1 - r0 for _, r0, r1 in calls) == 8  # every row once
+    with torch_threads(1):
+        calls.clear()
+        cpu._run(kernel, 8, 16)
+    assert calls == [(True, 0, 8)]
+
+
+# ------------------------------------------------------------------------ kernel or torch path
+
+
+def _scan_args(L: int, C: int = 16):
+    return (torch.rand(1, L, C), torch.randn(1, L, C), None, False)
+
+
+@needs_numba
+@pytest.mark.parametrize("L, expected", [(1, "torch"), (2, "torch"), (4, "cpu"), (64, "cpu")])
+def test_linear_scan_path_per_size(monkeypatch, L, expected):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    assert _dispatch.call_backend("linear_scan", CPU, _scan_args(L)) == expected
+
+
+@needs_numba
+def test_a_backend_asked_for_by_name_runs_whatever_the_size(monkeypatch):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    assert _dispatch.call_backend("linear_scan", CPU, _scan_args(1), backend="cpu") == "cpu"
+    monkeypatch.setenv("LRNNX_BACKEND", "cpu")
+    assert _dispatch.call_backend("linear_scan", CPU, _scan_args(1)) == "cpu"
+
+
+@needs_numba
+@pytest.mark.parametrize("op", ["selective_scan", "causal_conv1d"])
+def test_other_fused_ops_keep_their_kernels_at_one_step(monkeypatch, op):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    import lrnnx.ops.causal_conv1d  # noqa: F401  (registers the op)
+    import lrnnx.ops.selective_scan  # noqa: F401
+
+    x = torch.randn(1, 8, 1)
+    assert _dispatch.call_backend(op, CPU, (x, x)) == "cpu"
+
+
+def _scan_loop(a, b):
+    """h_t = a_t h_{t-1} + b_t in float64, step by step (the recurrence as written)."""
+    a, b = a.double(), b.double()
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("L", [1, 2, 4, 64])
+def test_small_linear_scan_matches_the_recurrence(monkeypatch, L):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    a = torch.rand(2, L, 16, requires_grad=True)
+    b = torch.randn(2, L, 16, requires_grad=True)
+    h = linear_scan(a, b)
+    assert_close_rel(h, _scan_loop(a, b).float(), length=L, msg="h")
+    g = torch.randn_like(h)
+    ga, gb = torch.autograd.grad(h, (a, b), g)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ea, eb = torch.autograd.grad(_scan_loop(a64, b64), (a64, b64), g.double())
+    assert_close_rel(ga, ea.float(), length=L, msg="da")
+    assert_close_rel(gb, eb.float(), length=L, msg="db")
+
+
+@pytest.mark.parametrize("L", [1, 4, 64])
+def test_small_causal_conv1d_matches_the_reference(monkeypatch, L):
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    x, w, bias = torch.randn(1, 8, L), torch.randn(8, 4), torch.randn(8)
+    y = causal_conv1d(x, w, bias, activation="silu")
+    ref = causal_conv1d(x.double(), w.double(), bias.double(), activation="silu",
+                        backend="reference")  # fmt: skip
+    assert_close_rel(y, ref.float(), length=4, msg="y")
+
+
+# ----------------------------------------------------------------------------- decoding steps
+
+
+@pytest.mark.parametrize("name", ["mamba", "s5", "s4d", "lru"])
+def test_a_step_never_reaches_the_ops_dispatch(monkeypatch, name):
+    """One token: plain tensor ops, no scan kernel (not even a serial one) and no dispatch."""
+    from lrnnx.models.registry import build_mixer
+
+    model = build_mixer(name, 16, 4).eval()
+    cache = model.allocate_inference_cache(2, 8)
+    x = torch.randn(2, 16)
+    model.step(x, cache)  # first step: lazily prepared buffers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"step dispatched an op: {args[:1]}")
+
+    monkeypatch.setattr(_dispatch, "select", forbidden)
+    with torch.no_grad():
+        y, _ = model.step(x, cache)
+    assert y.shape == (2, 16) and torch.isfinite(y).all()
+
+
+def _tiny_lm(mixer: str = "s5"):
+    from lrnnx.architectures.lm import LRNNLMHeadModel
+
+    return LRNNLMHeadModel(d_model=16, d_state=4, n_layer=2, vocab_size=32, mixer_types=mixer)
+
+
+def test_decode_threads_per_size():
+    from lrnnx.utils import generation
+
+    lm = _tiny_lm()
+    with torch_threads(2):
+        assert generation.decode_threads(lm, 1, CPU) == 1
+        huge = generation.DECODE_SERIAL_WORK  # batch x parameters above the bound
+        assert generation.decode_threads(lm, huge, CPU) == 2
+        assert generation.decode_threads(lm, 1, torch.device("meta")) == 2
+
+
+def test_generate_decodes_small_models_on_one_thread_and_restores_torch_threads():
+    """The tokens equal a greedy loop of forward passes over the whole sequence (no cache), the
+    decoding steps run on one torch thread, and torch's count is as before afterwards."""
+    from lrnnx.utils.generation import generate
+
+    lm = _tiny_lm().eval()
+    seen = []
+    step = lm.step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    lm.step = spy
+    prompt = torch.randint(0, 32, (1, 5))
+    with torch_threads(2):
+        out = generate(lm, prompt, 6)
+        assert torch.get_num_threads() == 2
+    assert seen and set(seen) == {1}
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, lm(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+# -------------------------------------------------------------------------------- bench rows
+
+
+def test_bench_small_rows():
+    from lrnnx import bench_small
+
+    rows = bench_small.bench_small(["s5"], repeats=1, lengths=(1, 2))
+    assert [(r.case, r.busy) for r in rows] == [
+        ("forward", False), ("forward", False), ("lm step", False), ("generate", False)
+    ]  # fmt: skip
+    assert "L=1 " in rows[0].shape and "L=2 " in rows[1].shape
+    for r in rows:
+        assert r.model == "s5" and r.default_us > 0 and r.torch_us > 0
+        assert r.ratio == pytest.approx(r.default_us / r.torch_us)
+    md = bench_small.markdown(rows, "title")
+    assert md.startswith("title") and md.count("\n| ") == len(rows) + 1
+
+
+def test_busy_machine_runs_a_process_for_the_block_only():
+    from lrnnx import bench_small
+
+    with bench_small.busy_machine(threads=1) as proc:
+        assert proc.poll() is None
+    assert proc.returncode is not None
+
+
+@pytest.mark.parametrize("every", [2, 4, 8])
+def test_generate_reading_eos_every_few_tokens_gives_the_eager_result(monkeypatch, every):
+    """On an accelerator generate reads "all finished?" every few tokens (a host sync): the
+    sequences, scores and count equal those of the per-token check on the CPU."""
+    from lrnnx.utils import generation
+
+    lm = _tiny_lm("lru").eval()
+    prompt = torch.randint(0, 32, (2, 4))
+    free = generation.generate(lm, prompt, 10)
+    eos = [int(free[0, 6]), int(free[1, 8])]  # each row finishes by its 3rd or 5th new token
+    kwargs = dict(eos_token_id=eos, pad_token_id=0, output_scores=True)
+    eager = generation.generate(lm, prompt, 10, **kwargs)
+    monkeypatch.setattr(generation, "eos_check_every", lambda device: every)
+    lazy = generation.generate(lm, prompt, 10, **kwargs)
+    assert eager.num_new_tokens <= 5
+    assert torch.equal(lazy.sequences, eager.sequences)
+    assert lazy.num_new_tokens == eager.num_new_tokens == len(lazy.scores)
+    assert torch.equal(lazy.finished, eager.finished)
+    for a, e in zip(lazy.scores, eager.scores, strict=True):
+        assert torch.equal(a, e)  # the same model on the same inputs in one process
