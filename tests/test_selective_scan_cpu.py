@@ -186,9 +186,10 @@ def test_float32_long_sequence(disc):
         torch.testing.assert_close(g, ref[2][name], rtol=2e-3, atol=1e-4 * scale[name], msg=name)
 
 
-def test_float32_inference_matches_training_path_and_threads():
+def test_float32_inference_matches_training_path_and_threads(monkeypatch):
     """The no-grad path (no checkpoints) equals the autograd path; thread count changes only the
-    split into tasks, not the result."""
+    split into tasks, not the result (the serial threshold lowered, so threads do run)."""
+    monkeypatch.setattr(ss_cpu, "SERIAL_WORK", 0)
     kw = make_inputs("grouped", False, L=300, d=16, dtype=torch.float32)
     with torch.no_grad():
         y0, h0 = selective_scan_fn(**kw, return_last_state=True, backend="cpu")
@@ -221,3 +222,38 @@ def test_saves_only_chunk_states():
     y.sum().backward()
     assert sum(saved) < b * d * n * L / 2
     assert all(v.grad is not None for v in kw.values())
+
+
+# ----------------------------------------------------------------------------- work split
+
+
+@pytest.mark.parametrize("disc", ["mamba", "zoh"])
+def test_float64_state_row_blocks(small_chunk, disc):
+    """n = 13: the recurrences advance rows in blocks of eight, then four, then one; "mamba"
+    runs forward step by step, "zoh" in passes."""
+    kw = make_inputs("input", False, n=13, L=37)
+    assert_match(run(kw, disc, "cpu"), run(kw, disc, "torch"), rtol=1e-9, atol=1e-9)
+
+
+def test_tiny_work_runs_on_the_calling_thread(monkeypatch):
+    """Below SERIAL_WORK state updates no task goes to the thread pool (a hand-off costs more
+    than the work); above it, never more threads than torch.get_num_threads()."""
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the thread pool was used for tiny work")
+
+    monkeypatch.setattr(ss_cpu, "_POOL", None)
+    monkeypatch.setattr(ss_cpu, "ThreadPoolExecutor", no_pool)
+    kw = make_inputs("input", False, L=8, d=4, n=4, dtype=torch.float32)
+    assert kw["u"].numel() * 4 < ss_cpu.SERIAL_WORK
+    ref = run(kw, "mamba", "torch")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_match(run(kw, "mamba", "cpu"), ref, rtol=1e-4, atol=1e-5)
+        assert ss_cpu._threads(64, 1 << 30) == 2
+        torch.set_num_threads(1)
+        assert ss_cpu._threads(64, 1 << 30) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert ss_cpu._threads(3, 1 << 30) <= 3

@@ -1,26 +1,33 @@
 """Fused CPU selective scan, compiled by numba at first use (cached on disk afterwards).
 
 Work split.  A task is one batch element and a block of channels (blocks never straddle a group
-of grouped B/C, so the rows of the partial dB/dC a task writes are its own).  Tasks run on
-``torch.get_num_threads()`` threads: the kernels are compiled ``nogil``, and a thread pool
-hands the tasks out (numba's ``parallel=True`` would do the same but triples the compile time).
-Each channel is walked through time in chunks of :data:`CHUNK` (K) steps; the (b, d, L, n) state
-tensor is never formed, only (n, K) buffers that stay in L1/L2.
+of grouped B/C, so the rows of the partial dB/dC a task writes are its own).  Tasks run on at
+most ``torch.get_num_threads()`` threads (numba's and torch's threads share the cores): the
+kernels are compiled ``nogil``, each thread makes one call that loops over its share of the
+tasks (a numba call costs tens of microseconds of argument unboxing), and a call with less than
+:data:`SERIAL_WORK` state updates runs on the calling thread alone (numba's ``parallel=True``
+would split the work too but triples the compile time).  Each channel is walked through time
+in chunks of :data:`CHUNK` (K) steps; the (b, d, L, n) state tensor is never formed.
 
-One chunk, in passes that each run along time (state-major buffers: the inner loops are K long,
-so LLVM vectorises them; along n = 16 they would be too short for its vectoriser):
+Forward under "mamba" (gamma_bar = delta', Mamba's rule) runs each chunk step by step with the
+state in an (n,) array, B and C time-major (the loop over the state vectorises): that is the
+fastest form of the recurrence when no per-step buffer is needed.  The other rules, and the
+backward's recompute (which needs every state of the chunk), use state-major (n, K) buffers
+that stay in L1/L2, in passes that each run along time (the inner loops are K long, so LLVM
+vectorises them):
 
 1. delta' = softplus(delta + bias) (or delta + bias) and the A-step s (deltaA, else delta').
 2. A_bar and gamma_bar for every (state, step): for float32 the exp, expm1, softplus and sigmoid
    are inlined polynomials, vectorised (numba has no vector libm without Intel's SVML).
 3. x = gamma_bar B_t u_t, then h_t = A_bar h_{t-1} + x_t: the recurrence is sequential in t, so
-   four state rows advance together (four independent multiply-add chains per step).
+   eight state rows advance together (eight independent multiply-add chains per step).
 4. w_t = sum_k C_t[k] h_t[k] (2 Re(...) for complex A) + D u_t, then the silu(z_t) gate.
 
 Forward keeps the state at each chunk start, (b, d, L / K, n), when a gradient is needed.
 Backward walks each channel's chunks in reverse: it recomputes the chunk from its checkpoint with
 the same passes, runs the adjoint recurrence G_t = dy_t C_t + A_bar_{t+1} G_{t+1} backwards
-through it, and accumulates every input's gradient from (A_bar, gamma_bar, h, G); the adjoint
+through it, and accumulates every input's gradient from (A_bar, gamma_bar, h, G) (under
+"mamba" with time-varying B and C in one fused pass per state row); the adjoint
 state at the chunk start is carried into the previous chunk, and after the first chunk it is
 the gradient of ``initial_state``.  Complex numbers follow PyTorch's convention (conjugate
 Wirtinger: grad_w = conj(df/dw) grad_f), so the results match autograd through the torch
@@ -30,7 +37,8 @@ real arrays.
 Why numba and not a C++ extension (``torch.utils.cpp_extension.load_inline``): numba is a pip
 wheel, so users need no compiler toolchain or torch headers, and ``cache=True`` keeps the
 machine code next to this file: the first call of a dtype compiles all its kernels (10-20 s on
-the 2-core machine), later processes load them in about a second.  load_inline needs g++ and
+the 2-core machine; by default in a background process while calls run on the torch backend,
+see :mod:`lrnnx.ops._numba` and :func:`warm_up`), later processes load them in about a second.  load_inline needs g++ and
 the torch headers at run time, rebuilds whenever torch changes, and took 33 s here to build a
 ten-line scan kernel alone.  The code LLVM generates from these loops is vectorised at the
 host's width, as a C++ compiler's would be.
@@ -38,6 +46,7 @@ host's width, as a C++ compiler's would be.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -46,15 +55,18 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available
+from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, threads_for
 
-__all__ = ["selective_scan", "is_available"]
+__all__ = ["selective_scan", "is_available", "warm_up"]
 
 #: steps per chunk: the checkpoint interval of forward and the recompute unit of backward;
 #: long chunks amortise the per-row loop overhead (the (n, CHUNK) buffers stay in L2)
 CHUNK = 256
 #: parallel tasks per thread (channel blocks x batch), so threads finish close together
 TASKS_PER_THREAD = 4
+#: below this many state updates (b d L n) a call runs on the calling thread alone: handing
+#: tasks to other threads costs tens of microseconds, as much as this work
+SERIAL_WORK = 1 << 17
 
 _DISC = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
 
@@ -270,10 +282,33 @@ if HAVE_NUMBA:
     def _recur(a, x, hs, T):  # pragma: no cover - compiled
         """hs[k, j + 1] = a[k, j] hs[k, j] + x[k, j] for j < T.
 
-        The recurrence is sequential in j, so four rows advance together: four independent
-        multiply-add chains per step hide the latency of each."""
+        The recurrence is sequential in j, so eight (then four) rows advance together: eight
+        independent multiply-add chains per step hide the latency of each."""
         n = a.shape[0]
         k = 0
+        while k + 8 <= n:
+            a0, a1, a2, a3, a4, a5, a6, a7 = a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], a[k + 5], a[k + 6], a[k + 7]
+            x0, x1, x2, x3, x4, x5, x6, x7 = x[k], x[k + 1], x[k + 2], x[k + 3], x[k + 4], x[k + 5], x[k + 6], x[k + 7]
+            o0, o1, o2, o3, o4, o5, o6, o7 = hs[k], hs[k + 1], hs[k + 2], hs[k + 3], hs[k + 4], hs[k + 5], hs[k + 6], hs[k + 7]
+            h0, h1, h2, h3, h4, h5, h6, h7 = o0[0], o1[0], o2[0], o3[0], o4[0], o5[0], o6[0], o7[0]
+            for j in range(T):
+                h0 = a0[j] * h0 + x0[j]
+                h1 = a1[j] * h1 + x1[j]
+                h2 = a2[j] * h2 + x2[j]
+                h3 = a3[j] * h3 + x3[j]
+                h4 = a4[j] * h4 + x4[j]
+                h5 = a5[j] * h5 + x5[j]
+                h6 = a6[j] * h6 + x6[j]
+                h7 = a7[j] * h7 + x7[j]
+                o0[j + 1] = h0
+                o1[j + 1] = h1
+                o2[j + 1] = h2
+                o3[j + 1] = h3
+                o4[j + 1] = h4
+                o5[j + 1] = h5
+                o6[j + 1] = h6
+                o7[j + 1] = h7
+            k += 8
         while k + 4 <= n:
             a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
             x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
@@ -302,9 +337,40 @@ if HAVE_NUMBA:
         """Adjoint of :func:`_recur`: G[k, j] = dy[j] C[k, j] + a[k, j + 1] G[k, j + 1], from
         G[k, T] = carry[k] / a[k, T] (the adjoint arriving from the next chunk, already through
         its decay); then carry[k] = a[k, 0] G[k, 0], the adjoint of the state before the chunk.
-        Four rows advance together, as in :func:`_recur`."""
+        Eight (then four) rows advance together, as in :func:`_recur`."""
         n = a.shape[0]
         k = 0
+        while k + 8 <= n:
+            a0, a1, a2, a3, a4, a5, a6, a7 = a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], a[k + 5], a[k + 6], a[k + 7]
+            c0, c1, c2, c3, c4, c5, c6, c7 = Cb[k], Cb[k + 1], Cb[k + 2], Cb[k + 3], Cb[k + 4], Cb[k + 5], Cb[k + 6], Cb[k + 7]
+            g0, g1, g2, g3, g4, g5, g6, g7 = G[k], G[k + 1], G[k + 2], G[k + 3], G[k + 4], G[k + 5], G[k + 6], G[k + 7]
+            e = dy[T - 1]
+            r0, r1, r2, r3 = e * c0[T - 1] + carry[k], e * c1[T - 1] + carry[k + 1], e * c2[T - 1] + carry[k + 2], e * c3[T - 1] + carry[k + 3]
+            r4, r5, r6, r7 = e * c4[T - 1] + carry[k + 4], e * c5[T - 1] + carry[k + 5], e * c6[T - 1] + carry[k + 6], e * c7[T - 1] + carry[k + 7]
+            g0[T - 1], g1[T - 1], g2[T - 1], g3[T - 1] = r0, r1, r2, r3
+            g4[T - 1], g5[T - 1], g6[T - 1], g7[T - 1] = r4, r5, r6, r7
+            for jj in range(1, T):
+                j = T - 1 - jj
+                e = dy[j]
+                r0 = a0[j + 1] * r0 + e * c0[j]
+                r1 = a1[j + 1] * r1 + e * c1[j]
+                r2 = a2[j + 1] * r2 + e * c2[j]
+                r3 = a3[j + 1] * r3 + e * c3[j]
+                r4 = a4[j + 1] * r4 + e * c4[j]
+                r5 = a5[j + 1] * r5 + e * c5[j]
+                r6 = a6[j + 1] * r6 + e * c6[j]
+                r7 = a7[j + 1] * r7 + e * c7[j]
+                g0[j] = r0
+                g1[j] = r1
+                g2[j] = r2
+                g3[j] = r3
+                g4[j] = r4
+                g5[j] = r5
+                g6[j] = r6
+                g7[j] = r7
+            carry[k], carry[k + 1], carry[k + 2], carry[k + 3] = a0[0] * r0, a1[0] * r1, a2[0] * r2, a3[0] * r3
+            carry[k + 4], carry[k + 5], carry[k + 6], carry[k + 7] = a4[0] * r4, a5[0] * r5, a6[0] * r6, a7[0] * r7
+            k += 8
         while k + 4 <= n:
             a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
             c0, c1, c2, c3 = Cb[k], Cb[k + 1], Cb[k + 2], Cb[k + 3]
@@ -558,15 +624,37 @@ if HAVE_NUMBA:
     # ------------------------------------------------------------------ real kernels
 
     @numba.njit(**_HELPER)
+    def _chunk_steps(uc, dt, s, Ak, BT, CT, t0, tsB, tsC, Dc, T, h, w):  # pragma: no cover
+        """Forward of one chunk under "mamba" (gamma_bar = delta'), step by step with the state
+        in h (n,): h = exp(s_j A) h + delta'_j u_j B_j, w_j = C_j . h + D u_j.  BT, CT are
+        time-major (L or 1, n), so a step's n values are contiguous and the loop over the
+        state vectorises; the state never leaves the cache line it lives in.  Forward needs
+        no per-step buffer (backward recomputes with :func:`_chunk_real`)."""
+        n = h.shape[0]
+        for j in range(T):
+            Bq = BT[(t0 + j) * tsB]
+            Cq = CT[(t0 + j) * tsC]
+            sj = s[j]
+            gu = dt[j] * uc[j]
+            acc = uc.dtype.type(0.0)
+            for k in range(n):
+                hk = _exp(sj * Ak[k]) * h[k] + gu * Bq[k]
+                h[k] = hk
+                acc += Cq[k] * hk
+            w[j] = acc + Dc * uc[j]
+
+    @numba.njit(**_HELPER)
     def _fwd_real(
         task,
         u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, blocks, seg,
-        y, hlast, ckpt,
+        BT, CT, y, hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
 
         ``seg`` (see :func:`_segments`) lists the chunks: the state restarts from h0 at a
-        segment that begins a sequence and is stored in hlast at one that ends it."""
+        segment that begins a sequence and is stored in hlast at one that ends it.  Under
+        "mamba" the chunks run step by step (:func:`_chunk_steps`, on BT, CT: B and C
+        time-major), under the other rules in passes (:func:`_chunk_real`)."""
         b, d, L = u.shape
         n = A.shape[1]
         nblk = blocks.shape[0]
@@ -577,43 +665,83 @@ if HAVE_NUMBA:
         tsC = 1 if C.shape[3] > 1 else 0
         bi = task // nblk
         blk = task % nblk
+        steps = disc == 0
         raw = np.empty(K, u.dtype)
         dt = np.empty(K, u.dtype)
         s = np.empty(K, u.dtype)
         w = np.empty(K, u.dtype)
-        a = np.empty((n, K), u.dtype)
-        g = np.empty((n, K), u.dtype)
-        x = np.empty((n, K), u.dtype)
-        Bb = np.empty((n, K), u.dtype)
-        Cb = np.empty((n, K), u.dtype)
-        hs = np.empty((n, K + 1), u.dtype)
+        h = np.empty(n, u.dtype)
+        P = 0 if steps else K  # the pass buffers, unused step by step
+        a = np.empty((n, P), u.dtype)
+        g = np.empty((n, P), u.dtype)
+        x = np.empty((n, P), u.dtype)
+        Bb = np.empty((n, P), u.dtype)
+        Cb = np.empty((n, P), u.dtype)
+        hs = np.empty((n, P + 1), u.dtype)
         bB = bi if B.shape[0] > 1 else 0
         bC = bi if C.shape[0] > 1 else 0
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
-            Bv = B[bB, ch // (d // B.shape[1])]
-            Cv = C[bC, ch // (d // C.shape[1])]
+            gB, gC = ch // (d // B.shape[1]), ch // (d // C.shape[1])
+            Bv, Cv = B[bB, gB], C[bC, gC]
             for c in range(nseg):
                 t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
                 if fl & 1:  # a sequence begins: restart from its initial state
                     for k in range(n):
-                        hs[k, 0] = h0[sq, ch, k]
+                        h[k] = h0[sq, ch, k]
                 if save:
                     for k in range(n):
-                        ckpt[bi, ch, c, k] = hs[k, 0]
+                        ckpt[bi, ch, c, k] = h[k]
                 uc = u[bi, ch, t0 : t0 + T]
                 dc = delta[bi, ch, t0 : t0 + T]
                 dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
                 zc = z[bi, ch, t0 : t0 + T] if has_z else uc
-                _chunk_real(
-                    uc, dc, dAc, A[ch], Bv, Cv, t0, tsB, tsC, D[ch], bias[ch], disc,
-                    softplus, has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
-                )
+                if steps:
+                    _steps(dc, bias[ch], dAc, softplus, has_dA, T, raw, dt, s)
+                    _chunk_steps(uc, dt, s, A[ch], BT[bB, gB], CT[bC, gC], t0, tsB, tsC,
+                                 D[ch], T, h, w)  # fmt: skip
+                else:
+                    for k in range(n):
+                        hs[k, 0] = h[k]
+                    _chunk_real(
+                        uc, dc, dAc, A[ch], Bv, Cv, t0, tsB, tsC, D[ch], bias[ch], disc,
+                        softplus, has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
+                    )
+                    for k in range(n):
+                        h[k] = hs[k, T]
                 _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
-                for k in range(n):
-                    hs[k, 0] = hs[k, T]
                 if fl & 2:  # a sequence ends: its final state
                     for k in range(n):
-                        hlast[sq, ch, k] = hs[k, 0]
+                        hlast[sq, ch, k] = h[k]
+
+    @numba.njit(**_HELPER)
+    def _grads_mamba(
+        a, G, hs, Bb, dy, dt, s, uc, A, t0, T, dBv, dCv, du_j, ds, ddt, dA_acc
+    ):  # pragma: no cover - compiled
+        """The input gradients of one chunk under "mamba" with time-varying B and C, one pass
+        per state row (the passes of the general case, fused, read each buffer once):
+        dC_t += dy_t h_t, dB_t += G_t delta'_t u_t, du += delta' G . B,
+        q = A_bar G h_{t-1}: dA += s q, ds = A . q;  d(delta') = (G . B) u."""
+        zero = uc.dtype.type(0.0)
+        for j in range(T):
+            ds[j] = zero
+            ddt[j] = zero
+        for k in range(A.shape[0]):
+            ak, Gk, hk, bk = a[k], G[k], hs[k], Bb[k]
+            dBk = dBv[k, t0 : t0 + T]
+            dCk = dCv[k, t0 : t0 + T]
+            Ak = A[k]
+            acc = zero
+            for j in range(T):
+                Gj = Gk[j]
+                dCk[j] += dy[j] * hk[j + 1]
+                gb = Gj * bk[j]
+                dBk[j] += Gj * dt[j] * uc[j]
+                du_j[j] += gb * dt[j]
+                ddt[j] += gb * uc[j]
+                q = ak[j] * Gj * hk[j]
+                acc += s[j] * q
+                ds[j] += q * Ak
+            dA_acc[k] += acc
 
     @numba.njit(**_HELPER)
     def _bwd_real(
@@ -693,74 +821,78 @@ if HAVE_NUMBA:
                 if fl & 1:  # a sequence begins here: carry = A_bar G is its h0's gradient
                     for k in range(n):
                         dh0[sq, ch, k] = carry[k]
-                for k in range(n):  # dC_t = dy_t h_t
-                    hk = hs[k]
-                    if tsC:
-                        dCk = dCv[k, t0 : t0 + T]
-                        for j in range(T):
-                            dCk[j] += dy[j] * hk[j + 1]
-                    else:
+                if disc == 0 and tsB and tsC:  # Mamba's case: every input gradient in one pass
+                    _grads_mamba(a, G, hs, Bb, dy, dt, s, uc, Ach, t0, T, dBv, dCv, du_j, ds, ddt,
+                                 dA_acc)  # fmt: skip
+                else:
+                    for k in range(n):  # dC_t = dy_t h_t
+                        hk = hs[k]
+                        if tsC:
+                            dCk = dCv[k, t0 : t0 + T]
+                            for j in range(T):
+                                dCk[j] += dy[j] * hk[j + 1]
+                        else:
+                            acc = zero
+                            for j in range(T):
+                                acc += dy[j] * hk[j + 1]
+                            dCv[k, 0] += acc
+                    for k in range(n):  # input gamma_bar B u: dB = G gamma_bar u, du += G gamma_bar B
+                        Gk, gk, bk = G[k], g[k], Bb[k]
+                        if tsB:
+                            dBk = dBv[k, t0 : t0 + T]
+                            for j in range(T):
+                                gG = Gk[j] * gk[j]
+                                dBk[j] += gG * uc[j]
+                                du_j[j] += gG * bk[j]
+                        else:
+                            acc = zero
+                            for j in range(T):
+                                gG = Gk[j] * gk[j]
+                                acc += gG * uc[j]
+                                du_j[j] += gG * bk[j]
+                            dBv[k, 0] += acc
+                    # A_bar path: q = dA_bar/dx G h_{t-1} for x = s A;  dA += s q, ds += A q
+                    for j in range(T):
+                        ds[j] = zero
+                        ddt[j] = zero
+                    for k in range(n):
+                        ak, Gk, hk = a[k], G[k], hs[k]
+                        Ak = Ach[k]
                         acc = zero
-                        for j in range(T):
-                            acc += dy[j] * hk[j + 1]
-                        dCv[k, 0] += acc
-                for k in range(n):  # input gamma_bar B u: dB = G gamma_bar u, du += G gamma_bar B
-                    Gk, gk, bk = G[k], g[k], Bb[k]
-                    if tsB:
-                        dBk = dBv[k, t0 : t0 + T]
-                        for j in range(T):
-                            gG = Gk[j] * gk[j]
-                            dBk[j] += gG * uc[j]
-                            du_j[j] += gG * bk[j]
-                    else:
+                        if disc == 2:
+                            for j in range(T):
+                                f = half * (one + ak[j])
+                                q = f * f * Gk[j] * hk[j]
+                                acc += s[j] * q
+                                ds[j] += q * Ak
+                        else:
+                            for j in range(T):
+                                q = ak[j] * Gk[j] * hk[j]
+                                acc += s[j] * q
+                                ds[j] += q * Ak
+                        dA_acc[k] += acc
+                    # gamma_bar path: dL/dgamma_bar = G B u
+                    for k in range(n):
+                        Gk, gk, bk = G[k], g[k], Bb[k]
+                        Ak = Ach[k]
                         acc = zero
-                        for j in range(T):
-                            gG = Gk[j] * gk[j]
-                            acc += gG * uc[j]
-                            du_j[j] += gG * bk[j]
-                        dBv[k, 0] += acc
-                # A_bar path: q = dA_bar/dx G h_{t-1} for x = s A;  dA += s q, ds += A q
-                for j in range(T):
-                    ds[j] = zero
-                    ddt[j] = zero
-                for k in range(n):
-                    ak, Gk, hk = a[k], G[k], hs[k]
-                    Ak = Ach[k]
-                    acc = zero
-                    if disc == 2:
-                        for j in range(T):
-                            f = half * (one + ak[j])
-                            q = f * f * Gk[j] * hk[j]
-                            acc += s[j] * q
-                            ds[j] += q * Ak
-                    else:
-                        for j in range(T):
-                            q = ak[j] * Gk[j] * hk[j]
-                            acc += s[j] * q
-                            ds[j] += q * Ak
-                    dA_acc[k] += acc
-                # gamma_bar path: dL/dgamma_bar = G B u
-                for k in range(n):
-                    Gk, gk, bk = G[k], g[k], Bb[k]
-                    Ak = Ach[k]
-                    acc = zero
-                    if disc == 0:
-                        for j in range(T):
-                            ddt[j] += Gk[j] * bk[j] * uc[j]
-                    elif disc == 1:  # d/ddt = exp(dt A) = 1 + A g;  d/dA = (dt e - g) / A
-                        for j in range(T):
-                            e = one + Ak * gk[j]
-                            gg = Gk[j] * bk[j] * uc[j]
-                            ddt[j] += e * gg
-                            acc += (dt[j] * e - gk[j]) * gg
-                        dA_acc[k] += acc / Ak
-                    elif disc == 2:  # d/ddt = inv^2;  d/dA = dt^2 / 2 inv^2
-                        for j in range(T):
-                            inv = one / (one - half * dt[j] * Ak)
-                            gg = inv * inv * Gk[j] * bk[j] * uc[j]
-                            ddt[j] += gg
-                            acc += dt[j] * dt[j] * gg
-                        dA_acc[k] += half * acc
+                        if disc == 0:
+                            for j in range(T):
+                                ddt[j] += Gk[j] * bk[j] * uc[j]
+                        elif disc == 1:  # d/ddt = exp(dt A) = 1 + A g;  d/dA = (dt e - g) / A
+                            for j in range(T):
+                                e = one + Ak * gk[j]
+                                gg = Gk[j] * bk[j] * uc[j]
+                                ddt[j] += e * gg
+                                acc += (dt[j] * e - gk[j]) * gg
+                            dA_acc[k] += acc / Ak
+                        elif disc == 2:  # d/ddt = inv^2;  d/dA = dt^2 / 2 inv^2
+                            for j in range(T):
+                                inv = one / (one - half * dt[j] * Ak)
+                                gg = inv * inv * Gk[j] * bk[j] * uc[j]
+                                ddt[j] += gg
+                                acc += dt[j] * dt[j] * gg
+                            dA_acc[k] += half * acc
                 dbias += _finish_steps(
                     softplus, has_dA, T, raw, ddt, ds, du_j, du[bi, ch, t0 : t0 + T],
                     ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
@@ -1049,6 +1181,31 @@ if HAVE_NUMBA:
             dDp[bi, ch] = dD
             dbp[bi, ch] = dbias
 
+    # ------------------------------------------------------------------ task loops
+    # One call per thread runs its share of the tasks (first, first + stride, ...): a numba
+    # call unboxes every array argument (tens of microseconds for these argument lists), so
+    # one call per task would cost milliseconds at small shapes with many batch elements.
+
+    @numba.njit(**_HELPER)
+    def _tasks_fwd_real(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _fwd_real(task, *args)
+
+    @numba.njit(**_HELPER)
+    def _tasks_bwd_real(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _bwd_real(task, *args)
+
+    @numba.njit(**_HELPER)
+    def _tasks_fwd_cplx(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _fwd_cplx(task, *args)
+
+    @numba.njit(**_HELPER)
+    def _tasks_bwd_cplx(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _bwd_cplx(task, *args)
+
     # fmt: on
 
 
@@ -1062,14 +1219,16 @@ def _bc_layout(X: Tensor, d: int) -> Tensor:
     return X
 
 
-def _blocks(b: int, d: int, groups: list[int]) -> tuple[Tensor, Tensor, int]:
+@functools.lru_cache(maxsize=64)  # a model calls with the same few shapes: no per-call cost
+def _blocks(b: int, d: int, groups: tuple[int, ...], threads: int) -> tuple[Tensor, Tensor, int]:
     """Channel blocks (nblk, 2) that never straddle a group, their group under the finest
-    grouping G (the lcm of the grouped B/C's g), and G."""
+    grouping G (the lcm of the grouped B/C's g), and G; enough blocks for ``threads``.
+    (Cached: callers only read the tensors.)"""
     G = 1
     for g in groups:
         G = G * g // math.gcd(G, g)
     per_group = d // G
-    want = max(1, -(-TASKS_PER_THREAD * torch.get_num_threads() // (b * G)))
+    want = max(1, -(-TASKS_PER_THREAD * threads // (b * G)))
     size = -(-per_group // min(want, per_group))
     rows, owner = [], []
     for f in range(G):
@@ -1088,6 +1247,12 @@ def _reduce_bc(part: Tensor, shape: torch.Size, d: int, owner: Tensor, G: int) -
         grp = torch.div(owner, G // g, rounding_mode="floor")
         part = part.new_zeros(b, g, *part.shape[2:]).index_add_(1, grp, part)
     return part
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_segments(L: int, K: int) -> Tensor:
+    """:func:`_segments` of one sequence [0, L] (cached: the common call pays nothing)."""
+    return _segments(torch.tensor([0, L], dtype=torch.int64), L, K)
 
 
 def _segments(cu: Tensor, L: int, K: int) -> Tensor:
@@ -1109,26 +1274,36 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _run(kernel, ntasks: int, *args) -> None:
-    """Run ``kernel(task, *args)`` for every task on torch.get_num_threads() threads.
+def _threads(ntasks: int, work: int) -> int:
+    """Threads for a call: :func:`lrnnx.ops._numba.threads_for` (torch.get_num_threads() at
+    most, since numba's threads and torch's share the cores; one on a thread of a kernel pool
+    and within an enclosing serial block), one when the work (state updates, b d L n) is below
+    :data:`SERIAL_WORK`, and one per task at most."""
+    return max(1, min(threads_for(work, SERIAL_WORK), ntasks))
 
-    The kernels are compiled with ``nogil=True``, so plain threads run them in parallel; a
-    task is one batch element's channel block, and the pool hands them out as threads free up.
+
+def _run(kernel, ntasks: int, work: int, *args) -> None:
+    """Run ``kernel(first, stride, ntasks, *args)`` (a task loop) on :func:`_threads` threads.
+
+    The kernels are compiled with ``nogil=True``, so plain threads run them in parallel; thread
+    i runs tasks i, i + threads, ... (tasks are equal slices of the work), the calling thread
+    being thread 0.
     """
     global _POOL
-    threads = max(1, min(torch.get_num_threads(), ntasks))
+    threads = _threads(ntasks, work)
     if threads == 1:
-        for task in range(ntasks):
-            kernel(task, *args)
+        kernel(0, 1, ntasks, *args)
         return
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != threads:  # follow torch.set_num_threads
+        if _POOL is None or _POOL._max_workers < threads - 1:  # follow torch.set_num_threads
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="lrnnx-scan")
+            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrnnx-scan")
         pool = _POOL
     # a first call compiles once: numba's compile lock makes the other threads wait for it
-    for f in [pool.submit(kernel, task, *args) for task in range(ntasks)]:
+    futures = [pool.submit(kernel, i, threads, ntasks, *args) for i in range(1, threads)]
+    kernel(0, threads, ntasks, *args)
+    for f in futures:
         f.result()
 
 
@@ -1146,18 +1321,19 @@ class _Prepared:
         b, d, L = u.shape
         n = A.shape[1]
         # packed sequences (b = 1): S initial and final states; otherwise one per batch row
-        if cu is None:
-            cu = torch.tensor([0, L], dtype=torch.int64)
-        self.nstates = b * (cu.shape[0] - 1)
-        self.seg = _segments(cu, L, int(chunk))
+        self.nstates = b * (1 if cu is None else cu.shape[0] - 1)
+        self.seg = _plain_segments(L, int(chunk)) if cu is None else _segments(cu, L, int(chunk))
         dtype = u.dtype
         self.shape = (b, d, L, n)
         self.cplx = A.is_complex()
         self.B, self.C = _bc_layout(B, d), _bc_layout(C, d)
         self.per_B = self.B.shape[1] == d
         self.per_C = self.C.shape[1] == d
-        grouped = [X.shape[1] for X in (self.B, self.C) if X.shape[1] != d]
-        self.blocks, self.owner, self.G = _blocks(b, d, grouped)
+        grouped = tuple(X.shape[1] for X in (self.B, self.C) if X.shape[1] != d)
+        # one block per group on one thread: fewer, longer tasks
+        threads = _threads(b * d, b * d * L * n)
+        self.blocks, self.owner, self.G = _blocks(b, d, grouped, threads)
+        self.work = b * d * L * n
         dummy = u.new_zeros(1, 1, 1)
         self.has_z, self.has_dA = z is not None, deltaA is not None
         self.arrays = [
@@ -1175,6 +1351,14 @@ class _Prepared:
         self.flags = (_DISC[disc], bool(softplus), self.has_z, self.has_dA, int(chunk))
         self.dtype = dtype
 
+    def _time_major(self) -> tuple:
+        """B and C (b or 1, g, L or 1, n) for the step-by-step forward of "mamba" (tiny
+        placeholders under the other rules, whose forward runs in passes)."""
+        if self.flags[0] != _DISC["mamba"]:
+            dummy = torch.zeros(1, 1, 1, 1, dtype=self.dtype).numpy()
+            return dummy, dummy
+        return as_array(self.B.transpose(2, 3)), as_array(self.C.transpose(2, 3))
+
     def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
         b, d, L, n = self.shape
         nseg = self.seg.shape[0] if save else 0
@@ -1187,12 +1371,13 @@ class _Prepared:
         seg = self.seg.numpy()
         ntasks = b * len(blocks)
         if not self.cplx:
-            _run(_fwd_real, ntasks, *self.arrays, as_array(self.h0), *self.flags, blocks, seg,
-                 y.numpy(), hl.numpy(), ck.numpy())  # fmt: skip
+            BT, CT = self._time_major()
+            _run(_tasks_fwd_real, ntasks, self.work, *self.arrays, as_array(self.h0), *self.flags,
+                 blocks, seg, BT, CT, y.numpy(), hl.numpy(), ck.numpy())  # fmt: skip
             return y, hl, ck
         ck_i = torch.empty_like(ck)
         hl_i = self.h0.imag.clone(**contiguous)
-        _run(_fwd_cplx, ntasks, *self.arrays, *_planes(self.h0), *self.flags, blocks, seg,
+        _run(_tasks_fwd_cplx, ntasks, self.work, *self.arrays, *_planes(self.h0), *self.flags, blocks, seg,
              y.numpy(), hl.numpy(), hl_i.numpy(), ck.numpy(), ck_i.numpy())  # fmt: skip
         return y, torch.complex(hl, hl_i), torch.complex(ck, ck_i)
 
@@ -1222,14 +1407,14 @@ class _Prepared:
         dy = as_array(dy.to(self.dtype))
         ntasks = b * nblk
         if not self.cplx:
-            _run(_bwd_real, ntasks, *self.arrays, *common, as_array(ckpt), dy,
+            _run(_tasks_bwd_real, ntasks, self.work, *self.arrays, *common, as_array(ckpt), dy,
                  as_array(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
                  ddA.numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(), dbias.numpy(),
                  dh0.numpy())  # fmt: skip
         else:
             dA_i, dh0_i = torch.empty_like(dA), dh.imag.clone(**contiguous)
             dB_i, dC_i = torch.zeros_like(dB), torch.zeros_like(dC)
-            _run(_bwd_cplx, ntasks, *self.arrays, *common, *_planes(ckpt), dy,
+            _run(_tasks_bwd_cplx, ntasks, self.work, *self.arrays, *common, *_planes(ckpt), dy,
                  *_planes(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
                  ddA.numpy(), dA.numpy(), dA_i.numpy(), dB.numpy(), dB_i.numpy(), dC.numpy(),
                  dC_i.numpy(), dD.numpy(), dbias.numpy(), dh0.numpy(), dh0_i.numpy())  # fmt: skip
@@ -1335,3 +1520,24 @@ def selective_scan(
     prep = _Prepared(*tensors, delta_softplus, discretization, chunk, cu)
     y, h_last, _ = prep.forward(save=False)
     return y, h_last
+
+
+def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
+    """Run, on tiny inputs, the kernels a call whose tensors have these dtypes runs (forward and
+    backward), so that numba compiles or loads exactly those: float32 or float64, real or
+    complex A (complex64 / complex128 in ``dtypes``).  Every discretization, gate and B/C form
+    of one dtype shares these kernels.  Used by the background compile process
+    (:func:`lrnnx.ops._numba.deferred`)."""
+    real = torch.float64 if {torch.float64, torch.complex128} & set(dtypes) else torch.float32
+    cplx = any(dt.is_complex for dt in dtypes)
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int, dtype: torch.dtype = real) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    A = t(2, 2, dtype=real.to_complex() if cplx else real)
+    y, h = selective_scan(
+        t(1, 2, 3), t(1, 2, 3), A, t(1, 1, 2, 3), t(1, 1, 2, 3), t(2), t(1, 2, 3), t(2),
+        True, "mamba", None, None,
+    )  # fmt: skip
+    (y.sum() + h.real.sum()).backward()
