@@ -105,3 +105,16 @@ def test_packing_flag_prints_padded_and_packed_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Packed vs padded" in out and "packed/padded" in out
     assert "| s5 |" in md.read_text()
+
+
+def test_small_flag_reaches_the_small_work_rows(tmp_path, capsys):
+    """`lrnnx bench --small` reaches lrnnx.bench_small: default vs torch rows per model."""
+    from lrnnx.cli import main
+
+    md = tmp_path / "small.md"
+    argv = [
+        "bench", "--small", "--models", "lru", "--small-repeats", "2", "--device", "cpu",
+        "--markdown", str(md), "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "lru" in md.read_text() and "torch" in capsys.readouterr().out

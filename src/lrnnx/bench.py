@@ -859,6 +859,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lrnnx.bench_packing import add_packing_arguments
 
     add_packing_arguments(parser)
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="instead of the timings: per-call overhead at B=1, L=1..64, the LM's step per "
+        "mixer and generate per token, default path vs torch backend (--small-busy: again with "
+        "another process keeping every core busy)",
+    )
+    from lrnnx.bench_small import add_small_arguments
+
+    add_small_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -872,6 +882,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"lrnnx bench on {info}")
     if getattr(args, "cold", False):
         return run_cold(args, names, info)
+    if getattr(args, "small", False):
+        from lrnnx.bench_small import run_small
+
+        with _env(**{COMPILE_ENV: "wait"}):  # time the fused kernels
+            return run_small(args)
     if getattr(args, "packing", False):
         from lrnnx.bench_packing import run_packing
 
@@ -913,6 +928,10 @@ def _run_cases(args: argparse.Namespace, device: torch.device, names: List[str],
         f"per case (shapes in the labels)\n{info}"
     )
     md = write_reports(rows, info, copy_gbps, Path(args.out), title=title)
+    if "selective_scan" in args.ops:  # the fused scan against a plain yardstick kernel
+        from lrnnx.bench_yardstick import add_yardstick_section
+
+        md = add_yardstick_section(md, args.quick, device)
     if getattr(args, "markdown", None):
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(_results_page(md, args))

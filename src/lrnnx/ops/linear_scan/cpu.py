@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lrnnx.ops._numba import CHANNEL_BLOCK, HAVE_NUMBA, as_array, is_available, sync_threads
+from lrnnx.ops._numba import CHANNEL_BLOCK, HAVE_NUMBA, as_array, is_available, kernel_threads
 from lrnnx.ops.linear_scan.torch import LinearScanFunction
 
 __all__ = ["linear_scan", "is_available", "scan_kernel", "warm_up"]
@@ -48,10 +48,10 @@ if HAVE_NUMBA:
                         ot[c] = h[c]
 
 
-def _block(batch: int, channels: int) -> int:
+def _block(batch: int, channels: int, threads: int) -> int:
     """Channels per task: as wide as possible (long contiguous rows stream best) while still
-    giving every thread at least one task."""
-    tasks_per_row = max(1, -(-numba.get_num_threads() // batch))
+    giving each of ``threads`` threads at least one task."""
+    tasks_per_row = max(1, -(-threads // batch))
     return max(CHANNEL_BLOCK, -(-channels // tasks_per_row))
 
 
@@ -77,11 +77,13 @@ def scan_kernel(
     )
     flags = _NO_RESETS if resets is None else resets.to(torch.bool)
     out = torch.empty(B, L, b3.shape[2], dtype=b.dtype)
-    sync_threads()
-    _scan(
-        as_array(a3), as_array(b3), as_array(h0), as_array(flags), out.numpy(), reverse,
-        _block(B, b3.shape[2]),
-    )  # fmt: skip
+    # serial for small work, never more threads than torch's (forward and the backward's
+    # adjoint scan both come through here)
+    with kernel_threads(b3.numel()) as threads:
+        _scan(
+            as_array(a3), as_array(b3), as_array(h0), as_array(flags), out.numpy(), reverse,
+            _block(B, b3.shape[2], threads),
+        )  # fmt: skip
     return out.reshape(shape)
 
 
