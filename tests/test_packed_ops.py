@@ -474,6 +474,7 @@ def _have_triton() -> bool:
         return False
 
 
+@pytest.mark.slow  # the Triton interpreter: about 40 s on 2 cores (make test-slow)
 @pytest.mark.skipif(not _have_triton(), reason="triton is not installed")
 def test_triton_kernels_packed_under_interpreter(tmp_path):
     script = tmp_path / "worker.py"

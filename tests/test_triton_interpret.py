@@ -38,7 +38,11 @@ def _have_triton() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _have_triton(), reason="triton is not installed")
+# slow (make test-slow, which CI runs): the interpreter takes about a minute on 2 cores
+pytestmark = [
+    pytest.mark.skipif(not _have_triton(), reason="triton is not installed"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")
