@@ -20,6 +20,7 @@ import lrnnx.ops._numba as _numba  # noqa: E402
 import lrnnx.ops.selective_scan.cpu as ss_cpu  # noqa: E402
 import lrnnx.ops.selective_scan.torch as ss_torch  # noqa: E402
 from _scan_inputs import make_scan_inputs  # noqa: E402
+from _tol import assert_close_rel  # noqa: E402
 from lrnnx.ops import _dispatch, selective_scan_fn  # noqa: E402
 
 DISCS = ("mamba", "zoh", "bilinear", "dirac")
@@ -45,13 +46,18 @@ def run(kw: dict, disc: str, backend: str, wanted=GRAD_NAMES):
         for k, v in kw.items()
     }
     y, h = selective_scan_fn(**kw, discretization=disc, return_last_state=True, backend=backend)
+    return _with_grads(y, h, {k: v for k, v in kw.items() if k in wanted})
+
+
+def _with_grads(y: Tensor, h: Tensor, leaves: dict) -> tuple:
+    """y, h and the gradients of a loss touching both for the tensors of ``leaves``."""
     w = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
     loss = (y * w).sum() + (h * h.conj()).real.sum() + h.real.sum()
-    names = [k for k in GRAD_NAMES if k in kw and k in wanted]
-    got = torch.autograd.grad(loss, [kw[k] for k in names], allow_unused=True)
+    names = [k for k in GRAD_NAMES if k in leaves]
+    got = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
     # an input the rule never reads (delta under dirac with deltaA) has a zero gradient
     grads = {
-        k: torch.zeros_like(kw[k]) if g is None else g for k, g in zip(names, got, strict=True)
+        k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, got, strict=True)
     }
     return y.detach(), h.detach(), grads
 
@@ -151,7 +157,9 @@ def test_gradcheck(monkeypatch, disc, form, deltaA, n, L, chunk):
         )
 
     inputs = tuple(kw[k].clone().requires_grad_() for k in names)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # nondet_tol: two backward calls may differ by float64 rounding if partial sums are reduced
+    # in another order (the tolerance rule of _tol.py), never by more
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, nondet_tol=1e-12)
 
 
 # ----------------------------------------------------------------------------- complex64
@@ -257,3 +265,137 @@ def test_tiny_work_runs_on_the_calling_thread(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert ss_cpu._threads(3, 1 << 30) <= 3
+
+
+# ----------------------------------------------------------------------------- reverse=True
+# The kernels walk the chunks (each packed sequence) from the last step to the first.  Two
+# independent expectations: the forward scan of time-flipped inputs, flipped back (the
+# definition), and the reference loop's own reverse recurrence in float64.
+
+#: packed offsets over L = 37 with a zero-length sequence (17..17), a length-1 one (0..1) and
+#: boundaries inside and on the 16-step chunks
+PACKED = torch.tensor([0, 1, 17, 17, 30, 37])
+
+
+def _packed_inputs(kw: dict, cplx: bool) -> dict:
+    """One packed row (b = 1) with one initial state per sequence of :data:`PACKED`."""
+    S = PACKED.numel() - 1
+    gen = torch.Generator().manual_seed(7)
+    h0 = kw["initial_state"]
+    shape = (S, *h0.shape[1:])
+    new = torch.randn(*shape, generator=gen, dtype=h0.real.dtype)
+    kw["initial_state"] = torch.complex(new, torch.randn_like(new)) if cplx else new
+    return kw
+
+
+def run_reverse(kw: dict, disc: str, backend: str, cu: Tensor | None, via_flip: bool):
+    """:func:`run` with ``reverse=True``; ``via_flip``: instead the forward scan of inputs
+    flipped along time (sequences in reverse order, each flipped), y and states flipped back,
+    so that the gradients are those of the same inputs."""
+    leaves = {k: v.clone().requires_grad_() if isinstance(v, Tensor) else v for k, v in kw.items()}
+    args, offsets = dict(leaves), cu
+    if via_flip:
+        for k in ("u", "delta", "z", "deltaA", "B", "C"):
+            if k in args and args[k].dim() >= 3:  # (b, d, L), (b, n, L), (b, g, n, L)
+                args[k] = args[k].flip(-1)
+        if cu is not None:
+            offsets = kw["u"].shape[-1] - cu.flip(0)
+            args["initial_state"] = args["initial_state"].flip(0)
+    y, h = selective_scan_fn(
+        **args, discretization=disc, return_last_state=True, backend=backend,
+        reverse=not via_flip, cu_seqlens=offsets,
+    )  # fmt: skip
+    if via_flip:
+        y = y.flip(-1)
+        h = h.flip(0) if cu is not None else h
+    return _with_grads(y, h, leaves)
+
+
+def _wide(kw: dict) -> dict:
+    """The inputs in float64 / complex128 (the reference's precision)."""
+    return {
+        k: v.to(torch.complex128 if v.is_complex() else torch.float64)
+        if isinstance(v, Tensor)
+        else v
+        for k, v in kw.items()
+    }
+
+
+def assert_match_rel(got, expected, dtype: torch.dtype, L: int, factor: float) -> None:
+    """y, last state and every gradient within ``factor * tol(dtype, L)`` of ``expected``."""
+    assert_close_rel(got[0], expected[0].to(got[0].dtype), dtype=dtype, length=L,
+                     factor=factor, msg="y")  # fmt: skip
+    assert_close_rel(got[1], expected[1].to(got[1].dtype), dtype=dtype, length=L,
+                     factor=factor, msg="last state")  # fmt: skip
+    assert set(got[2]) == set(expected[2])
+    for name, g in got[2].items():
+        assert_close_rel(g, expected[2][name].to(g.dtype), dtype=dtype, length=L, factor=factor,
+                         msg=name)  # fmt: skip
+
+
+def _check_reverse(kw: dict, disc: str, cu: Tensor | None, factor: float) -> None:
+    dtype = kw["u"].dtype
+    L = kw["u"].shape[-1]
+    got = run_reverse(kw, disc, "cpu", cu, via_flip=False)
+    flipped = run_reverse(kw, disc, "cpu", cu, via_flip=True)
+    reference = run_reverse(_wide(kw), disc, "reference", cu, via_flip=False)
+    assert got[0].dtype == dtype
+    assert_match_rel(got, flipped, dtype, L, factor)
+    assert_match_rel(got, reference, dtype, L, factor)
+
+
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("disc", DISCS)
+def test_reverse_float64(small_chunk, disc, form, cplx):
+    """Unpacked, b = 2, L = 37 over 16-step chunks: outputs, final states, every gradient."""
+    kw = make_inputs(form, cplx, deltaA=disc == "zoh")
+    # gradients through products of up to L decays: a few ulps per step more than y
+    _check_reverse(kw, disc, None, factor=100.0)
+
+
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("disc", DISCS)
+def test_reverse_packed_float64(small_chunk, disc, cplx):
+    """Packed sequences (zero-length and length-1 ones among them), each scanned from its own
+    last step to its first, with its own initial and final state."""
+    form = "shared" if disc == "dirac" else "grouped"
+    kw = _packed_inputs(make_inputs(form, cplx, b=1, deltaA=disc == "bilinear"), cplx)
+    _check_reverse(kw, disc, PACKED, factor=100.0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("disc", ["mamba", "zoh"])
+def test_reverse_float32(small_chunk, disc, cplx, packed):
+    """float32 / complex64 kernels (polynomial exp, sincos): against the float64 reference."""
+    kw = make_inputs("input", cplx, b=1 if packed else 2, dtype=torch.float32)
+    if packed:
+        kw = _packed_inputs(kw, cplx)
+    # float32 gradients through long decay products (as test_float32_long_sequence allows)
+    _check_reverse(kw, disc, PACKED if packed else None, factor=50.0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_reverse_makes_no_flipped_copy(small_chunk, monkeypatch, packed):
+    """reverse=True on the cpu backend is native: neither the dispatcher nor the kernels' torch
+    side flips a tensor (forward or backward)."""
+    kw = make_inputs("grouped", False, b=1 if packed else 2)
+    if packed:
+        kw = _packed_inputs(kw, False)
+    expected = run_reverse(kw, "mamba", "cpu", PACKED if packed else None, via_flip=True)
+    calls = []
+    real_flip, real_method = torch.flip, Tensor.flip
+
+    def spy(fn):
+        def flip(*args, **kwargs):
+            calls.append(args[0].shape)
+            return fn(*args, **kwargs)
+
+        return flip
+
+    monkeypatch.setattr(torch, "flip", spy(real_flip))
+    monkeypatch.setattr(Tensor, "flip", spy(real_method))
+    got = run_reverse(kw, "mamba", "cpu", PACKED if packed else None, via_flip=False)
+    assert calls == []
+    assert_match_rel(got, expected, torch.float64, kw["u"].shape[-1], factor=100.0)

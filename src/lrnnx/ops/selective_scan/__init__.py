@@ -8,15 +8,15 @@ Backends (same signature, same results):
   length-n buffer per channel, forward keeps one state per chunk, backward recomputes chunks.
 - ``triton``: fused Triton kernels for CUDA tensors (the CUDA default).
 
-``reverse=True`` (time from the last step to the first) runs natively in ``reference``,
-``torch`` and ``triton``; for ``cpu`` this dispatcher flips the time axis of the inputs, runs
-the forward scan and flips y back (the states need no flip), so that backend pays for the copies.
+``reverse=True`` (time from the last step to the first) runs natively in every backend (the
+``cpu`` kernels walk their chunks backwards); a backend registered without it would get
+time-flipped copies of the inputs from this dispatcher, which flips y back.
 
 Packed sequences (``cu_seqlens``) are native in every backend: each restarts the state where a
 sequence's scan begins (replacing the carried state, never multiplying it by zero, so a nan or
-inf in one sequence stays there) and stores each sequence's final state where it ends (for
-``cpu`` with ``reverse`` the flipped offsets ``T - cu_seqlens.flip(0)`` reverse the order of
-the sequences, so the initial and final states are flipped along S around the call).
+inf in one sequence stays there) and stores each sequence's final state where it ends (for a
+backend without native ``reverse`` the flipped offsets ``T - cu_seqlens.flip(0)`` reverse the
+order of the sequences, so the initial and final states are flipped along S around the call).
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available for the device.
 """
@@ -43,7 +43,7 @@ _dispatch.register("selective_scan", "triton", "lrnnx.ops.selective_scan.triton:
 _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 #: backends whose function takes ``reverse``; the others get time-flipped inputs
-_NATIVE_REVERSE = ("reference", "torch", "triton")
+_NATIVE_REVERSE = ("reference", "torch", "triton", "cpu")
 
 
 def _check_tensor(name: str, x: object, device: _torch.device, complex_ok: bool = False) -> Tensor:
@@ -118,8 +118,8 @@ def selective_scan_fn(
 
     ``initial_state`` is then h_L and the returned last state is h_0 (after processing t = 0):
     the result equals flipping every time-varying input along time, running the forward scan
-    and flipping y back.  Native in the ``reference``, ``torch`` and ``triton`` backends; the
-    ``cpu`` backend gets flipped inputs from this function.
+    and flipping y back.  Native in every backend (``reference``, ``torch``, ``triton`` and
+    ``cpu``).
 
     With ``cu_seqlens`` (packed sequences, fla's convention) u is (1, d, T) holding S sequences
     back to back; the state restarts at each sequence's first step (its last with ``reverse``):

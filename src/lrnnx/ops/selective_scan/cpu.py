@@ -34,6 +34,12 @@ Wirtinger: grad_w = conj(df/dw) grad_f), so the results match autograd through t
 backend; complex tensors are split into real and imaginary planes, so every kernel works on
 real arrays.
 
+``reverse=True`` (time from the last step to the first) is a runtime flag of the same compiled
+kernels: forward walks the segments last to first and each chunk from its last step to its
+first (the (n, K) B/C rows are loaded reversed, u, delta, z into (K,) scratch, y written back
+reversed); backward walks them first to last.  A packed sequence then begins at its last
+segment and ends at its first.  No time-flipped copy of an input or of y is made.
+
 Why numba and not a C++ extension (``torch.utils.cpp_extension.load_inline``): numba is a pip
 wheel, so users need no compiler toolchain or torch headers, and ``cache=True`` keeps the
 machine code next to this file: the first call of a dtype compiles all its kernels (10-20 s on
@@ -247,11 +253,21 @@ if HAVE_NUMBA:
     # from column t0 (ts = 1) or always column 0 (ts = 0: time-invariant).
 
     @numba.njit(**_HELPER)
-    def _rows(Xv, t0, ts, T, out):  # pragma: no cover - compiled
-        """out[k, j] = X_{t0 + j}[k] for j < T."""
+    def _back(T, j):  # pragma: no cover - compiled
+        """T - 1 - j as an unsigned index: numba wraps negative signed indices around, and that
+        select stops LLVM from vectorising a reversed copy (8x slower here)."""
+        return numba.uint64(T - 1 - j)
+
+    @numba.njit(**_HELPER)
+    def _rows(Xv, t0, ts, T, rev, out):  # pragma: no cover - compiled
+        """out[k, j] = X_{t0 + j}[k] for j < T (X_{t0 + T - 1 - j}[k] when ``rev``)."""
         for k in range(Xv.shape[0]):
             o = out[k]
-            if ts:
+            if ts and rev:
+                src = Xv[k, t0 : t0 + T]
+                for j in range(T):
+                    o[j] = src[_back(T, j)]
+            elif ts:
                 src = Xv[k, t0 : t0 + T]
                 for j in range(T):
                     o[j] = src[j]
@@ -259,6 +275,56 @@ if HAVE_NUMBA:
                 v = Xv[k, 0]
                 for j in range(T):
                     o[j] = v
+
+    @numba.njit(**_HELPER)
+    def _take(row, t0, T, rev, buf):  # pragma: no cover - compiled
+        """A chunk of one channel's row in walking order: the view row[t0 : t0 + T], or under
+        ``rev`` its steps last to first, copied into the (K,) scratch ``buf`` (never the row)."""
+        if rev:
+            src = row[t0 : t0 + T]
+            for j in range(T):
+                buf[j] = src[_back(T, j)]
+            return buf[:T]
+        return row[t0 : t0 + T]
+
+    @numba.njit(**_HELPER)
+    def _out(row, t0, T, rev, buf):  # pragma: no cover - compiled
+        """Where a chunk's output goes in walking order: row[t0 : t0 + T], or ``buf`` under
+        ``rev`` (then :func:`_put` writes it back reversed)."""
+        return buf[:T] if rev else row[t0 : t0 + T]
+
+    @numba.njit(**_HELPER)
+    def _put(buf, row, t0, T):  # pragma: no cover - compiled
+        """row[t0 + T - 1 - j] = buf[j]: a reversed chunk's output back in time order."""
+        dst = row[t0 : t0 + T]
+        for j in range(T):
+            dst[_back(T, j)] = buf[j]
+
+    @numba.njit(**_HELPER)
+    def _put_rows(buf, rows, t0, T):  # pragma: no cover - compiled
+        """rows[k, t0 + T - 1 - j] += buf[k, j]: a reversed chunk's dB or dC rows."""
+        for k in range(rows.shape[0]):
+            src, dst = buf[k], rows[k, t0 : t0 + T]
+            for j in range(T):
+                dst[j] += src[_back(T, j)]
+
+    @numba.njit(**_HELPER)
+    def _put_steps(
+        bi, ch, t0, T, has_dA, has_z, du, ddelta, ddA, dz, duc, ddc, ddAc, dzc
+    ):  # pragma: no cover - compiled
+        """A reversed chunk's du, ddelta (and ddeltaA, dz) back into channel ch's rows."""
+        _put(duc, du[bi, ch], t0, T)
+        _put(ddc, ddelta[bi, ch], t0, T)
+        if has_dA:  # (else ddA, dz are (1, 1, 1) placeholders)
+            _put(ddAc, ddA[bi, ch], t0, T)
+        if has_z:
+            _put(dzc, dz[bi, ch], t0, T)
+
+    @numba.njit(**_HELPER)
+    def _zero_rows(buf, T):  # pragma: no cover - compiled
+        for k in range(buf.shape[0]):
+            for j in range(T):
+                buf[k, j] = 0.0
 
     @numba.njit(**_HELPER)
     def _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s):  # pragma: no cover
@@ -406,7 +472,7 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _chunk_real(
-        uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, Dc, bias_c, disc, softplus, has_dA, T,
+        uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, rev, Dc, bias_c, disc, softplus, has_dA, T,
         raw, dt, s, a, g, Bb, Cb, x, hs, w,
     ):  # pragma: no cover - compiled
         """One chunk from hs[:, 0]: A_bar, gamma_bar into a, g; B_t, C_t into Bb, Cb; the
@@ -415,8 +481,8 @@ if HAVE_NUMBA:
         one = uc.dtype.type(1.0)
         half = uc.dtype.type(0.5)
         _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s)
-        _rows(Bv, t0 * tsB, tsB, T, Bb)
-        _rows(Cv, t0 * tsC, tsC, T, Cb)
+        _rows(Bv, t0 * tsB, tsB, T, rev, Bb)
+        _rows(Cv, t0 * tsC, tsC, T, rev, Cb)
         for k in range(n):
             Ak = Ach[k]
             ak, gk = a[k], g[k]
@@ -502,7 +568,7 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _chunk_cplx(
-        uc, dc, dAc, Ar, Ai, Brv, Biv, Crv, Civ, t0, tsB, tsC, Dc, bias_c, disc, softplus,
+        uc, dc, dAc, Ar, Ai, Brv, Biv, Crv, Civ, t0, tsB, tsC, rev, Dc, bias_c, disc, softplus,
         has_dA, T, raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr, Cbi, xr, xi, hr, hi, w,
     ):  # pragma: no cover - compiled
         """Complex A (split planes): as :func:`_chunk_real`, with y = 2 Re(sum_k C h)."""
@@ -512,10 +578,10 @@ if HAVE_NUMBA:
         half = uc.dtype.type(0.5)
         two = uc.dtype.type(2.0)
         _steps(dc, bias_c, dAc, softplus, has_dA, T, raw, dt, s)
-        _rows(Brv, t0 * tsB, tsB, T, Bbr)
-        _rows(Biv, t0 * tsB, tsB, T, Bbi)
-        _rows(Crv, t0 * tsC, tsC, T, Cbr)
-        _rows(Civ, t0 * tsC, tsC, T, Cbi)
+        _rows(Brv, t0 * tsB, tsB, T, rev, Bbr)
+        _rows(Biv, t0 * tsB, tsB, T, rev, Bbi)
+        _rows(Crv, t0 * tsC, tsC, T, rev, Cbr)
+        _rows(Civ, t0 * tsC, tsC, T, rev, Cbi)
         for k in range(n):
             Akr, Aki = Ar[k], Ai[k]
             ark, aik, grk, gik = ar[k], ai[k], gr[k], gi[k]
@@ -624,16 +690,19 @@ if HAVE_NUMBA:
     # ------------------------------------------------------------------ real kernels
 
     @numba.njit(**_HELPER)
-    def _chunk_steps(uc, dt, s, Ak, BT, CT, t0, tsB, tsC, Dc, T, h, w):  # pragma: no cover
+    def _chunk_steps(uc, dt, s, Ak, BT, CT, t0, tsB, tsC, rev, Dc, T, h, w):  # pragma: no cover
         """Forward of one chunk under "mamba" (gamma_bar = delta'), step by step with the state
         in h (n,): h = exp(s_j A) h + delta'_j u_j B_j, w_j = C_j . h + D u_j.  BT, CT are
         time-major (L or 1, n), so a step's n values are contiguous and the loop over the
         state vectorises; the state never leaves the cache line it lives in.  Forward needs
-        no per-step buffer (backward recomputes with :func:`_chunk_real`)."""
+        no per-step buffer (backward recomputes with :func:`_chunk_real`).  Step j is time
+        t0 + j, or t0 + T - 1 - j under ``rev``."""
         n = h.shape[0]
+        first, step = (t0 + T - 1, -1) if rev else (t0, 1)
         for j in range(T):
-            Bq = BT[(t0 + j) * tsB]
-            Cq = CT[(t0 + j) * tsC]
+            tq = first + step * j
+            Bq = BT[tq * tsB]
+            Cq = CT[tq * tsC]
             sj = s[j]
             gu = dt[j] * uc[j]
             acc = uc.dtype.type(0.0)
@@ -646,13 +715,15 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _fwd_real(
         task,
-        u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, blocks, seg,
-        BT, CT, y, hlast, ckpt,
+        u, delta, A, B, C, D, z, bias, dA_in, h0, disc, softplus, has_z, has_dA, K, rev, blocks,
+        seg, BT, CT, y, hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
 
         ``seg`` (see :func:`_segments`) lists the chunks: the state restarts from h0 at a
         segment that begins a sequence and is stored in hlast at one that ends it.  Under
+        ``rev`` the segments run last to first, each from its last step to its first (a
+        sequence then begins at its last segment and ends at its first).  Under
         "mamba" the chunks run step by step (:func:`_chunk_steps`, on BT, CT: B and C
         time-major), under the other rules in passes (:func:`_chunk_real`)."""
         b, d, L = u.shape
@@ -671,6 +742,11 @@ if HAVE_NUMBA:
         s = np.empty(K, u.dtype)
         w = np.empty(K, u.dtype)
         h = np.empty(n, u.dtype)
+        # reversed chunks of u, delta, deltaA, z and y in walking order (unused forwards)
+        R = K if rev else 0
+        rb = np.empty((5, R), u.dtype)
+        ub, db, dAb, zb, yb = rb[0], rb[1], rb[2], rb[3], rb[4]
+        first, last = (2, 1) if rev else (1, 2)  # the flags of a walk's first and last segment
         P = 0 if steps else K  # the pass buffers, unused step by step
         a = np.empty((n, P), u.dtype)
         g = np.empty((n, P), u.dtype)
@@ -683,33 +759,37 @@ if HAVE_NUMBA:
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
             gB, gC = ch // (d // B.shape[1]), ch // (d // C.shape[1])
             Bv, Cv = B[bB, gB], C[bC, gC]
-            for c in range(nseg):
+            for ci in range(nseg):
+                c = nseg - 1 - ci if rev else ci
                 t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
-                if fl & 1:  # a sequence begins: restart from its initial state
+                if fl & first:  # a sequence begins: restart from its initial state
                     for k in range(n):
                         h[k] = h0[sq, ch, k]
                 if save:
                     for k in range(n):
                         ckpt[bi, ch, c, k] = h[k]
-                uc = u[bi, ch, t0 : t0 + T]
-                dc = delta[bi, ch, t0 : t0 + T]
-                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
-                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                uc = _take(u[bi, ch], t0, T, rev, ub)
+                dc = _take(delta[bi, ch], t0, T, rev, db)
+                dAc = _take(dA_in[bi, ch], t0, T, rev, dAb) if has_dA else dc
+                zc = _take(z[bi, ch], t0, T, rev, zb) if has_z else uc
                 if steps:
                     _steps(dc, bias[ch], dAc, softplus, has_dA, T, raw, dt, s)
-                    _chunk_steps(uc, dt, s, A[ch], BT[bB, gB], CT[bC, gC], t0, tsB, tsC,
+                    _chunk_steps(uc, dt, s, A[ch], BT[bB, gB], CT[bC, gC], t0, tsB, tsC, rev,
                                  D[ch], T, h, w)  # fmt: skip
                 else:
                     for k in range(n):
                         hs[k, 0] = h[k]
                     _chunk_real(
-                        uc, dc, dAc, A[ch], Bv, Cv, t0, tsB, tsC, D[ch], bias[ch], disc,
+                        uc, dc, dAc, A[ch], Bv, Cv, t0, tsB, tsC, rev, D[ch], bias[ch], disc,
                         softplus, has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
                     )
                     for k in range(n):
                         h[k] = hs[k, T]
-                _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
-                if fl & 2:  # a sequence ends: its final state
+                yc = _out(y[bi, ch], t0, T, rev, yb)
+                _gate_forward(zc, has_z, T, w, yc)
+                if rev:
+                    _put(yc, y[bi, ch], t0, T)
+                if fl & last:  # a sequence ends: its final state
                     for k in range(n):
                         hlast[sq, ch, k] = h[k]
 
@@ -746,14 +826,16 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _bwd_real(
         task,
-        u, delta, A, B, C, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K, blocks, seg,
+        u, delta, A, B, C, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K, rev, blocks, seg,
         per_B, per_C, ckpt, dout, dhlast,
         du, ddelta, dz, ddA, dAp, dBp, dCp, dDp, dbp, dh0,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
 
-        Segments in reverse: the adjoint starts from dhlast at a segment that ends a sequence,
-        and at one that begins a sequence the adjoint before it is that sequence's dh0."""
+        Segments against forward's walk: the adjoint starts from dhlast at a segment that ends
+        a sequence, and at one that begins a sequence the adjoint before it is that sequence's
+        dh0.  Under ``rev`` (forward walked time backwards) this walk runs first to last,
+        each chunk in forward's order (its steps last to first)."""
         b, d, L = u.shape
         n = A.shape[1]
         nblk = blocks.shape[0]
@@ -783,6 +865,14 @@ if HAVE_NUMBA:
         hs = np.empty((n, K + 1), u.dtype)
         carry = np.empty(n, u.dtype)
         dA_acc = np.empty(n, u.dtype)
+        # reversed chunks of the inputs and gradients in walking order (unused forwards)
+        R = K if rev else 0
+        rb = np.empty((9, R), u.dtype)
+        ub, db, dAb, zb, dob = rb[0], rb[1], rb[2], rb[3], rb[4]
+        dzb, dub, ddb, ddAb = rb[5], rb[6], rb[7], rb[8]
+        dBb = np.empty((n, R), u.dtype)
+        dCb = np.empty((n, R), u.dtype)
+        first, last = (2, 1) if rev else (1, 2)  # the flags of forward's first and last segment
         bB = bi if B.shape[0] > 1 else 0
         bC = bi if C.shape[0] > 1 else 0
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
@@ -797,38 +887,47 @@ if HAVE_NUMBA:
                 dA_acc[k] = zero
             dD = zero
             dbias = zero
-            for c in range(nseg - 1, -1, -1):
+            for ci in range(nseg):
+                c = ci if rev else nseg - 1 - ci
                 t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
-                if fl & 2:  # a sequence ends here: nothing arrives from the next one
+                if fl & last:  # a sequence ends here: nothing arrives from the next one
                     for k in range(n):
                         carry[k] = dhlast[sq, ch, k]
                 for k in range(n):
                     hs[k, 0] = ckpt[bi, ch, c, k]
-                uc = u[bi, ch, t0 : t0 + T]
-                dc = delta[bi, ch, t0 : t0 + T]
-                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
-                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
-                dzc = dz[bi, ch, t0 : t0 + T] if has_z else dc
+                uc = _take(u[bi, ch], t0, T, rev, ub)
+                dc = _take(delta[bi, ch], t0, T, rev, db)
+                dAc = _take(dA_in[bi, ch], t0, T, rev, dAb) if has_dA else dc
+                zc = _take(z[bi, ch], t0, T, rev, zb) if has_z else uc
+                dzc = _out(dz[bi, ch], t0, T, rev, dzb) if has_z else dc
+                # dB, dC of time-varying B, C: this chunk's rows in walking order under rev
+                dBt = dBb if rev and tsB else dBv
+                dCt = dCb if rev and tsC else dCv
+                tb = 0 if rev else t0
+                if rev and tsB:
+                    _zero_rows(dBb, T)
+                if rev and tsC:
+                    _zero_rows(dCb, T)
                 _chunk_real(
-                    uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, Dc, bias[ch], disc, softplus,
+                    uc, dc, dAc, Ach, Bv, Cv, t0, tsB, tsC, rev, Dc, bias[ch], disc, softplus,
                     has_dA, T, raw, dt, s, a, g, Bb, Cb, x, hs, w,
                 )
                 dD += _gate_backward(
-                    uc, zc, dout[bi, ch, t0 : t0 + T], dzc, Dc, has_z, T, w, dy, du_j
+                    uc, zc, _take(dout[bi, ch], t0, T, rev, dob), dzc, Dc, has_z, T, w, dy, du_j
                 )
                 # adjoint of the states: G_t = dy_t C_t + A_bar_{t+1} G_{t+1}
                 _adjoint(a, dy, Cb, carry, T, G)
-                if fl & 1:  # a sequence begins here: carry = A_bar G is its h0's gradient
+                if fl & first:  # a sequence begins here: carry = A_bar G is its h0's gradient
                     for k in range(n):
                         dh0[sq, ch, k] = carry[k]
                 if disc == 0 and tsB and tsC:  # Mamba's case: every input gradient in one pass
-                    _grads_mamba(a, G, hs, Bb, dy, dt, s, uc, Ach, t0, T, dBv, dCv, du_j, ds, ddt,
+                    _grads_mamba(a, G, hs, Bb, dy, dt, s, uc, Ach, tb, T, dBt, dCt, du_j, ds, ddt,
                                  dA_acc)  # fmt: skip
                 else:
                     for k in range(n):  # dC_t = dy_t h_t
                         hk = hs[k]
                         if tsC:
-                            dCk = dCv[k, t0 : t0 + T]
+                            dCk = dCt[k, tb : tb + T]
                             for j in range(T):
                                 dCk[j] += dy[j] * hk[j + 1]
                         else:
@@ -839,7 +938,7 @@ if HAVE_NUMBA:
                     for k in range(n):  # input gamma_bar B u: dB = G gamma_bar u, du += G gamma_bar B
                         Gk, gk, bk = G[k], g[k], Bb[k]
                         if tsB:
-                            dBk = dBv[k, t0 : t0 + T]
+                            dBk = dBt[k, tb : tb + T]
                             for j in range(T):
                                 gG = Gk[j] * gk[j]
                                 dBk[j] += gG * uc[j]
@@ -893,10 +992,17 @@ if HAVE_NUMBA:
                                 ddt[j] += gg
                                 acc += dt[j] * dt[j] * gg
                             dA_acc[k] += half * acc
-                dbias += _finish_steps(
-                    softplus, has_dA, T, raw, ddt, ds, du_j, du[bi, ch, t0 : t0 + T],
-                    ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
-                )
+                duc = _out(du[bi, ch], t0, T, rev, dub)
+                ddc = _out(ddelta[bi, ch], t0, T, rev, ddb)
+                ddAc = _out(ddA[bi, ch], t0, T, rev, ddAb) if has_dA else dc
+                dbias += _finish_steps(softplus, has_dA, T, raw, ddt, ds, du_j, duc, ddc, ddAc)
+                if rev:  # the chunk's gradients back in time order
+                    _put_steps(bi, ch, t0, T, has_dA, has_z, du, ddelta, ddA, dz, duc, ddc, ddAc,
+                               dzc)  # fmt: skip
+                    if tsB:
+                        _put_rows(dBb, dBv, t0, T)
+                    if tsC:
+                        _put_rows(dCb, dCv, t0, T)
             for k in range(n):
                 dAp[bi, ch, k] = dA_acc[k]
             dDp[bi, ch] = dD
@@ -909,7 +1015,7 @@ if HAVE_NUMBA:
     def _fwd_cplx(
         task,
         u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, h0r, h0i, disc, softplus, has_z,
-        has_dA, K, blocks, seg, y, hlr, hli, ckr, cki,
+        has_dA, K, rev, blocks, seg, y, hlr, hli, ckr, cki,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)];
         segments as in :func:`_fwd_real`."""
@@ -939,14 +1045,19 @@ if HAVE_NUMBA:
         xi = np.empty((n, K), u.dtype)
         hr = np.empty((n, K + 1), u.dtype)
         hi = np.empty((n, K + 1), u.dtype)
+        R = K if rev else 0  # reversed chunks in walking order, as in _fwd_real
+        rb = np.empty((5, R), u.dtype)
+        ub, db, dAb, zb, yb = rb[0], rb[1], rb[2], rb[3], rb[4]
+        first, last = (2, 1) if rev else (1, 2)
         bB = bi if Br.shape[0] > 1 else 0
         bC = bi if Cr.shape[0] > 1 else 0
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
             gB = ch // (d // Br.shape[1])
             gC = ch // (d // Cr.shape[1])
-            for c in range(nseg):
+            for ci in range(nseg):
+                c = nseg - 1 - ci if rev else ci
                 t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
-                if fl & 1:  # a sequence begins: restart from its initial state
+                if fl & first:  # a sequence begins: restart from its initial state
                     for k in range(n):
                         hr[k, 0] = h0r[sq, ch, k]
                         hi[k, 0] = h0i[sq, ch, k]
@@ -954,20 +1065,23 @@ if HAVE_NUMBA:
                     for k in range(n):
                         ckr[bi, ch, c, k] = hr[k, 0]
                         cki[bi, ch, c, k] = hi[k, 0]
-                uc = u[bi, ch, t0 : t0 + T]
-                dc = delta[bi, ch, t0 : t0 + T]
-                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
-                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
+                uc = _take(u[bi, ch], t0, T, rev, ub)
+                dc = _take(delta[bi, ch], t0, T, rev, db)
+                dAc = _take(dA_in[bi, ch], t0, T, rev, dAb) if has_dA else dc
+                zc = _take(z[bi, ch], t0, T, rev, zb) if has_z else uc
                 _chunk_cplx(
                     uc, dc, dAc, Ar[ch], Ai[ch], Br[bB, gB], Bi[bB, gB], Cr[bC, gC],
-                    Ci[bC, gC], t0, tsB, tsC, D[ch], bias[ch], disc, softplus, has_dA, T,
+                    Ci[bC, gC], t0, tsB, tsC, rev, D[ch], bias[ch], disc, softplus, has_dA, T,
                     raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr, Cbi, xr, xi, hr, hi, w,
                 )
-                _gate_forward(zc, has_z, T, w, y[bi, ch, t0 : t0 + T])
+                yc = _out(y[bi, ch], t0, T, rev, yb)
+                _gate_forward(zc, has_z, T, w, yc)
+                if rev:
+                    _put(yc, y[bi, ch], t0, T)
                 for k in range(n):
                     hr[k, 0] = hr[k, T]
                     hi[k, 0] = hi[k, T]
-                if fl & 2:  # a sequence ends: its final state
+                if fl & last:  # a sequence ends: its final state
                     for k in range(n):
                         hlr[sq, ch, k] = hr[k, 0]
                         hli[sq, ch, k] = hi[k, 0]
@@ -976,7 +1090,7 @@ if HAVE_NUMBA:
     def _bwd_cplx(
         task,
         u, delta, Ar, Ai, Br, Bi, Cr, Ci, D, z, bias, dA_in, disc, softplus, has_z, has_dA, K,
-        blocks, seg, per_B, per_C, ckr, cki, dout, dhr, dhi,
+        rev, blocks, seg, per_B, per_C, ckr, cki, dout, dhr, dhi,
         du, ddelta, dz, ddA, dAr, dAi, dBr, dBi, dCr, dCi, dDp, dbp, dh0r, dh0i,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)];
@@ -1020,6 +1134,15 @@ if HAVE_NUMBA:
         ci = np.empty(n, u.dtype)
         accr = np.empty(n, u.dtype)
         acci = np.empty(n, u.dtype)
+        R = K if rev else 0  # reversed chunks in walking order, as in _bwd_real
+        rb = np.empty((9, R), u.dtype)
+        ub, db, dAb, zb, dob = rb[0], rb[1], rb[2], rb[3], rb[4]
+        dzb, dub, ddb, ddAb = rb[5], rb[6], rb[7], rb[8]
+        dBbr = np.empty((n, R), u.dtype)
+        dBbi = np.empty((n, R), u.dtype)
+        dCbr = np.empty((n, R), u.dtype)
+        dCbi = np.empty((n, R), u.dtype)
+        first, last = (2, 1) if rev else (1, 2)
         bB = bi if Br.shape[0] > 1 else 0
         bC = bi if Cr.shape[0] > 1 else 0
         for ch in range(blocks[blk, 0], blocks[blk, 1]):
@@ -1039,40 +1162,53 @@ if HAVE_NUMBA:
                 acci[k] = zero
             dD = zero
             dbias = zero
-            for c in range(nseg - 1, -1, -1):
+            for cw in range(nseg):
+                c = cw if rev else nseg - 1 - cw
                 t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
-                if fl & 2:  # a sequence ends here: nothing arrives from the next one
+                if fl & last:  # a sequence ends here: nothing arrives from the next one
                     for k in range(n):
                         cr[k] = dhr[sq, ch, k]
                         ci[k] = dhi[sq, ch, k]
                 for k in range(n):
                     hr[k, 0] = ckr[bi, ch, c, k]
                     hi[k, 0] = cki[bi, ch, c, k]
-                uc = u[bi, ch, t0 : t0 + T]
-                dc = delta[bi, ch, t0 : t0 + T]
-                dAc = dA_in[bi, ch, t0 : t0 + T] if has_dA else dc
-                zc = z[bi, ch, t0 : t0 + T] if has_z else uc
-                dzc = dz[bi, ch, t0 : t0 + T] if has_z else dc
+                uc = _take(u[bi, ch], t0, T, rev, ub)
+                dc = _take(delta[bi, ch], t0, T, rev, db)
+                dAc = _take(dA_in[bi, ch], t0, T, rev, dAb) if has_dA else dc
+                zc = _take(z[bi, ch], t0, T, rev, zb) if has_z else uc
+                dzc = _out(dz[bi, ch], t0, T, rev, dzb) if has_z else dc
+                # dB, dC of time-varying B, C: this chunk's rows in walking order under rev
+                dBrt = dBbr if rev and tsB else dBrv
+                dBit = dBbi if rev and tsB else dBiv
+                dCrt = dCbr if rev and tsC else dCrv
+                dCit = dCbi if rev and tsC else dCiv
+                tb = 0 if rev else t0
+                if rev and tsB:
+                    _zero_rows(dBbr, T)
+                    _zero_rows(dBbi, T)
+                if rev and tsC:
+                    _zero_rows(dCbr, T)
+                    _zero_rows(dCbi, T)
                 _chunk_cplx(
-                    uc, dc, dAc, Arc, Aic, Brv, Biv, Crv, Civ, t0, tsB, tsC, Dc, bias[ch],
+                    uc, dc, dAc, Arc, Aic, Brv, Biv, Crv, Civ, t0, tsB, tsC, rev, Dc, bias[ch],
                     disc, softplus, has_dA, T, raw, dt, s, ar, ai, gr, gi, Bbr, Bbi, Cbr,
                     Cbi, xr, xi, hr, hi, w,
                 )
                 dD += _gate_backward(
-                    uc, zc, dout[bi, ch, t0 : t0 + T], dzc, Dc, has_z, T, w, dy, du_j
+                    uc, zc, _take(dout[bi, ch], t0, T, rev, dob), dzc, Dc, has_z, T, w, dy, du_j
                 )
                 # y = 2 Re(C h): h_t receives 2 dy_t conj(C_t);
                 # G_t = 2 dy_t conj(C_t) + conj(A_bar_{t+1}) G_{t+1}
                 _adjoint_cplx(ar, ai, dy, Cbr, Cbi, cr, ci, T, Gr, Gi)
-                if fl & 1:  # a sequence begins here: conj(A_bar) G is its h0's gradient
+                if fl & first:  # a sequence begins here: conj(A_bar) G is its h0's gradient
                     for k in range(n):
                         dh0r[sq, ch, k] = cr[k]
                         dh0i[sq, ch, k] = ci[k]
                 for k in range(n):  # dC = 2 dy conj(h)
                     hrk, hik = hr[k], hi[k]
                     if tsC:
-                        dCrk = dCrv[k, t0 : t0 + T]
-                        dCik = dCiv[k, t0 : t0 + T]
+                        dCrk = dCrt[k, tb : tb + T]
+                        dCik = dCit[k, tb : tb + T]
                         for j in range(T):
                             dCrk[j] += two * dy[j] * hrk[j + 1]
                             dCik[j] -= two * dy[j] * hik[j + 1]
@@ -1087,8 +1223,8 @@ if HAVE_NUMBA:
                 for k in range(n):  # dB = G conj(gamma_bar) u;  du += Re(G conj(gamma_bar B))
                     grk, gik, gmr, gmi, brk, bik = Gr[k], Gi[k], gr[k], gi[k], Bbr[k], Bbi[k]
                     if tsB:
-                        dBrk = dBrv[k, t0 : t0 + T]
-                        dBik = dBiv[k, t0 : t0 + T]
+                        dBrk = dBrt[k, tb : tb + T]
+                        dBik = dBit[k, tb : tb + T]
                         for j in range(T):
                             pr = grk[j] * gmr[j] + gik[j] * gmi[j]
                             pi = gik[j] * gmr[j] - grk[j] * gmi[j]
@@ -1171,10 +1307,19 @@ if HAVE_NUMBA:
                             si += f * (pr * vi - pi * vr)
                     accr[k] += sr
                     acci[k] += si
-                dbias += _finish_steps(
-                    softplus, has_dA, T, raw, ddt, ds, du_j, du[bi, ch, t0 : t0 + T],
-                    ddelta[bi, ch, t0 : t0 + T], ddA[bi, ch, t0 : t0 + T] if has_dA else dc,
-                )
+                duc = _out(du[bi, ch], t0, T, rev, dub)
+                ddc = _out(ddelta[bi, ch], t0, T, rev, ddb)
+                ddAc = _out(ddA[bi, ch], t0, T, rev, ddAb) if has_dA else dc
+                dbias += _finish_steps(softplus, has_dA, T, raw, ddt, ds, du_j, duc, ddc, ddAc)
+                if rev:  # the chunk's gradients back in time order
+                    _put_steps(bi, ch, t0, T, has_dA, has_z, du, ddelta, ddA, dz, duc, ddc, ddAc,
+                               dzc)  # fmt: skip
+                    if tsB:
+                        _put_rows(dBbr, dBrv, t0, T)
+                        _put_rows(dBbi, dBiv, t0, T)
+                    if tsC:
+                        _put_rows(dCbr, dCrv, t0, T)
+                        _put_rows(dCbi, dCiv, t0, T)
             for k in range(n):
                 dAr[bi, ch, k] = accr[k]
                 dAi[bi, ch, k] = acci[k]
@@ -1316,8 +1461,9 @@ class _Prepared:
     """Kernel-ready arrays and the layout facts forward and backward share."""
 
     def __init__(
-        self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu=None
-    ):
+        self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu=None,
+        reverse=False,
+    ):  # fmt: skip
         b, d, L = u.shape
         n = A.shape[1]
         # packed sequences (b = 1): S initial and final states; otherwise one per batch row
@@ -1348,7 +1494,15 @@ class _Prepared:
             as_array(deltaA if deltaA is not None else dummy),
         ]
         self.h0 = h0 if h0 is not None else torch.zeros(self.nstates, d, n, dtype=A.dtype)
-        self.flags = (_DISC[disc], bool(softplus), self.has_z, self.has_dA, int(chunk))
+        # reverse: a runtime flag of the same compiled kernels (time walked last to first)
+        self.flags = (
+            _DISC[disc],
+            bool(softplus),
+            self.has_z,
+            self.has_dA,
+            int(chunk),
+            bool(reverse),
+        )
         self.dtype = dtype
 
     def _time_major(self) -> tuple:
@@ -1438,8 +1592,12 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
     """Fused forward with chunk-start checkpoints; fused backward recomputing chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu):
-        prep = _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu)
+    def forward(
+        ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
+    ):
+        prep = _Prepared(
+            u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
+        )
         y, h_last, ckpt = prep.forward(save=True)
         ctx.prep = prep  # kernel-ready views of the inputs
         ctx.bc_shapes = (B.shape, C.shape)
@@ -1470,7 +1628,7 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
             grads["h0"] if need[9] else None,
         ]
         out = [g if need[i] else None for i, g in enumerate(out)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def selective_scan(
@@ -1486,6 +1644,7 @@ def selective_scan(
     discretization: str,
     deltaA: Tensor | None,
     initial_state: Tensor | None,
+    reverse: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused CPU selective scan; same arguments and results as the reference backend.
@@ -1496,6 +1655,9 @@ def selective_scan(
         D, delta_bias: (d,) or None.  z, deltaA: (b, d, L) or None.
         initial_state: (b, d, n) (complex when A is) or None for zeros; (S, d, n) with
             ``cu_seqlens``.
+        reverse: run the recurrence from the last step to the first (each packed sequence
+            from its own last step to its first); the kernels walk the chunks backwards, so no
+            time-flipped copy of any input or of y is made.
         cu_seqlens: int64 offsets (S + 1,) of packed sequences (b = 1): the kernels walk time
             in segments cut at the sequence boundaries (see :func:`_segments`).
 
@@ -1507,7 +1669,7 @@ def selective_scan(
         from lrnnx.ops.selective_scan.torch import selective_scan as torch_scan
 
         return torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, discretization,
-                          deltaA, initial_state, cu_seqlens=cu_seqlens)  # fmt: skip
+                          deltaA, initial_state, reverse=reverse, cu_seqlens=cu_seqlens)  # fmt: skip
     if A.is_complex():  # the kernels take complex B, C and state; autograd takes Re for real ones
         B, C = B.to(A.dtype), C.to(A.dtype)
         if initial_state is not None:
@@ -1516,8 +1678,10 @@ def selective_scan(
     cu = None if cu_seqlens is None else cu_seqlens.to("cpu", torch.int64)
     tensors = (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SelectiveScanCPUFunction.apply(*tensors, delta_softplus, discretization, chunk, cu)
-    prep = _Prepared(*tensors, delta_softplus, discretization, chunk, cu)
+        return SelectiveScanCPUFunction.apply(
+            *tensors, delta_softplus, discretization, chunk, cu, bool(reverse)
+        )
+    prep = _Prepared(*tensors, delta_softplus, discretization, chunk, cu, bool(reverse))
     y, h_last, _ = prep.forward(save=False)
     return y, h_last
 
