@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import datetime
 import gc
 import importlib.util
 import math
@@ -996,7 +997,8 @@ def _results_page(md: str, args: argparse.Namespace) -> str:
     cmd = "lrnnx bench" + (" --quick" if args.quick else "") + f" --device {args.device}"
     return (
         "# lrnnx benchmark results\n\n"
-        f"Produced by `{cmd}` (see `benchmarks/README.md`).  Times are medians after a warm-up; "
+        f"Produced by `{cmd}` on {datetime.date.today().isoformat()} (see "
+        "`benchmarks/README.md`).  Times are medians after a warm-up; "
         "`speed-up` is the baseline's forward+backward time over lrnnx's choice, measured in the "
         "same process right after it; `peak MB` is the resident memory added by one "
         "forward+backward (inputs excluded); `of copy` is the forward pass's bytes moved per "
