@@ -69,20 +69,20 @@ def _grads(loss: Tensor, leaves: dict) -> dict:
     }
 
 
-def _projection(shape, dtype, seed) -> Tensor:
+def _projection(shape, dtype, seed, device=None) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return w.to(dtype.to_real() if dtype.is_complex else dtype)
+    return w.to(dtype.to_real() if dtype.is_complex else dtype).to(device)
 
 
 def _loss(out: Tensor, final: Tensor) -> Tensor:
     """A fixed random projection of the output and of the final states (real and imaginary)."""
-    loss = (out.real * _projection(out.shape, out.dtype, 1)).sum()
-    loss = loss + (final.real * _projection(final.shape, final.dtype, 2)).sum()
+    loss = (out.real * _projection(out.shape, out.dtype, 1, out.device)).sum()
+    loss = loss + (final.real * _projection(final.shape, final.dtype, 2, out.device)).sum()
     if final.is_complex():
-        loss = loss + (final.imag * _projection(final.shape, final.dtype, 3)).sum()
+        loss = loss + (final.imag * _projection(final.shape, final.dtype, 3, out.device)).sum()
     if out.is_complex():
-        loss = loss + (out.imag * _projection(out.shape, out.dtype, 4)).sum()
+        loss = loss + (out.imag * _projection(out.shape, out.dtype, 4, out.device)).sum()
     return loss
 
 
@@ -116,13 +116,19 @@ def _ls_inputs(dtype: torch.dtype, with_h0: bool, cu=CU, C=(3, 2), seed=0) -> di
     return kw
 
 
-def _ls_packed(kw: dict, backend: str, reverse: bool, cu=CU, cast=lambda t: t):
-    leaves = {k: cast(v).clone().requires_grad_() for k, v in kw.items()}
+def _ls_packed(kw: dict, backend: str, reverse: bool, cu=CU, cast=lambda t: t, device="cpu"):
+    """(output, final states, gradients) of one packed call, on the CPU (moved back there from
+    ``device``, where the inputs and the offsets are placed)."""
+    leaves = {k: cast(v).to(device).clone().requires_grad_() for k, v in kw.items()}
     h, final = linear_scan(
-        **leaves, reverse=reverse, output_final_state=True, cu_seqlens=torch.tensor(cu),
-        backend=backend,
+        **leaves, reverse=reverse, output_final_state=True,
+        cu_seqlens=torch.tensor(cu, device=device), backend=backend,
     )  # fmt: skip
-    return h.detach(), final.detach(), _grads(_loss(h, final), leaves)
+    return _on_cpu(h.detach(), final.detach(), _grads(_loss(h, final), leaves))
+
+
+def _on_cpu(out: Tensor, final: Tensor, grads: dict) -> tuple:
+    return out.cpu(), final.cpu(), {k: g.cpu() for k, g in grads.items()}
 
 
 def _ls_per_sequence(kw: dict, reverse: bool, cu=CU):
@@ -213,14 +219,16 @@ def _split(kw: dict) -> tuple[dict, dict]:
     return tensors, flags
 
 
-def _ss_packed(kw: dict, backend: str, reverse: bool, disc: str, cu=CU, cast=lambda t: t):
+def _ss_packed(
+    kw: dict, backend: str, reverse: bool, disc: str, cu=CU, cast=lambda t: t, device="cpu"
+):
     tensors, flags = _split(kw)
-    leaves = {k: cast(v).clone().requires_grad_() for k, v in tensors.items()}
+    leaves = {k: cast(v).to(device).clone().requires_grad_() for k, v in tensors.items()}
     y, final = selective_scan_fn(
         **leaves, **flags, discretization=disc, reverse=reverse, output_final_state=True,
-        cu_seqlens=torch.tensor(cu), backend=backend,
+        cu_seqlens=torch.tensor(cu, device=device), backend=backend,
     )  # fmt: skip
-    return y.detach(), final.detach(), _grads(_loss(y, final), leaves)
+    return _on_cpu(y.detach(), final.detach(), _grads(_loss(y, final), leaves))
 
 
 def _ss_per_sequence(kw: dict, reverse: bool, disc: str, cu=CU):
