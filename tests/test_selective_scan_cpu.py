@@ -244,14 +244,11 @@ def test_float64_state_row_blocks(small_chunk, disc):
 
 
 def test_tiny_work_runs_on_the_calling_thread(monkeypatch):
-    """Below SERIAL_WORK state updates no task goes to the thread pool (a hand-off costs more
+    """Below SERIAL_WORK state updates every call runs on one thread (a hand-off costs more
     than the work); above it, never more threads than torch.get_num_threads()."""
-
-    def no_pool(*args, **kwargs):
-        raise AssertionError("the thread pool was used for tiny work")
-
-    monkeypatch.setattr(ss_cpu, "_POOL", None)
-    monkeypatch.setattr(ss_cpu, "ThreadPoolExecutor", no_pool)
+    asked = []
+    real = ss_cpu.run_on_threads
+    monkeypatch.setattr(ss_cpu, "run_on_threads", lambda fn, n: (asked.append(n), real(fn, n)))
     kw = make_inputs("input", False, L=8, d=4, n=4, dtype=torch.float32)
     assert kw["u"].numel() * 4 < ss_cpu.SERIAL_WORK
     ref = run(kw, "mamba", "torch")
@@ -259,6 +256,7 @@ def test_tiny_work_runs_on_the_calling_thread(monkeypatch):
     try:
         torch.set_num_threads(2)
         assert_match(run(kw, "mamba", "cpu"), ref, rtol=1e-4, atol=1e-5)
+        assert asked and set(asked) == {1}  # forward and backward
         assert ss_cpu._threads(64, 1 << 30) == 2
         torch.set_num_threads(1)
         assert ss_cpu._threads(64, 1 << 30) == 1

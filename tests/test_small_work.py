@@ -5,7 +5,9 @@ and the structure of :mod:`lrnnx.bench_small`'s rows."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -38,6 +40,82 @@ def test_small_work_is_serial_and_large_work_follows_torch():
         assert _numba.threads_for(_numba.SERIAL_WORK) == 2
     with torch_threads(1):
         assert _numba.threads_for(1 << 30) == 1
+
+
+@pytest.fixture(params=["openmp", "pool"])
+def kernel_threads_from(request, monkeypatch):
+    """run_on_threads on torch's OpenMP threads (where this build has them) or on lrnnx's
+    Python thread pool (LRNNX_KERNEL_THREADS=pool, and every platform without the former)."""
+    if request.param == "pool":
+        monkeypatch.setenv(_numba.THREADS_ENV, "pool")
+    elif _numba._find_openmp(os.getpid()) is None:
+        pytest.skip("torch does not run on an OpenMP runtime with the GNU entry points here")
+    _numba._find_openmp.cache_clear()
+    yield request.param
+    _numba._find_openmp.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_on_threads_runs_every_share_once_at_the_same_time(kernel_threads_from, threads):
+    """Shares 0..n-1 each run once, on n distinct threads that are all inside at once (a
+    barrier that every share must reach), share 0 on the calling thread."""
+    seen: list = []
+    barrier = threading.Barrier(threads)
+    lock = threading.Lock()
+
+    def fn(i: int, n: int) -> None:
+        barrier.wait(timeout=20)  # all n shares run at once
+        with lock:
+            seen.append((i, n, threading.get_native_id()))
+
+    with torch_threads(max(threads, 1)):
+        _numba.run_on_threads(fn, threads)
+    assert sorted(i for i, _, _ in seen) == list(range(threads))
+    assert {n for _, n, _ in seen} == {threads}
+    assert len({tid for _, _, tid in seen}) == threads
+    assert dict((i, tid) for i, _, tid in seen)[0] == threading.get_native_id()
+    openmp = _numba._find_openmp(os.getpid())
+    assert (openmp is not None) == (kernel_threads_from == "openmp")
+
+
+def test_run_on_threads_raises_a_share_s_error_after_all_finish(kernel_threads_from):
+    done = []
+
+    def fn(i: int, n: int) -> None:
+        if i == 1:
+            raise KeyError("share 1")
+        time.sleep(0.05)
+        done.append(i)
+
+    with torch_threads(2), pytest.raises(KeyError, match="share 1"):
+        _numba.run_on_threads(fn, 2)
+    assert done == [0]
+
+
+@needs_numba
+def test_fused_kernels_on_either_threads_agree(kernel_threads_from):
+    """The selective scan (forward and backward) and the causal convolution, split over two
+    threads, equal the float64 torch backend whichever threads run them."""
+    from lrnnx.ops import selective_scan_fn
+
+    gen = torch.Generator().manual_seed(0)
+    b, d, n, L = 4, 64, 16, 128  # above SERIAL_WORK: two threads
+    u, delta, z = (torch.randn(b, d, L, generator=gen) for _ in range(3))
+    A = -torch.rand(d, n, generator=gen) - 0.5
+    B, C = (torch.randn(b, 1, n, L, generator=gen) for _ in range(2))
+    x, w = torch.randn(b, 2 * d, L, generator=gen), torch.randn(2 * d, 4, generator=gen)
+    out = {}
+    for backend, cast in (("cpu", lambda t: t), ("torch", lambda t: t.double())):
+        leaves = [cast(t).detach().requires_grad_() for t in (u, delta, A, B, C, z)]
+        xs = cast(x).detach().requires_grad_()
+        with torch_threads(2):
+            y = selective_scan_fn(*leaves[:5], z=leaves[5], delta_softplus=True, backend=backend)
+            yc = causal_conv1d(xs, cast(w), activation="silu", backend=backend)
+            (y.sum() + (yc * yc).sum()).backward()
+            assert _numba.threads_for(x.numel()) == 2
+        out[backend] = [y, yc, xs.grad] + [t.grad for t in leaves]
+    for got, ref in zip(out["cpu"], out["torch"], strict=True):
+        assert_close_rel(got, ref, length=L, factor=10.0)
 
 
 def test_kernel_pool_threads_run_serial():

@@ -31,6 +31,7 @@ it after.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import hashlib
 import logging
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional
@@ -125,6 +127,110 @@ def threads_for(work: int, serial_below: int = SERIAL_WORK) -> int:
     n = max(1, torch.get_num_threads())
     outer = getattr(_LOCAL, "limit", None)
     return n if outer is None else min(n, outer)
+
+
+class _OpenMP:
+    """The OpenMP runtime torch's intra-op pool runs on (GNU libgomp, or a runtime exporting
+    its entry points: Intel's libiomp5, LLVM's libomp), reached through its C ABI."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
+        self.path = path
+        self.parallel = lib.GOMP_parallel  # (fn, data, num_threads, flags): GCC >= 4.9's ABI
+        self.parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        self.parallel.restype = None
+        self.thread_num = lib.omp_get_thread_num
+        self.num_threads = lib.omp_get_num_threads
+        for f in (self.thread_num, self.num_threads):
+            f.argtypes, f.restype = [], ctypes.c_int
+        self.pid = os.getpid()
+
+
+_OMP_NAMES = ("libgomp", "libiomp5", "libomp")
+#: where a kernel's threads come from: "openmp" (torch's own OpenMP threads where found, the
+#: default) or "pool" (a Python thread pool of lrnnx's: the fallback, and for comparison)
+THREADS_ENV = "LRNNX_KERNEL_THREADS"
+_OMP_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+@functools.cache
+def _find_openmp(pid: int) -> Optional[_OpenMP]:
+    """torch's OpenMP runtime in this process (``pid``: a forked child looks again), or None:
+    another parallel backend, a platform without ``/proc/self/maps`` (macOS, Windows), no
+    runtime with the GNU entry points, or ``LRNNX_KERNEL_THREADS=pool``."""
+    if os.environ.get(THREADS_ENV, "").strip().lower() == "pool":
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    names = [p for p in loaded if os.path.basename(p).startswith(_OMP_NAMES)]
+    torch_dir = os.path.dirname(torch.__file__)
+    names.sort(key=lambda p: not p.startswith(torch_dir))  # torch's own copy first
+    for path in names:
+        try:
+            lib = ctypes.CDLL(path)
+            return _OpenMP(lib, path)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool_run(fn: Callable[[int, int], None], threads: int) -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads - 1:  # follow torch.set_num_threads
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrnnx-kernel")
+        pool = _POOL
+    futures = [pool.submit(fn, i, threads) for i in range(1, threads)]
+    try:
+        fn(0, threads)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def run_on_threads(fn: Callable[[int, int], None], threads: int) -> None:
+    """Call ``fn(i, n)`` for i = 0 .. n - 1 on n threads at once (n <= ``threads``; thread 0
+    is the calling one) and return when all are done; ``fn`` runs a ``nogil`` numba kernel on
+    its share i of the work (its tasks i, i + n, ...).
+
+    The threads are torch's own OpenMP threads when torch runs on OpenMP (Linux builds): after
+    each parallel region of a torch op those threads spin for a few milliseconds waiting for
+    the next, so threads of a separate pool would share the cores with them and run at half
+    speed (measured on 2 cores: a selective scan forward took 13.8 ms after a torch op on a
+    Python thread pool, 7.3 ms on torch's threads).  The calling thread's OpenMP team runs
+    ``fn`` through ``GOMP_parallel``, each thread taking the GIL only to enter the kernel.
+    Elsewhere (or with ``LRNNX_KERNEL_THREADS=pool``) a thread pool of lrnnx's runs it.  An
+    exception raised in any thread is raised here after all have finished.
+    """
+    if threads <= 1:
+        fn(0, 1)
+        return
+    omp = _find_openmp(os.getpid())
+    if omp is None:
+        _pool_run(fn, threads)
+        return
+    errors: list = []
+
+    def body(_data) -> None:
+        try:
+            fn(omp.thread_num(), omp.num_threads())
+        except BaseException as e:  # raised in the caller: a ctypes callback cannot raise
+            errors.append(e)
+
+    callback = _OMP_CALLBACK(body)  # referenced until the call returns
+    omp.parallel(ctypes.cast(callback, ctypes.c_void_p), None, threads, 0)
+    if errors:
+        raise errors[0]
 
 
 @contextmanager

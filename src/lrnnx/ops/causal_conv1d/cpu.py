@@ -1,8 +1,8 @@
 """Fused CPU causal depthwise convolution, compiled by numba at first use (cached on disk).
 
 Work split.  The (B, D) rows of x (B, D, L) are independent: a task is a range of rows, and
-tasks run on ``torch.get_num_threads()`` threads (the kernels are compiled ``nogil``; a thread
-pool hands the tasks out).  Small inputs run as one task on the calling thread, where starting
+tasks run on ``torch.get_num_threads()`` threads (the kernels are compiled ``nogil``; torch's
+own OpenMP threads run them where they can, see :func:`lrnnx.ops._numba.run_on_threads`).  Small inputs run as one task on the calling thread, where starting
 threads would cost more than the work.
 
 Forward, per row: y = bias, then one pass per tap j, y_t += w_j xpad_{t + j} (a shifted read of
@@ -27,15 +27,20 @@ so the whole backward reads x and dy once and writes dx once: no im2col buffer a
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lrnnx.ops._numba import HAVE_NUMBA, SERIAL_WORK, as_array, is_available, threads_for
+from lrnnx.ops._numba import (
+    HAVE_NUMBA,
+    SERIAL_WORK,
+    as_array,
+    is_available,
+    run_on_threads,
+    threads_for,
+)
 
 __all__ = ["causal_conv1d", "is_available", "SERIAL_WORK"]
 
@@ -195,30 +200,24 @@ if HAVE_NUMBA:
             db[r] = acc
 
 
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
-
-
 def _run(kernel, rows: int, length: int, *args) -> None:
     """``kernel(*args, r0, r1)`` over all rows: on the calling thread for small work, else in
     row ranges on :func:`lrnnx.ops._numba.threads_for` threads (torch.get_num_threads() at
-    most, one per row at most)."""
+    most, one per row at most), torch's own where it can
+    (:func:`lrnnx.ops._numba.run_on_threads`)."""
     threads = min(threads_for(rows * length, SERIAL_WORK), rows)
     if threads <= 1:
         kernel(*args, 0, rows)
         return
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != threads:  # follow torch.set_num_threads
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="lrnnx-conv")
-        pool = _POOL
     ntasks = min(rows, threads * TASKS_PER_THREAD)
     step = -(-rows // ntasks)
-    futures = [pool.submit(kernel, *args, r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
-    for f in futures:
-        f.result()
+    starts = range(0, rows, step)
+
+    def share(i: int, n: int) -> None:
+        for r0 in starts[i::n]:
+            kernel(*args, r0, min(r0 + step, rows))
+
+    run_on_threads(share, threads)
 
 
 def _rows_contiguous(t: Tensor) -> bool:

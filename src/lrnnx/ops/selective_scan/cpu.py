@@ -54,14 +54,12 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, threads_for
+from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, run_on_threads, threads_for
 
 __all__ = ["selective_scan", "is_available", "warm_up"]
 
@@ -1415,10 +1413,6 @@ def _segments(cu: Tensor, L: int, K: int) -> Tensor:
     return torch.stack([t0, t1 - t0, seq, flags], 1).contiguous()
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
 def _threads(ntasks: int, work: int) -> int:
     """Threads for a call: :func:`lrnnx.ops._numba.threads_for` (torch.get_num_threads() at
     most, since numba's threads and torch's share the cores; one on a thread of a kernel pool
@@ -1430,26 +1424,12 @@ def _threads(ntasks: int, work: int) -> int:
 def _run(kernel, ntasks: int, work: int, *args) -> None:
     """Run ``kernel(first, stride, ntasks, *args)`` (a task loop) on :func:`_threads` threads.
 
-    The kernels are compiled with ``nogil=True``, so plain threads run them in parallel; thread
-    i runs tasks i, i + threads, ... (tasks are equal slices of the work), the calling thread
-    being thread 0.
+    The kernels are compiled ``nogil``; thread i of n runs tasks i, i + n, ... (tasks are
+    equal slices of the work) on torch's own threads where it can
+    (:func:`lrnnx.ops._numba.run_on_threads`), the calling thread being thread 0.  A first
+    call compiles once: numba's compile lock makes the other threads wait for it.
     """
-    global _POOL
-    threads = _threads(ntasks, work)
-    if threads == 1:
-        kernel(0, 1, ntasks, *args)
-        return
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads - 1:  # follow torch.set_num_threads
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrnnx-scan")
-        pool = _POOL
-    # a first call compiles once: numba's compile lock makes the other threads wait for it
-    futures = [pool.submit(kernel, i, threads, ntasks, *args) for i in range(1, threads)]
-    kernel(0, threads, ntasks, *args)
-    for f in futures:
-        f.result()
+    run_on_threads(lambda i, n: kernel(i, n, ntasks, *args), _threads(ntasks, work))
 
 
 def _planes(X: Tensor) -> tuple:
