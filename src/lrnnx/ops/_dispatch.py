@@ -12,9 +12,10 @@ compile in a background process, unless ``LRNNX_NUMBA_COMPILE=wait`` (see
 its own kernels, compiling them if needed.
 
 Small work.  Picked from the preference list, a numba backend also hands calls too small to
-repay its fixed cost to the pure-torch backend (:data:`SMALL_CALLS`, :func:`call_backend`), and
-runs its ``parallel=True`` kernels on :func:`lrnnx.ops._numba.threads_for` threads: one below
-:data:`lrnnx.ops._numba.SERIAL_WORK` elements, never more than ``torch.get_num_threads()``.
+repay its fixed cost to the pure-torch backend (:data:`SMALL_CALLS`, :func:`call_backend`); the
+kernels run on :func:`lrnnx.ops._numba.threads_for` threads (one below
+:data:`lrnnx.ops._numba.SERIAL_WORK` elements, never more than ``torch.get_num_threads()``),
+torch's own (:func:`lrnnx.ops._numba.run_on_threads`).
 """
 
 from __future__ import annotations
@@ -183,9 +184,7 @@ _DEFERRED: Dict[tuple, Callable] = {}
 
 def _deferred(op: str, name: str, fn: Callable) -> Callable:
     """``fn`` as lrnnx's own pick runs it.  A numba backend's ``fn`` is wrapped: a small call
-    (:data:`SMALL_CALLS`) runs the torch backend; ``parallel=True`` kernels run on
-    :func:`lrnnx.ops._numba.threads_for` threads (one for small work), restored after; and,
-    unless the op is in :data:`COMPILE_IN_PROCESS`, calls run the torch backend until the
+    (:data:`SMALL_CALLS`) runs the torch backend; and, unless the op is in :data:`COMPILE_IN_PROCESS`, calls run the torch backend until the
     kernels are compiled (:func:`lrnnx.ops._numba.deferred`)."""
     key = (op, name, fn)
     if key not in _DEFERRED:
@@ -202,9 +201,8 @@ def _numba_call(op: str, module, fn: Callable, fallback: Optional[Callable]) -> 
     """The wrapper :func:`_deferred` gives a numba backend (``__wrapped__``: ``fn``)."""
     from lrnnx.ops import _numba
 
-    # numba's pool gets the call's thread count (1 for small work, see threads_for); kernels
-    # on Python thread pools choose theirs (causal_conv1d: threads_for; selective_scan: its own)
-    fused = _numba.threaded(fn) if _numba.uses_numba_threads(module) else fn
+    # (the kernels choose their threads per call: lrnnx.ops._numba.threads_for)
+    fused = fn
     if fallback is None:
         return fused
     if op not in COMPILE_IN_PROCESS:

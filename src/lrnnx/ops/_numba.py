@@ -20,12 +20,12 @@ Either way the first compilation is announced once per process (only when numba 
 compiles, not when it loads from the cache).  A backend asked for by name (``backend="cpu"``,
 ``LRNNX_BACKEND=cpu``) always runs its own kernels, compiling in this process if needed.
 
-Threads.  torch's intra-op pool and the kernels' threads take turns on the same cores, so a
-kernel never uses more than ``torch.get_num_threads()`` threads, and small work (below
-:data:`SERIAL_WORK` elements) or a call from a thread of lrnnx's own kernel pools runs on the
-calling thread alone (:func:`threads_for`).  The dispatcher runs every numba backend it picks
-inside :func:`kernel_threads`, which sets numba's (per-thread) count for the call and restores
-it after.
+Threads.  The kernels are compiled ``nogil`` and split their work into shares that
+:func:`run_on_threads` runs on torch's own intra-op (OpenMP) threads, so the kernels and torch
+never compete for the cores: a kernel never uses more than ``torch.get_num_threads()`` threads,
+and small work (below :data:`SERIAL_WORK` elements) runs on the calling thread alone
+(:func:`threads_for`).  numba's own threading layer (``parallel=True``) is not used: it starts
+a second OpenMP runtime whose threads would spin beside torch's.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -87,46 +86,18 @@ def is_available() -> bool:
 #: parallel regions (oneDNN's gelu on 64 values) collapse the same way
 SERIAL_WORK = 1 << 16
 
-#: kernel_threads' choice on this thread while one of its blocks is open (None: none open)
-_LOCAL = threading.local()
-
-
-_LAUNCHED = False
-
-
-def _numba_threads() -> int:
-    """numba's thread count on this thread, starting its threading layer first if need be
-    without changing torch's thread count.
-
-    Starting, numba's OpenMP layer sets the calling thread's OpenMP thread count to
-    ``NUMBA_NUM_THREADS``; where it binds the libgomp torch loaded (same soname), that is
-    torch's count too, so a ``torch.set_num_threads(1)`` made before was silently undone (2
-    threads again on a 2-core machine) by lrnnx's first kernel.  The count is put back here.
-    """
-    global _LAUNCHED
-    if not _LAUNCHED:
-        before = torch.get_num_threads()
-        numba.get_num_threads()  # starts the threading layer
-        _LAUNCHED = True
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-    return numba.get_num_threads()
-
 
 def threads_for(work: int, serial_below: int = SERIAL_WORK) -> int:
     """Threads a kernel call of ``work`` elements should use.
 
-    1 below ``serial_below`` (starting threads costs more than the work), 1 on a thread of one
-    of lrnnx's kernel pools (named "lrnnx-...": a kernel inside another kernel's parallel work
-    would nest pools), never more than an enclosing :func:`kernel_threads` block chose, and
-    otherwise ``torch.get_num_threads()``: torch's intra-op threads and the kernels' run in
-    turn on the same cores, so together they never exceed the count torch is told to use.
+    1 below ``serial_below`` (starting threads costs more than the work), 1 on a thread of
+    lrnnx's kernel pool (named "lrnnx-...": a kernel inside another kernel's parallel work
+    would nest pools), and otherwise ``torch.get_num_threads()``: the kernels run on torch's
+    own threads (:func:`run_on_threads`), so they never exceed the count torch is told to use.
     """
     if work < serial_below or threading.current_thread().name.startswith("lrnnx-"):
         return 1
-    n = max(1, torch.get_num_threads())
-    outer = getattr(_LOCAL, "limit", None)
-    return n if outer is None else min(n, outer)
+    return max(1, torch.get_num_threads())
 
 
 class _OpenMP:
@@ -231,64 +202,6 @@ def run_on_threads(fn: Callable[[int, int], None], threads: int) -> None:
     omp.parallel(ctypes.cast(callback, ctypes.c_void_p), None, threads, 0)
     if errors:
         raise errors[0]
-
-
-@contextmanager
-def kernel_threads(work: int, serial_below: int = SERIAL_WORK) -> Iterator[int]:
-    """Run the block with numba using :func:`threads_for` threads (at most numba's pool size,
-    ``NUMBA_NUM_THREADS``); yields that count.
-
-    numba's count is per calling thread; the previous count is restored when the block ends
-    (an exception included), and :func:`sync_threads` inside the block keeps this choice.
-    """
-    n = threads_for(work, serial_below)
-    if HAVE_NUMBA:
-        n = min(n, numba.config.NUMBA_NUM_THREADS)
-    outer = getattr(_LOCAL, "limit", None)
-    _LOCAL.limit = n
-    before = _numba_threads() if HAVE_NUMBA else None
-    try:
-        if HAVE_NUMBA and before != n:
-            numba.set_num_threads(n)
-        yield n
-    finally:
-        _LOCAL.limit = outer
-        if HAVE_NUMBA and before != n:
-            numba.set_num_threads(before)
-
-
-def call_work(args: tuple, kwargs: dict) -> int:
-    """A call's work for :func:`threads_for`: the element count of its largest tensor."""
-    return max((a.numel() for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), default=0)
-
-
-def uses_numba_threads(module) -> bool:
-    """Whether ``module`` has numba kernels compiled ``parallel=True`` (which run on numba's
-    thread pool; kernels run from a Python thread pool set their own counts)."""
-    return any(getattr(f, "targetoptions", {}).get("parallel") for f in vars(module).values())
-
-
-def threaded(fused: Callable) -> Callable:
-    """``fused`` (a numba backend's function) run inside :func:`kernel_threads` for the work of
-    its arguments (:func:`call_work`): serial when small, never above torch's thread count."""
-
-    @functools.wraps(fused)
-    def call(*args, **kwargs):
-        with kernel_threads(call_work(args, kwargs)):
-            return fused(*args, **kwargs)
-
-    return call
-
-
-def sync_threads() -> None:
-    """Make numba use as many threads as torch (``torch.set_num_threads`` governs both), or
-    the count an enclosing :func:`kernel_threads` block chose (1 for small work)."""
-    current = _numba_threads()
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    outer = getattr(_LOCAL, "limit", None)
-    n = n if outer is None else min(n, outer)
-    if current != n:
-        numba.set_num_threads(n)
 
 
 def as_array(t: Tensor):

@@ -3,6 +3,8 @@ in a background process, see :mod:`lrnnx.ops._numba` and :func:`warm_up`).
 
 One pass over memory: each parallel task owns a (batch, channel-block) tile, walks time
 sequentially and keeps the block's states in registers/L1, so the op runs at memory bandwidth.
+The tasks run on torch's own threads (:func:`lrnnx.ops._numba.run_on_threads`), never on a
+second pool beside them.
 The autograd wiring (backward = the same kernel run the other way) is shared with the torch
 backend through :class:`lrnnx.ops.linear_scan.torch.LinearScanFunction`.  Restarts (packed
 sequences) are a per-step flag array: where it is set the state is replaced by b_t, never
@@ -17,7 +19,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lrnnx.ops._numba import CHANNEL_BLOCK, HAVE_NUMBA, as_array, is_available, kernel_threads
+from lrnnx.ops._numba import (
+    CHANNEL_BLOCK,
+    HAVE_NUMBA,
+    as_array,
+    is_available,
+    run_on_threads,
+    threads_for,
+)
 from lrnnx.ops.linear_scan.torch import LinearScanFunction
 
 __all__ = ["linear_scan", "is_available", "scan_kernel", "warm_up"]
@@ -25,12 +34,13 @@ __all__ = ["linear_scan", "is_available", "scan_kernel", "warm_up"]
 if HAVE_NUMBA:
     import numba
 
-    @numba.njit(parallel=True, cache=True)
-    def _scan(a, b, h0, resets, out, reverse, block):  # pragma: no cover - compiled
+    @numba.njit(cache=True, nogil=True)
+    def _scan(first, stride, a, b, h0, resets, out, reverse, block):  # pragma: no cover
+        """Tasks first, first + stride, ... of the (batch, channel block) tiles."""
         B, L, C = b.shape
         packed = resets.shape[0] > 0  # empty: no restarts (one compiled type for both cases)
         nblk = (C + block - 1) // block
-        for task in numba.prange(B * nblk):
+        for task in range(first, B * nblk, stride):
             i = task // nblk
             c0 = (task % nblk) * block
             c1 = min(c0 + block, C)
@@ -77,13 +87,13 @@ def scan_kernel(
     )
     flags = _NO_RESETS if resets is None else resets.to(torch.bool)
     out = torch.empty(B, L, b3.shape[2], dtype=b.dtype)
-    # serial for small work, never more threads than torch's (forward and the backward's
-    # adjoint scan both come through here)
-    with kernel_threads(b3.numel()) as threads:
-        _scan(
-            as_array(a3), as_array(b3), as_array(h0), as_array(flags), out.numpy(), reverse,
-            _block(B, b3.shape[2], threads),
-        )  # fmt: skip
+    # serial for small work, never more threads than torch's, on torch's own threads where it
+    # can (forward and the backward's adjoint scan both come through here)
+    threads = threads_for(b3.numel())
+    block = _block(B, b3.shape[2], threads)
+    tasks = B * -(-b3.shape[2] // block)
+    args = (as_array(a3), as_array(b3), as_array(h0), as_array(flags), out.numpy(), reverse, block)
+    run_on_threads(lambda i, n: _scan(i, n, *args), min(threads, tasks))
     return out.reshape(shape)
 
 

@@ -2,11 +2,11 @@
 
 Work split.  A task is one batch element and a block of channels (blocks never straddle a group
 of grouped B/C, so the rows of the partial dB/dC a task writes are its own).  Tasks run on at
-most ``torch.get_num_threads()`` threads (numba's and torch's threads share the cores): the
-kernels are compiled ``nogil``, each thread makes one call that loops over its share of the
-tasks (a numba call costs tens of microseconds of argument unboxing), and a call with less than
-:data:`SERIAL_WORK` state updates runs on the calling thread alone (numba's ``parallel=True``
-would split the work too but triples the compile time).  Each channel is walked through time
+most ``torch.get_num_threads()`` threads, torch's own OpenMP threads where it can
+(:func:`lrnnx.ops._numba.run_on_threads`): the kernels are compiled ``nogil``, each thread
+makes one call that loops over its share of the tasks (a numba call costs tens of microseconds
+of argument unboxing), and a call with less than :data:`SERIAL_WORK` state updates runs on the
+calling thread alone.  Each channel is walked through time
 in chunks of :data:`CHUNK` (K) steps; the (b, d, L, n) state tensor is never formed.
 
 Forward under "mamba" (gamma_bar = delta', Mamba's rule) runs each chunk step by step with the
@@ -1415,9 +1415,8 @@ def _segments(cu: Tensor, L: int, K: int) -> Tensor:
 
 def _threads(ntasks: int, work: int) -> int:
     """Threads for a call: :func:`lrnnx.ops._numba.threads_for` (torch.get_num_threads() at
-    most, since numba's threads and torch's share the cores; one on a thread of a kernel pool
-    and within an enclosing serial block), one when the work (state updates, b d L n) is below
-    :data:`SERIAL_WORK`, and one per task at most."""
+    most; one on a thread of a kernel pool), one when the work (state updates, b d L n) is
+    below :data:`SERIAL_WORK`, and one per task at most."""
     return max(1, min(threads_for(work, SERIAL_WORK), ntasks))
 
 
