@@ -114,7 +114,8 @@ def test_small_flag_reaches_the_small_work_rows(tmp_path, capsys):
     md = tmp_path / "small.md"
     argv = [
         "bench", "--small", "--models", "lru", "--small-repeats", "2", "--device", "cpu",
-        "--markdown", str(md), "--out", str(tmp_path),
+        "--markdown", str(md), "--out", str(tmp_path), "--small-train",
     ]  # fmt: skip
     assert main(argv) == 0
     assert "lru" in md.read_text() and "torch" in capsys.readouterr().out
+    assert "| s4d | B=64 L=68 d_model=64 layers=2 |" in md.read_text()  # the training steps

@@ -92,6 +92,27 @@ def test_run_on_threads_raises_a_share_s_error_after_all_finish(kernel_threads_f
     assert done == [0]
 
 
+def test_run_on_threads_keeps_nothing_alive(kernel_threads_from):
+    """What a call's work references is freed when it returns, without the garbage collector
+    (a reference cycle per call once kept each call's arrays until the next collection)."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    gc.disable()
+    try:
+        big = Big()
+        ref = weakref.ref(big)
+        with torch_threads(2):
+            _numba.run_on_threads(lambda i, n, big=big: None, 2)
+        del big
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 @needs_numba
 def test_fused_kernels_on_either_threads_agree(kernel_threads_from):
     """The selective scan (forward and backward) and the causal convolution, split over two
@@ -356,6 +377,18 @@ def test_bench_small_rows():
         assert r.ratio == pytest.approx(r.default_us / r.torch_us)
     md = bench_small.markdown(rows, "title")
     assert md.startswith("title") and md.count("\n| ") == len(rows) + 1
+
+
+def test_train_rows_time_each_mixer_against_s4d():
+    from lrnnx import bench_small
+
+    rows = bench_small.train_rows(["lru"], repeats=2, batch=4, seq_len=20)
+    assert [r.model for r in rows] == ["lru", "s4d"]
+    assert rows[1].ratio == 1.0 and rows[0].step_ms > 0
+    assert rows[0].ratio == pytest.approx(rows[0].step_ms / rows[1].step_ms)
+    assert "B=4 L=20 d_model=64 layers=2" == rows[0].shape
+    md = bench_small.train_markdown(rows)
+    assert md.count("\n| ") == len(rows) + 1 and "| lru |" in md
 
 
 def test_busy_machine_runs_a_process_for_the_block_only():

@@ -12,6 +12,11 @@ kernels where they pay, with the small-work rules of :mod:`lrnnx.ops._dispatch` 
 * ``generate``: :func:`lrnnx.utils.generation.generate`'s decoding loop per new token (step,
   greedy choice, bookkeeping) after an 8-token prompt.
 
+Beside them, :func:`train_rows` times one training step (forward, loss, backward, AdamW) of
+the LM ``lrnnx train`` builds for selective copying (2 layers, d_model 64, d_state 16, B = 64,
+L = 68) with each mixer on the default path, in turns, and gives each step's ratio to S4D's
+(issue #11: Mamba's step against a same-size S4D step).
+
 The two paths are timed in alternation (load on the machine hits both alike) and each row
 gives their medians and the ratio default / torch: the claim is that the ratio stays <= 1 (up
 to noise), i.e. the default path never loses to the torch backend at these sizes.  With
@@ -164,6 +169,82 @@ def lm_rows(names: Sequence[str], repeats: int) -> List[SmallRow]:
     return rows
 
 
+#: the training shape of :func:`train_rows`: ``lrnnx train``'s selective-copying LM
+TRAIN_SHAPE = dict(layers=2, d_model=64, batch=64, seq_len=68)
+#: the mixer every training step is compared with
+TRAIN_BASE = "s4d"
+
+
+@dataclass
+class TrainRow:
+    """One mixer's training step on the default path (median, milliseconds) and its ratio to
+    :data:`TRAIN_BASE`'s step, timed in turns with it."""
+
+    model: str
+    shape: str
+    step_ms: float
+    ratio: float
+
+
+def train_step_fn(
+    model: str, layers: int = 2, d_model: int = 64, batch: int = 64, seq_len: int = 68
+) -> Callable[[], None]:
+    """A closure running one training step (forward, loss, backward, AdamW update, on the next
+    of four fixed batches) of ``lrnnx train``'s selective-copying LM with mixer ``model``."""
+    from lrnnx.train import TrainConfig, batch_indices, forward_batch, prepare
+
+    cfg = TrainConfig(task="selective-copy", model=model, layers=layers, d_model=d_model,
+                      d_state=D_STATE, batch_size=batch, seq_len=seq_len, n_train=4 * batch,
+                      n_test=batch, steps=1)  # fmt: skip
+    prep = prepare(cfg)
+    net = prep.model.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    data, count = prep.data, [0]
+
+    def step() -> None:
+        idx = batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0, count[0] % 4)
+        count[0] += 1
+        loss, _, _ = forward_batch(net, data.train[idx], data.kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def train_rows(names: Sequence[str], repeats: int, **shape) -> List[TrainRow]:
+    """Median training step of each mixer (and of :data:`TRAIN_BASE`), timed in turns after
+    two warm-up steps each, with its ratio to the base's step."""
+    shape = {**TRAIN_SHAPE, **shape}
+    order = list(dict.fromkeys([*names, TRAIN_BASE]))
+    steps = {name: train_step_fn(name, **shape) for name in order}
+    for step in steps.values():  # compile or load kernels, first allocations
+        step()
+        step()
+    times: dict = {name: [] for name in order}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    text = "B={batch} L={seq_len} d_model={d_model} layers={layers}".format(**shape)
+    return [TrainRow(name, text, ms[name], ms[name] / ms[TRAIN_BASE]) for name in order]
+
+
+def train_markdown(rows: List[TrainRow]) -> str:
+    lines = [
+        f"Training step of `lrnnx train`'s selective-copying LM per mixer (default path, "
+        f"{torch.get_num_threads()} torch threads), medians of steps timed in turns; ratio to "
+        f"the {TRAIN_BASE} step:",
+        "",
+        f"| model | shape | ms per step | / {TRAIN_BASE} |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {r.model} | {r.shape} | {r.step_ms:.1f} | {r.ratio:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
 #: the CPU-burning process of :func:`busy_machine`: torch matrix products on every core until
 #: its parent exits
 _BURN = """
@@ -243,6 +324,12 @@ def add_small_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--small-repeats", type=int, default=20, help="--small: timed calls per path (median)"
     )
+    parser.add_argument(
+        "--small-train",
+        action="store_true",
+        help=f"--small: also a training step of the selective-copying LM per mixer, as a "
+        f"ratio to {TRAIN_BASE}'s",
+    )
 
 
 def run_small(args: argparse.Namespace) -> int:
@@ -261,7 +348,11 @@ def run_small(args: argparse.Namespace) -> int:
     print(header, flush=True)
     rows = bench_small(names, args.small_repeats, args.small_busy)
     md = markdown(rows, header)
-    print(md)
+    print(md, flush=True)
+    if args.small_train:
+        train = train_rows(names, max(5, args.small_repeats // 2))
+        md += "\n\n" + train_markdown(train)
+        print("\n" + train_markdown(train))
     if getattr(args, "markdown", None):
         with open(args.markdown, "w") as f:
             f.write(md + "\n")

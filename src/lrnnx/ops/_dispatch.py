@@ -184,8 +184,9 @@ _DEFERRED: Dict[tuple, Callable] = {}
 
 def _deferred(op: str, name: str, fn: Callable) -> Callable:
     """``fn`` as lrnnx's own pick runs it.  A numba backend's ``fn`` is wrapped: a small call
-    (:data:`SMALL_CALLS`) runs the torch backend; and, unless the op is in :data:`COMPILE_IN_PROCESS`, calls run the torch backend until the
-    kernels are compiled (:func:`lrnnx.ops._numba.deferred`)."""
+    (:data:`SMALL_CALLS`) runs the torch backend; and, unless the op is in
+    :data:`COMPILE_IN_PROCESS`, calls run the torch backend until the kernels are compiled
+    (:func:`lrnnx.ops._numba.deferred`)."""
     key = (op, name, fn)
     if key not in _DEFERRED:
         module = sys.modules[_REGISTRY[op][name].split(":")[0]]

@@ -34,6 +34,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import subprocess
@@ -190,18 +191,36 @@ def run_on_threads(fn: Callable[[int, int], None], threads: int) -> None:
     if omp is None:
         _pool_run(fn, threads)
         return
+    key = next(_OMP_KEYS)
     errors: list = []
-
-    def body(_data) -> None:
-        try:
-            fn(omp.thread_num(), omp.num_threads())
-        except BaseException as e:  # raised in the caller: a ctypes callback cannot raise
-            errors.append(e)
-
-    callback = _OMP_CALLBACK(body)  # referenced until the call returns
-    omp.parallel(ctypes.cast(callback, ctypes.c_void_p), None, threads, 0)
+    _OMP_WORK[key] = (fn, errors, omp)
+    try:
+        omp.parallel(_OMP_ENTRY_PTR, key, threads, 0)
+    finally:
+        del _OMP_WORK[key]
     if errors:
         raise errors[0]
+
+
+#: the work of the run_on_threads calls in flight, by key (the ``data`` pointer of
+#: GOMP_parallel): one ctypes callback serves every call, since a callback object made per
+#: call sits in a reference cycle and kept the call's arrays alive until the next garbage
+#: collection (hundreds of MB per call at large shapes)
+_OMP_WORK: Dict[int, tuple] = {}
+_OMP_KEYS = itertools.count(1)
+
+
+def _omp_entry(key: int) -> None:
+    """What each thread of the OpenMP team runs: its share of the call ``key``."""
+    fn, errors, omp = _OMP_WORK[key]
+    try:
+        fn(omp.thread_num(), omp.num_threads())
+    except BaseException as e:  # raised in the caller: a ctypes callback cannot raise
+        errors.append(e)
+
+
+_OMP_ENTRY = _OMP_CALLBACK(_omp_entry)
+_OMP_ENTRY_PTR = ctypes.cast(_OMP_ENTRY, ctypes.c_void_p)
 
 
 def as_array(t: Tensor):
