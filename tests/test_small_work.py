@@ -113,6 +113,30 @@ def test_run_on_threads_keeps_nothing_alive(kernel_threads_from):
         gc.enable()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_kernels_on_a_pool():
+    """GNU libgomp does not support fork: a child runs its kernels on lrnnx's thread pool,
+    with the right results (a linear scan above SERIAL_WORK, on two threads)."""
+    import multiprocessing as mp
+
+    a, b = torch.rand(1, 300, 512), torch.randn(1, 300, 512)
+    expected = linear_scan(a, b, backend="reference")
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        forked, got = pool.apply(_child_scan, (a, b))
+    assert forked
+    assert_close_rel(torch.from_numpy(got), expected, length=300)
+
+
+def _child_scan(a, b):
+    """In the forked child: no torch op of parallel size (torch's own OpenMP team is not
+    there either); the result goes back as a numpy array (a tensor would go through torch's
+    shared-memory file descriptors)."""
+    with torch_threads(2):
+        out = linear_scan(a, b, backend="cpu")
+    return _numba._find_openmp(os.getpid()) is None, out.numpy()
+
+
 @needs_numba
 def test_fused_kernels_on_either_threads_agree(kernel_threads_from):
     """The selective scan (forward and backward) and the causal convolution, split over two

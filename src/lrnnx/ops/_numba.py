@@ -124,12 +124,32 @@ THREADS_ENV = "LRNNX_KERNEL_THREADS"
 _OMP_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+#: set in a process forked from this one: the parent's OpenMP team does not exist there (GNU
+#: libgomp does not support fork), so a forked child runs kernels on a thread pool
+_FORKED = False
+
+
+def _mark_forked() -> None:
+    """In a forked child: no OpenMP team, and no pool (its threads were not copied)."""
+    global _FORKED, _POOL, _POOL_LOCK
+    _FORKED = True
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
 @functools.cache
 def _find_openmp(pid: int) -> Optional[_OpenMP]:
-    """torch's OpenMP runtime in this process (``pid``: a forked child looks again), or None:
-    another parallel backend, a platform without ``/proc/self/maps`` (macOS, Windows), no
-    runtime with the GNU entry points, or ``LRNNX_KERNEL_THREADS=pool``."""
-    if os.environ.get(THREADS_ENV, "").strip().lower() == "pool":
+    """torch's OpenMP runtime in this process (``pid``: looked up once per process), or None:
+    a forked child, another parallel backend, a platform without ``/proc/self/maps`` (macOS,
+    Windows), no runtime with the GNU entry points, or ``LRNNX_KERNEL_THREADS=pool``."""
+    if _FORKED or os.environ.get(THREADS_ENV, "").strip().lower() == "pool":
         return None
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
@@ -148,10 +168,6 @@ def _find_openmp(pid: int) -> Optional[_OpenMP]:
         except (OSError, AttributeError):
             continue
     return None
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
 
 
 def _pool_run(fn: Callable[[int, int], None], threads: int) -> None:
