@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tol import assert_close_rel
+from _tol import assert_close_rel, tol
 from lrnnx.core.hippo import hippo_transition, nplr
 from lrnnx.models.lti.s4 import S4, cauchy
 from lrnnx.models.lti.s4d import S4D, vandermonde
@@ -266,6 +266,38 @@ def test_cauchy_and_vandermonde_chunks_agree_with_naive():
     g2 = torch.autograd.grad(vandermonde(v, x, L, max_elements=10**9).real.sum(), (v, x))
     for a1, a2 in zip(g1, g2, strict=True):
         torch.testing.assert_close(a1, a2)
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 1000, 2049])
+def test_vandermonde_split_powers_equal_direct_exponentials(L):
+    """exp(l x) = exp(r x) exp(q b x) (l = q b + r): the float64 result equals sum_n v exp(l x)
+    with one exponential per step (to float64 rounding, relative to the magnitude), fast and
+    slow decays and phases up to thousands of radians; float32 to float32 rounding."""
+    gen = torch.Generator().manual_seed(L)
+    H, N = 3, 6
+    re = -torch.rand(H, N, generator=gen, dtype=torch.float64) * torch.logspace(-4, 0, N)
+    x = torch.complex(re, 3 * torch.randn(H, N, generator=gen, dtype=torch.float64))
+    v = torch.randn(2, H, N, generator=gen, dtype=torch.complex128)
+    steps = torch.arange(L, dtype=torch.float64)
+    ref = torch.einsum("chn,hnl->chl", v, torch.exp(x[..., None] * steps))
+    assert_close_rel(vandermonde(v, x, L), ref, length=L)
+    got32 = vandermonde(v.to(torch.complex64), x.to(torch.complex64), L)
+    # a float32 exponent l x is off by up to |l x| eps32 whichever way it is formed (one
+    # exponential per step too): the allowance grows with the largest |l x|, here ~10^4
+    phase_err = 4 * torch.finfo(torch.float32).eps * L * x.abs().max().item()
+    assert_close_rel(got32, ref, length=L, factor=max(1.0, phase_err / tol(torch.float32, L)))
+
+
+def test_vandermonde_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.complex(-torch.rand(2, 3, generator=gen, dtype=torch.float64) - 0.05,
+                      torch.randn(2, 3, generator=gen, dtype=torch.float64))  # fmt: skip
+    v = torch.randn(2, 3, generator=gen, dtype=torch.complex128)
+    for L, budget in ((11, None), (11, 2 * 3 * 4)):  # whole, and chunks of 4 steps
+        torch.autograd.gradcheck(
+            lambda v, x, L=L, budget=budget: vandermonde(v, x, L, budget),
+            (v.requires_grad_(), x.requires_grad_()),
+        )
 
 
 @pytest.mark.parametrize("cls", [S4, S4D])

@@ -114,7 +114,6 @@ class _OpenMP:
         self.num_threads = lib.omp_get_num_threads
         for f in (self.thread_num, self.num_threads):
             f.argtypes, f.restype = [], ctypes.c_int
-        self.pid = os.getpid()
 
 
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")

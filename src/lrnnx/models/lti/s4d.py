@@ -20,6 +20,7 @@ The recurrent mode is the same diagonal recurrence x_t = dA x_{t-1} + dB u_t.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -40,8 +41,14 @@ from lrnnx.ops import linear_scan
 def vandermonde(v: Tensor, x: Tensor, L: int, max_elements: Optional[int] = None) -> Tensor:
     """out[..., h, l] = sum_n v[..., h, n] exp(l x[h, n])  for l = 0..L-1.
 
-    The (H, N, L) Vandermonde matrix is built in chunks over L of at most ``max_elements``
-    entries (default :data:`KERNEL_MAX_ELEMENTS`), recomputed chunk by chunk under autograd.
+    Computed without the (H, N, L) Vandermonde matrix and with O(sqrt(L)) exponentials per
+    (h, n) instead of L: with l = q b + r (0 <= r < b, b ~ sqrt(L)),
+    exp(l x) = exp(r x) exp(q b x), so out[..., h, q b + r] = sum_n (v exp(r x))[..., h, n, r]
+    exp(q b x)[h, n, q], one batched matrix product over h (:func:`_vandermonde_block`).  The
+    split is exact up to rounding (two exponentials and one product per term instead of one
+    exponential; the phase l Im(x) is formed as r Im(x) + q b Im(x)).  The steps are taken in
+    chunks whose (H, N, steps) Vandermonde block would hold at most ``max_elements`` entries
+    (default :data:`KERNEL_MAX_ELEMENTS`), recomputed chunk by chunk under autograd.
 
     Args:
         v: (..., H, N).  x: (H, N) (log of the discrete eigenvalues).  Real or complex.
@@ -53,22 +60,30 @@ def vandermonde(v: Tensor, x: Tensor, L: int, max_elements: Optional[int] = None
     H, N = x.shape
     budget = KERNEL_MAX_ELEMENTS if max_elements is None else max_elements
     chunk = max(1, budget // max(H * N, 1))
-    steps = torch.arange(L, dtype=x.real.dtype, device=x.device)
     if chunk >= L:
-        return _vandermonde_block(v, x, steps)
+        return _vandermonde_block(v, x, 0, L)
     recompute = torch.is_grad_enabled() and (v.requires_grad or x.requires_grad)
     out = []
     for s in range(0, L, chunk):
-        part = steps[s : s + chunk]
+        n = min(chunk, L - s)
         if recompute:
-            out.append(checkpoint(_vandermonde_block, v, x, part, use_reentrant=False))
+            out.append(checkpoint(_vandermonde_block, v, x, s, n, use_reentrant=False))
         else:
-            out.append(_vandermonde_block(v, x, part))
+            out.append(_vandermonde_block(v, x, s, n))
     return torch.cat(out, dim=-1)
 
 
-def _vandermonde_block(v: Tensor, x: Tensor, steps: Tensor) -> Tensor:
-    return torch.einsum("...hn,hnl->...hl", v, torch.exp(x[..., None] * steps))
+def _vandermonde_block(v: Tensor, x: Tensor, start: int, length: int) -> Tensor:
+    """Steps start .. start + length - 1 of :func:`vandermonde`: (..., H, length)."""
+    b = 1 << max(0, math.ceil(math.log2(max(length, 1)) / 2))  # ~ sqrt(length), a power of 2
+    q_count = -(-length // b)
+    real = x.real.dtype
+    r = torch.arange(start, start + b, dtype=real, device=x.device)
+    q = torch.arange(q_count, dtype=real, device=x.device) * b
+    inner = v[..., None] * torch.exp(x[..., None] * r)  # (..., H, N, b): v exp((start + r) x)
+    outer = torch.exp(x[..., None] * q)  # (H, N, Q): exp(q b x)
+    out = torch.einsum("...hnr,hnq->...hqr", inner, outer)  # (..., H, Q, b)
+    return out.reshape(*out.shape[:-2], q_count * b)[..., :length]
 
 
 class S4D(S4BlockBase):
