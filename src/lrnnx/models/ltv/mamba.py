@@ -160,12 +160,15 @@ class Mamba(LTV_LRNN):
         """The recurrence's dtype: float32, or float64 for a float64 model."""
         return torch.promote_types(self.A_log.dtype, torch.float32)
 
-    def _ssm_params(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _ssm_params(self, u: Tensor, raw: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         """delta (..., E), B_t (..., N), C_t (..., N) from conv features u (..., E), in the
-        recurrence's dtype (float32 at least)."""
+        recurrence's dtype (float32 at least).  ``raw``: delta before dt_proj's bias and the
+        softplus, which the scan then applies itself (``delta_bias``, ``delta_softplus``)."""
         acc = self._acc_dtype
         dt, Bt, Ct = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        delta = F.linear(dt, self.dt_proj.weight).to(acc)
+        if not raw:
+            delta = F.softplus(delta + self.dt_proj.bias.to(acc))
         return delta, Bt.to(acc), Ct.to(acc)
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
@@ -229,7 +232,10 @@ class Mamba(LTV_LRNN):
             xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu
         )
         u = F.silu(conv)  # (B, E, L)
-        delta, Bt, Ct = self._ssm_params(u.transpose(1, 2))
+        # the scan adds dt_proj's bias and takes the softplus itself (fused, as mamba_ssm's
+        # kernels do) unless delta is needed after them: scaled by the timesteps, or zeroed
+        fused_dt = integration_timesteps is None and mask is None
+        delta, Bt, Ct = self._ssm_params(u.transpose(1, 2), raw=fused_dt)
         delta = delta.transpose(1, 2)  # (B, E, L)
         deltaA = None
         if integration_timesteps is not None:
@@ -249,6 +255,8 @@ class Mamba(LTV_LRNN):
             Ct.transpose(1, 2),
             self.D.to(acc),
             z=z.transpose(1, 2),
+            delta_bias=self.dt_proj.bias.to(acc) if fused_dt else None,
+            delta_softplus=fused_dt,
             return_last_state=True,
             discretization=self.discretization,
             deltaA=deltaA,
