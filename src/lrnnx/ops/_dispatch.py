@@ -203,11 +203,9 @@ def _numba_call(op: str, module, fn: Callable, fallback: Optional[Callable]) -> 
     from lrnnx.ops import _numba
 
     # (the kernels choose their threads per call: lrnnx.ops._numba.threads_for)
-    fused = fn
     if fallback is None:
-        return fused
-    if op not in COMPILE_IN_PROCESS:
-        fused = _numba.deferred(module, fused, fallback)
+        return fn
+    fused = fn if op in COMPILE_IN_PROCESS else _numba.deferred(module, fn, fallback)
     rule = SMALL_CALLS.get(op)
 
     def call(*args, **kwargs):

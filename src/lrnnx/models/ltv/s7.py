@@ -164,6 +164,16 @@ def _outer(dz: Tensor, a: Tensor) -> Tensor:
     return (dz[:, :, None] * a[:, None, :]).flatten(1)
 
 
+def _form_forward(a: Tensor, b: Tensor, W: Tensor) -> Tensor:
+    """z[n, o] = sum_{j, i} W[o, j, i] a[n, j] b[n, i] for a (n, J), b (n, I), W (O, J, I), in
+    chunks of rows (:func:`_row_chunks`): T = b W^T (rows, O * J) contracted with a."""
+    Wm = W.reshape(-1, W.shape[-1])
+    z = a.new_empty(a.shape[0], W.shape[0])
+    for s in _row_chunks(a.shape[0], Wm.shape[0]):
+        z[s] = _contract(b[s] @ Wm.T, a[s])
+    return z
+
+
 class _BilinearForm(torch.autograd.Function):
     """z[n, o] = sum_{j, i} W[o, j, i] a[n, j] b[n, i] for a (n, J), b (n, I), W (O, J, I).
 
@@ -174,11 +184,7 @@ class _BilinearForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor, W: Tensor) -> Tensor:
         ctx.save_for_backward(a, b, W)
-        Wm = W.reshape(-1, W.shape[-1])
-        z = a.new_empty(a.shape[0], W.shape[0])
-        for s in _row_chunks(a.shape[0], Wm.shape[0]):
-            z[s] = _contract(b[s] @ Wm.T, a[s])
-        return z
+        return _form_forward(a, b, W)
 
     @staticmethod
     @once_differentiable
@@ -210,11 +216,7 @@ class _QuadraticForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, S: Tensor) -> Tensor:
         ctx.save_for_backward(u, S)
-        Sm = S.reshape(-1, S.shape[-1])
-        z = u.new_empty(u.shape[0], S.shape[0])
-        for s in _row_chunks(u.shape[0], Sm.shape[0]):
-            z[s] = _contract(u[s] @ Sm.T, u[s])
-        return z
+        return _form_forward(u, u, S)
 
     @staticmethod
     @once_differentiable
