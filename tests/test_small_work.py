@@ -55,6 +55,16 @@ def kernel_threads_from(request, monkeypatch):
     _numba._find_openmp.cache_clear()
 
 
+def test_kernel_threads_variable_is_checked(monkeypatch):
+    monkeypatch.setenv(_numba.THREADS_ENV, " Pool ")
+    assert _numba.kernel_threads_mode() == "pool"
+    monkeypatch.setenv(_numba.THREADS_ENV, "")
+    assert _numba.kernel_threads_mode() == "openmp"
+    monkeypatch.setenv(_numba.THREADS_ENV, "gomp")
+    with pytest.raises(ValueError, match=r"LRNNX_KERNEL_THREADS: expected one of .*'gomp'"):
+        _numba.kernel_threads_mode()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_run_on_threads_runs_every_share_once_at_the_same_time(kernel_threads_from, threads):
     """Shares 0..n-1 each run once, on n distinct threads that are all inside at once (a

@@ -120,6 +120,23 @@ _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
 #: where a kernel's threads come from: "openmp" (torch's own OpenMP threads where found, the
 #: default) or "pool" (a Python thread pool of lrnnx's: the fallback, and for comparison)
 THREADS_ENV = "LRNNX_KERNEL_THREADS"
+THREADS_MODES = ("openmp", "pool")
+
+
+def kernel_threads_mode() -> str:
+    """``LRNNX_KERNEL_THREADS``: "openmp" (default) or "pool".
+
+    Raises:
+        ValueError: the variable holds anything else.
+    """
+    mode = os.environ.get(THREADS_ENV, "").strip().lower() or "openmp"
+    if mode not in THREADS_MODES:
+        raise ValueError(
+            f"{THREADS_ENV}: expected one of {list(THREADS_MODES)}, got {os.environ[THREADS_ENV]!r}"
+        )
+    return mode
+
+
 _OMP_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
@@ -148,7 +165,7 @@ def _find_openmp(pid: int) -> Optional[_OpenMP]:
     """torch's OpenMP runtime in this process (``pid``: looked up once per process), or None:
     a forked child, another parallel backend, a platform without ``/proc/self/maps`` (macOS,
     Windows), no runtime with the GNU entry points, or ``LRNNX_KERNEL_THREADS=pool``."""
-    if _FORKED or os.environ.get(THREADS_ENV, "").strip().lower() == "pool":
+    if _FORKED or kernel_threads_mode() == "pool":
         return None
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
