@@ -58,7 +58,7 @@ if HAVE_NUMBA:
     import numba
     import numpy as np
 
-    from lrnnx.ops.selective_scan.cpu import _exp
+    from lrnnx.ops._numba_math import _exp
 
     _OPTS = dict(cache=True, fastmath={"reassoc", "contract"}, nogil=True, error_model="numpy")
 

@@ -18,8 +18,11 @@ def causal_depthwise_conv(
     history: Optional[Tensor] = None,
     *,
     cu_seqlens: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """y_t = bias + sum_j weight[:, j] x_{t - K + 1 + j}, channel by channel.
+    activation: Optional[str] = None,
+    keep_window: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """y_t = bias + sum_j weight[:, j] x_{t - K + 1 + j}, channel by channel (then silu(y_t)
+    with ``activation="silu"``, fused in the kernels).
 
     Args:
         x: (B, D, L) input; (1, D, T) holding S sequences back to back with ``cu_seqlens``.
@@ -30,6 +33,9 @@ def causal_depthwise_conv(
         cu_seqlens: (S + 1,) int64 offsets of packed sequences (fla's convention, see
             :func:`lrnnx.ops.causal_conv1d`): every sequence is convolved as if alone, its
             window starting with its own history.
+        activation: None or ``"silu"`` (see :func:`lrnnx.ops.causal_conv1d`).
+        keep_window: build the window (a copy of x); False when no cache needs it (the
+            window returned is then None).
 
     The convolution is :func:`lrnnx.ops.causal_conv1d` (fused forward and backward kernels on
     CPU, ``F.conv1d`` elsewhere); y is in x's dtype, accumulated in float32 for bfloat16/float16.
@@ -45,7 +51,12 @@ def causal_depthwise_conv(
             or ``cu_seqlens`` with B != 1).
     """
     D, K = weight.shape[0], weight.shape[-1]
-    y = causal_conv1d(x, weight.reshape(D, K), bias, initial_states=history, cu_seqlens=cu_seqlens)
+    y = causal_conv1d(
+        x, weight.reshape(D, K), bias, initial_states=history, activation=activation,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    if not keep_window:
+        return y, None
     history = None if history is None else history.to(x.dtype)
     if cu_seqlens is not None:
         window = padded_window(x, history, cu_seqlens.to(x.device, torch.int64), K - 1)

@@ -373,13 +373,15 @@ def _marker(module, key: tuple[str, ...]) -> Optional[Path]:
     variant ``key`` needs is cached.  Its name changes with whatever invalidates numba's cache
     (the source file, numba, Python, the CPU), so an old marker never claims new kernels."""
     folder = _kernel_cache_dir(module)
+    # the module's own source and those of the kernels it calls from other modules
+    files = [module.__file__, *(m.__file__ for m in getattr(module, "KERNEL_MODULES", ()))]
     try:
-        source = os.stat(module.__file__)
+        sources = [(st.st_mtime_ns, st.st_size) for st in map(os.stat, files)]
     except (OSError, TypeError):  # no source file (a frozen app): numba caches nothing either
         return None
     if folder is None:
         return None
-    stamp = repr((source.st_mtime_ns, source.st_size, numba.__version__, sys.version, _host_cpu()))
+    stamp = repr((sources, numba.__version__, sys.version, _host_cpu()))
     digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     return folder / f"lrnnx-ready-{module.__name__}-{'-'.join(key)}-{digest}"
 

@@ -228,10 +228,10 @@ class Mamba(LTV_LRNN):
         if mask is not None:
             xi = zero_where_not(xi, mask[:, None, :])  # padding must not reach the conv state
         history = None if cache is None else cache["conv_state"][..., 1:]
-        conv, window = causal_depthwise_conv(
-            xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu
-        )
-        u = F.silu(conv)  # (B, E, L)
+        u, window = causal_depthwise_conv(  # silu(conv(xi)) (B, E, L)
+            xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu,
+            activation="silu", keep_window=cache is not None,
+        )  # fmt: skip
         # the scan adds dt_proj's bias and takes the softplus itself (fused, as mamba_ssm's
         # kernels do) unless delta is needed after them: scaled by the timesteps, or zeroed
         fused_dt = integration_timesteps is None and mask is None

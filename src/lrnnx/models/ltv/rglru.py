@@ -446,8 +446,9 @@ class RGLRU(LTV_LRNN):
             history = inference_cache["conv_state"].clone()
             h0 = inference_cache["lrnn_state"].clone()
         xc, window = causal_depthwise_conv(
-            u, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu
-        )
+            u, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu,
+            keep_window=inference_cache is not None,
+        )  # fmt: skip
         reset = None
         if self.reset_at_start and inference_cache is not None:  # only rows not started yet
             reset = self._first_step(Bsz, L, inference_cache["started"], x.device, cu)

@@ -1,5 +1,10 @@
 """Fused CPU selective scan, compiled by numba at first use (cached on disk afterwards).
 
+Mamba's own case (the "mamba" rule, real A, B_t and C_t shared by groups of at least 16
+channels, no deltaA, reverse or packing) runs on the channel-lane kernels of
+:mod:`lrnnx.ops.selective_scan.cpu_lanes` (:func:`_prepare` chooses); every other call on the
+kernels of this module, described here.
+
 Work split.  A task is one batch element and a block of channels (blocks never straddle a group
 of grouped B/C, so the rows of the partial dB/dC a task writes are its own).  Tasks run on at
 most ``torch.get_num_threads()`` threads, torch's own OpenMP threads where it can
@@ -59,9 +64,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lrnnx.ops import _numba_math
 from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, run_on_threads, threads_for
+from lrnnx.ops.selective_scan import cpu_lanes
 
 __all__ = ["selective_scan", "is_available", "warm_up"]
+
+#: the other modules whose kernels a call compiles (their sources stamp the ready marker)
+KERNEL_MODULES = (cpu_lanes, _numba_math)
 
 #: steps per chunk: the checkpoint interval of forward and the recompute unit of backward;
 #: long chunks amortise the per-row loop overhead (the (n, CHUNK) buffers stay in L2)
@@ -80,171 +90,11 @@ _DISC = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
 if HAVE_NUMBA:
     import numba
     import numpy as np
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic, overload
+
+    from lrnnx.ops._numba_math import _HELPER, _exp, _expm1, _sigmoid, _sincos, _softplus
 
     # fmt: off
     # (the kernels' long argument lists stay packed)
-
-    # the kernels may reorder sums (so reductions over the state vectorise); the range
-    # reduction of exp uses explicit fma calls, which reassociation cannot merge
-    _FAST = {"reassoc", "contract"}
-    # error_model="numpy": x / 0 gives inf like torch, and no per-division zero check (a branch
-    # that would stop LLVM from vectorising the loops)
-    _HELPER = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
-    # elementary functions: compiled once per dtype, small enough for LLVM to inline them into
-    # the loops (where they vectorise); no reassociation inside them
-    _ELEMENTARY = dict(fastmath={"contract"}, error_model="numpy")
-
-
-    # ------------------------------------------------------------------ elementary functions
-    # float32: branch-free polynomials that LLVM inlines into the loops and vectorises (numba
-    # has no vector exp without Intel's SVML).  float64 (tight checks): libm, as torch.
-
-    @intrinsic
-    def _f32_from_bits(typingctx, i):  # pragma: no cover - compiled
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.int32), codegen
-
-    @intrinsic
-    def _fma(typingctx, x, y, z):  # pragma: no cover - compiled
-        def codegen(context, builder, signature, args):
-            f32 = ir.FloatType()
-            fnty = ir.FunctionType(f32, [f32, f32, f32])
-            fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty)
-            return builder.call(fn, args)
-
-        return types.float32(types.float32, types.float32, types.float32), codegen
-
-    def _is_f32(x) -> bool:
-        return isinstance(x, types.Float) and x.bitwidth == 32
-
-    def _exp(x):  # pragma: no cover - typing stub
-        return math.exp(x)
-
-    def _expm1(x):  # pragma: no cover - typing stub
-        return math.expm1(x)
-
-    def _softplus(x):  # pragma: no cover - typing stub
-        return x if x > 20.0 else math.log1p(math.exp(x))
-
-    def _sigmoid(x):  # pragma: no cover - typing stub
-        return 1.0 / (1.0 + math.exp(-x))
-
-    def _sincos(x):  # pragma: no cover - typing stub
-        return math.sin(x), math.cos(x)
-
-    # The float32 bodies avoid branches (min/max and comparisons-as-numbers are selects), so
-    # the loops that call them stay vectorisable.
-
-    def _exp_f32(x):  # pragma: no cover - compiled
-        # exp(x) = 2^m exp(r), r = x - m ln2 in [-ln2/2, ln2/2] (ln2 split in two parts, fma
-        # so no reassociation can merge them); degree-7 polynomial for exp(r), within 1 ulp.
-        # 2^m is applied as two factors so x > 88.72 overflows to inf as it should; below
-        # -87.34 (where exp(x) < 1.2e-38) the result is flushed to 0: denormal decays would
-        # cost ~100 cycles per operation downstream and change nothing measurable.
-        lo = np.float32(-87.33654)
-        xc = min(max(x, lo), np.float32(89.0))
-        m = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-        r = _fma(-m, np.float32(0.693359375), xc)
-        r = _fma(-m, np.float32(-2.12194440e-4), r)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        p = p * r * r + r + np.float32(1.0)
-        mi = np.int32(m)
-        m1 = mi >> np.int32(1)
-        e1 = _f32_from_bits((m1 + np.int32(127)) << np.int32(23))
-        e2 = _f32_from_bits((mi - m1 + np.int32(127)) << np.int32(23))
-        return _fma(p, e1, np.float32(0.0)) * e2 * np.float32(x >= lo)
-
-    def _expm1_f32(x):  # pragma: no cover - compiled
-        # Taylor series to x^8 where exp(x) - 1 would cancel (|x| < 1/2: error < 1e-8 |x|)
-        xs = min(max(x, np.float32(-0.5)), np.float32(0.5))
-        p = np.float32(1.0 / 40320.0)
-        p = p * xs + np.float32(1.0 / 5040.0)
-        p = p * xs + np.float32(1.0 / 720.0)
-        p = p * xs + np.float32(1.0 / 120.0)
-        p = p * xs + np.float32(1.0 / 24.0)
-        p = p * xs + np.float32(1.0 / 6.0)
-        p = p * xs + np.float32(0.5)
-        p = (p * xs + np.float32(1.0)) * xs
-        small = np.float32(abs(x) < np.float32(0.5))
-        return small * p + (np.float32(1.0) - small) * (_exp(x) - np.float32(1.0))
-
-    def _softplus_f32(x):  # pragma: no cover - compiled
-        # log(1 + e^x) = max(x, 0) + log1p(e^-|x|);  log1p(v) = 2 atanh(v / (2 + v)), v <= 1.
-        # Above 20 the correction is below half an ulp of x: the result is x, as torch's.
-        v = _exp(-abs(x))
-        q = v / (np.float32(2.0) + v)
-        q2 = q * q
-        p = np.float32(1.0 / 13.0)
-        p = p * q2 + np.float32(1.0 / 11.0)
-        p = p * q2 + np.float32(1.0 / 9.0)
-        p = p * q2 + np.float32(1.0 / 7.0)
-        p = p * q2 + np.float32(1.0 / 5.0)
-        p = p * q2 + np.float32(1.0 / 3.0)
-        p = p * q2 + np.float32(1.0)
-        return max(x, np.float32(0.0)) + np.float32(2.0) * q * p
-
-    def _sigmoid_f32(x):  # pragma: no cover - compiled
-        return np.float32(1.0) / (np.float32(1.0) + _exp(-x))
-
-    def _sincos_f32(x):  # pragma: no cover - compiled
-        # x = j pi/2 + r, |r| <= pi/4 (pi/2 split in three parts, fma); minimax polynomials
-        # for sin r and cos r; the quadrant j mod 4 swaps and negates them
-        j = np.floor(x * np.float32(0.6366197723675814) + np.float32(0.5))
-        r = _fma(-j, np.float32(1.5703125), x)
-        r = _fma(-j, np.float32(4.837512969970703125e-4), r)
-        r = _fma(-j, np.float32(7.54978995489188216e-8), r)
-        r2 = r * r
-        ps = np.float32(-1.9515295891e-4)
-        ps = ps * r2 + np.float32(8.3321608736e-3)
-        ps = ps * r2 + np.float32(-1.6666654611e-1)
-        sn = r + r * r2 * ps
-        pc = np.float32(2.443315711809948e-5)
-        pc = pc * r2 + np.float32(-1.388731625493765e-3)
-        pc = pc * r2 + np.float32(4.166664568298827e-2)
-        cs = np.float32(1.0) - np.float32(0.5) * r2 + r2 * r2 * pc
-        q = np.int32(j)
-        odd = np.float32(q & np.int32(1))
-        s_neg = np.float32(1.0) - np.float32(2.0) * np.float32((q >> np.int32(1)) & np.int32(1))
-        c_neg = np.float32(1.0) - np.float32(2.0) * np.float32(
-            ((q + np.int32(1)) >> np.int32(1)) & np.int32(1)
-        )
-        sin_x = s_neg * (odd * cs + (np.float32(1.0) - odd) * sn)
-        cos_x = c_neg * (odd * sn + (np.float32(1.0) - odd) * cs)
-        return sin_x, cos_x
-
-    @numba.njit(cache=True)
-    def _softplus_f64(x):  # pragma: no cover - compiled
-        return x if x > 20.0 else math.log1p(math.exp(x))  # torch's threshold
-
-    @overload(_exp, jit_options=_ELEMENTARY)
-    def _ol_exp(x):
-        return _exp_f32 if _is_f32(x) else (lambda x: math.exp(x))
-
-    @overload(_expm1, jit_options=_ELEMENTARY)
-    def _ol_expm1(x):
-        return _expm1_f32 if _is_f32(x) else (lambda x: math.expm1(x))
-
-    @overload(_softplus, jit_options=_ELEMENTARY)
-    def _ol_softplus(x):
-        return _softplus_f32 if _is_f32(x) else (lambda x: _softplus_f64(x))
-
-    @overload(_sigmoid, jit_options=_ELEMENTARY)
-    def _ol_sigmoid(x):
-        return _sigmoid_f32 if _is_f32(x) else (lambda x: 1.0 / (1.0 + math.exp(-x)))
-
-    @overload(_sincos, jit_options=_ELEMENTARY)
-    def _ol_sincos(x):
-        return _sincos_f32 if _is_f32(x) else (lambda x: (math.sin(x), math.cos(x)))
 
     # ------------------------------------------------------------------ chunk passes
     # Buffers are state-major, (n, K): every inner loop runs along the chunk's time steps (K
@@ -1517,6 +1367,10 @@ class _Prepared:
              y.numpy(), hl.numpy(), hl_i.numpy(), ck.numpy(), ck_i.numpy())  # fmt: skip
         return y, torch.complex(hl, hl_i), torch.complex(ck, ck_i)
 
+    def reduce_bc(self, grad: Tensor, shape: torch.Size) -> Tensor:
+        """The partial dB or dC of :meth:`backward` summed into B's or C's ``shape``."""
+        return _reduce_bc(grad, shape, self.shape[1], self.owner, self.G)
+
     def backward(self, ckpt: Tensor, dy: Tensor, dh: Tensor) -> dict:
         b, d, L, n = self.shape
         nblk = self.blocks.shape[0]
@@ -1577,7 +1431,7 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
     def forward(
         ctx, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
     ):
-        prep = _Prepared(
+        prep = _prepare(
             u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
         )
         y, h_last, ckpt = prep.forward(save=True)
@@ -1592,17 +1446,16 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
     @once_differentiable  # the backward kernel is not itself differentiable
     def backward(ctx, dy: Tensor, dh: Tensor):
         ckpt = ctx.saved_tensors[0]
-        prep: _Prepared = ctx.prep
+        prep = ctx.prep
         need = ctx.needs_input_grad
-        d = prep.shape[1]
-        grads = prep.backward(ckpt, dy.contiguous(), dh.contiguous())
+        grads = prep.backward(ckpt, dy, dh)
         B, C = ctx.bc_shapes
         out = [
             grads["u"],
             grads["delta"],
             grads["A"],
-            _reduce_bc(grads["dB"], B, d, prep.owner, prep.G) if need[3] else None,
-            _reduce_bc(grads["dC"], C, d, prep.owner, prep.G) if need[4] else None,
+            prep.reduce_bc(grads["dB"], B) if need[3] else None,
+            prep.reduce_bc(grads["dC"], C) if need[4] else None,
             grads["D"] if need[5] else None,
             grads["z"] if need[6] else None,
             grads["delta_bias"] if need[7] else None,
@@ -1663,9 +1516,20 @@ def selective_scan(
         return SelectiveScanCPUFunction.apply(
             *tensors, delta_softplus, discretization, chunk, cu, bool(reverse)
         )
-    prep = _Prepared(*tensors, delta_softplus, discretization, chunk, cu, bool(reverse))
+    prep = _prepare(*tensors, delta_softplus, discretization, chunk, cu, bool(reverse))
     y, h_last, _ = prep.forward(save=False)
     return y, h_last
+
+
+def _prepare(
+    u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
+):  # fmt: skip
+    """The kernels for a call: Mamba's own case on channel lanes (:mod:`.cpu_lanes`), the
+    general kernels of this module otherwise."""
+    if cpu_lanes.usable(u, A, B, C, disc, deltaA, reverse, cu):
+        return cpu_lanes.Prepared(u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, _run)
+    return _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu,
+                     reverse)  # fmt: skip
 
 
 def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
@@ -1682,8 +1546,11 @@ def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
     A = t(2, 2, dtype=real.to_complex() if cplx else real)
-    y, h = selective_scan(
-        t(1, 2, 3), t(1, 2, 3), A, t(1, 1, 2, 3), t(1, 1, 2, 3), t(2), t(1, 2, 3), t(2),
-        True, "mamba", None, None,
-    )  # fmt: skip
-    (y.sum() + h.real.sum()).backward()
+    # B, C shared by both channels (Mamba's case: channel lanes, for a real A), then one per
+    # channel (the general kernels)
+    for g in (1, 2):
+        y, h = selective_scan(
+            t(1, 2, 3), t(1, 2, 3), A, t(1, g, 2, 3), t(1, g, 2, 3), t(2), t(1, 2, 3), t(2),
+            True, "mamba", None, None,
+        )  # fmt: skip
+        (y.sum() + h.real.sum()).backward()

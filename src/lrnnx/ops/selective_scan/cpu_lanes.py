@@ -1,0 +1,519 @@
+"""CPU selective scan with channels in SIMD lanes: the kernels of Mamba's own case.
+
+Mamba's scan ("mamba" rule, real A, B_t and C_t input-dependent and shared by a group of
+channels) runs here instead of in :mod:`lrnnx.ops.selective_scan.cpu`'s kernels, whose loops
+vectorise along time (backward) or along the state (forward, n = 16: two vectors and a
+horizontal sum per step).  Here the vector lanes are :data:`LANES` channels of one group, so
+every step's B_t[k] and C_t[k] are one number broadcast to all lanes and the recurrence
+h[k] = exp(delta' A[k]) h[k] + delta' u B_t[k] is lane-wise: no horizontal sums in forward,
+and in backward one per (step, state) for dB_t[k] and dC_t[k] (sums over the group's channels).
+
+A task is one batch element and one block of at most LANES channels of one group.  It walks
+time in chunks of K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers stay in
+L2), loading each chunk's u, delta, z (and dy) into (K, LANES) tiles: the tensors may have any
+strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed views, are
+read where they lie and y, du, ddelta, dz are written in the same order (no layout copies; the
+results keep their input's memory order).  Lanes past the block's channels hold zeros, which
+stay finite through every step and add nothing to the group sums.
+
+Forward keeps the state at each chunk start (b, L / K, n, d) when a gradient is needed.
+Backward walks each block's chunks last to first: it recomputes the chunk from its checkpoint
+keeping A_bar (K, n, LANES) and every state (K + 1, n, LANES), runs the gate's backward, then
+the adjoint r_{t-1} = A_bar_t (dy_t C_t + r_t) step by step with every input's gradient of
+the step in the same pass (the formulas of :mod:`lrnnx.ops.selective_scan.cpu`'s docstring);
+the adjoint left after the first chunk is the gradient of ``initial_state``.
+
+The other cases (complex A, the other rules, deltaA, ``reverse``, packed sequences, B or C per
+channel or time-invariant, or groups narrower than :data:`MIN_GROUP` channels) keep the
+general kernels; :func:`usable` decides.  Tested against the reference backend (values,
+gradients, initial and final states, odd widths and groups, strided inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lrnnx.ops._numba import HAVE_NUMBA, as_array
+
+#: channels per task, one per SIMD lane (four AVX2 float32 vectors): wide enough that LLVM
+#: unrolls the lane loops into independent vectors, narrow enough for the registers
+LANES = 32
+#: the narrowest channel group (of B and C) worth a task: narrower ones leave most lanes empty
+MIN_GROUP = 16
+#: backward keeps (K + 1) n LANES states and K n LANES decays per chunk: K n is capped so the
+#: two fit in a 512 KiB L2 in float32
+STATE_STEPS = 1024
+
+
+def chunk_steps(n: int, chunk: int) -> int:
+    """Steps per chunk for state size n: the checkpoint interval and backward's recompute unit
+    (at most ``chunk``, the general kernels' interval, which tests shrink)."""
+    return max(1, min(int(chunk), max(8, STATE_STEPS // n)))
+
+
+def usable(
+    u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str, deltaA, reverse: bool, cu
+) -> bool:
+    """Whether a call is Mamba's case (see the module docstring)."""
+    if A.is_complex() or disc != "mamba" or deltaA is not None or reverse or cu is not None:
+        return False
+    d = u.shape[1]
+    if B.dim() != 4 or C.dim() != 4:  # (d, n): time-invariant, per channel
+        return False
+    G = math.lcm(B.shape[1], C.shape[1])
+    return G == 1 or d // G >= MIN_GROUP
+
+
+if HAVE_NUMBA:
+    import numba
+
+    from lrnnx.ops._numba_math import _HELPER, _exp, _sigmoid, _softplus
+
+    # fmt: off
+    # (the kernels' long argument lists stay packed)
+
+    # Strides: S[i] = (batch, channel, time) element strides of the i-th (b, d, L) tensor (its
+    # data a flat 1-D view starting at its first element); SB = (batch, group, state, time).
+
+    @numba.njit(**_HELPER)
+    def _load(flat, s, bi, c0, t0, T, W, out):  # pragma: no cover - compiled
+        """out[j, i] = X[bi, c0 + i, t0 + j] for j < T, i < W; lanes from W on are 0."""
+        sc = s[1]
+        for j in range(T):
+            base = bi * s[0] + c0 * sc + (t0 + j) * s[2]
+            o = out[j]
+            if sc == 1:
+                src = flat[base : base + W]
+                for i in range(W):
+                    o[i] = src[i]
+            else:
+                for i in range(W):
+                    o[i] = flat[numba.uint64(base + i * sc)]
+            for i in range(W, LANES):
+                o[i] = 0.0
+
+    @numba.njit(**_HELPER)
+    def _store(tile, T, W, flat, s, bi, c0, t0):  # pragma: no cover - compiled
+        """X[bi, c0 + i, t0 + j] = tile[j, i] for j < T, i < W."""
+        sc = s[1]
+        for j in range(T):
+            base = bi * s[0] + c0 * sc + (t0 + j) * s[2]
+            o = tile[j]
+            if sc == 1:
+                dst = flat[base : base + W]
+                for i in range(W):
+                    dst[i] = o[i]
+            else:
+                for i in range(W):
+                    flat[numba.uint64(base + i * sc)] = o[i]
+
+    @numba.njit(**_HELPER)
+    def _load_bc(flat, s, bi, g, t0, T, n, out):  # pragma: no cover - compiled
+        """out[j, k] = X[bi, g, k, t0 + j]: a chunk of B or C, time-major."""
+        for j in range(T):
+            base = bi * s[0] + g * s[1] + (t0 + j) * s[3]
+            for k in range(n):
+                out[j, k] = flat[numba.uint64(base + k * s[2])]
+
+    @numba.njit(**_HELPER)
+    def _lanes(X, c0, W, out):  # pragma: no cover - compiled
+        """out[i] = X[c0 + i] for i < W, 0 past W."""
+        for i in range(LANES):
+            out[i] = X[c0 + i] if i < W else 0.0
+
+    @numba.njit(**_HELPER)
+    def _state_lanes(X, c0, W, out):  # pragma: no cover - compiled
+        """out[k, i] = X[c0 + i, k] (one batch element's (d, n) state, or A), 0 past W."""
+        for k in range(out.shape[0]):
+            for i in range(LANES):
+                out[k, i] = X[c0 + i, k] if i < W else 0.0
+
+    @numba.njit(**_HELPER)
+    def _steps(RAW, U, bias, softplus, T, DT, DTU):  # pragma: no cover - compiled
+        """RAW += bias (kept: the softplus gradient needs it); DT = softplus(RAW) or RAW;
+        DTU = DT u (gamma_bar u under "mamba").  (Flags are tested outside the lane loops:
+        a branch inside one keeps LLVM from vectorising it.)"""
+        for j in range(T):
+            r, dt, dtu, u = RAW[j], DT[j], DTU[j], U[j]
+            for i in range(LANES):
+                r[i] += bias[i]
+            if softplus:
+                for i in range(LANES):
+                    dt[i] = _softplus(r[i])
+            else:
+                for i in range(LANES):
+                    dt[i] = r[i]
+            for i in range(LANES):
+                dtu[i] = dt[i] * u[i]
+
+    @numba.njit(**_HELPER)
+    def _gate(Wt, Z, Dl, U, has_z, T, Y):  # pragma: no cover - compiled
+        """Y = (w + D u) silu(z), or w + D u without z."""
+        for j in range(T):
+            w, u, y, z = Wt[j], U[j], Y[j], Z[j]
+            for i in range(LANES):
+                y[i] = w[i] + Dl[i] * u[i]
+            if has_z:
+                for i in range(LANES):
+                    y[i] = y[i] * z[i] * _sigmoid(z[i])
+
+    @numba.njit(inline="always", **_HELPER)
+    def _forward_chunk(h, At, DT, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
+        """T steps from state h (n, LANES): h = exp(delta' A) h + delta' u B_t,
+        Wt[j] = C_t . h (lane-wise)."""
+        n = h.shape[0]
+        for j in range(T):
+            dt, dtu, w = DT[j], DTU[j], Wt[j]
+            for i in range(LANES):
+                w[i] = 0.0
+            for k in range(n):
+                bk, ck = BT[j, k], CT[j, k]
+                hk, ak = h[k], At[k]
+                for i in range(LANES):
+                    v = _exp(dt[i] * ak[i]) * hk[i] + dtu[i] * bk
+                    hk[i] = v
+                    w[i] += ck * v
+
+    @numba.njit(inline="always", **_HELPER)
+    def _recompute_chunk(H, E, At, DT, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
+        """:func:`_forward_chunk` from H[0], keeping A_bar in E[j] and the state after step j
+        in H[j + 1]."""
+        n = At.shape[0]
+        for j in range(T):
+            dt, dtu, w = DT[j], DTU[j], Wt[j]
+            Hp, Hn, Ej = H[j], H[j + 1], E[j]
+            for i in range(LANES):
+                w[i] = 0.0
+            for k in range(n):
+                bk, ck = BT[j, k], CT[j, k]
+                ak, hp, hn, ek = At[k], Hp[k], Hn[k], Ej[k]
+                for i in range(LANES):
+                    e = _exp(dt[i] * ak[i])
+                    ek[i] = e
+                    v = e * hp[i] + dtu[i] * bk
+                    hn[i] = v
+                    w[i] += ck * v
+
+    @numba.njit(**_HELPER)
+    def _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD):  # pragma: no cover
+        """From dL/dy (DO): DW = dL/dw (w = C . h), DZ, the D path of du (DU) and dD += dw u."""
+        one = U.dtype.type(1.0)
+        for j in range(T):
+            w, z, do, u, dw, dz, du = Wt[j], Z[j], DO[j], U[j], DW[j], DZ[j], DU[j]
+            if has_z:
+                for i in range(LANES):
+                    v = w[i] + Dl[i] * u[i]
+                    sg = _sigmoid(z[i])
+                    dz[i] = do[i] * v * sg * (one + z[i] * (one - sg))
+                    dw[i] = do[i] * z[i] * sg
+            else:
+                for i in range(LANES):
+                    dw[i] = do[i]
+            for i in range(LANES):
+                dD[i] += dw[i] * u[i]
+                du[i] = dw[i] * Dl[i]
+
+    @numba.njit(inline="always", **_HELPER)
+    def _adjoint_chunk(
+        R, H, E, At, DT, DTU, U, RAW, DW, BT, CT, softplus, T, DU, dA, dbias, dBrow, dCrow, dsa, dua,
+    ):  # pragma: no cover - compiled
+        """The chunk's steps last to first.  With g = dy_t C_t + r (the state's adjoint) per
+        state k: dC_t[k] = sum_l dy h_t, dB_t[k] = sum_l g delta' u, du += delta' g B_t[k],
+        r = A_bar_t g (the adjoint of h_{t-1}), q = r h_{t-1}: dA[k] += delta' q,
+        d(delta') += A[k] q; then d(delta') += u sum_k g B_t[k] goes through the softplus
+        into ddelta (written over RAW) and dbias.  dBrow, dCrow: this task's (L, n) rows."""
+        n = At.shape[0]
+        zero = U.dtype.type(0.0)
+        for jj in range(T):
+            j = T - 1 - jj
+            dw, dtu, dt = DW[j], DTU[j], DT[j]
+            Hp, Hn, Ej = H[j], H[j + 1], E[j]
+            for i in range(LANES):
+                dsa[i] = zero
+                dua[i] = zero
+            for k in range(n):
+                bk, ck = BT[j, k], CT[j, k]
+                rk, hp, hn, ek, ak, dak = R[k], Hp[k], Hn[k], Ej[k], At[k], dA[k]
+                acc_c = zero
+                acc_b = zero
+                for i in range(LANES):
+                    g = dw[i] * ck + rk[i]
+                    acc_c += dw[i] * hn[i]
+                    acc_b += g * dtu[i]
+                    dua[i] += g * bk
+                    r = ek[i] * g
+                    rk[i] = r
+                    q = r * hp[i]
+                    dak[i] += dt[i] * q
+                    dsa[i] += q * ak[i]
+                dBrow[j, k] = acc_b
+                dCrow[j, k] = acc_c
+            du, u, raw = DU[j], U[j], RAW[j]
+            for i in range(LANES):
+                du[i] += dt[i] * dua[i]
+                dsa[i] += u[i] * dua[i]  # now d(delta')
+            if softplus:  # torch's threshold: identity (gradient 1) above 20
+                for i in range(LANES):
+                    r = raw[i]
+                    dsa[i] = dsa[i] if r > 20.0 else dsa[i] * _sigmoid(r)
+            for i in range(LANES):
+                raw[i] = dsa[i]
+                dbias[i] += dsa[i]
+
+    @numba.njit(**_HELPER)
+    def _fwd_task(
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, L, y, hlast,
+        ckpt,
+    ):  # pragma: no cover - compiled
+        """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
+        flats = (u, delta, z, y) flat data, S their strides."""
+        u, delta, z = flats[0], flats[1], flats[2]
+        nblk = blocks.shape[0]
+        bi, blk = task // nblk, task % nblk
+        c0, W, gB, gC = blocks[blk, 0], blocks[blk, 1] - blocks[blk, 0], blocks[blk, 2], blocks[blk, 3]
+        n = A.shape[1]
+        dtype = u.dtype
+        save = ckpt.shape[1] > 0
+        h = np.empty((n, LANES), dtype)
+        At = np.empty((n, LANES), dtype)
+        _state_lanes(h0[bi], c0, W, h)
+        _state_lanes(A, c0, W, At)
+        bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
+        _lanes(bias, c0, W, bl)
+        _lanes(D, c0, W, Dl)
+        # separate arrays, not slices of one: LLVM then knows they do not overlap, and
+        # vectorises the lane loops without run-time overlap checks
+        U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        DTU, Z, Y = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
+        for c in range((L + K - 1) // K):
+            t0 = c * K
+            T = min(K, L - t0)
+            if save:
+                for k in range(n):
+                    for i in range(W):
+                        ckpt[bi, c, k, c0 + i] = h[k, i]
+            _load(u, S[0], bi, c0, t0, T, W, U)
+            _load(delta, S[1], bi, c0, t0, T, W, RAW)
+            if has_z:
+                _load(z, S[2], bi, c0, t0, T, W, Z)
+            _load_bc(Bf, SB, bi, gB, t0, T, n, BT)
+            _load_bc(Cf, SC, bi, gC, t0, T, n, CT)
+            _steps(RAW, U, bl, softplus, T, DT, DTU)
+            _forward_chunk(h, At, DT, DTU, BT, CT, T, Y)
+            _gate(Y, Z, Dl, U, has_z, T, Y)
+            _store(Y, T, W, y, S[3], bi, c0, t0)
+        for i in range(W):
+            for k in range(n):
+                hlast[bi, c0 + i, k] = h[k, i]
+
+    @numba.njit(**_HELPER)
+    def _bwd_task(
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, L, ckpt, dhlast,
+        dA, dD, dbias, dBp, dCp, dh0,
+    ):  # pragma: no cover - compiled
+        """One task, as :func:`_fwd_task`.  flats = (u, delta, z, dy, du, ddelta, dz) flat
+        data, S their strides; dBp, dCp (b, nblk, L, n): this block's group sums."""
+        u, delta, z, dout = flats[0], flats[1], flats[2], flats[3]
+        du, ddelta, dz = flats[4], flats[5], flats[6]
+        nblk = blocks.shape[0]
+        bi, blk = task // nblk, task % nblk
+        c0, W, gB, gC = blocks[blk, 0], blocks[blk, 1] - blocks[blk, 0], blocks[blk, 2], blocks[blk, 3]
+        n = A.shape[1]
+        dtype = u.dtype
+        At = np.empty((n, LANES), dtype)
+        R = np.empty((n, LANES), dtype)  # the adjoint arriving at the chunk's last state
+        _state_lanes(A, c0, W, At)
+        _state_lanes(dhlast[bi], c0, W, R)
+        bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
+        _lanes(bias, c0, W, bl)
+        _lanes(D, c0, W, Dl)
+        # separate arrays (see _fwd_task)
+        dA_k = np.zeros((n, LANES), dtype)
+        dD_k, db_k = np.zeros(LANES, dtype), np.zeros(LANES, dtype)
+        dsa, dua = np.zeros(LANES, dtype), np.zeros(LANES, dtype)  # the step's two sums
+        U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        DTU, Z, DO = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        Wt, DW = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        DU, DZ = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        H = np.empty((K + 1, n, LANES), dtype)
+        E = np.empty((K, n, LANES), dtype)
+        BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
+        nck = (L + K - 1) // K
+        for ci in range(nck):
+            c = nck - 1 - ci
+            t0 = c * K
+            T = min(K, L - t0)
+            _load(u, S[0], bi, c0, t0, T, W, U)
+            _load(delta, S[1], bi, c0, t0, T, W, RAW)
+            if has_z:
+                _load(z, S[2], bi, c0, t0, T, W, Z)
+            _load(dout, S[3], bi, c0, t0, T, W, DO)
+            _load_bc(Bf, SB, bi, gB, t0, T, n, BT)
+            _load_bc(Cf, SC, bi, gC, t0, T, n, CT)
+            _steps(RAW, U, bl, softplus, T, DT, DTU)
+            for k in range(n):
+                for i in range(LANES):
+                    H[0, k, i] = ckpt[bi, c, k, c0 + i] if i < W else 0.0
+            _recompute_chunk(H, E, At, DT, DTU, BT, CT, T, Wt)
+            _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD_k)
+            _adjoint_chunk(R, H, E, At, DT, DTU, U, RAW, DW, BT, CT, softplus, T, DU, dA_k, db_k,
+                           dBp[bi, blk, t0:], dCp[bi, blk, t0:], dsa, dua)  # fmt: skip
+            _store(DU, T, W, du, S[4], bi, c0, t0)
+            _store(RAW, T, W, ddelta, S[5], bi, c0, t0)
+            if has_z:
+                _store(DZ, T, W, dz, S[6], bi, c0, t0)
+        for i in range(W):
+            for k in range(n):
+                dh0[bi, c0 + i, k] = R[k, i]
+                dA[bi, c0 + i, k] = dA_k[k, i]
+            dD[bi, c0 + i] = dD_k[i]
+            dbias[bi, c0 + i] = db_k[i]
+
+    # one call per thread runs its share of the tasks (see cpu._run)
+
+    @numba.njit(**_HELPER)
+    def _tasks_fwd(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _fwd_task(task, *args)
+
+    @numba.njit(**_HELPER)
+    def _tasks_bwd(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        for task in range(first, ntasks, stride):
+            _bwd_task(task, *args)
+
+    # fmt: on
+
+
+# ---------------------------------------------------------------------- torch side
+
+
+def _flat(X: Tensor) -> tuple:
+    """X's elements as a flat 1-D numpy view starting at its first element, and its strides:
+    the kernels index it themselves, so any memory order (a transposed view, a slice of a
+    wider tensor) is read where it lies."""
+    X = X.detach()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(X.shape, X.stride(), strict=True))
+    flat = torch.as_strided(X, (span,), (1,), X.storage_offset())
+    return flat.numpy(), X.stride()
+
+
+def _empty_like_order(X: Tensor) -> Tensor:
+    """An empty (b, d, L) tensor in X's memory order: (b, L, d) storage seen as (b, d, L) when
+    X's channels lie closer together than its steps (Mamba's activations), else contiguous."""
+    b, d, L = X.shape
+    if d > 1 and X.stride(1) < X.stride(2):
+        return torch.empty(b, L, d, dtype=X.dtype).transpose(1, 2)
+    return torch.empty(b, d, L, dtype=X.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(d: int, gB: int, gC: int) -> tuple:
+    """Rows (c0, c1, B's group, C's group) of channel blocks of at most LANES channels that
+    never straddle a group of B or C, equal widths within a group; with each block's B and C
+    group as tensors (for summing the partial dB, dC)."""
+    G = math.lcm(gB, gC)
+    per = d // G
+    count = -(-per // LANES)
+    rows = []
+    for f in range(G):
+        for i in range(count):
+            c0, c1 = f * per + per * i // count, f * per + per * (i + 1) // count
+            rows.append((c0, c1, c0 // (d // gB), c0 // (d // gC)))
+    blocks = np.array(rows, dtype=np.int64)
+    return blocks, torch.from_numpy(blocks[:, 2].copy()), torch.from_numpy(blocks[:, 3].copy())
+
+
+class Prepared:
+    """Kernel-ready views for one call (forward and backward), the interface of
+    :class:`lrnnx.ops.selective_scan.cpu._Prepared`."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, run):
+        """``run(kernel, ntasks, work, *args)`` runs a task loop on threads
+        (:func:`lrnnx.ops.selective_scan.cpu._run`)."""
+        b, d, L = u.shape
+        n = A.shape[1]
+        self.shape = (b, d, L, n)
+        self.nstates = b
+        self.K = chunk_steps(n, chunk)
+        self.blocks, self.ownB, self.ownC = _blocks(d, B.shape[1], C.shape[1])
+        self.ntasks = b * len(self.blocks)
+        self.work = b * d * L * n
+        self.run = run
+        self.inputs = (u, delta, z)
+        self.has_z = z is not None
+        self.B, self.C = B, C
+        self.A = as_array(A)
+        self.D = as_array(D if D is not None else u.new_zeros(d))
+        self.bias = as_array(delta_bias if delta_bias is not None else u.new_zeros(d))
+        self.h0 = h0 if h0 is not None else torch.zeros(b, d, n, dtype=u.dtype)
+        self.softplus = bool(softplus)
+        self.dtype = u.dtype
+
+    def _flats(self, *tensors: Tensor) -> tuple:
+        """The flat views (a tuple: numba unboxes it once) and their strides (rows of S)."""
+        dummy = torch.zeros(1, 1, 1, dtype=self.dtype)
+        pairs = [_flat(t if t is not None else dummy) for t in tensors]
+        return tuple(p[0] for p in pairs), np.array([p[1] for p in pairs], dtype=np.int64)
+
+    def _bc(self) -> tuple:
+        (Bf, SB), (Cf, SC) = _flat(self.B), _flat(self.C)
+        return Bf, Cf, np.array(SB, dtype=np.int64), np.array(SC, dtype=np.int64)
+
+    def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """y (b, d, L) in u's memory order, the final state (b, d, n), checkpoints."""
+        b, d, L, n = self.shape
+        u, delta, z = self.inputs
+        y = _empty_like_order(u)
+        nck = -(-L // self.K) if save else 0
+        ckpt = torch.empty(b, nck, n, d, dtype=self.dtype)
+        hlast = torch.empty(b, d, n, dtype=self.dtype)
+        flats, S = self._flats(u, delta, z, y)
+        self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias,
+                  as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K, L,
+                  _flat(y)[0], hlast.numpy(), ckpt.numpy())  # fmt: skip
+        return y, hlast, ckpt
+
+    def backward(self, ckpt: Tensor, dy: Tensor, dh: Tensor) -> dict:
+        b, d, L, n = self.shape
+        u, delta, z = self.inputs
+        f = dict(dtype=self.dtype)
+        dy = dy.to(self.dtype)
+        du, ddelta = _empty_like_order(u), _empty_like_order(delta)
+        dz = _empty_like_order(z) if self.has_z else None
+        nblk = len(self.blocks)
+        dBp, dCp = torch.empty(b, nblk, L, n, **f), torch.empty(b, nblk, L, n, **f)
+        dA, dD, dbias = torch.empty(b, d, n, **f), torch.empty(b, d, **f), torch.empty(b, d, **f)
+        dh0 = torch.empty(b, d, n, **f)
+        flats, S = self._flats(u, delta, z, dy, du, ddelta, dz)
+        self.run(_tasks_bwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias, self.blocks,
+                  self.softplus, self.has_z, self.K, L, as_array(ckpt),
+                  as_array(dh.to(self.dtype)), dA.numpy(), dD.numpy(), dbias.numpy(),
+                  dBp.numpy(), dCp.numpy(), dh0.numpy())  # fmt: skip
+        return dict(
+            u=du,
+            delta=ddelta,
+            z=dz,
+            deltaA=None,
+            A=dA.sum(0),
+            D=dD.sum(0),
+            delta_bias=dbias.sum(0),
+            h0=dh0,
+            dB=self._group_sum(dBp, self.ownB, self.B.shape[1]),
+            dC=self._group_sum(dCp, self.ownC, self.C.shape[1]),
+        )
+
+    @staticmethod
+    def _group_sum(part: Tensor, owner: Tensor, g: int) -> Tensor:
+        """(b, nblk, L, n) block sums -> (b, g, n, L) (a transposed view of time-major data)."""
+        if part.shape[1] != g:
+            part = part.new_zeros(part.shape[0], g, *part.shape[2:]).index_add_(1, owner, part)
+        return part.transpose(2, 3)
+
+    def reduce_bc(self, grad: Tensor, shape: torch.Size) -> Tensor:
+        return grad  # already in B's / C's shape
