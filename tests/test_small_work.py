@@ -421,6 +421,8 @@ def test_train_rows_time_each_mixer_against_s4d():
     assert rows[1].ratio == 1.0 and rows[0].step_ms > 0
     assert rows[0].ratio == pytest.approx(rows[0].step_ms / rows[1].step_ms)
     assert "B=4 L=20 d_model=64 layers=2" == rows[0].shape
+    assert rows[1].params_ratio == 1.0 and rows[0].params > 0
+    assert rows[0].params_ratio == pytest.approx(rows[0].params / rows[1].params)
     md = bench_small.train_markdown(rows)
     assert md.count("\n| ") == len(rows) + 1 and "| lru |" in md
 

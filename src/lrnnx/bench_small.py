@@ -184,13 +184,17 @@ class TrainRow:
     shape: str
     step_ms: float
     ratio: float
+    #: the LM's parameter count, and its ratio to the base's (same width, different mixers)
+    params: int = 0
+    params_ratio: float = 1.0
 
 
 def train_step_fn(
     model: str, layers: int = 2, d_model: int = 64, batch: int = 64, seq_len: int = 68
 ) -> Callable[[], None]:
     """A closure running one training step (forward, loss, backward, AdamW update, on the next
-    of four fixed batches) of ``lrnnx train``'s selective-copying LM with mixer ``model``."""
+    of four fixed batches) of ``lrnnx train``'s selective-copying LM with mixer ``model``; the
+    closure's ``params`` is the LM's parameter count."""
     from lrnnx.train import TrainConfig, batch_indices, forward_batch, prepare
 
     cfg = TrainConfig(task="selective-copy", model=model, layers=layers, d_model=d_model,
@@ -209,6 +213,7 @@ def train_step_fn(
         loss.backward()
         opt.step()
 
+    step.params = sum(p.numel() for p in net.parameters())
     return step
 
 
@@ -229,19 +234,35 @@ def train_rows(names: Sequence[str], repeats: int, **shape) -> List[TrainRow]:
             times[name].append(time.perf_counter() - t0)
     ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     text = "B={batch} L={seq_len} d_model={d_model} layers={layers}".format(**shape)
-    return [TrainRow(name, text, ms[name], ms[name] / ms[TRAIN_BASE]) for name in order]
+    base = steps[TRAIN_BASE].params
+    return [
+        TrainRow(
+            name,
+            text,
+            ms[name],
+            ms[name] / ms[TRAIN_BASE],
+            steps[name].params,
+            steps[name].params / base,
+        )
+        for name in order
+    ]
 
 
 def train_markdown(rows: List[TrainRow]) -> str:
     lines = [
         f"Training step of `lrnnx train`'s selective-copying LM per mixer (default path, "
         f"{torch.get_num_threads()} torch threads), medians of steps timed in turns; ratio to "
-        f"the {TRAIN_BASE} step:",
+        f"the {TRAIN_BASE} step, and the LM's parameters (all mixers at the same width) with "
+        f"their ratio to the {TRAIN_BASE} LM's:",
         "",
-        f"| model | shape | ms per step | / {TRAIN_BASE} |",
-        "|---|---|---:|---:|",
+        f"| model | shape | ms per step | / {TRAIN_BASE} | parameters | / {TRAIN_BASE} |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r.model} | {r.shape} | {r.step_ms:.1f} | {r.ratio:.2f}x |" for r in rows]
+    lines += [
+        f"| {r.model} | {r.shape} | {r.step_ms:.1f} | {r.ratio:.2f}x | {r.params} | "
+        f"{r.params_ratio:.2f}x |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

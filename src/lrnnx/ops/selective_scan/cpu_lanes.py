@@ -82,35 +82,50 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _load(flat, s, bi, c0, t0, T, W, out):  # pragma: no cover - compiled
-        """out[j, i] = X[bi, c0 + i, t0 + j] for j < T, i < W; lanes from W on are 0."""
-        sc = s[1]
-        for j in range(T):
-            base = bi * s[0] + c0 * sc + (t0 + j) * s[2]
-            o = out[j]
-            if sc == 1:
-                src = flat[base : base + W]
+        """out[j, i] = X[bi, c0 + i, t0 + j] for j < T, i < W; lanes from W on are 0.
+
+        Read along X's contiguous dimension: a (b, d, L) X row by row (reading across rows,
+        L apart, would map every row of a step to one L1 set when L is a power of two)."""
+        sc, st = s[1], s[2]
+        base = bi * s[0] + c0 * sc + t0 * st
+        if sc == 1:  # channels contiguous: (b, L, d) seen as (b, d, L)
+            for j in range(T):
+                src, o = flat[base + j * st : base + j * st + W], out[j]
                 for i in range(W):
                     o[i] = src[i]
-            else:
+        elif st == 1:  # time contiguous
+            for i in range(W):
+                src = flat[base + i * sc : base + i * sc + T]
+                for j in range(T):
+                    out[j, i] = src[j]
+        else:
+            for j in range(T):
                 for i in range(W):
-                    o[i] = flat[numba.uint64(base + i * sc)]
+                    out[j, i] = flat[numba.uint64(base + i * sc + j * st)]
+        for j in range(T):
             for i in range(W, LANES):
-                o[i] = 0.0
+                out[j, i] = 0.0
 
     @numba.njit(**_HELPER)
     def _store(tile, T, W, flat, s, bi, c0, t0):  # pragma: no cover - compiled
-        """X[bi, c0 + i, t0 + j] = tile[j, i] for j < T, i < W."""
-        sc = s[1]
-        for j in range(T):
-            base = bi * s[0] + c0 * sc + (t0 + j) * s[2]
-            o = tile[j]
-            if sc == 1:
-                dst = flat[base : base + W]
+        """X[bi, c0 + i, t0 + j] = tile[j, i] for j < T, i < W (along X's contiguous dimension,
+        as :func:`_load`)."""
+        sc, st = s[1], s[2]
+        base = bi * s[0] + c0 * sc + t0 * st
+        if sc == 1:
+            for j in range(T):
+                dst, o = flat[base + j * st : base + j * st + W], tile[j]
                 for i in range(W):
                     dst[i] = o[i]
-            else:
+        elif st == 1:
+            for i in range(W):
+                dst = flat[base + i * sc : base + i * sc + T]
+                for j in range(T):
+                    dst[j] = tile[j, i]
+        else:
+            for j in range(T):
                 for i in range(W):
-                    flat[numba.uint64(base + i * sc)] = o[i]
+                    flat[numba.uint64(base + i * sc + j * st)] = tile[j, i]
 
     @numba.njit(**_HELPER)
     def _load_bc(flat, s, bi, g, t0, T, n, out):  # pragma: no cover - compiled
