@@ -248,3 +248,14 @@ def test_threads_agree(threads):
     ref = run(kw, "reference", torch.float64)
     for got, want in ((y, ref[0]), (h, ref[1]), *((g[k], ref[2][k]) for k in g)):
         assert (got.double() - want).abs().max() <= 4 * tol(torch.float32, 64) * want.abs().max()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64,), (torch.complex64,)])
+def test_warm_up_runs_both_kernel_sets(spy, dtypes):
+    """The background compile process runs warm_up: it must reach the lane kernels and the
+    general ones of its dtypes (forward and backward), or calls would stay on the torch backend."""
+    ss_cpu.warm_up(dtypes)
+    if dtypes[0].is_complex:  # a complex A: the general kernels only
+        assert set(spy) == {ss_cpu._Prepared}
+    else:
+        assert spy == [lanes.Prepared, ss_cpu._Prepared]

@@ -1548,9 +1548,9 @@ def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
     A = t(2, 2, dtype=real.to_complex() if cplx else real)
     # B, C shared by both channels (Mamba's case: channel lanes, for a real A), then one per
     # channel (the general kernels)
-    for g in (1, 2):
+    for groups in (1, 2):
         y, h = selective_scan(
-            t(1, 2, 3), t(1, 2, 3), A, t(1, g, 2, 3), t(1, g, 2, 3), t(2), t(1, 2, 3), t(2),
+            t(1, 2, 3), t(1, 2, 3), A, t(1, groups, 2, 3), t(1, groups, 2, 3), t(2), t(1, 2, 3), t(2),
             True, "mamba", None, None,
         )  # fmt: skip
         (y.sum() + h.real.sum()).backward()
