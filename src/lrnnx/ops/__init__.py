@@ -1,7 +1,8 @@
 """Primitives behind every model. Models call these; each picks its backend by device."""
 
+from lrnnx.ops.cauchy import cauchy
 from lrnnx.ops.causal_conv1d import causal_conv1d
 from lrnnx.ops.linear_scan import linear_scan
 from lrnnx.ops.selective_scan import selective_scan_fn
 
-__all__ = ["causal_conv1d", "linear_scan", "selective_scan_fn"]
+__all__ = ["cauchy", "causal_conv1d", "linear_scan", "selective_scan_fn"]

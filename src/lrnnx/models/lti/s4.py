@@ -37,62 +37,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from lrnnx.models.lti._s4_block import (
-    KERNEL_MAX_ELEMENTS,
     S4BlockBase,
     check_kernel_name,
     check_original_init_options,
     log,
 )
-
-
-def cauchy(
-    v: Tensor,
-    w: Tensor,
-    a: Tensor,
-    b: Tensor,
-    conj: bool = True,
-    max_elements: Optional[int] = None,
-) -> Tensor:
-    """Generalised Cauchy product  out[..., h, k] = sum_n v[..., h, n] / (a[k] - b[k] w[h, n]).
-
-    With ``conj`` the conjugate terms conj(v) / (a - b conj(w)) are added (the implicit second
-    half of each conjugate pair).  The (H, N, K) Cauchy matrix is built in chunks over K of at
-    most ``max_elements`` entries (default :data:`KERNEL_MAX_ELEMENTS`); under autograd every
-    chunk is recomputed in the backward pass, so memory stays bounded there too.
-
-    Args:
-        v: (..., H, N).  w: (H, N).  a, b: (K,).  All complex (or real v, w with complex a, b).
-    Returns:
-        (..., H, K).
-    """
-    dtype = torch.promote_types(torch.promote_types(v.dtype, w.dtype), a.dtype)
-    v, w, a, b = v.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
-    if conj:
-        v = torch.cat([v, v.conj()], dim=-1)
-        w = torch.cat([w, w.conj()], dim=-1)
-    H, N = w.shape
-    K = a.shape[0]
-    budget = KERNEL_MAX_ELEMENTS if max_elements is None else max_elements
-    chunk = max(1, budget // max(H * N, 1))
-    if chunk >= K:
-        return _cauchy_block(v, w, a, b)
-    recompute = torch.is_grad_enabled() and (v.requires_grad or w.requires_grad)
-    out = []
-    for s in range(0, K, chunk):
-        ab = (a[s : s + chunk], b[s : s + chunk])
-        if recompute:
-            out.append(checkpoint(_cauchy_block, v, w, *ab, use_reentrant=False))
-        else:
-            out.append(_cauchy_block(v, w, *ab))
-    return torch.cat(out, dim=-1)
-
-
-def _cauchy_block(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    inv = torch.reciprocal(a - b * w[..., None])  # (H, N, k)
-    return torch.einsum("...hn,hnk->...hk", v, inv)
+from lrnnx.ops import cauchy
 
 
 class S4(S4BlockBase):

@@ -281,6 +281,14 @@ if HAVE_NUMBA:
                 dbias[i] += dsa[i]
 
     @numba.njit(**_HELPER)
+    def _task(task, blocks):  # pragma: no cover - compiled
+        """Task -> (batch element, block, first channel, width, B's group, C's group)."""
+        nblk = blocks.shape[0]
+        bi, blk = task // nblk, task % nblk
+        c0 = blocks[blk, 0]
+        return bi, blk, c0, blocks[blk, 1] - c0, blocks[blk, 2], blocks[blk, 3]
+
+    @numba.njit(**_HELPER)
     def _fwd_task(
         task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, L, y, hlast,
         ckpt,
@@ -288,9 +296,7 @@ if HAVE_NUMBA:
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
         flats = (u, delta, z, y) flat data, S their strides."""
         u, delta, z = flats[0], flats[1], flats[2]
-        nblk = blocks.shape[0]
-        bi, blk = task // nblk, task % nblk
-        c0, W, gB, gC = blocks[blk, 0], blocks[blk, 1] - blocks[blk, 0], blocks[blk, 2], blocks[blk, 3]
+        bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
         dtype = u.dtype
         save = ckpt.shape[1] > 0
@@ -336,9 +342,7 @@ if HAVE_NUMBA:
         data, S their strides; dBp, dCp (b, nblk, L, n): this block's group sums."""
         u, delta, z, dout = flats[0], flats[1], flats[2], flats[3]
         du, ddelta, dz = flats[4], flats[5], flats[6]
-        nblk = blocks.shape[0]
-        bi, blk = task // nblk, task % nblk
-        c0, W, gB, gC = blocks[blk, 0], blocks[blk, 1] - blocks[blk, 0], blocks[blk, 2], blocks[blk, 3]
+        bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
         dtype = u.dtype
         At = np.empty((n, LANES), dtype)

@@ -1,0 +1,181 @@
+"""Fused CPU Cauchy product, compiled by numba at first use (cached on disk afterwards).
+
+A task is one h (all of v's rows r, all poles n, all points k); tasks run on torch's threads
+(:func:`lrnnx.ops._numba.run_on_threads`).  Complex numbers are split into real and imaginary
+planes.  For each pole n the task forms 1 / (a_k - b_k w_n) for every k into a (K,) scratch row
+(the loop over k vectorises), then adds v[r, n] times it to each output row r: the (H, N, K)
+matrix of the torch backend is never stored.
+
+Backward (PyTorch's convention for complex gradients: grad = conj(d out / d input) grad_out)
+forms the same row again per pole and reduces over k:
+
+    dv[r, h, n] = sum_k conj(q_k) g[r, h, k],                 q_k = 1 / (a_k - b_k w[h, n])
+    dw[h, n]    = sum_k conj(b_k q_k^2) sum_r conj(v[r, h, n]) g[r, h, k]
+
+Gradients of a and b (S4 never needs them) come from the torch backend: a call that needs them
+runs there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, run_on_threads, threads_for
+
+__all__ = ["cauchy", "is_available", "warm_up"]
+
+#: below this many (h, n, k) terms a call runs on the calling thread
+SERIAL_WORK = 1 << 16
+
+if HAVE_NUMBA:
+    import numba
+    import numpy as np
+
+    # reassociation lets the reductions over k vectorise; error_model="numpy": no zero-division
+    # branch (a pole on a point gives inf, as torch's reciprocal does)
+    _OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+
+    @numba.njit(**_OPTS)
+    def _inverse(ar, ai, br, bi, wr, wi, qr, qi):  # pragma: no cover - compiled
+        """q_k = 1 / (a_k - b_k w) = conj(d) / |d|^2 for every k."""
+        for k in range(ar.shape[0]):
+            dr = ar[k] - (br[k] * wr - bi[k] * wi)
+            di = ai[k] - (br[k] * wi + bi[k] * wr)
+            s = 1.0 / (dr * dr + di * di)
+            qr[k] = dr * s
+            qi[k] = -di * s
+
+    @numba.njit(**_OPTS)
+    def _forward(first, stride, vr, vi, wr, wi, ar, ai, br, bi, outr, outi):  # pragma: no cover
+        """Tasks h = first, first + stride, ...: out[:, h] = sum_n v[:, h, n] q(w[h, n])."""
+        R, H, N = vr.shape
+        K = ar.shape[0]
+        qr, qi = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
+        for h in range(first, H, stride):
+            for r in range(R):
+                outr[r, h, :] = 0.0
+                outi[r, h, :] = 0.0
+            for n in range(N):
+                _inverse(ar, ai, br, bi, wr[h, n], wi[h, n], qr, qi)
+                for r in range(R):
+                    xr, xi = vr[r, h, n], vi[r, h, n]
+                    orow, oirow = outr[r, h], outi[r, h]
+                    for k in range(K):
+                        orow[k] += xr * qr[k] - xi * qi[k]
+                        oirow[k] += xr * qi[k] + xi * qr[k]
+
+    @numba.njit(**_OPTS)
+    def _backward(
+        first, stride, vr, vi, wr, wi, ar, ai, br, bi, gr, gi, dvr, dvi, dwr, dwi
+    ):  # pragma: no cover - compiled
+        """Tasks h: dv[:, h, n] and dw[h, n] (the formulas of the module docstring)."""
+        R, H, N = vr.shape
+        K = ar.shape[0]
+        qr, qi = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
+        tr, ti = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
+        for h in range(first, H, stride):
+            for n in range(N):
+                _inverse(ar, ai, br, bi, wr[h, n], wi[h, n], qr, qi)
+                tr[:] = 0.0
+                ti[:] = 0.0
+                for r in range(R):
+                    xr, xi = vr[r, h, n], vi[r, h, n]
+                    g_r, g_i = gr[r, h], gi[r, h]
+                    sr = 0.0
+                    si = 0.0
+                    for k in range(K):
+                        # conj(q) g
+                        sr += qr[k] * g_r[k] + qi[k] * g_i[k]
+                        si += qr[k] * g_i[k] - qi[k] * g_r[k]
+                        # t += conj(v) g
+                        tr[k] += xr * g_r[k] + xi * g_i[k]
+                        ti[k] += xr * g_i[k] - xi * g_r[k]
+                    dvr[r, h, n] = sr
+                    dvi[r, h, n] = si
+                sr = 0.0
+                si = 0.0
+                for k in range(K):
+                    # conj(b q^2) t
+                    q2r = qr[k] * qr[k] - qi[k] * qi[k]
+                    q2i = 2.0 * qr[k] * qi[k]
+                    cr = br[k] * q2r - bi[k] * q2i
+                    ci = br[k] * q2i + bi[k] * q2r
+                    sr += cr * tr[k] + ci * ti[k]
+                    si += cr * ti[k] - ci * tr[k]
+                dwr[h, n] = sr
+                dwi[h, n] = si
+
+
+def _planes(X: Tensor) -> tuple:
+    return as_array(X.real), as_array(X.imag)
+
+
+def _run(kernel, H: int, work: int, *args) -> None:
+    """``kernel(first, stride, *args)`` on :func:`lrnnx.ops._numba.threads_for` threads (one
+    per h at most; the calling thread alone for small work)."""
+    threads = max(1, min(threads_for(work, SERIAL_WORK), H))
+    run_on_threads(lambda i, n: kernel(i, n, *args), threads)
+
+
+class CauchyCPUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(v, w, a, b)
+        return _product(v, w, a, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        v, w, a, b = ctx.saved_tensors
+        R, H, N = v.shape
+        K = a.shape[0]
+        real = v.real.dtype
+        dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
+        dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
+        _run(_backward, H, 2 * R * H * N * K, *_planes(v), *_planes(w), *_planes(a), *_planes(b),
+             *_planes(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
+        return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
+
+
+def cauchy(v: Tensor, w: Tensor, a: Tensor, b: Tensor, max_elements: Optional[int]) -> Tensor:
+    """Fused Cauchy product; same arguments and result as the reference backend (v (R, H, N),
+    w (H, N), a and b (K,), one complex dtype; ``max_elements`` unused).  Tensors on another
+    device, and calls that need a's or b's gradient, go to the torch backend."""
+    grad = torch.is_grad_enabled()
+    if v.device.type != "cpu" or (grad and (a.requires_grad or b.requires_grad)):
+        from lrnnx.ops.cauchy.torch import cauchy as torch_cauchy
+
+        return torch_cauchy(v, w, a, b, max_elements)
+    if grad and (v.requires_grad or w.requires_grad):
+        return CauchyCPUFunction.apply(v, w, a, b)
+    return _product(v, w, a, b)
+
+
+def _product(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The forward kernel: out (R, H, K)."""
+    R, H, N = v.shape
+    K = a.shape[0]
+    real = v.real.dtype
+    outr, outi = torch.empty(R, H, K, dtype=real), torch.empty(R, H, K, dtype=real)
+    _run(_forward, H, R * H * N * K, *_planes(v), *_planes(w), *_planes(a), *_planes(b),
+         outr.numpy(), outi.numpy())  # fmt: skip
+    return torch.complex(outr, outi)
+
+
+def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
+    """Run the kernels a call with tensors of these dtypes runs (forward and backward) on tiny
+    inputs, so numba compiles or loads them (the background compile process runs this)."""
+    cdtype = (
+        torch.complex128 if {torch.float64, torch.complex128} & set(dtypes) else torch.complex64
+    )
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=cdtype)
+
+    v, w = t(1, 2, 2).requires_grad_(), t(2, 2).requires_grad_()
+    cauchy(v, w, t(3), t(3), None).abs().sum().backward()
