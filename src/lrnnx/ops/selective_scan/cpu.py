@@ -1,7 +1,7 @@
 """Fused CPU selective scan, compiled by numba at first use (cached on disk afterwards).
 
 Mamba's own case (the "mamba" rule, real A, B_t and C_t shared by groups of at least 16
-channels, no deltaA, reverse or packing) runs on the channel-lane kernels of
+channels, no deltaA or packing) runs on the channel-lane kernels of
 :mod:`lrnnx.ops.selective_scan.cpu_lanes` (:func:`_prepare` chooses); every other call on the
 kernels of this module, described here.
 
@@ -1527,7 +1527,9 @@ def _prepare(
     """The kernels for a call: Mamba's own case on channel lanes (:mod:`.cpu_lanes`), the
     general kernels of this module otherwise."""
     if cpu_lanes.usable(u, A, B, C, disc, deltaA, reverse, cu):
-        return cpu_lanes.Prepared(u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, _run)
+        return cpu_lanes.Prepared(
+            u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, reverse, _run
+        )
     return _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu,
                      reverse)  # fmt: skip
 

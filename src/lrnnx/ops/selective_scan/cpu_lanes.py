@@ -23,9 +23,11 @@ the adjoint r_{t-1} = A_bar_t (dy_t C_t + r_t) step by step with every input's g
 the step in the same pass (the formulas of :mod:`lrnnx.ops.selective_scan.cpu`'s docstring);
 the adjoint left after the first chunk is the gradient of ``initial_state``.
 
-The other cases (complex A, the other rules, deltaA, ``reverse``, packed sequences, B or C per
-channel or time-invariant, or groups narrower than :data:`MIN_GROUP` channels) keep the
-general kernels; :func:`usable` decides.  Tested against the reference backend (values,
+``reverse=True`` walks the chunks last to first and each chunk from its last step to its first
+(the tiles hold the steps in walking order), so no time-flipped copy is made.  The other cases
+(complex A, the other rules, deltaA, packed sequences, B or C per channel or time-invariant, or
+groups narrower than :data:`MIN_GROUP` channels) keep the general kernels; :func:`usable`
+decides.  Tested against the reference backend (values,
 gradients, initial and final states, odd widths and groups, strided inputs).
 """
 
@@ -60,7 +62,7 @@ def usable(
     u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str, deltaA, reverse: bool, cu
 ) -> bool:
     """Whether a call is Mamba's case (see the module docstring)."""
-    if A.is_complex() or disc != "mamba" or deltaA is not None or reverse or cu is not None:
+    if A.is_complex() or disc != "mamba" or deltaA is not None or cu is not None:
         return False
     d = u.shape[1]
     if B.dim() != 4 or C.dim() != 4:  # (d, n): time-invariant, per channel
@@ -81,8 +83,14 @@ if HAVE_NUMBA:
     # data a flat 1-D view starting at its first element); SB = (batch, group, state, time).
 
     @numba.njit(**_HELPER)
-    def _load(flat, s, bi, c0, t0, T, W, out):  # pragma: no cover - compiled
-        """out[j, i] = X[bi, c0 + i, t0 + j] for j < T, i < W; lanes from W on are 0.
+    def _step_index(T, j, rev):  # pragma: no cover - compiled
+        """The time offset in a chunk of walking step j: j, or T - 1 - j under ``rev``."""
+        return T - 1 - j if rev else j
+
+    @numba.njit(**_HELPER)
+    def _load(flat, s, bi, c0, t0, T, W, rev, out):  # pragma: no cover - compiled
+        """out[j, i] = X[bi, c0 + i, t0 + j] for j < T, i < W (t0 + T - 1 - j under ``rev``:
+        rows in walking order); lanes from W on are 0.
 
         Read along X's contiguous dimension: a (b, d, L) X row by row (reading across rows,
         L apart, would map every row of a step to one L1 set when L is a power of two)."""
@@ -90,50 +98,72 @@ if HAVE_NUMBA:
         base = bi * s[0] + c0 * sc + t0 * st
         if sc == 1:  # channels contiguous: (b, L, d) seen as (b, d, L)
             for j in range(T):
-                src, o = flat[base + j * st : base + j * st + W], out[j]
+                row = base + _step_index(T, j, rev) * st
+                src, o = flat[row : row + W], out[j]
                 for i in range(W):
                     o[i] = src[i]
         elif st == 1:  # time contiguous
             for i in range(W):
                 src = flat[base + i * sc : base + i * sc + T]
-                for j in range(T):
-                    out[j, i] = src[j]
+                if rev:
+                    for j in range(T):
+                        out[j, i] = src[numba.uint64(T - 1 - j)]
+                else:
+                    for j in range(T):
+                        out[j, i] = src[j]
         else:
             for j in range(T):
+                row = base + _step_index(T, j, rev) * st
                 for i in range(W):
-                    out[j, i] = flat[numba.uint64(base + i * sc + j * st)]
+                    out[j, i] = flat[numba.uint64(row + i * sc)]
         for j in range(T):
             for i in range(W, LANES):
                 out[j, i] = 0.0
 
     @numba.njit(**_HELPER)
-    def _store(tile, T, W, flat, s, bi, c0, t0):  # pragma: no cover - compiled
-        """X[bi, c0 + i, t0 + j] = tile[j, i] for j < T, i < W (along X's contiguous dimension,
-        as :func:`_load`)."""
+    def _store(tile, T, W, flat, s, bi, c0, t0, rev):  # pragma: no cover - compiled
+        """X[bi, c0 + i, t0 + j] = tile[j, i] for j < T, i < W (t0 + T - 1 - j under ``rev``),
+        along X's contiguous dimension as :func:`_load`."""
         sc, st = s[1], s[2]
         base = bi * s[0] + c0 * sc + t0 * st
         if sc == 1:
             for j in range(T):
-                dst, o = flat[base + j * st : base + j * st + W], tile[j]
+                row = base + _step_index(T, j, rev) * st
+                dst, o = flat[row : row + W], tile[j]
                 for i in range(W):
                     dst[i] = o[i]
         elif st == 1:
             for i in range(W):
                 dst = flat[base + i * sc : base + i * sc + T]
-                for j in range(T):
-                    dst[j] = tile[j, i]
+                if rev:
+                    for j in range(T):
+                        dst[numba.uint64(T - 1 - j)] = tile[j, i]
+                else:
+                    for j in range(T):
+                        dst[j] = tile[j, i]
         else:
             for j in range(T):
+                row = base + _step_index(T, j, rev) * st
                 for i in range(W):
-                    flat[numba.uint64(base + i * sc + j * st)] = tile[j, i]
+                    flat[numba.uint64(row + i * sc)] = tile[j, i]
 
     @numba.njit(**_HELPER)
-    def _load_bc(flat, s, bi, g, t0, T, n, out):  # pragma: no cover - compiled
-        """out[j, k] = X[bi, g, k, t0 + j]: a chunk of B or C, time-major."""
+    def _load_bc(flat, s, bi, g, t0, T, n, rev, out):  # pragma: no cover - compiled
+        """out[j, k] = X[bi, g, k, t0 + j] (t0 + T - 1 - j under ``rev``): a chunk of B or C,
+        time-major, in walking order."""
         for j in range(T):
-            base = bi * s[0] + g * s[1] + (t0 + j) * s[3]
+            base = bi * s[0] + g * s[1] + (t0 + _step_index(T, j, rev)) * s[3]
             for k in range(n):
                 out[j, k] = flat[numba.uint64(base + k * s[2])]
+
+    @numba.njit(**_HELPER)
+    def _put_bc(rows, T, n, part, t0, rev):  # pragma: no cover - compiled
+        """part[t0 + j, k] = rows[j, k] (t0 + T - 1 - j under ``rev``): a chunk's dB or dC
+        rows, in walking order, back in time order."""
+        for j in range(T):
+            dst, src = part[t0 + _step_index(T, j, rev)], rows[j]
+            for k in range(n):
+                dst[k] = src[k]
 
     @numba.njit(**_HELPER)
     def _lanes(X, c0, W, out):  # pragma: no cover - compiled
@@ -241,7 +271,8 @@ if HAVE_NUMBA:
         state k: dC_t[k] = sum_l dy h_t, dB_t[k] = sum_l g delta' u, du += delta' g B_t[k],
         r = A_bar_t g (the adjoint of h_{t-1}), q = r h_{t-1}: dA[k] += delta' q,
         d(delta') += A[k] q; then d(delta') += u sum_k g B_t[k] goes through the softplus
-        into ddelta (written over RAW) and dbias.  dBrow, dCrow: this task's (L, n) rows."""
+        into ddelta (written over RAW) and dbias.  dBrow, dCrow: the chunk's (K, n) rows in
+        walking order."""
         n = At.shape[0]
         zero = U.dtype.type(0.0)
         for jj in range(T):
@@ -290,11 +321,13 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _fwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, L, y, hlast,
-        ckpt,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, L, rev, y,
+        hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
-        flats = (u, delta, z, y) flat data, S their strides."""
+        flats = (u, delta, z, y) flat data, S their strides.  Under ``rev`` the chunks run
+        last to first, each from its last step to its first (tiles hold steps in walking
+        order); ckpt[c] is the state before chunk c in walking order."""
         u, delta, z = flats[0], flats[1], flats[2]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
@@ -312,34 +345,37 @@ if HAVE_NUMBA:
         U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         DTU, Z, Y = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
-        for c in range((L + K - 1) // K):
+        nck = (L + K - 1) // K
+        for ci in range(nck):
+            c = nck - 1 - ci if rev else ci
             t0 = c * K
             T = min(K, L - t0)
             if save:
                 for k in range(n):
                     for i in range(W):
                         ckpt[bi, c, k, c0 + i] = h[k, i]
-            _load(u, S[0], bi, c0, t0, T, W, U)
-            _load(delta, S[1], bi, c0, t0, T, W, RAW)
+            _load(u, S[0], bi, c0, t0, T, W, rev, U)
+            _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
             if has_z:
-                _load(z, S[2], bi, c0, t0, T, W, Z)
-            _load_bc(Bf, SB, bi, gB, t0, T, n, BT)
-            _load_bc(Cf, SC, bi, gC, t0, T, n, CT)
+                _load(z, S[2], bi, c0, t0, T, W, rev, Z)
+            _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
+            _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
             _steps(RAW, U, bl, softplus, T, DT, DTU)
             _forward_chunk(h, At, DT, DTU, BT, CT, T, Y)
             _gate(Y, Z, Dl, U, has_z, T, Y)
-            _store(Y, T, W, y, S[3], bi, c0, t0)
+            _store(Y, T, W, y, S[3], bi, c0, t0, rev)
         for i in range(W):
             for k in range(n):
                 hlast[bi, c0 + i, k] = h[k, i]
 
     @numba.njit(**_HELPER)
     def _bwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, L, ckpt, dhlast,
-        dA, dD, dbias, dBp, dCp, dh0,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, L, rev, ckpt,
+        dhlast, dA, dD, dbias, dBp, dCp, dh0,
     ):  # pragma: no cover - compiled
-        """One task, as :func:`_fwd_task`.  flats = (u, delta, z, dy, du, ddelta, dz) flat
-        data, S their strides; dBp, dCp (b, nblk, L, n): this block's group sums."""
+        """One task, as :func:`_fwd_task`, walking its chunks the other way.  flats = (u, delta,
+        z, dy, du, ddelta, dz) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
+        block's group sums."""
         u, delta, z, dout = flats[0], flats[1], flats[2], flats[3]
         du, ddelta, dz = flats[4], flats[5], flats[6]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
@@ -363,18 +399,19 @@ if HAVE_NUMBA:
         H = np.empty((K + 1, n, LANES), dtype)
         E = np.empty((K, n, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
+        dBt, dCt = np.empty((K, n), dtype), np.empty((K, n), dtype)
         nck = (L + K - 1) // K
         for ci in range(nck):
-            c = nck - 1 - ci
+            c = ci if rev else nck - 1 - ci
             t0 = c * K
             T = min(K, L - t0)
-            _load(u, S[0], bi, c0, t0, T, W, U)
-            _load(delta, S[1], bi, c0, t0, T, W, RAW)
+            _load(u, S[0], bi, c0, t0, T, W, rev, U)
+            _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
             if has_z:
-                _load(z, S[2], bi, c0, t0, T, W, Z)
-            _load(dout, S[3], bi, c0, t0, T, W, DO)
-            _load_bc(Bf, SB, bi, gB, t0, T, n, BT)
-            _load_bc(Cf, SC, bi, gC, t0, T, n, CT)
+                _load(z, S[2], bi, c0, t0, T, W, rev, Z)
+            _load(dout, S[3], bi, c0, t0, T, W, rev, DO)
+            _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
+            _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
             _steps(RAW, U, bl, softplus, T, DT, DTU)
             for k in range(n):
                 for i in range(LANES):
@@ -382,11 +419,13 @@ if HAVE_NUMBA:
             _recompute_chunk(H, E, At, DT, DTU, BT, CT, T, Wt)
             _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD_k)
             _adjoint_chunk(R, H, E, At, DT, DTU, U, RAW, DW, BT, CT, softplus, T, DU, dA_k, db_k,
-                           dBp[bi, blk, t0:], dCp[bi, blk, t0:], dsa, dua)  # fmt: skip
-            _store(DU, T, W, du, S[4], bi, c0, t0)
-            _store(RAW, T, W, ddelta, S[5], bi, c0, t0)
+                           dBt, dCt, dsa, dua)  # fmt: skip
+            _put_bc(dBt, T, n, dBp[bi, blk], t0, rev)
+            _put_bc(dCt, T, n, dCp[bi, blk], t0, rev)
+            _store(DU, T, W, du, S[4], bi, c0, t0, rev)
+            _store(RAW, T, W, ddelta, S[5], bi, c0, t0, rev)
             if has_z:
-                _store(DZ, T, W, dz, S[6], bi, c0, t0)
+                _store(DZ, T, W, dz, S[6], bi, c0, t0, rev)
         for i in range(W):
             for k in range(n):
                 dh0[bi, c0 + i, k] = R[k, i]
@@ -452,7 +491,7 @@ class Prepared:
     """Kernel-ready views for one call (forward and backward), the interface of
     :class:`lrnnx.ops.selective_scan.cpu._Prepared`."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, run):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, reverse, run):
         """``run(kernel, ntasks, work, *args)`` runs a task loop on threads
         (:func:`lrnnx.ops.selective_scan.cpu._run`)."""
         b, d, L = u.shape
@@ -472,6 +511,7 @@ class Prepared:
         self.bias = as_array(delta_bias if delta_bias is not None else u.new_zeros(d))
         self.h0 = h0 if h0 is not None else torch.zeros(b, d, n, dtype=u.dtype)
         self.softplus = bool(softplus)
+        self.reverse = bool(reverse)
         self.dtype = u.dtype
 
     def _flats(self, *tensors: Tensor) -> tuple:
@@ -494,7 +534,7 @@ class Prepared:
         hlast = torch.empty(b, d, n, dtype=self.dtype)
         flats, S = self._flats(u, delta, z, y)
         self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias,
-                  as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K, L,
+                  as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K, L, self.reverse,
                   _flat(y)[0], hlast.numpy(), ckpt.numpy())  # fmt: skip
         return y, hlast, ckpt
 
@@ -511,7 +551,7 @@ class Prepared:
         dh0 = torch.empty(b, d, n, **f)
         flats, S = self._flats(u, delta, z, dy, du, ddelta, dz)
         self.run(_tasks_bwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias, self.blocks,
-                  self.softplus, self.has_z, self.K, L, as_array(ckpt),
+                  self.softplus, self.has_z, self.K, L, self.reverse, as_array(ckpt),
                   as_array(dh.to(self.dtype)), dA.numpy(), dD.numpy(), dbias.numpy(),
                   dBp.numpy(), dCp.numpy(), dh0.numpy())  # fmt: skip
         return dict(
