@@ -23,11 +23,12 @@ the adjoint r_{t-1} = A_bar_t (dy_t C_t + r_t) step by step with every input's g
 the step in the same pass (the formulas of :mod:`lrnnx.ops.selective_scan.cpu`'s docstring);
 the adjoint left after the first chunk is the gradient of ``initial_state``.
 
-``reverse=True`` walks the chunks last to first and each chunk from its last step to its first
-(the tiles hold the steps in walking order), so no time-flipped copy is made.  The other cases
-(complex A, the other rules, deltaA, packed sequences, B or C per channel or time-invariant, or
-groups narrower than :data:`MIN_GROUP` channels) keep the general kernels; :func:`usable`
-decides.  Tested against the reference backend (values,
+Time is walked in the general kernels' segments (chunks cut at packed sequences' boundaries,
+where the state restarts from the sequence's own initial state); ``reverse=True`` walks them
+last to first and each from its last step to its first (the tiles hold the steps in walking
+order), so no time-flipped copy is made.  The other cases (complex A, the other rules, deltaA,
+B or C per channel or time-invariant, or groups narrower than :data:`MIN_GROUP` channels) keep
+the general kernels; :func:`usable` decides.  Tested against the reference backend (values,
 gradients, initial and final states, odd widths and groups, strided inputs).
 """
 
@@ -58,11 +59,9 @@ def chunk_steps(n: int, chunk: int) -> int:
     return max(1, min(int(chunk), max(8, STATE_STEPS // n)))
 
 
-def usable(
-    u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str, deltaA, reverse: bool, cu
-) -> bool:
+def usable(u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str, deltaA) -> bool:
     """Whether a call is Mamba's case (see the module docstring)."""
-    if A.is_complex() or disc != "mamba" or deltaA is not None or cu is not None:
+    if A.is_complex() or disc != "mamba" or deltaA is not None:
         return False
     d = u.shape[1]
     if B.dim() != 4 or C.dim() != 4:  # (d, n): time-invariant, per channel
@@ -321,21 +320,27 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _fwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, L, rev, y,
-        hlast, ckpt,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, seg, nseq, rev,
+        y, hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
-        flats = (u, delta, z, y) flat data, S their strides.  Under ``rev`` the chunks run
-        last to first, each from its last step to its first (tiles hold steps in walking
-        order); ckpt[c] is the state before chunk c in walking order."""
+        flats = (u, delta, z, y) flat data, S their strides.
+
+        ``seg`` lists the pieces of time walked (rows (t0, T, sequence, flags), see
+        :func:`lrnnx.ops.selective_scan.cpu._segments`, T <= K): the state restarts from the
+        sequence's initial state at a segment that begins it (a select: nothing of the previous
+        sequence is carried, not even a NaN) and is stored as its final state at one that ends
+        it; sequence q of batch element bi has initial and final states h0[bi nseq + q],
+        hlast[bi nseq + q].  Under ``rev`` the segments run last to first, each from its last
+        step to its first (tiles hold steps in walking order), and a sequence begins at its
+        last segment.  ckpt[c] is the state before segment c in walking order."""
         u, delta, z = flats[0], flats[1], flats[2]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
         dtype = u.dtype
         save = ckpt.shape[1] > 0
-        h = np.empty((n, LANES), dtype)
+        h = np.zeros((n, LANES), dtype)
         At = np.empty((n, LANES), dtype)
-        _state_lanes(h0[bi], c0, W, h)
         _state_lanes(A, c0, W, At)
         bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
         _lanes(bias, c0, W, bl)
@@ -345,11 +350,13 @@ if HAVE_NUMBA:
         U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         DTU, Z, Y = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
-        nck = (L + K - 1) // K
-        for ci in range(nck):
-            c = nck - 1 - ci if rev else ci
-            t0 = c * K
-            T = min(K, L - t0)
+        first, last = (2, 1) if rev else (1, 2)  # the flags of a walk's first and last segment
+        nsg = seg.shape[0]
+        for ci in range(nsg):
+            c = nsg - 1 - ci if rev else ci
+            t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+            if fl & first:  # a sequence begins: restart from its initial state
+                _state_lanes(h0[sq], c0, W, h)
             if save:
                 for k in range(n):
                     for i in range(W):
@@ -364,16 +371,19 @@ if HAVE_NUMBA:
             _forward_chunk(h, At, DT, DTU, BT, CT, T, Y)
             _gate(Y, Z, Dl, U, has_z, T, Y)
             _store(Y, T, W, y, S[3], bi, c0, t0, rev)
-        for i in range(W):
-            for k in range(n):
-                hlast[bi, c0 + i, k] = h[k, i]
+            if fl & last:  # a sequence ends: its final state
+                for i in range(W):
+                    for k in range(n):
+                        hlast[sq, c0 + i, k] = h[k, i]
 
     @numba.njit(**_HELPER)
     def _bwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, L, rev, ckpt,
-        dhlast, dA, dD, dbias, dBp, dCp, dh0,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, seg, nseq, rev,
+        ckpt, dhlast, dA, dD, dbias, dBp, dCp, dh0,
     ):  # pragma: no cover - compiled
-        """One task, as :func:`_fwd_task`, walking its chunks the other way.  flats = (u, delta,
+        """One task, as :func:`_fwd_task`, walking its segments the other way: the adjoint
+        starts from the final state's gradient at a segment that ends a sequence, and at one
+        that begins it what is left is the gradient of its initial state.  flats = (u, delta,
         z, dy, du, ddelta, dz) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
         block's group sums."""
         u, delta, z, dout = flats[0], flats[1], flats[2], flats[3]
@@ -382,9 +392,8 @@ if HAVE_NUMBA:
         n = A.shape[1]
         dtype = u.dtype
         At = np.empty((n, LANES), dtype)
-        R = np.empty((n, LANES), dtype)  # the adjoint arriving at the chunk's last state
+        R = np.zeros((n, LANES), dtype)  # the adjoint arriving at the chunk's last state
         _state_lanes(A, c0, W, At)
-        _state_lanes(dhlast[bi], c0, W, R)
         bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
         _lanes(bias, c0, W, bl)
         _lanes(D, c0, W, Dl)
@@ -400,11 +409,13 @@ if HAVE_NUMBA:
         E = np.empty((K, n, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         dBt, dCt = np.empty((K, n), dtype), np.empty((K, n), dtype)
-        nck = (L + K - 1) // K
-        for ci in range(nck):
-            c = ci if rev else nck - 1 - ci
-            t0 = c * K
-            T = min(K, L - t0)
+        first, last = (2, 1) if rev else (1, 2)  # the flags of forward's first and last segment
+        nsg = seg.shape[0]
+        for ci in range(nsg):
+            c = ci if rev else nsg - 1 - ci
+            t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
+            if fl & last:  # a sequence ends here: nothing arrives from the next one
+                _state_lanes(dhlast[sq], c0, W, R)
             _load(u, S[0], bi, c0, t0, T, W, rev, U)
             _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
             if has_z:
@@ -426,9 +437,12 @@ if HAVE_NUMBA:
             _store(RAW, T, W, ddelta, S[5], bi, c0, t0, rev)
             if has_z:
                 _store(DZ, T, W, dz, S[6], bi, c0, t0, rev)
+            if fl & first:  # a sequence begins here: the adjoint left is its h0's gradient
+                for i in range(W):
+                    for k in range(n):
+                        dh0[sq, c0 + i, k] = R[k, i]
         for i in range(W):
             for k in range(n):
-                dh0[bi, c0 + i, k] = R[k, i]
                 dA[bi, c0 + i, k] = dA_k[k, i]
             dD[bi, c0 + i] = dD_k[i]
             dbias[bi, c0 + i] = db_k[i]
@@ -491,14 +505,20 @@ class Prepared:
     """Kernel-ready views for one call (forward and backward), the interface of
     :class:`lrnnx.ops.selective_scan.cpu._Prepared`."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, reverse, run):
-        """``run(kernel, ntasks, work, *args)`` runs a task loop on threads
+    def __init__(
+        self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, K, seg, nstates, reverse, run
+    ):  # fmt: skip
+        """``K``: steps per chunk (:func:`chunk_steps`); ``seg``: the segment table
+        (:func:`lrnnx.ops.selective_scan.cpu._segments`, cut every K steps and at sequence
+        boundaries); ``nstates``: initial and final states (b, or S packed sequences);
+        ``run(kernel, ntasks, work, *args)`` runs a task loop on threads
         (:func:`lrnnx.ops.selective_scan.cpu._run`)."""
         b, d, L = u.shape
         n = A.shape[1]
         self.shape = (b, d, L, n)
-        self.nstates = b
-        self.K = chunk_steps(n, chunk)
+        self.nstates = nstates
+        self.K = K
+        self.seg = seg.numpy()
         self.blocks, self.ownB, self.ownC = _blocks(d, B.shape[1], C.shape[1])
         self.ntasks = b * len(self.blocks)
         self.work = b * d * L * n
@@ -509,7 +529,7 @@ class Prepared:
         self.A = as_array(A)
         self.D = as_array(D if D is not None else u.new_zeros(d))
         self.bias = as_array(delta_bias if delta_bias is not None else u.new_zeros(d))
-        self.h0 = h0 if h0 is not None else torch.zeros(b, d, n, dtype=u.dtype)
+        self.h0 = h0 if h0 is not None else torch.zeros(nstates, d, n, dtype=u.dtype)
         self.softplus = bool(softplus)
         self.reverse = bool(reverse)
         self.dtype = u.dtype
@@ -525,17 +545,18 @@ class Prepared:
         return Bf, Cf, np.array(SB, dtype=np.int64), np.array(SC, dtype=np.int64)
 
     def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """y (b, d, L) in u's memory order, the final state (b, d, n), checkpoints."""
+        """y (b, d, L) in u's memory order, the final states (b or S, d, n), checkpoints."""
         b, d, L, n = self.shape
         u, delta, z = self.inputs
         y = _empty_like_order(u)
-        nck = -(-L // self.K) if save else 0
-        ckpt = torch.empty(b, nck, n, d, dtype=self.dtype)
-        hlast = torch.empty(b, d, n, dtype=self.dtype)
+        ckpt = torch.empty(b, len(self.seg) if save else 0, n, d, dtype=self.dtype)
+        # the kernels write the final states of non-empty sequences; the rest keep h0
+        hlast = self.h0.clone(memory_format=torch.contiguous_format)
         flats, S = self._flats(u, delta, z, y)
-        self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias,
-                  as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K, L, self.reverse,
-                  _flat(y)[0], hlast.numpy(), ckpt.numpy())  # fmt: skip
+        self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D,
+                 self.bias, as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K,
+                 self.seg, self.nstates // b, self.reverse, _flat(y)[0], hlast.numpy(),
+                 ckpt.numpy())  # fmt: skip
         return y, hlast, ckpt
 
     def backward(self, ckpt: Tensor, dy: Tensor, dh: Tensor) -> dict:
@@ -548,12 +569,15 @@ class Prepared:
         nblk = len(self.blocks)
         dBp, dCp = torch.empty(b, nblk, L, n, **f), torch.empty(b, nblk, L, n, **f)
         dA, dD, dbias = torch.empty(b, d, n, **f), torch.empty(b, d, **f), torch.empty(b, d, **f)
-        dh0 = torch.empty(b, d, n, **f)
+        # the kernels write the h0 gradients of non-empty sequences; a zero-length sequence's
+        # final state is its h0, so its gradient passes through
+        dh = dh.to(self.dtype)
+        dh0 = dh.clone(memory_format=torch.contiguous_format)
         flats, S = self._flats(u, delta, z, dy, du, ddelta, dz)
-        self.run(_tasks_bwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D, self.bias, self.blocks,
-                  self.softplus, self.has_z, self.K, L, self.reverse, as_array(ckpt),
-                  as_array(dh.to(self.dtype)), dA.numpy(), dD.numpy(), dbias.numpy(),
-                  dBp.numpy(), dCp.numpy(), dh0.numpy())  # fmt: skip
+        self.run(_tasks_bwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D,
+                 self.bias, self.blocks, self.softplus, self.has_z, self.K, self.seg,
+                 self.nstates // b, self.reverse, as_array(ckpt), as_array(dh), dA.numpy(),
+                 dD.numpy(), dbias.numpy(), dBp.numpy(), dCp.numpy(), dh0.numpy())  # fmt: skip
         return dict(
             u=du,
             delta=ddelta,
