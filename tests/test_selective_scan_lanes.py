@@ -17,7 +17,7 @@ import lrnnx.ops.selective_scan.cpu_lanes as lanes  # noqa: E402
 from _tol import assert_close_rel, tol  # noqa: E402
 from lrnnx.ops import selective_scan_fn  # noqa: E402
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "deltaA", "initial_state")
 
 
 def _activation(b: int, d: int, L: int, order: str, gen, dtype) -> Tensor:
@@ -112,7 +112,7 @@ def test_mamba_case_runs_on_lanes(spy):
 
 @pytest.mark.parametrize(
     "change",
-    ["complex", "zoh", "deltaA", "per_channel", "time_invariant", "narrow"],
+    ["complex", "zoh", "per_channel", "time_invariant", "narrow"],
 )
 def test_other_cases_keep_the_general_kernels(spy, change):
     kw = make(b=1, d=32, n=3, L=9)
@@ -122,8 +122,6 @@ def test_other_cases_keep_the_general_kernels(spy, change):
         kw["initial_state"] = kw["initial_state"].to(torch.complex128)
     elif change == "zoh":
         kw["discretization"] = "zoh"
-    elif change == "deltaA":
-        kw["deltaA"] = torch.rand(1, d, L, dtype=torch.float64)
     elif change == "per_channel":  # g = d: every channel its own B_t, C_t
         kw["B"], kw["C"] = torch.randn(1, d, n, L).double(), torch.randn(1, d, n, L).double()
     elif change == "time_invariant":
@@ -152,6 +150,19 @@ def test_reverse(spy, monkeypatch, order):
     against the reference loop's own reverse recurrence."""
     monkeypatch.setattr(ss_cpu, "CHUNK", 6)
     assert_matches_reference({**make(d=40, L=23, order=order), "reverse": True})
+    assert set(spy) == {lanes.Prepared}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("order", ["time", "channels"])
+def test_event_mode_delta_a(spy, monkeypatch, reverse, order):
+    """deltaA (STREAM's event mode: A_bar from its own step, gamma_bar from delta') on the
+    lanes, its gradient included."""
+    monkeypatch.setattr(ss_cpu, "CHUNK", 6)
+    kw = make(d=40, L=17, order=order)
+    gen = torch.Generator().manual_seed(5)
+    kw["deltaA"] = _activation(2, 40, 17, order, gen, torch.float64).abs() + 0.05
+    assert_matches_reference({**kw, "reverse": reverse})
     assert set(spy) == {lanes.Prepared}
 
 

@@ -1,7 +1,7 @@
 """Fused CPU selective scan, compiled by numba at first use (cached on disk afterwards).
 
 Mamba's own case (the "mamba" rule, real A, B_t and C_t shared by groups of at least 16
-channels, no deltaA) runs on the channel-lane kernels of
+channels) runs on the channel-lane kernels of
 :mod:`lrnnx.ops.selective_scan.cpu_lanes` (:func:`_prepare` chooses); every other call on the
 kernels of this module, described here.
 
@@ -1526,13 +1526,28 @@ def _prepare(
 ):  # fmt: skip
     """The kernels for a call: Mamba's own case on channel lanes (:mod:`.cpu_lanes`), the
     general kernels of this module otherwise."""
-    if cpu_lanes.usable(u, A, B, C, disc, deltaA):
+    if cpu_lanes.usable(u, A, B, C, disc):
         b, _, L = u.shape
         K = cpu_lanes.chunk_steps(A.shape[1], chunk)
         seg = _plain_segments(L, K) if cu is None else _segments(cu, L, K)
         nstates = b if cu is None else cu.shape[0] - 1
         return cpu_lanes.Prepared(
-            u, delta, A, B, C, D, z, delta_bias, h0, softplus, K, seg, nstates, reverse, _run
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            deltaA,
+            h0,
+            softplus,
+            K,
+            seg,
+            nstates,
+            reverse,
+            _run,
         )
     return _Prepared(u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu,
                      reverse)  # fmt: skip

@@ -26,9 +26,10 @@ the adjoint left after the first chunk is the gradient of ``initial_state``.
 Time is walked in the general kernels' segments (chunks cut at packed sequences' boundaries,
 where the state restarts from the sequence's own initial state); ``reverse=True`` walks them
 last to first and each from its last step to its first (the tiles hold the steps in walking
-order), so no time-flipped copy is made.  The other cases (complex A, the other rules, deltaA,
-B or C per channel or time-invariant, or groups narrower than :data:`MIN_GROUP` channels) keep
-the general kernels; :func:`usable` decides.  Tested against the reference backend (values,
+order), so no time-flipped copy is made.  With ``deltaA`` (STREAM's event mode) A_bar uses that
+step (one more tile) and its gradient is written as ddeltaA.  The other cases (complex A, the
+other rules, B or C per channel or time-invariant, or groups narrower than :data:`MIN_GROUP`
+channels) keep the general kernels; :func:`usable` decides.  Tested against the reference backend (values,
 gradients, initial and final states, odd widths and groups, strided inputs).
 """
 
@@ -59,9 +60,9 @@ def chunk_steps(n: int, chunk: int) -> int:
     return max(1, min(int(chunk), max(8, STATE_STEPS // n)))
 
 
-def usable(u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str, deltaA) -> bool:
+def usable(u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str) -> bool:
     """Whether a call is Mamba's case (see the module docstring)."""
-    if A.is_complex() or disc != "mamba" or deltaA is not None:
+    if A.is_complex() or disc != "mamba":
         return False
     d = u.shape[1]
     if B.dim() != 4 or C.dim() != 4:  # (d, n): time-invariant, per channel
@@ -207,12 +208,12 @@ if HAVE_NUMBA:
                     y[i] = y[i] * z[i] * _sigmoid(z[i])
 
     @numba.njit(inline="always", **_HELPER)
-    def _forward_chunk(h, At, DT, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
-        """T steps from state h (n, LANES): h = exp(delta' A) h + delta' u B_t,
-        Wt[j] = C_t . h (lane-wise)."""
+    def _forward_chunk(h, At, SA, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
+        """T steps from state h (n, LANES): h = exp(s A) h + delta' u B_t (s: the A-step,
+        deltaA or delta'), Wt[j] = C_t . h (lane-wise)."""
         n = h.shape[0]
         for j in range(T):
-            dt, dtu, w = DT[j], DTU[j], Wt[j]
+            dt, dtu, w = SA[j], DTU[j], Wt[j]
             for i in range(LANES):
                 w[i] = 0.0
             for k in range(n):
@@ -224,12 +225,12 @@ if HAVE_NUMBA:
                     w[i] += ck * v
 
     @numba.njit(inline="always", **_HELPER)
-    def _recompute_chunk(H, E, At, DT, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
+    def _recompute_chunk(H, E, At, SA, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
         """:func:`_forward_chunk` from H[0], keeping A_bar in E[j] and the state after step j
         in H[j + 1]."""
         n = At.shape[0]
         for j in range(T):
-            dt, dtu, w = DT[j], DTU[j], Wt[j]
+            dt, dtu, w = SA[j], DTU[j], Wt[j]
             Hp, Hn, Ej = H[j], H[j + 1], E[j]
             for i in range(LANES):
                 w[i] = 0.0
@@ -264,19 +265,20 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always", **_HELPER)
     def _adjoint_chunk(
-        R, H, E, At, DT, DTU, U, RAW, DW, BT, CT, softplus, T, DU, dA, dbias, dBrow, dCrow, dsa, dua,
+        R, H, E, At, DT, SA, DTU, U, RAW, DW, BT, CT, softplus, has_dA, T, DU, DDA, dA, dbias,
+        dBrow, dCrow, dsa, dua,
     ):  # pragma: no cover - compiled
         """The chunk's steps last to first.  With g = dy_t C_t + r (the state's adjoint) per
         state k: dC_t[k] = sum_l dy h_t, dB_t[k] = sum_l g delta' u, du += delta' g B_t[k],
-        r = A_bar_t g (the adjoint of h_{t-1}), q = r h_{t-1}: dA[k] += delta' q,
-        d(delta') += A[k] q; then d(delta') += u sum_k g B_t[k] goes through the softplus
-        into ddelta (written over RAW) and dbias.  dBrow, dCrow: the chunk's (K, n) rows in
-        walking order."""
+        r = A_bar_t g (the adjoint of h_{t-1}), q = r h_{t-1}: dA[k] += s q, ds += A[k] q
+        (s: the A-step, deltaA or delta'); then d(delta') = u sum_k g B_t[k] (+ ds when s is
+        delta') goes through the softplus into ddelta (written over RAW) and dbias, and ds
+        into DDA with deltaA.  dBrow, dCrow: the chunk's (K, n) rows in walking order."""
         n = At.shape[0]
         zero = U.dtype.type(0.0)
         for jj in range(T):
             j = T - 1 - jj
-            dw, dtu, dt = DW[j], DTU[j], DT[j]
+            dw, dtu, dt, sa = DW[j], DTU[j], DT[j], SA[j]
             Hp, Hn, Ej = H[j], H[j + 1], E[j]
             for i in range(LANES):
                 dsa[i] = zero
@@ -294,14 +296,21 @@ if HAVE_NUMBA:
                     r = ek[i] * g
                     rk[i] = r
                     q = r * hp[i]
-                    dak[i] += dt[i] * q
+                    dak[i] += sa[i] * q
                     dsa[i] += q * ak[i]
                 dBrow[j, k] = acc_b
                 dCrow[j, k] = acc_c
             du, u, raw = DU[j], U[j], RAW[j]
             for i in range(LANES):
                 du[i] += dt[i] * dua[i]
-                dsa[i] += u[i] * dua[i]  # now d(delta')
+            if has_dA:  # ds is deltaA's gradient; d(delta') is the input path's alone
+                dda = DDA[j]
+                for i in range(LANES):
+                    dda[i] = dsa[i]
+                    dsa[i] = u[i] * dua[i]
+            else:
+                for i in range(LANES):
+                    dsa[i] += u[i] * dua[i]  # now d(delta')
             if softplus:  # torch's threshold: identity (gradient 1) above 20
                 for i in range(LANES):
                     r = raw[i]
@@ -320,11 +329,11 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _fwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, K, seg, nseq, rev,
-        y, hlast, ckpt,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, has_dA, K, seg,
+        nseq, rev, y, hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
-        flats = (u, delta, z, y) flat data, S their strides.
+        flats = (u, delta, z, deltaA, y) flat data, S their strides.
 
         ``seg`` lists the pieces of time walked (rows (t0, T, sequence, flags), see
         :func:`lrnnx.ops.selective_scan.cpu._segments`, T <= K): the state restarts from the
@@ -334,7 +343,7 @@ if HAVE_NUMBA:
         hlast[bi nseq + q].  Under ``rev`` the segments run last to first, each from its last
         step to its first (tiles hold steps in walking order), and a sequence begins at its
         last segment.  ckpt[c] is the state before segment c in walking order."""
-        u, delta, z = flats[0], flats[1], flats[2]
+        u, delta, z, deltaA = flats[0], flats[1], flats[2], flats[3]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
         dtype = u.dtype
@@ -349,6 +358,7 @@ if HAVE_NUMBA:
         # vectorises the lane loops without run-time overlap checks
         U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         DTU, Z, Y = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        DA = np.zeros((K if has_dA else 1, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         first, last = (2, 1) if rev else (1, 2)  # the flags of a walk's first and last segment
         nsg = seg.shape[0]
@@ -365,12 +375,14 @@ if HAVE_NUMBA:
             _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
             if has_z:
                 _load(z, S[2], bi, c0, t0, T, W, rev, Z)
+            if has_dA:
+                _load(deltaA, S[3], bi, c0, t0, T, W, rev, DA)
             _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
             _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
             _steps(RAW, U, bl, softplus, T, DT, DTU)
-            _forward_chunk(h, At, DT, DTU, BT, CT, T, Y)
+            _forward_chunk(h, At, DA if has_dA else DT, DTU, BT, CT, T, Y)
             _gate(Y, Z, Dl, U, has_z, T, Y)
-            _store(Y, T, W, y, S[3], bi, c0, t0, rev)
+            _store(Y, T, W, y, S[4], bi, c0, t0, rev)
             if fl & last:  # a sequence ends: its final state
                 for i in range(W):
                     for k in range(n):
@@ -378,16 +390,16 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _bwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, K, seg, nseq, rev,
-        ckpt, dhlast, dA, dD, dbias, dBp, dCp, dh0,
+        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, has_dA, K, seg, nseq,
+        rev, ckpt, dhlast, dA, dD, dbias, dBp, dCp, dh0,
     ):  # pragma: no cover - compiled
         """One task, as :func:`_fwd_task`, walking its segments the other way: the adjoint
         starts from the final state's gradient at a segment that ends a sequence, and at one
         that begins it what is left is the gradient of its initial state.  flats = (u, delta,
-        z, dy, du, ddelta, dz) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
+        z, deltaA, dy, du, ddelta, dz, ddeltaA) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
         block's group sums."""
-        u, delta, z, dout = flats[0], flats[1], flats[2], flats[3]
-        du, ddelta, dz = flats[4], flats[5], flats[6]
+        u, delta, z, deltaA, dout = flats[0], flats[1], flats[2], flats[3], flats[4]
+        du, ddelta, dz, ddA = flats[5], flats[6], flats[7], flats[8]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
         dtype = u.dtype
@@ -405,6 +417,7 @@ if HAVE_NUMBA:
         DTU, Z, DO = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         Wt, DW = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
         DU, DZ = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
+        DA, DDA = np.zeros((K if has_dA else 1, LANES), dtype), np.zeros((K if has_dA else 1, LANES), dtype)
         H = np.empty((K + 1, n, LANES), dtype)
         E = np.empty((K, n, LANES), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
@@ -420,23 +433,28 @@ if HAVE_NUMBA:
             _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
             if has_z:
                 _load(z, S[2], bi, c0, t0, T, W, rev, Z)
-            _load(dout, S[3], bi, c0, t0, T, W, rev, DO)
+            if has_dA:
+                _load(deltaA, S[3], bi, c0, t0, T, W, rev, DA)
+            _load(dout, S[4], bi, c0, t0, T, W, rev, DO)
             _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
             _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
             _steps(RAW, U, bl, softplus, T, DT, DTU)
             for k in range(n):
                 for i in range(LANES):
                     H[0, k, i] = ckpt[bi, c, k, c0 + i] if i < W else 0.0
-            _recompute_chunk(H, E, At, DT, DTU, BT, CT, T, Wt)
+            SA = DA if has_dA else DT
+            _recompute_chunk(H, E, At, SA, DTU, BT, CT, T, Wt)
             _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD_k)
-            _adjoint_chunk(R, H, E, At, DT, DTU, U, RAW, DW, BT, CT, softplus, T, DU, dA_k, db_k,
-                           dBt, dCt, dsa, dua)  # fmt: skip
+            _adjoint_chunk(R, H, E, At, DT, SA, DTU, U, RAW, DW, BT, CT, softplus, has_dA, T, DU,
+                           DDA, dA_k, db_k, dBt, dCt, dsa, dua)  # fmt: skip
             _put_bc(dBt, T, n, dBp[bi, blk], t0, rev)
             _put_bc(dCt, T, n, dCp[bi, blk], t0, rev)
-            _store(DU, T, W, du, S[4], bi, c0, t0, rev)
-            _store(RAW, T, W, ddelta, S[5], bi, c0, t0, rev)
+            _store(DU, T, W, du, S[5], bi, c0, t0, rev)
+            _store(RAW, T, W, ddelta, S[6], bi, c0, t0, rev)
             if has_z:
-                _store(DZ, T, W, dz, S[6], bi, c0, t0, rev)
+                _store(DZ, T, W, dz, S[7], bi, c0, t0, rev)
+            if has_dA:
+                _store(DDA, T, W, ddA, S[8], bi, c0, t0, rev)
             if fl & first:  # a sequence begins here: the adjoint left is its h0's gradient
                 for i in range(W):
                     for k in range(n):
@@ -506,7 +524,8 @@ class Prepared:
     :class:`lrnnx.ops.selective_scan.cpu._Prepared`."""
 
     def __init__(
-        self, u, delta, A, B, C, D, z, delta_bias, h0, softplus, K, seg, nstates, reverse, run
+        self, u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, K, seg, nstates, reverse,
+        run,
     ):  # fmt: skip
         """``K``: steps per chunk (:func:`chunk_steps`); ``seg``: the segment table
         (:func:`lrnnx.ops.selective_scan.cpu._segments`, cut every K steps and at sequence
@@ -523,8 +542,8 @@ class Prepared:
         self.ntasks = b * len(self.blocks)
         self.work = b * d * L * n
         self.run = run
-        self.inputs = (u, delta, z)
-        self.has_z = z is not None
+        self.inputs = (u, delta, z, deltaA)
+        self.has_z, self.has_dA = z is not None, deltaA is not None
         self.B, self.C = B, C
         self.A = as_array(A)
         self.D = as_array(D if D is not None else u.new_zeros(d))
@@ -547,25 +566,27 @@ class Prepared:
     def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
         """y (b, d, L) in u's memory order, the final states (b or S, d, n), checkpoints."""
         b, d, L, n = self.shape
-        u, delta, z = self.inputs
+        u, delta, z, deltaA = self.inputs
         y = _empty_like_order(u)
         ckpt = torch.empty(b, len(self.seg) if save else 0, n, d, dtype=self.dtype)
         # the kernels write the final states of non-empty sequences; the rest keep h0
         hlast = self.h0.clone(memory_format=torch.contiguous_format)
-        flats, S = self._flats(u, delta, z, y)
+        flats, S = self._flats(u, delta, z, deltaA, y)
         self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D,
-                 self.bias, as_array(self.h0), self.blocks, self.softplus, self.has_z, self.K,
+                 self.bias, as_array(self.h0), self.blocks, self.softplus, self.has_z,
+                 self.has_dA, self.K,
                  self.seg, self.nstates // b, self.reverse, _flat(y)[0], hlast.numpy(),
                  ckpt.numpy())  # fmt: skip
         return y, hlast, ckpt
 
     def backward(self, ckpt: Tensor, dy: Tensor, dh: Tensor) -> dict:
         b, d, L, n = self.shape
-        u, delta, z = self.inputs
+        u, delta, z, deltaA = self.inputs
         f = dict(dtype=self.dtype)
         dy = dy.to(self.dtype)
         du, ddelta = _empty_like_order(u), _empty_like_order(delta)
         dz = _empty_like_order(z) if self.has_z else None
+        ddA = _empty_like_order(deltaA) if self.has_dA else None
         nblk = len(self.blocks)
         dBp, dCp = torch.empty(b, nblk, L, n, **f), torch.empty(b, nblk, L, n, **f)
         dA, dD, dbias = torch.empty(b, d, n, **f), torch.empty(b, d, **f), torch.empty(b, d, **f)
@@ -573,16 +594,16 @@ class Prepared:
         # final state is its h0, so its gradient passes through
         dh = dh.to(self.dtype)
         dh0 = dh.clone(memory_format=torch.contiguous_format)
-        flats, S = self._flats(u, delta, z, dy, du, ddelta, dz)
+        flats, S = self._flats(u, delta, z, deltaA, dy, du, ddelta, dz, ddA)
         self.run(_tasks_bwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D,
-                 self.bias, self.blocks, self.softplus, self.has_z, self.K, self.seg,
+                 self.bias, self.blocks, self.softplus, self.has_z, self.has_dA, self.K, self.seg,
                  self.nstates // b, self.reverse, as_array(ckpt), as_array(dh), dA.numpy(),
                  dD.numpy(), dbias.numpy(), dBp.numpy(), dCp.numpy(), dh0.numpy())  # fmt: skip
         return dict(
             u=du,
             delta=ddelta,
             z=dz,
-            deltaA=None,
+            deltaA=ddA,
             A=dA.sum(0),
             D=dD.sum(0),
             delta_bias=dbias.sum(0),
