@@ -9,14 +9,14 @@ h[k] = exp(delta' A[k]) h[k] + delta' u B_t[k] is lane-wise: no horizontal sums 
 and in backward one per (step, state) for dB_t[k] and dC_t[k] (sums over the group's channels).
 
 A task is one batch element and one block of at most LANES channels of one group.  It walks
-time in chunks of K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers stay in
-L2), loading each chunk's u, delta, z (and dy) into (K, LANES) tiles: the tensors may have any
-strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed views, are
-read where they lie and y, du, ddelta, dz are written in the same order (no layout copies; the
-results keep their input's memory order).  Lanes past the block's channels hold zeros, which
+time in chunks of at most K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers
+stay in L2), loading each chunk's u, delta, z (deltaA, dy) into (K, LANES) tiles: the tensors
+may have any strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed
+views, are read where they lie and y, du, ddelta, dz are written in the same order (no layout
+copies; the results keep their input's memory order).  Lanes past the block's channels hold zeros, which
 stay finite through every step and add nothing to the group sums.
 
-Forward keeps the state at each chunk start (b, L / K, n, d) when a gradient is needed.
+Forward keeps the state at each chunk start (b, chunks, n, d) when a gradient is needed.
 Backward walks each block's chunks last to first: it recomputes the chunk from its checkpoint
 keeping A_bar (K, n, LANES) and every state (K + 1, n, LANES), runs the gate's backward, then
 the adjoint r_{t-1} = A_bar_t (dy_t C_t + r_t) step by step with every input's gradient of
@@ -29,8 +29,9 @@ last to first and each from its last step to its first (the tiles hold the steps
 order), so no time-flipped copy is made.  With ``deltaA`` (STREAM's event mode) A_bar uses that
 step (one more tile) and its gradient is written as ddeltaA.  The other cases (complex A, the
 other rules, B or C per channel or time-invariant, or groups narrower than :data:`MIN_GROUP`
-channels) keep the general kernels; :func:`usable` decides.  Tested against the reference backend (values,
-gradients, initial and final states, odd widths and groups, strided inputs).
+channels) keep the general kernels; :func:`usable` decides.  Tested against the reference
+backend (values, gradients, initial and final states, odd widths and groups, strided inputs,
+reverse, packed sequences, deltaA).
 """
 
 from __future__ import annotations
