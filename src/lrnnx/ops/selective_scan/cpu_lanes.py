@@ -321,6 +321,24 @@ if HAVE_NUMBA:
                 dbias[i] += dsa[i]
 
     @numba.njit(**_HELPER)
+    def _load_chunk(
+        flats, S, Bf, Cf, SB, SC, bi, c0, W, gB, gC, t0, T, rev, has_z, has_dA, bias, softplus,
+        U, RAW, Z, DA, BT, CT, DT, DTU,
+    ):  # pragma: no cover - compiled
+        """A segment's tiles in walking order: u, delta (+ bias), z, deltaA (flats[0..3]), B_t
+        and C_t; then delta' and delta' u (:func:`_steps`)."""
+        _load(flats[0], S[0], bi, c0, t0, T, W, rev, U)
+        _load(flats[1], S[1], bi, c0, t0, T, W, rev, RAW)
+        if has_z:
+            _load(flats[2], S[2], bi, c0, t0, T, W, rev, Z)
+        if has_dA:
+            _load(flats[3], S[3], bi, c0, t0, T, W, rev, DA)
+        n = BT.shape[1]
+        _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
+        _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
+        _steps(RAW, U, bias, softplus, T, DT, DTU)
+
+    @numba.njit(**_HELPER)
     def _task(task, blocks):  # pragma: no cover - compiled
         """Task -> (batch element, block, first channel, width, B's group, C's group)."""
         nblk = blocks.shape[0]
@@ -344,10 +362,9 @@ if HAVE_NUMBA:
         hlast[bi nseq + q].  Under ``rev`` the segments run last to first, each from its last
         step to its first (tiles hold steps in walking order), and a sequence begins at its
         last segment.  ckpt[c] is the state before segment c in walking order."""
-        u, delta, z, deltaA = flats[0], flats[1], flats[2], flats[3]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
-        dtype = u.dtype
+        dtype = flats[0].dtype
         save = ckpt.shape[1] > 0
         h = np.zeros((n, LANES), dtype)
         At = np.empty((n, LANES), dtype)
@@ -372,15 +389,8 @@ if HAVE_NUMBA:
                 for k in range(n):
                     for i in range(W):
                         ckpt[bi, c, k, c0 + i] = h[k, i]
-            _load(u, S[0], bi, c0, t0, T, W, rev, U)
-            _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
-            if has_z:
-                _load(z, S[2], bi, c0, t0, T, W, rev, Z)
-            if has_dA:
-                _load(deltaA, S[3], bi, c0, t0, T, W, rev, DA)
-            _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
-            _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
-            _steps(RAW, U, bl, softplus, T, DT, DTU)
+            _load_chunk(flats, S, Bf, Cf, SB, SC, bi, c0, W, gB, gC, t0, T, rev, has_z, has_dA,
+                        bl, softplus, U, RAW, Z, DA, BT, CT, DT, DTU)  # fmt: skip
             _forward_chunk(h, At, DA if has_dA else DT, DTU, BT, CT, T, Y)
             _gate(Y, Z, Dl, U, has_z, T, Y)
             _store(Y, T, W, y, S[4], bi, c0, t0, rev)
@@ -399,11 +409,10 @@ if HAVE_NUMBA:
         that begins it what is left is the gradient of its initial state.  flats = (u, delta,
         z, deltaA, dy, du, ddelta, dz, ddeltaA) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
         block's group sums."""
-        u, delta, z, deltaA, dout = flats[0], flats[1], flats[2], flats[3], flats[4]
-        du, ddelta, dz, ddA = flats[5], flats[6], flats[7], flats[8]
+        dout, du, ddelta, dz, ddA = flats[4], flats[5], flats[6], flats[7], flats[8]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         n = A.shape[1]
-        dtype = u.dtype
+        dtype = flats[0].dtype
         At = np.empty((n, LANES), dtype)
         R = np.zeros((n, LANES), dtype)  # the adjoint arriving at the chunk's last state
         _state_lanes(A, c0, W, At)
@@ -430,16 +439,9 @@ if HAVE_NUMBA:
             t0, T, sq, fl = seg[c, 0], seg[c, 1], bi * nseq + seg[c, 2], seg[c, 3]
             if fl & last:  # a sequence ends here: nothing arrives from the next one
                 _state_lanes(dhlast[sq], c0, W, R)
-            _load(u, S[0], bi, c0, t0, T, W, rev, U)
-            _load(delta, S[1], bi, c0, t0, T, W, rev, RAW)
-            if has_z:
-                _load(z, S[2], bi, c0, t0, T, W, rev, Z)
-            if has_dA:
-                _load(deltaA, S[3], bi, c0, t0, T, W, rev, DA)
+            _load_chunk(flats, S, Bf, Cf, SB, SC, bi, c0, W, gB, gC, t0, T, rev, has_z, has_dA,
+                        bl, softplus, U, RAW, Z, DA, BT, CT, DT, DTU)  # fmt: skip
             _load(dout, S[4], bi, c0, t0, T, W, rev, DO)
-            _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
-            _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
-            _steps(RAW, U, bl, softplus, T, DT, DTU)
             for k in range(n):
                 for i in range(LANES):
                     H[0, k, i] = ckpt[bi, c, k, c0 + i] if i < W else 0.0
