@@ -83,6 +83,32 @@ def zero_where_not(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, x, x.new_zeros(()))
 
 
+def check_tensor(
+    name: str,
+    x: object,
+    device: Optional[torch.device] = None,
+    complex_ok: bool = False,
+    device_of: str = "x",
+) -> Tensor:
+    """Require a real floating-point tensor (or, with ``complex_ok``, a complex one), on
+    ``device`` when given: the device of the op's first argument, named ``device_of``.
+
+    Raises:
+        TypeError: not a tensor, or another dtype.
+        ValueError: on another device.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or (complex_ok and x.is_complex())):
+        kind = "floating-point or complex" if complex_ok else "real floating-point"
+        raise TypeError(f"{name}: expected a {kind} tensor, got dtype {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device_of}'s device {device}, got {x.device}"
+        )
+    return x
+
+
 def check_input_dtype(x: Tensor, expected: torch.dtype, name: str = "x") -> None:
     """Require ``x`` in the dtype of the model's projection weights, unless autocast is on.
 

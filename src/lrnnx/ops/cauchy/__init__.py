@@ -27,6 +27,7 @@ from typing import Optional
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
+from lrnnx.core.checks import check_tensor
 from lrnnx.ops import _dispatch
 
 __all__ = ["cauchy"]
@@ -34,19 +35,6 @@ __all__ = ["cauchy"]
 _dispatch.register("cauchy", "reference", "lrnnx.ops.cauchy.reference:cauchy")
 _dispatch.register("cauchy", "torch", "lrnnx.ops.cauchy.torch:cauchy")
 _dispatch.register("cauchy", "cpu", "lrnnx.ops.cauchy.cpu:cauchy")
-
-
-def _check(name: str, x: object, dims: int, device: Optional[_torch.device]) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"{name}: expected a floating-point or complex tensor, got {x.dtype}")
-    if x.dim() < dims if name == "v" else x.dim() != dims:
-        want = "at least 2" if name == "v" else str(dims)
-        raise ValueError(f"{name}: expected {want} dimensions, got shape {tuple(x.shape)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name}: expected a tensor on v's device {device}, got {x.device}")
-    return x
 
 
 def cauchy(
@@ -80,11 +68,16 @@ def cauchy(
         ValueError: shapes that do not fit (v (..., H, N), w (H, N), a and b (K,)), or tensors
             on different devices.
     """
-    _check("v", v, 2, None)
+    check_tensor("v", v, complex_ok=True)
+    if v.dim() < 2:
+        raise ValueError(
+            f"v: expected at least 2 dimensions (..., H, N), got shape {tuple(v.shape)}"
+        )
     device = v.device
-    _check("w", w, 2, device)
-    _check("a", a, 1, device)
-    _check("b", b, 1, device)
+    for name, x, dims in (("w", w, 2), ("a", a, 1), ("b", b, 1)):
+        check_tensor(name, x, device, complex_ok=True, device_of="v")
+        if x.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(x.shape)}")
     H, N = v.shape[-2:]
     if tuple(w.shape) != (H, N):
         raise ValueError(f"w: expected (H, N) = {(H, N)} (v's last two dims), got {tuple(w.shape)}")

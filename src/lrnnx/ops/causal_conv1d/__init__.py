@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens
+from lrnnx.core.checks import check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.causal_conv1d.packing import padded_window, segment_tails
 
@@ -40,17 +40,6 @@ _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 #: accepted values of ``activation`` ("swish" is another name of silu)
 ACTIVATIONS = (None, "silu", "swish")
-
-
-def _check_tensor(name: str, t: object, device: Optional[_torch.device] = None) -> Tensor:
-    """Require a real floating-point tensor (on ``device`` when given)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
-    return t
 
 
 def causal_conv1d(
@@ -106,13 +95,13 @@ def causal_conv1d(
         ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, the
             activation is unknown, or ``cu_seqlens`` is malformed or given with B != 1.
     """
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D, L) = (batch, channels, length), got "
                          f"{tuple(x.shape)}")  # fmt: skip
     B, D, L = x.shape
     device = x.device
-    _check_tensor("weight", weight, device)
+    check_tensor("weight", weight, device)
     if weight.dim() != 2 or weight.shape[0] != D or weight.shape[1] < 1:
         raise ValueError(
             f"weight: expected shape (D, K) = ({D}, K) with K >= 1 (x has D={D} channels), "
@@ -123,11 +112,11 @@ def causal_conv1d(
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, B, L, f"x {tuple(x.shape)} (1, D, T)")
     if bias is not None:
-        _check_tensor("bias", bias, device)
+        check_tensor("bias", bias, device)
         if tuple(bias.shape) != (D,):
             raise ValueError(f"bias: expected shape (D,) = ({D},), got {tuple(bias.shape)}")
     if initial_states is not None:
-        _check_tensor("initial_states", initial_states, device)
+        check_tensor("initial_states", initial_states, device)
         rows, label = (B, "B") if cu is None else (cu.shape[0] - 1, "S")
         if tuple(initial_states.shape) != (rows, D, K - 1):
             raise ValueError(

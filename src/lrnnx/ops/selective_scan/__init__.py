@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens
+from lrnnx.core.checks import check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan import _final_state_flag
 from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
@@ -44,18 +44,6 @@ _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 #: backends whose function takes ``reverse``; the others get time-flipped inputs
 _NATIVE_REVERSE = ("reference", "torch", "triton", "cpu")
-
-
-def _check_tensor(name: str, x: object, device: _torch.device, complex_ok: bool = False) -> Tensor:
-    """Require a floating (or, when allowed, complex) tensor on ``device``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or (complex_ok and x.is_complex())):
-        kind = "floating-point or complex" if complex_ok else "real floating-point"
-        raise TypeError(f"{name}: expected a {kind} tensor, got dtype {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name}: expected a tensor on u's device {device}, got {x.device}")
-    return x
 
 
 def _check_shape(name: str, x: Tensor, expected: tuple[int, ...], label: str) -> None:
@@ -166,7 +154,7 @@ def selective_scan_fn(
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
     device = u.device
-    _check_tensor("u", u, device)
+    check_tensor("u", u, device, device_of="u")
     if u.dim() != 3:
         raise ValueError(f"u: expected (b, d, L), got {tuple(u.shape)}")
     b, d, L = u.shape
@@ -175,15 +163,15 @@ def selective_scan_fn(
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, b, L, f"u {tuple(u.shape)} (1, d, T)")
     nstates = b if cu is None else cu.shape[0] - 1
-    _check_tensor("delta", delta, device)
+    check_tensor("delta", delta, device, device_of="u")
     _check_shape("delta", delta, (b, d, L), "(b, d, L)")
-    _check_tensor("A", A, device, complex_ok=True)
+    check_tensor("A", A, device, complex_ok=True, device_of="u")
     if A.dim() != 2 or A.shape[0] != d or A.shape[1] == 0:
         raise ValueError(f"A: expected (d, n) with d={d} and n >= 1, got {tuple(A.shape)}")
     n = A.shape[1]
     is_complex = A.is_complex()
     for name, X in (("B", B), ("C", C)):
-        _check_tensor(name, X, device, complex_ok=True)
+        check_tensor(name, X, device, complex_ok=True, device_of="u")
         if X.is_complex() and not is_complex:
             raise TypeError(f"{name}: complex {name} needs a complex A, got A of dtype {A.dtype}")
     B = _check_bc("B", B, b, d, n, L)
@@ -195,10 +183,10 @@ def selective_scan_fn(
         ("deltaA", deltaA, (b, d, L), "(b, d, L)"),
     ):
         if X is not None:
-            _check_tensor(name, X, device)
+            check_tensor(name, X, device, device_of="u")
             _check_shape(name, X, shape, label)
     if initial_state is not None:
-        _check_tensor("initial_state", initial_state, device, complex_ok=is_complex)
+        check_tensor("initial_state", initial_state, device, complex_ok=is_complex, device_of="u")
         if cu is None:
             _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
         else:
