@@ -129,12 +129,20 @@ def kernel_threads_mode() -> str:
     Raises:
         ValueError: the variable holds anything else.
     """
-    mode = os.environ.get(THREADS_ENV, "").strip().lower() or "openmp"
-    if mode not in THREADS_MODES:
-        raise ValueError(
-            f"{THREADS_ENV}: expected one of {list(THREADS_MODES)}, got {os.environ[THREADS_ENV]!r}"
-        )
-    return mode
+    return _env_choice(THREADS_ENV, THREADS_MODES)
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable ``name``, one of ``choices`` (case and spaces ignored; unset or
+    empty: the first).
+
+    Raises:
+        ValueError: the variable holds anything else.
+    """
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {os.environ[name]!r}")
+    return value
 
 
 _OMP_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
@@ -260,18 +268,18 @@ def as_array(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
+def as_planes(t: Tensor) -> tuple:
+    """A complex CPU tensor's real and imaginary planes as contiguous numpy arrays."""
+    return as_array(t.real), as_array(t.imag)
+
+
 def compile_mode() -> str:
     """``LRNNX_NUMBA_COMPILE``: "background" (default) or "wait" (see the module docstring).
 
     Raises:
         ValueError: the variable holds anything else.
     """
-    mode = os.environ.get(COMPILE_ENV, "").strip().lower() or "background"
-    if mode not in COMPILE_MODES:
-        raise ValueError(
-            f"{COMPILE_ENV}: expected one of {list(COMPILE_MODES)}, got {os.environ[COMPILE_ENV]!r}"
-        )
-    return mode
+    return _env_choice(COMPILE_ENV, COMPILE_MODES)
 
 
 # ------------------------------------------------------------------------------ the notice

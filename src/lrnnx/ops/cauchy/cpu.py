@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, run_on_threads, threads_for
+from lrnnx.ops._numba import (
+    HAVE_NUMBA,
+    as_planes,
+    is_available,
+    run_on_threads,
+    threads_for,
+)
 
 __all__ = ["cauchy", "is_available", "warm_up"]
 
@@ -110,10 +116,6 @@ if HAVE_NUMBA:
                 dwi[h, n] = si
 
 
-def _planes(X: Tensor) -> tuple:
-    return as_array(X.real), as_array(X.imag)
-
-
 def _run(kernel, H: int, work: int, *args) -> None:
     """``kernel(first, stride, *args)`` on :func:`lrnnx.ops._numba.threads_for` threads (one
     per h at most; the calling thread alone for small work)."""
@@ -136,8 +138,8 @@ class CauchyCPUFunction(torch.autograd.Function):
         real = v.real.dtype
         dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
         dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
-        _run(_backward, H, 2 * R * H * N * K, *_planes(v), *_planes(w), *_planes(a), *_planes(b),
-             *_planes(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
+        _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
+             *as_planes(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
         return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
 
 
@@ -161,7 +163,7 @@ def _product(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
     K = a.shape[0]
     real = v.real.dtype
     outr, outi = torch.empty(R, H, K, dtype=real), torch.empty(R, H, K, dtype=real)
-    _run(_forward, H, R * H * N * K, *_planes(v), *_planes(w), *_planes(a), *_planes(b),
+    _run(_forward, H, R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
          outr.numpy(), outi.numpy())  # fmt: skip
     return torch.complex(outr, outi)
 

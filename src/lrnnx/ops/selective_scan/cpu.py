@@ -65,7 +65,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lrnnx.ops import _numba_math
-from lrnnx.ops._numba import HAVE_NUMBA, as_array, is_available, run_on_threads, threads_for
+from lrnnx.ops._numba import (
+    HAVE_NUMBA,
+    as_array,
+    as_planes,
+    is_available,
+    run_on_threads,
+    threads_for,
+)
 from lrnnx.ops.selective_scan import cpu_lanes
 
 __all__ = ["selective_scan", "is_available", "warm_up"]
@@ -1284,11 +1291,6 @@ def _run(kernel, ntasks: int, work: int, *args) -> None:
     run_on_threads(lambda i, n: kernel(i, n, ntasks, *args), _threads(ntasks, work))
 
 
-def _planes(X: Tensor) -> tuple:
-    """Real and imaginary planes of a complex tensor as contiguous numpy arrays."""
-    return as_array(X.real), as_array(X.imag)
-
-
 class _Prepared:
     """Kernel-ready arrays and the layout facts forward and backward share."""
 
@@ -1317,9 +1319,9 @@ class _Prepared:
         self.arrays = [
             as_array(u),
             as_array(delta),
-            *(_planes(A) if self.cplx else (as_array(A),)),
-            *(_planes(self.B) if self.cplx else (as_array(self.B),)),
-            *(_planes(self.C) if self.cplx else (as_array(self.C),)),
+            *(as_planes(A) if self.cplx else (as_array(A),)),
+            *(as_planes(self.B) if self.cplx else (as_array(self.B),)),
+            *(as_planes(self.C) if self.cplx else (as_array(self.C),)),
             as_array(D if D is not None else u.new_zeros(d)),
             as_array(z if z is not None else dummy),
             as_array(delta_bias if delta_bias is not None else u.new_zeros(d)),
@@ -1363,7 +1365,7 @@ class _Prepared:
             return y, hl, ck
         ck_i = torch.empty_like(ck)
         hl_i = self.h0.imag.clone(**contiguous)
-        _run(_tasks_fwd_cplx, ntasks, self.work, *self.arrays, *_planes(self.h0), *self.flags, blocks, seg,
+        _run(_tasks_fwd_cplx, ntasks, self.work, *self.arrays, *as_planes(self.h0), *self.flags, blocks, seg,
              y.numpy(), hl.numpy(), hl_i.numpy(), ck.numpy(), ck_i.numpy())  # fmt: skip
         return y, torch.complex(hl, hl_i), torch.complex(ck, ck_i)
 
@@ -1404,8 +1406,8 @@ class _Prepared:
         else:
             dA_i, dh0_i = torch.empty_like(dA), dh.imag.clone(**contiguous)
             dB_i, dC_i = torch.zeros_like(dB), torch.zeros_like(dC)
-            _run(_tasks_bwd_cplx, ntasks, self.work, *self.arrays, *common, *_planes(ckpt), dy,
-                 *_planes(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
+            _run(_tasks_bwd_cplx, ntasks, self.work, *self.arrays, *common, *as_planes(ckpt), dy,
+                 *as_planes(dh), du.numpy(), ddelta.numpy(), dz.numpy(),
                  ddA.numpy(), dA.numpy(), dA_i.numpy(), dB.numpy(), dB_i.numpy(), dC.numpy(),
                  dC_i.numpy(), dD.numpy(), dbias.numpy(), dh0.numpy(), dh0_i.numpy())  # fmt: skip
             dA, dh0 = torch.complex(dA, dA_i), torch.complex(dh0, dh0_i)
