@@ -349,7 +349,7 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _fwd_task(
         task, flats, S, Bf, Cf, SB, SC, A, D, bias, h0, blocks, softplus, has_z, has_dA, K, seg,
-        nseq, rev, y, hlast, ckpt,
+        nseq, rev, hlast, ckpt,
     ):  # pragma: no cover - compiled
         """One task: batch element task // len(blocks), channels blocks[task % len(blocks)].
         flats = (u, delta, z, deltaA, y) flat data, S their strides.
@@ -393,7 +393,7 @@ if HAVE_NUMBA:
                         bl, softplus, U, RAW, Z, DA, BT, CT, DT, DTU)  # fmt: skip
             _forward_chunk(h, At, DA if has_dA else DT, DTU, BT, CT, T, Y)
             _gate(Y, Z, Dl, U, has_z, T, Y)
-            _store(Y, T, W, y, S[4], bi, c0, t0, rev)
+            _store(Y, T, W, flats[4], S[4], bi, c0, t0, rev)
             if fl & last:  # a sequence ends: its final state
                 for i in range(W):
                     for k in range(n):
@@ -577,8 +577,7 @@ class Prepared:
         flats, S = self._flats(u, delta, z, deltaA, y)
         self.run(_tasks_fwd, self.ntasks, self.work, flats, S, *self._bc(), self.A, self.D,
                  self.bias, as_array(self.h0), self.blocks, self.softplus, self.has_z,
-                 self.has_dA, self.K,
-                 self.seg, self.nstates // b, self.reverse, _flat(y)[0], hlast.numpy(),
+                 self.has_dA, self.K, self.seg, self.nstates // b, self.reverse, hlast.numpy(),
                  ckpt.numpy())  # fmt: skip
         return y, hlast, ckpt
 
