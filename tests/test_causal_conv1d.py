@@ -277,3 +277,109 @@ def test_bench_row():
     assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 for r in rows)
     if len(rows) == 2:
         assert "torch" in rows[0].speedup
+
+
+# ------------------------------------------------------------ channels-last inputs (CPU)
+
+#: packed offsets crossing the channels-last kernels' time blocks (256 steps): a sequence
+#: over two boundaries, one starting a step before a boundary, one of a single step on it,
+#: empty ones, one shorter than the window
+_CL_CU = [0, 0, 3, 255, 256, 257, 257, 600, 601, 700]
+
+
+def _channels_last(B, D, L, dtype=torch.float64, seed=0):
+    """x (B, D, L) whose channels are adjacent: a slice of a (B, L, 2D) tensor, transposed (as
+    Mamba passes its in_proj output)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(B, L, 2 * D, generator=g, dtype=torch.float64).to(dtype)
+    return wide[..., :D].transpose(1, 2).requires_grad_()
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(2, 70, 1), (2, 70, 5), (3, 5, 300), (1, 130, 600)])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_channels_last_matches_reference(K, shape, activation):
+    """A channels-last x runs the channels-last kernels (tasks of 64 channels and 256 steps: odd
+    widths, several blocks each way): y, final states and every gradient against the reference
+    in float64, and y and dx keep x's memory order."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    from lrnnx.ops.causal_conv1d import cpu
+
+    B, D, L = shape
+    x = _channels_last(B, D, L, seed=K + L)
+    assert cpu.channels_last(x) or L == 1
+    _, w, b, h = _inputs(B, D, L, K, seed=K)
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(B, D, L, generator=g, dtype=torch.float64)
+    dfinal = torch.randn(B, D, K - 1, generator=g, dtype=torch.float64)
+    got = _run("cpu", (x, w, b, h), activation, dy, dfinal)
+    ref = _run("reference", (x, w, b, h), activation, dy, dfinal)
+    assert_close_rel(got[0], ref[0], length=K, msg="y")
+    assert torch.equal(got[1], ref[1])
+    for name, a, e in zip(("x", "weight", "bias", "initial_states"), got[2], ref[2], strict=True):
+        assert_close_rel(a, e, length=B * L * K, msg=f"d{name}")
+    if L > 1:
+        y = causal_conv1d(x, w, b, h, activation=activation, backend="cpu")
+        assert y.stride(1) == 1, "y keeps x's channels-last order"
+        (dx,) = torch.autograd.grad(y, x, dy)
+        assert dx.stride(1) == 1, "dx keeps x's channels-last order"
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_channels_last_packed_sequences(activation):
+    """Packed sequences across the time blocks: equal to each sequence alone (reference), and a
+    NaN written at one step reaches no earlier step and no other sequence."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    cu = torch.tensor(_CL_CU)
+    S, T, D, K = len(_CL_CU) - 1, _CL_CU[-1], 70, 4
+    x = _channels_last(1, D, T, seed=5)
+    _, w, b, _ = _inputs(1, D, 1, K, seed=6)
+    h = torch.randn(S, D, K - 1, dtype=torch.float64, requires_grad=True)
+    got = causal_conv1d(x, w, b, h, True, activation, "cpu", cu_seqlens=cu)
+    ref = causal_conv1d(x, w, b, h, True, activation, "reference", cu_seqlens=cu)
+    assert_close_rel(got[0], ref[0], length=K, msg="y")
+    assert torch.equal(got[1], ref[1])
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(got[0].shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad(r[0], (x, w, b, h), dy) for r in (got, ref)]
+    for name, a, e in zip(("x", "weight", "bias", "initial_states"), *grads, strict=True):
+        assert_close_rel(a, e, length=T * K, msg=f"d{name}")
+    # a NaN at step 300 (sequence [257, 600)) stays in that sequence's steps from 300 on
+    bad = x.detach().clone()
+    bad[0, 3, 300] = float("nan")
+    bad = bad.transpose(1, 2).contiguous().transpose(1, 2)
+    y = causal_conv1d(bad, w.detach(), b.detach(), h.detach(), activation=activation,
+                      backend="cpu", cu_seqlens=cu)  # fmt: skip
+    nan_steps = torch.isnan(y).any(1)[0].nonzero().flatten().tolist()
+    assert nan_steps == [300, 301, 302, 303]
+
+
+def test_channels_last_expanded_gradient_and_threads(monkeypatch):
+    """An expanded upstream gradient (y.sum()) and the threaded path give the serial result."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("numba is not installed")
+    from lrnnx.ops.causal_conv1d import cpu
+
+    x = _channels_last(3, 70, 300, dtype=torch.float32)
+    w, b = (t.detach().float().requires_grad_() for t in _inputs(3, 70, 1, 4)[1:3])
+
+    def grads():
+        y = causal_conv1d(x, w, b, activation="silu", backend="cpu")
+        return [y.detach(), *torch.autograd.grad(y.sum(), (x, w, b))]
+
+    serial = grads()
+    monkeypatch.setattr(cpu, "SERIAL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = grads()
+    finally:
+        torch.set_num_threads(threads)
+    ref_y = causal_conv1d(x.double(), w.double(), b.double(), activation="silu",
+                          backend="reference")  # fmt: skip
+    ref = [ref_y.detach(), *torch.autograd.grad(ref_y.sum(), (x, w, b))]
+    for a, s, e in zip(parallel, serial, ref, strict=True):
+        assert_close_rel(a, s, dtype=torch.float32, length=900, msg="threads vs serial")
+        assert_close_rel(s, e, dtype=torch.float32, length=900, msg="float32 vs float64")

@@ -268,6 +268,16 @@ def as_array(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
+def flat_view(X: Tensor) -> tuple:
+    """X's elements as a flat 1-D numpy view starting at its first element, and its strides
+    (elements): kernels index it themselves, so any memory order (a transposed view, a slice of
+    a wider tensor, a stride-0 expansion) is read where it lies."""
+    X = X.detach()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(X.shape, X.stride(), strict=True))
+    flat = torch.as_strided(X, (span,), (1,), X.storage_offset())
+    return flat.numpy(), X.stride()
+
+
 def as_planes(t: Tensor) -> tuple:
     """A complex CPU tensor's real and imaginary planes as contiguous numpy arrays."""
     return as_array(t.real), as_array(t.imag)

@@ -13,6 +13,13 @@ sequence's own padded window [h_s, x_s] in turn (a loop inside the compiled kern
 window stops at the sequence start forward and backward; unpacked rows are one sequence each.  Every
 inner loop runs along time, so LLVM vectorises it, and the row (L values) stays in L1.
 
+Channels-last x (its channels adjacent: a (B, L, D) tensor seen as (B, D, L), as Mamba and
+RG-LRU pass their input projections) has kernels of its own, which read it where it lies and
+write y and dx in the same order, so neither the model nor the kernels transpose anything: a
+task is a batch element, a block of :data:`LANES` channels (the vector lanes) and a block of
+:data:`TIME_BLOCK` steps; each step reads one row of channels, and the backward's dweight and
+dbias sums are kept per task and added up in torch.  The formulas are the same as below.
+
 Backward, per row: the pre-activation is recomputed (nothing but the inputs is saved), the
 upstream gradient is multiplied by silu', then
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -37,6 +45,7 @@ from lrnnx.ops._numba import (
     HAVE_NUMBA,
     SERIAL_WORK,
     as_array,
+    flat_view,
     is_available,
     run_on_threads,
     threads_for,
@@ -47,12 +56,16 @@ __all__ = ["causal_conv1d", "is_available", "SERIAL_WORK"]
 # below SERIAL_WORK output elements (B * D * L) the kernels run on the calling thread
 #: parallel tasks per thread, so threads finish close together
 TASKS_PER_THREAD = 4
+#: channels-last kernels: channels per task, in vector lanes (eight AVX2 float32 vectors)
+LANES = 64
+#: channels-last kernels: steps per task (its tiles, (TIME_BLOCK + 2 (K - 1), LANES) each,
+#: stay in L2; long sequences split into several tasks)
+TIME_BLOCK = 256
 
 if HAVE_NUMBA:
-    import math
-
     import numba
-    import numpy as np
+
+    from lrnnx.ops._numba_math import _sigmoid
 
     # reassociation lets the per-row sums (dw, dbias) vectorise; no nnan/ninf: NaN and inf
     # propagate as in torch.  error_model="numpy": no zero-division branch in the loops.
@@ -93,7 +106,6 @@ if HAVE_NUMBA:
         L = x.shape[2]
         P = K - 1
         S = cu.shape[0] - 1
-        one = np.ones(1, x.dtype)[0]  # a constant of the rows' dtype (no float64 promotion)
         xp = np.empty(L + P, x.dtype)
         for r in range(r0, r1):
             b, d = r // D, r % D
@@ -107,7 +119,7 @@ if HAVE_NUMBA:
             if silu:
                 for t in range(L):
                     v = yr[t]
-                    yr[t] = v / (one + math.exp(-v))
+                    yr[t] = v * _sigmoid(v)
 
     @numba.njit(**_OPTS)
     def _bwd_segment(xs, dys, wr, bv, silu, dz, gx, dwr, dhr):  # pragma: no cover - compiled
@@ -124,7 +136,7 @@ if HAVE_NUMBA:
             _preact_row(xs, wr, bv, dz[:n])
             for t in range(n):
                 z = dz[t]
-                sg = one / (one + math.exp(-z))
+                sg = _sigmoid(z)
                 dz[t] = dys[t] * (sg * (one + z * (one - sg)))
         else:
             for t in range(n):
@@ -199,6 +211,199 @@ if HAVE_NUMBA:
                     dxr[lo + u] = gx[u]
             db[r] = acc
 
+    # ------------------------------------------------------------------ channels-last layout
+    # x (B, D, L) with its channels adjacent (a (B, L, D) tensor seen transposed, as Mamba and
+    # RG-LRU pass their projections): a task is (batch element, block of LANES channels, block
+    # of TIME_BLOCK steps), every inner loop runs along the channels (vector lanes), and each
+    # step of the block reads one contiguous row of LANES inputs.
+
+    @numba.njit(**_OPTS)
+    def _cl_task(task, D, L):  # pragma: no cover - compiled
+        """Task -> (batch element, first channel, width, first step, end step)."""
+        ncb = (D + LANES - 1) // LANES
+        ntb = (L + TIME_BLOCK - 1) // TIME_BLOCK
+        b, rest = task // (ncb * ntb), task % (ncb * ntb)
+        c0, t0 = (rest // ntb) * LANES, (rest % ntb) * TIME_BLOCK
+        return b, c0, min(LANES, D - c0), t0, min(L, t0 + TIME_BLOCK)
+
+    @numba.njit(**_OPTS)
+    def _cl_first_sequence(cu, t):  # pragma: no cover - compiled
+        """The sequence holding step t (cu[s] <= t < cu[s + 1]; empty sequences skipped)."""
+        return np.searchsorted(cu, t, side="right") - 1
+
+    @numba.njit(**_OPTS)
+    def _cl_window(xf, sx, h0, b, hs, c0, W, lo, a, e, P, XT):  # pragma: no cover - compiled
+        """XT[r, i] = xpad of channel c0 + i at step a - P + r, r < e - a + P: x[b, c0 + i, t]
+        from the flat x (channels adjacent, strides sx) for steps of the sequence (t >= lo),
+        its initial states h0[hs, c0 + i] before it; lanes past W are 0."""
+        base = b * sx[0] + c0
+        zero = XT.dtype.type(0.0)
+        for r in range(e - a + P):
+            t = a - P + r
+            row = XT[r]
+            if t >= lo:
+                src = xf[base + t * sx[2] : base + t * sx[2] + W]
+                for i in range(W):
+                    row[i] = src[i]
+            else:
+                k = t - lo + P
+                for i in range(W):
+                    row[i] = h0[hs, c0 + i, k]
+            for i in range(W, LANES):
+                row[i] = zero
+
+    @numba.njit(**_OPTS)
+    def _cl_preact(XT, wT, bl, n, Z):  # pragma: no cover - compiled
+        """Z[t] = bias + sum_j w_j XT[t + j], t < n (lane-wise)."""
+        K = wT.shape[0]
+        for t in range(n):
+            z = Z[t]
+            for i in range(LANES):
+                z[i] = bl[i]
+            for j in range(K):
+                xr, wj = XT[t + j], wT[j]
+                for i in range(LANES):
+                    z[i] += wj[i] * xr[i]
+
+    @numba.njit(**_OPTS)
+    def _cl_lanes(w, b, c0, W, wT, bl):  # pragma: no cover - compiled
+        """wT[j, i] = w[c0 + i, j], bl[i] = bias[c0 + i]; lanes past W are 0."""
+        K = w.shape[1]
+        for i in range(LANES):
+            for j in range(K):
+                wT[j, i] = w[c0 + i, j] if i < W else 0.0
+            bl[i] = b[c0 + i] if i < W else 0.0
+
+    @numba.njit(**_OPTS)
+    def _cl_fwd(xf, sx, w, bias, h0, cu, silu, yf, sy, task0, task1):  # pragma: no cover
+        """y for tasks task0 <= task < task1 (see :func:`_cl_task`): x and y flat views with
+        strides sx, sy ((batch, channel, time) elements, channel stride 1)."""
+        D, K = w.shape
+        P = K - 1
+        L = cu[cu.shape[0] - 1]
+        S = cu.shape[0] - 1
+        dtype = xf.dtype
+        XT = np.zeros((TIME_BLOCK + P, LANES), dtype)
+        Z = np.zeros((TIME_BLOCK, LANES), dtype)
+        wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
+        for task in range(task0, task1):
+            b, c0, W, t0, t1 = _cl_task(task, D, L)
+            _cl_lanes(w, bias, c0, W, wT, bl)
+            s = _cl_first_sequence(cu, t0)
+            while s < S and cu[s] < t1:
+                lo, hi = cu[s], cu[s + 1]
+                a, e = max(lo, t0), min(hi, t1)
+                if e > a:
+                    _cl_window(xf, sx, h0, b, b * S + s, c0, W, lo, a, e, P, XT)
+                    _cl_preact(XT, wT, bl, e - a, Z)
+                    if silu:
+                        for t in range(e - a):
+                            z = Z[t]
+                            for i in range(LANES):
+                                z[i] = z[i] * _sigmoid(z[i])
+                    base = b * sy[0] + c0
+                    for t in range(e - a):
+                        o = base + (a + t) * sy[2]
+                        dst, z = yf[o : o + W], Z[t]
+                        for i in range(W):
+                            dst[i] = z[i]
+                s += 1
+
+    @numba.njit(**_OPTS)
+    def _cl_bwd(
+        xf, sx, w, bias, h0, cu, silu, dyf, sdy, dxf, sdx, dh0, dwp, dbp, task0, task1
+    ):  # pragma: no cover - compiled
+        """Gradients for tasks task0 <= task < task1 (see :func:`_cl_fwd`): dx through its
+        flat view; dh0 (rows, D, P) for the sequences beginning in a task's steps (the others
+        keep their zeros); dwp (tasks, K, LANES), dbp (tasks, LANES): each task's sums, lanes
+        in its channel order (summed into dweight and dbias by the caller).
+
+        Per sequence piece [a, e) of the task: dz = dy silu'(z) over [a, min(hi, e + P)) (the
+        later steps dx needs; the pre-activation recomputed), then dx_u = sum_j w_j dz_{u+P-j}
+        (0 past the sequence), dw_j += dz_t xpad_{t + j} and dbias += dz_t over [a, e), and at
+        the sequence's first step dinit_i = sum_{j <= i} w_j dz_{lo + i - j}."""
+        D, K = w.shape
+        P = K - 1
+        L = cu[cu.shape[0] - 1]
+        S = cu.shape[0] - 1
+        dtype = xf.dtype
+        one, zero = dtype.type(1.0), dtype.type(0.0)
+        XT = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
+        G = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
+        Z = np.zeros((TIME_BLOCK + P, LANES), dtype)
+        acc = np.zeros(LANES, dtype)
+        wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
+        dW, dB = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
+        for task in range(task0, task1):
+            b, c0, W, t0, t1 = _cl_task(task, D, L)
+            _cl_lanes(w, bias, c0, W, wT, bl)
+            for j in range(K):
+                for i in range(LANES):
+                    dW[j, i] = zero
+            for i in range(LANES):
+                dB[i] = zero
+            s = _cl_first_sequence(cu, t0)
+            while s < S and cu[s] < t1:
+                lo, hi = cu[s], cu[s + 1]
+                a, e = max(lo, t0), min(hi, t1)
+                s += 1
+                if e <= a:
+                    continue
+                hs = b * S + s - 1
+                e2 = min(hi, e + P)  # dx at e - 1 reads dz up to e - 1 + P
+                n2 = e2 - a
+                _cl_window(xf, sx, h0, b, hs, c0, W, lo, a, e2, P, XT)
+                base = b * sdy[0] + c0
+                for t in range(n2):
+                    o = base + (a + t) * sdy[2]
+                    src, g = dyf[o : o + W], G[t]
+                    for i in range(W):
+                        g[i] = src[i]
+                    for i in range(W, LANES):
+                        g[i] = zero
+                for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
+                    for i in range(LANES):
+                        G[t, i] = zero
+                if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
+                    _cl_preact(XT, wT, bl, n2, Z)
+                    for t in range(n2):
+                        z, g = Z[t], G[t]
+                        for i in range(LANES):
+                            sg = _sigmoid(z[i])
+                            g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
+                base = b * sdx[0] + c0
+                for u in range(e - a):
+                    for i in range(LANES):
+                        acc[i] = zero
+                    for j in range(K):
+                        g, wj = G[u + P - j], wT[j]
+                        for i in range(LANES):
+                            acc[i] += wj[i] * g[i]
+                    o = base + (a + u) * sdx[2]
+                    dst = dxf[o : o + W]
+                    for i in range(W):
+                        dst[i] = acc[i]
+                for t in range(e - a):
+                    g = G[t]
+                    for i in range(LANES):
+                        dB[i] += g[i]
+                    for j in range(K):
+                        xr, dw = XT[t + j], dW[j]
+                        for i in range(LANES):
+                            dw[i] += g[i] * xr[i]
+                if a == lo:  # the sequence's first step: its initial states' gradient
+                    for k in range(P):
+                        for i in range(W):
+                            v = zero
+                            for j in range(max(0, k - (hi - lo) + 1), k + 1):
+                                v += wT[j, i] * G[k - j, i]
+                            dh0[hs, c0 + i, k] = v
+            for j in range(K):
+                for i in range(LANES):
+                    dwp[task, j, i] = dW[j, i]
+            for i in range(LANES):
+                dbp[task, i] = dB[i]
+
 
 def _run(kernel, rows: int, length: int, *args) -> None:
     """``kernel(*args, r0, r1)`` over all rows: on the calling thread for small work, else in
@@ -228,11 +433,9 @@ def _rows_contiguous(t: Tensor) -> bool:
 
 
 def kernel_layout(t: Tensor) -> Tensor:
-    """``t`` detached, as the kernels read it: in place when its rows are contiguous, else a
-    contiguous copy.  A transposed x (the models pass (B, L, D) transposed) would otherwise be
-    read with a stride of D elements, a cache line and nearly a page per element; torch's
-    blocked transposing copy followed by the contiguous kernel is faster, above all in backward.
-    """
+    """``t`` detached, as the row kernels read it: in place when its rows are contiguous, else
+    a contiguous copy (a channels-last x goes to the channels-last kernels instead; any other
+    order, read along time, would cost a cache line per element)."""
     t = t.detach()
     return t if _rows_contiguous(t) else t.contiguous()
 
@@ -262,6 +465,72 @@ def _arrays(
     return xa, wa, ba, ha, as_array(offsets.to(torch.int64))
 
 
+def channels_last(x: Tensor) -> bool:
+    """Whether x (B, D, L) has its channels adjacent (stride 1) and its steps apart: a
+    (B, L, D) tensor seen transposed, which the channels-last kernels read where it lies."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1
+
+
+def _empty_channels_last(B: int, D: int, L: int, dtype: torch.dtype) -> Tensor:
+    """An empty (B, D, L) tensor whose memory is (B, L, D)."""
+    return torch.empty(B, L, D, dtype=dtype).transpose(1, 2)
+
+
+def _cl_tasks(B: int, D: int, L: int) -> int:
+    """Tasks of the channels-last kernels: batch x channel blocks x time blocks."""
+    return B * -(-D // LANES) * -(-L // TIME_BLOCK)
+
+
+def _cl_small(weight: Tensor, bias: Optional[Tensor], h0: Optional[Tensor], rows: int, D: int):
+    """The channels-last kernels' small arrays: weight (D, K), bias (D,) and the initial states
+    (rows, D, K - 1), zeros for a missing bias or state."""
+    K = weight.shape[1]
+    dtype = weight.dtype
+    ba = as_array(bias) if bias is not None else torch.zeros(D, dtype=dtype).numpy()
+    h = h0 if h0 is not None else torch.zeros(rows, D, K - 1, dtype=dtype)
+    return as_array(weight), ba, as_array(h.reshape(rows, D, K - 1))
+
+
+def _offsets(L: int, cu: Optional[Tensor]):
+    return as_array((torch.tensor([0, L]) if cu is None else cu).to(torch.int64))
+
+
+def _forward_channels_last(x, weight, bias, h0, silu: bool, cu) -> Tensor:
+    """:func:`forward_kernel` for a channels-last x: y (B, D, L), channels-last too."""
+    B, D, L = x.shape
+    y = _empty_channels_last(B, D, L, x.dtype)
+    (xf, sx), (yf, sy) = flat_view(x), flat_view(y)
+    ntasks = _cl_tasks(B, D, L)
+    wa, ba, ha = _cl_small(weight, bias, h0, _states_rows(x, cu), D)
+    _run(_cl_fwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
+         bool(silu), yf, np.array(sy))  # fmt: skip
+    return y
+
+
+def _backward_channels_last(x, weight, bias, h0, silu: bool, dy, cu):
+    """:func:`backward_kernel` for a channels-last x: dx channels-last too."""
+    B, D, L = x.shape
+    K = weight.shape[1]
+    rows = _states_rows(x, cu)
+    if dy.stride(1) != 1:  # the kernels read dy's rows of channels (an expanded dy: copied)
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
+    dx = _empty_channels_last(B, D, L, x.dtype)
+    dh0 = torch.zeros(rows, D, K - 1, dtype=x.dtype)  # a sequence without steps: no gradient
+    ntasks = _cl_tasks(B, D, L)
+    dwp = torch.empty(ntasks, K, LANES, dtype=x.dtype)
+    dbp = torch.empty(ntasks, LANES, dtype=x.dtype)
+    (xf, sx), (dyf, sdy), (dxf, sdx) = flat_view(x), flat_view(dy), flat_view(dx)
+    wa, ba, ha = _cl_small(weight, bias, h0, rows, D)
+    _run(_cl_bwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
+         bool(silu), dyf, np.array(sdy), dxf, np.array(sdx), dh0.numpy(), dwp.numpy(),
+         dbp.numpy())  # fmt: skip
+    # task = (b, channel block, time block); lane i of block c is channel c LANES + i
+    ncb = -(-D // LANES)
+    dw = dwp.view(B, ncb, -1, K, LANES).sum((0, 2)).transpose(1, 2).reshape(-1, K)[:D]
+    db = dbp.view(B, ncb, -1, LANES).sum((0, 2)).reshape(-1)[:D]
+    return dx, dw, db, dh0
+
+
 @torch.no_grad()
 def forward_kernel(
     x: Tensor,
@@ -273,6 +542,8 @@ def forward_kernel(
 ) -> Tensor:
     """y (B, D, L) for CPU tensors of one dtype (float32 or float64); ``cu`` (S + 1,) int64
     offsets of packed sequences (B = 1, h0 (S, D, K - 1)) or None."""
+    if channels_last(x):
+        return _forward_channels_last(x, weight, bias, h0, silu, cu)
     B, D, L = x.shape
     y = torch.empty(B, D, L, dtype=x.dtype)
     xa, wa, ba, ha, ca = _arrays(x, weight, bias, h0, cu)
@@ -291,6 +562,8 @@ def backward_kernel(
     cu: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (B, D, L), dweight (D, K), dbias (D,), dinitial_states (B or S, D, K - 1))."""
+    if channels_last(x):
+        return _backward_channels_last(x, weight, bias, h0, silu, dy.to(x.dtype), cu)
     B, D, L = x.shape
     K = weight.shape[1]
     R = B * D
@@ -316,7 +589,7 @@ class CausalConv1dCPUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_states, silu: bool, cu):
         ctx.silu, ctx.cu = silu, cu
-        xk = x if _rows_contiguous(x) else kernel_layout(x)
+        xk = x if _rows_contiguous(x) or channels_last(x) else kernel_layout(x)
         ctx.save_for_backward(xk, weight, bias, initial_states)
         return forward_kernel(xk, weight, bias, initial_states, silu, cu)
 

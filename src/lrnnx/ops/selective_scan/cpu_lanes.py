@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lrnnx.ops._numba import HAVE_NUMBA, as_array
+from lrnnx.ops._numba import HAVE_NUMBA, as_array, flat_view
 
 #: channels per task, one per SIMD lane (four AVX2 float32 vectors): wide enough that LLVM
 #: unrolls the lane loops into independent vectors, narrow enough for the registers
@@ -486,16 +486,6 @@ if HAVE_NUMBA:
 # ---------------------------------------------------------------------- torch side
 
 
-def _flat(X: Tensor) -> tuple:
-    """X's elements as a flat 1-D numpy view starting at its first element, and its strides:
-    the kernels index it themselves, so any memory order (a transposed view, a slice of a
-    wider tensor) is read where it lies."""
-    X = X.detach()
-    span = 1 + sum((size - 1) * stride for size, stride in zip(X.shape, X.stride(), strict=True))
-    flat = torch.as_strided(X, (span,), (1,), X.storage_offset())
-    return flat.numpy(), X.stride()
-
-
 def _empty_like_order(X: Tensor) -> Tensor:
     """An empty (b, d, L) tensor in X's memory order: (b, L, d) storage seen as (b, d, L) when
     X's channels lie closer together than its steps (Mamba's activations), else contiguous."""
@@ -559,11 +549,11 @@ class Prepared:
     def _flats(self, *tensors: Tensor) -> tuple:
         """The flat views (a tuple: numba unboxes it once) and their strides (rows of S)."""
         dummy = torch.zeros(1, 1, 1, dtype=self.dtype)
-        pairs = [_flat(t if t is not None else dummy) for t in tensors]
+        pairs = [flat_view(t if t is not None else dummy) for t in tensors]
         return tuple(p[0] for p in pairs), np.array([p[1] for p in pairs], dtype=np.int64)
 
     def _bc(self) -> tuple:
-        (Bf, SB), (Cf, SC) = _flat(self.B), _flat(self.C)
+        (Bf, SB), (Cf, SC) = flat_view(self.B), flat_view(self.C)
         return Bf, Cf, np.array(SB, dtype=np.int64), np.array(SC, dtype=np.int64)
 
     def forward(self, save: bool) -> tuple[Tensor, Tensor, Tensor]:
