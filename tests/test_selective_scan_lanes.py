@@ -137,7 +137,9 @@ def test_other_cases_keep_the_general_kernels(spy, change):
 # ----------------------------------------------------------------------------- float64 values
 
 
-@pytest.mark.parametrize("d", [1, 17, 32, 80])  # one lane; one partial block; one full; 3 blocks
+# one lane; a block of 17 channels on 24 lanes (whole vectors); one full block (LANES = 128);
+# 300 channels in 3 blocks of 100 on 104 lanes
+@pytest.mark.parametrize("d", [1, 17, 128, 300])
 @pytest.mark.parametrize("order", ["time", "channels"])
 def test_float64_matches_reference(spy, d, order):
     assert_matches_reference(make(d=d, order=order))
@@ -190,11 +192,11 @@ def test_packed_sequences(spy, monkeypatch, reverse):
     assert torch.isfinite(h[[0, 1, 2, 4]]).all()
 
 
-@pytest.mark.parametrize("g", [2, 4])
-def test_grouped_b_c(spy, g):
-    """Blocks never straddle a group: 96 channels in 2 groups of 48 (two blocks of 24 each) or 4
-    groups of 24 (one block each)."""
-    assert_matches_reference(make(d=96, g=g, L=13))
+@pytest.mark.parametrize("d, g", [(96, 2), (96, 4), (544, 2)])
+def test_grouped_b_c(spy, d, g):
+    """Blocks never straddle a group: 96 channels in 2 groups of 48 or 4 groups of 24 (one
+    block each), 544 in 2 groups of 272 (three blocks of 90 or 91 each)."""
+    assert_matches_reference(make(d=d, g=g, L=13))
     assert set(spy) == {lanes.Prepared}
 
 
@@ -219,7 +221,10 @@ def test_chunk_boundaries(monkeypatch):
 
 
 def test_chunk_steps_fit_the_state():
-    assert lanes.chunk_steps(16, 256) == 64
+    K = lanes.chunk_steps(16, 256)
+    assert K == lanes.STATE_STEPS // 16
+    # backward's states (K + 1, n, LANES) and decays (K, n, LANES), float32, fit a 512 KiB L2
+    assert (2 * K + 1) * 16 * lanes.LANES * 4 <= 512 * 1024
     assert lanes.chunk_steps(256, 256) == 8  # at least 8 steps per chunk
     assert lanes.chunk_steps(16, 3) == 3  # never longer than the general kernels' interval
 

@@ -44,6 +44,13 @@ if HAVE_NUMBA:
         return types.float32(types.int32), codegen
 
     @intrinsic
+    def _bits_from_f32(typingctx, x):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.int32(types.float32), codegen
+
+    @intrinsic
     def _fma(typingctx, x, y, z):  # pragma: no cover - compiled
         def codegen(context, builder, signature, args):
             f32 = ir.FloatType()
@@ -76,12 +83,13 @@ if HAVE_NUMBA:
 
     def _exp_f32(x):  # pragma: no cover - compiled
         # exp(x) = 2^m exp(r), r = x - m ln2 in [-ln2/2, ln2/2] (ln2 split in two parts, fma
-        # so no reassociation can merge them); degree-7 polynomial for exp(r), within 1 ulp.
-        # 2^m is applied as two factors so x > 88.72 overflows to inf as it should; below
-        # -87.34 (where exp(x) < 1.2e-38) the result is flushed to 0: denormal decays would
-        # cost ~100 cycles per operation downstream and change nothing measurable.
-        lo = np.float32(-87.33654)
-        xc = min(max(x, lo), np.float32(89.0))
+        # so no reassociation can merge them); degree-7 polynomial for exp(r), within 1 ulp;
+        # 2^m is added to the result's exponent field (p in [0.7, 1.42] and m in [-126, 128]
+        # keep it a normal number).  Past the float32 range: inf above ln(FLT_MAX); below -87
+        # (exp(x) < 1.7e-38) the result is flushed to 0: denormal decays would cost ~100
+        # cycles per operation downstream and change nothing measurable.  NaN stays NaN.
+        lo, hi = np.float32(-87.0), np.float32(88.72283)
+        xc = min(max(x, lo), hi)
         m = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
         r = _fma(-m, np.float32(0.693359375), xc)
         r = _fma(-m, np.float32(-2.12194440e-4), r)
@@ -92,11 +100,10 @@ if HAVE_NUMBA:
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * r * r + r + np.float32(1.0)
-        mi = np.int32(m)
-        m1 = mi >> np.int32(1)
-        e1 = _f32_from_bits((m1 + np.int32(127)) << np.int32(23))
-        e2 = _f32_from_bits((mi - m1 + np.int32(127)) << np.int32(23))
-        return _fma(p, e1, np.float32(0.0)) * e2 * np.float32(x >= lo)
+        v = _f32_from_bits(_bits_from_f32(p) + (np.int32(m) << np.int32(23)))
+        v = v if x >= lo else np.float32(0.0)
+        v = v if x <= hi else np.float32(np.inf)
+        return v if x == x else x  # (the comparisons above are false for NaN)
 
     def _expm1_f32(x):  # pragma: no cover - compiled
         # Taylor series to x^8 where exp(x) - 1 would cancel (|x| < 1/2: error < 1e-8 |x|)

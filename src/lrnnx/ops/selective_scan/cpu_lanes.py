@@ -8,7 +8,8 @@ every step's B_t[k] and C_t[k] are one number broadcast to all lanes and the rec
 h[k] = exp(delta' A[k]) h[k] + delta' u B_t[k] is lane-wise: no horizontal sums in forward,
 and in backward one per (step, state) for dB_t[k] and dC_t[k] (sums over the group's channels).
 
-A task is one batch element and one block of at most LANES channels of one group.  It walks
+A task is one batch element and one block of at most LANES channels of one group, computed
+on its width rounded up to whole vectors (:data:`LANE_QUANTUM`).  It walks
 time in chunks of at most K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers
 stay in L2), loading each chunk's u, delta, z (deltaA, dy) into (K, LANES) tiles: the tensors
 may have any strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed
@@ -45,14 +46,18 @@ from torch import Tensor
 
 from lrnnx.ops._numba import HAVE_NUMBA, as_array, flat_view
 
-#: channels per task, one per SIMD lane (four AVX2 float32 vectors): wide enough that LLVM
-#: unrolls the lane loops into independent vectors, narrow enough for the registers
-LANES = 32
+#: channels per task at most, one per SIMD lane: wide, so each lane loop (one per step and state)
+#: runs many vectors and its fixed cost (LLVM's run-time overlap checks of the tiles, the
+#: horizontal sums of backward) is spread over them (the backward's adjoint pass took 2.7 ns
+#: per update and thread at 32 lanes, 0.84 at 128, on the 2-core AMD EPYC)
+LANES = 128
+#: a block's lanes are its width rounded up to a multiple of this (one AVX2 float32 vector)
+LANE_QUANTUM = 8
 #: the narrowest channel group (of B and C) worth a task: narrower ones leave most lanes empty
 MIN_GROUP = 16
 #: backward keeps (K + 1) n LANES states and K n LANES decays per chunk: K n is capped so the
 #: two fit in a 512 KiB L2 in float32
-STATE_STEPS = 1024
+STATE_STEPS = 256
 
 
 def chunk_steps(n: int, chunk: int) -> int:
@@ -95,6 +100,7 @@ if HAVE_NUMBA:
 
         Read along X's contiguous dimension: a (b, d, L) X row by row (reading across rows,
         L apart, would map every row of a step to one L1 set when L is a power of two)."""
+        nl = out.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         sc, st = s[1], s[2]
         base = bi * s[0] + c0 * sc + t0 * st
         if sc == 1:  # channels contiguous: (b, L, d) seen as (b, d, L)
@@ -118,7 +124,7 @@ if HAVE_NUMBA:
                 for i in range(W):
                     out[j, i] = flat[numba.uint64(row + i * sc)]
         for j in range(T):
-            for i in range(W, LANES):
+            for i in range(W, nl):
                 out[j, i] = 0.0
 
     @numba.njit(**_HELPER)
@@ -169,14 +175,16 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _lanes(X, c0, W, out):  # pragma: no cover - compiled
         """out[i] = X[c0 + i] for i < W, 0 past W."""
-        for i in range(LANES):
+        nl = out.shape[0]  # lanes in use (a multiple of 8, at most LANES)
+        for i in range(nl):
             out[i] = X[c0 + i] if i < W else 0.0
 
     @numba.njit(**_HELPER)
     def _state_lanes(X, c0, W, out):  # pragma: no cover - compiled
         """out[k, i] = X[c0 + i, k] (one batch element's (d, n) state, or A), 0 past W."""
+        nl = out.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         for k in range(out.shape[0]):
-            for i in range(LANES):
+            for i in range(nl):
                 out[k, i] = X[c0 + i, k] if i < W else 0.0
 
     @numba.njit(**_HELPER)
@@ -184,43 +192,46 @@ if HAVE_NUMBA:
         """RAW += bias (kept: the softplus gradient needs it); DT = softplus(RAW) or RAW;
         DTU = DT u (gamma_bar u under "mamba").  (Flags are tested outside the lane loops:
         a branch inside one keeps LLVM from vectorising it.)"""
+        nl = RAW.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         for j in range(T):
             r, dt, dtu, u = RAW[j], DT[j], DTU[j], U[j]
-            for i in range(LANES):
+            for i in range(nl):
                 r[i] += bias[i]
             if softplus:
-                for i in range(LANES):
+                for i in range(nl):
                     dt[i] = _softplus(r[i])
             else:
-                for i in range(LANES):
+                for i in range(nl):
                     dt[i] = r[i]
-            for i in range(LANES):
+            for i in range(nl):
                 dtu[i] = dt[i] * u[i]
 
     @numba.njit(**_HELPER)
     def _gate(Wt, Z, Dl, U, has_z, T, Y):  # pragma: no cover - compiled
         """Y = (w + D u) silu(z), or w + D u without z."""
+        nl = Y.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         for j in range(T):
             w, u, y, z = Wt[j], U[j], Y[j], Z[j]
-            for i in range(LANES):
+            for i in range(nl):
                 y[i] = w[i] + Dl[i] * u[i]
             if has_z:
-                for i in range(LANES):
+                for i in range(nl):
                     y[i] = y[i] * z[i] * _sigmoid(z[i])
 
     @numba.njit(inline="always", **_HELPER)
     def _forward_chunk(h, At, SA, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
         """T steps from state h (n, LANES): h = exp(s A) h + delta' u B_t (s: the A-step,
         deltaA or delta'), Wt[j] = C_t . h (lane-wise)."""
+        nl = h.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         n = h.shape[0]
         for j in range(T):
             dt, dtu, w = SA[j], DTU[j], Wt[j]
-            for i in range(LANES):
+            for i in range(nl):
                 w[i] = 0.0
             for k in range(n):
                 bk, ck = BT[j, k], CT[j, k]
                 hk, ak = h[k], At[k]
-                for i in range(LANES):
+                for i in range(nl):
                     v = _exp(dt[i] * ak[i]) * hk[i] + dtu[i] * bk
                     hk[i] = v
                     w[i] += ck * v
@@ -229,16 +240,17 @@ if HAVE_NUMBA:
     def _recompute_chunk(H, E, At, SA, DTU, BT, CT, T, Wt):  # pragma: no cover - compiled
         """:func:`_forward_chunk` from H[0], keeping A_bar in E[j] and the state after step j
         in H[j + 1]."""
+        nl = At.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         n = At.shape[0]
         for j in range(T):
             dt, dtu, w = SA[j], DTU[j], Wt[j]
             Hp, Hn, Ej = H[j], H[j + 1], E[j]
-            for i in range(LANES):
+            for i in range(nl):
                 w[i] = 0.0
             for k in range(n):
                 bk, ck = BT[j, k], CT[j, k]
                 ak, hp, hn, ek = At[k], Hp[k], Hn[k], Ej[k]
-                for i in range(LANES):
+                for i in range(nl):
                     e = _exp(dt[i] * ak[i])
                     ek[i] = e
                     v = e * hp[i] + dtu[i] * bk
@@ -248,19 +260,20 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD):  # pragma: no cover
         """From dL/dy (DO): DW = dL/dw (w = C . h), DZ, the D path of du (DU) and dD += dw u."""
+        nl = U.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         one = U.dtype.type(1.0)
         for j in range(T):
             w, z, do, u, dw, dz, du = Wt[j], Z[j], DO[j], U[j], DW[j], DZ[j], DU[j]
             if has_z:
-                for i in range(LANES):
+                for i in range(nl):
                     v = w[i] + Dl[i] * u[i]
                     sg = _sigmoid(z[i])
                     dz[i] = do[i] * v * sg * (one + z[i] * (one - sg))
                     dw[i] = do[i] * z[i] * sg
             else:
-                for i in range(LANES):
+                for i in range(nl):
                     dw[i] = do[i]
-            for i in range(LANES):
+            for i in range(nl):
                 dD[i] += dw[i] * u[i]
                 du[i] = dw[i] * Dl[i]
 
@@ -275,13 +288,14 @@ if HAVE_NUMBA:
         (s: the A-step, deltaA or delta'); then d(delta') = u sum_k g B_t[k] (+ ds when s is
         delta') goes through the softplus into ddelta (written over RAW) and dbias, and ds
         into DDA with deltaA.  dBrow, dCrow: the chunk's (K, n) rows in walking order."""
+        nl = At.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         n = At.shape[0]
         zero = U.dtype.type(0.0)
         for jj in range(T):
             j = T - 1 - jj
             dw, dtu, dt, sa = DW[j], DTU[j], DT[j], SA[j]
             Hp, Hn, Ej = H[j], H[j + 1], E[j]
-            for i in range(LANES):
+            for i in range(nl):
                 dsa[i] = zero
                 dua[i] = zero
             for k in range(n):
@@ -289,7 +303,7 @@ if HAVE_NUMBA:
                 rk, hp, hn, ek, ak, dak = R[k], Hp[k], Hn[k], Ej[k], At[k], dA[k]
                 acc_c = zero
                 acc_b = zero
-                for i in range(LANES):
+                for i in range(nl):
                     g = dw[i] * ck + rk[i]
                     acc_c += dw[i] * hn[i]
                     acc_b += g * dtu[i]
@@ -302,21 +316,21 @@ if HAVE_NUMBA:
                 dBrow[j, k] = acc_b
                 dCrow[j, k] = acc_c
             du, u, raw = DU[j], U[j], RAW[j]
-            for i in range(LANES):
+            for i in range(nl):
                 du[i] += dt[i] * dua[i]
             if has_dA:  # ds is deltaA's gradient; d(delta') is the input path's alone
                 dda = DDA[j]
-                for i in range(LANES):
+                for i in range(nl):
                     dda[i] = dsa[i]
                     dsa[i] = u[i] * dua[i]
             else:
-                for i in range(LANES):
+                for i in range(nl):
                     dsa[i] += u[i] * dua[i]  # now d(delta')
             if softplus:  # torch's threshold: identity (gradient 1) above 20
-                for i in range(LANES):
+                for i in range(nl):
                     r = raw[i]
                     dsa[i] = dsa[i] if r > 20.0 else dsa[i] * _sigmoid(r)
-            for i in range(LANES):
+            for i in range(nl):
                 raw[i] = dsa[i]
                 dbias[i] += dsa[i]
 
@@ -337,6 +351,12 @@ if HAVE_NUMBA:
         _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
         _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
         _steps(RAW, U, bias, softplus, T, DT, DTU)
+
+    @numba.njit(**_HELPER)
+    def _lane_count(W):  # pragma: no cover - compiled
+        """Lanes a block of W channels computes: W rounded up to whole vectors (the lanes past W
+        hold zeros)."""
+        return (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM
 
     @numba.njit(**_HELPER)
     def _task(task, blocks):  # pragma: no cover - compiled
@@ -363,20 +383,21 @@ if HAVE_NUMBA:
         step to its first (tiles hold steps in walking order), and a sequence begins at its
         last segment.  ckpt[c] is the state before segment c in walking order."""
         bi, blk, c0, W, gB, gC = _task(task, blocks)
+        nl = _lane_count(W)
         n = A.shape[1]
         dtype = flats[0].dtype
         save = ckpt.shape[1] > 0
-        h = np.zeros((n, LANES), dtype)
-        At = np.empty((n, LANES), dtype)
+        h = np.zeros((n, nl), dtype)
+        At = np.empty((n, nl), dtype)
         _state_lanes(A, c0, W, At)
-        bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
+        bl, Dl = np.empty(nl, dtype), np.empty(nl, dtype)
         _lanes(bias, c0, W, bl)
         _lanes(D, c0, W, Dl)
         # separate arrays, not slices of one: LLVM then knows they do not overlap, and
         # vectorises the lane loops without run-time overlap checks
-        U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        DTU, Z, Y = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        DA = np.zeros((K if has_dA else 1, LANES), dtype)
+        U, RAW, DT = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        DTU, Z, Y = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        DA = np.zeros((K if has_dA else 1, nl), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         first, last = (2, 1) if rev else (1, 2)  # the flags of a walk's first and last segment
         nsg = seg.shape[0]
@@ -411,25 +432,26 @@ if HAVE_NUMBA:
         block's group sums."""
         dout, du, ddelta, dz, ddA = flats[4], flats[5], flats[6], flats[7], flats[8]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
+        nl = _lane_count(W)
         n = A.shape[1]
         dtype = flats[0].dtype
-        At = np.empty((n, LANES), dtype)
-        R = np.zeros((n, LANES), dtype)  # the adjoint arriving at the chunk's last state
+        At = np.empty((n, nl), dtype)
+        R = np.zeros((n, nl), dtype)  # the adjoint arriving at the chunk's last state
         _state_lanes(A, c0, W, At)
-        bl, Dl = np.empty(LANES, dtype), np.empty(LANES, dtype)
+        bl, Dl = np.empty(nl, dtype), np.empty(nl, dtype)
         _lanes(bias, c0, W, bl)
         _lanes(D, c0, W, Dl)
         # separate arrays (see _fwd_task)
-        dA_k = np.zeros((n, LANES), dtype)
-        dD_k, db_k = np.zeros(LANES, dtype), np.zeros(LANES, dtype)
-        dsa, dua = np.zeros(LANES, dtype), np.zeros(LANES, dtype)  # the step's two sums
-        U, RAW, DT = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        DTU, Z, DO = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        Wt, DW = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        DU, DZ = np.zeros((K, LANES), dtype), np.zeros((K, LANES), dtype)
-        DA, DDA = np.zeros((K if has_dA else 1, LANES), dtype), np.zeros((K if has_dA else 1, LANES), dtype)
-        H = np.empty((K + 1, n, LANES), dtype)
-        E = np.empty((K, n, LANES), dtype)
+        dA_k = np.zeros((n, nl), dtype)
+        dD_k, db_k = np.zeros(nl, dtype), np.zeros(nl, dtype)
+        dsa, dua = np.zeros(nl, dtype), np.zeros(nl, dtype)  # the step's two sums
+        U, RAW, DT = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        DTU, Z, DO = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        Wt, DW = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        DU, DZ = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
+        DA, DDA = np.zeros((K if has_dA else 1, nl), dtype), np.zeros((K if has_dA else 1, nl), dtype)
+        H = np.empty((K + 1, n, nl), dtype)
+        E = np.empty((K, n, nl), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         dBt, dCt = np.empty((K, n), dtype), np.empty((K, n), dtype)
         first, last = (2, 1) if rev else (1, 2)  # the flags of forward's first and last segment
@@ -443,7 +465,7 @@ if HAVE_NUMBA:
                         bl, softplus, U, RAW, Z, DA, BT, CT, DT, DTU)  # fmt: skip
             _load(dout, S[4], bi, c0, t0, T, W, rev, DO)
             for k in range(n):
-                for i in range(LANES):
+                for i in range(nl):
                     H[0, k, i] = ckpt[bi, c, k, c0 + i] if i < W else 0.0
             SA = DA if has_dA else DT
             _recompute_chunk(H, E, At, SA, DTU, BT, CT, T, Wt)
