@@ -166,7 +166,11 @@ class Mamba(LTV_LRNN):
         softplus, which the scan then applies itself (``delta_bias``, ``delta_softplus``)."""
         acc = self._acc_dtype
         dt, Bt, Ct = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).to(acc)
+        # dt (..., R) @ W^T (R, E) with W^T made row-major: torch's mm backward keeps each
+        # gradient in its operand's layout, so dW^T is then formed as dt^T @ g ((R, N) @ (N, E))
+        # rather than F.linear's g^T @ dt ((E, N) @ (N, R)), whose R-wide output ran 3-6x
+        # slower on the 2-core AMD EPYC (0.73 ms against 0.12 at N = 4352, E = 128, R = 4)
+        delta = torch.matmul(dt, self.dt_proj.weight.t().contiguous()).to(acc)
         if not raw:
             delta = F.softplus(delta + self.dt_proj.bias.to(acc))
         return delta, Bt.to(acc), Ct.to(acc)
