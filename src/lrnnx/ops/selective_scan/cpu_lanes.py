@@ -422,14 +422,14 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _bwd_task(
-        task, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, has_dA, K, seg, nseq,
-        rev, ckpt, dhlast, dA, dD, dbias, dBp, dCp, dh0,
+        task, hbuf, ebuf, flats, S, Bf, Cf, SB, SC, A, D, bias, blocks, softplus, has_z, has_dA,
+        K, seg, nseq, rev, ckpt, dhlast, dA, dD, dbias, dBp, dCp, dh0,
     ):  # pragma: no cover - compiled
         """One task, as :func:`_fwd_task`, walking its segments the other way: the adjoint
         starts from the final state's gradient at a segment that ends a sequence, and at one
         that begins it what is left is the gradient of its initial state.  flats = (u, delta,
         z, deltaA, dy, du, ddelta, dz, ddeltaA) flat data, S their strides; dBp, dCp (b, nblk, L, n): this
-        block's group sums."""
+        block's group sums.  hbuf, ebuf: the thread's room for the chunk's states and decays."""
         dout, du, ddelta, dz, ddA = flats[4], flats[5], flats[6], flats[7], flats[8]
         bi, blk, c0, W, gB, gC = _task(task, blocks)
         nl = _lane_count(W)
@@ -450,8 +450,8 @@ if HAVE_NUMBA:
         Wt, DW = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
         DU, DZ = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
         DA, DDA = np.zeros((K if has_dA else 1, nl), dtype), np.zeros((K if has_dA else 1, nl), dtype)
-        H = np.empty((K + 1, n, nl), dtype)
-        E = np.empty((K, n, nl), dtype)
+        H = hbuf[: (K + 1) * n * nl].reshape((K + 1, n, nl))
+        E = ebuf[: K * n * nl].reshape((K, n, nl))
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         dBt, dCt = np.empty((K, n), dtype), np.empty((K, n), dtype)
         first, last = (2, 1) if rev else (1, 2)  # the flags of forward's first and last segment
@@ -499,8 +499,13 @@ if HAVE_NUMBA:
 
     @numba.njit(**_HELPER)
     def _tasks_bwd(first, stride, ntasks, *args):  # pragma: no cover - compiled
+        # the chunk's states and decays (~270 KiB at n = 16) once per thread: allocated per
+        # task they were fresh pages to fault in every time
+        K, n = args[13], args[6].shape[1]  # (see _bwd_task's arguments)
+        hbuf = np.empty((K + 1) * n * LANES, args[0][0].dtype)
+        ebuf = np.empty(K * n * LANES, args[0][0].dtype)
         for task in range(first, ntasks, stride):
-            _bwd_task(task, *args)
+            _bwd_task(task, hbuf, ebuf, *args)
 
     # fmt: on
 
