@@ -299,7 +299,7 @@ def _channels_last(B, D, L, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("shape", [(2, 70, 1), (2, 70, 5), (3, 5, 300), (1, 130, 600)])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_channels_last_matches_reference(K, shape, activation):
-    """A channels-last x runs the channels-last kernels (tasks of 64 channels and 256 steps: odd
+    """A channels-last x runs the channels-last kernels (tasks of up to 128 channels and 256 steps: odd
     widths, several blocks each way): y, final states and every gradient against the reference
     in float64, and y and dx keep x's memory order."""
     if "cpu" not in BACKENDS:

@@ -56,8 +56,11 @@ __all__ = ["causal_conv1d", "is_available", "SERIAL_WORK"]
 # below SERIAL_WORK output elements (B * D * L) the kernels run on the calling thread
 #: parallel tasks per thread, so threads finish close together
 TASKS_PER_THREAD = 4
-#: channels-last kernels: channels per task, in vector lanes (eight AVX2 float32 vectors)
-LANES = 64
+#: channels-last kernels: channels per task at most, in vector lanes (a task computes its width
+#: rounded up to whole vectors; wide, so the fixed cost of each lane loop is spread)
+LANES = 128
+#: channels-last kernels: a block's lanes are its width rounded up to whole vectors of this
+LANE_QUANTUM = 8
 #: channels-last kernels: steps per task (its tiles, (TIME_BLOCK + 2 (K - 1), LANES) each,
 #: stay in L2; long sequences split into several tasks)
 TIME_BLOCK = 256
@@ -232,10 +235,10 @@ if HAVE_NUMBA:
         return np.searchsorted(cu, t, side="right") - 1
 
     @numba.njit(**_OPTS)
-    def _cl_window(xf, sx, h0, b, hs, c0, W, lo, a, e, P, XT):  # pragma: no cover - compiled
+    def _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e, P, XT):  # pragma: no cover - compiled
         """XT[r, i] = xpad of channel c0 + i at step a - P + r, r < e - a + P: x[b, c0 + i, t]
         from the flat x (channels adjacent, strides sx) for steps of the sequence (t >= lo),
-        its initial states h0[hs, c0 + i] before it; lanes past W are 0."""
+        its initial states h0[hs, c0 + i] before it; lanes W to nl are 0."""
         base = b * sx[0] + c0
         zero = XT.dtype.type(0.0)
         for r in range(e - a + P):
@@ -249,20 +252,20 @@ if HAVE_NUMBA:
                 k = t - lo + P
                 for i in range(W):
                     row[i] = h0[hs, c0 + i, k]
-            for i in range(W, LANES):
+            for i in range(W, nl):
                 row[i] = zero
 
     @numba.njit(**_OPTS)
-    def _cl_preact(XT, wT, bl, n, Z):  # pragma: no cover - compiled
-        """Z[t] = bias + sum_j w_j XT[t + j], t < n (lane-wise)."""
+    def _cl_preact(XT, wT, bl, n, nl, Z):  # pragma: no cover - compiled
+        """Z[t] = bias + sum_j w_j XT[t + j], t < n, in lanes i < nl."""
         K = wT.shape[0]
         for t in range(n):
             z = Z[t]
-            for i in range(LANES):
+            for i in range(nl):
                 z[i] = bl[i]
             for j in range(K):
                 xr, wj = XT[t + j], wT[j]
-                for i in range(LANES):
+                for i in range(nl):
                     z[i] += wj[i] * xr[i]
 
     @numba.njit(**_OPTS)
@@ -288,18 +291,19 @@ if HAVE_NUMBA:
         wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
+            nl = (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
             s = _cl_first_sequence(cu, t0)
             while s < S and cu[s] < t1:
                 lo, hi = cu[s], cu[s + 1]
                 a, e = max(lo, t0), min(hi, t1)
                 if e > a:
-                    _cl_window(xf, sx, h0, b, b * S + s, c0, W, lo, a, e, P, XT)
-                    _cl_preact(XT, wT, bl, e - a, Z)
+                    _cl_window(xf, sx, h0, b, b * S + s, c0, W, nl, lo, a, e, P, XT)
+                    _cl_preact(XT, wT, bl, e - a, nl, Z)
                     if silu:
                         for t in range(e - a):
                             z = Z[t]
-                            for i in range(LANES):
+                            for i in range(nl):
                                 z[i] = z[i] * _sigmoid(z[i])
                     base = b * sy[0] + c0
                     for t in range(e - a):
@@ -336,6 +340,7 @@ if HAVE_NUMBA:
         dW, dB = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
+            nl = (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
             for j in range(K):
                 for i in range(LANES):
@@ -352,32 +357,32 @@ if HAVE_NUMBA:
                 hs = b * S + s - 1
                 e2 = min(hi, e + P)  # dx at e - 1 reads dz up to e - 1 + P
                 n2 = e2 - a
-                _cl_window(xf, sx, h0, b, hs, c0, W, lo, a, e2, P, XT)
+                _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e2, P, XT)
                 base = b * sdy[0] + c0
                 for t in range(n2):
                     o = base + (a + t) * sdy[2]
                     src, g = dyf[o : o + W], G[t]
                     for i in range(W):
                         g[i] = src[i]
-                    for i in range(W, LANES):
+                    for i in range(W, nl):
                         g[i] = zero
                 for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
-                    for i in range(LANES):
+                    for i in range(nl):
                         G[t, i] = zero
                 if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
-                    _cl_preact(XT, wT, bl, n2, Z)
+                    _cl_preact(XT, wT, bl, n2, nl, Z)
                     for t in range(n2):
                         z, g = Z[t], G[t]
-                        for i in range(LANES):
+                        for i in range(nl):
                             sg = _sigmoid(z[i])
                             g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
                 base = b * sdx[0] + c0
                 for u in range(e - a):
-                    for i in range(LANES):
+                    for i in range(nl):
                         acc[i] = zero
                     for j in range(K):
                         g, wj = G[u + P - j], wT[j]
-                        for i in range(LANES):
+                        for i in range(nl):
                             acc[i] += wj[i] * g[i]
                     o = base + (a + u) * sdx[2]
                     dst = dxf[o : o + W]
@@ -385,11 +390,11 @@ if HAVE_NUMBA:
                         dst[i] = acc[i]
                 for t in range(e - a):
                     g = G[t]
-                    for i in range(LANES):
+                    for i in range(nl):
                         dB[i] += g[i]
                     for j in range(K):
                         xr, dw = XT[t + j], dW[j]
-                        for i in range(LANES):
+                        for i in range(nl):
                             dw[i] += g[i] * xr[i]
                 if a == lo:  # the sequence's first step: its initial states' gradient
                     for k in range(P):
