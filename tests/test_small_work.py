@@ -455,3 +455,51 @@ def test_generate_reading_eos_every_few_tokens_gives_the_eager_result(monkeypatc
     assert torch.equal(lazy.finished, eager.finished)
     for a, e in zip(lazy.scores, eager.scores, strict=True):
         assert torch.equal(a, e)  # the same model on the same inputs in one process
+
+
+def _cauchy_args(H: int, N: int, K: int):
+    """S4's call: stable poles w (negative real parts), points a = 1 - z, b = (1 + z) / 2 at K
+    roots of unity z (a kernel of length 2K - 2)."""
+    v = torch.randn(2, H, N, dtype=torch.complex64)
+    w = torch.complex(-0.5 * torch.rand(H, N) - 0.1, torch.randn(H, N))
+    z = torch.polar(torch.ones(K), -torch.pi * torch.arange(K) / max(K - 1, 1))
+    return (v, w, 1 - z, (1 + z) / 2, None)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "H, N, K, expected",
+    [(64, 16, 1, "torch"), (64, 16, 33, "torch"), (64, 16, 65, "cpu"), (256, 16, 1025, "cpu")],
+)
+def test_cauchy_path_per_matrix_size(monkeypatch, H, N, K, expected):
+    """S4's small layers (B=1, L <= 64: K = L/2 + 1 points) take the torch backend; from a
+    Cauchy matrix of 2**16 entries on, the fused kernels."""
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    import lrnnx.ops.cauchy  # noqa: F401  (registers the op)
+
+    assert _dispatch.call_backend("cauchy", CPU, _cauchy_args(H, N, K)) == expected
+    by_name = _dispatch.call_backend("cauchy", CPU, _cauchy_args(H, N, K), backend="cpu")
+    assert by_name == "cpu"
+
+
+@needs_numba
+@pytest.mark.parametrize("K", [1, 33, 65])
+def test_small_cauchy_matches_the_reference(monkeypatch, K):
+    """Whichever path a size takes, the product and its gradients are the reference's."""
+    monkeypatch.delenv("LRNNX_BACKEND", raising=False)
+    from lrnnx.ops import cauchy
+
+    v, w, a, b, _ = _cauchy_args(64, 8, K)
+    v.requires_grad_()
+    w.requires_grad_()
+    out = cauchy(v, w, a, b)
+    ref = cauchy(v.detach().cdouble(), w.detach().cdouble(), a.cdouble(), b.cdouble(),
+                 backend="reference")  # fmt: skip
+    assert_close_rel(out, ref.to(out.dtype), length=16, msg="out")
+    g = torch.randn_like(out)
+    dv, dw = torch.autograd.grad(out, (v, w), g)
+    v64, w64 = v.detach().cdouble().requires_grad_(), w.detach().cdouble().requires_grad_()
+    ref = cauchy(v64, w64, a.cdouble(), b.cdouble(), backend="reference")
+    ev, ew = torch.autograd.grad(ref, (v64, w64), g.cdouble())
+    assert_close_rel(dv, ev.to(dv.dtype), length=16, msg="dv")
+    assert_close_rel(dw, ew.to(dw.dtype), length=16, msg="dw")

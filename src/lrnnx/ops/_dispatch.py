@@ -147,13 +147,37 @@ def _few_steps(most: int) -> Callable[..., bool]:
     return rule
 
 
+def _small_cauchy_matrix(most: int) -> Callable[..., bool]:
+    """A rule: the call's Cauchy matrix (w (H, N) by a (K,), its second and third arguments)
+    has at most ``most`` entries."""
+
+    def rule(*args, **kwargs) -> bool:
+        w = args[1] if len(args) > 1 else kwargs.get("w")
+        a = args[2] if len(args) > 2 else kwargs.get("a")
+        return (
+            isinstance(w, torch.Tensor)
+            and isinstance(a, torch.Tensor)
+            and (w.numel() * a.numel() <= most)
+        )
+
+    return rule
+
+
 #: calls too small to repay a fused kernel's fixed cost: where the fused backend is lrnnx's own
 #: choice they run on the pure-torch backend (same arguments, same results up to rounding).
 #: linear_scan over <= 2 steps: the fused call took 113 us against torch's 71 (B = 1, 16 to 128
 #: channels, float32 or complex64; forward+backward 451 against 356), its fixed cost (array
 #: views, a zero state, the autograd Function) being all there is; from 4 steps on the kernel
-#: is as fast or faster.  The fused selective scan and causal_conv1d were faster from one step
-SMALL_CALLS: Dict[str, Callable[..., bool]] = {"linear_scan": _few_steps(2)}
+#: is as fast or faster.  The fused selective scan and causal_conv1d were faster from one step.
+#: cauchy with a Cauchy matrix of at most 2**16 (h, n, k) entries (512 KiB in complex64): there
+#: the fused call's fixed cost (~80 us forward at the smallest sizes, torch's 46) dominates;
+#: S4's layer at B = 1, L <= 64, H = 64, N = 16 ran 1.1-1.25x slower on the fused kernels
+#: (2-core AMD EPYC znver5: forward+backward of the op at H = 64, N = 16, K = 33: 496 us against
+#: torch's 364; at K = 65: 586 against 1181)
+SMALL_CALLS: Dict[str, Callable[..., bool]] = {
+    "linear_scan": _few_steps(2),
+    "cauchy": _small_cauchy_matrix(1 << 16),
+}
 
 
 def small_call(op: str, args: tuple, kwargs: Optional[dict] = None) -> bool:
