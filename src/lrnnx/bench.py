@@ -679,21 +679,28 @@ def run_cold(args: argparse.Namespace, names: List[str], info: str) -> int:
 
 
 def machine_info(device: torch.device) -> str:
+    """The machine in one line: the CPU with its micro-architecture and widest vector set (one
+    model name, e.g. "AMD EPYC", covers generations whose timings differ ~2x), cores, versions."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    parts = [
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    ]
+    arch = [torch.backends.cpu.get_cpu_capability()]  # the vector set torch's kernels use
     try:
         import numba
+        from llvmlite import binding
 
-        parts.append(f"numba {numba.__version__}")
+        arch.insert(0, binding.get_host_cpu_name())  # what numba compiles for, e.g. znver5
+        versions = f"numba {numba.__version__}"
     except ImportError:
-        parts.append("numba not installed")
+        versions = "numba not installed"
+    parts = [
+        f"{cpu} ({', '.join(arch)}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        versions,
+    ]
     if device.type == "cuda":
         parts.append(torch.cuda.get_device_name(device))
     return ", ".join(parts)
