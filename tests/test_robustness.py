@@ -299,6 +299,91 @@ def test_padding_never_matters_event_timesteps(name):
         run(model, x, lengths=lengths, integration_timesteps=ts.masked_fill(ts > 0.5, -1.0))
 
 
+# ---- attention: the same properties for MHA (a KV cache, no recurrent state) -----------------
+
+
+def _mha(causal=True):
+    from lrnnx.layers import MHA
+
+    return MHA(H, num_heads=2, causal=causal).eval()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_mha_nonfinite_input_stays_causal(bad):
+    """SDPA multiplies masked weights by 0: a NaN key or value after t (0 * NaN) made every
+    earlier output NaN.  Outputs before t, and the other sequences, are those of finite input;
+    outputs from t on are not finite."""
+    x = torch.randn(2, L, H)
+    x_bad = x.clone()
+    x_bad[0, 30, 3] = bad
+    mha = _mha()
+    with torch.no_grad():
+        y, y_bad = mha(x), mha(x_bad)
+    assert_close_rel(y_bad[0, :30], y[0, :30], length=L, msg="before t")
+    assert_close_rel(y_bad[1], y[1], length=L, msg="other sequence")
+    assert not torch.isfinite(y_bad[0, 30:]).any(), "non-finite input lost"
+    # non-causal: the sequence holding it is not finite anywhere, the other one is untouched
+    full = _mha(causal=False)
+    with torch.no_grad():
+        y, y_bad = full(x), full(x_bad)
+    assert_close_rel(y_bad[1], y[1], length=L, msg="non-causal: other sequence")
+    assert not torch.isfinite(y_bad[0]).any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mha_packed_sequences_keep_a_nan_in_its_own_sequence(causal):
+    x = torch.randn(1, 30, H)
+    cu = torch.tensor([0, 12, 30])
+    x_bad = x.clone()
+    x_bad[0, 20, 1] = float("nan")
+    mha = _mha(causal)
+    with torch.no_grad():
+        y, y_bad = mha(x, cu_seqlens=cu), mha(x_bad, cu_seqlens=cu)
+    assert_close_rel(y_bad[0, :12], y[0, :12], length=30, msg="the other sequence")
+    if causal:
+        assert_close_rel(y_bad[0, 12:20], y[0, 12:20], length=30, msg="before the NaN")
+        assert not torch.isfinite(y_bad[0, 20:]).any()
+    else:
+        assert not torch.isfinite(y_bad[0, 12:]).any()
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("causal", [True, False])
+def test_mha_padding_never_matters(fill, causal):
+    """Whatever the padding holds: valid outputs, padded outputs (exact zeros), the gradients,
+    the cached keys and values of valid tokens and the decoding steps after a padded prefill
+    are those of zero padding."""
+    lengths = torch.tensor([L, 20])
+    x = torch.randn(2, L, H)
+    x[1, 20:] = 0
+    x_fill = x.clone()
+    x_fill[1, 20:] = fill
+    mha = _mha(causal)
+    outs = []
+    for inp in (x, x_fill):
+        mha.zero_grad()
+        y = mha(inp, lengths=lengths)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in mha.parameters()]
+        steps = None
+        if causal:
+            cache = mha.allocate_inference_cache(2, max_seqlen=L + 3)
+            with torch.no_grad():
+                mha(inp, lengths=lengths, inference_cache=cache)
+                steps = torch.stack([mha.step(x[:, t], cache)[0] for t in range(3)])
+                kv = [cache[k][1, :, :20].clone() for k in ("k_cache", "v_cache")]
+        outs.append((y.detach(), grads, steps, kv if causal else None))
+    (y0, g0, s0, kv0), (y1, g1, s1, kv1) = outs
+    assert torch.equal(y1[1, 20:], torch.zeros_like(y1[1, 20:]))
+    assert_close_rel(y1, y0, length=L, msg="outputs")
+    for a, b in zip(g1, g0, strict=True):
+        assert_close_rel(a, b, length=L, factor=10, msg="gradients")
+    if causal:
+        assert_close_rel(s1, s0, length=L, msg="steps after the prefill")
+        for a, b in zip(kv1, kv0, strict=True):
+            assert_close_rel(a, b, length=L, msg="cached keys and values")
+
+
 # ---- the architectures ------------------------------------------------------------------------
 
 ARCH_MIXERS = ["s4", "s5", "mamba", "rglru", "attn"]

@@ -19,6 +19,10 @@ attention runs as one ``scaled_dot_product_attention`` call with a block-diagona
 boolean mask: O(T^2) memory for the mask (and for the scores on backends that materialise
 them), as for an unpacked sequence of length T; flash-attn's varlen kernels avoid it but are
 not a dependency.
+
+Non-finite input stays where causality and packing put it: padding (``lengths``) is zeroed
+before the projections, and a NaN or inf key or value reaches only the queries allowed to see
+it (:func:`attention`; plain SDPA spread it to every query through 0 * NaN).
 """
 
 from __future__ import annotations
@@ -46,6 +50,38 @@ def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` in which a non-finite key or value reaches only the
+    queries allowed to attend to it.
+
+    SDPA weighs every (query, key) pair and multiplies the masked ones by 0, so a NaN or inf
+    key or value at a position a query must not see (a later token, another packed sequence)
+    still made that query's output NaN (0 * NaN).  Here such keys and values enter as 0 and
+    every query allowed to see one gets NaN, as its own attention would give.
+
+    Args:
+        q: (B, H, Lq, d); k, v: (B, H, S, d).
+        attn_mask: boolean, broadcastable to (B, H, Lq, S): True where a query may attend.
+        is_causal: query i attends to keys 0..i (Lq == S).
+
+    Returns:
+        (B, H, Lq, d).
+    """
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, H, S)
+    k = k.masked_fill(bad[..., None], 0.0)
+    v = v.masked_fill(bad[..., None], 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    if is_causal:
+        sees_bad = torch.cumsum(bad, dim=-1) > 0  # a bad key at or before the query
+    elif attn_mask is not None:
+        sees_bad = (attn_mask & bad[..., None, :]).any(-1)
+    else:
+        sees_bad = bad.any(-1, keepdim=True)
+    return out.masked_fill(sees_bad[..., None], float("nan"))
 
 
 class MHA(nn.Module):
@@ -187,6 +223,8 @@ class MHA(nn.Module):
         B, L, _ = x.shape
         check_timesteps(integration_timesteps, B, L)
         mask = lengths_mask(lengths, B, L, x.device)
+        if mask is not None:  # a select: padding may hold NaN, and padded keys are cached
+            x = zero_where_not(x, mask[..., None])
         q, k, v = self._split(x)
         if cu_seqlens is not None:
             out = self._attend_packed(q, k, v, cu_seqlens, lengths, inference_cache)
@@ -197,7 +235,7 @@ class MHA(nn.Module):
             q, k = self.rotate(q, pos), self.rotate(k, pos)
             if self.causal:
                 # padding sits after the valid tokens, so causality already hides it
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out = attention(q, k, v, is_causal=True)
             else:
                 attn_mask = None
                 if mask is not None:
@@ -206,7 +244,7 @@ class MHA(nn.Module):
                     keep = mask.clone()
                     keep[:, 0] = True
                     attn_mask = keep[:, None, None, :]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+                out = attention(q, k, v, attn_mask=attn_mask)
         y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.dim))
         if mask is not None:
             y = zero_where_not(y, mask[..., None])
@@ -237,7 +275,7 @@ class MHA(nn.Module):
         allowed = seq[:, None] == seq[None, :]  # (T, T) block diagonal
         if self.causal:
             allowed = allowed.tril()
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return attention(q, k, v, attn_mask=allowed)
 
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, lengths: Optional[Tensor], cache: Dict[str, Any]
@@ -268,7 +306,7 @@ class MHA(nn.Module):
         if self.causal:
             allowed = allowed & (j[None, None, :] <= pos[:, :, None])  # (B, L, S)
         allowed = allowed | (j == 0)  # never an empty softmax row (padded queries are zeroed)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed[:, None])
+        out = attention(q, keys, vals, attn_mask=allowed[:, None])
         seqlens.copy_(new_len)
         cache["seqlen_offset"] = offset + L
         return out
