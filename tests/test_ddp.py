@@ -101,3 +101,34 @@ def test_torchrun_launch(tmp_path):
     assert "x 2 processes" in proc.stdout
     metrics = json.loads((out / METRICS_NAME).read_text())
     assert metrics["world_size"] == 2 and metrics["final"] is not None
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_worker_leaves_with_os_exit(monkeypatch, world):
+    """Under torchrun (WORLD_SIZE > 1) `lrnnx train` ends its process with os._exit after the
+    atexit handlers (torch's gloo teardown at interpreter exit aborted ~1 run in 3 on a loaded
+    machine); a single process returns its status as usual."""
+    from lrnnx import cli
+
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(code)
+        raise Exited
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(
+        train_mod, "train", lambda config: train_mod.TrainResult(model=None, metrics={})
+    )
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    argv = ["train", "--task", "assoc-recall", "--model", "lru", "--steps", "1", "--no-plot"]
+    if world == "1":
+        assert cli.main(argv) == 0 and calls == []
+    else:
+        with pytest.raises(Exited):
+            cli.main(argv)
+        assert calls == ["atexit", 0]
