@@ -30,7 +30,9 @@ so the trained network loads with ``LRNNLMHeadModel.from_pretrained("runs/sc/bes
 Started by ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1 in the environment), it trains with
 DistributedDataParallel: gloo on CPU, nccl on CUDA.  Every process draws its own batches
 (``batch_size`` is per process); evaluation is sharded over processes and summed; only rank 0
-prints and writes files.
+prints and writes files.  A script of your own that calls :func:`train` under torchrun may end
+with :func:`lrnnx.cli.exit_worker` as ``lrnnx train`` does: with torch 2.13 a process that used
+a gloo group sometimes aborts at interpreter exit, and torchrun then fails the whole run.
 """
 
 from __future__ import annotations
