@@ -5,8 +5,10 @@ options those kernels share.
 overloads per dtype: float32 gets branch-free polynomials (within 1-2 ulp of libm; see each body)
 that LLVM inlines into the kernels' loops and vectorises, since numba has no vector libm without
 Intel's SVML; float64 keeps libm, as torch does.  Used by the selective-scan kernels
-(:mod:`lrnnx.ops.selective_scan.cpu`, :mod:`lrnnx.ops.selective_scan.cpu_lanes`) and the
-yardstick of :mod:`lrnnx.bench_yardstick`.
+(:mod:`lrnnx.ops.selective_scan.cpu`, :mod:`lrnnx.ops.selective_scan.cpu_lanes`), the causal
+convolution's (:mod:`lrnnx.ops.causal_conv1d.cpu`) and the yardstick of
+:mod:`lrnnx.bench_yardstick`.  ``_lane_count`` sizes the blocks of the kernels that put channels
+in the vector lanes (the lane scan and the channels-last convolution).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import math
 
 from lrnnx.ops._numba import HAVE_NUMBA
+
+#: channel-lane kernels compute a block's width rounded up to a multiple of this (one AVX2
+#: float32 vector); the lanes past the block's channels hold zeros
+LANE_QUANTUM = 8
 
 if HAVE_NUMBA:
     import numba
@@ -31,6 +37,11 @@ if HAVE_NUMBA:
     # elementary functions: compiled once per dtype, small enough for LLVM to inline them into
     # the loops (where they vectorise); no reassociation inside them
     _ELEMENTARY = dict(fastmath={"contract"}, error_model="numpy")
+
+    @numba.njit(**_HELPER)
+    def _lane_count(width):  # pragma: no cover - compiled
+        """Lanes a block of ``width`` channels computes: whole vectors (:data:`LANE_QUANTUM`)."""
+        return (width + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM
 
     # ------------------------------------------------------------------ elementary functions
     # float32: branch-free polynomials that LLVM inlines into the loops and vectorises (numba

@@ -59,8 +59,6 @@ TASKS_PER_THREAD = 4
 #: channels-last kernels: channels per task at most, in vector lanes (a task computes its width
 #: rounded up to whole vectors; wide, so the fixed cost of each lane loop is spread)
 LANES = 128
-#: channels-last kernels: a block's lanes are its width rounded up to whole vectors of this
-LANE_QUANTUM = 8
 #: channels-last kernels: steps per task (its tiles, (TIME_BLOCK + 2 (K - 1), LANES) each,
 #: stay in L2; long sequences split into several tasks)
 TIME_BLOCK = 256
@@ -68,7 +66,7 @@ TIME_BLOCK = 256
 if HAVE_NUMBA:
     import numba
 
-    from lrnnx.ops._numba_math import _sigmoid
+    from lrnnx.ops._numba_math import _lane_count, _sigmoid
 
     # reassociation lets the per-row sums (dw, dbias) vectorise; no nnan/ninf: NaN and inf
     # propagate as in torch.  error_model="numpy": no zero-division branch in the loops.
@@ -291,7 +289,7 @@ if HAVE_NUMBA:
         wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
-            nl = (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM  # lanes computed
+            nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
             s = _cl_first_sequence(cu, t0)
             while s < S and cu[s] < t1:
@@ -340,7 +338,7 @@ if HAVE_NUMBA:
         dW, dB = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
-            nl = (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM  # lanes computed
+            nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
             for j in range(K):
                 for i in range(LANES):

@@ -9,7 +9,7 @@ h[k] = exp(delta' A[k]) h[k] + delta' u B_t[k] is lane-wise: no horizontal sums 
 and in backward one per (step, state) for dB_t[k] and dC_t[k] (sums over the group's channels).
 
 A task is one batch element and one block of at most LANES channels of one group, computed
-on its width rounded up to whole vectors (:data:`LANE_QUANTUM`).  It walks
+on its width rounded up to whole vectors (:data:`lrnnx.ops._numba_math.LANE_QUANTUM`).  It walks
 time in chunks of at most K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers
 stay in L2), loading each chunk's u, delta, z (deltaA, dy) into (K, LANES) tiles: the tensors
 may have any strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed
@@ -51,8 +51,6 @@ from lrnnx.ops._numba import HAVE_NUMBA, as_array, flat_view
 #: horizontal sums of backward) is spread over them (the backward's adjoint pass took 2.7 ns
 #: per update and thread at 32 lanes, 0.84 at 128, on the 2-core AMD EPYC)
 LANES = 128
-#: a block's lanes are its width rounded up to a multiple of this (one AVX2 float32 vector)
-LANE_QUANTUM = 8
 #: the narrowest channel group (of B and C) worth a task: narrower ones leave most lanes empty
 MIN_GROUP = 16
 #: backward keeps (K + 1) n LANES states and K n LANES decays per chunk: K n is capped so the
@@ -80,7 +78,7 @@ def usable(u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str) -> bool:
 if HAVE_NUMBA:
     import numba
 
-    from lrnnx.ops._numba_math import _HELPER, _exp, _sigmoid, _softplus
+    from lrnnx.ops._numba_math import _HELPER, _exp, _lane_count, _sigmoid, _softplus
 
     # fmt: off
     # (the kernels' long argument lists stay packed)
@@ -351,12 +349,6 @@ if HAVE_NUMBA:
         _load_bc(Bf, SB, bi, gB, t0, T, n, rev, BT)
         _load_bc(Cf, SC, bi, gC, t0, T, n, rev, CT)
         _steps(RAW, U, bias, softplus, T, DT, DTU)
-
-    @numba.njit(**_HELPER)
-    def _lane_count(W):  # pragma: no cover - compiled
-        """Lanes a block of W channels computes: W rounded up to whole vectors (the lanes past W
-        hold zeros)."""
-        return (W + LANE_QUANTUM - 1) // LANE_QUANTUM * LANE_QUANTUM
 
     @numba.njit(**_HELPER)
     def _task(task, blocks):  # pragma: no cover - compiled
