@@ -384,6 +384,15 @@ def test_mha_padding_never_matters(fill, causal):
             assert_close_rel(a, b, length=L, msg="cached keys and values")
 
 
+def test_mha_input_dtype_mismatch_names_both_dtypes():
+    mha = _mha()
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32.*got torch.float64"):
+        mha(torch.randn(2, 5, H, dtype=torch.float64))
+    cache = mha.allocate_inference_cache(2, max_seqlen=4)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32.*got torch.float64"):
+        mha.step(torch.randn(2, H, dtype=torch.float64), cache)
+
+
 # ---- the architectures ------------------------------------------------------------------------
 
 ARCH_MIXERS = ["s4", "s5", "mamba", "rglru", "attn"]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lrnnx.core.checks import (
     check_inference_cache,
+    check_input_dtype,
     check_sequence,
     check_step_input,
     check_timesteps,
@@ -134,6 +135,7 @@ class MHA(nn.Module):
     # ------------------------------------------------------------------------------- helpers
     def _split(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
+        check_input_dtype(x, self.qkv.weight.dtype)
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
