@@ -175,6 +175,17 @@ class Mamba(LTV_LRNN):
             delta = F.softplus(delta + self.dt_proj.bias.to(acc))
         return delta, Bt.to(acc), Ct.to(acc)
 
+    def _in_proj_halves(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x' and z of in_proj (B, L, H) -> (B, L, E) each, as two products with the weight's
+        halves: each is contiguous, and their gradients reach the weight and x without the
+        (B, L, 2E) concatenation that chunk's backward makes (~1 ms of a 33 ms training step
+        of the 2-layer d_model 64 LM at B=64 L=68 on 2 CPU cores)."""
+        E, w, b = self.d_inner, self.in_proj.weight, self.in_proj.bias
+        return (
+            F.linear(x, w[:E], None if b is None else b[:E]),
+            F.linear(x, w[E:], None if b is None else b[E:]),
+        )
+
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
         E, K, N = self.d_inner, self.d_conv, self.d_state
         return check_inference_cache(
@@ -227,7 +238,7 @@ class Mamba(LTV_LRNN):
             return self._empty_output(x)
         if mask is not None:  # a select, not a product: padding may hold NaN
             x = zero_where_not(x, mask[..., None])
-        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xi, z = self._in_proj_halves(x)  # (B, L, E) each
         xi = xi.transpose(1, 2)  # (B, E, L)
         if mask is not None:
             xi = zero_where_not(xi, mask[:, None, :])  # padding must not reach the conv state
