@@ -180,10 +180,14 @@ if HAVE_NUMBA:
     @numba.njit(**_HELPER)
     def _state_lanes(X, c0, W, out):  # pragma: no cover - compiled
         """out[k, i] = X[c0 + i, k] (one batch element's (d, n) state, or A), 0 past W."""
-        nl = out.shape[1]  # lanes in use (a multiple of 8, at most LANES)
-        for k in range(out.shape[0]):
-            for i in range(nl):
-                out[k, i] = X[c0 + i, k] if i < W else 0.0
+        nl, n = out.shape[1], out.shape[0]  # lanes in use (a multiple of 8, at most LANES)
+        for i in range(W):  # row slices (an index c0 + i numba may wrap is read as a gather)
+            row = X[c0 + i, :n]
+            for k in range(n):
+                out[k, i] = row[k]
+        for k in range(n):
+            for i in range(W, nl):
+                out[k, i] = 0.0
 
     @numba.njit(**_HELPER)
     def _steps(RAW, U, bias, softplus, T, DT, DTU):  # pragma: no cover - compiled
