@@ -220,13 +220,57 @@ def test_chunk_boundaries(monkeypatch):
     assert_matches_reference(make(d=40, L=23))
 
 
-def test_chunk_steps_fit_the_state():
-    K = lanes.chunk_steps(16, 256)
-    assert K == lanes.STATE_STEPS // 16
-    # backward's states (K + 1, n, LANES) and decays (K, n, LANES), float32, fit a 512 KiB L2
-    assert (2 * K + 1) * 16 * lanes.LANES * 4 <= 512 * 1024
-    assert lanes.chunk_steps(256, 256) == 8  # at least 8 steps per chunk
-    assert lanes.chunk_steps(16, 3) == 3  # never longer than the general kernels' interval
+@pytest.mark.parametrize("l2", [256 << 10, 512 << 10, 1 << 20, 2 << 20])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_chunk_steps_fit_the_l2(monkeypatch, l2, itemsize):
+    """K: the largest power of two whose states (K, n, LANES) and decays take at most
+    L2_SHARE of a core's L2, at least 8 steps, never longer than the general interval."""
+    monkeypatch.setattr(lanes, "l2_cache_bytes", lambda: l2)
+    for n in (1, 4, 16, 64):
+        K = lanes.chunk_steps(n, 1 << 20, itemsize)
+        per_step = 2 * n * lanes.LANES * itemsize
+        assert K & (K - 1) == 0
+        assert K == 8 or K * per_step <= lanes.L2_SHARE * l2 < 2 * K * per_step
+    assert lanes.chunk_steps(256, 1 << 20, itemsize) == 8  # at least 8 steps per chunk
+    assert lanes.chunk_steps(16, 3, itemsize) == 3  # never longer than the general interval
+
+
+def test_chunk_steps_of_known_caches(monkeypatch):
+    """n = 16 in float32: K = 16 on a 512 KiB L2 (AMD Zen 3), 32 on 1 MiB (Zen 5), as measured."""
+    monkeypatch.setattr(lanes, "l2_cache_bytes", lambda: 512 << 10)
+    assert lanes.chunk_steps(16, 256) == 16
+    monkeypatch.setattr(lanes, "l2_cache_bytes", lambda: 1 << 20)
+    assert lanes.chunk_steps(16, 256) == 32
+
+
+@pytest.mark.parametrize(
+    "text, size", [("1024K", 1 << 20), ("2M", 2 << 20), ("512K\n", 512 << 10), ("4096", 4096)]
+)
+def test_cache_size_text(text, size):
+    assert lanes._cache_size(text) == size
+
+
+def test_l2_cache_bytes_is_a_plausible_size():
+    """This machine's L2 as read from sysfs, or the default where it is not described."""
+    size = lanes.l2_cache_bytes()
+    assert 64 << 10 <= size <= 64 << 20
+
+
+def test_results_do_not_depend_on_the_chunk_size(monkeypatch):
+    """The chunk size moves the checkpoints only: values and gradients are the same (to
+    rounding of the gradient sums) with three chunk sizes."""
+    kw = make(d=32, L=70)
+    outs, steps = [], []
+    for l2 in (64 << 10, 512 << 10, 4 << 20):
+        monkeypatch.setattr(lanes, "l2_cache_bytes", lambda l2=l2: l2)
+        steps.append(lanes.chunk_steps(5, ss_cpu.CHUNK, 8))
+        outs.append(run(kw, "cpu"))
+    assert len(set(steps)) == 3, steps
+    for y, h, grads in outs[1:]:
+        assert_close_rel(y, outs[0][0], length=70, msg="y")
+        assert_close_rel(h, outs[0][1], length=70, msg="final state")
+        for name, g in grads.items():
+            assert_close_rel(g, outs[0][2][name], length=70, msg=name)
 
 
 def test_gradcheck():

@@ -1530,7 +1530,7 @@ def _prepare(
     general kernels of this module otherwise."""
     if cpu_lanes.usable(u, A, B, C, disc):
         b, _, L = u.shape
-        K = cpu_lanes.chunk_steps(A.shape[1], chunk)
+        K = cpu_lanes.chunk_steps(A.shape[1], chunk, u.element_size())
         seg = _plain_segments(L, K) if cu is None else _segments(cu, L, K)
         nstates = b if cu is None else cu.shape[0] - 1
         return cpu_lanes.Prepared(

@@ -8,14 +8,14 @@ every step's B_t[k] and C_t[k] are one number broadcast to all lanes and the rec
 h[k] = exp(delta' A[k]) h[k] + delta' u B_t[k] is lane-wise: no horizontal sums in forward,
 and in backward one per (step, state) for dB_t[k] and dC_t[k] (sums over the group's channels).
 
-A task is one batch element and one block of at most LANES channels of one group, computed
-on its width rounded up to whole vectors (:data:`lrnnx.ops._numba_math.LANE_QUANTUM`).  It walks
+A task is one batch element and one block of at most LANES channels of one group, computed on
+its width rounded up to whole vectors (:data:`lrnnx.ops._numba_math.LANE_QUANTUM`).  It walks
 time in chunks of at most K steps (:func:`chunk_steps`: the backward's (K, n, LANES) buffers
-stay in L2), loading each chunk's u, delta, z (deltaA, dy) into (K, LANES) tiles: the tensors
-may have any strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L) transposed
-views, are read where they lie and y, du, ddelta, dz are written in the same order (no layout
-copies; the results keep their input's memory order).  Lanes past the block's channels hold zeros, which
-stay finite through every step and add nothing to the group sums.
+stay in a core's L2), loading each chunk's u, delta, z (deltaA, dy) into (K, LANES) tiles: the
+tensors may have any strides, so Mamba's (b, L, d)-ordered activations, passed as (b, d, L)
+transposed views, are read where they lie and y, du, ddelta, dz are written in the same order
+(no layout copies; the results keep their input's memory order).  Lanes past the block's
+channels hold zeros, which stay finite through every step and add nothing to the group sums.
 
 Forward keeps the state at each chunk start (b, chunks, n, d) when a gradient is needed.
 Backward walks each block's chunks last to first: it recomputes the chunk from its checkpoint
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -53,15 +54,54 @@ from lrnnx.ops._numba import HAVE_NUMBA, as_array, flat_view
 LANES = 128
 #: the narrowest channel group (of B and C) worth a task: narrower ones leave most lanes empty
 MIN_GROUP = 16
-#: backward keeps (K + 1) n LANES states and K n LANES decays per chunk: K n is capped so the
-#: two fit in a 512 KiB L2 in float32
-STATE_STEPS = 256
+#: the L2 cache of a core assumed where the system does not describe its caches (the smallest
+#: of current x86 server cores': AMD Zen 2 and Zen 3)
+DEFAULT_L2_BYTES = 512 * 1024
+#: backward keeps (K + 1) n LANES states and K n LANES decays per chunk; K is the largest power
+#: of two whose two buffers take at most this share of a core's L2.  Measured fwd+bwd at b=64
+#: d=128 L=68 n=16 and at b=2 d=1024 L=2048 on the 2-core AMD EPYC (1 MiB L2): K = 32 (54 %)
+#: was 3-6 % and 9-20 % faster than K = 16, and K = 64 (buffers past the L2) slower than 32; K = 16
+#: had been measured best on a 512 KiB L2 (Zen 3), which the same share gives
+L2_SHARE = 0.6
 
 
-def chunk_steps(n: int, chunk: int) -> int:
-    """Steps per chunk for state size n: the checkpoint interval and backward's recompute unit
-    (at most ``chunk``, the general kernels' interval, which tests shrink)."""
-    return max(1, min(int(chunk), max(8, STATE_STEPS // n)))
+def _cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size: "1024K", "2M", "512" (bytes)."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """A core's L2 cache in bytes, as Linux describes cpu0's caches, else :data:`DEFAULT_L2_BYTES`
+    (other systems, or a description missing or unreadable)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            path = os.path.join(base, index)
+            if not index.startswith("index"):
+                continue
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(path, "size")) as f:
+                    return _cache_size(f.read())
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_L2_BYTES
+
+
+def chunk_steps(n: int, chunk: int, itemsize: int = 4) -> int:
+    """Steps per chunk for state size n and ``itemsize``-byte floats: the checkpoint interval
+    and backward's recompute unit, sized to a core's L2 (:data:`L2_SHARE`), at least 8 and at
+    most ``chunk`` (the general kernels' interval, which tests shrink).  It changes where the
+    states are checkpointed, never the results."""
+    per_step = 2 * n * LANES * itemsize  # a step of the states and of the decays
+    fit = max(1, int(l2_cache_bytes() * L2_SHARE) // per_step)
+    return max(1, min(int(chunk), max(8, 1 << (fit.bit_length() - 1))))
 
 
 def usable(u: Tensor, A: Tensor, B: Tensor, C: Tensor, disc: str) -> bool:
