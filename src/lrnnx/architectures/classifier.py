@@ -35,6 +35,7 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import check_timesteps, lengths_mask, packed_offsets, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
+from lrnnx.layers.linear import Linear
 from lrnnx.ops.linear_scan.packing import step_layout
 
 ENCODERS = ("linear", "embedding")
@@ -241,9 +242,7 @@ class Classifier(PretrainedMixin, nn.Module):
         self.d_input, self.d_model, self.n_classes = d_input, d_model, n_classes
         self.encoder_kind, self.pooling, self.pool_between = encoder, pooling, pool_between
         self.encoder = (
-            nn.Embedding(d_input, d_model)
-            if encoder == "embedding"
-            else nn.Linear(d_input, d_model)
+            nn.Embedding(d_input, d_model) if encoder == "embedding" else Linear(d_input, d_model)
         )
         self.blocks = nn.ModuleList(
             Block(
@@ -259,7 +258,7 @@ class Classifier(PretrainedMixin, nn.Module):
         )
         self.norm_f = RMSNorm(d_model)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.decoder = nn.Linear(d_model, n_classes)
+        self.decoder = Linear(d_model, n_classes)
 
     def _encode(self, x: Tensor) -> Tensor:
         if self.encoder_kind == "embedding":

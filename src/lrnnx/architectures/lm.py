@@ -41,6 +41,7 @@ from lrnnx.architectures._common import (
 )
 from lrnnx.core.checks import check_cu_seqlens, lengths_mask, packed_offsets, zero_where_not
 from lrnnx.layers import Block, GatedMLP, RMSNorm
+from lrnnx.layers.linear import Linear
 from lrnnx.models.registry import build_mixer
 
 #: label value that :func:`packed_lm_loss` and torch's cross_entropy skip
@@ -325,7 +326,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             layers.append(Block(d_model, mixer, mlp=mlp, norm_cls=norm_cls))
         self.layers = nn.ModuleList(layers)
         self.norm_f = norm_cls(d_model)
-        self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
+        self.lm_head = Linear(d_model, self.padded_vocab_size, bias=False)
         nn.init.normal_(self.embedding.weight, std=initializer_range)
         if tie_embeddings:
             self.lm_head.weight = self.embedding.weight

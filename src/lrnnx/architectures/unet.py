@@ -49,6 +49,7 @@ from lrnnx.architectures._common import (
 from lrnnx.core.checks import check_sequence, check_step_input
 from lrnnx.layers import Block, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
+from lrnnx.layers.linear import Linear
 
 
 class _Level(nn.Module):
@@ -63,9 +64,9 @@ class _Level(nn.Module):
         self.enc = nn.ModuleList(make_block(w) for _ in range(n_blocks))
         self.inner: Optional[_Level] = None
         if i + 1 < len(widths):
-            self.down = nn.Linear(factor * w, widths[i + 1])
+            self.down = Linear(factor * w, widths[i + 1])
             self.inner = _Level(widths, i + 1, factor, n_blocks, causal, make_block)
-            self.up = nn.Linear(widths[i + 1], factor * w)
+            self.up = Linear(widths[i + 1], factor * w)
             self.dec = nn.ModuleList(make_block(w) for _ in range(n_blocks))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -229,10 +230,10 @@ class UNet(PretrainedMixin, nn.Module):
             return Block(w, mixer_w, activation=activation)
 
         widths = [d_model * channel_mult**i for i in range(depth + 1)]
-        self.in_proj = nn.Linear(d_input, d_model)
+        self.in_proj = Linear(d_input, d_model)
         self.level = _Level(widths, 0, factor, n_blocks, self.causal, make_block)
         self.norm_f = RMSNorm(d_model)
-        self.out_proj = nn.Linear(d_model, d_output)
+        self.out_proj = Linear(d_model, d_output)
 
     @property
     def multiple(self) -> int:

@@ -44,6 +44,7 @@ from lrnnx.core.checks import (
     packed_offsets,
     zero_where_not,
 )
+from lrnnx.layers.linear import Linear
 from lrnnx.ops.linear_scan.packing import step_layout
 
 
@@ -129,8 +130,8 @@ class MHA(nn.Module):
             raise ValueError(f"rotary_base: expected a float > 1, got {rotary_base!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.rotary, self.causal, self.rotary_base = bool(rotary), bool(causal), float(rotary_base)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = Linear(dim, dim, bias=bias)
 
     # ------------------------------------------------------------------------------- helpers
     def _split(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -12,6 +12,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.layers.linear import Linear
+
 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward layer, (..., dim) -> (..., dim).
@@ -39,8 +41,8 @@ class GatedMLP(nn.Module):
         elif not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise ValueError(f"hidden: expected None or a positive int, got {hidden!r}")
         self.dim, self.hidden = dim, hidden
-        self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc1 = Linear(dim, 2 * hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., dim) -> (..., dim)."""

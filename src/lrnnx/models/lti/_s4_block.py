@@ -49,6 +49,7 @@ from lrnnx.core.checks import (
 )
 from lrnnx.core.fftconv import causal_conv
 from lrnnx.core.hippo import nplr
+from lrnnx.layers.linear import Linear
 from lrnnx.models.lti.base import LTI_LRNN
 from lrnnx.ops.linear_scan.packing import step_layout
 
@@ -456,10 +457,10 @@ class S4BlockBase(LTI_LRNN):
         d_gate = self.H * gate if gate is not None else None
         d_conv = self.H * channels
         if bottleneck is not None:
-            self.input_linear = nn.Linear(d_model, self.H)
+            self.input_linear = Linear(d_model, self.H)
         if gate is not None:
-            self.input_gate = nn.Linear(d_model, d_gate)
-            self.output_gate = nn.Linear(d_conv, d_gate)
+            self.input_gate = Linear(d_model, d_gate)
+            self.output_gate = Linear(d_conv, d_gate)
         self.D = nn.Parameter(torch.randn(channels, self.H))
         self.conv_dropout = _dropout(dropout, tie_dropout)
         self.activation = nn.GELU()
@@ -470,7 +471,7 @@ class S4BlockBase(LTI_LRNN):
             self._d_output = d_inner
         else:
             d_out = 2 * d_model if final_act == "glu" else d_model
-            self.output_linear = nn.Sequential(nn.Linear(d_inner, d_out), Activation(final_act))
+            self.output_linear = nn.Sequential(Linear(d_inner, d_out), Activation(final_act))
             self._d_output = d_model
 
         # step size: (H, 1) tied across the state, or (H, N)

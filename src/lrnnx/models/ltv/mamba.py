@@ -50,8 +50,10 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
+from lrnnx.layers.linear import Linear
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import selective_scan_fn
+from lrnnx.ops.linear import linear
 from lrnnx.ops.selective_scan import DISCRETIZATIONS, discretize
 
 
@@ -129,11 +131,11 @@ class Mamba(LTV_LRNN):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path, self.layer_idx = use_fast_path, layer_idx
 
-        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias, **fk)
+        self.in_proj = Linear(d_model, 2 * E, bias=bias, **fk)
         self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias, **fk)
-        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False, **fk)
-        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True, **fk)
-        self.out_proj = nn.Linear(E, d_model, bias=bias, **fk)
+        self.x_proj = Linear(E, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = Linear(self.dt_rank, E, bias=True, **fk)
+        self.out_proj = Linear(E, d_model, bias=bias, **fk)
 
         std = self.dt_rank**-0.5 * dt_scale
         with torch.no_grad():
@@ -182,8 +184,8 @@ class Mamba(LTV_LRNN):
         of the 2-layer d_model 64 LM at B=64 L=68 on 2 CPU cores)."""
         E, w, b = self.d_inner, self.in_proj.weight, self.in_proj.bias
         return (
-            F.linear(x, w[:E], None if b is None else b[:E]),
-            F.linear(x, w[E:], None if b is None else b[E:]),
+            linear(x, w[:E], None if b is None else b[:E]),
+            linear(x, w[E:], None if b is None else b[E:]),
         )
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:

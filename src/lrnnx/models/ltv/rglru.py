@@ -67,6 +67,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
+from lrnnx.layers.linear import Linear
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
 
@@ -236,8 +237,8 @@ class RGLRU(LTV_LRNN):
         self.use_fast_path = use_fast_path
         D = lru_width
 
-        self.gate_proj = nn.Linear(d_model, D, bias=bias, **fk)  # W_gate (GeLU branch)
-        self.in_proj = nn.Linear(d_model, D, bias=bias, **fk)  # W_in (recurrent branch)
+        self.gate_proj = Linear(d_model, D, bias=bias, **fk)  # W_gate (GeLU branch)
+        self.in_proj = Linear(d_model, D, bias=bias, **fk)  # W_in (recurrent branch)
         # depthwise causal conv; forward/step do the causal padding with the cached inputs
         self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, bias=conv_bias, **fk)
         self.recurrent_gate_proj = BlockDiagonalLinear(D, num_heads, **fk)  # W_a, b_a
@@ -245,7 +246,7 @@ class RGLRU(LTV_LRNN):
         lam_dtype = None if dtype is None else _acc_dtype(dtype)
         self.Lambda = nn.Parameter(torch.empty(D, device=device, dtype=lam_dtype))
         self.Lambda._no_weight_decay = True
-        self.out_proj = nn.Linear(D, d_model, bias=bias, **fk)  # W_out
+        self.out_proj = Linear(D, d_model, bias=bias, **fk)  # W_out
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

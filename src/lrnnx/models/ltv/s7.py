@@ -91,6 +91,7 @@ from torch.autograd.function import once_differentiable
 
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
+from lrnnx.layers.linear import Linear
 from lrnnx.models.ltv.s5 import GammaBar, _EventSSM, check_step_size, param_dtype
 
 #: the selective step is floored at this value when it is initialised (as Mamba and the authors)
@@ -392,8 +393,8 @@ class S7(_EventSSM):
             self.C_proj_out = nn.Parameter(torch.empty(H, bc_rank, 2, **fk))  # U_C (complex)
         self.D = nn.Parameter(torch.empty(H, **fk))  # constant part of D_k
         self.D_proj = nn.Parameter(torch.empty(H, H, **fk))  # W_D[h, i]: u_i -> D_k[h]
-        self.dt_down = nn.Linear(H, dt_rank, bias=False, **fk)  # W_r
-        self.dt_proj = nn.Linear(dt_rank, P, bias=True, **fk)  # W_dt, b_dt
+        self.dt_down = Linear(H, dt_rank, bias=False, **fk)  # W_r
+        self.dt_proj = Linear(dt_rank, P, bias=True, **fk)  # W_dt, b_dt
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
