@@ -82,6 +82,38 @@ def test_causal_conv_matches_direct_sum(L, complex_):
         assert torch.allclose(causal_conv(u, k, method=method), expect, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "u_shape, k_shape",
+    [((3, 1, 5, 40), (2, 5, 40)), ((4, 6, 50), (6, 17)), ((2, 3, 64), (3, 64)), ((33,), (33,))],
+)
+def test_real_fft_conv_gradients(u_shape, k_shape):
+    """The real-FFT backward (correlations, broadcast axes summed in the frequency domain):
+    gradcheck in float64, and the same gradients as torch's autograd of the FFT formula."""
+    from lrnnx.core.fftconv import RealFFTConv, fft_length
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(*u_shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(*k_shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    L, Lk = u_shape[-1], k_shape[-1]
+    n = fft_length(L + Lk - 1) if Lk < L else fft_length(2 * L)
+    assert torch.autograd.gradcheck(lambda u, k: RealFFTConv.apply(u, k, n, L), (u, k))
+    y = causal_conv(u, k, method="fft")
+    plain = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+    g = torch.randn(y.shape, dtype=y.dtype, generator=gen)
+    got = torch.autograd.grad(y, (u, k), g)
+    want = torch.autograd.grad(plain, (u, k), g)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-12 * b.abs().max().item())
+
+
+def test_real_fft_conv_is_not_twice_differentiable():
+    u = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    (du,) = torch.autograd.grad(causal_conv(u, k, method="fft").sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        torch.autograd.grad(du.sum(), k)
+
+
 def test_causal_conv_does_not_wrap_around():
     L = 64
     u = torch.zeros(L, dtype=torch.float64)
