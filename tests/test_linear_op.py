@@ -129,11 +129,25 @@ def test_vendor_rule(vendor, generic):
 
 
 def test_default_choice_follows_the_vendor_rule(monkeypatch):
-    x, w, b = _inputs((5, 8), 3)
+    x, w, b = _inputs((2, 64, 128), 512)  # 2**23 multiply-adds
     monkeypatch.setattr(lin_cpu, "mkl_takes_generic_path", lambda vendor=None: False)
     assert not lin_cpu.applies(x, w, b)
     monkeypatch.setattr(lin_cpu, "mkl_takes_generic_path", lambda vendor=None: True)
     assert lin_cpu.applies(x, w, b) == HAVE_ONEDNN
+
+
+def test_small_products_keep_f_linear(monkeypatch):
+    """Below MIN_MACS multiply-adds (a decoding step, a small head) oneDNN's fixed cost
+    outweighs its speed: lrnnx keeps F.linear unless backend="cpu" asks for oneDNN."""
+    monkeypatch.setattr(lin_cpu, "mkl_takes_generic_path", lambda vendor=None: True)
+    x, w, b = _inputs((2, 64, 128), 512)
+    assert x.shape[0] * x.shape[1] * w.numel() == lin_cpu.MIN_MACS
+    assert lin_cpu.applies(x, w, b) == HAVE_ONEDNN
+    small = x[:, :63]  # one token fewer
+    assert not lin_cpu.applies(small, w, b)
+    assert lin_cpu.applies(small, w, b, asked=True) == HAVE_ONEDNN
+    step = x[:, 0]  # one token per sequence
+    assert type(linear(step.requires_grad_(), w, b).grad_fn).__name__ == "AddmmBackward0"
 
 
 def test_failed_self_check_keeps_f_linear(monkeypatch):

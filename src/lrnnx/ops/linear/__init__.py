@@ -13,8 +13,8 @@ Backends (same signature, same results up to the order of the sums):
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND`` (names of other ops' backends, such as
 ``triton``, mean ``torch`` here); otherwise ``cpu`` where it applies (float32 on the CPU, MKL
-being torch's BLAS on a CPU not made by Intel, no autocast, not under torch.compile or a
-torch.func transform) and ``torch`` everywhere else.
+being torch's BLAS on a CPU not made by Intel, a product of at least 2**23 multiply-adds, no
+autocast, not under torch.compile or a torch.func transform) and ``torch`` everywhere else.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
+
+from lrnnx.ops.linear import cpu as _cpu
 
 __all__ = ["linear", "BACKENDS"]
 
@@ -53,9 +55,10 @@ def linear(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)} for linear, got {backend!r}")
     name = backend or os.environ.get("LRNNX_BACKEND") or None
-    if name in (None, "cpu"):
-        from lrnnx.ops.linear import cpu
-
-        if cpu.applies(x, weight, bias, asked=name == "cpu"):
-            return cpu.linear(x, weight, bias)
+    # a small product, the common case of decoding, leaves at once (checked before anything
+    # else: this runs for every dense layer of every step)
+    if name is None and x.numel() * weight.shape[0] < _cpu.MIN_MACS:
+        return F.linear(x, weight, bias)
+    if name in (None, "cpu") and _cpu.applies(x, weight, bias, asked=name == "cpu"):
+        return _cpu.linear(x, weight, bias)
     return F.linear(x, weight, bias)

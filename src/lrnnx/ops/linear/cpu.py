@@ -10,9 +10,9 @@ When lrnnx picks it (:func:`applies`): float32 tensors on the CPU, x at least 2-
 in_features matching, a contiguous weight, grad mode or not; not under CPU autocast (the
 product then belongs to autocast's lower precision), torch.compile (its own CPU GEMMs) or a
 torch.func transform; oneDNN present and agreeing with ``F.linear`` on a small product
-(checked once per process: :func:`self_check`); and MKL being torch's BLAS on a CPU that is not
-Intel's (:func:`mkl_takes_generic_path`), unless ``backend="cpu"`` asks for it.  Everything
-else runs ``F.linear``.
+(checked once per process: :func:`self_check`); and, unless ``backend="cpu"`` asks for it, MKL
+being torch's BLAS on a CPU that is not Intel's (:func:`mkl_takes_generic_path`) and a product of
+at least :data:`MIN_MACS` multiply-adds.  Everything else runs ``F.linear``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ from torch.autograd.function import once_differentiable
 
 #: x86 vendors whose CPUs get MKL's generic code path
 _GENERIC_VENDORS = ("AuthenticAMD", "HygonGenuine")
+#: products of fewer multiply-adds (tokens x in_features x out_features) stay on F.linear:
+#: oneDNN's call costs ~20 us against F.linear's 2-3, so one-token decoding steps ran up to 3x
+#: slower on it; from 2**23 on it was faster in every shape measured on the 2-core AMD EPYC
+#: (forward+backward 0.48-0.86x of F.linear's time; at 2**22 between 0.98x and 1.2x)
+MIN_MACS = 1 << 23
 
 
 def _pointwise():
@@ -128,7 +133,7 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = Fal
         return False
     if _compiling() or _in_transform(x):
         return False
-    if not (asked or mkl_takes_generic_path()):
+    if not asked and (x.numel() * weight.shape[0] < MIN_MACS or not mkl_takes_generic_path()):
         return False
     return self_check()
 
