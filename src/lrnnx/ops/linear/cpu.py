@@ -114,7 +114,7 @@ def _compiling() -> bool:
 
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = False) -> bool:
     """Whether a call runs on oneDNN (see the module docstring); ``asked``: backend="cpu" was
-    named, which skips the CPU-vendor rule."""
+    named, which skips the CPU-vendor and size rules."""
     f32 = torch.float32
     if not (
         x.device.type == "cpu"
