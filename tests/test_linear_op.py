@@ -208,3 +208,34 @@ def test_models_use_it():
         m = build_mixer(name, d_model=16, d_state=4)
         dense = [mod for mod in m.modules() if type(mod) is nn.Linear]
         assert not dense, (name, dense)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["mamba", "s4d"])
+def test_model_on_onednn_matches_f_linear(monkeypatch, name):
+    """A model large enough for the oneDNN path (every product >= MIN_MACS) gives F.linear's
+    outputs and gradients, to float32 rounding."""
+    from lrnnx.models.registry import build_mixer
+
+    torch.manual_seed(0)
+    m = build_mixer(name, d_model=128, d_state=16)
+    x = torch.randn(2, 256, 128)
+    results, calls = [], []
+    real = lin_cpu.linear
+    monkeypatch.setattr(lin_cpu, "linear", lambda *a: calls.append(1) or real(*a))
+    for generic in (True, False):
+        monkeypatch.setattr(lin_cpu, "mkl_takes_generic_path", lambda vendor=None, g=generic: g)
+        calls.clear()
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y = y[0] if isinstance(y, tuple) else y
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+        results.append((y.detach(), xi.grad, grads))
+        assert bool(calls) == generic  # the oneDNN path ran, or did not
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    assert_close_rel(y1, y2, length=256, msg="y")
+    assert_close_rel(dx1, dx2, length=256, msg="dx")
+    for a, b in zip(g1, g2, strict=True):
+        assert_close_rel(a, b, length=2 * 256, msg="parameter gradient")
