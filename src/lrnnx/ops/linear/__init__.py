@@ -8,7 +8,8 @@ Backends (same signature, same results up to the order of the sums):
   gradient, MKL for the weight's gradient.  MKL runs a generic AVX2 path on CPUs not made by
   Intel: on the 2-core AMD EPYC (znver5, AVX-512) its SGEMM reached 210 GFLOP/s against oneDNN's
   450-480 (x (8192, 256) W (512, 256): 10.1 ms against 4.7), while the weight's gradient, a
-  product over the long token axis, was faster on MKL.  See :mod:`lrnnx.ops.linear.cpu` for
+  product over the token axis, was not faster on oneDNN in every shape (0.61-1.42x MKL's time:
+  slower at 8192 tokens, 256 inputs, 1024 outputs).  See :mod:`lrnnx.ops.linear.cpu` for
   when lrnnx picks it.
 
 Pick one with ``backend=`` or ``LRNNX_BACKEND`` (names of other ops' backends, such as
