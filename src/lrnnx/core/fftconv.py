@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lrnnx.core.checks import _compiling
+
 #: below this length the direct O(L^2) sum is cheaper than three FFTs
 DIRECT_MAX_LEN = 32
 
@@ -111,11 +113,6 @@ def _finite_part(u: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         return u, None
     bad = ~torch.isfinite(u)
     return torch.where(bad, u.new_zeros(()), u), bad
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
 
 
 def _poison(y: Tensor, bad: Optional[Tensor], Lk: int) -> Tensor:

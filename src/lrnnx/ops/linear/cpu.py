@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lrnnx.core.checks import _autocast_enabled, _compiling
+
 #: x86 vendors whose CPUs get MKL's generic code path
 _GENERIC_VENDORS = ("AuthenticAMD", "HygonGenuine")
 #: products of fewer multiply-adds (tokens x in_features x out_features) stay on F.linear:
@@ -107,11 +109,6 @@ def _in_transform(x: Tensor) -> bool:
     return bool(check is not None and check(x))
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = False) -> bool:
     """Whether a call runs on oneDNN (see the module docstring); ``asked``: backend="cpu" was
     named, which skips the CPU-vendor and size rules."""
@@ -129,21 +126,13 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = Fal
         and weight.is_contiguous()
     ):
         return False
-    if _cpu_autocast():
+    if _autocast_enabled("cpu"):
         return False
     if _compiling() or _in_transform(x):
         return False
     if not asked and (x.numel() * weight.shape[0] < MIN_MACS or not mkl_takes_generic_path()):
         return False
     return self_check()
-
-
-def _cpu_autocast() -> bool:
-    """CPU autocast is on (torch.is_autocast_enabled takes a device type from torch 2.4)."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # pragma: no cover - older torch
-        return torch.is_autocast_cpu_enabled()
 
 
 class OneDNNLinear(torch.autograd.Function):
