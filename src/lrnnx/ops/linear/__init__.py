@@ -56,10 +56,6 @@ def linear(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)} for linear, got {backend!r}")
     name = backend or os.environ.get("LRNNX_BACKEND") or None
-    # a small product, the common case of decoding, leaves at once (checked before anything
-    # else: this runs for every dense layer of every step)
-    if name is None and x.numel() * weight.shape[0] < _cpu.MIN_MACS:
-        return F.linear(x, weight, bias)
     if name in (None, "cpu") and _cpu.applies(x, weight, bias, asked=name == "cpu"):
         return _cpu.linear(x, weight, bias)
     return F.linear(x, weight, bias)
