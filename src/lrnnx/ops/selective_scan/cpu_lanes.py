@@ -321,23 +321,21 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always", **_HELPER)
     def _adjoint_chunk(
-        R, H, E, At, DT, SA, DTU, U, RAW, DW, BT, CT, softplus, has_dA, T, DU, DDA, dA, dbias,
-        dBrow, dCrow, DSA, DUA,
+        R, H, E, At, SA, DTU, DW, BT, CT, T, dA, dBrow, dCrow, DSA, DUA
     ):  # pragma: no cover - compiled
         """The chunk's steps last to first.  With g = dy_t C_t + r (the state's adjoint) per
         state k: dC_t[k] = sum_l dy h_t, dB_t[k] = sum_l g delta' u, du += delta' g B_t[k],
         r = A_bar_t g (the adjoint of h_{t-1}), q = r h_{t-1}: dA[k] += s q, ds += A[k] q
-        (s: the A-step, deltaA or delta'); then (:func:`_step_grads`) d(delta') = u sum_k g
-        B_t[k] (+ ds when s is delta') goes through the softplus into ddelta (written over
-        RAW) and dbias, and ds into DDA with deltaA.  dBrow, dCrow: the chunk's (K, n) rows
-        in walking order; DSA, DUA (K, nl): each step's ds and sum_k g B_t[k].
+        (s: the A-step, deltaA or delta').  dBrow, dCrow: the chunk's (K, n) rows in walking
+        order; DSA, DUA (K, nl): each step's ds and sum_k g B_t[k], which :func:`_step_grads`
+        turns into the steps' gradients.
 
         Only the recurrence runs step by step; the per-step lane work after it is a separate
         pass: inside the step loop it halved the loop's speed (0.51 against 0.23-0.28 ns per
         update on the 2-core AMD EPYC)."""
         nl = At.shape[1]  # lanes in use (a multiple of 8, at most LANES)
         n = At.shape[0]
-        zero = U.dtype.type(0.0)
+        zero = DW.dtype.type(0.0)
         for jj in range(T):
             j = T - 1 - jj
             dw, dtu, sa, dsa, dua = DW[j], DTU[j], SA[j], DSA[j], DUA[j]
@@ -362,7 +360,6 @@ if HAVE_NUMBA:
                     dsa[i] += q * ak[i]
                 dBrow[j, k] = acc_b
                 dCrow[j, k] = acc_c
-        _step_grads(DT, U, RAW, DSA, DUA, softplus, has_dA, T, DU, DDA, dbias)
 
     @numba.njit(**_HELPER)
     def _step_grads(DT, U, RAW, DSA, DUA, softplus, has_dA, T, DU, DDA, dbias):  # pragma: no cover
@@ -526,8 +523,8 @@ if HAVE_NUMBA:
             SA = DA if has_dA else DT
             _recompute_chunk(H, E, At, SA, DTU, BT, CT, T, Wt)
             _gate_backward(Wt, Z, DO, U, Dl, has_z, T, DW, DZ, DU, dD_k)
-            _adjoint_chunk(R, H, E, At, DT, SA, DTU, U, RAW, DW, BT, CT, softplus, has_dA, T, DU,
-                           DDA, dA_k, db_k, dBt, dCt, DSA, DUA)  # fmt: skip
+            _adjoint_chunk(R, H, E, At, SA, DTU, DW, BT, CT, T, dA_k, dBt, dCt, DSA, DUA)
+            _step_grads(DT, U, RAW, DSA, DUA, softplus, has_dA, T, DU, DDA, db_k)
             _put_bc(dBt, T, n, dBp[bi, blk], t0, rev)
             _put_bc(dCt, T, n, dCp[bi, blk], t0, rev)
             _store(DU, T, W, du, S[5], bi, c0, t0, rev)
