@@ -443,10 +443,12 @@ if HAVE_NUMBA:
         _lanes(bias, c0, W, bl)
         _lanes(D, c0, W, Dl)
         # separate arrays, not slices of one: LLVM then knows they do not overlap, and
-        # vectorises the lane loops without run-time overlap checks
-        U, RAW, DT = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        DTU, Z, Y = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        DA = np.zeros((K if has_dA else 1, nl), dtype)
+        # vectorises the lane loops without run-time overlap checks.  Not zeroed: every row a
+        # chunk reads (t < T) is written first in all nl lanes (lanes past W by _load, as 0),
+        # and zeroing them per task had been 13% of the backward's time at n = 1
+        U, RAW, DT = np.empty((K, nl), dtype), np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        DTU, Z, Y = np.empty((K, nl), dtype), np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        DA = np.empty((K if has_dA else 1, nl), dtype)
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
         first, last = (2, 1) if rev else (1, 2)  # the flags of a walk's first and last segment
         nsg = seg.shape[0]
@@ -494,12 +496,12 @@ if HAVE_NUMBA:
         # separate arrays (see _fwd_task)
         dA_k = np.zeros((n, nl), dtype)
         dD_k, db_k = np.zeros(nl, dtype), np.zeros(nl, dtype)
-        DSA, DUA = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)  # the steps' two sums
-        U, RAW, DT = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        DTU, Z, DO = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        Wt, DW = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        DU, DZ = np.zeros((K, nl), dtype), np.zeros((K, nl), dtype)
-        DA, DDA = np.zeros((K if has_dA else 1, nl), dtype), np.zeros((K if has_dA else 1, nl), dtype)
+        DSA, DUA = np.empty((K, nl), dtype), np.empty((K, nl), dtype)  # the steps' two sums
+        U, RAW, DT = np.empty((K, nl), dtype), np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        DTU, Z, DO = np.empty((K, nl), dtype), np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        Wt, DW = np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        DU, DZ = np.empty((K, nl), dtype), np.empty((K, nl), dtype)
+        DA, DDA = np.empty((K if has_dA else 1, nl), dtype), np.empty((K if has_dA else 1, nl), dtype)
         H = hbuf[: (K + 1) * n * nl].reshape((K + 1, n, nl))
         E = ebuf[: K * n * nl].reshape((K, n, nl))
         BT, CT = np.empty((K, n), dtype), np.empty((K, n), dtype)
