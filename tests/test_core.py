@@ -84,13 +84,25 @@ def test_causal_conv_matches_direct_sum(L, complex_):
 
 @pytest.mark.parametrize(
     "u_shape, k_shape",
-    [((3, 1, 5, 40), (2, 5, 40)), ((4, 6, 50), (6, 17)), ((2, 3, 64), (3, 64)), ((33,), (33,))],
+    [
+        ((3, 1, 5, 40), (2, 5, 40)),
+        ((4, 6, 50), (6, 17)),
+        ((2, 3, 64), (3, 64)),
+        ((33,), (33,)),
+        ((1, 6, 50), (4, 6, 50)),
+        ((5, 2, 1, 30), (1, 3, 30)),
+    ],
 )
-def test_real_fft_conv_gradients(u_shape, k_shape):
+@pytest.mark.parametrize("chunk", [None, 1, 70])
+def test_real_fft_conv_gradients(u_shape, k_shape, chunk, monkeypatch):
     """The real-FFT backward (correlations, broadcast axes summed in the frequency domain):
-    gradcheck in float64, and the same gradients as torch's autograd of the FFT formula."""
+    gradcheck in float64, and the same gradients as torch's autograd of the FFT formula;
+    ``chunk``: dk's batch sum in slices of one or a few batch entries (as at large shapes)."""
+    from lrnnx.core import fftconv
     from lrnnx.core.fftconv import RealFFTConv, fft_length
 
+    if chunk is not None:
+        monkeypatch.setattr(fftconv, "SPECTRUM_CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(*u_shape, dtype=torch.float64, generator=gen, requires_grad=True)
     k = torch.randn(*k_shape, dtype=torch.float64, generator=gen, requires_grad=True)
