@@ -18,12 +18,7 @@ RG-LRU pass their input projections) has kernels of its own, which read it where
 write y and dx in the same order, so neither the model nor the kernels transpose anything: a
 task is a batch element, a block of :data:`LANES` channels (the vector lanes) and a block of
 :data:`TIME_BLOCK` steps; each step reads one row of channels, and the backward's dweight and
-dbias sums are kept per task and added up in torch.  The formulas are the same as below.  Width
-4 (Mamba's and Griffin's) has kernels of its own (``_cl_fwd_w4``, ``_cl_bwd_w4``: a call
-compiles only the width it needs, which keeps a first Mamba step's compilation ~0.6 s longer
-than before them rather than ~2 s): the forward computes the four taps, bias and silu of a step
-in one loop over the lanes and writes y where it lies; the backward makes dz in one pass and dx,
-dweight and dbias together in a second.
+dbias sums are kept per task and added up in torch.  The formulas are the same as below.
 
 Backward, per row: the pre-activation is recomputed (nothing but the inputs is saved), the
 upstream gradient is multiplied by silu', then
@@ -281,47 +276,6 @@ if HAVE_NUMBA:
             bl[i] = b[c0 + i] if i < W else 0.0
 
     @numba.njit(**_OPTS)
-    def _cl_fwd4(xf, ox, sxt, XT, wT, bl, n, W, silu, yf, oy, syt):  # pragma: no cover
-        """n steps of width 4 written straight to yf (step t at oy + t syt, W channels): bias,
-        four taps and silu in one loop over the lanes.  The first 3 steps read the window XT
-        (rows t .. t + 3: initial states before the sequence); later ones read their inputs
-        where they lie in xf (step t - 3 + j at ox + (t - 3 + j) sxt), so the window holds
-        only 2 (K - 1) rows."""
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        for t in range(n):
-            if t < 3:
-                r0, r1, r2, r3 = XT[t], XT[t + 1], XT[t + 2], XT[t + 3]
-            else:
-                q = ox + (t - 3) * sxt
-                r0, r1 = xf[q : q + W], xf[q + sxt : q + sxt + W]
-                r2, r3 = xf[q + 2 * sxt : q + 2 * sxt + W], xf[q + 3 * sxt : q + 3 * sxt + W]
-            o = oy + t * syt
-            dst = yf[o : o + W]
-            if silu:
-                for i in range(W):
-                    z = bl[i] + w0[i] * r0[i] + w1[i] * r1[i] + w2[i] * r2[i] + w3[i] * r3[i]
-                    dst[i] = z * _sigmoid(z)
-            else:
-                for i in range(W):
-                    dst[i] = bl[i] + w0[i] * r0[i] + w1[i] * r1[i] + w2[i] * r2[i] + w3[i] * r3[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_pieces(cu, t0, t1):  # pragma: no cover - compiled
-        """The pieces of steps [t0, t1) one per sequence they overlap, rows (s, a, e): sequence
-        s (cu[s] <= a < e <= cu[s + 1]), non-empty ones only."""
-        S = cu.shape[0] - 1
-        out = np.empty((S, 3), np.int64)
-        m = 0
-        s = _cl_first_sequence(cu, t0)
-        while s < S and cu[s] < t1:
-            a, e = max(cu[s], t0), min(cu[s + 1], t1)
-            if e > a:
-                out[m, 0], out[m, 1], out[m, 2] = s, a, e
-                m += 1
-            s += 1
-        return out[:m]
-
-    @numba.njit(**_OPTS)
     def _cl_fwd(xf, sx, w, bias, h0, cu, silu, yf, sy, task0, task1):  # pragma: no cover
         """y for tasks task0 <= task < task1 (see :func:`_cl_task`): x and y flat views with
         strides sx, sy ((batch, channel, time) elements, channel stride 1)."""
@@ -337,152 +291,25 @@ if HAVE_NUMBA:
             b, c0, W, t0, t1 = _cl_task(task, D, L)
             nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
-            pieces = _cl_pieces(cu, t0, t1)
-            for q in range(pieces.shape[0]):
-                s, a, e = pieces[q, 0], pieces[q, 1], pieces[q, 2]
-                lo = cu[s]
-                _cl_window(xf, sx, h0, b, b * S + s, c0, W, nl, lo, a, e, P, XT)
-                _cl_preact(XT, wT, bl, e - a, nl, Z)
-                if silu:
+            s = _cl_first_sequence(cu, t0)
+            while s < S and cu[s] < t1:
+                lo, hi = cu[s], cu[s + 1]
+                a, e = max(lo, t0), min(hi, t1)
+                if e > a:
+                    _cl_window(xf, sx, h0, b, b * S + s, c0, W, nl, lo, a, e, P, XT)
+                    _cl_preact(XT, wT, bl, e - a, nl, Z)
+                    if silu:
+                        for t in range(e - a):
+                            z = Z[t]
+                            for i in range(nl):
+                                z[i] = z[i] * _sigmoid(z[i])
+                    base = b * sy[0] + c0
                     for t in range(e - a):
-                        z = Z[t]
-                        for i in range(nl):
-                            z[i] = z[i] * _sigmoid(z[i])
-                base = b * sy[0] + c0
-                for t in range(e - a):
-                    o = base + (a + t) * sy[2]
-                    dst, z = yf[o : o + W], Z[t]
-                    for i in range(W):
-                        dst[i] = z[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_fwd_w4(xf, sx, w, bias, h0, cu, silu, yf, sy, task0, task1):  # pragma: no cover
-        """:func:`_cl_fwd` for width 4 (its own kernel, so a call compiles only the width it
-        needs): each piece through :func:`_cl_fwd4`, the window only at its first steps."""
-        D = w.shape[0]
-        L = cu[cu.shape[0] - 1]
-        S = cu.shape[0] - 1
-        dtype = xf.dtype
-        XT = np.zeros((6, LANES), dtype)  # 2 (K - 1) rows
-        wT, bl = np.zeros((4, LANES), dtype), np.zeros(LANES, dtype)
-        for task in range(task0, task1):
-            b, c0, W, t0, t1 = _cl_task(task, D, L)
-            _cl_lanes(w, bias, c0, W, wT, bl)
-            pieces = _cl_pieces(cu, t0, t1)
-            for q in range(pieces.shape[0]):
-                s, a, e = pieces[q, 0], pieces[q, 1], pieces[q, 2]
-                _cl_window(xf, sx, h0, b, b * S + s, c0, W, _lane_count(W), cu[s], a,
-                           min(e, a + 3), 3, XT)  # fmt: skip
-                _cl_fwd4(xf, b * sx[0] + c0 + a * sx[2], sx[2], XT, wT, bl, e - a, W, silu, yf,
-                         b * sy[0] + c0 + a * sy[2], sy[2])  # fmt: skip
-
-    @numba.njit(**_OPTS)
-    def _cl_dz(g, z, silu, one):  # pragma: no cover - compiled
-        """dz = dy silu'(z) = dy s (1 + z (1 - s)), s = sigmoid(z) (dy itself without silu)."""
-        if not silu:
-            return g
-        sg = _sigmoid(z)
-        return g * (sg * (one + z * (one - sg)))
-
-    @numba.njit(**_OPTS)
-    def _cl_bwd4(
-        XT, wT, bl, n2, n, W, silu, dyf, ody, sdyt, G, dxf, odx, sdxt, dW, dB
-    ):  # pragma: no cover - compiled
-        """Backward of n steps of width 4 (lanes i < W), XT the window of steps -3 .. n2 - 1
-        (n2 = n + 3, or fewer at the sequence's end): G[t] = dz_t over the n2 steps (the
-        pre-activation recomputed from XT, dy read from dyf at ody + t sdyt), zeros after;
-        then in one pass dx_u = sum_j w_j dz_{u + 3 - j} (to dxf at odx + u sdxt),
-        dW[j] += dz_u xpad_{u + j} and dB += dz_u."""
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        one, zero = XT.dtype.type(1.0), XT.dtype.type(0.0)
-        for t in range(n2):
-            x0, x1, x2, x3 = XT[t], XT[t + 1], XT[t + 2], XT[t + 3]
-            src, g = dyf[ody + t * sdyt : ody + t * sdyt + W], G[t]
-            for i in range(W):
-                z = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                g[i] = _cl_dz(src[i], z, silu, one)
-        for t in range(n2, n + 3):  # past the sequence: no gradient
-            for i in range(W):
-                G[t, i] = zero
-        d0, d1, d2, d3 = dW[0], dW[1], dW[2], dW[3]
-        for u in range(n):
-            g0, g1, g2, g3 = G[u], G[u + 1], G[u + 2], G[u + 3]
-            x0, x1, x2, x3 = XT[u], XT[u + 1], XT[u + 2], XT[u + 3]
-            dst = dxf[odx + u * sdxt : odx + u * sdxt + W]
-            for i in range(W):
-                g = g0[i]
-                dst[i] = w3[i] * g + w2[i] * g1[i] + w1[i] * g2[i] + w0[i] * g3[i]
-                dB[i] += g
-                d0[i] += g * x0[i]
-                d1[i] += g * x1[i]
-                d2[i] += g * x2[i]
-                d3[i] += g * x3[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_bwd_generic(
-        XT, wT, bl, n2, a, e, nl, W, silu, dyf, base, sdyt, G, Z, acc, dxf, bx, sdxt, dW, dB
-    ):  # pragma: no cover - compiled
-        """:func:`_cl_bwd4` for any width K: steps a .. e - 1 of a task, dy of step t at base
-        + t sdyt, dx at bx + t sdxt; Z and acc are scratch."""
-        K = wT.shape[0]
-        P = K - 1
-        one, zero = XT.dtype.type(1.0), XT.dtype.type(0.0)
-        for t in range(n2):
-            o = base + (a + t) * sdyt
-            src, g = dyf[o : o + W], G[t]
-            for i in range(W):
-                g[i] = src[i]
-            for i in range(W, nl):
-                g[i] = zero
-        for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
-            for i in range(nl):
-                G[t, i] = zero
-        if silu:  # dz = dy silu'(z), z recomputed
-            _cl_preact(XT, wT, bl, n2, nl, Z)
-            for t in range(n2):
-                z, g = Z[t], G[t]
-                for i in range(nl):
-                    g[i] = _cl_dz(g[i], z[i], silu, one)
-        for u in range(e - a):
-            for i in range(nl):
-                acc[i] = zero
-            for j in range(K):
-                g, wj = G[u + P - j], wT[j]
-                for i in range(nl):
-                    acc[i] += wj[i] * g[i]
-            o = bx + (a + u) * sdxt
-            dst = dxf[o : o + W]
-            for i in range(W):
-                dst[i] = acc[i]
-        for t in range(e - a):
-            g = G[t]
-            for i in range(nl):
-                dB[i] += g[i]
-            for j in range(K):
-                xr, dw = XT[t + j], dW[j]
-                for i in range(nl):
-                    dw[i] += g[i] * xr[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_copy_sums(dW, dB, dwt, dbt):  # pragma: no cover - compiled
-        """dwt, dbt = dW, dB (a task's dweight and dbias sums, (K, LANES) and (LANES,))."""
-        for j in range(dW.shape[0]):
-            for i in range(dW.shape[1]):
-                dwt[j, i] = dW[j, i]
-        for i in range(dB.shape[0]):
-            dbt[i] = dB[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_dinit(wT, G, W, n, dh):  # pragma: no cover - compiled
-        """dh[i, k] = sum_{j <= k} w_j dz_{k - j} for lanes i < W: the gradient of a sequence's
-        K - 1 initial states from its first dz rows G (n steps long)."""
-        zero = G.dtype.type(0.0)
-        for k in range(wT.shape[0] - 1):
-            for i in range(W):
-                v = zero
-                for j in range(max(0, k - n + 1), k + 1):
-                    v += wT[j, i] * G[k - j, i]
-                dh[i, k] = v
+                        o = base + (a + t) * sy[2]
+                        dst, z = yf[o : o + W], Z[t]
+                        for i in range(W):
+                            dst[i] = z[i]
+                s += 1
 
     @numba.njit(**_OPTS)
     def _cl_bwd(
@@ -502,60 +329,83 @@ if HAVE_NUMBA:
         L = cu[cu.shape[0] - 1]
         S = cu.shape[0] - 1
         dtype = xf.dtype
-        XT, G = (
-            np.zeros((TIME_BLOCK + 2 * P, LANES), dtype),
-            np.zeros((TIME_BLOCK + 2 * P, LANES), dtype),
-        )
-        Z, acc = np.zeros((TIME_BLOCK + P, LANES), dtype), np.zeros(LANES, dtype)
+        one, zero = dtype.type(1.0), dtype.type(0.0)
+        XT = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
+        G = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
+        Z = np.zeros((TIME_BLOCK + P, LANES), dtype)
+        acc = np.zeros(LANES, dtype)
         wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         dW, dB = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
             nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
-            dW.fill(0.0)
-            dB.fill(0.0)
-            pieces = _cl_pieces(cu, t0, t1)
-            for q in range(pieces.shape[0]):
-                s, a, e = pieces[q, 0], pieces[q, 1], pieces[q, 2]
-                lo, hi, hs = cu[s], cu[s + 1], b * S + s
+            for j in range(K):
+                for i in range(LANES):
+                    dW[j, i] = zero
+            for i in range(LANES):
+                dB[i] = zero
+            s = _cl_first_sequence(cu, t0)
+            while s < S and cu[s] < t1:
+                lo, hi = cu[s], cu[s + 1]
+                a, e = max(lo, t0), min(hi, t1)
+                s += 1
+                if e <= a:
+                    continue
+                hs = b * S + s - 1
                 e2 = min(hi, e + P)  # dx at e - 1 reads dz up to e - 1 + P
+                n2 = e2 - a
                 _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e2, P, XT)
-                _cl_bwd_generic(XT, wT, bl, e2 - a, a, e, nl, W, silu, dyf, b * sdy[0] + c0,
-                                sdy[2], G, Z, acc, dxf, b * sdx[0] + c0, sdx[2], dW, dB)  # fmt: skip
+                base = b * sdy[0] + c0
+                for t in range(n2):
+                    o = base + (a + t) * sdy[2]
+                    src, g = dyf[o : o + W], G[t]
+                    for i in range(W):
+                        g[i] = src[i]
+                    for i in range(W, nl):
+                        g[i] = zero
+                for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
+                    for i in range(nl):
+                        G[t, i] = zero
+                if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
+                    _cl_preact(XT, wT, bl, n2, nl, Z)
+                    for t in range(n2):
+                        z, g = Z[t], G[t]
+                        for i in range(nl):
+                            sg = _sigmoid(z[i])
+                            g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
+                base = b * sdx[0] + c0
+                for u in range(e - a):
+                    for i in range(nl):
+                        acc[i] = zero
+                    for j in range(K):
+                        g, wj = G[u + P - j], wT[j]
+                        for i in range(nl):
+                            acc[i] += wj[i] * g[i]
+                    o = base + (a + u) * sdx[2]
+                    dst = dxf[o : o + W]
+                    for i in range(W):
+                        dst[i] = acc[i]
+                for t in range(e - a):
+                    g = G[t]
+                    for i in range(nl):
+                        dB[i] += g[i]
+                    for j in range(K):
+                        xr, dw = XT[t + j], dW[j]
+                        for i in range(nl):
+                            dw[i] += g[i] * xr[i]
                 if a == lo:  # the sequence's first step: its initial states' gradient
-                    _cl_dinit(wT, G, W, hi - lo, dh0[hs, c0:])
-            _cl_copy_sums(dW, dB, dwp[task], dbp[task])
-
-    @numba.njit(**_OPTS)
-    def _cl_bwd_w4(
-        xf, sx, w, bias, h0, cu, silu, dyf, sdy, dxf, sdx, dh0, dwp, dbp, task0, task1
-    ):  # pragma: no cover - compiled
-        """:func:`_cl_bwd` for width 4 (its own kernel, so a call compiles only the width it
-        needs), each piece through :func:`_cl_bwd4`."""
-        D = w.shape[0]
-        L = cu[cu.shape[0] - 1]
-        S = cu.shape[0] - 1
-        dtype = xf.dtype
-        XT, G = np.zeros((TIME_BLOCK + 6, LANES), dtype), np.zeros((TIME_BLOCK + 6, LANES), dtype)
-        wT, bl = np.zeros((4, LANES), dtype), np.zeros(LANES, dtype)
-        dW, dB = np.zeros((4, LANES), dtype), np.zeros(LANES, dtype)
-        for task in range(task0, task1):
-            b, c0, W, t0, t1 = _cl_task(task, D, L)
-            _cl_lanes(w, bias, c0, W, wT, bl)
-            dW.fill(0.0)
-            dB.fill(0.0)
-            pieces = _cl_pieces(cu, t0, t1)
-            for q in range(pieces.shape[0]):
-                s, a, e = pieces[q, 0], pieces[q, 1], pieces[q, 2]
-                lo, hi, hs = cu[s], cu[s + 1], b * S + s
-                e2 = min(hi, e + 3)  # dx at e - 1 reads dz up to e + 2
-                _cl_window(xf, sx, h0, b, hs, c0, W, _lane_count(W), lo, a, e2, 3, XT)
-                _cl_bwd4(XT, wT, bl, e2 - a, e - a, W, silu, dyf, b * sdy[0] + c0 + a * sdy[2],
-                         sdy[2], G, dxf, b * sdx[0] + c0 + a * sdx[2], sdx[2], dW, dB)  # fmt: skip
-                if a == lo:  # the sequence's first step: its initial states' gradient
-                    _cl_dinit(wT, G, W, hi - lo, dh0[hs, c0:])
-            _cl_copy_sums(dW, dB, dwp[task], dbp[task])
+                    for k in range(P):
+                        for i in range(W):
+                            v = zero
+                            for j in range(max(0, k - (hi - lo) + 1), k + 1):
+                                v += wT[j, i] * G[k - j, i]
+                            dh0[hs, c0 + i, k] = v
+            for j in range(K):
+                for i in range(LANES):
+                    dwp[task, j, i] = dW[j, i]
+            for i in range(LANES):
+                dbp[task, i] = dB[i]
 
 
 def _run(kernel, rows: int, length: int, *args) -> None:
@@ -655,7 +505,7 @@ def _forward_channels_last(x, weight, bias, h0, silu: bool, cu) -> Tensor:
     (xf, sx), (yf, sy) = flat_view(x), flat_view(y)
     ntasks = _cl_tasks(B, D, L)
     wa, ba, ha = _cl_small(weight, bias, h0, _states_rows(x, cu), D)
-    _run(_cl_fwd_w4 if weight.shape[1] == 4 else _cl_fwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
+    _run(_cl_fwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
          bool(silu), yf, np.array(sy))  # fmt: skip
     return y
 
@@ -674,7 +524,7 @@ def _backward_channels_last(x, weight, bias, h0, silu: bool, dy, cu):
     dbp = torch.empty(ntasks, LANES, dtype=x.dtype)
     (xf, sx), (dyf, sdy), (dxf, sdx) = flat_view(x), flat_view(dy), flat_view(dx)
     wa, ba, ha = _cl_small(weight, bias, h0, rows, D)
-    _run(_cl_bwd_w4 if K == 4 else _cl_bwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
+    _run(_cl_bwd, ntasks, B * D * L // ntasks, xf, np.array(sx), wa, ba, ha, _offsets(L, cu),
          bool(silu), dyf, np.array(sdy), dxf, np.array(sdx), dh0.numpy(), dwp.numpy(),
          dbp.numpy())  # fmt: skip
     # task = (b, channel block, time block); lane i of block c is channel c LANES + i
