@@ -570,10 +570,14 @@ if HAVE_NUMBA:
 
 def _empty_like_order(X: Tensor) -> Tensor:
     """An empty (b, d, L) tensor in X's memory order: (b, L, d) storage seen as (b, d, L) when
-    X's channels lie closer together than its steps (Mamba's activations), else contiguous."""
+    X's channels lie closer together than its steps (Mamba's activations), else contiguous.
+
+    Made with its strides, not as a transposed view: autograd adds a second gradient into a
+    returned du in place only when du is no view (Mamba's u also reaches x_proj), where it
+    otherwise made a new tensor for the sum."""
     b, d, L = X.shape
     if d > 1 and X.stride(1) < X.stride(2):
-        return torch.empty(b, L, d, dtype=X.dtype).transpose(1, 2)
+        return torch.empty_strided((b, d, L), (L * d, 1, d), dtype=X.dtype)
     return torch.empty(b, d, L, dtype=X.dtype)
 
 
