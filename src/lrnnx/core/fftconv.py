@@ -116,18 +116,15 @@ def _product_sum(X: Tensor, Y: Tensor, shape: tuple) -> Tensor:
     broadcasts to it, without the full product when the sum runs over X's leading axis: the
     product is made and summed a slice of that axis at a time (slices of at least
     :data:`SPECTRUM_CHUNK` entries, so small inputs take one slice: one product, as before)."""
-    lead = len(shape) < X.dim() or shape[0] == 1
-    if X.dim() == 0 or X.shape[0] == 1 or not lead or X[0].numel() >= X.numel() // 2:
-        return (X * Y.conj()).sum_to_size(shape)
+    lead = len(shape) < X.dim() or shape[0] == 1  # the sum runs over X's leading axis
     step = max(1, SPECTRUM_CHUNK // max(1, X[0].numel()))
-    if step >= X.shape[0]:
+    if not lead or step >= X.shape[0]:
         return (X * Y.conj()).sum_to_size(shape)
-    rest = shape[1:] if len(shape) == X.dim() else shape
+    one = (1, *(shape[1:] if len(shape) == X.dim() else shape))  # shape with a leading 1
     acc = None
     for i in range(0, X.shape[0], step):
         Yi = Y if Y.dim() < X.dim() or Y.shape[0] == 1 else Y[i : i + step]
-        part = (X[i : i + step] * Yi.conj()).sum_to_size(X[i : i + step].shape[:1] + rest)
-        part = part.sum(0)
+        part = (X[i : i + step] * Yi.conj()).sum_to_size(one)
         acc = part if acc is None else acc.add_(part)
     return acc.reshape(shape)
 
