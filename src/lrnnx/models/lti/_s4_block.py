@@ -815,8 +815,10 @@ class S4BlockBase(LTI_LRNN):
         Lk = L if self.l_max is None else min(L, self.l_max)
         k, k_state = self.compute_kernel(Lk, h0)
         k = self.kernel_dropout(k)
-        y = causal_conv(uf[:, None], k)  # (B, C, H', L)
-        y = y + self.D[..., None] * uf[:, None]
+        # D u is the convolution's tap 0: D added to k_0 (after the kernel's dropout, which
+        # never drops D) saves the (B, C, H', L) product and sum each way
+        k = torch.cat([k[..., :1] + self.D[..., None].to(k.dtype), k[..., 1:]], dim=-1)
+        y = causal_conv(uf[:, None], k)  # (B, C, H', L), D u included
         if k_state is not None:
             y = y + F.pad(k_state, (0, L - Lk))
         next_state = None
