@@ -318,8 +318,10 @@ class S4(S4BlockBase):
         )
 
         Cn, R = self.channels, self.rank
-        k_CB, k_CP = r[:Cn, :n_in], b * r[:Cn, n_in:]
-        k_QB, k_QP = r[Cn:, :n_in], b * r[Cn:, n_in:]
+        # split, not sliced: the backward of four slices would zero and add four (C+R, n_in+R,
+        # H, M/2+1) tensors, that of a split concatenates the four gradients once
+        (k_CB, k_CP), (k_QB, k_QP) = (x.split([n_in, R], dim=1) for x in r.split([Cn, R], dim=0))
+        k_CP, k_QP = b * k_CP, b * k_QP
         if R == 1:
             k_f = k_CB - k_CP * k_QB / (1 + k_QP)
         else:
