@@ -80,6 +80,28 @@ def test_gradcheck_fused():
     assert torch.autograd.gradcheck(lambda v, w: cauchy(v, w, a, b, backend="cpu"), (v, w))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["conj", "strided"])
+def test_gradient_in_any_layout(backend, layout):
+    """The fused kernels read the incoming gradient's complex memory: one with a pending
+    conjugation (torch's lazy conj bit) or a strided view gives the reference's gradients."""
+    v, w, a, b = inputs(lead=(2,), H=3, N=4, K=7)
+    g = torch.randn(2, 3, 7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if layout == "conj":
+        g = torch.view_as_complex(g).conj()
+        assert g.is_conj()
+    else:
+        g = torch.view_as_complex(g.repeat(1, 1, 2, 1))[..., ::2]
+        assert not g.is_contiguous()
+    got, ref = [], []
+    for name, out in (("got", got), ("ref", ref)):
+        vv, ww = v.clone().requires_grad_(), w.clone().requires_grad_()
+        y = cauchy(vv, ww, a, b, backend=backend if name == "got" else "reference")
+        out += torch.autograd.grad(y, (vv, ww), g)
+    for x, y in zip(got, ref, strict=True):
+        assert_close_rel(x, y, dtype=torch.float64)
+
+
 @needs_numba
 def test_gradient_of_the_points_comes_from_the_torch_backend():
     v, w, a, b = inputs()

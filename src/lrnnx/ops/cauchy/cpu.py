@@ -1,10 +1,14 @@
 """Fused CPU Cauchy product, compiled by numba at first use (cached on disk afterwards).
 
 A task is one h (all of v's rows r, all poles n, all points k); tasks run on torch's threads
-(:func:`lrnnx.ops._numba.run_on_threads`).  Complex numbers are split into real and imaginary
-planes.  For each pole n the task forms 1 / (a_k - b_k w_n) for every k into a (K,) scratch row
-(the loop over k vectorises), then adds v[r, n] times it to each output row r: the (H, N, K)
-matrix of the torch backend is never stored.
+(:func:`lrnnx.ops._numba.run_on_threads`).  The small inputs (v, w, a, b) are split into real
+and imaginary planes; the (R, H, K) result and its gradient stay in torch's interleaved complex
+memory, which each task reads or writes once per h through (R, K) scratch planes (no planar
+copies of them: at S4's layer shape, R=4 H=256 N=16 K=1025, forward+backward took 0.73x the
+time of planar copies in an in-process A/B on the 2-core AMD EPYC, 14.6 -> 10.7 ms).  For each
+pole n the task forms 1 / (a_k - b_k w_n) for every k into a (K,) scratch row (the loop over k
+vectorises), then adds v[r, n] times it to each row r: the (H, N, K) matrix of the torch
+backend is never stored.
 
 Backward (PyTorch's convention for complex gradients: grad = conj(d out / d input) grad_out)
 forms the same row again per pole and reduces over k:
@@ -56,41 +60,57 @@ if HAVE_NUMBA:
             qi[k] = -di * s
 
     @numba.njit(**_OPTS)
-    def _forward(first, stride, vr, vi, wr, wi, ar, ai, br, bi, outr, outi):  # pragma: no cover
-        """Tasks h = first, first + stride, ...: out[:, h] = sum_n v[:, h, n] q(w[h, n])."""
+    def _forward(first, stride, vr, vi, wr, wi, ar, ai, br, bi, out):  # pragma: no cover
+        """Tasks h = first, first + stride, ...: out[:, h] = sum_n v[:, h, n] q(w[h, n]).
+
+        ``out`` (R, H, K, 2): the complex result's interleaved memory; each h is summed in
+        (R, K) real and imaginary planes (the loop over k vectorises) and written once."""
         R, H, N = vr.shape
         K = ar.shape[0]
         qr, qi = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
+        accr, acci = np.empty((R, K), vr.dtype), np.empty((R, K), vr.dtype)
         for h in range(first, H, stride):
-            for r in range(R):
-                outr[r, h, :] = 0.0
-                outi[r, h, :] = 0.0
+            accr[:] = 0.0
+            acci[:] = 0.0
             for n in range(N):
                 _inverse(ar, ai, br, bi, wr[h, n], wi[h, n], qr, qi)
                 for r in range(R):
                     xr, xi = vr[r, h, n], vi[r, h, n]
-                    orow, oirow = outr[r, h], outi[r, h]
+                    orow, oirow = accr[r], acci[r]
                     for k in range(K):
                         orow[k] += xr * qr[k] - xi * qi[k]
                         oirow[k] += xr * qi[k] + xi * qr[k]
+            for r in range(R):
+                o, orow, oirow = out[r, h], accr[r], acci[r]
+                for k in range(K):
+                    o[k, 0] = orow[k]
+                    o[k, 1] = oirow[k]
 
     @numba.njit(**_OPTS)
     def _backward(
-        first, stride, vr, vi, wr, wi, ar, ai, br, bi, gr, gi, dvr, dvi, dwr, dwi
+        first, stride, vr, vi, wr, wi, ar, ai, br, bi, g, dvr, dvi, dwr, dwi
     ):  # pragma: no cover - compiled
-        """Tasks h: dv[:, h, n] and dw[h, n] (the formulas of the module docstring)."""
+        """Tasks h: dv[:, h, n] and dw[h, n] (the formulas of the module docstring); ``g``
+        (R, H, K, 2): the complex gradient's interleaved memory, split into (R, K) real and
+        imaginary planes per h."""
         R, H, N = vr.shape
         K = ar.shape[0]
         qr, qi = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
         tr, ti = np.empty(K, vr.dtype), np.empty(K, vr.dtype)
+        gr, gi = np.empty((R, K), vr.dtype), np.empty((R, K), vr.dtype)
         for h in range(first, H, stride):
+            for r in range(R):
+                src, g_r, g_i = g[r, h], gr[r], gi[r]
+                for k in range(K):
+                    g_r[k] = src[k, 0]
+                    g_i[k] = src[k, 1]
             for n in range(N):
                 _inverse(ar, ai, br, bi, wr[h, n], wi[h, n], qr, qi)
                 tr[:] = 0.0
                 ti[:] = 0.0
                 for r in range(R):
                     xr, xi = vr[r, h, n], vi[r, h, n]
-                    g_r, g_i = gr[r, h], gi[r, h]
+                    g_r, g_i = gr[r], gi[r]
                     sr = 0.0
                     si = 0.0
                     for k in range(K):
@@ -139,7 +159,7 @@ class CauchyCPUFunction(torch.autograd.Function):
         dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
         dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
         _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
-             *as_planes(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
+             _interleaved(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
         return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
 
 
@@ -161,11 +181,17 @@ def _product(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """The forward kernel: out (R, H, K)."""
     R, H, N = v.shape
     K = a.shape[0]
-    real = v.real.dtype
-    outr, outi = torch.empty(R, H, K, dtype=real), torch.empty(R, H, K, dtype=real)
+    out = torch.empty(R, H, K, dtype=v.dtype)
     _run(_forward, H, R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
-         outr.numpy(), outi.numpy())  # fmt: skip
-    return torch.complex(outr, outi)
+         _interleaved(out))  # fmt: skip
+    return out
+
+
+def _interleaved(t: Tensor):
+    """A complex CPU tensor (..., K) as the (..., K, 2) float numpy array of its memory
+    (contiguous first): the kernels read and write the (R, H, K) results and gradients there,
+    with no planar copies of them."""
+    return torch.view_as_real(t.resolve_conj().contiguous()).numpy()
 
 
 def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
