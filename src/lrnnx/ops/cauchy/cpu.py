@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lrnnx.core.autograd import grads_by_recompute
 from lrnnx.ops._numba import (
     HAVE_NUMBA,
     as_planes,
@@ -150,17 +150,27 @@ class CauchyCPUFunction(torch.autograd.Function):
         return _product(v, w, a, b)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor):
         v, w, a, b = ctx.saved_tensors
-        R, H, N = v.shape
-        K = a.shape[0]
-        real = v.real.dtype
-        dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
-        dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
-        _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
-             _interleaved(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
-        return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
+        if torch.is_grad_enabled():  # create_graph=True: the reference formula's autograd
+            from lrnnx.ops.cauchy.reference import cauchy as formula
+
+            needs = ctx.needs_input_grad
+            return grads_by_recompute(lambda *t: formula(*t, None), (v, w, a, b), needs, g)
+        with torch.no_grad():
+            return _gradients(v, w, a, b, g)
+
+
+def _gradients(v: Tensor, w: Tensor, a: Tensor, b: Tensor, g: Tensor) -> tuple:
+    """The backward kernel: (dv, dw, None, None) for the output's gradient g (R, H, K)."""
+    R, H, N = v.shape
+    K = a.shape[0]
+    real = v.real.dtype
+    dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
+    dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
+    _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
+         _interleaved(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
+    return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
 
 
 def cauchy(v: Tensor, w: Tensor, a: Tensor, b: Tensor, max_elements: Optional[int]) -> Tensor:

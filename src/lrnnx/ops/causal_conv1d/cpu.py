@@ -39,8 +39,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lrnnx.core.autograd import first_order
 from lrnnx.ops._numba import (
     HAVE_NUMBA,
     SERIAL_WORK,
@@ -597,7 +597,7 @@ class CausalConv1dCPUFunction(torch.autograd.Function):
         return forward_kernel(xk, weight, bias, initial_states, silu, cu)
 
     @staticmethod
-    @once_differentiable  # the backward kernel is not itself differentiable
+    @first_order("causal_conv1d (cpu backend)")  # the kernel is not differentiable
     def backward(ctx, dy: Tensor):
         x, weight, bias, h0 = ctx.saved_tensors
         dx, dw, db, dh0 = backward_kernel(x, weight, bias, h0, ctx.silu, dy, ctx.cu)

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lrnnx.core.checks import _autocast_enabled, _compiling
 
@@ -154,14 +153,18 @@ class OneDNNLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         x2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         if not g2.is_contiguous():
             g2 = g2.contiguous()
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        # asked for a graph of the gradients (create_graph=True), dx is torch's mm, whose
+        # autograd gives second derivatives; the oneDNN product has no derivative of its own
+        second_order = torch.is_grad_enabled()
+        if ctx.needs_input_grad[0] and second_order:
+            dx = g2.mm(weight).reshape(ctx.x_shape)
+        elif ctx.needs_input_grad[0]:
             # g W = linear(g, W^T): W^T (in, out) is W's transposed view, read in place
             dx = _pointwise()(g2, weight.t(), None, "none", [], "").reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from lrnnx.core.autograd import first_order
+
 CHUNK = 64
 
 #: a backend's forward-only kernel: (a, b, initial_state, reverse, resets) -> h
@@ -150,6 +152,7 @@ class LinearScanFunction(torch.autograd.Function):
         return h
 
     @staticmethod
+    @first_order("linear_scan")  # the fused kernels are not differentiable
     def backward(ctx, grad_h):
         a, h, h0, resets = ctx.saved_tensors
         reverse, kernel = ctx.reverse, ctx.kernel

@@ -62,8 +62,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lrnnx.core.autograd import first_order
 from lrnnx.ops import _numba_math
 from lrnnx.ops._numba import (
     HAVE_NUMBA,
@@ -1445,7 +1445,7 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
         return y, h_last
 
     @staticmethod
-    @once_differentiable  # the backward kernel is not itself differentiable
+    @first_order("selective_scan (cpu backend)")  # the backward kernel is not differentiable
     def backward(ctx, dy: Tensor, dh: Tensor):
         ckpt = ctx.saved_tensors[0]
         prep = ctx.prep

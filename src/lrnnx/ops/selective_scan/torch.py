@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lrnnx.core.autograd import first_order
 from lrnnx.ops.linear_scan.packing import scan_bounds
 from lrnnx.ops.linear_scan.torch import linear_scan
 from lrnnx.ops.selective_scan.reference import discretize, effective_delta
@@ -246,7 +246,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @once_differentiable  # the recomputed chunks are detached: no second derivatives
+    @first_order("selective_scan (torch backend)")  # the recomputed chunks are detached
     def backward(ctx, dy: Tensor, dh_last: Tensor):
         *inputs, h0_in, starts = ctx.saved_tensors
         needs = ctx.needs_input_grad[: _H0 + 1]

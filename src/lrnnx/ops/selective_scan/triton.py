@@ -52,8 +52,8 @@ import os
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lrnnx.core.autograd import first_order
 from lrnnx.ops.linear_scan.packing import step_layout
 from lrnnx.ops.selective_scan.torch import selective_scan as _torch_scan
 
@@ -1011,7 +1011,7 @@ class SelectiveScanTritonFunction(torch.autograd.Function):
         return y, h_last
 
     @staticmethod
-    @once_differentiable  # the backward kernel is not itself differentiable
+    @first_order("selective_scan (triton backend)")  # the kernel is not differentiable
     def backward(ctx, dy: Tensor, dh: Tensor):
         ck = ctx.saved_tensors[:2]
         grads = ctx.plan.backward(ck, dy, dh)
