@@ -244,7 +244,8 @@ class Mamba(LTV_LRNN):
         xi = xi.transpose(1, 2)  # (B, E, L)
         if mask is not None:
             xi = zero_where_not(xi, mask[:, None, :])  # padding must not reach the conv state
-        history = None if cache is None else cache["conv_state"][..., 1:]
+        # (a copy: the cache's tensor is overwritten in place at the end, see initial_state)
+        history = None if cache is None else cache["conv_state"][..., 1:].clone()
         u, window = causal_depthwise_conv(  # silu(conv(xi)) (B, E, L)
             xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu,
             activation="silu", keep_window=cache is not None,
@@ -277,7 +278,9 @@ class Mamba(LTV_LRNN):
             return_last_state=True,
             discretization=self.discretization,
             deltaA=deltaA,
-            initial_state=None if cache is None else cache["lrnn_state"],
+            # a copy: the final state is written into the cache's tensor in place, which must
+            # not change a value the scan keeps for its backward
+            initial_state=None if cache is None else cache["lrnn_state"].clone(),
             backend=None if self.use_fast_path else "torch",
             cu_seqlens=cu,
         )
@@ -332,9 +335,18 @@ class Mamba(LTV_LRNN):
         conv_state, h = cache["conv_state"], cache["lrnn_state"]
         acc = h.dtype  # float32, or float64 for a float64 model
         xi, z = self.in_proj(x2).chunk(2, dim=-1)  # (B, E) each
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[..., -1] = xi.to(conv_state.dtype)
-        conv = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
+        # with autograd recording, the step computes from copies of the cache's tensors and
+        # writes the new values back at the end: the graph then runs through the state from
+        # step to step (gradients equal the forward's), and nothing autograd keeps is
+        # overwritten in place by the next step; without it, the state advances in place
+        graph = torch.is_grad_enabled()
+        if graph:
+            window = torch.cat([conv_state[..., 1:], xi.to(conv_state.dtype)[..., None]], -1)
+            h_prev = h.clone()
+        else:
+            window = conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+            window[..., -1] = xi.to(conv_state.dtype)
+        conv = (window * self.conv1d.weight[:, 0, :]).sum(-1)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
         u = F.silu(conv)
@@ -354,11 +366,16 @@ class Mamba(LTV_LRNN):
         uf = u.to(acc)
         # h = A_bar h + (gamma_bar u) B_t in place, and y = C_t . h as a batched matrix-vector
         # product: no (B, E, N) temporaries beside the state (at B = 32, E = 512, N = 16: 1 MB each)
-        with torch.no_grad():
-            h.mul_(A_bar).addcmul_(gamma_bar * uf[..., None], Bt[:, None, :])
-        y = torch.matmul(h, Ct[:, :, None])[..., 0]
+        if graph:
+            h_new = torch.addcmul(A_bar * h_prev, gamma_bar * uf[..., None], Bt[:, None, :])
+        else:
+            h_new = h.mul_(A_bar).addcmul_(gamma_bar * uf[..., None], Bt[:, None, :])
+        y = torch.matmul(h_new, Ct[:, :, None])[..., 0]
         y = torch.addcmul(y, self.D.to(acc), uf) * F.silu(z.to(acc))
         out = self.out_proj(y.to(x2.dtype))
+        if graph:  # the new values into the cache's tensors (copy_ carries the graph)
+            conv_state.copy_(window)
+            h.copy_(h_new)
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return out.reshape(x.shape), cache
 

@@ -530,9 +530,11 @@ class RGLRU(LTV_LRNN):
             h = a_t * state.to(xf.dtype, copy=True) + b_t
         y = self.out_proj(gate * h.to(gate.dtype))
 
-        # the cache holds inference constants: no graph through it
-        conv_state.copy_(window[..., 1:].detach())
-        state.copy_(h.detach())
+        # the new values into the cache's tensors; with autograd recording, copy_ carries the
+        # graph, so it runs through the state from step to step (gradients equal the forward's)
+        # while what autograd keeps are copies (above; cat made window), never overwritten
+        conv_state.copy_(window[..., 1:])
+        state.copy_(h)
         started.fill_(True)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype).reshape(x.shape), inference_cache
