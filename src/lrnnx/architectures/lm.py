@@ -39,7 +39,13 @@ from lrnnx.architectures._common import (
     positive_int,
     split_mixer_kwargs,
 )
-from lrnnx.core.checks import check_cu_seqlens, lengths_mask, packed_offsets, zero_where_not
+from lrnnx.core.checks import (
+    check_batch_size,
+    check_cu_seqlens,
+    lengths_mask,
+    packed_offsets,
+    zero_where_not,
+)
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.linear import Linear
 from lrnnx.models.registry import build_mixer
@@ -444,7 +450,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         ``max_seqlen`` bounds prompt + generated tokens: it sizes the attention KV caches and is
         required only when the model has attention layers (recurrent states do not grow).
         """
-        positive_int("batch_size", batch_size)
+        check_batch_size(batch_size)  # 0: an empty cache, as each layer allocates
         if max_seqlen is None:
             attn = [i for i, t in enumerate(self.mixer_types) if t == "attn"]
             if attn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,9 +78,10 @@ class LRNN(nn.Module, metaclass=ABCMeta):
         return super()._apply(keep_precision, recurse)
 
     def _empty_output(self, x: Tensor, d_out: Optional[int] = None) -> Tensor:
-        """The output for an empty batch or sequence (B = 0 or L = 0): zeros (B, L, d_out)."""
+        """The output for an empty batch or sequence (B = 0 or L = 0): zeros (B, L, d_out),
+        in the graph of x and the parameters (see :func:`empty_in_graph`)."""
         d_out = getattr(self, "d_model", x.shape[-1]) if d_out is None else d_out
-        return x.new_zeros(x.shape[0], x.shape[1], d_out)
+        return empty_in_graph(x, (x.shape[0], x.shape[1], d_out), self)
 
     @abstractmethod
     def forward(self, x: Tensor, *args, **kwargs):
@@ -95,3 +96,19 @@ class LRNN(nn.Module, metaclass=ABCMeta):
         self, batch_size: int, max_seqlen: int = 1, dtype=None, **kwargs
     ) -> Dict[str, Any]:
         """Create the state (and precomputed matrices) that ``step`` updates."""
+
+
+def empty_in_graph(x: Tensor, shape: Sequence[int], module: nn.Module) -> Tensor:
+    """An empty output of ``shape`` (one dimension 0) in x's dtype, attached to the graph of x
+    and of ``module``'s trainable parameters when autograd records: a loss over it backpropagates
+    (zero gradients), as through any layer on an empty batch, instead of failing with "element 0
+    of tensors does not require grad"."""
+    y = x.new_zeros(shape)
+    if not torch.is_grad_enabled():
+        return y
+    terms = [t.sum() for t in (x, *module.parameters()) if t.requires_grad]
+    if not terms:
+        return y
+    # the sum is broadcast into no element: its value (even a NaN) never shows
+    link = torch.stack([(t.real if t.is_complex() else t).float() for t in terms]).sum() * 0
+    return y + link.to(device=y.device, dtype=y.dtype)

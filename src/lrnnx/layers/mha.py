@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.core.checks import (
+    check_batch_size,
     check_inference_cache,
     check_input_dtype,
     check_sequence,
@@ -368,7 +369,7 @@ class MHA(nn.Module):
             (default: the projection weights' dtype); ``"cache_seqlens"``: (B,) int64 tokens
             cached per sequence; ``"seqlen_offset"``: 0 (tokens consumed, a Python int).
         """
-        _positive_int("batch_size", batch_size)
+        check_batch_size(batch_size)  # 0: an empty cache, as the recurrent mixers allocate
         _positive_int("max_seqlen", max_seqlen)
         w = self.qkv.weight
         dtype = w.dtype if dtype is None else dtype

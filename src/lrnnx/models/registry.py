@@ -43,7 +43,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask, zero_where_not
+from lrnnx.core.checks import (
+    check_batch_size,
+    check_sequence,
+    check_step_input,
+    lengths_mask,
+    zero_where_not,
+)
 
 #: builds the raw model: (cls, d_model, d_state or None, kwargs) -> nn.Module
 _Make = Callable[[type, int, Optional[int], Dict[str, Any]], nn.Module]
@@ -586,7 +592,7 @@ class MixerAdapter(nn.Module):
         self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
     ) -> Dict[str, Any]:
         """The wrapped model's cache (``max_seqlen``/``dtype`` passed where it takes them)."""
-        _positive_int("batch_size", batch_size)
+        check_batch_size(batch_size)  # 0: an empty cache, as every model allocates
         kwargs: Dict[str, Any] = {}
         if "max_seqlen" in self._alloc_accepts:
             kwargs["max_seqlen"] = max_seqlen

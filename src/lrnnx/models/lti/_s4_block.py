@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.core.base import empty_in_graph
 from lrnnx.core.checks import (
     as_lengths,
     check_batch_size,
@@ -874,7 +875,7 @@ class S4BlockBase(LTI_LRNN):
             uf = u.to(self.A_real.dtype)
             y = self._ssm_step(uf, inference_cache) + self.D * uf[:, None]  # (B, C, H')
             y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C)
-            y = y.reshape(x.shape[0], -1).to(x.dtype)
+            y = y.reshape(x.shape[0], y.shape[1] * y.shape[2]).to(x.dtype)  # (B = 0 too)
         y = self.activation(self.conv_dropout(y))
         if v is not None:
             y = self.output_gate(y) * v
@@ -887,7 +888,7 @@ class S4BlockBase(LTI_LRNN):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """forward's result for x (B, L, H) with B = 0 or L = 0: an empty y and the state as it
         was (the cache's own state tensor when a cache is given)."""
-        y = x.new_zeros(x.shape[0], x.shape[1], self._d_output)
+        y = empty_in_graph(x, (x.shape[0], x.shape[1], self._d_output), self)
         y = y.transpose(1, 2) if self.transposed else y
         if cache is not None:
             return y, cache["lrnn_state"]

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.core.base import empty_in_graph
 from lrnnx.core.checks import (
     as_lengths,
     check_batch_size,
@@ -446,7 +447,7 @@ class CentaurusBase(LTI_LRNN):
             # which must not change a value the autograd graph of this forward has saved
             h0 = self._check_cache(inference_cache, rows).clone()
         if x.numel() == 0:  # no batch or no steps: empty output, the cache stays
-            return x.new_zeros(Bsz, L, self.d_output)
+            return empty_in_graph(x, (Bsz, L, self.d_output), self)
         self.kernel_length = L
         S, M = self.n_rows, self.sub_state_dim
         w = self._weights()

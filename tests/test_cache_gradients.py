@@ -1,0 +1,79 @@
+"""Autograd around caches and empty inputs, for every model of the registry: a forward that
+fills a cache backpropagates like one without (the cache's tensors are written after the graph
+has read copies of them), Mamba's and RG-LRU's ``step`` carry the graph through their state
+(gradients of a stepped sequence equal the parallel forward's, for the input and every
+parameter), empty inputs give empty outputs inside the graph, and caches for a batch of 0 are
+allocated by the wrappers as by the models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tol import assert_close_rel
+from lrnnx.architectures import LRNNLMHeadModel
+from lrnnx.models.registry import available_models, build_mixer
+
+MODELS = available_models()
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_that_fills_a_cache_backpropagates(name):
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(_out(model(x)).pow(2).sum(), [x, *params], allow_unused=True)
+    cache = model.allocate_inference_cache(2)
+    y = _out(model(x, inference_cache=cache))  # the cache starts at zero: the same result
+    cached = torch.autograd.grad(y.pow(2).sum(), [x, *params], allow_unused=True)
+    for a, b in zip(plain, cached, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close_rel(b, a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["mamba", "stream", "rglru"])
+def test_step_gradients_equal_the_forward(name):
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    y = _out(model(x))
+    want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
+    cache = model.allocate_inference_cache(2)
+    steps = torch.stack([model.step(x[:, t], cache)[0].reshape(2, -1) for t in range(6)], 1)
+    assert_close_rel(steps, y, dtype=torch.float64)
+    got = torch.autograd.grad(steps.pow(2).sum(), [x, *params])
+    for a, b in zip(want, got, strict=True):
+        assert_close_rel(b, a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(2, 0, 4), (0, 5, 4)])
+def test_empty_input_output_is_in_the_graph(name, shape):
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4)
+    x = torch.randn(*shape, requires_grad=True)
+    y = _out(model(x))
+    assert y.shape[:2] == shape[:2] and y.numel() == 0 and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [*MODELS, "attn"])
+def test_caches_for_no_batch(name):
+    kwargs = {"num_heads": 2} if name == "attn" else {}
+    mixer = build_mixer(name, 8, 4, **kwargs)
+    y, _ = mixer.step(torch.randn(0, 8), mixer.allocate_inference_cache(0, 4))
+    assert y.shape == (0, 8)
+    if name == "attn":
+        return
+    lm = LRNNLMHeadModel(d_model=8, d_state=4, n_layer=1, vocab_size=11, mixer_types=name)
+    logits, _ = lm.step(torch.zeros(0, dtype=torch.long), lm.allocate_inference_cache(0))
+    assert logits.shape == (0, 11)
