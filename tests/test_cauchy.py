@@ -141,3 +141,9 @@ def test_bad_arguments():
         cauchy(v, w, torch.arange(9), b)
     with pytest.raises(ValueError, match="a: expected 1 dimensions"):
         cauchy(v, w, a[None], b)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_elements: expected a positive int"):
+            cauchy(v, w, a, b, max_elements=bad)
+    for bad in (1.5, "x"):
+        with pytest.raises(TypeError, match="max_elements: expected a positive int"):
+            cauchy(v, w, a, b, max_elements=bad)

@@ -129,6 +129,31 @@ def test_real_fft_conv_second_derivatives():
     assert torch.autograd.gradgradcheck(lambda u, k: RealFFTConv.apply(u, k, 80, 40), (u, k))
 
 
+@pytest.mark.parametrize("method", ["fft", "direct", "auto"])
+def test_causal_conv_empty_inputs(method):
+    for u, k in (
+        (torch.randn(0, 40), torch.randn(40)),
+        (torch.randn(3, 0), torch.randn(3, 0)),
+        (torch.randn(1, 40), torch.randn(0, 40)),
+    ):
+        y = causal_conv(u, k, method=method)
+        assert y.shape == torch.broadcast_shapes(u.shape[:-1], k.shape[:-1]) + (u.shape[-1],)
+
+
+def test_causal_conv_bad_arguments():
+    u = torch.randn(2, 3, 40)
+    with pytest.raises(ValueError, match="k: expected leading axes that broadcast"):
+        causal_conv(u, torch.randn(4, 40))
+    with pytest.raises(TypeError, match="u: expected a torch.Tensor"):
+        causal_conv(u.tolist(), torch.randn(40))
+    with pytest.raises(TypeError, match="u: expected a floating-point or complex tensor"):
+        causal_conv(torch.ones(2, 40, dtype=torch.int64), torch.randn(40))
+    with pytest.raises(ValueError, match="k: expected a tensor on u's device"):
+        causal_conv(u, torch.randn(40, device="meta"))
+    with pytest.raises(ValueError, match="at least one axis"):
+        causal_conv(torch.tensor(1.0), torch.randn(40))
+
+
 def test_causal_conv_does_not_wrap_around():
     L = 64
     u = torch.zeros(L, dtype=torch.float64)

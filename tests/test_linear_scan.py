@@ -106,6 +106,17 @@ def test_bad_arguments():
         linear_scan(torch.rand(2, 5, 3), torch.rand(2, 5, 3), torch.rand(2, 4))
     with pytest.raises(ValueError, match="backend"):
         linear_scan(torch.rand(2, 5, 3), torch.rand(2, 5, 3), backend="nope")
+    x = torch.rand(2, 5, 3)
+    with pytest.raises(TypeError, match="b: expected a floating-point or complex tensor"):
+        linear_scan(x, torch.ones(2, 5, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="a: expected a floating-point or complex tensor"):
+        linear_scan(torch.ones(2, 5, 3, dtype=torch.bool), x)
+    with pytest.raises(TypeError, match="initial_state: expected a torch.Tensor"):
+        linear_scan(x, x, [[0.0] * 3] * 2)
+    with pytest.raises(TypeError, match="initial_state: expected a floating-point"):
+        linear_scan(x, x, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="a: expected a tensor on b's device"):
+        linear_scan(torch.rand(2, 5, 3, device="meta"), x)
 
 
 def naive_resets(a, b, h0, reverse, resets):

@@ -12,6 +12,7 @@ what the direct sum (and the recurrence) gives: outputs before a NaN are untouch
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lrnnx.core.autograd import grads_by_recompute
-from lrnnx.core.checks import _compiling
+from lrnnx.core.checks import _compiling, check_tensor
 
 #: below this length the direct O(L^2) sum is cheaper than three FFTs
 DIRECT_MAX_LEN = 32
@@ -47,12 +48,33 @@ def causal_conv(u: Tensor, k: Tensor, method: str = "auto") -> Tensor:
     ``u`` and ``k`` broadcast over their leading axes.  Only the first L kernel taps matter; a
     shorter kernel is zero-extended.  ``method`` is ``"fft"``, ``"direct"`` or ``"auto"``.
     Returns (..., L) in the promoted dtype (complex if either input is complex).
+
+    Raises:
+        TypeError: u or k is not a floating-point or complex tensor.
+        ValueError: a 0-d input, leading axes that do not broadcast, k on another device, or
+            an unknown ``method``.
     """
+    check_tensor("u", u, complex_ok=True)
+    check_tensor("k", k, u.device, complex_ok=True, device_of="u")
+    if u.dim() == 0 or k.dim() == 0:
+        raise ValueError(
+            f"u, k: expected (..., L) and (..., Lk) with at least one axis, got shapes "
+            f"{tuple(u.shape)} and {tuple(k.shape)}"
+        )
+    try:
+        lead = torch.broadcast_shapes(u.shape[:-1], k.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"k: expected leading axes that broadcast with u's {tuple(u.shape[:-1])}, got "
+            f"{tuple(k.shape[:-1])} (shapes (..., Lk) and (..., L))"
+        ) from None
     L = u.shape[-1]
     if k.shape[-1] > L:
         k = k[..., :L]
     if method == "auto":
         method = "direct" if L <= DIRECT_MAX_LEN else "fft"
+    if method == "fft" and (math.prod(lead) == 0 or L == 0 or k.shape[-1] == 0):
+        method = "direct"  # nothing to transform (an empty FFT is an error in MKL): zeros
     if method == "direct":
         return _direct(u, k)
     if method != "fft":

@@ -27,7 +27,7 @@ from typing import Optional
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_tensor
+from lrnnx.core.checks import check_positive_int, check_tensor
 from lrnnx.ops import _dispatch
 
 __all__ = ["cauchy"]
@@ -69,6 +69,8 @@ def cauchy(
             on different devices.
     """
     check_tensor("v", v, complex_ok=True)
+    if max_elements is not None:
+        check_positive_int("max_elements", max_elements)
     if v.dim() < 2:
         raise ValueError(
             f"v: expected at least 2 dimensions (..., H, N), got shape {tuple(v.shape)}"

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens
+from lrnnx.core.checks import check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan.packing import scan_bounds
 
@@ -87,13 +87,20 @@ def linear_scan(
         (S, *C)].  bfloat16/float16 inputs are accumulated in float32 and returned in their
         dtype.  An empty batch (B = 0) or sequence (L = 0) gives an empty h.
 
+    Raises:
+        TypeError: a, b or initial_state is not a floating-point or complex tensor.
+        ValueError: shapes that do not fit (see above), a or initial_state on another device
+            than b, malformed ``cu_seqlens``, or an unknown backend.
+
     With ``cu_seqlens`` the recurrence restarts at each sequence's first step (its last with
     ``reverse``): h_t = a_t h0_s + b_t there, whatever the state before, so nothing (not even a
     nan or inf of another sequence) crosses a boundary, forward or in the adjoint scan of the
     backward; the final states are read at each sequence's end.
     """
-    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-        raise TypeError("linear_scan: a and b must be torch.Tensor")
+    check_tensor("b", b, complex_ok=True)
+    check_tensor("a", a, b.device, complex_ok=True, device_of="b")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, b.device, complex_ok=True, device_of="b")
     want_final = _final_state_flag(output_final_state, return_final_state, "return_final_state")
     if b.dim() < 2:
         raise ValueError(f"b: expected shape (B, L, *C) with at least 2 dims, got {tuple(b.shape)}")
