@@ -9,10 +9,11 @@ paths' share of a mixed graph: a wrong Hessian-vector product or gradient penalt
 
 Two remedies, chosen per Function:
 
-* :func:`grads_by_recompute`: where a plain torch formula of the same result exists and fits in
-  memory at the sizes a second-order user runs (the FFT convolution, the Cauchy product, the
-  dense layer, S7's forms), a backward asked for a graph (``create_graph=True``) recomputes the
-  result with that formula under autograd and differentiates it, so every order is exact;
+* :func:`graph_by_formula`: where a plain torch formula of the same result exists and fits in
+  memory at the sizes a second-order user runs (the FFT convolution, the Cauchy product, S7's
+  forms), a backward asked for a graph (``create_graph=True``) recomputes the result with that
+  formula under autograd and differentiates it (:func:`grads_by_recompute`), so every order is
+  exact (the dense layer's backward takes torch's ``mm`` there instead);
 * :func:`first_order`: the scan and convolution kernels, whose plain formula is the op's
   ``reference`` backend, raise :class:`SecondOrderError` under ``create_graph=True`` and say
   how to get second derivatives (``backend="reference"`` or ``LRNNX_BACKEND=reference``).
@@ -24,7 +25,7 @@ gradients (``create_graph=True``); that is the test both use.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -53,6 +54,31 @@ def first_order(op: str) -> Callable:
                 )
             with torch.no_grad():
                 return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate
+
+
+def graph_by_formula(
+    formula_of: Callable[[Any], Tuple[Callable[..., Tensor], Sequence[Optional[Tensor]]]],
+) -> Callable:
+    """Decorator for the ``backward`` of a Function with a plain differentiable formula:
+    ``formula_of(ctx)`` gives that formula and the saved tensors it takes (the Function's first
+    inputs, in order).  Asked for a graph of the gradients, the wrapper returns their gradients
+    by :func:`grads_by_recompute` (None for the other inputs); otherwise it runs ``backward``
+    without a graph, as ``torch.autograd.function.once_differentiable`` does."""
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, grad):
+            if torch.is_grad_enabled():
+                formula, inputs = formula_of(ctx)
+                needs = ctx.needs_input_grad
+                got = grads_by_recompute(formula, inputs, needs[: len(inputs)], grad)
+                return (*got, *(None,) * (len(needs) - len(inputs)))
+            with torch.no_grad():
+                return backward(ctx, grad)
 
         return wrapper
 

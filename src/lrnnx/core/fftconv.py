@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lrnnx.core.autograd import grads_by_recompute
+from lrnnx.core.autograd import graph_by_formula
 from lrnnx.core.checks import _compiling, check_tensor
 
 #: below this length the direct O(L^2) sum is cheaper than three FFTs
@@ -100,7 +100,7 @@ class RealFFTConv(torch.autograd.Function):
     the step's ~100 ms on the 2-core AMD EPYC, against ~4 for the two real ones here.  The
     spectra U and K of forward are kept for it.  Asked for a graph of the gradients
     (``create_graph=True``), backward differentiates the plain FFT formula instead
-    (:func:`lrnnx.core.autograd.grads_by_recompute`), so second derivatives are exact.
+    (:func:`lrnnx.core.autograd.graph_by_formula`), so second derivatives are exact.
 
     Memory: dk's product is summed over the batch a slice of ~:data:`SPECTRUM_CHUNK` entries
     at a time (:func:`_product_sum`) and du's is formed in DY's own memory, so the backward
@@ -116,35 +116,29 @@ class RealFFTConv(torch.autograd.Function):
         return torch.fft.irfft(U * K, n=n)[..., :L]
 
     @staticmethod
+    @graph_by_formula(lambda ctx: (_formula(*ctx.meta[4:]), ctx.saved_tensors[2:]))
     def backward(ctx, dy: Tensor):
-        U, K, u, k = ctx.saved_tensors
+        U, K = ctx.saved_tensors[:2]
         u_shape, u_dtype, k_shape, k_dtype, n, L = ctx.meta
-        needs = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: torch's autograd of the formula
-            formula = lambda u, k: _plain(u, k, n, L)  # noqa: E731
-            return (*grads_by_recompute(formula, (u, k), needs, dy), None, None)
-        with torch.no_grad():
-            return (*_backward(U, K, dy, needs, ctx.meta), None, None)
+        DY = torch.fft.rfft(dy, n=n)
+        du = dk = None
+        if ctx.needs_input_grad[1]:  # first: du's product then takes DY's memory
+            DK = _product_sum(DY, U, (*k_shape[:-1], DY.shape[-1]))
+            dk = torch.fft.irfft(DK, n=n)[..., : k_shape[-1]].to(k_dtype)
+        if ctx.needs_input_grad[0]:
+            DU = DY.mul_(K.conj()).sum_to_size(*u_shape[:-1], DY.shape[-1])
+            du = torch.fft.irfft(DU, n=n)[..., :L].to(u_dtype)
+        return du, dk, None, None
 
 
-def _plain(u: Tensor, k: Tensor, n: int, L: int) -> Tensor:
-    """RealFFTConv's result by torch's differentiable FFTs (twice differentiable)."""
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+def _formula(n: int, L: int):
+    """RealFFTConv's result as a function of (u, k) by torch's FFTs (twice differentiable)."""
 
+    def conv(u: Tensor, k: Tensor) -> Tensor:
+        spectrum = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n)
+        return torch.fft.irfft(spectrum, n=n)[..., :L]
 
-def _backward(U: Tensor, K: Tensor, dy: Tensor, needs, meta: tuple) -> tuple:
-    """RealFFTConv's first-order (du, dk) from the kept spectra (see the class); ``needs``:
-    whether u and k need theirs."""
-    u_shape, u_dtype, k_shape, k_dtype, n, L = meta
-    DY = torch.fft.rfft(dy, n=n)
-    du = dk = None
-    if needs[1]:  # first: du's product then takes DY's memory
-        DK = _product_sum(DY, U, (*k_shape[:-1], DY.shape[-1]))
-        dk = torch.fft.irfft(DK, n=n)[..., : k_shape[-1]].to(k_dtype)
-    if needs[0]:
-        DU = DY.mul_(K.conj()).sum_to_size(*u_shape[:-1], DY.shape[-1])
-        du = torch.fft.irfft(DU, n=n)[..., :L].to(u_dtype)
-    return du, dk
+    return conv
 
 
 #: spectrum entries per slice of :func:`_product_sum`'s batch loop (2**20 complex64: 8 MiB)

@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.autograd import grads_by_recompute
+from lrnnx.core.autograd import graph_by_formula
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
 from lrnnx.layers.linear import Linear
@@ -188,33 +188,29 @@ class _BilinearForm(torch.autograd.Function):
         return _form_forward(a, b, W)
 
     @staticmethod
+    @graph_by_formula(lambda ctx: (_bilinear_formula, ctx.saved_tensors))
     def backward(ctx: Any, dz: Tensor) -> Tuple[Optional[Tensor], ...]:
         a, b, W = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the plain formula's autograd
-            formula = lambda a, b, W: torch.einsum("oji,nj,ni->no", W, a, b)  # noqa: E731
-            return grads_by_recompute(formula, (a, b, W), ctx.needs_input_grad, dz)
-        with torch.no_grad():
-            return _bilinear_grads(a, b, W, dz, ctx.needs_input_grad)
+        need_a, need_b, need_W = ctx.needs_input_grad
+        Wm = W.reshape(-1, W.shape[-1])
+        da = torch.empty_like(a) if need_a else None
+        db = torch.empty_like(b) if need_b else None
+        dWm = torch.zeros_like(Wm) if need_W else None
+        for s in _row_chunks(a.shape[0], Wm.shape[0]):
+            if need_a:
+                da[s] = _contract_grad(b[s] @ Wm.T, dz[s], a.shape[1])
+            dT = _outer(dz[s], a[s])
+            if need_b:
+                db[s] = dT @ Wm
+            if need_W:
+                dWm.addmm_(dT.T, b[s])
+        return da, db, None if dWm is None else dWm.view_as(W)
 
 
-def _bilinear_grads(
-    a: Tensor, b: Tensor, W: Tensor, dz: Tensor, needs: Tuple[bool, ...]
-) -> Tuple[Optional[Tensor], ...]:
-    """:class:`_BilinearForm`'s first-order gradients, chunk by chunk of rows."""
-    need_a, need_b, need_W = needs
-    Wm = W.reshape(-1, W.shape[-1])
-    da = torch.empty_like(a) if need_a else None
-    db = torch.empty_like(b) if need_b else None
-    dWm = torch.zeros_like(Wm) if need_W else None
-    for s in _row_chunks(a.shape[0], Wm.shape[0]):
-        if need_a:
-            da[s] = _contract_grad(b[s] @ Wm.T, dz[s], a.shape[1])
-        dT = _outer(dz[s], a[s])
-        if need_b:
-            db[s] = dT @ Wm
-        if need_W:
-            dWm.addmm_(dT.T, b[s])
-    return da, db, None if dWm is None else dWm.view_as(W)
+def _bilinear_formula(a: Tensor, b: Tensor, W: Tensor) -> Tensor:
+    """:class:`_BilinearForm`'s z in one einsum (differentiable at every order; its (n, O, J)
+    intermediate is for second derivatives only)."""
+    return torch.einsum("oji,nj,ni->no", W, a, b)
 
 
 class _QuadraticForm(torch.autograd.Function):
@@ -230,29 +226,24 @@ class _QuadraticForm(torch.autograd.Function):
         return _form_forward(u, u, S)
 
     @staticmethod
+    @graph_by_formula(lambda ctx: (_quadratic_formula, ctx.saved_tensors))
     def backward(ctx: Any, dz: Tensor) -> Tuple[Optional[Tensor], ...]:
         u, S = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the plain formula's autograd
-            formula = lambda u, S: torch.einsum("oji,nj,ni->no", S, u, u)  # noqa: E731
-            return grads_by_recompute(formula, (u, S), ctx.needs_input_grad, dz)
-        with torch.no_grad():
-            return _quadratic_grads(u, S, dz, ctx.needs_input_grad)
+        need_u, need_S = ctx.needs_input_grad
+        Sm = S.reshape(-1, S.shape[-1])
+        du = torch.empty_like(u) if need_u else None
+        dSm = torch.zeros_like(Sm) if need_S else None
+        for s in _row_chunks(u.shape[0], Sm.shape[0]):
+            if need_u:
+                du[s] = 2.0 * _contract_grad(u[s] @ Sm.T, dz[s], u.shape[1])
+            if need_S:
+                dSm.addmm_(_outer(dz[s], u[s]).T, u[s])
+        return du, None if dSm is None else dSm.view_as(S)
 
 
-def _quadratic_grads(
-    u: Tensor, S: Tensor, dz: Tensor, needs: Tuple[bool, ...]
-) -> Tuple[Optional[Tensor], ...]:
-    """:class:`_QuadraticForm`'s first-order gradients (S symmetric), chunk by chunk of rows."""
-    need_u, need_S = needs
-    Sm = S.reshape(-1, S.shape[-1])
-    du = torch.empty_like(u) if need_u else None
-    dSm = torch.zeros_like(Sm) if need_S else None
-    for s in _row_chunks(u.shape[0], Sm.shape[0]):
-        if need_u:
-            du[s] = 2.0 * _contract_grad(u[s] @ Sm.T, dz[s], u.shape[1])
-        if need_S:
-            dSm.addmm_(_outer(dz[s], u[s]).T, u[s])
-    return du, None if dSm is None else dSm.view_as(S)
+def _quadratic_formula(u: Tensor, S: Tensor) -> Tensor:
+    """:class:`_QuadraticForm`'s z as :func:`_bilinear_formula` with a = b = u."""
+    return _bilinear_formula(u, u, S)
 
 
 def bilinear_form(a: Tensor, b: Tensor, W: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lrnnx.core.autograd import grads_by_recompute
+from lrnnx.core.autograd import graph_by_formula
 from lrnnx.ops._numba import (
     HAVE_NUMBA,
     as_planes,
@@ -150,27 +150,24 @@ class CauchyCPUFunction(torch.autograd.Function):
         return _product(v, w, a, b)
 
     @staticmethod
+    @graph_by_formula(lambda ctx: (_formula, ctx.saved_tensors))
     def backward(ctx, g: Tensor):
         v, w, a, b = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the reference formula's autograd
-            from lrnnx.ops.cauchy.reference import cauchy as formula
+        R, H, N = v.shape
+        K = a.shape[0]
+        real = v.real.dtype
+        dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
+        dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
+        _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
+             _interleaved(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
+        return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
 
-            needs = ctx.needs_input_grad
-            return grads_by_recompute(lambda *t: formula(*t, None), (v, w, a, b), needs, g)
-        with torch.no_grad():
-            return _gradients(v, w, a, b, g)
 
+def _formula(v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The reference backend's quotients (differentiable at every order)."""
+    from lrnnx.ops.cauchy.reference import cauchy as reference
 
-def _gradients(v: Tensor, w: Tensor, a: Tensor, b: Tensor, g: Tensor) -> tuple:
-    """The backward kernel: (dv, dw, None, None) for the output's gradient g (R, H, K)."""
-    R, H, N = v.shape
-    K = a.shape[0]
-    real = v.real.dtype
-    dvr, dvi = torch.empty(R, H, N, dtype=real), torch.empty(R, H, N, dtype=real)
-    dwr, dwi = torch.empty(H, N, dtype=real), torch.empty(H, N, dtype=real)
-    _run(_backward, H, 2 * R * H * N * K, *as_planes(v), *as_planes(w), *as_planes(a), *as_planes(b),
-         _interleaved(g.to(v.dtype)), dvr.numpy(), dvi.numpy(), dwr.numpy(), dwi.numpy())  # fmt: skip
-    return torch.complex(dvr, dvi), torch.complex(dwr, dwi), None, None
+    return reference(v, w, a, b, None)
 
 
 def cauchy(v: Tensor, w: Tensor, a: Tensor, b: Tensor, max_elements: Optional[int]) -> Tensor:
