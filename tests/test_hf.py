@@ -104,6 +104,25 @@ def test_auto_classes_load_an_lrnnx_directory(checkpoint):
         assert_close_rel(padded[1:], out.logits[1:], length=9, msg="unpadded rows")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_auto_loading_in_a_dtype_follows_the_precision_policy(checkpoint, dtype):
+    """from_pretrained(dtype=...) builds under that default dtype, which only some tensors
+    follow on their own: every tensor must have lrnnx's dtype and value for that dtype
+    (float64 everywhere; the recurrences' own tensors float32 under bf16), as
+    LRNNLMHeadModel.from_pretrained(dtype=...) gives them."""
+    path, _ = checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ours = LRNNLMHeadModel.from_pretrained(path, dtype=dtype)
+    theirs, expect = model.state_dict(), ours.state_dict()
+    for key, value in expect.items():
+        if isinstance(value, torch.Tensor):
+            assert theirs[key].dtype == value.dtype, (key, theirs[key].dtype, value.dtype)
+            assert_close_rel(theirs[key], value, dtype=value.dtype, msg=key)
+    ids = prompts()
+    with torch.no_grad():
+        assert_close_rel(model(ids).logits, ours(ids), dtype=dtype, length=9, msg="logits")
+
+
 def test_a_transformers_directory_loads_in_lrnnx(checkpoint, tmp_path):
     path, lm = checkpoint
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -186,6 +186,26 @@ def test_double_is_float64_end_to_end(name):
     assert_close_rel(ys, y, length=16, factor=10, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_deferred_init_on_meta_follows_the_policy(name, dtype):
+    """Built on the meta device, cast, placed with ``to_empty`` and loaded (the deferred
+    initialisation of accelerate and FSDP): every tensor has the dtype a cast of a real model
+    gives it, and the outputs are that model's."""
+    model = build(name)
+    with torch.device("meta"):
+        deferred = MODELS[name]().eval()
+    deferred = deferred.to(dtype).to_empty(device="cpu")
+    deferred.load_state_dict(model.state_dict())
+    cast = copy.deepcopy(model).to(dtype)
+    expect = {k: v.dtype for k, v in cast.state_dict().items() if isinstance(v, torch.Tensor)}
+    got = {k: v.dtype for k, v in deferred.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert got == expect, name
+    x = torch.randn(2, 16, H).to(dtype)
+    with torch.no_grad():
+        assert_close_rel(run(deferred, x).float(), run(cast, x).float(), dtype=dtype, msg=name)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_step_under_autocast_matches_forward(name):
     """Under bf16 autocast, step runs the recurrence as forward does (float32 state and

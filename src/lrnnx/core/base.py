@@ -66,13 +66,22 @@ class LRNN(nn.Module, metaclass=ABCMeta):
             if id(t) not in own or not (t.is_floating_point() or t.is_complex()):
                 return fn(t)
             p = target(t)
-            if not p.is_floating_point() or t.device.type == "meta":
+            if not p.is_floating_point():
                 return fn(t)
+            # a meta tensor has no values to copy: fn places it (``to_empty`` included, which
+            # .to() cannot do from meta), then it takes the policy's dtype
+            meta = t.device.type == "meta"
             wide = p.dtype == torch.float64
             if t.is_complex():  # torch would drop the imaginary part or keep complex64
-                return t.to(device=p.device, dtype=torch.complex128 if wide else torch.complex64)
+                want = torch.complex128 if wide else torch.complex64
+                if meta:
+                    r = fn(t)
+                    return r.to(want) if r.is_complex() else torch.empty_like(r, dtype=want)
+                return t.to(device=p.device, dtype=want)
             if p.dtype in (torch.float16, torch.bfloat16):  # move, but stay float32
-                return t.to(device=p.device, dtype=torch.float32)
+                return (
+                    fn(t).to(torch.float32) if meta else t.to(device=p.device, dtype=torch.float32)
+                )
             return fn(t)
 
         return super()._apply(keep_precision, recurse)
