@@ -215,6 +215,44 @@ def test_device_and_dtype_arguments(tmp_path):
         LRNNLMHeadModel.from_pretrained(tmp_path, dtype="float99")
 
 
+def rewrite_weights(path, convert):
+    """Replace every tensor t of a save_pretrained directory's file by convert(key, t), with
+    the config's checksum updated (a file converted by another tool)."""
+    from safetensors.torch import load_file, save_file
+
+    from lrnnx.architectures._common import _sha256
+
+    w = path / WEIGHTS_NAME
+    save_file({k: convert(k, v) for k, v in load_file(w).items()}, w, metadata={"format": "pt"})
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg[CHECKSUM_KEY] = _sha256(str(w))
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def test_a_file_in_16_bits_loads_as_a_cast_model(tmp_path):
+    """Every tensor stored in bf16: the model comes back as model.to(bf16) would be (the
+    recurrences' own tensors widened to float32, the rest bf16) and runs."""
+    model = make_lm(["s5", "mamba"]).eval()
+    model.save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, lambda k, t: t.bfloat16())
+    loaded = LRNNLMHeadModel.from_pretrained(tmp_path)
+    cast = model.to(torch.bfloat16)
+    got = {k: v.dtype for k, v in loaded.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert got == {k: v.dtype for k, v in cast.state_dict().items() if isinstance(v, torch.Tensor)}
+    ids = torch.randint(0, V, (2, L))
+    with torch.no_grad():
+        y = loaded(ids)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert_rel_close(y.float(), cast(ids).float(), 0.05)
+
+
+def test_a_tensor_of_the_wrong_kind_is_named(tmp_path):
+    make_lm("s5").save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, lambda k, t: t.long() if k.endswith("log_step") else t)
+    with pytest.raises(TypeError, match=r"log_step: expected a floating-point tensor .*int64"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_onto_cuda(tmp_path):
     model = perturb(make_lm(["s5", "attn"]).double()).eval()

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.base import keep_recurrence_precision
 from lrnnx.models.registry import MODEL_ALIASES, build_mixer, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
@@ -420,13 +421,31 @@ class PretrainedMixin:
                 raise RuntimeError(
                     f"{key}: expected shape {got_shape}, got {tuple(tensor.shape)} in the file"
                 )
+            if _dtype_kind(current) != _dtype_kind(tensor):
+                raise TypeError(
+                    f"{key}: expected a {_dtype_kind(current)} tensor (the model's is "
+                    f"{current.dtype}), got {tensor.dtype} in the file"
+                )
             with torch.no_grad():
                 if leaf in mod._parameters:
                     current.data = tensor  # same Parameter object: ties survive
                 else:
                     mod._buffers[leaf] = tensor
+        # a file with the recurrences' own tensors in 16 bits (converted by hand or by another
+        # tool): widen them to float32, as the precision policy keeps them under 16-bit casts
+        keep_recurrence_precision(self)
         for key, value in extra.items():
             _owner(self, key)[0].set_extra_state(value)
+
+
+def _dtype_kind(t: Tensor) -> str:
+    """ "complex", "floating-point", "boolean" or "integer": what a loaded tensor must share with
+    the model's (any width: the file's dtype is kept)."""
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating-point"
+    return "boolean" if t.dtype == torch.bool else "integer"
 
 
 def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> Dict[str, Any]:

@@ -43,13 +43,19 @@ class LRNN(nn.Module, metaclass=ABCMeta):
             else get_discretization(discretization, self.allowed_discretizations)
         )
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
-        """``nn.Module._apply`` with the precision policy above for the model's own tensors."""
+    def _own_tensors(self) -> Tuple[list, list]:
+        """The parameters and buffers the precision policy keeps in float32 under 16-bit
+        casts: the model's own and those of its :attr:`_spectral_submodules`."""
         params = [t for t in self._parameters.values() if t is not None]
         buffers = [t for t in self._buffers.values() if t is not None]
         for name in self._spectral_submodules:
             params += list(getattr(self, name).parameters())
             buffers += list(getattr(self, name).buffers())
+        return params, buffers
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``nn.Module._apply`` with the precision policy above for the model's own tensors."""
+        params, buffers = self._own_tensors()
         own = {id(t) for t in params + buffers}
         own |= {id(t.grad) for t in params if t.grad is not None}
         if not own:
@@ -105,6 +111,19 @@ class LRNN(nn.Module, metaclass=ABCMeta):
         self, batch_size: int, max_seqlen: int = 1, dtype=None, **kwargs
     ) -> Dict[str, Any]:
         """Create the state (and precomputed matrices) that ``step`` updates."""
+
+
+def keep_recurrence_precision(module: nn.Module) -> None:
+    """Apply the precision policy of :class:`LRNN` to tensors put in place directly (not by a
+    cast): every LRNN in ``module`` gets its own 16-bit floating tensors back in float32 (a
+    lossless widening), as a cast to that dtype would have left them.  Used after loading a
+    checkpoint whose file holds those tensors in 16 bits."""
+    for m in module.modules():
+        if isinstance(m, LRNN):
+            params, buffers = m._own_tensors()
+            for t in params + buffers:
+                if t.dtype in (torch.float16, torch.bfloat16):
+                    t.data = t.data.float()
 
 
 def empty_in_graph(x: Tensor, shape: Sequence[int], module: nn.Module) -> Tensor:
