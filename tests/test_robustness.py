@@ -287,6 +287,26 @@ def test_bad_caches_are_named(name):
         model.allocate_inference_cache(2.5, 1)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cache_of_another_precision(name):
+    """A cache allocated before model.double() would round every step to float32: refused,
+    naming the entry and both precisions.  One allocated before model.float() (wider) works
+    and gives the fresh cache's result."""
+    model = build(name)
+    stale = model.allocate_inference_cache(2, 1)
+    model.double()
+    x_t = torch.randn(2, H, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"inference_cache\['lrnn_state'\]: expected torch.float64"):
+        step(name, model, x_t, stale)
+    wide = model.allocate_inference_cache(2, 1)
+    model.float()
+    with torch.no_grad():
+        y = step(name, model, x_t.float(), wide)[0]
+        expect = step(name, model, x_t.float(), model.allocate_inference_cache(2, 1))[0]
+    assert y.dtype == torch.float32
+    assert_close_rel(y, expect, msg=name)
+
+
 # ---- 8. lengths as a list ---------------------------------------------------------------------
 
 

@@ -53,6 +53,14 @@ class LRNN(nn.Module, metaclass=ABCMeta):
             buffers += list(getattr(self, name).buffers())
         return params, buffers
 
+    @property
+    def _precision(self) -> torch.dtype:
+        """The real dtype the recurrence computes in: float64 for a float64 model (its own
+        tensors float64 / complex128), else float32 (16-bit casts keep them float32)."""
+        params, buffers = self._own_tensors()
+        wide = any(t.dtype in (torch.float64, torch.complex128) for t in params + buffers)
+        return torch.float64 if wide else torch.float32
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
         """``nn.Module._apply`` with the precision policy above for the model's own tensors."""
         params, buffers = self._own_tensors()

@@ -156,6 +156,7 @@ def check_inference_cache(
     batch_keys: Sequence[str] = ("lrnn_state",),
     shapes: Optional[Dict[str, Sequence[int]]] = None,
     name: str = "inference_cache",
+    precision: Optional[Dict[str, torch.dtype]] = None,
 ) -> Dict[str, Any]:
     """Validate a cache from ``allocate_inference_cache`` before ``step`` or a prefill uses it.
 
@@ -166,9 +167,14 @@ def check_inference_cache(
         owner: the model's name, for messages.
         batch_keys: the entries whose first dimension is the batch (the states).
         shapes: full expected shapes of some entries (batch dimension included).
+        precision: entries that must hold at least the model's precision, a real dtype
+            (float32, or float64 for a float64 model); a complex entry counts by its parts.
+            A narrower one (allocated before ``model.double()``) would silently round every
+            step to it; a wider one is fine.
 
     Raises:
-        TypeError: the cache is not a dict (e.g. None).
+        TypeError: the cache is not a dict (e.g. None), or an entry is narrower than
+            ``precision`` (or not a floating-point or complex tensor).
         ValueError: an entry is missing (e.g. ``{}``) or the cache was allocated for another
             batch size.
     """
@@ -195,6 +201,17 @@ def check_inference_cache(
         if isinstance(v, Tensor) and tuple(v.shape) != tuple(shape):
             raise ValueError(
                 f"{name}[{k!r}]: expected shape {tuple(shape)}, got {tuple(v.shape)}; {hint}"
+            )
+    for k, real in (precision or {}).items():
+        v = cache.get(k)
+        if not isinstance(v, Tensor):
+            continue
+        ok = v.is_floating_point() or v.is_complex()
+        if not ok or torch.finfo(v.dtype).bits < torch.finfo(real).bits:
+            raise TypeError(
+                f"{name}[{k!r}]: expected {real} precision or wider (the model computes in "
+                f"{real}), got {v.dtype}; a cache allocated before a cast of the model (e.g. "
+                f"model.double()) keeps its old dtype: {hint}"
             )
     return cache
 

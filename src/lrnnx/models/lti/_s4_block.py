@@ -669,7 +669,9 @@ class S4BlockBase(LTI_LRNN):
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
         """The shared cache validation, then the state's own shape and dtype."""
-        check_inference_cache(cache, batch, ("lrnn_state", "dA", "dB", "dC"), type(self).__name__)
+        keys = ("lrnn_state", "dA", "dB", "dC")
+        precision = dict.fromkeys(keys, self._precision)
+        check_inference_cache(cache, batch, keys, type(self).__name__, precision=precision)
         self._check_state(cache["lrnn_state"], batch, 'inference_cache["lrnn_state"]')
         return cache
 

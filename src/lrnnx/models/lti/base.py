@@ -266,7 +266,8 @@ class LTI_LRNN(LRNN):
         """The shared cache validation (:func:`lrnnx.core.checks.check_inference_cache`), then
         the state's shape (B, N) and complex dtype against the cached A_bar (N,)."""
         owner = type(self).__name__
-        check_inference_cache(cache, batch, self._cache_keys, owner)
+        precision = dict.fromkeys(("lrnn_state", "A_bar"), self._precision)
+        check_inference_cache(cache, batch, self._cache_keys, owner, precision=precision)
         state, n = cache["lrnn_state"], cache["A_bar"].shape[-1]
         if not isinstance(state, Tensor) or state.shape != (batch, n) or not state.is_complex():
             got = f"{tuple(state.shape)} {state.dtype}" if isinstance(state, Tensor) else state

@@ -394,7 +394,10 @@ class CentaurusBase(LTI_LRNN):
     def _check_cache(self, cache: Any, batch: int) -> Tensor:
         shapes = {"lrnn_state": (batch,) + self._state_shape()}
         keys = ("lrnn_state", "A_bar", "gamma_bar")
-        return check_inference_cache(cache, batch, keys, "Centaurus", shapes=shapes)["lrnn_state"]
+        precision = dict.fromkeys(keys, self._precision)
+        return check_inference_cache(
+            cache, batch, keys, "Centaurus", shapes=shapes, precision=precision
+        )["lrnn_state"]
 
     def forward(
         self,

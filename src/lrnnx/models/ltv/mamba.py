@@ -197,6 +197,7 @@ class Mamba(LTV_LRNN):
             "Mamba",
             batch_keys=("conv_state", "lrnn_state"),
             shapes={"conv_state": (batch, E, K), "lrnn_state": (batch, E, N)},
+            precision={"lrnn_state": self._acc_dtype},
         )
 
     def forward(
@@ -349,7 +350,7 @@ class Mamba(LTV_LRNN):
         conv = (window * self.conv1d.weight[:, 0, :]).sum(-1)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
-        u = F.silu(conv)
+        u = F.silu(conv).to(self.conv1d.weight.dtype)  # (a wider cache computes it wider)
         delta, Bt, Ct = self._ssm_params(u)  # (B, E), (B, N), (B, N)
         deltaA = None
         if integration_timesteps is not None:

@@ -380,6 +380,7 @@ class RGLRU(LTV_LRNN):
                 "conv_state": (batch, self.lru_width, self.d_conv - 1),
                 "started": (batch,),
             },
+            precision={"lrnn_state": _acc_dtype(self.Lambda.dtype)},
         )
         started = cache["started"]
         if not isinstance(started, Tensor) or started.dtype != torch.bool:

@@ -129,10 +129,19 @@ def check_step_timesteps(ts: Any, batch: int, dtype: torch.dtype, device) -> Opt
     return ts.reshape(batch, 1).to(device=device, dtype=dtype)
 
 
-def check_cache(cache: Any, batch: int, n_state: int, owner: str = "S5") -> Tensor:
-    """Return the cache's state after checking it fits a batch of ``batch`` sequences."""
+def check_cache(
+    cache: Any,
+    batch: int,
+    n_state: int,
+    owner: str = "S5",
+    precision: torch.dtype = torch.float32,
+) -> Tensor:
+    """Return the cache's state after checking it fits a batch of ``batch`` sequences and holds
+    at least the model's ``precision`` (see :func:`lrnnx.core.checks.check_inference_cache`)."""
     shapes = {"lrnn_state": (batch, n_state)}
-    return check_inference_cache(cache, batch, ("lrnn_state",), owner, shapes=shapes)["lrnn_state"]
+    return check_inference_cache(
+        cache, batch, ("lrnn_state",), owner, shapes=shapes, precision={"lrnn_state": precision}
+    )["lrnn_state"]
 
 
 def state_dtype(real: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -317,9 +326,9 @@ class _EventSSM(LTV_LRNN):
         reads a copy, so a forward under autograd keeps a graph that this write cannot break)."""
         owner = type(self).__name__
         if cu is None:
-            return check_cache(cache, batch, self.n_state, owner)
+            return check_cache(cache, batch, self.n_state, owner, self._precision)
         check_packed_cache(cache, cu.shape[0] - 1, owner)
-        return check_cache(cache, cu.shape[0] - 1, self.n_state, owner)
+        return check_cache(cache, cu.shape[0] - 1, self.n_state, owner, self._precision)
 
     def step(
         self,
@@ -345,7 +354,7 @@ class _EventSSM(LTV_LRNN):
         x = merge_alias("x", x, "hidden_states", hidden_states)
         u_in = check_step_input(x, self.d_model)
         Bsz = u_in.shape[0]
-        h = check_cache(inference_cache, Bsz, self.n_state, type(self).__name__)
+        h = check_cache(inference_cache, Bsz, self.n_state, type(self).__name__, self._precision)
         real = inference_cache["D"].dtype
         ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
         with torch.autocast(device_type=u_in.device.type, enabled=False):
