@@ -87,13 +87,20 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LRNNConfig) -> None:
         super().__init__(config)
-        lm = LRNNLMHeadModel(**config.lrnnx_kwargs())
-        # from_pretrained(dtype=...) builds the model under that default dtype, which only the
-        # tensors created without an explicit dtype follow; a cast applies lrnnx's precision
-        # policy to all of them (float64 everywhere; the recurrences' own tensors float32
-        # under 16-bit dtypes), as LRNNLMHeadModel.from_pretrained(dtype=...) does
-        if torch.get_default_dtype() != torch.float32:
-            lm.to(torch.get_default_dtype())
+        # from_pretrained(dtype=...) (or a config's "dtype") builds the model under that default
+        # dtype, which only the tensors created without an explicit dtype would follow (and
+        # which some models refuse to build in: 16 bits); the LM is built in float32, then a
+        # cast applies lrnnx's precision policy to every tensor (float64 everywhere; the
+        # recurrences' own tensors float32 under 16-bit dtypes), as
+        # LRNNLMHeadModel.from_pretrained(dtype=...) does
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            lm = LRNNLMHeadModel(**config.lrnnx_kwargs())
+        finally:
+            torch.set_default_dtype(default)
+        if default != torch.float32:
+            lm.to(default)
         # the LM's modules become this model's own children (identical state_dict keys); the
         # LM object itself stays unregistered and runs forward / step on those same modules
         for name, child in lm.named_children():
