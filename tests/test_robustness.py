@@ -481,6 +481,94 @@ def test_classifier_padding_never_matters(mixer):
         assert_close_rel(clf(x_nan, lengths=lengths), clf(x, lengths=lengths), length=20)
 
 
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_padding_never_reaches_a_gradient(fill):
+    """NaN or inf in the padding: every parameter's gradient is that of zero padding (the
+    classifier's encoder and a Block's norms and MLP run on every position) and the padding's
+    own gradient is exactly 0."""
+    from lrnnx.architectures import Classifier
+    from lrnnx.layers import Block, GatedMLP
+    from lrnnx.models.registry import build_mixer
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 4])
+    clf = Classifier(d_input=3, n_classes=4, d_model=8, d_state=4, n_layers=2, mixer="s5").double()
+    block = Block(8, build_mixer("s5", 8, 4), mlp=GatedMLP(8)).double()
+    for model, width in ((clf, 3), (block, 8)):
+        x = torch.randn(2, 7, width, dtype=torch.float64)
+        x[1, 4:] = 0.0
+        expect = _grads(model, model(x, lengths=lengths).sum())
+        bad = x.clone().requires_grad_()
+        with torch.no_grad():
+            bad[1, 4:] = fill
+        got = _grads(model, model(bad, lengths=lengths).sum())
+        assert set(got) == set(expect)
+        for name, g in got.items():
+            assert_close_rel(g, expect[name], length=7, msg=name)
+        assert torch.equal(bad.grad[1, 4:], torch.zeros_like(bad.grad[1, 4:]))
+
+
+def test_classifier_padded_timesteps_may_hold_anything():
+    """integration_timesteps are read at the valid positions only (as every mixer does),
+    pooling between blocks included."""
+    from lrnnx.architectures import Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier(3, 4, d_model=8, d_state=4, n_layers=2, mixer="event-s5",
+                     pool_between=("mean", 2)).eval()  # fmt: skip
+    x, lengths = torch.randn(2, 8, 3), torch.tensor([8, 5])
+    ts = torch.rand(2, 8)
+    bad = ts.clone()
+    bad[1, 5:] = torch.tensor([float("nan"), -1.0, float("inf")])
+    with torch.no_grad():
+        expect = clf(x, integration_timesteps=ts, lengths=lengths)
+        assert_close_rel(clf(x, integration_timesteps=bad, lengths=lengths), expect, length=8)
+
+
+def test_padded_token_ids_may_hold_anything():
+    """With lengths, padded ids (-100, vocab_size) are never range-checked or embedded: the
+    valid logits are those of any in-range padding; ids of a narrow integer dtype work."""
+    from lrnnx.architectures import Classifier
+
+    torch.manual_seed(0)
+    lm = _lm("s5")
+    clf = Classifier(20, 3, d_model=16, d_state=8, n_layers=1, encoder="embedding").eval()
+    ids = torch.randint(0, 20, (2, 6))
+    lengths = torch.tensor([6, 3])
+    bad = ids.clone()
+    bad[1, 3:] = torch.tensor([-100, 20, 10**6])
+    with torch.no_grad():
+        assert_close_rel(lm(bad, lengths=lengths), lm(ids, lengths=lengths), length=6)
+        assert_close_rel(clf(bad, lengths=lengths), clf(ids, lengths=lengths), length=6)
+        for dtype in (torch.uint8, torch.int16):
+            assert_close_rel(lm(ids.to(dtype)), lm(ids), length=6, msg=str(dtype))
+            assert_close_rel(clf(ids.to(dtype)), clf(ids), length=6, msg=str(dtype))
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 20\)"):
+        lm(bad)  # without lengths every id counts
+
+
+def test_classifier_without_steps_is_named():
+    from lrnnx.architectures import Classifier
+
+    for pooling in ("mean", "last", "max"):
+        clf = Classifier(d_input=3, n_classes=4, d_model=8, d_state=4, pooling=pooling)
+        with pytest.raises(ValueError, match=r"x: expected at least 1 step .* \(2, 0, 3\)"):
+            clf(torch.randn(2, 0, 3))
+        assert clf(torch.randn(0, 0, 3)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("name", ["s5", "mamba"])
+def test_empty_lengths_list_for_an_empty_batch(name):
+    model = build(name)
+    assert run(model, torch.randn(0, 5, H), lengths=[]).shape == (0, 5, H)
+
+
 BAD_CALLS = {
     "x is not a tensor": (lambda m, n: run(m, [[1.0] * H] * 4), "x"),
     "x without a batch": (lambda m, n: run(m, torch.randn(10, H)), "x"),

@@ -32,7 +32,14 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.checks import check_timesteps, lengths_mask, packed_offsets, zero_where_not
+from lrnnx.core.base import empty_in_graph
+from lrnnx.core.checks import (
+    as_lengths,
+    check_timesteps,
+    lengths_mask,
+    packed_offsets,
+    zero_where_not,
+)
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
 from lrnnx.layers.linear import Linear
@@ -72,14 +79,14 @@ def pool_time(
         idx = (count - 1).clamp(min=0)  # the last valid element of the window
         out = hw.gather(2, idx[:, :, None, None].expand(B, n, 1, D))[:, :, 0]
     elif kind == "mean":
-        out = (hw * vw[..., None].to(h.dtype)).sum(2) / count.clamp(min=1)[..., None].to(h.dtype)
+        out = zero_where_not(hw, vw[..., None]).sum(2) / count.clamp(min=1)[..., None].to(h.dtype)
     else:
         out = hw.masked_fill(~vw[..., None], float("-inf")).amax(2)
     out = torch.where((count > 0)[..., None], out, torch.zeros_like(out))
     new_lengths = None if lengths is None else (lengths.to(h.device) + factor - 1) // factor
     ts = None
     if integration_timesteps is not None:
-        ts = F.pad(integration_timesteps * valid.to(integration_timesteps.dtype), (0, pad))
+        ts = F.pad(zero_where_not(integration_timesteps, valid), (0, pad))
         ts = ts.view(B, n, factor).sum(-1)
     return out, new_lengths, ts
 
@@ -260,7 +267,20 @@ class Classifier(PretrainedMixin, nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = Linear(d_model, n_classes)
 
-    def _encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x -> (B, L, d_model); with ``mask`` (B, L) of valid positions, the padding is
+        replaced by zeros (token 0) before the encoder, so whatever it holds (NaN, inf, an
+        out-of-range id such as -100) reaches neither the output nor a gradient.  x is checked
+        (:meth:`_check_input`)."""
+        if self.encoder_kind == "embedding":
+            if x.dtype not in (torch.int32, torch.int64):  # uint8, int16, ...: the embedding
+                x = x.long()  # takes int32/int64 ids
+            return self.encoder(x if mask is None else zero_where_not(x, mask))
+        return self.encoder(x if mask is None else zero_where_not(x, mask[..., None]))
+
+    def _check_input(self, x: Tensor, mask: Optional[Tensor] = None, ids: bool = True) -> None:
+        """Type and shape of x; with ``ids``, token ids in range (at the valid positions of
+        ``mask`` when given)."""
         if self.encoder_kind == "embedding":
             if (
                 not isinstance(x, Tensor)
@@ -274,11 +294,15 @@ class Classifier(PretrainedMixin, nn.Module):
                 )
             if x.dim() != 2:
                 raise ValueError(f"x: expected shape (B, L) of token ids, got {tuple(x.shape)}")
-            if x.numel() and (bool((x < 0).any()) or bool((x >= self.d_input).any())):
+            if not ids:
+                return
+            v = x if mask is None else x[mask]
+            if v.numel() and (bool((v < 0).any()) or bool((v >= self.d_input).any())):
                 raise ValueError(
-                    f"x: expected token ids in [0, {self.d_input}), got min {int(x.min())} max {int(x.max())}"
+                    f"x: expected token ids in [0, {self.d_input}), got min {int(v.min())} "
+                    f"max {int(v.max())}"
                 )
-            return self.encoder(x)
+            return
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(
@@ -286,7 +310,6 @@ class Classifier(PretrainedMixin, nn.Module):
             )
         if x.dim() != 3 or x.shape[-1] != self.d_input:
             raise ValueError(f"x: expected shape (B, L, {self.d_input}), got {tuple(x.shape)}")
-        return self.encoder(x)
 
     def forward(
         self,
@@ -312,21 +335,26 @@ class Classifier(PretrainedMixin, nn.Module):
         """
         if cu_seqlens is not None:
             return self._forward_packed(x, integration_timesteps, lengths, cu_seqlens)
-        h = self._encode(x)
-        B, L, _ = h.shape
-        if lengths is not None and not isinstance(lengths, Tensor):
-            lengths = torch.as_tensor(lengths)
-        mask = lengths_mask(lengths, B, L, h.device)
-        if lengths is not None and bool((lengths < 1).any()):
+        self._check_input(x, ids=False)
+        B, L = x.shape[:2]
+        if B and L == 0:
+            raise ValueError(
+                f"x: expected at least 1 step per sequence to classify, got shape {tuple(x.shape)}"
+            )
+        lengths = as_lengths(lengths, B, L, device=x.device)
+        mask = lengths_mask(lengths, B, L, x.device)
+        if lengths is not None and B and bool((lengths < 1).any()):
             raise ValueError(
                 f"lengths: expected every length >= 1 to classify, got min {int(lengths.min())}"
             )
-        check_timesteps(integration_timesteps, B, L)
-        if lengths is not None:
-            lengths = lengths.to(h.device)
+        self._check_input(x, mask)
+        check_timesteps(integration_timesteps, B, L, mask)
+        h = self._encode(x, mask)
         if mask is not None:
             h = zero_where_not(h, mask[..., None])
         ts = integration_timesteps
+        if ts is not None and mask is not None:  # the padding's times may hold anything
+            ts = zero_where_not(ts, mask)
         for i, block in enumerate(self.blocks):
             h = block(h, integration_timesteps=ts, lengths=lengths)
             if self.pool_between is not None and i < len(self.blocks) - 1:
@@ -338,6 +366,7 @@ class Classifier(PretrainedMixin, nn.Module):
         self, x: Tensor, ts: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Tensor
     ) -> Tensor:
         """Packed sequences: (1, T, ...) -> (S, n_classes)."""
+        self._check_input(x)
         h = self._encode(x)
         B, T, _ = h.shape
         cu = packed_offsets(cu_seqlens, lengths, B, T, f"x {tuple(x.shape)} (1, T, ...)")
@@ -360,11 +389,13 @@ class Classifier(PretrainedMixin, nn.Module):
     def _pool(self, h: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """(B, L, D) -> (B, D) over the valid positions."""
         B, L, D = h.shape
+        if L == 0:  # an empty batch (B = 0): nothing to pool, zero gradients for everything
+            return empty_in_graph(h, (B, D), self)
         if self.pooling == "last":
             if lengths is None:
                 return h[:, -1]
             return h.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, D))[:, 0]
         valid = _valid_or_all(lengths, B, L, h.device)[..., None]
         if self.pooling == "mean":
-            return (h * valid.to(h.dtype)).sum(1) / valid.sum(1).to(h.dtype)
+            return zero_where_not(h, valid).sum(1) / valid.sum(1).to(h.dtype)
         return h.masked_fill(~valid, float("-inf")).amax(1)

@@ -115,9 +115,14 @@ def packed_lm_loss(
 
 
 def _check_ids(
-    ids: Any, vocab_size: int, name: str = "input_ids", check_values: bool = True
+    ids: Any,
+    vocab_size: int,
+    name: str = "input_ids",
+    check_values: bool = True,
+    mask: Optional[Tensor] = None,
 ) -> None:
-    """Type and range checks of token ids.
+    """Type and range checks of token ids (any integer dtype; the range at the valid positions
+    of ``mask`` (B, L) when given: padding may hold anything, e.g. -100).
 
     The range check reads the ids' values (a host synchronisation); it is skipped under
     ``torch.compile`` (a data-dependent branch would break the graph) and where the caller
@@ -129,7 +134,9 @@ def _check_ids(
         raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {ids.dtype}")
     if not check_values or ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    if bool((ids < 0).any()) or bool((ids >= vocab_size).any()):
+    if mask is not None:
+        ids = ids[mask]
+    if ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab_size).any())):
         raise ValueError(
             f"{name}: expected token ids in [0, {vocab_size}), got min {int(ids.min())} "
             f"max {int(ids.max())}"
@@ -339,7 +346,10 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def _embed(self, input_ids: Tensor) -> Tensor:
-        """The residual stream's start: float32 at least with ``residual_in_fp32``."""
+        """The residual stream's start: float32 at least with ``residual_in_fp32``.  Ids of a
+        narrow integer dtype (uint8, int16, ...) are widened: the embedding takes int32/int64."""
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            input_ids = input_ids.long()
         x = self.embedding(input_ids)
         if self.residual_in_fp32:
             x = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -382,7 +392,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             ValueError: bad ids or shapes; ``cu_seqlens`` malformed, with a batch other than
                 1, with ``lengths``, or with a mixer that does not take packed sequences.
         """
-        _check_ids(input_ids, self.vocab_size)
+        _check_ids(input_ids, self.vocab_size, check_values=False)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, L), got {tuple(input_ids.shape)}")
         B, L = input_ids.shape
@@ -390,8 +400,11 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             cu_seqlens, lengths, *input_ids.shape, f"input_ids {tuple(input_ids.shape)} (1, T)"
         )
         mask = lengths_mask(lengths, B, L, input_ids.device)
+        _check_ids(input_ids, self.vocab_size, mask=mask)
         if inference_cache is not None:
             self._check_cache(inference_cache)
+        if mask is not None:  # the padding's ids may be anything (-100, vocab_size): token 0
+            input_ids = zero_where_not(input_ids, mask)
         x = self._embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(

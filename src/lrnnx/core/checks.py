@@ -53,6 +53,8 @@ def as_lengths(lengths: Any, batch: int, seqlen: int, device=None) -> Optional[T
             raise TypeError(
                 f"lengths: expected a (B,) integer tensor or list, got {type(lengths).__name__}"
             ) from e
+        if lengths.numel() == 0:  # [] (an empty batch) becomes float32: no values, no dtype
+            lengths = lengths.long()
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths: expected an integer tensor, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):

@@ -117,6 +117,10 @@ class Block(nn.Module):
         check_sequence(x, self.dim)
         self._check_packing(cu_seqlens)
         mask = lengths_mask(lengths, x.shape[0], x.shape[1], x.device)
+        if mask is not None:
+            # the padding is zeroed on entry: the norms and the MLP run on every position,
+            # and a NaN or inf there would reach their weights' gradients (x 0 = NaN)
+            x = zero_where_not(x, mask[..., None])
         kwargs: Dict[str, Any] = {}
         if integration_timesteps is not None:
             kwargs["integration_timesteps"] = integration_timesteps
