@@ -410,6 +410,13 @@ def test_zero_new_tokens_and_errors():
         generate(lm, prompt, 2, top_k=-1)
     with pytest.raises(ValueError, match="repetition_penalty"):
         generate(lm, prompt, 2, repetition_penalty=0.0)
+    for kw in ({"temperature": float("nan")}, {"temperature": float("inf")},
+               {"repetition_penalty": float("inf")}, {"top_p": float("nan")}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            generate(lm, prompt, 2, do_sample=True, **kw)
+    for kw in ({"temperature": "0.7"}, {"top_p": "0.9"}, {"repetition_penalty": "1.2"}):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            generate(lm, prompt, 2, do_sample=True, **kw)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(lm, prompt, -1)
     with pytest.raises(TypeError, match="do_sample"):
@@ -468,3 +475,22 @@ def test_cuda_graph_decoding_matches_eager():
     b = generate(lm, ids, 8, attention_mask=mask, output_scores=True, cuda_graph=False)
     assert a.cuda_graph and torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores))
+
+
+def test_sample_logits_checks_and_tiny_temperatures():
+    """sample_logits checks its arguments as generate does; a temperature so small that
+    logits / T overflows samples the argmax (no inf/NaN probabilities), in generate too."""
+    from lrnnx.utils import sample_logits
+
+    logits = torch.tensor([[10.0, 0.0, -10.0], [-3.0, 4.0, 1.0]])
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_logits(logits, temperature=bad)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_logits(logits, top_p=0.0)
+    for t in (1e-30, 1e-45):
+        assert torch.equal(sample_logits(logits, temperature=t), logits.argmax(-1))
+    lm = make(["s5"], torch.float32)  # float32 logits: 10 / 1e-45 overflows
+    prompt = torch.randint(0, V, (2, 3))
+    greedy = generate(lm, prompt, 4)
+    assert torch.equal(generate(lm, prompt, 4, do_sample=True, temperature=1e-45), greedy)

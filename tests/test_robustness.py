@@ -467,6 +467,27 @@ def test_lm_caches_and_empty_inputs(mixer):
         assert lm(torch.zeros(*shape, dtype=torch.long)).shape == (*shape, lm.vocab_size)
 
 
+def test_lm_prefill_too_long_for_a_kv_cache_changes_nothing():
+    """A prefill that an attention layer's cache cannot hold is refused before any layer
+    advances: the cache is as it was, and a shorter prefill into it equals a fresh one."""
+    from lrnnx.architectures import LRNNLMHeadModel
+
+    torch.manual_seed(0)
+    lm = LRNNLMHeadModel(d_model=16, d_state=8, n_layer=2, vocab_size=20,
+                         mixer_types=["mamba", "attn"]).eval()  # fmt: skip
+    cache = lm.allocate_inference_cache(2, max_seqlen=3)
+    before = copy.deepcopy(cache)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"inference_cache\[1\].*no layer has"):
+        lm(torch.randint(0, 20, (2, 4)), inference_cache=cache)
+    for key, value in before[0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(cache[0][key], value), key
+    assert cache[0]["seqlen_offset"] == 0 and cache["seqlen_offset"] == 0
+    ids = torch.randint(0, 20, (2, 3))
+    with torch.no_grad():
+        assert_close_rel(lm(ids, inference_cache=cache), lm(ids), length=3)
+
+
 @pytest.mark.parametrize("mixer", ARCH_MIXERS)
 def test_classifier_padding_never_matters(mixer):
     from lrnnx.architectures import Classifier

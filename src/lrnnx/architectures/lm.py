@@ -402,7 +402,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         mask = lengths_mask(lengths, B, L, input_ids.device)
         _check_ids(input_ids, self.vocab_size, mask=mask)
         if inference_cache is not None:
-            self._check_cache(inference_cache)
+            self._check_cache(inference_cache, L)
         if mask is not None:  # the padding's ids may be anything (-100, vocab_size): token 0
             input_ids = zero_where_not(input_ids, mask)
         x = self._embed(input_ids)
@@ -480,7 +480,10 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         cache["seqlen_offset"] = 0
         return cache
 
-    def _check_cache(self, cache: Any) -> None:
+    def _check_cache(self, cache: Any, new_tokens: int = 1) -> None:
+        """The cache's layout, and room for ``new_tokens`` in every KV cache, checked before
+        any layer advances its state (a prefill refused by a later attention layer would
+        otherwise leave the earlier layers' states advanced)."""
         if not isinstance(cache, dict) or any(i not in cache for i in range(self.n_layer)):
             error = ValueError if isinstance(cache, dict) else TypeError
             raise error(
@@ -488,6 +491,17 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 f"0..{self.n_layer - 1}, got {type(cache).__name__}"
                 + (f" with keys {sorted(map(str, cache))}" if isinstance(cache, dict) else "")
             )
+        for i in range(self.n_layer):
+            kc = cache[i].get("k_cache") if isinstance(cache[i], dict) else None
+            if not isinstance(kc, Tensor) or kc.dim() != 4:
+                continue
+            offset = int(cache[i].get("seqlen_offset", 0))
+            if offset + new_tokens > kc.shape[2]:
+                raise ValueError(
+                    f"inference_cache[{i}] (attention): holds max_seqlen = {kc.shape[2]} "
+                    f"positions, got {offset} cached + {new_tokens} new; allocate a larger "
+                    "cache (no layer has advanced)"
+                )
 
     def generate(self, input_ids: Tensor, max_new_tokens: Optional[int] = None, **kwargs: Any):
         """Shortcut for :func:`lrnnx.utils.generation.generate` (same arguments: ``max_new_tokens``

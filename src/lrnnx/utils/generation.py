@@ -15,6 +15,7 @@ on one thread (:func:`decode_threads`; the count is restored after).
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 import warnings
@@ -90,6 +91,39 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return out
 
 
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature (B, V).  A row that this would overflow to inf (a temperature so
+    small that the sample is all but greedy, e.g. 1e-45) is shifted by its maximum first, which
+    leaves its distribution unchanged and its values finite; other rows are exactly
+    logits / temperature (transformers' ``TemperatureLogitsWarper``)."""
+    if temperature == 1:
+        return logits
+    scaled = logits / temperature
+    overflow = (torch.isinf(scaled) & torch.isfinite(logits)).any(-1, keepdim=True)
+    shifted = (logits - logits.amax(-1, keepdim=True)) / temperature
+    return torch.where(overflow, shifted, scaled)
+
+
+def _check_real(name: str, value: Any, low: float, high: float, closed: str, expected: str):
+    """A real number (bool excluded: TypeError) in [low, high), (low, high] or (low, high) per
+    ``closed`` ("low", "high" or "neither"): ValueError otherwise, NaN included."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    inside = (low <= value if closed == "low" else low < value) and (
+        value <= high if closed == "high" else value < high
+    )
+    if not inside:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
+    """temperature: a finite real >= 0; top_k: an int >= 0; top_p: a real in (0, 1]."""
+    _check_real("temperature", temperature, 0, math.inf, "low", "a finite float >= 0")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
+    _check_real("top_p", top_p, 0, 1, "high", "a float in (0, 1]")
+
+
 def sample_logits(
     logits: Tensor,
     temperature: float = 1.0,
@@ -98,10 +132,17 @@ def sample_logits(
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Next tokens (B,) from logits (B, V): argmax if temperature == 0 or top_k == 1, else a
-    sample from softmax(filter_logits(logits / temperature))."""
+    sample from softmax(filter_logits(logits / temperature)) (see :func:`apply_temperature`).
+
+    Raises:
+        ValueError: a temperature that is negative, NaN or inf, a top_k that is not an int
+            >= 0, or a top_p outside (0, 1].
+        TypeError: a temperature or top_p that is not a real number.
+    """
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    scaled = filter_logits(logits.float() / temperature, top_k, top_p)
+    scaled = filter_logits(apply_temperature(logits.float(), temperature), top_k, top_p)
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
 
 
@@ -243,14 +284,10 @@ def _check_args(
         )
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
-    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty: expected a float > 0, got {repetition_penalty!r}")
+    _check_sampling(temperature, top_k, top_p)
+    _check_real(
+        "repetition_penalty", repetition_penalty, 0, math.inf, "neither", "a finite float > 0"
+    )
     if pad_token_id is not None and (
         not isinstance(pad_token_id, numbers.Integral)
         or isinstance(pad_token_id, bool)
@@ -295,7 +332,9 @@ def _prompt_layout(input_ids: Tensor, attention_mask: Any) -> Tuple[Tensor, Opti
     if not torch.equal(block, mask):
         raise ValueError(
             "attention_mask: each row's 1s must be one contiguous block (a left- or "
-            "right-padded prompt)"
+            "right-padded prompt); transformers' generate builds the mask as input_ids != "
+            "pad_token_id when none is passed, so a prompt holding pad_token_id inside a row "
+            "needs an explicit attention_mask"
         )
     moved = input_ids.gather(1, (start[:, None] + pos) % L)  # valid tokens first
     return torch.where(pos < n[:, None], moved, torch.zeros_like(moved)), n
@@ -550,7 +589,7 @@ def generate(
                 if seen is not None:
                     x = _penalize(x, seen, repetition_penalty)
                 if sample:
-                    x = filter_logits(x / temperature if temperature != 1 else x, top_k, top_p)
+                    x = filter_logits(apply_temperature(x, temperature), top_k, top_p)
                     tok = torch.multinomial(x.softmax(-1), 1, generator=generator)[:, 0]
                 else:
                     tok = x.argmax(-1)
