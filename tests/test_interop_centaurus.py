@@ -304,6 +304,27 @@ def test_bad_checkpoints_are_refused():
         from_state_dict({**sd, "extra": torch.zeros(1)}, **kw, mode="neck")
     with pytest.raises(ValueError, match="num_states"):
         from_state_dict(sd, 0, CIN, COUT, J, "neck")
+    # an int would be read as a float silently, a complex tensor lose its imaginary part, a
+    # NaN pole give NaN outputs
+    for bad in (sd["A"].long(), sd["A"].to(torch.complex128), [[0.0]]):
+        with pytest.raises(TypeError, match=r"state_dict\['A'\]: expected a"):
+            from_state_dict({**sd, "A": bad}, **kw, mode="neck")
+    nan = sd["A"].clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"state_dict\['A'\]: expected finite"):
+        from_state_dict({**sd, "A": nan}, **kw, mode="neck")
+
+
+def test_mixed_dtypes_keep_the_widest():
+    """float32 A with float64 B, C, E: a float64 block, nothing rounded."""
+    sd = random_state_dict("neck")
+    kw = dict(num_states=M, in_channels=CIN, out_channels=COUT, state_blocks=J, mode="neck")
+    mixed = {**sd, "A": sd["A"].float()}
+    model = from_state_dict(mixed, **kw)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    ref = from_state_dict({**sd, "A": sd["A"].float().double()}, **kw).eval()
+    x = torch.randn(2, 16, CIN, dtype=torch.float64)
+    assert_close_rel(model.eval()(x), ref(x), dtype=torch.float64, length=16)
 
 
 def test_warnings_for_what_is_not_carried():

@@ -342,6 +342,13 @@ def test_broken_checkpoints_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match="A_log: expected shape"):
         LRNNLMHeadModel.from_pretrained(wrong)
 
+    # a config whose vocabulary outgrows the embedding: ids the checkpoint never had
+    grown = tmp_path / "grown_vocab"
+    write_config(grown, {**config, "vocab_size": 60})
+    torch.save(hf.state_dict(), grown / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="lm_head.weight: has 50 rows.* is 60"):
+        LRNNLMHeadModel.from_pretrained(grown)
+
 
 def test_lm_norm_options_are_checked():
     with pytest.raises(ValueError, match="norm_type"):

@@ -168,6 +168,12 @@ def test_bad_inputs_name_the_problem(tmp_path):
         rglru_from_recurrentgemma(sd, {"hidden_size": 8})
     with pytest.raises(TypeError, match="^block: "):
         rglru_from_recurrentgemma(torch.zeros(3))
+    for bad in (sd["linear_x.bias"].long(), sd["linear_x.bias"].to(torch.complex64), [0.0]):
+        with pytest.raises(TypeError, match=r"state_dict\['linear_x.bias'\]: expected a real"):
+            rglru_from_recurrentgemma(dict(sd, **{"linear_x.bias": bad}))
+    # mixed dtypes: the widest, nothing rounded
+    mixed = dict(sd, **{"linear_x.weight": sd["linear_x.weight"].bfloat16()})
+    assert rglru_from_recurrentgemma(mixed).in_proj.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="recurrentgemma_layers_from_state_dict"):
         rglru_from_recurrentgemma({f"model.layers.0.temporal_block.{k}": v for k, v in sd.items()})
     with pytest.raises(FileNotFoundError, match="config.json"):

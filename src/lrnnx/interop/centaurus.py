@@ -154,13 +154,14 @@ def from_state_dict(
 
     Returns:
         The block, in train mode like any new module (call ``.eval()`` for inference: BatchNorm
-        then uses the copied running statistics), in the state dict's dtype (float64 stays
-        float64, anything else becomes float32), on the CPU, mapping (B, L, C_in) -> (B, L, C_out).
+        then uses the copied running statistics), in the state dict's dtype (float64 if any
+        tensor is float64, else float32), on the CPU, mapping (B, L, C_in) -> (B, L, C_out).
 
     Raises:
+        TypeError: an entry that is not a real floating-point tensor.
         ValueError: an unknown mode, norm or postact, a size below 1, a missing or unexpected key,
-            or a tensor whose shape is not the one the arguments imply (the message names the
-            key, the expected and the received shape).
+            a tensor whose shape is not the one the arguments imply (the message names the
+            key, the expected and the received shape), or a non-finite SSM tensor.
     """
     ours_mode = _choice("mode", mode, MODES)
     _choice("norm", norm, NORMS)
@@ -179,6 +180,7 @@ def from_state_dict(
     norm_for = {
         c: (None if norm in ("layer-feature", "rms") and c == 1 else norm) for c in (Cin, Cout)
     }
+    _check_tensors(state_dict)
     ours = _translate(state_dict, mode, (J, M, Cin, Cout), norm_for, use_activations)
     sizes = (Cin, Cout, M) if mode == "full" else (Cin, Cin if mode == "dws" else J, M)
     kwargs: Dict[str, Any] = dict(discretization="simplified_zoh", mode=ours_mode)
@@ -190,12 +192,33 @@ def from_state_dict(
     if use_activations:
         kwargs.update(out_norm=NORMS[norm_for[Cout]], out_activation=act_ours)
     model = Centaurus(*sizes, **kwargs)
-    if ours["A_real_raw"].dtype == torch.float64:
-        model = model.double()
+    if any(v.is_floating_point() and v.dtype == torch.float64 for v in state_dict.values()):
+        model = model.double()  # float64 anywhere: nothing is rounded
     _warn_clamped_poles(ours["A_real_raw"])
     target = model.state_dict()
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in ours.items()})
     return model
+
+
+#: their SSM's own tensors (the recurrence: finite values required)
+_SSM_KEYS = ("A", "B", "C", "E", "log_dt")
+
+
+def _check_tensors(sd: Mapping[str, Tensor]) -> None:
+    """Every entry a real floating-point tensor (BatchNorm's ``num_batches_tracked`` an
+    integer one), the SSM's own finite: an int would be read as a float silently, a complex
+    tensor lose its imaginary part, a NaN pole give NaN outputs."""
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"state_dict[{k!r}]: expected a tensor, got {type(v).__name__}")
+        if k.endswith("num_batches_tracked"):
+            continue
+        if not v.is_floating_point():
+            raise TypeError(
+                f"state_dict[{k!r}]: expected a real floating-point tensor, got {v.dtype}"
+            )
+        if k in _SSM_KEYS and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"state_dict[{k!r}]: expected finite values, got NaN or inf")
 
 
 def _choice(name: str, value: Any, table: Mapping[Any, Any]) -> Any:

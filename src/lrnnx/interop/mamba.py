@@ -305,7 +305,8 @@ def convert_mamba_state_dict(
 
     Raises:
         ValueError: a tied head that differs from the embedding; an untied config without
-            ``lm_head.weight``; a config :func:`mamba_lm_config` refuses.
+            ``lm_head.weight``; an embedding or head with fewer rows than the config's
+            vocab_size; a config :func:`mamba_lm_config` refuses.
     """
     lm = mamba_lm_config(config, layout)
     out = {_lrnnx_key(k): v for k, v in state.items()}
@@ -326,10 +327,27 @@ def convert_mamba_state_dict(
             "but the checkpoint has no 'lm_head.weight'"
         )
     else:
+        _check_rows(head, lm["vocab_size"], _source_key(state, "lm_head.weight"))
         out["lm_head.weight"] = _pad_rows(head, rows)
     if emb is not None:
+        _check_rows(emb, lm["vocab_size"], _source_key(state, "embedding.weight"))
         out["embedding.weight"] = _pad_rows(emb, rows)
     return out
+
+
+def _source_key(state: Mapping[str, Tensor], ours: str) -> str:
+    """The checkpoint's own name of the tensor that maps to lrnnx's ``ours``."""
+    return next((k for k in state if _lrnnx_key(k) == ours), ours)
+
+
+def _check_rows(weight: Tensor, vocab_size: int, key: str) -> None:
+    """A vocabulary matrix must hold a row per id of the config's vocabulary (padding rows
+    are only ever added past it): fewer would give ids the checkpoint never trained."""
+    if weight.dim() == 2 and weight.shape[0] < vocab_size:
+        raise ValueError(
+            f"{key}: has {weight.shape[0]} rows, but the config's vocab_size is {vocab_size}; "
+            "the config does not belong to these weights"
+        )
 
 
 # ---------------------------------------------------------------------------------- files

@@ -36,6 +36,7 @@ checkpoint directory through ``config.json`` and safetensors files.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -125,6 +126,11 @@ def _check_block_state(state: Mapping[str, Tensor], where: str) -> Dict[str, int
         if any(_LAYER_KEY.match(k) for k in state):
             hint = "; for a whole model's state_dict use recurrentgemma_layers_from_state_dict"
         raise ValueError(f"{where}: missing entries {missing}{hint}")
+    for k in _BLOCK_KEYS:
+        v = state[k]
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            got = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise TypeError(f"{where}[{k!r}]: expected a real floating-point tensor, got {got}")
     for k, ndim in (("linear_x.weight", 2), ("rg_lru.recurrent_gate_weight", 3),
                     ("conv_1d.weight", 3)):  # fmt: skip
         if state[k].dim() != ndim or 0 in state[k].shape:
@@ -202,8 +208,8 @@ def rglru_from_recurrentgemma(
             the activation is read off ``block.act_fn`` for a module, and is transformers'
             default "gelu_pytorch_tanh" for a state_dict.
         layer_idx: stored on the RGLRU (for callers that key caches by layer).
-        dtype: the RGLRU's parameter dtype; None keeps the weights' (``Lambda`` is at least
-            float32).
+        dtype: the RGLRU's parameter dtype; None keeps the weights' (the widest, when they
+            differ; ``Lambda`` is at least float32).
         device: where to put the RGLRU (default: CPU).
 
     Returns:
@@ -213,7 +219,8 @@ def rglru_from_recurrentgemma(
         ``position_ids`` 0..L-1, and ``step`` equal to its cached decoding.
 
     Raises:
-        TypeError: ``block`` is neither a module nor a mapping of tensors.
+        TypeError: ``block`` is neither a module nor a mapping of tensors, or an entry is not
+            a real floating-point tensor.
         ValueError: missing or mis-shaped weights, sizes disagreeing with ``config``, or an
             activation that is not a GeLU.
     """
@@ -235,7 +242,8 @@ def rglru_from_recurrentgemma(
     sizes = _check_block_state(state, where)
     if config is not None:
         _check_config_sizes(config, sizes, where)
-    dtype = state["linear_x.weight"].dtype if dtype is None else dtype
+    if dtype is None:  # the widest of the weights' dtypes: none is rounded
+        dtype = functools.reduce(torch.promote_types, (state[k].dtype for k in _BLOCK_KEYS))
     model = RGLRU(
         sizes["hidden_size"],
         d_conv=sizes["conv1d_width"],
