@@ -214,6 +214,33 @@ def test_unet_non_causal():
     assert attn(x).shape == (1, 12, 3)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mixer", ["s5", "mamba", "attn"])
+def test_unet_lengths_give_each_sequence_its_result_alone(mixer, causal):
+    """A padded batch with lengths: each row equals its sequence run alone (padded at its own
+    end inside forward), whatever the padding holds; padded outputs and gradients are 0;
+    an empty batch or sequence gives an empty output."""
+    net = make_unet(mixer, causal=causal)
+    lengths = torch.tensor([11, 5, 1])
+    x = torch.randn(3, 11, 2, dtype=torch.float64)
+    with torch.no_grad():
+        x[1, 5:] = float("nan")
+        x[2, 1:] = float("inf")
+    x.requires_grad_()
+    y = net(x, lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone = net(x[b : b + 1, :n].detach())
+        assert (y[b, :n] - alone[0]).abs().max() <= 1e-12 * alone.abs().max(), (b, n)
+        assert torch.equal(y[b, n:], torch.zeros_like(y[b, n:]))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[1, 5:], torch.zeros_like(x.grad[1, 5:]))
+    for p in net.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert net(torch.randn(2, 0, 2, dtype=torch.float64)).shape == (2, 0, 3)
+    assert net(torch.randn(0, 4, 2, dtype=torch.float64)).shape == (0, 4, 3)
+
+
 def test_unet_errors_and_save_load(tmp_path):
     with pytest.raises(ValueError, match="factor: expected an int >= 2"):
         UNet(1, 1, factor=1)

@@ -28,7 +28,8 @@ consecutive steps into one coarse step, counted from the start of the row, so a 
 straddles two sequences wherever a boundary is not a multiple of f^depth, and a sequence run
 alone is zero-padded at its own end to a multiple of f^depth, which a packed row cannot
 reproduce in place.  The causal shift also carries each sequence's last coarse step into the
-next one.  Run variable-length signals as a padded batch instead.
+next one.  Run variable-length signals as a padded batch with ``lengths`` instead: each row
+then gives its sequence's output alone.
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.checks import check_sequence, check_step_input
+from lrnnx.core.checks import (
+    as_lengths,
+    check_sequence,
+    check_step_input,
+    lengths_mask,
+    zero_where_not,
+)
 from lrnnx.layers import Block, RMSNorm
 from lrnnx.layers.block import ACTIVATIONS
 from lrnnx.layers.linear import Linear
@@ -69,21 +76,24 @@ class _Level(nn.Module):
             self.up = Linear(widths[i + 1], factor * w)
             self.dec = nn.ModuleList(make_block(w) for _ in range(n_blocks))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, L, w) -> (B, L, w); L is a multiple of factor^(levels below)."""
+    def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """(B, L, w) -> (B, L, w); L is a multiple of factor^(levels below), and so are the
+        ``lengths`` (B,) (each sequence's own padded length), which every block gets: a
+        sequence's steps past it are padding (zero outputs, never read by valid ones)."""
         for block in self.enc:
-            x = block(x)
+            x = block(x, lengths=lengths)
         if self.inner is None:
             return x
         B, L, w = x.shape
         f = self.factor
-        coarse = self.inner(self.down(x.reshape(B, L // f, f * w)))
+        coarse_lengths = None if lengths is None else lengths // f
+        coarse = self.inner(self.down(x.reshape(B, L // f, f * w)), coarse_lengths)
         u = self.up(coarse).reshape(B, L, w)  # coarse step k -> fine steps kf .. kf+f-1
         if self.causal:
             u = F.pad(u, (0, 0, f, 0))[:, :L]  # fine t <- coarse floor(t/f) - 1
         y = x + u
         for block in self.dec:
-            y = block(y)
+            y = block(y, lengths=lengths)
         return y
 
     def allocate_inference_cache(
@@ -240,12 +250,22 @@ class UNet(PretrainedMixin, nn.Module):
         """forward pads L to a multiple of this (factor ** depth)."""
         return self.factor**self.depth
 
-    def forward(self, x: Tensor, *, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        """(B, L, d_input) -> (B, L, d_output), any L >= 1.
+    def forward(
+        self, x: Tensor, lengths: Optional[Tensor] = None, *, cu_seqlens: Optional[Tensor] = None
+    ) -> Tensor:
+        """(B, L, d_input) -> (B, L, d_output), any L (L = 0: an empty output).
+
+        Args:
+            x: the signals, zero-padded at the end to a multiple of factor^depth inside.
+            lengths: (B,) valid lengths of a padded batch: each row's output equals that
+                sequence's output alone (the sequence padded at its own end, as ``forward``
+                pads a single one), whatever the padding holds (NaN included); outputs at
+                padded positions are 0.
+            cu_seqlens: refused (see below).
 
         Raises:
-            ValueError: L = 0; any ``cu_seqlens`` (packed sequences; the module docstring says
-                why the U-Net cannot keep them apart).
+            ValueError: any ``cu_seqlens`` (packed sequences; the module docstring says why
+                the U-Net cannot keep them apart), bad ``lengths``.
         """
         if cu_seqlens is not None:
             raise ValueError(
@@ -256,14 +276,24 @@ class UNet(PretrainedMixin, nn.Module):
                 f"{self.d_input}) without cu_seqlens"
             )
         check_sequence(x, self.d_input)
-        L = x.shape[1]
-        if L == 0:
-            raise ValueError("x: expected a sequence of length >= 1, got L = 0")
+        B, L = x.shape[:2]
+        mask = lengths_mask(lengths, B, L, x.device)
+        if L == 0 or B == 0:
+            return self.out_proj(self.norm_f(self.in_proj(x)))  # empty, in the graph
+        if mask is not None:  # padding never reaches a value or a gradient (a select)
+            x = zero_where_not(x, mask[..., None])
         h = self.in_proj(x)
-        pad = -L % self.multiple
-        h = F.pad(h, (0, 0, 0, pad))  # zeros at the end: no effect on outputs <= L in causal mode
-        h = self.level(h)[:, :L]
-        return self.out_proj(self.norm_f(h))
+        m = self.multiple
+        padded = None
+        if mask is not None:  # each sequence zero-padded at its own end, as when alone
+            h = zero_where_not(h, mask[..., None])
+            padded = -(-as_lengths(lengths, B, L, x.device) // m) * m
+        h = F.pad(
+            h, (0, 0, 0, -L % m)
+        )  # zeros at the end: no effect on outputs <= L in causal mode
+        h = self.level(h, padded)[:, :L]
+        y = self.out_proj(self.norm_f(h))
+        return y if mask is None else zero_where_not(y, mask[..., None])
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: Optional[int] = None, dtype: Optional[torch.dtype] = None
