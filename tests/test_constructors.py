@@ -493,3 +493,43 @@ def test_default_state_step(cls):
     y2, _ = m.step(x[:, 0], m.default_state(2))
     cache = m.allocate_inference_cache(2)
     torch.testing.assert_close(y2, m.step(x[:, 0], cache)[0])
+
+
+# constructor arguments found unchecked by a probe: each now names itself
+BAD_CONSTRUCTORS = {
+    "S5 discretization None": (lambda: _cls("s5")(4, 4, None), ValueError, "discretization"),
+    "event S5 discretization None": (
+        lambda: _cls("event-s5")(4, 4, discretization=None), ValueError, "discretization"),
+    "Mamba dt_scale < 0": (lambda: _cls("mamba")(4, dt_scale=-1.0), ValueError, "dt_scale"),
+    "Mamba dt_init_floor < 0": (
+        lambda: _cls("mamba")(4, dt_init_floor=-1.0), ValueError, "dt_init_floor"),
+    "Mamba int dtype": (lambda: _cls("mamba")(4, dtype=torch.int64), TypeError, "dtype"),
+    "RGLRU a_init_range of one": (
+        lambda: _cls("rglru")(4, a_init_range=(0.9,)), TypeError, "a_init_range"),
+    "S4D dropout str": (lambda: _cls("s4d")(4, d_state=4, dropout="0.1"), TypeError, "dropout"),
+    "S4D lr < 0": (lambda: _cls("s4d")(4, d_state=4, lr=-1.0), ValueError, "lr"),
+    "S5 conj_sym str": (lambda: _cls("s5")(4, 4, "zoh", conj_sym="no"), TypeError, "conj_sym"),
+    "S4D transposed str": (
+        lambda: _cls("s4d")(4, d_state=4, transposed="no"), TypeError, "transposed"),
+}  # fmt: skip
+
+
+def _cls(name):
+    from lrnnx.models.registry import get_model_class
+
+    return get_model_class(name)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONSTRUCTORS))
+def test_bad_constructor_arguments_are_named(case):
+    build, error, name = BAD_CONSTRUCTORS[case]
+    with pytest.raises(error, match=f"^{name}"):
+        build()
+
+
+def test_mamba_float64_constructor_is_float64_end_to_end():
+    """Mamba(dtype=torch.float64): A_log and D float64 too (the recurrence in float64), as
+    .double() gives."""
+    m = _cls("mamba")(8, d_state=4, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert m.allocate_inference_cache(1)["lrnn_state"].dtype == torch.float64

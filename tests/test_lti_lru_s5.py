@@ -204,3 +204,20 @@ def test_bad_inputs():
     cache = m.allocate_inference_cache(2)
     with pytest.raises(ValueError, match="x: expected shape"):
         m.step(torch.randn(2, H + 1), cache)
+
+
+def test_no_discretization_eigenvalues_train_at_small_steps():
+    """no_discretization learns log A_bar = Lambda * step: at small steps its initial real
+    parts (-step / 2) lie close to 0, inside the bound of its clamp (scaled by dt_min), so every
+    one of them gets a gradient (the bound of the continuous eigenvalues froze them all)."""
+    from lrnnx.models.ltv.s5 import S5 as EventS5
+
+    torch.manual_seed(0)
+    for model, x in (
+        (S5(4, 8, "no_discretization", dt_min=1e-5, dt_max=1e-4), torch.randn(2, 16, 4)),
+        (EventS5(4, 8, discretization="no_discretization", step_rescale=0.01),
+         torch.randn(2, 16, 4)),
+    ):  # fmt: skip
+        model(x).pow(2).sum().backward()
+        grad = model.Lambda_re.grad
+        assert bool((grad != 0).all()), grad

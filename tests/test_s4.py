@@ -639,3 +639,33 @@ def test_model_specific_arguments_raise():
     with pytest.raises(ValueError, match="disc"):
         S4D(d_model=4, d_state=8, disc="async", verbose=False)
     S4D(d_model=4, d_state=8, init="legt", verbose=False)  # S4D drops the low-rank term
+
+
+@pytest.mark.parametrize("cls", [S4, S4D])
+def test_l_max_cuts_the_kernel_and_says_so(cls):
+    """An input longer than l_max is convolved with the kernel cut at l_max taps (state-spaces'
+    FFTConv): equal to stepping up to step l_max, forgetting older inputs after it, with a
+    UserWarning once per module; the constructor's sigmoid transforms and flags are checked."""
+    torch.manual_seed(0)
+    model = cls(3, d_state=4, l_max=4, transposed=False).double().eval()
+    x = torch.randn(1, 12, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="longer than l_max = 4"):
+        y = model(x)[0]
+    with torch.no_grad():
+        cache = model.allocate_inference_cache(1, 1)
+        ys = torch.stack([model.step(x[:, t], cache)[0] for t in range(12)], 1)
+    assert_close_rel(y[:, :4], ys[:, :4], length=4)
+    # output t sees inputs t - 3 .. t only: the input 8 steps back changes nothing
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per module
+        assert_close_rel(model(x2)[0][:, 8:], y[:, 8:], length=12)
+    with pytest.raises(ValueError, match="real_transform: 'sigmoid'"):
+        cls(3, d_state=4, init="diag-real", real_transform="sigmoid")
+    with pytest.raises(TypeError, match="transposed: expected a bool"):
+        cls(3, d_state=4, transposed="no")
+    with pytest.raises(ValueError, match="lr"):
+        cls(3, d_state=4, lr=-1.0)

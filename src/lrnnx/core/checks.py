@@ -6,6 +6,7 @@ import math
 import numbers
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -298,6 +299,18 @@ def check_positive_float(name: str, value: Any, allow_zero: bool = False) -> flo
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return v
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (numpy's included): a string such as "no" or a number would
+    otherwise be read by its truth value, silently.
+
+    Raises:
+        ArgumentTypeError: (a TypeError) anything else.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ArgumentTypeError(f"{name}: expected a bool, got {_got(value)}")
 
 
 def check_dt_range(

@@ -35,6 +35,7 @@ from lrnnx.core.base import empty_in_graph
 from lrnnx.core.checks import (
     as_lengths,
     check_batch_size,
+    check_bool,
     check_dt_range,
     check_inference_cache,
     check_input_dtype,
@@ -123,14 +124,26 @@ STATE_CHUNK = 256
 # parameter transforms
 
 
-def inv_transform(param: Tensor, transform: str = "none") -> Tensor:
-    """Raw value whose :func:`param_transform` is ``param`` (positive; clamped at 1e-4)."""
+def inv_transform(param: Tensor, transform: str = "none", name: str = "transform") -> Tensor:
+    """Raw value whose :func:`param_transform` is ``param`` (positive; clamped at 1e-4).
+
+    Raises:
+        ValueError: ``transform`` "sigmoid" (whose values lie in (0, 1)) for a ``param`` that
+            reaches 1 or more, which has no preimage (its logit would be NaN); ``name``
+            names the argument that chose the transform.
+    """
     param = torch.clamp(param, min=1e-4)
     if transform in ("none", "relu"):
         return param
     if transform == "exp":
         return torch.log(param)
     if transform == "sigmoid":
+        if param.numel() and bool((param >= 1).any()):
+            raise ValueError(
+                f"{name}: 'sigmoid' gives values in (0, 1), but the initial values it must "
+                f"produce reach {float(param.max()):.4g}; choose 'exp', 'softplus' or 'relu' "
+                "(or an init / dt range below 1)"
+            )
         return torch.logit(param)
     if transform == "softplus":
         return param + torch.log(-torch.expm1(-param))  # log(exp(p) - 1), stable
@@ -264,6 +277,20 @@ def Activation(name: Optional[str], dim: int = -1) -> nn.Module:
     if name in table:
         return table[name]()
     raise ValueError(f"activation: expected None or one of {list(ACTIVATIONS)}, got {name!r}")
+
+
+def _check_hints(name: str, value: Any) -> Any:
+    """``lr`` / ``wd``: None, a finite number >= 0, or a mapping of the keys 'dt', 'A', 'B', 'C'
+    to such numbers or None (see :meth:`S4BlockBase.register`)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        unknown = sorted(set(map(str, value)) - {"dt", "A", "B", "C"})
+        if unknown:
+            raise ValueError(f"{name}: expected keys among 'dt', 'A', 'B', 'C', got {unknown}")
+        return {k: None if v is None else check_positive_float(f"{name}[{k!r}]", v, True)
+                for k, v in value.items()}  # fmt: skip
+    return check_positive_float(name, value, allow_zero=True)
 
 
 class DropoutNd(nn.Module):
@@ -405,6 +432,19 @@ class S4BlockBase(LTI_LRNN):
         bottleneck = check_optional_positive_int("bottleneck", bottleneck)
         gate = check_optional_positive_int("gate", gate)
         l_max = check_optional_positive_int("l_max", l_max)
+        for name, flag in (
+            ("tie_dropout", tie_dropout),
+            ("transposed", transposed),
+            ("dt_tie", dt_tie),
+            ("dt_fast", dt_fast),
+            ("deterministic", deterministic),
+            ("is_real", is_real),
+            ("verbose", verbose),
+            ("swap_channels", swap_channels),
+        ):
+            check_bool(name, flag)
+        dropout = check_positive_float("dropout", dropout, allow_zero=True)
+        lr, wd = _check_hints("lr", lr), _check_hints("wd", wd)
         if bottleneck is not None and d_model // bottleneck < 1:
             raise ValueError(f"bottleneck: must be <= d_model = {d_model}, got {bottleneck}")
         dt_min, dt_max = check_dt_range(dt_min, dt_max)
@@ -427,6 +467,7 @@ class S4BlockBase(LTI_LRNN):
         self.transposed = transposed
         self.bottleneck, self.gate, self.final_act = bottleneck, gate, final_act
         self.channels, self.l_max = channels, l_max
+        self._warned_l_max = False
         self.H = d_model // bottleneck if bottleneck is not None else d_model
         self.d_state = d_state
         self.is_real = bool(is_real)
@@ -477,7 +518,11 @@ class S4BlockBase(LTI_LRNN):
 
         # step size: (H, 1) tied across the state, or (H, N)
         log_dt = init_log_dt(self.H, 1 if dt_tie else self.N, dt_min, dt_max, deterministic)
-        raw = log_dt if dt_transform == "exp" else inv_transform(log_dt.exp(), dt_transform)
+        raw = (
+            log_dt
+            if dt_transform == "exp"
+            else inv_transform(log_dt.exp(), dt_transform, "dt_transform")
+        )
         if dt_fast:
             raw = torch.asinh(raw)  # the parameter moves through sinh: fast saturating updates
         self.register("inv_dt", raw, "dt")
@@ -527,12 +572,14 @@ class S4BlockBase(LTI_LRNN):
     def _register_abc(self, A: Tensor, B: Tensor, C: Tensor) -> None:
         """Register A (S, N), B (S, N), C (channels, H, N) (complex) under the transforms."""
         dtype = torch.get_default_dtype()
-        self.register("A_real", inv_transform(-A.real, self.real_transform).to(dtype), "A")
+        A_real = inv_transform(-A.real, self.real_transform, "real_transform")
+        self.register("A_real", A_real.to(dtype), "A")
         if self.is_real:
             self.register("B", B.real.to(dtype).contiguous(), "B")
             self.register("C", C.real.to(dtype).contiguous(), "C")
         else:
-            self.register("A_imag", inv_transform(-A.imag, self.imag_transform).to(dtype), "A")
+            A_imag = inv_transform(-A.imag, self.imag_transform, "imag_transform")
+            self.register("A_imag", A_imag.to(dtype), "A")
             self.register("B", torch.view_as_real(B.contiguous()).to(dtype), "B")
             self.register("C", torch.view_as_real(C.contiguous()).to(dtype), "C")
 
@@ -816,6 +863,17 @@ class S4BlockBase(LTI_LRNN):
         caller); ``state_grad``: whether the state carries a graph."""
         L = uf.shape[-1]
         Lk = L if self.l_max is None else min(L, self.l_max)
+        if Lk < L and not self._warned_l_max:
+            self._warned_l_max = True
+            warnings.warn(
+                f"{type(self).__name__}: an input of L = {L} steps is longer than l_max = "
+                f"{self.l_max}: the convolution kernel is cut at l_max taps (as state-spaces/s4's "
+                "FFTConv), so outputs from step l_max on forget the inputs more than l_max steps "
+                "back, unlike step(), whose recurrence never forgets; pass l_max=None (or >= L) "
+                "for the full kernel (warned once per module)",
+                UserWarning,
+                stacklevel=4,
+            )
         k, k_state = self.compute_kernel(Lk, h0)
         k = self.kernel_dropout(k)
         # D u is the convolution's tap 0: D added to k_0 (after the kernel's dropout, which

@@ -91,6 +91,10 @@ class LTI_LRNN(LRNN):
     allowed_discretizations = ("zoh", "bilinear", "dirac", "no_discretization")
 
     def __init__(self, discretization: str, mode: str = "auto"):
+        if discretization is None:  # (LRNN takes None from models that discretize inside)
+            raise ValueError(
+                f"discretization: expected one of {list(self.allowed_discretizations)}, got None"
+            )
         if discretization == "async":
             raise ValueError(
                 "discretization: 'async' needs time-varying dynamics and is not supported by LTI "

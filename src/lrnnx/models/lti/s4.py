@@ -61,6 +61,12 @@ class S4(S4BlockBase):
     (``dt_min``, ``dt_max``, ``dt_tie``, ``dt_transform``, ``dt_fast``), the transforms of
     Re/Im(Lambda) and the optimizer hints ``lr``/``wd`` (``param._optim``).
 
+    ``l_max``: the convolution kernel's length at most, as in state-spaces/s4's FFTConv: an
+    input longer than ``l_max`` is convolved with the kernel cut at ``l_max`` taps, so its
+    outputs from step ``l_max`` on forget the inputs more than ``l_max`` steps back, while
+    ``step`` runs the recurrence, which never forgets (a UserWarning says so, once per module).
+    None (the default): the kernel spans each input, and forward equals stepping.
+
     ``init``: 'legs' (HiPPO-LegS), 'legt' (needs rank >= 2), 'fout'/'fourier', 'hippo'
     (LegS + FouT), 'diag-lin' / 'diag-inv' / 'diag-legs' / 'diag-real' / ... (P = 0) or
     'dplr-<...>' (random P), 'diag' (Inv + Lin), 'all'.  ``is_real`` makes Lambda, P, B, C real

@@ -9,7 +9,9 @@ One multi-input multi-output diagonal SSM per layer, in the eigenbasis V of HiPP
 
 ``no_discretization`` learns the discrete eigenvalues directly as A_bar = exp(Lambda) (B unscaled),
 initialised at the zero-order-hold image of the HiPPO spectrum; Re(Lambda) < 0 is kept for all
-discretizations, so |A_bar| < 1 always.
+discretizations, so |A_bar| < 1 always (at most MAX_REAL_EIG; for ``no_discretization``, whose
+Lambda is a continuous eigenvalue times a step, at most MAX_REAL_EIG * dt_min, so the initial
+eigenvalues, down to -dt_min / 2, are inside the bound and train).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_batch_size, check_dt_range, check_positive_int
+from lrnnx.core.checks import check_batch_size, check_bool, check_dt_range, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
 from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
 
@@ -88,14 +90,19 @@ class S5(LTI_LRNN):
         super().__init__(discretization, mode=mode)
         d_model = check_positive_int("d_model", d_model)
         d_state = check_positive_int("d_state", d_state)
+        conj_sym = check_bool("conj_sym", conj_sym)
         dt_min, dt_max = check_dt_range(dt_min, dt_max)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
         init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        #: the bound on Re(Lambda): Lambda_re above it is clamped (and gets no gradient)
+        self.max_real = MAX_REAL_EIG
         if discretization == "no_discretization":
-            # learn log A_bar directly, starting from the ZOH image of the HiPPO spectrum
+            # learn log A_bar directly, starting from the ZOH image of the HiPPO spectrum;
+            # the bound scales with the steps as Lambda does
             step = init["log_step"].exp()
             init["Lambda_re"] = init["Lambda_re"] * step
             init["Lambda_im"] = init["Lambda_im"] * step
+            self.max_real = MAX_REAL_EIG * dt_min
         self.Lambda_re = nn.Parameter(init["Lambda_re"])
         self.Lambda_im = nn.Parameter(init["Lambda_im"])
         self.B = nn.Parameter(init["B"])
@@ -111,7 +118,7 @@ class S5(LTI_LRNN):
         return self.Lambda_re.shape[0]
 
     def _lambda(self) -> Tensor:
-        return torch.complex(self.Lambda_re.clamp(max=MAX_REAL_EIG), self.Lambda_im)
+        return torch.complex(self.Lambda_re.clamp(max=self.max_real), self.Lambda_im)
 
     def discretize(self) -> tuple[Tensor, Union[Tensor, float], Tensor]:
         """A_bar (N,), gamma_bar (N,) or 1.0, and C_tilde (H, N) complex."""

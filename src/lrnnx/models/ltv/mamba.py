@@ -124,8 +124,15 @@ class Mamba(LTV_LRNN):
         if dt_rank != "auto":
             dt_rank = check_positive_int("dt_rank", dt_rank)
         dt_min, dt_max = check_dt_range(dt_min, dt_max)
+        dt_scale = check_positive_float("dt_scale", dt_scale, allow_zero=True)
+        dt_init_floor = check_positive_float("dt_init_floor", dt_init_floor)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
         self.discretization = discretization
         fk = {"device": device, "dtype": dtype}
+        # the recurrence's own tensors (A_log, D): float64 for a float64 model, else float32
+        # (the precision policy of whole-model casts)
+        own = torch.float64 if dtype == torch.float64 else torch.float32
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = E = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -150,11 +157,11 @@ class Mamba(LTV_LRNN):
             ).clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.dt_proj.bias._no_reinit = True
-        # S4D-real: A[:, n] = -(n + 1), kept in float32 whatever the module dtype
-        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(E, 1)
+        # S4D-real: A[:, n] = -(n + 1), float32 under 16-bit module dtypes
+        A = torch.arange(1, d_state + 1, dtype=own, device=device).repeat(E, 1)
         self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(E, device=device))
+        self.D = nn.Parameter(torch.ones(E, device=device, dtype=own))
         self.D._no_weight_decay = True
 
     @property

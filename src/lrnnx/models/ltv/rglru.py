@@ -47,6 +47,7 @@ running each sequence alone.  A cache then holds one state per sequence (batch s
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Tuple
 
 import torch
@@ -188,6 +189,13 @@ class RGLRU(LTV_LRNN):
         d_model = check_positive_int("d_model", d_model)
         d_conv = check_positive_int("d_conv", d_conv)
         check_positive_float("c", c)
+        pair = isinstance(a_init_range, (tuple, list)) and len(a_init_range) == 2
+        if not pair or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in a_init_range
+        ):
+            raise TypeError(
+                f"a_init_range: expected a pair (lo, hi) of floats, got {a_init_range!r}"
+            )
         lo, hi = a_init_range
         if not 0 < lo <= hi < 1:
             raise ValueError(f"a_init_range: expected 0 < lo <= hi < 1, got {a_init_range!r}")

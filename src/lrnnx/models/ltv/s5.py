@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lrnnx.core.checks import (
     check_batch_size,
+    check_bool,
     check_dt_range,
     check_inference_cache,
     check_packed_cache,
@@ -195,9 +196,15 @@ class _EventSSM(LTV_LRNN):
         conj_sym: bool,
         use_fast_path: bool,
     ) -> None:
+        if discretization is None:  # (LRNN takes None from models that discretize inside)
+            raise ValueError(
+                f"discretization: expected one of {list(self.allowed_discretizations)}, got None"
+            )
         super().__init__(discretization)
         d_model = check_positive_int("d_model", d_model)
         d_state = check_positive_int("d_state", d_state)
+        conj_sym = check_bool("conj_sym", conj_sym)
+        use_fast_path = check_bool("use_fast_path", use_fast_path)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
         self.use_fast_path = use_fast_path
         self.out_scale = 2.0 if conj_sym else 1.0
@@ -444,11 +451,15 @@ class S5(_EventSSM):
         real = param_dtype(dtype)
         self.step_rescale = float(step_rescale)
         init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        #: the bound on Re(Lambda): Lambda_re above it is clamped (and gets no gradient)
+        self.max_real = MAX_REAL_EIG
         if discretization == "no_discretization":
-            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
+            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N;
+            # the bound scales with the steps as Lambda does
             step = init["log_step"].exp() * self.step_rescale
             init["Lambda_re"] = init["Lambda_re"] * step
             init["Lambda_im"] = init["Lambda_im"] * step
+            self.max_real = MAX_REAL_EIG * dt_min * self.step_rescale
         fk = {"device": device, "dtype": real}
         self.Lambda_re = nn.Parameter(init["Lambda_re"].to(**fk))
         self.Lambda_im = nn.Parameter(init["Lambda_im"].to(**fk))
@@ -461,7 +472,7 @@ class S5(_EventSSM):
     def _tensors(self) -> Dict[str, Optional[Tensor]]:
         """The continuous system: Lambda (P,), step Delta (P,) or None, B_tilde (P, H), C (H, P), D."""
         # Re(Lambda) < 0 is kept so every rule gives |A_bar| < 1 for dt_k > 0
-        Lambda = torch.complex(self.Lambda_re.clamp(max=MAX_REAL_EIG), self.Lambda_im)
+        Lambda = torch.complex(self.Lambda_re.clamp(max=self.max_real), self.Lambda_im)
         step = None
         if self.discretization != "no_discretization":
             step = self.step_rescale * torch.exp(self.log_step)
