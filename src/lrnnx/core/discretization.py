@@ -21,6 +21,9 @@ name                          A_bar                                gamma_bar
 ============================  ===================================  ==============================
 
 For ``Re(A) < 0`` and ``delta > 0`` every rule but ``no_discretization`` gives ``|A_bar| < 1``.
+Only the exponential rules forget over a long step, though: as ``delta -> inf`` their A_bar
+tends to 0, while ``bilinear``'s tends to -1 (A-stable, not L-stable), so after a long gap in
+event mode a bilinear state comes back with its sign flipped instead of decayed away.
 ``async`` is the asynchronous rule of Event-SSM (arXiv 2404.18508): the state decays over the
 elapsed time ``dt_k`` (``integration_timesteps``) scaled by the learned step while the input is
 integrated over the learned step alone, so ``dt_k = 1`` recovers ``zoh``.

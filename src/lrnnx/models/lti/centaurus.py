@@ -627,7 +627,9 @@ class Centaurus(CentaurusBase):
 
     Args:
         d_model, d_state, sub_state_dim, discretization: see :class:`CentaurusBase`.
-        mode: the connectivity, as above.
+        mode: the connectivity, as above; the built block keeps it as :attr:`connectivity`,
+            while its ``.mode`` attribute is every LTI model's computation switch ("fft",
+            "scan" or "auto", default "auto"; see :class:`lrnnx.models.lti.base.LTI_LRNN`).
         d_output, dt_per_sub_state, mix_norm, mix_activation, out_norm, out_activation:
             keyword-only options of :class:`CentaurusBase`.
 
@@ -692,6 +694,12 @@ class Centaurus(CentaurusBase):
             out_norm=out_norm,
             out_activation=out_activation,
         )
+
+    @property
+    def connectivity(self) -> str:
+        """The block's connectivity, the constructor's ``mode``: "neck", "pointwise", "dws" or
+        "full" (``.mode`` is the fft / scan / auto switch of every LTI model)."""
+        return _mode_name(type(self))
 
     def __getnewargs_ex__(self) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         # copy / pickle rebuild the object with __new__(cls, *args): give it the sizes

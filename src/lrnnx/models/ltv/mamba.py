@@ -16,7 +16,9 @@ simplified ZOH), ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
 
 Event mode: ``integration_timesteps`` dt_k (B, L) >= 0 is the time elapsed since the previous
 element.  The state decays over that time, A_bar = rule(A, delta * dt_k), while the input is
-integrated with the learned step delta; dt_k = 1 everywhere gives the synchronous model.
+integrated with the learned step delta; dt_k = 1 everywhere gives the synchronous model.  (Under
+"bilinear" a very long gap gives A_bar near -1, not 0: see :mod:`lrnnx.core.discretization`.
+The depthwise convolution before the scan mixes the last d_conv inputs whatever their times.)
 
 Packed sequences: ``forward(x, cu_seqlens=...)`` with x (1, T, H) holding S sequences back to
 back (fla's / flash-attn's offsets (S + 1,)): the conv windows and the scan restart at every

@@ -415,8 +415,9 @@ class S5(_EventSSM):
         d_model: model width H (input and output features).
         d_state: state size of the HiPPO-N initialisation (P in the paper; with ``conj_sym``
             the model keeps d_state // 2 complex states, one per conjugate pair).
-        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"`` or
-            ``"no_discretization"`` (see the module docstring).
+        discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"``,
+            ``"simplified_zoh"`` or ``"no_discretization"`` (see the module docstring and
+            :mod:`lrnnx.core.discretization`).
         conj_sym: keep one eigenvalue of each conjugate pair and output 2 Re(C h).
         dt_min, dt_max: the learned steps Delta are initialised log-uniform in [dt_min, dt_max].
         step_rescale: factor multiplying every step Delta (S5 / Event-SSM convention, e.g. to
