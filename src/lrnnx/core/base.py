@@ -56,7 +56,12 @@ class LRNN(nn.Module, metaclass=ABCMeta):
     @property
     def _precision(self) -> torch.dtype:
         """The real dtype the recurrence computes in: float64 for a float64 model (its own
-        tensors float64 / complex128), else float32 (16-bit casts keep them float32)."""
+        tensors float64 / complex128), else float32 (16-bit casts keep them float32).  Read off
+        the first own parameter (the policy casts them together): step calls this."""
+        for t in self._parameters.values():
+            if t is not None and (t.is_floating_point() or t.is_complex()):
+                wide = t.dtype in (torch.float64, torch.complex128)
+                return torch.float64 if wide else torch.float32
         params, buffers = self._own_tensors()
         wide = any(t.dtype in (torch.float64, torch.complex128) for t in params + buffers)
         return torch.float64 if wide else torch.float32
