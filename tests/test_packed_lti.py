@@ -160,6 +160,7 @@ def grads(loss: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, got, strict=True)]
 
 
+@pytest.mark.filterwarnings("ignore:.*longer than l_max")  # the lmax variants, on purpose
 @pytest.mark.parametrize("cu", [CU, [0, T]], ids=["S=6", "S=1"])
 @pytest.mark.parametrize("name,variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_packed_equals_alone_float64(name, variant, cu):
