@@ -541,3 +541,70 @@ def test_resume_refuses_other_task_or_optimisation_settings(tmp_path, capsys, ch
     err = capsys.readouterr().err
     assert "resume:" in err and named in err and "(now" in err, err
     assert main(_run(out, steps=3, extra=["--resume", "--eval-every", "3"])) == 0
+
+
+# ------------------------------------------------------------- settings that would waste a run
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--weight-decay", "nan"], "weight_decay"),
+        (["--grad-clip", "nan"], "grad_clip"),
+        (["--weight-decay", "inf"], "weight_decay"),
+        (["--seed", "-1"], "seed"),
+        (["--device", "meta"], "device"),
+    ],
+)
+def test_settings_that_would_waste_a_run_exit_2(extra, expected, tmp_path, capsys):
+    rc = main(_run(tmp_path / "x", extra=["--threads", "1", *extra]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+def test_a_non_finite_task_option_is_refused(tmp_path, capsys):
+    argv = ["train", "--task", "irregular-sine", "--model", "event-s5", "--task-option",
+            "f_max=inf", "--out", str(tmp_path / "x"), *SIZES]  # fmt: skip
+    assert main(argv) == 2
+    assert "f_max: expected a finite float" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A non-finite loss stops the run before that step's update: exit 1, an error line, no
+    'done: test accuracy' line; metrics.json says why."""
+    real = train_mod.forward_batch
+    calls = []
+
+    def nan_at_third(*args, **kwargs):
+        loss, correct, count = real(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training step (evaluation runs without a graph)
+            calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), correct, count
+
+    monkeypatch.setattr(train_mod, "forward_batch", nan_at_third)
+    out = tmp_path / "run"
+    rc = main(_run(out, steps=6, extra=["--threads", "1", "--eval-every", "2"]))
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "training loss at step 3 is not finite" in captured.err.strip().splitlines()[-1]
+    assert "done: test accuracy" not in captured.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "step 3" in metrics["diverged"] and metrics["steps_completed"] == 2
+
+
+def test_resume_refuses_other_data_and_damaged_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_run(out, extra=["--threads", "1"])) == 0
+    capsys.readouterr()
+    assert main(_run(out, steps=6, extra=["--threads", "1", "--resume", "--n-test", "16"])) == 2
+    assert "--n-test 32 (now 16)" in capsys.readouterr().err
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    assert main(_run(out, steps=6, extra=["--threads", "1", "--resume"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read this checkpoint" in err[0]
+
+
+def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(_run(tmp_path / "afile" / "run", extra=["--threads", "1"])) == 2
+    captured = capsys.readouterr()
+    assert "out: cannot write the run" in captured.err and "step" not in captured.out

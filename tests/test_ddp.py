@@ -126,11 +126,12 @@ def test_a_torchrun_worker_leaves_with_os_exit(monkeypatch, world):
 
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setattr(
-        train_mod, "train", lambda config: train_mod.TrainResult(model=None, metrics={})
+        train_mod, "train", lambda config, **kw: train_mod.TrainResult(model=None, metrics={})
     )
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
-    argv = ["train", "--task", "assoc-recall", "--model", "lru", "--steps", "1", "--no-plot"]
+    argv = ["train", "--task", "assoc-recall", "--model", "lru", "--steps", "1", "--no-plot",
+            "--threads", "1"]  # fmt: skip
     if world == "1":
         assert cli.main(argv) == 0 and calls == []
     else:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 EXIT_USAGE = 2
 #: exit status after Ctrl-C (128 + SIGINT)
 EXIT_INTERRUPTED = 130
+#: a training run that stopped on a non-finite loss or gradient
+EXIT_DIVERGED = 1
 #: exit status when stdout's reader closed the pipe (128 + SIGPIPE, what a shell reports)
 EXIT_BROKEN_PIPE = 141
 
@@ -424,14 +426,38 @@ def _config_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from lrnnx.train import ConfigError, train
 
+    config = _config_from_args(args)
     try:
-        result = train(_config_from_args(args))
+        result = train(config, prepared=_pick_threads(config))
     except (ConfigError, ImportError) as e:
         raise CommandError(str(e)) from None
     code = EXIT_INTERRUPTED if result.interrupted else 0
+    if result.diverged is not None:
+        print(f"lrnnx train: error: {result.diverged}", file=sys.stderr)
+        code = EXIT_DIVERGED
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of a torchrun launch
         exit_worker(code)
     return code
+
+
+def _pick_threads(config: Any) -> Any:
+    """Without ``--threads``, on the CPU and outside torchrun: time a few steps with torch's
+    default thread count and with one, and keep the faster (as ``lrnnx demo`` does: a small
+    model on a machine whose cores are busy can train many times faster on one thread).
+    Returns the prepared run (data and model, built once), or None when nothing was timed."""
+    import torch
+
+    from lrnnx.train import check_output_dir, prepare, resolve_device
+
+    if config.threads is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    config.validate()
+    if resolve_device(config.device).type != "cpu" or torch.get_num_threads() == 1:
+        return None
+    check_output_dir(config, clear=False)  # a bad --out fails before the timing
+    prep = prepare(config)
+    _time_steps({prep.info.name: prep}, config.device, None)
+    return prep
 
 
 def exit_worker(code: int) -> NoReturn:
@@ -539,11 +565,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from lrnnx.train import ConfigError, TrainConfig, model_info, plot_curves, prepare, train
+    from lrnnx.train import (
+        ConfigError,
+        TrainConfig,
+        check_writable,
+        model_info,
+        plot_curves,
+        prepare,
+        resolve_device,
+        train,
+    )
     from lrnnx.train import write_json as _write_json
 
     s = DemoSettings()
     out = Path(args.out)
+    try:  # before minutes of training: a device or a folder that cannot work
+        resolve_device(args.device)
+        check_writable(out)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
     infos, missing = [], []
     for name in dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()):
         try:
@@ -551,6 +591,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         except ConfigError as e:
             raise CommandError(str(e)) from None
         (infos if info.available else missing).append(info)
+    if not infos and not missing:
+        raise CommandError(f"--models: expected comma-separated model names, got {args.models!r}")
     if not infos:
         raise CommandError(
             "demo: none of the requested models is available: "

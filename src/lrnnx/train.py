@@ -41,6 +41,7 @@ import dataclasses
 import io
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,20 @@ CHECKPOINT_FORMAT = "lrnnx-train-checkpoint-v1"
 
 class ConfigError(ValueError):
     """A training configuration that cannot work (unknown name, impossible sizes, ...)."""
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, positive: bool, what: str) -> None:
+    """A finite real number, > 0 (``positive``) or >= 0: NaN and inf would make a run's
+    parameters non-finite (or, for grad_clip, switch clipping off) without an error."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name}: expected {what}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -144,36 +159,30 @@ class TrainConfig:
     pack: bool = False
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first impossible setting."""
+        """Raise :class:`ConfigError` naming the first impossible setting (types included:
+        a number given as a string, NaN or inf, a negative seed)."""
         positive = ["layers", "d_model", "steps", "batch_size", "eval_batch_size"]
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        for name in (
-            "d_state",
-            "seq_len",
-            "n_train",
-            "n_test",
-            "eval_every",
-            "log_every",
-            "threads",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if self.d_intermediate < 0:
-            raise ConfigError(f"d_intermediate: expected >= 0, got {self.d_intermediate}")
-        if self.warmup is not None and self.warmup < 0:
-            raise ConfigError(f"warmup: expected >= 0, got {self.warmup}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: expected a positive learning rate, got {self.lr}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ConfigError(
-                f"max_time: expected a positive number of seconds, got {self.max_time}"
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("d_state", "seq_len", "n_train", "n_test", "eval_every", "log_every",
+                     "threads"):  # fmt: skip
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_int("d_intermediate", self.d_intermediate, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.warmup is not None:
+            _check_int("warmup", self.warmup, minimum=0)
+        _check_real("lr", self.lr, positive=True, what="a positive learning rate")
+        _check_real("weight_decay", self.weight_decay, positive=False, what="a number >= 0")
+        _check_real("grad_clip", self.grad_clip, positive=False, what="a number >= 0 (0: off)")
+        if self.max_time is not None:
+            _check_real(
+                "max_time", self.max_time, positive=True, what="a positive number of seconds"
             )
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("weight_decay, grad_clip: expected values >= 0")
+        if not isinstance(self.device, str):
+            raise ConfigError(
+                f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}"
+            )
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume, overwrite: choose one (--resume continues the run in --out, "
@@ -311,6 +320,13 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
             raise ConfigError(f"device: {device!r} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    elif dev.type != "cpu":  # mps, xpu, ...: usable only where torch has that backend
+        backend = getattr(torch, dev.type, None)
+        usable = dev.type != "meta" and callable(getattr(backend, "is_available", None))
+        if not usable or not backend.is_available():
+            raise ConfigError(
+                f"device: {device!r} is not available here (use 'auto', 'cpu' or 'cuda')"
+            )
     return dev
 
 
@@ -538,6 +554,11 @@ def _check_resumed_run(
         diffs.append(
             f"task {task.get('name')} {task.get('params')} (now {data.name} {data.params})"
         )
+    # the data's sizes as generated (task defaults resolved): another length or test set
+    # would continue on other data and compare best/ across different test sets
+    for name, now in (("seq_len", data.seq_len), ("n_test", len(data.test))):
+        if name in task and task[name] != now:
+            diffs.append(f"--{name.replace('_', '-')} {task[name]!r} (now {now!r})")
     for name in RESUME_FIXED:
         if name in saved and saved[name] != getattr(config, name):
             diffs.append(
@@ -641,19 +662,54 @@ def check_output_dir(config: TrainConfig, clear: bool = True) -> None:
                     target.unlink()
 
 
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a file in it now, so that a path that cannot hold the run (a
+    parent that is a file, a read-only place) fails before training, not at the first
+    checkpoint with the work lost."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lrnnx-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out: cannot write the run to {out} ({e.strerror or e})") from None
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """The dict of a checkpoint written by :func:`train`.
+
+    Raises:
+        ConfigError: (a ValueError) the file is unreadable (truncated, empty, not a torch
+            file) or not an lrnnx training checkpoint; the message names it.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ConfigError(
+            f"{path}: cannot read this checkpoint ({type(e).__name__}: {str(e)[:120]}); it is "
+            "damaged or not a torch file"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not an lrnnx training checkpoint (no {CHECKPOINT_FORMAT!r})")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the trained network from a checkpoint written by :func:`train`.
 
     ``path`` is the checkpoint file or the run's output directory.  Returns ``(model, state)``
     with the model in eval mode and ``state`` the whole checkpoint dict (``"config"``,
     ``"step"``, ``"task"``, ``"architecture"``, optimizer state, history).
+
+    Raises:
+        ConfigError: (a ValueError) an unreadable file or not an lrnnx training checkpoint.
     """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an lrnnx training checkpoint")
+    state = read_checkpoint(path, map_location)
     model = build_from_spec(state["architecture"])
     model.load_state_dict(state["model_state"])
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
@@ -775,6 +831,8 @@ class TrainResult:
     model: nn.Module
     metrics: Dict[str, Any]
     interrupted: bool = False
+    #: why the run stopped on a non-finite loss or gradient norm (None: it did not)
+    diverged: Optional[str] = None
 
 
 def _batching_text(data: TaskData, config: TrainConfig) -> str:
@@ -846,6 +904,8 @@ def _train(
 
     prep = prepared or prepare(config)
     data, info, arch = prep.data, prep.info, prep.arch
+    if config.out is not None and ctx.is_main:  # a run that can work: its folder, now
+        check_writable(Path(config.out))
     device = resolve_device(config.device, ctx.local_rank)
     model = prep.model.to(device)
     out = Path(config.out) if config.out else None
@@ -862,7 +922,7 @@ def _train(
     history: Dict[str, List[Dict[str, float]]] = {"train": [], "eval": []}
     start_step, elapsed_before = 0, 0.0
     if config.resume and ckpt_path is not None:  # check_output_dir made sure it exists
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = read_checkpoint(ckpt_path, device)
         _check_resumed_run(ckpt_path, state, config, data)  # first: a task change explains
         if state.get("architecture") != arch:  # an architecture change (its vocabulary, say)
             raise ConfigError(
@@ -903,6 +963,7 @@ def _train(
             "steps_completed": step,
             "interrupted": interrupted,
             "stopped_early": stopped_early,
+            "diverged": diverged,
             "time_s": elapsed,
             "history": history,
             "final": final,
@@ -926,7 +987,13 @@ def _train(
                 "scheduler_state": sched.state_dict(),
                 "config": dataclasses.asdict(config),
                 "architecture": arch,
-                "task": {"name": data.name, "kind": data.kind, "params": data.params},
+                "task": {
+                    "name": data.name,
+                    "kind": data.kind,
+                    "params": data.params,
+                    "seq_len": data.seq_len,
+                    "n_test": len(data.test),
+                },
                 "history": history,
             },
         )
@@ -938,6 +1005,7 @@ def _train(
             last_dir_step = step
 
     stopped_early = False
+    diverged: Optional[str] = None  # why the run stopped on a non-finite loss or gradient
     # the step of the checkpoint this run stands behind (a resumed run's, then its own ones)
     last_ckpt_step = start_step if config.resume and start_step > 0 else None
     last_dir_step: Optional[int] = None  # the step of the weights this run wrote to last/
@@ -976,14 +1044,21 @@ def _train(
             idx = batch_indices(len(data.train), config.batch_size, config.seed, ctx.rank, step)
             batch = data.train[idx].to(device)
             loss, correct, count = forward_batch(net, batch, data.kind, config.pack)
+            loss_value = float(loss.detach())
+            if not _all_finite(loss_value, ctx, device):
+                diverged = f"the training loss at step {step + 1} is not finite ({loss_value})"
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+                if not _all_finite(norm, ctx, device):
+                    diverged = f"the gradient norm at step {step + 1} is not finite ({norm})"
+                    break
             opt.step()
             sched.step()
             step += 1
-            window["loss"] += float(loss.detach())
+            window["loss"] += loss_value
             window["correct"] += float(correct)
             window["count"] += count
             window["tokens"] += _batch_tokens(batch) * ctx.world_size
@@ -1049,6 +1124,12 @@ def _train(
                 f"{config.eval_interval}): --resume has nothing to continue"
             )
 
+    if diverged is not None:
+        diverged += (
+            ": the run diverged and stopped before that step's update (lower --lr, keep "
+            "--grad-clip on, or check the task's options)"
+        )
+        say(diverged)
     elapsed = elapsed_before + time.perf_counter() - t0
     final_metrics = _final_metrics(history)
     metrics = snapshot(step, elapsed, final_metrics, interrupted)
@@ -1061,13 +1142,24 @@ def _train(
         saved = f" and {ckpt_path}" if last_ckpt_step is not None else ""
         say(f"wrote {out / METRICS_NAME}{saved}")
         _say_model_dirs(say, out, arch["class"], best, last_dir_step)
-    if final_metrics is not None and not interrupted:
+    if final_metrics is not None and not interrupted and diverged is None:
         vs = f", chance {chance['acc']:.1%}" if chance is not None else ""
         say(
             f"done: test accuracy {final_metrics['test_acc']:.1%} (loss "
             f"{final_metrics['test_loss']:.4f}{vs}) after {step} steps in {elapsed:.0f}s"
         )
-    return TrainResult(model=model, metrics=metrics, interrupted=interrupted)
+    return TrainResult(model=model, metrics=metrics, interrupted=interrupted, diverged=diverged)
+
+
+def _all_finite(value: float, ctx: DistContext, device: torch.device) -> bool:
+    """Whether ``value`` is finite on every process (one all-reduce under torchrun, so that all
+    stop at the same step)."""
+    ok = math.isfinite(value)
+    if ctx.world_size > 1:
+        flag = torch.tensor([0.0 if ok else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        ok = flag.item() == 0.0
+    return ok
 
 
 def chance_level(data: TaskData) -> Optional[Dict[str, float]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -174,6 +175,8 @@ def check_option(name: str, key: str, value: Any) -> Any:
         value, ok = float(value), True
     if not ok:
         raise ValueError(f"{key}: expected {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # would make the data NaN
+        raise ValueError(f"{key}: expected a finite float, got {value!r}")
     return value
 
 
