@@ -607,4 +607,23 @@ def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert main(_run(tmp_path / "afile" / "run", extra=["--threads", "1"])) == 2
     captured = capsys.readouterr()
-    assert "out: cannot write the run" in captured.err and "step" not in captured.out
+    assert "out: cannot write to" in captured.err and "step" not in captured.out
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--models", "nosuch"], "unknown model 'nosuch'"),
+        (["--repeats", "0"], "--repeats"),
+        (["--threads", "0"], "--threads"),
+        (["--device", "meta"], "device"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_measuring(extra, expected, tmp_path, capsys):
+    argv = ["bench", "--quick", "--out", str(tmp_path / "b"), *extra]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2 and expected in captured.err and "cases" not in captured.out

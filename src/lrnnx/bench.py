@@ -827,6 +827,17 @@ def write_reports(
 # ---------------------------------------------------------------------------------------- CLI
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer (else argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
@@ -843,14 +854,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="ops to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median)")
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=3, help="timed repeats per case (median)"
+    )
     parser.add_argument(
         "--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png"
     )
     parser.add_argument(
         "--markdown", default=None, help="also write the markdown report here (e.g. RESULTS.md)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch threads (default: all)"
+    )
     parser.add_argument("--no-lti", action="store_true", help="skip the LTI FFT-vs-scan comparison")
     parser.add_argument(
         "--cold",

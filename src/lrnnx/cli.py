@@ -355,7 +355,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "learning_curve.png and the save_pretrained directories best/ and last/",
     )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: the faster of 1 and torch's default, timed)",
+    )
     p.add_argument(
         "--pack",
         action="store_true",
@@ -885,6 +890,15 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from lrnnx import bench
+    from lrnnx.train import ConfigError, canonical_model_name, check_writable, resolve_device
+
+    try:  # before minutes of measuring: names, a device or a folder that cannot work
+        for name in args.models or []:
+            canonical_model_name(name)
+        resolve_device(args.device)
+        check_writable(Path(args.out))
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
 
     return bench.run(args)
 

@@ -672,7 +672,7 @@ def check_writable(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"out: cannot write the run to {out} ({e.strerror or e})") from None
+        raise ConfigError(f"out: cannot write to {out} ({e.strerror or e})") from None
 
 
 def read_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
