@@ -627,3 +627,28 @@ def test_bench_refuses_bad_arguments_before_measuring(extra, expected, tmp_path,
         rc = e.code
     captured = capsys.readouterr()
     assert rc == 2 and expected in captured.err and "cases" not in captured.out
+
+
+def test_interrupted_before_the_first_evaluation(tmp_path, monkeypatch):
+    """Ctrl-C before any evaluation: the steps trained are in the history (the curve has
+    them) and load_pretrained(run_dir) finds last/ (there is no best/ yet)."""
+    real = train_mod.forward_batch
+    calls = []
+
+    def interrupt_at_third(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "forward_batch", interrupt_at_third)
+    out = tmp_path / "run"
+    rc = main(_run(out, steps=20, extra=["--threads", "1", "--eval-every", "10",
+                                         "--log-every", "10"]))  # fmt: skip
+    assert rc == 130
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]["train"]] == [2]
+    assert not (out / "best").exists()
+    model = train_mod.load_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == metrics["n_params"]

@@ -320,7 +320,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step+process"
     )
     p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"AdamW weight decay of the matrices (default {d.weight_decay:g})",
+    )
     p.add_argument("--warmup", type=_nonneg_int, default=None, help="warm-up steps")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=d.seed, help="data, init and batch-order seed")
@@ -547,6 +552,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--no-match-params",
         dest="match_params",
         action="store_false",
+        default=argparse.SUPPRESS,  # (read with the demo's default; no "(default: True)")
         help="give every model d_model 64 instead of matching the selective model's parameter "
         "count",
     )
@@ -672,10 +678,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         for i, info in enumerate(infos):
-            # a model slowed down by a busy machine stops early rather than blow the budget
+            # a model slowed down by a busy machine stops early rather than blow the budget:
+            # each gets its share of the time left, in proportion to its estimate (a fixed cap
+            # near the estimate stopped models early on short runs, whose evaluation the
+            # estimate undercounts, although the budget had room)
             left = args.time_budget - (time.perf_counter() - t_start)
-            later = sum(estimate[m.name] for m in infos[i + 1 :])
-            max_time = max(1.0, min(1.5 * estimate[info.name], left - later))
+            remaining = sum(estimate[m.name] for m in infos[i:])
+            max_time = max(1.0, left * estimate[info.name] / max(remaining, 1e-9))
             config = dataclasses.replace(
                 configs[info.name],
                 steps=steps,
@@ -695,6 +704,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                 "d_model": configs[info.name].d_model,
                 "params": m["n_params"],
                 "test_acc": m["final"]["test_acc"] if m["final"] else float("nan"),
+                "eval_step": m["final"]["step"] if m["final"] else None,
                 "steps": m["steps_completed"],
                 "time_s": m["time_s"],
             }
@@ -710,11 +720,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     header = ["model", "family", "d_model", "params", "steps", "time", "test accuracy"]
     body = [
         [r["model"], r["family"], r["d_model"], f"{r['params']:,}", r["steps"],
-         f"{r['time_s']:.0f}s", f"{r['test_acc']:.1%}"]
+         f"{r['time_s']:.0f}s", _accuracy_cell(r)]
         for r in rows
     ]  # fmt: skip
     print(_format_table(header, body))
     verdict = _demo_verdict(rows)
+    if verdict and len({r["steps"] for r in rows}) > 1:
+        verdict = "not a like-for-like comparison, the models trained different steps: " + verdict
     if verdict:
         print("\n" + verdict)
     _write_json(
@@ -858,6 +870,15 @@ def _seconds_per_step(prep: Any, device: str, n: int = 3) -> float:
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
     return sorted(times[1:])[len(times[1:]) // 2]  # median, after the warm-up (and any JIT)
+
+
+def _accuracy_cell(row: Dict[str, Any]) -> str:
+    """The test accuracy, with the step it was measured at when that is not the last one
+    trained (a run interrupted between evaluations)."""
+    acc = f"{row['test_acc']:.1%}"
+    if row.get("eval_step") is not None and row["eval_step"] != row["steps"]:
+        acc += f" (at step {row['eval_step']})"
+    return acc
 
 
 def _demo_verdict(results: List[Dict[str, Any]]) -> str:

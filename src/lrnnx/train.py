@@ -38,6 +38,7 @@ a gloo group sometimes aborts at interpreter exit, and torchrun then fails the w
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -243,7 +244,14 @@ def canonical_model_name(name: str) -> str:
     try:
         return resolve_name(name)
     except (TypeError, ValueError):
-        raise ConfigError(f"model: unknown model {name!r}; {_valid_names_message()}") from None
+        from lrnnx.models.registry import MODEL_REGISTRY
+
+        known = model_names() + [a for s in MODEL_REGISTRY.values() for a in s.aliases]
+        close = difflib.get_close_matches(str(name).lower(), known, n=1)
+        mean = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"model: unknown model {name!r}; {mean}{_valid_names_message()}"
+        ) from None
 
 
 def model_info(name: str) -> ModelInfo:
@@ -597,7 +605,8 @@ def save_model_dir(model: nn.Module, path: Path) -> None:
 
 def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """The network of a training run: ``path`` is a run's output directory (its ``best/`` is
-    loaded) or one of its ``best``/``last`` directories.  ``kwargs`` go to ``from_pretrained``.
+    loaded, or ``last/`` when a run stopped before its first evaluation) or one of its
+    ``best``/``last`` directories.  ``kwargs`` go to ``from_pretrained``.
 
     The same as ``LRNNLMHeadModel.from_pretrained(run_dir + "/best")`` (``Classifier`` for
     classification tasks), without having to know the class.
@@ -605,8 +614,13 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     from lrnnx import architectures
 
     path = Path(path)
-    if not (path / "config.json").is_file() and (path / BEST_NAME / "config.json").is_file():
-        path = path / BEST_NAME
+    if not (path / "config.json").is_file():
+        # a run's folder: its best evaluation, else (interrupted before the first evaluation)
+        # the weights it reached
+        for name in (BEST_NAME, LAST_NAME):
+            if (path / name / "config.json").is_file():
+                path = path / name
+                break
     metrics = path.parent / METRICS_NAME
     if not metrics.is_file():
         raise FileNotFoundError(
@@ -1038,6 +1052,27 @@ def _train(
     step, interrupted = start_step, False
     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0}
     t_window = time.perf_counter()
+
+    def log_window(step: int) -> None:
+        """The training steps since the last record: one history record and progress line."""
+        nonlocal window, t_window
+        dt = max(time.perf_counter() - t_window, 1e-9)
+        rec = {
+            "step": step,
+            "loss": window["loss"] / window["steps"],
+            "acc": window["correct"] / max(window["count"], 1.0),
+            "tokens_per_s": window["tokens"] / dt,
+        }
+        history["train"].append(rec)
+        say(
+            f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {rec['loss']:.4f}"
+            f"  acc {rec['acc']:6.1%}  tok/s {_fmt_rate(rec['tokens_per_s'])}"
+            f"  lr {sched.get_last_lr()[0]:.2e}"
+            f"  {elapsed_before + time.perf_counter() - t0:.0f}s"
+        )
+        window = {k: 0 for k in window}
+        t_window = time.perf_counter()
+
     model.train()
     try:
         while step < config.steps:
@@ -1065,22 +1100,7 @@ def _train(
             window["steps"] += 1
             stop = _time_is_up(config.max_time, elapsed_before + time.perf_counter() - t0, ctx)
             if step % config.log_interval == 0 or step == config.steps or stop:
-                dt = max(time.perf_counter() - t_window, 1e-9)
-                rec = {
-                    "step": step,
-                    "loss": window["loss"] / window["steps"],
-                    "acc": window["correct"] / max(window["count"], 1.0),
-                    "tokens_per_s": window["tokens"] / dt,
-                }
-                history["train"].append(rec)
-                say(
-                    f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {rec['loss']:.4f}"
-                    f"  acc {rec['acc']:6.1%}  tok/s {_fmt_rate(rec['tokens_per_s'])}"
-                    f"  lr {sched.get_last_lr()[0]:.2e}"
-                    f"  {elapsed_before + time.perf_counter() - t0:.0f}s"
-                )
-                window = {k: 0 for k in window}
-                t_window = time.perf_counter()
+                log_window(step)
             if step % config.eval_interval == 0 or step == config.steps or stop:
                 t_eval = time.perf_counter()
                 ev = evaluate(
@@ -1114,6 +1134,8 @@ def _train(
     except KeyboardInterrupt:
         interrupted = True
         say(f"\ninterrupted at step {step}")
+        if window["steps"]:  # the steps since the last record still count (curve, metrics)
+            log_window(step)
         if out is not None and ctx.is_main and last_dir_step != step:
             save_last(step)  # the weights reached, even before the first evaluation
         if last_ckpt_step is not None:
