@@ -17,10 +17,8 @@ Channels-last x (its channels adjacent: a (B, L, D) tensor seen as (B, D, L), as
 RG-LRU pass their input projections) has kernels of its own, which read it where it lies and
 write y and dx in the same order, so neither the model nor the kernels transpose anything: a
 task is a batch element, a block of :data:`LANES` channels (the vector lanes) and a block of
-:data:`TIME_BLOCK` steps; each step reads its K taps as K rows of channels where they lie and
-computes its output row in one pass (the backward: dz, dweight and dbias in one pass, then dx);
-the dweight and dbias sums are kept per task and added up in torch.  The formulas are the same
-as below.
+:data:`TIME_BLOCK` steps; each step reads one row of channels, and the backward's dweight and
+dbias sums are kept per task and added up in torch.  The formulas are the same as below.
 
 Backward, per row: the pre-activation is recomputed (nothing but the inputs is saved), the
 upstream gradient is multiplied by silu', then
@@ -61,14 +59,14 @@ TASKS_PER_THREAD = 4
 #: channels-last kernels: channels per task at most, in vector lanes (a task computes its width
 #: rounded up to whole vectors; wide, so the fixed cost of each lane loop is spread)
 LANES = 128
-#: channels-last kernels: steps per task (the backward's dz tile, (TIME_BLOCK + 2 (K - 1),
-#: LANES), stays in L2; long sequences split into several tasks)
+#: channels-last kernels: steps per task (its tiles, (TIME_BLOCK + 2 (K - 1), LANES) each,
+#: stay in L2; long sequences split into several tasks)
 TIME_BLOCK = 256
 
 if HAVE_NUMBA:
     import numba
 
-    from lrnnx.ops._numba_math import _sigmoid
+    from lrnnx.ops._numba_math import _lane_count, _sigmoid
 
     # reassociation lets the per-row sums (dw, dbias) vectorise; no nnan/ninf: NaN and inf
     # propagate as in torch.  error_model="numpy": no zero-division branch in the loops.
@@ -218,11 +216,7 @@ if HAVE_NUMBA:
     # x (B, D, L) with its channels adjacent (a (B, L, D) tensor seen transposed, as Mamba and
     # RG-LRU pass their projections): a task is (batch element, block of LANES channels, block
     # of TIME_BLOCK steps), every inner loop runs along the channels (vector lanes), and each
-    # step reads its K taps as K contiguous rows of x where they lie: one pass per step, y (or
-    # the backward's dz, dweight and dbias) computed in registers.  Only a sequence's first
-    # K - 1 steps, whose taps reach into its initial states, read a small window [h0, x] built
-    # for them (:func:`_cl_head`).  A tap source is a flat array, the offset of tap 0 and the
-    # distance between taps (x: one step; the window: one row).
+    # step of the block reads one contiguous row of LANES inputs.
 
     @numba.njit(**_OPTS)
     def _cl_task(task, D, L):  # pragma: no cover - compiled
@@ -239,77 +233,47 @@ if HAVE_NUMBA:
         return np.searchsorted(cu, t, side="right") - 1
 
     @numba.njit(**_OPTS)
-    def _cl_lanes(w, b, c0, W, wT, bl):  # pragma: no cover - compiled
-        """wT[j, i] = w[c0 + i, j], bl[i] = bias[c0 + i] for the block's W channels."""
-        K = w.shape[1]
-        for i in range(W):
-            for j in range(K):
-                wT[j, i] = w[c0 + i, j]
-            bl[i] = b[c0 + i]
-
-    @numba.njit(**_OPTS)
-    def _cl_head(xf, sx, h0, b, hs, c0, W, lo, hi, P, XW):  # pragma: no cover - compiled
-        """XW (flat, rows of LANES) row r = xpad at step lo - P + r, r < 2 P: the sequence's
-        initial states h0[hs, c0 + i, :] for its first P rows, then its first steps of x (rows
-        past the sequence's end are not read)."""
+    def _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e, P, XT):  # pragma: no cover - compiled
+        """XT[r, i] = xpad of channel c0 + i at step a - P + r, r < e - a + P: x[b, c0 + i, t]
+        from the flat x (channels adjacent, strides sx) for steps of the sequence (t >= lo),
+        its initial states h0[hs, c0 + i] before it; lanes W to nl are 0."""
         base = b * sx[0] + c0
-        for r in range(2 * P):
-            t = lo - P + r
-            row = XW[r * LANES : r * LANES + W]
-            if t < lo:
-                for i in range(W):
-                    row[i] = h0[hs, c0 + i, r]
-            elif t < hi:
+        zero = XT.dtype.type(0.0)
+        for r in range(e - a + P):
+            t = a - P + r
+            row = XT[r]
+            if t >= lo:
                 src = xf[base + t * sx[2] : base + t * sx[2] + W]
                 for i in range(W):
                     row[i] = src[i]
-
-    # The per-step functions are inlined into the step loops (a call per step cost ~15 ns
-    # against ~30 ns of work at 128 lanes); the usual width K = 4 has its own, since a loop
-    # over the taps beside it in one function slowed it 2x (LLVM's alias checks and unrolling).
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_fwd_step4(src, o, st, wT, bl, W, silu, y):  # pragma: no cover - compiled
-        """:func:`_cl_fwd_step` for K = 4 (Mamba, Griffin): one pass, the taps in registers."""
-        x0, x1 = src[o : o + W], src[o + st : o + st + W]
-        x2, x3 = src[o + 2 * st : o + 2 * st + W], src[o + 3 * st : o + 3 * st + W]
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        if silu:
-            for i in range(W):
-                z = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                y[i] = z * _sigmoid(z)
-        else:
-            for i in range(W):
-                y[i] = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_fwd_stepk(src, o, st, wT, bl, W, silu, y):  # pragma: no cover - compiled
-        """:func:`_cl_fwd_step` for any K: y accumulates one tap per pass."""
-        for i in range(W):
-            y[i] = bl[i]
-        for j in range(wT.shape[0]):
-            xj, wj = src[o + j * st : o + j * st + W], wT[j]
-            for i in range(W):
-                y[i] += wj[i] * xj[i]
-        if silu:
-            for i in range(W):
-                y[i] = y[i] * _sigmoid(y[i])
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_fwd_step(src, o, st, wT, bl, W, silu, yf, oy):  # pragma: no cover - compiled
-        """y row (yf[oy : oy + W]) = act(bias + sum_j w_j tap_j), tap j = src[o + j st :]."""
-        if wT.shape[0] == 4:
-            _cl_fwd_step4(src, o, st, wT, bl, W, silu, yf[oy : oy + W])
-        else:
-            _cl_fwd_stepk(src, o, st, wT, bl, W, silu, yf[oy : oy + W])
+            else:
+                k = t - lo + P
+                for i in range(W):
+                    row[i] = h0[hs, c0 + i, k]
+            for i in range(W, nl):
+                row[i] = zero
 
     @numba.njit(**_OPTS)
-    def _cl_fwd_steps(src, o, st, wT, bl, W, silu, yf, oy, syt, n):  # pragma: no cover
-        """n steps of :func:`_cl_fwd_step`, taps from src[o + q st :], y rows yf[oy + q syt :].
-        (One compiled loop for both tap sources, x and the head window: a second inlined copy
-        of the step in the caller made LLVM compile the first one 1.5x slower.)"""
-        for q in range(n):
-            _cl_fwd_step(src, o + q * st, st, wT, bl, W, silu, yf, oy + q * syt)
+    def _cl_preact(XT, wT, bl, n, nl, Z):  # pragma: no cover - compiled
+        """Z[t] = bias + sum_j w_j XT[t + j], t < n, in lanes i < nl."""
+        K = wT.shape[0]
+        for t in range(n):
+            z = Z[t]
+            for i in range(nl):
+                z[i] = bl[i]
+            for j in range(K):
+                xr, wj = XT[t + j], wT[j]
+                for i in range(nl):
+                    z[i] += wj[i] * xr[i]
+
+    @numba.njit(**_OPTS)
+    def _cl_lanes(w, b, c0, W, wT, bl):  # pragma: no cover - compiled
+        """wT[j, i] = w[c0 + i, j], bl[i] = bias[c0 + i]; lanes past W are 0."""
+        K = w.shape[1]
+        for i in range(LANES):
+            for j in range(K):
+                wT[j, i] = w[c0 + i, j] if i < W else 0.0
+            bl[i] = b[c0 + i] if i < W else 0.0
 
     @numba.njit(**_OPTS)
     def _cl_fwd(xf, sx, w, bias, h0, cu, silu, yf, sy, task0, task1):  # pragma: no cover
@@ -320,91 +284,32 @@ if HAVE_NUMBA:
         L = cu[cu.shape[0] - 1]
         S = cu.shape[0] - 1
         dtype = xf.dtype
-        XW = np.zeros(max(1, 2 * P) * LANES, dtype)
+        XT = np.zeros((TIME_BLOCK + P, LANES), dtype)
+        Z = np.zeros((TIME_BLOCK, LANES), dtype)
         wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
+            nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
             s = _cl_first_sequence(cu, t0)
             while s < S and cu[s] < t1:
                 lo, hi = cu[s], cu[s + 1]
                 a, e = max(lo, t0), min(hi, t1)
-                if a < min(e, lo + P):  # steps whose taps reach the initial states
-                    _cl_head(xf, sx, h0, b, b * S + s, c0, W, lo, hi, P, XW)
-                m = max(a, min(e, lo + P))  # the steps before m read the head window
-                oy = b * sy[0] + c0
-                _cl_fwd_steps(XW, (a - lo) * LANES, LANES, wT, bl, W, silu, yf,
-                              oy + a * sy[2], sy[2], m - a)  # fmt: skip
-                _cl_fwd_steps(xf, b * sx[0] + c0 + (m - P) * sx[2], sx[2], wT, bl, W, silu, yf,
-                              oy + m * sy[2], sy[2], e - m)  # fmt: skip
+                if e > a:
+                    _cl_window(xf, sx, h0, b, b * S + s, c0, W, nl, lo, a, e, P, XT)
+                    _cl_preact(XT, wT, bl, e - a, nl, Z)
+                    if silu:
+                        for t in range(e - a):
+                            z = Z[t]
+                            for i in range(nl):
+                                z[i] = z[i] * _sigmoid(z[i])
+                    base = b * sy[0] + c0
+                    for t in range(e - a):
+                        o = base + (a + t) * sy[2]
+                        dst, z = yf[o : o + W], Z[t]
+                        for i in range(W):
+                            dst[i] = z[i]
                 s += 1
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_bwd_step4(src, o, st, wT, bl, W, dy, g, dW, dB):  # pragma: no cover - compiled
-        """:func:`_cl_bwd_step` for K = 4 with silu, a step of the task's own: one pass, the
-        taps in registers."""
-        one = g.dtype.type(1.0)
-        x0, x1 = src[o : o + W], src[o + st : o + st + W]
-        x2, x3 = src[o + 2 * st : o + 2 * st + W], src[o + 3 * st : o + 3 * st + W]
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        d0, d1, d2, d3 = dW[0], dW[1], dW[2], dW[3]
-        for i in range(W):
-            z = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-            sg = _sigmoid(z)
-            gi = dy[i] * (sg * (one + z * (one - sg)))
-            g[i] = gi
-            dB[i] += gi
-            d0[i] += gi * x0[i]
-            d1[i] += gi * x1[i]
-            d2[i] += gi * x2[i]
-            d3[i] += gi * x3[i]
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_bwd_stepk(src, o, st, wT, bl, W, silu, dy, g, own, dW, dB):  # pragma: no cover
-        """:func:`_cl_bwd_step` for any K: one pass per tap."""
-        K = wT.shape[0]
-        one = g.dtype.type(1.0)
-        if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s))
-            for i in range(W):
-                g[i] = bl[i]
-            for j in range(K):
-                xj, wj = src[o + j * st : o + j * st + W], wT[j]
-                for i in range(W):
-                    g[i] += wj[i] * xj[i]
-            for i in range(W):
-                z = g[i]
-                sg = _sigmoid(z)
-                g[i] = dy[i] * (sg * (one + z * (one - sg)))
-        else:
-            for i in range(W):
-                g[i] = dy[i]
-        if own:
-            for i in range(W):
-                dB[i] += g[i]
-            for j in range(K):
-                xj, dw = src[o + j * st : o + j * st + W], dW[j]
-                for i in range(W):
-                    dw[i] += g[i] * xj[i]
-
-    @numba.njit(inline="always", **_OPTS)
-    def _cl_bwd_step(src, o, st, wT, bl, W, silu, dy, g, own, dW, dB):  # pragma: no cover
-        """g = dz of one step (dy silu'(z), z recomputed from the taps as in
-        :func:`_cl_fwd_step`); for a step of the task's own (``own``) also dbias += g and
-        dw_j += g tap_j (the later steps only give dx its dz)."""
-        if wT.shape[0] == 4 and silu and own:
-            _cl_bwd_step4(src, o, st, wT, bl, W, dy, g, dW, dB)
-        else:
-            _cl_bwd_stepk(src, o, st, wT, bl, W, silu, dy, g, own, dW, dB)
-
-    @numba.njit(**_OPTS)
-    def _cl_bwd_steps(
-        src, o, st, wT, bl, W, silu, dyf, ody, sdyt, G, g0, n, own, dW, dB
-    ):  # pragma: no cover - compiled
-        """n steps of :func:`_cl_bwd_step` (as :func:`_cl_fwd_steps`): dy rows dyf[ody + q
-        sdyt :], dz rows G[g0 + q]; the first ``own`` of them are the task's own steps."""
-        for q in range(n):
-            _cl_bwd_step(src, o + q * st, st, wT, bl, W, silu, dyf[ody + q * sdyt :], G[g0 + q],
-                         q < own, dW, dB)  # fmt: skip
 
     @numba.njit(**_OPTS)
     def _cl_bwd(
@@ -415,25 +320,31 @@ if HAVE_NUMBA:
         keep their zeros); dwp (tasks, K, LANES), dbp (tasks, LANES): each task's sums, lanes
         in its channel order (summed into dweight and dbias by the caller).
 
-        Per sequence piece [a, e) of the task: dz_t = dy_t silu'(z_t) over [a, min(hi, e + P))
-        (the later steps dx needs; z recomputed), with dw_j += dz_t xpad_{t + j} and dbias +=
-        dz_t over [a, e) in the same pass; then dx_u = sum_j w_j dz_{u + P - j} (0 past the
-        sequence), and at the sequence's first step dinit_i = sum_{j <= i} w_j dz_{lo + i - j}."""
+        Per sequence piece [a, e) of the task: dz = dy silu'(z) over [a, min(hi, e + P)) (the
+        later steps dx needs; the pre-activation recomputed), then dx_u = sum_j w_j dz_{u+P-j}
+        (0 past the sequence), dw_j += dz_t xpad_{t + j} and dbias += dz_t over [a, e), and at
+        the sequence's first step dinit_i = sum_{j <= i} w_j dz_{lo + i - j}."""
         D, K = w.shape
         P = K - 1
         L = cu[cu.shape[0] - 1]
         S = cu.shape[0] - 1
         dtype = xf.dtype
-        zero = dtype.type(0.0)
-        XW = np.zeros(max(1, 2 * P) * LANES, dtype)
+        one, zero = dtype.type(1.0), dtype.type(0.0)
+        XT = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
         G = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
+        Z = np.zeros((TIME_BLOCK + P, LANES), dtype)
+        acc = np.zeros(LANES, dtype)
         wT, bl = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         dW, dB = np.zeros((K, LANES), dtype), np.zeros(LANES, dtype)
         for task in range(task0, task1):
             b, c0, W, t0, t1 = _cl_task(task, D, L)
+            nl = _lane_count(W)  # lanes computed
             _cl_lanes(w, bias, c0, W, wT, bl)
-            dW[:] = zero
-            dB[:] = zero
+            for j in range(K):
+                for i in range(LANES):
+                    dW[j, i] = zero
+            for i in range(LANES):
+                dB[i] = zero
             s = _cl_first_sequence(cu, t0)
             while s < S and cu[s] < t1:
                 lo, hi = cu[s], cu[s + 1]
@@ -443,32 +354,46 @@ if HAVE_NUMBA:
                     continue
                 hs = b * S + s - 1
                 e2 = min(hi, e + P)  # dx at e - 1 reads dz up to e - 1 + P
-                if a < min(e2, lo + P):
-                    _cl_head(xf, sx, h0, b, hs, c0, W, lo, hi, P, XW)
-                m = max(a, min(e2, lo + P))  # the steps before m read the head window
-                ody = b * sdy[0] + c0
-                _cl_bwd_steps(XW, (a - lo) * LANES, LANES, wT, bl, W, silu, dyf,
-                              ody + a * sdy[2], sdy[2], G, 0, m - a, e - a, dW, dB)  # fmt: skip
-                _cl_bwd_steps(xf, b * sx[0] + c0 + (m - P) * sx[2], sx[2], wT, bl, W, silu, dyf,
-                              ody + m * sdy[2], sdy[2], G, m - a, e2 - m, e - m, dW, dB)  # fmt: skip
-                for t in range(e2 - a, e - a + P):  # past the sequence: no gradient
+                n2 = e2 - a
+                _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e2, P, XT)
+                base = b * sdy[0] + c0
+                for t in range(n2):
+                    o = base + (a + t) * sdy[2]
+                    src, g = dyf[o : o + W], G[t]
                     for i in range(W):
+                        g[i] = src[i]
+                    for i in range(W, nl):
+                        g[i] = zero
+                for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
+                    for i in range(nl):
                         G[t, i] = zero
+                if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
+                    _cl_preact(XT, wT, bl, n2, nl, Z)
+                    for t in range(n2):
+                        z, g = Z[t], G[t]
+                        for i in range(nl):
+                            sg = _sigmoid(z[i])
+                            g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
+                base = b * sdx[0] + c0
                 for u in range(e - a):
-                    o = b * sdx[0] + c0 + (a + u) * sdx[2]
-                    dx = dxf[o : o + W]
-                    if K == 4:
-                        g0, g1, g2, g3 = G[u + 3], G[u + 2], G[u + 1], G[u]
-                        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-                        for i in range(W):
-                            dx[i] = w0[i] * g0[i] + w1[i] * g1[i] + w2[i] * g2[i] + w3[i] * g3[i]
-                    else:
-                        for i in range(W):
-                            dx[i] = zero
-                        for j in range(K):
-                            gj, wj = G[u + P - j], wT[j]
-                            for i in range(W):
-                                dx[i] += wj[i] * gj[i]
+                    for i in range(nl):
+                        acc[i] = zero
+                    for j in range(K):
+                        g, wj = G[u + P - j], wT[j]
+                        for i in range(nl):
+                            acc[i] += wj[i] * g[i]
+                    o = base + (a + u) * sdx[2]
+                    dst = dxf[o : o + W]
+                    for i in range(W):
+                        dst[i] = acc[i]
+                for t in range(e - a):
+                    g = G[t]
+                    for i in range(nl):
+                        dB[i] += g[i]
+                    for j in range(K):
+                        xr, dw = XT[t + j], dW[j]
+                        for i in range(nl):
+                            dw[i] += g[i] * xr[i]
                 if a == lo:  # the sequence's first step: its initial states' gradient
                     for k in range(P):
                         for i in range(W):
