@@ -90,6 +90,7 @@ def test_two_process_replicas_stay_identical(tmp_path, monkeypatch):
     assert metrics["world_size"] == 2 and metrics["steps_completed"] == CONFIG["steps"]
 
 
+@pytest.mark.slow  # a torchrun subprocess pair (~5 s); the in-process pair above stays in make test
 def test_torchrun_launch(tmp_path):
     out = tmp_path / "run"
     cmd = [
