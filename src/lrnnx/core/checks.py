@@ -361,16 +361,19 @@ def check_cu_seqlens(cu_seqlens: object, batch: int, length: int, where: str) ->
 
     ``where`` names the input's layout for the messages (e.g. "b (1, T, *C)").  Returns the
     offsets as an int64 CPU tensor (S + 1,).  Raises ValueError (naming ``cu_seqlens``) for a
-    non-tensor, a non-integer dtype, a shape other than (S + 1,) with S >= 1, a batch other than
-    1, a first offset other than 0, a last other than T, or decreasing offsets.
+    non-tensor or a non-integer dtype (an ArgumentTypeError: a TypeError too), a shape other than
+    (S + 1,) with S >= 1, a batch other than 1, a first offset other than 0, a last other than
+    T, or decreasing offsets.
     """
+    # a wrong type is an ArgumentTypeError: a TypeError, as for lengths, and still the
+    # ValueError this function has always raised
     if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(
+        raise ArgumentTypeError(
             "cu_seqlens: expected a LongTensor (S + 1,) of offsets, got "
             f"{type(cu_seqlens).__name__}"
         )
     if cu_seqlens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
+        raise ArgumentTypeError(
             f"cu_seqlens: expected an integer tensor (int64, or int32 as flash-attn's), got dtype "
             f"{cu_seqlens.dtype}"
         )
