@@ -652,3 +652,16 @@ def test_interrupted_before_the_first_evaluation(tmp_path, monkeypatch):
     assert not (out / "best").exists()
     model = train_mod.load_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == metrics["n_params"]
+
+
+def test_training_commands_compile_in_their_own_process(tmp_path, monkeypatch):
+    """lrnnx train (and demo) compile the fused kernels in their process unless the user set
+    LRNNX_NUMBA_COMPILE: a busy training run starves the idle-priority compile process."""
+    from lrnnx.ops._numba import COMPILE_ENV
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert main(_run(tmp_path / "a", steps=1, extra=["--threads", "1"])) == 0
+    assert os.environ[COMPILE_ENV] == "wait"
+    monkeypatch.setenv(COMPILE_ENV, "background")  # the user's choice stays
+    assert main(_run(tmp_path / "b", steps=1, extra=["--threads", "1"])) == 0
+    assert os.environ[COMPILE_ENV] == "background"

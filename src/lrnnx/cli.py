@@ -433,9 +433,24 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _compile_before_training() -> None:
+    """Unless the user chose (``LRNNX_NUMBA_COMPILE``), a training command compiles the fused
+    CPU kernels in its own process at their first use ("wait").  The library's default,
+    "background", runs the first calls on the pure-torch backend while an idle-priority process
+    compiles; but a training run keeps every core busy, so on a 2-core machine that process got
+    5-35% of a core and never finished, and a whole first run (the demo's Mamba: 7k tokens/s
+    against 55k) stayed on the slow path.  Under torchrun the ranks keep "background", whose
+    lock lets one of them compile for all."""
+    from lrnnx.ops._numba import COMPILE_ENV
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        os.environ.setdefault(COMPILE_ENV, "wait")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lrnnx.train import ConfigError, train
 
+    _compile_before_training()
     config = _config_from_args(args)
     try:
         result = train(config, prepared=_pick_threads(config))
@@ -569,6 +584,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     threads = torch.get_num_threads()
+    _compile_before_training()
     try:
         return _run_demo(args)
     finally:
@@ -737,6 +753,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                 "steps": steps,
                 "seq_len": args.seq_len,
                 "seed": args.seed,
+                "time_budget": args.time_budget,  # the run's, not the default's
             },
             "results": rows,
             "missing": {m.name: m.reason for m in missing},
