@@ -137,6 +137,24 @@ def test_wait_mode_compiles_in_process(probe, monkeypatch):
     assert mod.CALLS and not torch_calls and not _numba._JOBS
 
 
+def test_wait_mode_leaves_the_marker_for_background_processes(probe, monkeypatch):
+    """wait mode compiles the variant's kernels here (warm_up, whatever the caller's grad
+    mode) and leaves the marker, so a later process in background mode runs the fused kernels
+    at once, with no compile process a busy machine could starve."""
+    monkeypatch.setenv(_numba.COMPILE_ENV, "wait")
+    mod = probe()
+    torch_calls = []
+    call = _numba.deferred(mod, mod.fused, _fallback(torch_calls))
+    with torch.inference_mode():
+        call(torch.ones(2))
+    marker = _numba._marker(mod, ("float32",))
+    assert marker is not None and marker.exists()
+    monkeypatch.setenv(_numba.COMPILE_ENV, "background")
+    _numba._READY.clear()  # as in a new process
+    call(torch.ones(2))
+    assert not torch_calls and not _numba._JOBS
+
+
 def test_unknown_mode_is_a_clear_error(probe, monkeypatch):
     monkeypatch.setenv(_numba.COMPILE_ENV, "later")
     mod = probe()

@@ -14,7 +14,9 @@ directory is read-only).  Compiling the selective scan takes 10-30 s on a 2-core
   watches a pipe from it), so it never outlives it; what it compiled so far stays cached.
   Processes starting together (pytest-xdist, DDP ranks, CI jobs) take turns through a lock file
   in the cache directory: one compiles, the others then find the kernels cached.
-* ``wait``: the call compiles in this process and waits (reproducible timing: ``lrnnx bench``).
+* ``wait``: the call compiles in this process and waits (reproducible timing: ``lrnnx bench``),
+  every kernel of its variant at once (``warm_up``), leaving the marker the background process
+  would (:func:`compile_here`).
 
 Either way the first compilation is announced once per process (only when numba actually
 compiles, not when it loads from the cache).  A backend asked for by name (``backend="cpu"``,
@@ -560,6 +562,32 @@ def kernels_ready(module, key: tuple[str, ...], call: Optional[tuple] = None) ->
         return ready
 
 
+def compile_here(module, key: tuple[str, ...]) -> None:
+    """ "wait" mode, at a variant's first call in this process: compile (or load) its kernels
+    here as the background process would (``module.warm_up``) and leave the same marker, so
+    that a later process in "background" mode finds them ready instead of starting a compile
+    process, which a machine kept busy by training can starve for minutes (``lrnnx train``
+    compiles this way).  Modules without ``warm_up`` compile at the call itself, unmarked."""
+    if _READY.get((module.__name__, key)) is True:
+        return
+    _READY[(module.__name__, key)] = True  # once per process; warm_up's own calls run as is
+    if not hasattr(module, "warm_up") or torch.compiler.is_compiling():
+        return
+    marker = _marker(module, key)
+    if marker is None or marker.exists():
+        return
+    # tiny inputs, forward and backward, whatever context the first call came in
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        module.warm_up(tuple(getattr(torch, name) for name in key))
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.parent / f"{marker.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(b"")
+        os.replace(tmp, marker)  # atomic, as the background process writes it
+    except OSError:  # a read-only cache folder: numba's own cache still holds the kernels
+        pass
+
+
 def deferred(module, fused: Callable, fallback: Callable) -> Callable:
     """``fused`` (a numba backend's function) that, in "background" mode, runs ``fallback`` (the
     pure-torch backend, same arguments) while the kernels the call needs compile elsewhere.
@@ -569,10 +597,13 @@ def deferred(module, fused: Callable, fallback: Callable) -> Callable:
     otherwise it replays the first call of each variant on a copy of its arguments."""
 
     def call(*args, **kwargs):
-        if compile_mode() == "background" and not kernels_ready(
+        mode = compile_mode()
+        if mode == "background" and not kernels_ready(
             module, variant_key(args, kwargs), (fused, args, kwargs)
         ):
             return fallback(*args, **kwargs)
+        if mode == "wait":
+            compile_here(module, variant_key(args, kwargs))
         return fused(*args, **kwargs)
 
     call.__wrapped__ = fused  # inspect.unwrap finds the backend's own function
