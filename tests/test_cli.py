@@ -657,11 +657,19 @@ def test_interrupted_before_the_first_evaluation(tmp_path, monkeypatch):
 def test_training_commands_compile_in_their_own_process(tmp_path, monkeypatch):
     """lrnnx train (and demo) compile the fused kernels in their process unless the user set
     LRNNX_NUMBA_COMPILE: a busy training run starves the idle-priority compile process."""
-    from lrnnx.ops._numba import COMPILE_ENV
+    from lrnnx.ops import _numba
 
-    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    seen = []
+    real = train_mod.train
+
+    def spy(*args, **kwargs):
+        seen.append((os.environ.get(_numba.COMPILE_ENV), _numba.MARK_WAIT_COMPILES))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    monkeypatch.delenv(_numba.COMPILE_ENV, raising=False)
     assert main(_run(tmp_path / "a", steps=1, extra=["--threads", "1"])) == 0
-    assert os.environ[COMPILE_ENV] == "wait"
-    monkeypatch.setenv(COMPILE_ENV, "background")  # the user's choice stays
+    monkeypatch.setenv(_numba.COMPILE_ENV, "background")  # the user's choice stays
     assert main(_run(tmp_path / "b", steps=1, extra=["--threads", "1"])) == 0
-    assert os.environ[COMPILE_ENV] == "background"
+    assert seen == [("wait", True), ("background", False)]
+    assert not _numba.MARK_WAIT_COMPILES  # for the command's duration only

@@ -138,10 +138,11 @@ def test_wait_mode_compiles_in_process(probe, monkeypatch):
 
 
 def test_wait_mode_leaves_the_marker_for_background_processes(probe, monkeypatch):
-    """wait mode compiles the variant's kernels here (warm_up, whatever the caller's grad
-    mode) and leaves the marker, so a later process in background mode runs the fused kernels
+    """wait mode with MARK_WAIT_COMPILES compiles the variant's kernels here (warm_up,
+    whatever the caller's grad mode) and leaves the marker, so a later process in background mode runs the fused kernels
     at once, with no compile process a busy machine could starve."""
     monkeypatch.setenv(_numba.COMPILE_ENV, "wait")
+    monkeypatch.setattr(_numba, "MARK_WAIT_COMPILES", True)  # as lrnnx train sets it
     mod = probe()
     torch_calls = []
     call = _numba.deferred(mod, mod.fused, _fallback(torch_calls))

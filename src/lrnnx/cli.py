@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence
 
 #: exit status for a bad command line or configuration (argparse uses the same)
 EXIT_USAGE = 2
@@ -433,27 +434,38 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
-def _compile_before_training() -> None:
+@contextlib.contextmanager
+def _compile_before_training() -> Iterator[None]:
     """Unless the user chose (``LRNNX_NUMBA_COMPILE``), a training command compiles the fused
-    CPU kernels in its own process at their first use ("wait").  The library's default,
-    "background", runs the first calls on the pure-torch backend while an idle-priority process
-    compiles; but a training run keeps every core busy, so on a 2-core machine that process got
-    5-35% of a core and never finished, and a whole first run (the demo's Mamba: 7k tokens/s
-    against 55k) stayed on the slow path.  Under torchrun the ranks keep "background", whose
-    lock lets one of them compile for all."""
-    from lrnnx.ops._numba import COMPILE_ENV
+    CPU kernels in its own process at their first use ("wait") and marks them ready for later
+    processes (:data:`lrnnx.ops._numba.MARK_WAIT_COMPILES`), for the command's duration.  The
+    library's default, "background", runs the first calls on the pure-torch backend while an
+    idle-priority process compiles; but a training run keeps every core busy, so on a 2-core
+    machine that process got 5-35% of a core and never finished, and a whole first run (the
+    demo's Mamba: 7k tokens/s against 55k) stayed on the slow path.  Under torchrun the ranks
+    keep "background", whose lock lets one of them compile for all."""
+    from lrnnx.ops import _numba
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        os.environ.setdefault(COMPILE_ENV, "wait")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(_numba.COMPILE_ENV):
+        yield
+        return
+    marking = _numba.MARK_WAIT_COMPILES
+    os.environ[_numba.COMPILE_ENV] = "wait"
+    _numba.MARK_WAIT_COMPILES = True
+    try:
+        yield
+    finally:
+        del os.environ[_numba.COMPILE_ENV]
+        _numba.MARK_WAIT_COMPILES = marking
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lrnnx.train import ConfigError, train
 
-    _compile_before_training()
     config = _config_from_args(args)
     try:
-        result = train(config, prepared=_pick_threads(config))
+        with _compile_before_training():
+            result = train(config, prepared=_pick_threads(config))
     except (ConfigError, ImportError) as e:
         raise CommandError(str(e)) from None
     code = EXIT_INTERRUPTED if result.interrupted else 0
@@ -584,9 +596,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    _compile_before_training()
     try:
-        return _run_demo(args)
+        with _compile_before_training():
+            return _run_demo(args)
     finally:
         torch.set_num_threads(threads)  # the demo may pick another count; leave it as it was
 

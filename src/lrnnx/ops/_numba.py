@@ -14,9 +14,10 @@ directory is read-only).  Compiling the selective scan takes 10-30 s on a 2-core
   watches a pipe from it), so it never outlives it; what it compiled so far stays cached.
   Processes starting together (pytest-xdist, DDP ranks, CI jobs) take turns through a lock file
   in the cache directory: one compiles, the others then find the kernels cached.
-* ``wait``: the call compiles in this process and waits (reproducible timing: ``lrnnx bench``),
-  every kernel of its variant at once (``warm_up``), leaving the marker the background process
-  would (:func:`compile_here`).
+* ``wait``: the call compiles in this process and waits (reproducible timing: ``lrnnx bench``).
+  With :data:`MARK_WAIT_COMPILES` (``lrnnx train`` and ``lrnnx demo`` set it), every kernel of
+  the call's variant compiles at once and leaves the marker the background process would
+  (:func:`compile_here`).
 
 Either way the first compilation is announced once per process (only when numba actually
 compiles, not when it loads from the cache).  A backend asked for by name (``backend="cpu"``,
@@ -562,13 +563,19 @@ def kernels_ready(module, key: tuple[str, ...], call: Optional[tuple] = None) ->
         return ready
 
 
+#: whether "wait" mode compiles a variant's whole kernel set and marks it ready (see
+#: :func:`compile_here`); off by default: a process that only runs some kernels (a test suite)
+#: then compiles only those
+MARK_WAIT_COMPILES = False
+
+
 def compile_here(module, key: tuple[str, ...]) -> None:
     """ "wait" mode, at a variant's first call in this process: compile (or load) its kernels
     here as the background process would (``module.warm_up``) and leave the same marker, so
     that a later process in "background" mode finds them ready instead of starting a compile
     process, which a machine kept busy by training can starve for minutes (``lrnnx train``
     compiles this way).  Modules without ``warm_up`` compile at the call itself, unmarked."""
-    if _READY.get((module.__name__, key)) is True:
+    if not MARK_WAIT_COMPILES or _READY.get((module.__name__, key)) is True:
         return
     _READY[(module.__name__, key)] = True  # once per process; warm_up's own calls run as is
     if not hasattr(module, "warm_up") or torch.compiler.is_compiling():
