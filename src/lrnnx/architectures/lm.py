@@ -48,6 +48,7 @@ from lrnnx.core.checks import (
 )
 from lrnnx.layers import Block, GatedMLP, RMSNorm
 from lrnnx.layers.linear import Linear
+from lrnnx.layers.mha import check_kv_room
 from lrnnx.models.registry import build_mixer
 
 #: label value that :func:`packed_lm_loss` and torch's cross_entropy skip
@@ -493,14 +494,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             )
         for i in range(self.n_layer):
             kc = cache[i].get("k_cache") if isinstance(cache[i], dict) else None
-            if not isinstance(kc, Tensor) or kc.dim() != 4:
-                continue
-            offset = int(cache[i].get("seqlen_offset", 0))
-            if offset + new_tokens > kc.shape[2]:
-                raise ValueError(
-                    f"inference_cache[{i}] (attention): holds max_seqlen = {kc.shape[2]} "
-                    f"positions, got {offset} cached + {new_tokens} new; allocate a larger "
-                    "cache (no layer has advanced)"
+            if isinstance(kc, Tensor) and kc.dim() == 4:
+                check_kv_room(
+                    cache[i], new_tokens, f"inference_cache[{i}] (attention; no layer has advanced)"
                 )
 
     def generate(self, input_ids: Tensor, max_new_tokens: Optional[int] = None, **kwargs: Any):

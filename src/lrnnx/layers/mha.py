@@ -87,6 +87,22 @@ def attention(
     return out.masked_fill(sees_bad[..., None], float("nan"))
 
 
+def check_kv_room(cache: Dict[str, Any], new_tokens: int, name: str = "inference_cache") -> None:
+    """Room for ``new_tokens`` more positions in a KV cache (``"k_cache"`` (B, heads,
+    max_seqlen, head_dim) and its ``"seqlen_offset"``), checked before anything is written.
+
+    Raises:
+        ValueError: the cache is too small; the message names ``name``.
+    """
+    size = cache["k_cache"].shape[2]
+    offset = int(cache.get("seqlen_offset", 0))
+    if offset + new_tokens > size:
+        raise ValueError(
+            f"{name}: holds max_seqlen = {size} positions, got {offset} cached + {new_tokens} "
+            "new; allocate a larger cache"
+        )
+
+
 class MHA(nn.Module):
     """Multi-head attention that follows the lrnnx mixer protocol.
 
@@ -286,12 +302,8 @@ class MHA(nn.Module):
     ) -> Tensor:
         B, H, L, hd = q.shape
         kc, vc, seqlens = self._check_cache(cache, B)
+        check_kv_room(cache, L)
         offset = int(cache.get("seqlen_offset", 0))
-        if offset + L > kc.shape[2]:
-            raise ValueError(
-                f"inference_cache: holds max_seqlen = {kc.shape[2]} positions, got "
-                f"{offset} cached + {L} new; allocate a larger cache"
-            )
         ar = torch.arange(L, device=q.device)
         pos = seqlens[:, None] + ar  # (B, L): positions continue each sequence's cached length
         q, k = self.rotate(q, pos), self.rotate(k, pos)
@@ -334,12 +346,8 @@ class MHA(nn.Module):
         x = check_step_input(x, self.dim)
         B = x.shape[0]
         kc, vc, seqlens = self._check_cache(inference_cache, B)
+        check_kv_room(inference_cache, 1)
         offset = int(inference_cache.get("seqlen_offset", 0))
-        S_max = kc.shape[2]
-        if offset >= S_max:
-            raise ValueError(
-                f"inference_cache: all max_seqlen = {S_max} positions are used; allocate a larger cache"
-            )
         q, k, v = self._split(x[:, None])  # (B, H, 1, hd)
         pos = seqlens[:, None]
         q, k = self.rotate(q, pos), self.rotate(k, pos)
@@ -349,7 +357,7 @@ class MHA(nn.Module):
         # eager: only the used prefix; under CUDA-graph capture the whole buffer (fixed shape,
         # the mask hides unused slots), so a replay stays valid as the cache fills
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        S = S_max if capturing else offset + 1
+        S = kc.shape[2] if capturing else offset + 1
         j = torch.arange(S, device=x.device)
         allowed = (j[None, :] <= seqlens[:, None])[:, None, None, :]  # (B, 1, 1, S)
         out = F.scaled_dot_product_attention(

@@ -15,7 +15,6 @@ on one thread (:func:`decode_threads`; the count is restored after).
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 import warnings
@@ -25,6 +24,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
+
+from lrnnx.core.checks import check_positive_float
 
 
 @dataclass
@@ -104,24 +105,13 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     return torch.where(overflow, shifted, scaled)
 
 
-def _check_real(name: str, value: Any, low: float, high: float, closed: str, expected: str):
-    """A real number (bool excluded: TypeError) in [low, high), (low, high] or (low, high) per
-    ``closed`` ("low", "high" or "neither"): ValueError otherwise, NaN included."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-    inside = (low <= value if closed == "low" else low < value) and (
-        value <= high if closed == "high" else value < high
-    )
-    if not inside:
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-
-
 def _check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     """temperature: a finite real >= 0; top_k: an int >= 0; top_p: a real in (0, 1]."""
-    _check_real("temperature", temperature, 0, math.inf, "low", "a finite float >= 0")
+    check_positive_float("temperature", temperature, allow_zero=True)
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
-    _check_real("top_p", top_p, 0, 1, "high", "a float in (0, 1]")
+    if check_positive_float("top_p", top_p) > 1:
+        raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
 
 
 def sample_logits(
@@ -285,9 +275,7 @@ def _check_args(
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
     _check_sampling(temperature, top_k, top_p)
-    _check_real(
-        "repetition_penalty", repetition_penalty, 0, math.inf, "neither", "a finite float > 0"
-    )
+    check_positive_float("repetition_penalty", repetition_penalty)
     if pad_token_id is not None and (
         not isinstance(pad_token_id, numbers.Integral)
         or isinstance(pad_token_id, bool)
