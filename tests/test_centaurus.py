@@ -297,7 +297,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="x"):
         m(torch.ones(2, 10, H, dtype=torch.long))
     with pytest.raises(ValueError, match="integration_timesteps"):
-        m(torch.randn(2, 10, H), integration_timesteps=torch.ones(2, 10))
+        m(torch.randn(2, 10, H), integration_timesteps=torch.ones(2, 9))
     with pytest.raises(ValueError, match="lengths"):
         m(torch.randn(2, 10, H), lengths=torch.tensor([3]))
     with pytest.raises(ValueError, match="lengths"):

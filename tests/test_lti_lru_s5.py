@@ -192,7 +192,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="x: expected shape"):
         m(torch.randn(2, 10, H + 1))
     with pytest.raises(ValueError, match="integration_timesteps"):
-        m(torch.randn(2, 10, H), integration_timesteps=torch.ones(2, 10))
+        m(torch.randn(2, 10, H), integration_timesteps=torch.ones(2, 9))
+    with pytest.raises(ValueError, match="integration_timesteps"):
+        m(torch.randn(2, 10, H), integration_timesteps=-torch.ones(2, 10))
     with pytest.raises(ValueError, match="discretization"):
         S5(H, N, "euler")
     with pytest.raises(ValueError, match="async"):

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch import Tensor
 
 from _tol import assert_close_rel, rel_err
 from lrnnx.models.lti import LRU, S4, S4D, S5, Centaurus
@@ -52,7 +53,7 @@ def run(model, x, **kwargs):
 def step(name, model, x_t, cache):
     """One step for x_t (B, H) whatever the model's step layout; returns y (B, H)."""
     y, cache = model.step(x_t[:, None] if name in LTV else x_t, cache)
-    return y.reshape(x_t.shape[0], -1), cache
+    return y.reshape(x_t.shape[0], y.shape[-1]), cache
 
 
 def modes(name):
@@ -629,3 +630,152 @@ def test_cache_with_a_foreign_state_is_named(name):
     cache = {**model.allocate_inference_cache(2, 1), "lrnn_state": torch.zeros(2, 3)}
     with pytest.raises(ValueError, match=r"inference_cache\['lrnn_state'\]"):
         step(name, model, torch.randn(2, H), cache)
+
+
+# ---- keyword arguments, the interface classes, steps of an empty batch ------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_unknown_keywords_are_refused(name):
+    """A misspelt keyword (``integration_timestep``) raises TypeError naming it, in step and in
+    allocate_inference_cache: the LTV signatures take ``**kwargs`` (the base class's interface),
+    which must not drop it silently."""
+    model = build(name)
+    cache = model.allocate_inference_cache(2, 1)
+    with pytest.raises(TypeError, match="integration_timestep"):
+        step_kw = dict(integration_timestep=torch.full((2,), 50.0))
+        model.step(torch.randn(2, 1, H) if name in LTV else torch.randn(2, H), cache, **step_kw)
+    with pytest.raises(TypeError, match="max_seq_len"):
+        model.allocate_inference_cache(2, max_seq_len=4)
+
+
+def test_rglru_step_refuses_timesteps_as_its_forward_does():
+    model = build("rglru")
+    cache = model.allocate_inference_cache(2, 1)
+    with pytest.raises(ValueError, match="^integration_timesteps: RGLRU has no event-driven"):
+        model.step(torch.randn(2, 1, H), cache, integration_timesteps=torch.ones(2))
+    with pytest.raises(ValueError, match="^integration_timesteps: RGLRU has no event-driven"):
+        model(torch.randn(2, 3, H), integration_timesteps=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("name", [n for n in LTI if n not in ("s4", "s4d")])
+def test_lti_models_ignore_timesteps_with_a_warning(name):
+    """The original lrnnx documents ``integration_timesteps`` of the LTI models as "not used,
+    kept for interface compatibility with LTV models": accepted, checked, ignored, and said."""
+    model, x = build(name), torch.randn(2, 10, H)
+    with pytest.warns(UserWarning, match="time-invariant and ignores"):
+        y = run(model, x, integration_timesteps=torch.rand(2, 10) * 5)
+    assert torch.equal(y, run(model, x))
+    ts = torch.rand(2, 10)
+    ts[0, 6:] = float("nan")  # padding may hold anything
+    with pytest.warns(UserWarning):
+        run(model, x, integration_timesteps=ts, lengths=torch.tensor([6, 10]))
+
+
+def test_interface_classes_instantiate_as_the_original_documents():
+    from lrnnx.core.base import LRNN
+    from lrnnx.models.lti import LTI_LRNN
+    from lrnnx.models.ltv import LTV_LRNN
+
+    lti, ltv = LTI_LRNN("zoh"), LTV_LRNN("zoh")  # the original lrnnx's docstring examples
+    assert lti.discretization == ltv.discretization == "zoh"
+    assert LRNN(None).discretize_fn is None
+    for call, method in [
+        (lambda: lti(torch.randn(1, 2, H)), "LTI_LRNN.forward"),
+        (lambda: lti.discretize(), "LTI_LRNN.discretize"),
+        (lambda: lti.compute_kernel(4), "LTI_LRNN.compute_kernel"),
+        (lambda: ltv.step(torch.randn(1, H), {}), "LTV_LRNN.step"),
+        (lambda: ltv.allocate_inference_cache(1, 1), "LTV_LRNN.allocate_inference_cache"),
+    ]:
+        with pytest.raises(NotImplementedError, match=method):
+            call()
+
+    class Partial(LTI_LRNN):  # a subclass must implement every abstract method
+        def discretize(self):
+            return None
+
+    with pytest.raises(TypeError, match="compute_kernel.*forward.*step"):
+        Partial("zoh")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_step_of_an_empty_batch(name):
+    model = build(name)
+    cache = model.allocate_inference_cache(0, 1)
+    x_t = torch.randn(0, H)
+    y, _ = step(name, model, x_t, cache)
+    assert y.shape == (0, H)
+
+
+@pytest.mark.parametrize("name", LTI)
+def test_wider_cache_in_a_prefill(name):
+    """A cache wider than the model (allocated while it was float64) serves a prefill on both
+    paths, as it serves step: the state is read in the model's precision and written back."""
+    for mode in modes(name):
+        model = with_mode(build(name).double(), mode)
+        wide = model.allocate_inference_cache(2, 1)
+        model.float()
+        x = torch.randn(2, 5, H)
+        with torch.no_grad():
+            y = run(model, x, inference_cache=wide)
+            fresh = model.allocate_inference_cache(2, 1)
+            expect = run(model, x, inference_cache=fresh)
+        assert_close_rel(y, expect, msg=f"{name} {mode}")
+        assert_close_rel(wide["lrnn_state"], fresh["lrnn_state"], msg=f"{name} {mode} state")
+
+
+def test_mha_cache_of_another_precision():
+    """A float64 attention layer refuses a KV cache allocated before model.double(); a float32
+    one keeps taking a narrower cache chosen with dtype= (a memory choice)."""
+    mha = _mha()
+    stale = mha.allocate_inference_cache(2, max_seqlen=4)
+    mha.double()
+    with pytest.raises(TypeError, match=r"inference_cache\['k_cache'\]: expected torch.float64"):
+        mha.step(torch.randn(2, H, dtype=torch.float64), stale)
+    mha.float()
+    small = mha.allocate_inference_cache(2, max_seqlen=4, dtype=torch.bfloat16)
+    assert mha.step(torch.randn(2, H), small)[0].shape == (2, H)
+
+
+@pytest.mark.parametrize("name", ["s5", "lru", "event-s5", "s7", "centaurus-neck", "centaurus-full"])
+def test_cache_is_a_snapshot_of_the_model(name):
+    """The cache holds copies of the constants step reads: an in-place update of the
+    parameters after the allocation (an optimizer step, load_state_dict) leaves it the old
+    model's, never half old and half new (S4/S4D read D and their output layers live, as
+    state-spaces/s4 does; Mamba and RG-LRU cache no constants)."""
+    model = build(name)
+    old = copy.deepcopy(model)
+    cache = model.allocate_inference_cache(2, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x_t = torch.randn(2, H)
+        y = step(name, model, x_t, cache)[0]
+        expect = step(name, old, x_t, old.allocate_inference_cache(2, 1))[0]
+    assert_close_rel(y, expect, msg=name)
+
+
+def test_real_s4_in_float64_decodes_from_a_cache_allocated_before_any_forward():
+    """A float64 real S4's first forward rewrites C in place (C -> C~); the cache allocated
+    before it must hold its own copy of the output matrix."""
+    torch.manual_seed(0)
+    model = S4(H, d_state=4, transposed=False, is_real=True).double().eval()
+    x = torch.randn(2, 10, H, dtype=torch.float64)
+    with torch.no_grad():
+        cache = model.allocate_inference_cache(2)
+        y_pre = run(model, x[:, :6], inference_cache=cache)
+        y_dec = torch.stack([model.step(x[:, t], cache)[0] for t in range(6, 10)], 1)
+        y_full = run(model, x)
+    assert_close_rel(torch.cat([y_pre, y_dec], 1), y_full, msg="prefill + steps")
+
+
+@pytest.mark.parametrize("name", ["mamba", "event-s5", "s7"])
+def test_bad_step_timesteps_are_named(name):
+    model = build(name)
+    cache = model.allocate_inference_cache(2, 1)
+    x_t = torch.randn(2, 1, H)
+    for ts in (True, [1.0, 1.0], "1", torch.ones(2, 2), torch.tensor([1.0, -1.0])):
+        with pytest.raises((TypeError, ValueError), match="^integration_timesteps") as info:
+            model.step(x_t, cache, integration_timesteps=ts)
+        if isinstance(ts, Tensor) and ts.shape == (2, 2):
+            assert "got (2, 2)" in str(info.value)

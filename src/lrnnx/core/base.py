@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
+import functools
+from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +12,21 @@ from torch import Tensor, nn
 from lrnnx.core.discretization import DISCRETIZATIONS, get_discretization
 
 
-class LRNN(nn.Module, metaclass=ABCMeta):
+@functools.cache
+def _abstract_methods(cls: type) -> Tuple[str, ...]:
+    """The methods ``cls`` leaves abstract (marked ``@abstractmethod`` and not overridden)."""
+    names = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
+    return tuple(sorted(n for n in names if getattr(getattr(cls, n), "__isabstractmethod__", 0)))
+
+
+def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
+    """The error an interface class's abstract method raises when called on the class itself."""
+    return NotImplementedError(
+        f"{type(model).__name__}.{method} is abstract: implement it in a subclass"
+    )
+
+
+class LRNN(nn.Module):
     """Base class of all linear RNNs.
 
     Holds the discretization rule, chosen by name from
@@ -26,13 +41,30 @@ class LRNN(nn.Module, metaclass=ABCMeta):
     take the new dtype; the model then returns outputs in its input's dtype and keeps its state
     in float32.  ``model.double()`` / ``model.to(torch.float64)`` makes every tensor float64
     (complex128), so the whole computation runs in float64.
+
+    Interface classes (this one, :class:`lrnnx.models.lti.LTI_LRNN` and
+    :class:`lrnnx.models.ltv.LTV_LRNN`, marked by ``_interface = True`` in their own body) can be
+    instantiated, as in the original lrnnx (``LTI_LRNN("zoh")``); their abstract methods raise
+    NotImplementedError.  Any other class must implement every abstract method: instantiating
+    one that does not raises TypeError naming them, as :mod:`abc` does.
     """
 
+    _interface = True
     #: discretizations this class accepts; subclasses narrow it
     allowed_discretizations: Tuple[str, ...] = tuple(DISCRETIZATIONS)
     #: submodules that belong to the recurrence itself (e.g. S7's step projections): their
     #: tensors follow the precision policy of the model's own tensors (see the class docstring)
     _spectral_submodules: Tuple[str, ...] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if not vars(cls).get("_interface", False):
+            missing = _abstract_methods(cls)
+            if missing:
+                raise TypeError(
+                    f"Can't instantiate {cls.__name__}: it leaves the abstract method(s) "
+                    f"{', '.join(missing)} unimplemented"
+                )
+        return super().__new__(cls)
 
     def __init__(self, discretization: Optional[str]):
         super().__init__()
@@ -114,16 +146,19 @@ class LRNN(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def forward(self, x: Tensor, *args, **kwargs):
         """Process a whole sequence x of shape (B, L, H)."""
+        raise not_implemented(self, "forward")
 
     @abstractmethod
     def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs):
         """Advance the recurrence by one timestep."""
+        raise not_implemented(self, "step")
 
     @abstractmethod
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int = 1, dtype=None, **kwargs
     ) -> Dict[str, Any]:
         """Create the state (and precomputed matrices) that ``step`` updates."""
+        raise not_implemented(self, "allocate_inference_cache")
 
 
 def keep_recurrence_precision(module: nn.Module) -> None:

@@ -242,6 +242,41 @@ def check_timesteps(
     return ts
 
 
+def check_step_timesteps(ts: Any, batch: int, dtype: torch.dtype, device) -> Optional[Tensor]:
+    """Validate the elapsed time of one step (``integration_timesteps`` of an LTV model's
+    ``step``): None, a number, or a floating-point tensor (B,) or (B, 1), finite and >= 0.
+
+    Returns a (B, 1) tensor in ``dtype`` on ``device`` (or None).  The values are not read
+    while a CUDA graph is being captured (that would synchronise).
+
+    Raises:
+        TypeError: not a number or a floating-point tensor.
+        ValueError: another shape, or a negative or non-finite value.
+    """
+    if ts is None:
+        return None
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        ts = torch.full((batch, 1), float(ts), dtype=dtype, device=device)
+    if not isinstance(ts, Tensor):
+        raise TypeError(
+            f"integration_timesteps: expected a tensor of shape ({batch},) or ({batch}, 1), "
+            f"got {type(ts).__name__}"
+        )
+    if not ts.is_floating_point():
+        raise TypeError(f"integration_timesteps: expected a floating-point tensor, got {ts.dtype}")
+    if tuple(ts.shape) not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"integration_timesteps: expected shape ({batch},) or ({batch}, 1) for one step, "
+            f"got {tuple(ts.shape)}"
+        )
+    capturing = ts.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (not bool(torch.isfinite(ts).all()) or bool((ts < 0).any())):
+        raise ValueError(
+            "integration_timesteps: expected finite values >= 0, got negative or non-finite"
+        )
+    return ts.reshape(batch, 1).to(device=device, dtype=dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # constructor arguments: the one validator every model constructor uses
 
@@ -351,6 +386,22 @@ def merge_alias(name: str, value: Any, alias: str, alias_value: Any, default: An
         f"{name}, {alias}: two names of the same argument, given different values "
         f"({name}={value!r}, {alias}={alias_value!r}); pass only one of them"
     )
+
+
+def check_no_kwargs(where: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse keyword arguments a method takes in its signature (``**kwargs``, the interface the
+    LTV base class documents for ``step`` and ``allocate_inference_cache``) but does not use: a
+    misspelt ``integration_timestep=`` would otherwise be dropped without a word.
+
+    Raises:
+        ArgumentTypeError: (a TypeError) ``kwargs`` is not empty; the message names ``where``
+            (e.g. ``"Mamba.step"``) and the keys.
+    """
+    if kwargs:
+        raise ArgumentTypeError(
+            f"{where}() got unexpected keyword argument(s) {sorted(kwargs)}; it takes none "
+            "beyond those in its signature"
+        )
 
 
 # ------------------------------------------------------------------ packed sequences (cu_seqlens)

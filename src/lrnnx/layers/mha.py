@@ -184,7 +184,12 @@ class MHA(nn.Module):
 
     def _check_cache(self, cache: Any, batch: int) -> Tuple[Tensor, Tensor, Tensor]:
         keys = ("k_cache", "v_cache", "cache_seqlens")
-        check_inference_cache(cache, batch, keys, "MHA", batch_keys=keys)
+        # a float64 model computes in float64 end to end: a KV cache allocated before
+        # model.double() is refused, never rounded.  Other models take any floating dtype (a
+        # narrower one, e.g. dtype=torch.bfloat16 for a float32 model, is a memory choice)
+        w = self.qkv.weight.dtype
+        wide = {"k_cache": w, "v_cache": w} if w == torch.float64 else None
+        check_inference_cache(cache, batch, keys, "MHA", batch_keys=keys, precision=wide)
         kc, vc, lens = cache.get("k_cache"), cache.get("v_cache"), cache.get("cache_seqlens")
         H, hd = self.num_heads, self.head_dim
         for name, t in (("k_cache", kc), ("v_cache", vc)):
@@ -374,7 +379,8 @@ class MHA(nn.Module):
 
         Returns:
             ``"k_cache"``, ``"v_cache"``: zeros (B, heads, max_seqlen, head_dim) in ``dtype``
-            (default: the projection weights' dtype); ``"cache_seqlens"``: (B,) int64 tokens
+            (default: the projection weights' dtype; a float64 model needs float64, any other
+            takes any floating dtype); ``"cache_seqlens"``: (B,) int64 tokens
             cached per sequence; ``"seqlen_offset"``: 0 (tokens consumed, a Python int).
         """
         check_batch_size(batch_size)  # 0: an empty cache, as the recurrent mixers allocate

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from lrnnx.core.base import LRNN
+from lrnnx.core.base import LRNN, not_implemented
 from lrnnx.core.checks import (
     as_lengths,
     check_inference_cache,
     check_packed_cache,
     check_sequence,
     check_step_input,
+    check_timesteps,
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
@@ -86,8 +88,12 @@ class LTI_LRNN(LRNN):
     back) always run the scan with resets, in every mode, ``"fft"`` included: a convolution over
     the packed row would carry each sequence's inputs into the next one.  ``mode`` is a speed
     choice, so the packed result is the same either way: each sequence as if run alone.
+
+    The class itself can be instantiated (``LTI_LRNN("zoh")``, as in the original lrnnx); its
+    abstract methods then raise NotImplementedError.  A subclass must implement them all.
     """
 
+    _interface = True
     allowed_discretizations = ("zoh", "bilinear", "dirac", "no_discretization")
 
     def __init__(self, discretization: str, mode: str = "auto"):
@@ -132,27 +138,46 @@ class LTI_LRNN(LRNN):
     @abstractmethod
     def discretize(self) -> Tuple[Tensor, Any, Tensor]:
         """Discrete (A_bar, B_bar or its normaliser, C) from the continuous parameters."""
+        raise not_implemented(self, "discretize")
 
     @abstractmethod
     def compute_kernel(self, *args) -> Tuple[Tensor, Tensor]:
         """What the convolution needs: powers of A_bar (or A_bar itself) and the input matrix."""
+        raise not_implemented(self, "compute_kernel")
 
     @abstractmethod
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One timestep: x (B, H) -> y (B, H); the cache's state is updated in place."""
+        raise not_implemented(self, "step")
 
     @abstractmethod
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None
     ) -> Dict[str, Any]:
         """Zero state plus the precomputed discrete matrices."""
+        raise not_implemented(self, "allocate_inference_cache")
 
-    def _check_forward_args(self, x: Tensor, integration_timesteps: Optional[Tensor]) -> None:
+    def _check_forward_args(
+        self, x: Tensor, integration_timesteps: Optional[Tensor], lengths: Any = None
+    ) -> None:
+        """Validate x (B, L, H) and ``integration_timesteps``.
+
+        ``integration_timesteps`` is accepted for interface compatibility with the LTV models,
+        as the original lrnnx documents it ("not used by S5"), and validated like theirs ((B, L),
+        finite and >= 0 at valid positions); the fixed kernel cannot stretch per element, so
+        it is ignored, with a warning that says so (Python's default filter shows it once per
+        model class).
+        """
         check_sequence(x, self.d_model)
         if integration_timesteps is not None:
-            raise ValueError(
-                f"integration_timesteps: {type(self).__name__} is time-invariant and cannot use "
-                "irregular timesteps; pass None, or use an LTV model (lrnnx.models.ltv)"
+            B, L = x.shape[:2]
+            check_timesteps(integration_timesteps, B, L, lengths_mask(lengths, B, L, x.device))
+            warnings.warn(
+                f"integration_timesteps: {type(self).__name__} is time-invariant and ignores "
+                "them (its kernel is fixed); use an LTV model (lrnnx.models.ltv, e.g. the "
+                "event-driven S5) for irregularly sampled inputs",
+                UserWarning,
+                stacklevel=2,
             )
 
     def _diagonal_ssm(
@@ -192,7 +217,9 @@ class LTI_LRNN(LRNN):
         mask = lengths_mask(lengths, Bsz, L, x.device)
         h0 = None
         if inference_cache is not None:
-            h0 = self._cached_state(inference_cache, Bsz, cu)
+            # in the model's precision: a wider cache (complex128 for a complex64 model) is
+            # accepted, and receives the final state widened
+            h0 = self._cached_state(inference_cache, Bsz, cu).to(A_bar.dtype)
         final = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -436,7 +436,7 @@ class CentaurusBase(LTI_LRNN):
                 than 1), or ``contraction == "kernel"`` with a dws mix norm/activation (C cannot
                 be folded into the kernel past a nonlinearity).
         """
-        self._check_forward_args(x, integration_timesteps)
+        self._check_forward_args(x, integration_timesteps, lengths)
         Bsz, L, _ = x.shape
         cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {tuple(x.shape)} = (1, T, H_in)")
         lengths = as_lengths(lengths, Bsz, L, x.device)
@@ -877,7 +877,8 @@ class CentaurusFull(Centaurus):
 
     def _lanes(self, x: Tensor, w: Weights) -> Tensor:
         lead = x.shape[:-1]
-        return x[..., None, :].expand(*lead, self.d_state, self.d_model).reshape(*lead, -1, 1)
+        rows = self.d_state * self.d_model  # (not -1: a batch of 0 leaves it undetermined)
+        return x[..., None, :].expand(*lead, self.d_state, self.d_model).reshape(*lead, rows, 1)
 
     def _latent_input(self, x: Tensor, w: Weights) -> Tensor:
         return self._lanes(x, w)[..., 0]

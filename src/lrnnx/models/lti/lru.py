@@ -105,7 +105,7 @@ class LRU(LTI_LRNN):
         with resets (see :class:`LTI_LRNN`); a cache then holds one state per sequence (S, N).
         ValueError for ``lengths`` with ``cu_seqlens``, a batch other than 1 or bad offsets.
         """
-        self._check_forward_args(x, integration_timesteps)
+        self._check_forward_args(x, integration_timesteps, lengths)
         # the diagonal is used as a vector: no (N, N) matrix on the training path
         Lambda, B, C = self._matrices()
         Lambda, B_norm = self.compute_kernel(x.shape[1], Lambda, B)
@@ -130,13 +130,13 @@ class LRU(LTI_LRNN):
             Lambda, B, C = self._matrices()
             Lambda, B_norm = self.compute_kernel(max_seqlen, Lambda, B)
         state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
-        D = self.D.detach()
+        # copies, never the parameters themselves (see S5.allocate_inference_cache)
         cache = {
             "lrnn_state": state,
-            "A_bar": Lambda,
-            "B_bar": B_norm,
-            "C": C,
-            "D": D,
+            "A_bar": Lambda.clone(),
+            "B_bar": B_norm.clone(),
+            "C": C.clone(),
+            "D": self.D.detach().clone(),
             "seqlen_offset": 0,
         }
         return cache_to_device(cache, device)

@@ -278,7 +278,9 @@ class S4(S4BlockBase):
         with torch.no_grad():
             dA, dB, dC = self.discretize(self._wide_dtype)
         mats = (("dA", dA), ("dB", dB), ("dC", dC))
-        return {k: t.to(self.state_dtype).contiguous() for k, t in mats}
+        # copies: where the casts change nothing (a float64 real S4), dC would otherwise be the
+        # parameter C itself, which the first forward rewrites in place (C -> C~, _multiply_C)
+        return {k: t.to(self.state_dtype, copy=True).contiguous() for k, t in mats}
 
     def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
         x = cache["lrnn_state"]

@@ -154,7 +154,7 @@ class S5(LTI_LRNN):
         with resets (see :class:`LTI_LRNN`); a cache then holds one state per sequence (S, N).
         ValueError for ``lengths`` with ``cu_seqlens``, a batch other than 1 or bad offsets.
         """
-        self._check_forward_args(x, integration_timesteps)
+        self._check_forward_args(x, integration_timesteps, lengths)
         A_bar, gamma_bar, C = self.discretize()
         L = x.shape[1]
         if cu_seqlens is None and self._use_fft(L):
@@ -191,13 +191,14 @@ class S5(LTI_LRNN):
             A_bar, gamma_bar, C = self.discretize()
             _, B_bar = self.compute_kernel(1, A_bar, gamma_bar)
         state = torch.zeros(batch_size, self.n_state, dtype=A_bar.dtype, device=A_bar.device)
-        D = self.D.detach()
+        # copies, never the parameters themselves: the cache is a snapshot of the model, which
+        # an optimizer step or load_state_dict after the allocation must not half-update
         cache = {
             "lrnn_state": state,
-            "A_bar": A_bar,
-            "B_bar": B_bar,
-            "C": C.detach(),
-            "D": D,
+            "A_bar": A_bar.clone(),
+            "B_bar": B_bar.clone(),
+            "C": C.detach().clone(),
+            "D": self.D.detach().clone(),
             "seqlen_offset": 0,
         }
         return cache_to_device(cache, device)

@@ -43,10 +43,11 @@ from lrnnx.core.checks import (
     check_dt_range,
     check_inference_cache,
     check_input_dtype,
+    check_no_kwargs,
     check_positive_float,
     check_positive_int,
     check_step_input,
-    check_timesteps,
+    check_step_timesteps,
     merge_alias,
     packed_offsets,
     zero_where_not,
@@ -337,7 +338,9 @@ class Mamba(LTV_LRNN):
         """One timestep: x (B, 1, H) or (B, H) -> y of the same shape.
 
         ``integration_timesteps`` (B,), (B, 1) or a number: time elapsed since the previous element.
+        Other keyword arguments raise a TypeError (``**kwargs`` is the base class's interface).
         """
+        check_no_kwargs("Mamba.step", kwargs)
         x2 = check_step_input(x, self.d_model)
         check_input_dtype(x2, self.in_proj.weight.dtype)
         Bsz = x2.shape[0]
@@ -362,14 +365,9 @@ class Mamba(LTV_LRNN):
         u = F.silu(conv).to(self.conv1d.weight.dtype)  # (a wider cache computes it wider)
         delta, Bt, Ct = self._ssm_params(u)  # (B, E), (B, N), (B, N)
         deltaA = None
-        if integration_timesteps is not None:
-            ts = integration_timesteps
-            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-                ts = torch.full((Bsz,), float(ts), device=x2.device)
-            ts = ts.reshape(-1)
-            if not (ts.is_cuda and torch.cuda.is_current_stream_capturing()):
-                check_timesteps(ts[:, None], Bsz, 1)  # reads values: no sync inside a CUDA graph
-            deltaA = (delta * ts[:, None].to(acc))[..., None]
+        ts = check_step_timesteps(integration_timesteps, Bsz, acc, x2.device)  # (B, 1)
+        if ts is not None:
+            deltaA = (delta * ts)[..., None]
         delta, Bt, Ct = delta.to(acc), Bt.to(acc), Ct.to(acc)
         A = -torch.exp(self.A_log.to(acc))
         A_bar, gamma_bar = discretize(A, delta[..., None], deltaA, self.discretization)
@@ -399,7 +397,9 @@ class Mamba(LTV_LRNN):
     ) -> Dict[str, Any]:
         """``"conv_state"`` (B, E, d_conv): the last d_conv conv inputs; ``"lrnn_state"``
         (B, E, N) float32 (float64 for a float64 model); ``"seqlen_offset"``.  ``device``: where
-        the cache is allocated (default: the parameters' device)."""
+        the cache is allocated (default: the parameters' device).  Other keyword arguments raise
+        a TypeError."""
+        check_no_kwargs("Mamba.allocate_inference_cache", kwargs)
         check_batch_size(batch_size)
         w = self.conv1d.weight
         device = w.device if device is None else device

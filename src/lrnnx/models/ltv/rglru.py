@@ -58,6 +58,7 @@ from lrnnx.core.checks import (
     check_batch_size,
     check_inference_cache,
     check_input_dtype,
+    check_no_kwargs,
     check_packed_cache,
     check_positive_float,
     check_positive_int,
@@ -515,8 +516,12 @@ class RGLRU(LTV_LRNN):
         The cache's ``conv_state`` and ``lrnn_state`` are updated in place, ``started`` becomes
         True and ``seqlen_offset`` advances by one; the cache is returned too.  With
         ``reset_at_start`` the rows not started yet take Griffin's reset step.  ``hidden_states`` is
-        another name for ``x`` (that of the original lrnnx).
+        another name for ``x`` (that of the original lrnnx).  ``integration_timesteps`` raises a
+        ValueError as in :meth:`forward` (no event-driven mode), other keyword arguments a
+        TypeError.
         """
+        self._refuse_timesteps(kwargs.pop("integration_timesteps", None))
+        check_no_kwargs("RGLRU.step", kwargs)
         x = merge_alias("x", x, "hidden_states", hidden_states)
         xin = check_step_input(x, self.d_model)
         check_input_dtype(xin, self.in_proj.weight.dtype)
@@ -564,8 +569,10 @@ class RGLRU(LTV_LRNN):
             in ``dtype`` (default: the projection weights' dtype); ``"started"`` (B,) bool,
             False: whether each row has taken a step (the first one takes Griffin's reset when
             ``reset_at_start``); ``"seqlen_offset"`` 0.
-            ``max_seqlen`` is unused: the state does not grow with the sequence.
+            ``max_seqlen`` is unused: the state does not grow with the sequence.  Other keyword
+            arguments raise a TypeError.
         """
+        check_no_kwargs("RGLRU.allocate_inference_cache", kwargs)
         check_batch_size(batch_size)
         device = self.Lambda.device if device is None else device
         conv_dtype = self.in_proj.weight.dtype if dtype is None else dtype

@@ -38,10 +38,12 @@ from lrnnx.core.checks import (
     check_bool,
     check_dt_range,
     check_inference_cache,
+    check_no_kwargs,
     check_packed_cache,
     check_positive_float,
     check_positive_int,
     check_step_input,
+    check_step_timesteps,
     merge_alias,
     packed_offsets,
     packed_seqlen_offset,
@@ -100,34 +102,6 @@ def event_discretize(
         # decay over Delta * dt_k, input integrated over Delta (Event-SSM)
         return rule(Lambda, step, timesteps)
     return rule(Lambda, step * timesteps)  # time-varying step Delta * dt_k for A_bar and gamma_bar
-
-
-def check_step_timesteps(ts: Any, batch: int, dtype: torch.dtype, device) -> Optional[Tensor]:
-    """Validate the elapsed time of one step: None, a number, or a tensor (B,) or (B, 1).
-
-    Returns a (B, 1) tensor in ``dtype`` (or None).
-    """
-    if ts is None:
-        return None
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        ts = torch.full((batch, 1), float(ts), dtype=dtype, device=device)
-    if not isinstance(ts, Tensor):
-        raise TypeError(
-            f"integration_timesteps: expected a tensor of shape ({batch},) or ({batch}, 1), "
-            f"got {type(ts).__name__}"
-        )
-    if not ts.is_floating_point():
-        raise TypeError(f"integration_timesteps: expected a floating-point tensor, got {ts.dtype}")
-    if tuple(ts.shape) not in ((batch,), (batch, 1)):
-        raise ValueError(
-            f"integration_timesteps: expected shape ({batch},) or ({batch}, 1) for one step, "
-            f"got {tuple(ts.shape)}"
-        )
-    if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()):
-        raise ValueError(
-            "integration_timesteps: expected finite values >= 0, got negative or non-finite"
-        )
-    return ts.reshape(batch, 1).to(device=device, dtype=dtype)
 
 
 def check_cache(
@@ -344,6 +318,7 @@ class _EventSSM(LTV_LRNN):
         integration_timesteps: Optional[Union[Tensor, float]] = None,
         *,
         hidden_states: Optional[Tensor] = None,
+        **kwargs: Any,
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One element: x (B, 1, H) or (B, H) -> y of the same shape.
 
@@ -355,9 +330,12 @@ class _EventSSM(LTV_LRNN):
             integration_timesteps: time elapsed since the previous element, (B,) or (B, 1)
                 (or a number); None means 1, as in :meth:`forward`.
 
+            **kwargs: the base class's interface; any key raises a TypeError.
+
         Returns:
             (y, inference_cache).
         """
+        check_no_kwargs(f"{type(self).__name__}.step", kwargs)
         x = merge_alias("x", x, "hidden_states", hidden_states)
         u_in = check_step_input(x, self.d_model)
         Bsz = u_in.shape[0]
@@ -387,11 +365,17 @@ class _EventSSM(LTV_LRNN):
         Returns:
             ``"lrnn_state"`` (B, P) complex64 (complex128 for a float64 model or
             ``dtype=torch.float64``), ``"seqlen_offset"`` 0, and the constants that
-            :meth:`step` reads.  ``max_seqlen`` is unused: the state does not grow.
+            :meth:`step` reads.  ``max_seqlen`` is unused: the state does not grow.  Other
+            keyword arguments raise a TypeError.
         """
+        check_no_kwargs(f"{type(self).__name__}.allocate_inference_cache", kwargs)
         check_batch_size(batch_size)
         with torch.no_grad():  # inference constants, not graph nodes
-            cache = {k: (None if v is None else v.detach()) for k, v in self._tensors().items()}
+            # copies, never the parameters themselves: the cache is a snapshot of the model,
+            # which an optimizer step or load_state_dict after the allocation must not half-update
+            cache = {
+                k: (None if v is None else v.detach().clone()) for k, v in self._tensors().items()
+            }
             self._extend_cache(cache)
         cdtype = state_dtype(self.Lambda_im.dtype, dtype)
         cache["lrnn_state"] = torch.zeros(
