@@ -737,7 +737,9 @@ def test_mha_cache_of_another_precision():
     assert mha.step(torch.randn(2, H), small)[0].shape == (2, H)
 
 
-@pytest.mark.parametrize("name", ["s5", "lru", "event-s5", "s7", "centaurus-neck", "centaurus-full"])
+@pytest.mark.parametrize(
+    "name", ["s5", "lru", "event-s5", "s7", "centaurus-neck", "centaurus-full"]
+)
 def test_cache_is_a_snapshot_of_the_model(name):
     """The cache holds copies of the constants step reads: an in-place update of the
     parameters after the allocation (an optimizer step, load_state_dict) leaves it the old
