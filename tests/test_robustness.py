@@ -781,3 +781,78 @@ def test_bad_step_timesteps_are_named(name):
             model.step(x_t, cache, integration_timesteps=ts)
         if isinstance(ts, Tensor) and ts.shape == (2, 2):
             assert "got (2, 2)" in str(info.value)
+
+
+# ---- ops: lazy conjugate/negative bits, strided biases, autocast, 16-bit states -----------------
+
+
+def test_linear_with_a_strided_or_broadcast_bias():
+    """oneDNN takes a dense (out,) bias only: a strided one (a slice with step 2) and a
+    broadcastable (1,) one go to F.linear, whatever the backend asked."""
+    import torch.nn.functional as F
+
+    from lrnnx.ops.linear import linear
+
+    x, w = torch.randn(4096, 64), torch.randn(64, 64)  # past the size rule
+    for b in (torch.randn(128)[::2], torch.randn(1)):
+        for backend in (None, "cpu"):
+            assert_close_rel(linear(x, w, b, backend=backend), F.linear(x, w, b), msg="bias")
+
+
+def test_ops_read_lazy_conjugate_and_negative_views():
+    """x.conj() and x.conj().imag are lazy views numpy cannot read; the CPU kernels take them
+    (forward, and a backward whose incoming gradient is such a view) as the reference does."""
+    from lrnnx.ops import causal_conv1d, linear_scan, selective_scan_fn
+
+    a = torch.polar(torch.rand(1, 8, 4), torch.randn(1, 8, 4))
+    b = torch.randn(1, 8, 4, dtype=torch.complex64)
+    expect = linear_scan(a, b.conj().resolve_conj(), backend="reference")
+    assert_close_rel(linear_scan(a, b.conj()), expect, msg="linear_scan conj input")
+    grads = []
+    for backend in (None, "reference"):
+        bb = b.clone().requires_grad_()
+        (linear_scan(a, bb, backend=backend).conj() * 2).real.sum().backward()
+        grads.append(bb.grad)
+    assert_close_rel(grads[0], grads[1], msg="linear_scan conj gradient")
+    u = torch.randn(2, 17, 6, dtype=torch.complex64).conj().imag  # a real view, negative bit
+    rest = (torch.rand(2, 17, 6), -torch.rand(17, 4), torch.randn(2, 4, 6), torch.randn(2, 4, 6))
+    expect = selective_scan_fn(u.resolve_neg(), *rest, backend="reference")
+    assert_close_rel(selective_scan_fn(u, *rest), expect, msg="selective_scan negative view")
+    x, w = torch.randn(2, 6, 9, dtype=torch.complex64).conj().imag, torch.randn(6, 4)
+    expect = causal_conv1d(x.resolve_neg(), w, backend="reference")
+    assert_close_rel(causal_conv1d(x, w), expect, msg="causal_conv1d negative view")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_op_backends_stay_float32_under_autocast(backend):
+    """The torch backends' einsums and convolutions are on autocast's bf16 list: the ops turn
+    autocast off around every backend, so all agree with the float32 reference."""
+    from lrnnx.ops import causal_conv1d, selective_scan_fn
+
+    u, dl = torch.randn(2, 2, 16, 64).unbind(0)
+    A, (B, C) = -torch.rand(16, 8) - 0.5, torch.randn(2, 2, 8, 64).unbind(0)
+    x, w = torch.randn(2, 16, 30), torch.randn(16, 4)
+    ref_y = selective_scan_fn(u, dl, A, B, C, delta_softplus=True, backend="reference")
+    ref_c = causal_conv1d(x, w, activation="silu", backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_fn(u, dl, A, B, C, delta_softplus=True, backend=backend)
+        c = causal_conv1d(x, w, activation="silu", backend=backend)
+    assert_close_rel(y, ref_y, length=64, msg="selective scan")
+    assert_close_rel(c, ref_c, msg="causal conv1d")
+
+
+def test_linear_scan_16_bit_inputs():
+    """16-bit a, b: h in their dtype, the final state float32 whatever L; a complex initial
+    state makes the result complex instead of dropping its imaginary part."""
+    from lrnnx.ops import linear_scan
+
+    for L in (0, 4):
+        a, b = torch.rand(2, L, 3).bfloat16(), torch.randn(2, L, 3).bfloat16()
+        h, final = linear_scan(a, b, output_final_state=True)
+        assert (h.dtype, final.dtype) == (torch.bfloat16, torch.float32), L
+    a, b = torch.rand(1, 4, 2), torch.randn(1, 4, 2)
+    h0 = torch.randn(1, 2, dtype=torch.complex64)
+    h = linear_scan(a.bfloat16(), b.bfloat16(), h0)
+    assert h.dtype == torch.complex64
+    expect = linear_scan(a.bfloat16().float(), b.bfloat16().float(), h0, backend="reference")
+    assert_close_rel(h, expect, msg="complex state")

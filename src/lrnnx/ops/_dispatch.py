@@ -20,6 +20,7 @@ torch's own (:func:`lrnnx.ops._numba.run_on_threads`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -255,6 +256,18 @@ def _opaque(fn: Callable) -> Callable:
     if fn not in _OPAQUE:
         _OPAQUE[fn] = torch.compiler.disable(fn)
     return _OPAQUE[fn]
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device`` while an op's backend runs: the ops cast their
+    inputs to their compute dtype (float32 at least) themselves, and autocast would otherwise
+    run the torch backends' einsums and convolutions in bf16/fp16 inside them (the recurrences
+    must accumulate in float32 on every backend).  A null context when autocast is off."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device without autocast (meta), or torch < 2.4
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:

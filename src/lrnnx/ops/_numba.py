@@ -266,16 +266,25 @@ _OMP_ENTRY = _OMP_CALLBACK(_omp_entry)
 _OMP_ENTRY_PTR = ctypes.cast(_OMP_ENTRY, ctypes.c_void_p)
 
 
+def _resolved(t: Tensor) -> Tensor:
+    """t without torch's lazy conjugate and negative bits (``x.conj()``, ``x.conj().imag``, and
+    gradients autograd hands back as such views), which numpy cannot read: a copy with the
+    values applied where a bit is set, t itself otherwise (outputs the kernels write into
+    never carry one)."""
+    return t.detach().resolve_conj().resolve_neg()
+
+
 def as_array(t: Tensor):
-    """A contiguous CPU tensor as a numpy array sharing its memory."""
-    return t.detach().contiguous().numpy()
+    """A CPU tensor as a contiguous numpy array (sharing its memory when it is contiguous and
+    carries no conjugate or negative bit)."""
+    return _resolved(t).contiguous().numpy()
 
 
 def flat_view(X: Tensor) -> tuple:
     """X's elements as a flat 1-D numpy view starting at its first element, and its strides
     (elements): kernels index it themselves, so any memory order (a transposed view, a slice of
     a wider tensor, a stride-0 expansion) is read where it lies."""
-    X = X.detach()
+    X = _resolved(X)
     span = 1 + sum((size - 1) * stride for size, stride in zip(X.shape, X.stride(), strict=True))
     flat = torch.as_strided(X, (span,), (1,), X.storage_offset())
     return flat.numpy(), X.stride()

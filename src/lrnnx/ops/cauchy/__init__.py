@@ -98,4 +98,5 @@ def cauchy(
         out = v.sum(-1, keepdim=True) * (0 * a) + w.sum(-1)[:, None] * (0 * b)
         return out.reshape(*lead, H, K)
     fn = _dispatch.resolve("cauchy", device, backend)
-    return fn(v, w, a, b, max_elements).reshape(*lead, H, K)
+    with _dispatch.no_autocast(device):
+        return fn(v, w, a, b, max_elements).reshape(*lead, H, K)

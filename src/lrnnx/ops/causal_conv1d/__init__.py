@@ -146,7 +146,8 @@ def causal_conv1d(
             y = y + hc.sum((0, 2), keepdim=True)
     else:
         fn = _dispatch.resolve("causal_conv1d", device, backend)
-        y = fn(xc, wc, bc, hc, silu) if cu is None else fn(xc, wc, bc, hc, silu, cu)
+        with _dispatch.no_autocast(device):
+            y = fn(xc, wc, bc, hc, silu) if cu is None else fn(xc, wc, bc, hc, silu, cu)
     y = y.to(out_dtype)
     if not return_final_states:
         return y

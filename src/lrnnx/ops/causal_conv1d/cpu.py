@@ -438,8 +438,9 @@ def _rows_contiguous(t: Tensor) -> bool:
 def kernel_layout(t: Tensor) -> Tensor:
     """``t`` detached, as the row kernels read it: in place when its rows are contiguous, else
     a contiguous copy (a channels-last x goes to the channels-last kernels instead; any other
-    order, read along time, would cost a cache line per element)."""
-    t = t.detach()
+    order, read along time, would cost a cache line per element); without torch's lazy
+    negative bit (``x.conj().imag``), which numpy cannot read."""
+    t = t.detach().resolve_neg()
     return t if _rows_contiguous(t) else t.contiguous()
 
 

@@ -108,6 +108,16 @@ def _in_transform(x: Tensor) -> bool:
     return bool(check is not None and check(x))
 
 
+def _dense_bias(bias: Tensor, out: int) -> bool:
+    """A float32 CPU bias oneDNN takes as it is: (out,) and contiguous."""
+    return (
+        bias.dtype == torch.float32
+        and bias.device.type == "cpu"
+        and tuple(bias.shape) == (out,)
+        and bias.is_contiguous()
+    )
+
+
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = False) -> bool:
     """Whether a call runs on oneDNN (see the module docstring); ``asked``: backend="cpu" was
     named, which skips the CPU-vendor and size rules."""
@@ -116,12 +126,14 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = Fal
     if not asked and x.numel() * weight.shape[0] < MIN_MACS:
         return False
     f32 = torch.float32
+    # oneDNN reads the bias as a dense (out,) vector: a strided one (a slice with step 2) gave
+    # wrong results and a broadcastable (1,) one its own error, so both go to F.linear
     if not (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == f32
         and weight.dtype == f32
-        and (bias is None or (bias.dtype == f32 and bias.device.type == "cpu" and bias.dim() == 1))
+        and (bias is None or _dense_bias(bias, weight.shape[0]))
         and x.dim() >= 2
         and weight.dim() == 2
         and x.shape[-1] == weight.shape[1]

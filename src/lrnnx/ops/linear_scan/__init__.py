@@ -84,8 +84,10 @@ def linear_scan(
 
     Returns:
         h of shape (B, L, *C) in the promoted dtype of (a, b) [, final state (B, *C) or
-        (S, *C)].  bfloat16/float16 inputs are accumulated in float32 and returned in their
-        dtype.  An empty batch (B = 0) or sequence (L = 0) gives an empty h.
+        (S, *C)].  bfloat16/float16 inputs are accumulated in float32 and h is returned in their
+        dtype, the final state in float32 (a state stays float32, whatever L); with a complex
+        ``initial_state`` the result is complex (complex64).  An empty batch (B = 0) or
+        sequence (L = 0) gives an empty h.
 
     Raises:
         TypeError: a, b or initial_state is not a floating-point or complex tensor.
@@ -131,33 +133,37 @@ def linear_scan(
         if initial_state.is_complex() and not dtype.is_complex:
             dtype = _torch.promote_types(dtype, initial_state.dtype)
         initial_state = initial_state.to(dtype)
+    # h goes back to a 16-bit input dtype, unless a complex initial state made it complex
+    narrow = out_dtype if out_dtype in _LOW_PRECISION and not dtype.is_complex else None
     a = a.to(dtype).expand(b.shape)
     b = b.to(dtype)
     if b.numel() == 0:  # no batch or no steps: nothing to scan, the state stays
         h = a * b  # the empty output, still attached to the inputs' graph
         if initial_state is None:
             initial_state = b.new_zeros(state_shape)
-        if out_dtype in _LOW_PRECISION:
-            h = h.to(out_dtype)
+        h = h if narrow is None else h.to(narrow)
         return (h, initial_state.clone()) if want_final else h
     fn = _dispatch.resolve("linear_scan", b.device, backend)
-    if cu is not None:
-        return _packed(fn, a, b, initial_state, reverse, cu, want_final, out_dtype)
-    h = fn(a, b, initial_state, reverse)
-    if out_dtype in _LOW_PRECISION:
-        h = h.to(out_dtype)
-    if want_final:
-        return h, (h[:, 0] if reverse else h[:, -1])
-    return h
+    with _dispatch.no_autocast(b.device):
+        if cu is not None:
+            h, final = _packed(fn, a, b, initial_state, reverse, cu, want_final)
+        else:
+            h = fn(a, b, initial_state, reverse)
+            final = (h[:, 0] if reverse else h[:, -1]) if want_final else None
+    h = h if narrow is None else h.to(narrow)
+    return (h, final) if want_final else h
 
 
-def _packed(fn, a, b, h0, reverse: bool, cu: Tensor, want_final: bool, out_dtype):
+def _packed(
+    fn, a, b, h0, reverse: bool, cu: Tensor, want_final: bool
+) -> tuple[Tensor, Optional[Tensor]]:
     """Packed sequences through any backend ``fn``: restart flags where each sequence's scan
     begins (the backend replaces the carried state there: h_t = b_t), b += a h0_s at those
     steps, and the final states read where each sequence ends.  Gradients: the backend's
     adjoint scan restarts too (nothing flows back across a boundary) and gives a zero gradient
     to a at a restart; autograd through b += a h0_s adds g conj(h0_s) to it and conj(a) g to
-    h0_s.  No loop over sequences: a few index operations."""
+    h0_s.  No loop over sequences: a few index operations.  Returns h and the final states
+    (None unless ``want_final``), in the compute dtype."""
     nonempty, begin, end = scan_bounds(cu, reverse)
     device = b.device
     ids = nonempty.nonzero().squeeze(1)
@@ -169,10 +175,8 @@ def _packed(fn, a, b, h0, reverse: bool, cu: Tensor, want_final: bool, out_dtype
             1, starts, a.index_select(1, starts) * h0.index_select(0, ids.to(device))[None]
         )
     h = fn(a, b, None, reverse, resets)
-    if out_dtype in _LOW_PRECISION:
-        h = h.to(out_dtype)
     if not want_final:
-        return h
+        return h, None
     final = h[0].index_select(0, end.to(device))
     if not bool(nonempty.all()):  # zero-length sequences keep their initial state
         keep = h0.to(final.dtype) if h0 is not None else final.new_zeros(())

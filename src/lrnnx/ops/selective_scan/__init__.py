@@ -239,21 +239,22 @@ def selective_scan_fn(
                 initial_state = initial_state.flip(0)
     if cu is not None:
         native["cu_seqlens"] = cu
-    y, last_state = fn(
-        args["u"],
-        args["delta"],
-        A,
-        args["B"],
-        args["C"],
-        cast(D),
-        args["z"],
-        cast(delta_bias),
-        bool(delta_softplus),
-        discretization,
-        args["deltaA"],
-        initial_state,
-        **native,
-    )
+    with _dispatch.no_autocast(device):
+        y, last_state = fn(
+            args["u"],
+            args["delta"],
+            A,
+            args["B"],
+            args["C"],
+            cast(D),
+            args["z"],
+            cast(delta_bias),
+            bool(delta_softplus),
+            discretization,
+            args["deltaA"],
+            initial_state,
+            **native,
+        )
     if flip:
         y = y.flip(-1)
         if cu is not None:
