@@ -8,6 +8,7 @@ input), empty batches and sequences, caches, and ``lengths`` given as a list.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -856,3 +857,36 @@ def test_linear_scan_16_bit_inputs():
     assert h.dtype == torch.complex64
     expect = linear_scan(a.bfloat16().float(), b.bfloat16().float(), h0, backend="reference")
     assert_close_rel(h, expect, msg="complex state")
+
+
+# ---- torch.func transforms and forward-mode AD --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_mode_ad_and_torch_func(name):
+    """Forward AD (also under no_grad, where the fused paths skip their Functions), jvp, vmap
+    and torch.func.grad give what finite differences, a batched call and autograd give: the
+    ops run their reference formulas under transforms (lrnnx.core.autograd.transformed)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(0)
+    for mode in modes(name):
+        model = with_mode(build(name).double(), mode)
+        x = torch.randn(2, 8, H, dtype=torch.float64)
+        v = torch.randn_like(x)
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (run(model, x + eps * v) - run(model, x - eps * v)) / (2 * eps)
+            with fwAD.dual_level():
+                tangent = fwAD.unpack_dual(run(model, fwAD.make_dual(x, v))).tangent
+        assert tangent is not None, f"{name} {mode}: forward AD lost the tangent"
+        assert_close_rel(tangent, fd, factor=1e5, msg=f"{name} {mode} forward AD")  # FD: ~1e-10
+        _, t2 = jvp(functools.partial(run, model), (x,), (v,))
+        assert_close_rel(t2, tangent, msg=f"{name} {mode} jvp")
+        batched = vmap(lambda xi, m=model: run(m, xi[None])[0])(x)
+        assert_close_rel(batched, run(model, x), msg=f"{name} {mode} vmap")
+        g = grad(lambda xx, m=model: run(m, xx).square().sum())(x)
+        xx = x.clone().requires_grad_()
+        run(model, xx).square().sum().backward()
+        assert_close_rel(g, xx.grad, msg=f"{name} {mode} torch.func.grad")

@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from lrnnx.core.checks import _compiling
+
 
 class SecondOrderError(RuntimeError):
     """A fused kernel's backward was asked for a graph of its gradients (second derivatives)."""
@@ -110,3 +112,29 @@ def grads_by_recompute(
         next(found) if need and x is not None else None
         for x, need in zip(inputs, needs, strict=True)
     )
+
+
+def transformed(*tensors: Optional[Tensor]) -> bool:
+    """Whether any of ``tensors`` is under a torch.func transform (a functorch wrapper: ``vmap``,
+    ``grad``, ``jvp``, ``functional_call`` with them) or carries a forward-mode tangent
+    (``torch.autograd.forward_ad``).
+
+    lrnnx's fused kernels read raw memory, and its custom autograd Functions have no vmap or
+    jvp rules: a call with such tensors takes the op's plain differentiable torch formula
+    instead (its ``reference`` backend), which every transform handles.  Without this, a numba
+    kernel under ``torch.no_grad()`` ran on the primal values and dropped the tangent (a JVP of
+    None or a wrong one), and under ``vmap`` it crashed reading a wrapper's memory.  False while
+    torch.compile traces (Dynamo handles the Functions as opaque calls).
+    """
+    # a torch.func transform is active exactly when functorch's interpreter stack is not empty
+    # (its wrappers never outlive the transform); one call, not one per tensor
+    stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if stack is not None and stack() is not None:
+        return not _compiling()
+    # tangents exist only inside a dual_level (its counter is -1 outside one): the per-tensor
+    # unpack_dual, a Python call, is skipped on the common path
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
+        return False
+    unpack = torch.autograd.forward_ad.unpack_dual
+    dual = any(isinstance(t, Tensor) and unpack(t).tangent is not None for t in tensors)
+    return dual and not _compiling()

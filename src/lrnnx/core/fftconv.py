@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lrnnx.core.autograd import graph_by_formula
+from lrnnx.core.autograd import graph_by_formula, transformed
 from lrnnx.core.checks import _compiling, check_tensor
 
 #: below this length the direct O(L^2) sum is cheaper than three FFTs
@@ -84,6 +84,8 @@ def causal_conv(u: Tensor, k: Tensor, method: str = "auto") -> Tensor:
     u, bad = _finite_part(u)
     if u.is_complex() or k.is_complex():
         y = torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n), n=n)[..., :L]
+    elif transformed(u, k):  # torch.func / forward AD: the plain formula (no vmap/jvp rules)
+        y = _formula(n, L)(u, k)
     else:
         y = RealFFTConv.apply(u, k, n, L)
     return _poison(y, bad, Lk)
@@ -168,10 +170,10 @@ def _finite_part(u: Tensor) -> tuple[Tensor, Optional[Tensor]]:
 
     The mask is None when every entry is finite, the common case, found with one sum (a sum
     is finite only if every term is; an overflowing sum of finite terms merely takes the exact
-    path).  Under torch.compile the check is left out (no data-dependent branch): the select
-    always runs, fused by the compiler.
+    path).  Under torch.compile and torch.func transforms the check is left out (neither takes
+    a data-dependent branch): the select always runs.
     """
-    if not _compiling() and bool(torch.isfinite(u.sum())):
+    if not _compiling() and not transformed(u) and bool(torch.isfinite(u.sum())):
         return u, None
     bad = ~torch.isfinite(u)
     return torch.where(bad, u.new_zeros(()), u), bad

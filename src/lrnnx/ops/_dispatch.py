@@ -29,6 +29,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from lrnnx.core.autograd import transformed
+
 #: preference order per device type; "reference" is only used when asked for
 PREFERENCE = {
     "cpu": ("cpu", "torch"),
@@ -270,13 +272,22 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
+def resolve(
+    op: str, device: torch.device, backend: Optional[str] = None, inputs: tuple = ()
+) -> Callable:
     """Return the function implementing ``op`` for tensors on ``device``.
+
+    ``inputs``: the call's tensors.  Under a torch.func transform or with forward-mode tangents
+    (:func:`lrnnx.core.autograd.transformed`) the op runs on its ``reference`` backend, plain
+    differentiable torch that every transform handles, whatever was asked: the fused kernels
+    read raw memory and their Functions have no vmap or jvp rules.
 
     Under torch.compile the pure-torch backend is returned as it is, so Dynamo traces it into
     the graph (``fullgraph=True`` works with it: ``LRNNX_BACKEND=torch`` or ``backend="torch"``);
     the fused numba/Triton kernels stay opaque calls, one graph break each, since Dynamo cannot
     follow their launchers."""
+    if inputs and transformed(*inputs):
+        backend = "reference"
     name, fn = select(op, device, backend)
     if name == "torch":
         return fn

@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.autograd import graph_by_formula
+from lrnnx.core.autograd import graph_by_formula, transformed
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
 from lrnnx.layers.linear import Linear
@@ -260,7 +260,9 @@ def bilinear_form(a: Tensor, b: Tensor, W: Tensor) -> Tensor:
         z (..., O).
     """
     lead = a.shape[:-1]
-    z = _BilinearForm.apply(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), W)
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    # torch.func transforms and forward AD take the one-einsum formula (no vmap/jvp rules)
+    z = _bilinear_formula(a2, b2, W) if transformed(a, b, W) else _BilinearForm.apply(a2, b2, W)
     return z.reshape(*lead, W.shape[0])
 
 
@@ -275,7 +277,8 @@ def quadratic_form(u: Tensor, S: Tensor) -> Tensor:
     Returns:
         z (..., O).
     """
-    z = _QuadraticForm.apply(u.reshape(-1, u.shape[-1]), S)
+    u2 = u.reshape(-1, u.shape[-1])
+    z = _quadratic_formula(u2, S) if transformed(u, S) else _QuadraticForm.apply(u2, S)
     return z.reshape(*u.shape[:-1], S.shape[0])
 
 

@@ -97,6 +97,6 @@ def cauchy(
     if v.numel() == 0 or K == 0:  # no term or no point: zeros (empty sums), still attached
         out = v.sum(-1, keepdim=True) * (0 * a) + w.sum(-1)[:, None] * (0 * b)
         return out.reshape(*lead, H, K)
-    fn = _dispatch.resolve("cauchy", device, backend)
+    fn = _dispatch.resolve("cauchy", device, backend, (v, w, a, b))
     with _dispatch.no_autocast(device):
         return fn(v, w, a, b, max_elements).reshape(*lead, H, K)

@@ -145,7 +145,8 @@ def causal_conv1d(
         if hc is not None:  # (1, D, 1): broadcasts to y whether hc has B rows or S
             y = y + hc.sum((0, 2), keepdim=True)
     else:
-        fn = _dispatch.resolve("causal_conv1d", device, backend)
+        inputs = (xc, wc, bc, hc)
+        fn = _dispatch.resolve("causal_conv1d", device, backend, inputs)
         with _dispatch.no_autocast(device):
             y = fn(xc, wc, bc, hc, silu) if cu is None else fn(xc, wc, bc, hc, silu, cu)
     y = y.to(out_dtype)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lrnnx.core.autograd import transformed
 from lrnnx.core.checks import _autocast_enabled, _compiling
 
 #: x86 vendors whose CPUs get MKL's generic code path
@@ -101,13 +102,6 @@ def self_check() -> bool:
     return ok
 
 
-def _in_transform(x: Tensor) -> bool:
-    """x is a torch.func (functorch) wrapper: an autograd.Function without a vmap rule would
-    fail there."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(x))
-
-
 def _dense_bias(bias: Tensor, out: int) -> bool:
     """A float32 CPU bias oneDNN takes as it is: (out,) and contiguous."""
     return (
@@ -143,7 +137,7 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = Fal
         return False
     if _autocast_enabled("cpu"):
         return False
-    if _compiling() or _in_transform(x):
+    if _compiling() or transformed(x, weight, bias):  # no vmap/jvp rules: F.linear there
         return False
     if not asked and not mkl_takes_generic_path():
         return False

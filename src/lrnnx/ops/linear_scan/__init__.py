@@ -143,7 +143,7 @@ def linear_scan(
             initial_state = b.new_zeros(state_shape)
         h = h if narrow is None else h.to(narrow)
         return (h, initial_state.clone()) if want_final else h
-    fn = _dispatch.resolve("linear_scan", b.device, backend)
+    fn = _dispatch.resolve("linear_scan", b.device, backend, (a, b, initial_state))
     with _dispatch.no_autocast(b.device):
         if cu is not None:
             h, final = _packed(fn, a, b, initial_state, reverse, cu, want_final)

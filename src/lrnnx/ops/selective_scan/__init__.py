@@ -217,7 +217,8 @@ def selective_scan_fn(
         initial_state = initial_state.to(cdtype if is_complex else rdtype)
     if u.numel() == 0:  # no batch, channel or step: nothing to scan
         return _empty_scan(u, delta, A, initial_state, want_final, nstates)
-    fn = _dispatch.resolve("selective_scan", device, backend)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA, initial_state)
+    fn = _dispatch.resolve("selective_scan", device, backend, inputs)
     out_dtype = u.dtype
     args = {
         "u": cast(u),
