@@ -610,6 +610,14 @@ def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
     assert "out: cannot write to" in captured.err and "step" not in captured.out
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
+def test_a_garbage_world_size_is_one_line(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    assert main(_run(tmp_path / "run", extra=["--threads", "1"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "WORLD_SIZE: expected an integer >= 0" in err[0]
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lrnnx.ops.linear_scan.cpu  # noqa: F401 - imported with numba as it is, before any patching
+from _tol import assert_close_rel
 from lrnnx.architectures._common import split_mixer_kwargs
 from lrnnx.ops import _dispatch, _numba, linear_scan
 
@@ -32,6 +33,33 @@ def test_missing_numba_warning_names_the_fallback_and_the_fix(monkeypatch):
     assert "'cpu' of linear_scan is unavailable" in msg and "numba is not installed" in msg
     assert "falling back to 'torch'" in msg and 'pip install "lrnnx[cpu]"' in msg
     torch.testing.assert_close(h, linear_scan(a, b, backend="torch"))
+
+
+def test_backend_variable_sets_a_whole_model(monkeypatch):
+    """LRNNX_BACKEND names a backend some ops lack (no Triton causal convolution or Cauchy
+    product): those ops take lrnnx's choice with one warning each, so Mamba and S4 run (they
+    raised a ValueError about causal_conv1d / cauchy).  Case and spaces are ignored, as in the
+    other variables; a name no op has is refused, naming the variable."""
+    from lrnnx.models.lti import S4
+    from lrnnx.models.ltv import Mamba
+
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    x = torch.randn(2, 16, 8)
+    mamba, s4 = Mamba(8, d_state=4), S4(8, d_state=4, transposed=False)
+    expect = (mamba(x), s4(x)[0])
+    monkeypatch.setenv("LRNNX_BACKEND", "triton")
+    with pytest.warns(RuntimeWarning) as record:
+        got = (mamba(x), s4(x)[0])
+    messages = " ".join(str(w.message) for w in record)
+    assert "causal_conv1d has no 'triton' backend" in messages
+    assert "cauchy has no 'triton' backend" in messages
+    for a, b in zip(got, expect, strict=True):
+        assert_close_rel(a, b, length=16)
+    monkeypatch.setenv("LRNNX_BACKEND", " Torch ")
+    assert_close_rel(mamba(x), expect[0], length=16)
+    monkeypatch.setenv("LRNNX_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="^LRNNX_BACKEND: expected one of"):
+        mamba(x)
 
 
 # the first-compile notice (only when numba compiles, once per process, logger or stderr) is

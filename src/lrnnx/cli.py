@@ -445,8 +445,9 @@ def _compile_before_training() -> Iterator[None]:
     demo's Mamba: 7k tokens/s against 55k) stayed on the slow path.  Under torchrun the ranks
     keep "background", whose lock lets one of them compile for all."""
     from lrnnx.ops import _numba
+    from lrnnx.train import launch_env
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(_numba.COMPILE_ENV):
+    if launch_env("WORLD_SIZE", 1) > 1 or os.environ.get(_numba.COMPILE_ENV):
         yield
         return
     marking = _numba.MARK_WAIT_COMPILES
@@ -460,7 +461,7 @@ def _compile_before_training() -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lrnnx.train import ConfigError, train
+    from lrnnx.train import ConfigError, launch_env, train
 
     config = _config_from_args(args)
     try:
@@ -472,7 +473,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.diverged is not None:
         print(f"lrnnx train: error: {result.diverged}", file=sys.stderr)
         code = EXIT_DIVERGED
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of a torchrun launch
+    if launch_env("WORLD_SIZE", 1) > 1:  # one process of a torchrun launch
         exit_worker(code)
     return code
 
@@ -484,9 +485,9 @@ def _pick_threads(config: Any) -> Any:
     Returns the prepared run (data and model, built once), or None when nothing was timed."""
     import torch
 
-    from lrnnx.train import check_output_dir, prepare, resolve_device
+    from lrnnx.train import check_output_dir, launch_env, prepare, resolve_device
 
-    if config.threads is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.threads is not None or launch_env("WORLD_SIZE", 1) > 1:
         return None
     config.validate()
     if resolve_device(config.device).type != "cpu" or torch.get_num_threads() == 1:
@@ -595,10 +596,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from lrnnx.train import ConfigError
+
     threads = torch.get_num_threads()
     try:
         with _compile_before_training():
             return _run_demo(args)
+    except ConfigError as e:  # (the demo's own configs are valid: this is the environment)
+        raise CommandError(str(e)) from None
     finally:
         torch.set_num_threads(threads)  # the demo may pick another count; leave it as it was
 

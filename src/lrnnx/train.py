@@ -631,8 +631,29 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     return getattr(architectures, cls_name).from_pretrained(path, **kwargs)
 
 
+def launch_env(name: str, default: int) -> int:
+    """A torchrun variable (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) as an int >= 0; unset or
+    empty: ``default``.
+
+    Raises:
+        ConfigError: (a ValueError) the variable holds anything else (named, with its value).
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(
+            f"{name}: expected an integer >= 0 (torchrun sets it), got {os.environ[name]!r}"
+        )
+    return value
+
+
 def _rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return launch_env("RANK", 0)
 
 
 def check_output_dir(config: TrainConfig, clear: bool = True) -> None:
@@ -809,10 +830,10 @@ class DistContext:
 
 def init_distributed(device: str) -> DistContext:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_env("WORLD_SIZE", 1)
     if world <= 1:
         return DistContext()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = launch_env("LOCAL_RANK", 0)
     owns = False
     if not dist.is_initialized():
         wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

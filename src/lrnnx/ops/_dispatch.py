@@ -108,14 +108,48 @@ def _warn_unavailable(op: str, name: str, used: str) -> None:
     )
 
 
+#: the environment variable that forces a backend for every op that has it
+BACKEND_ENV = "LRNNX_BACKEND"
+
+
+def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
+    """The backend asked for: ``backend=``, else ``LRNNX_BACKEND`` (case and spaces ignored),
+    else None (lrnnx's choice).  A name from the variable that another op has but ``op`` lacks
+    (``triton``: the causal convolution and the Cauchy product have no Triton kernels) leaves
+    ``op`` to lrnnx's choice, with one warning: the variable sets a whole model's backend.
+
+    Raises:
+        ValueError: ``backend=`` names no backend of ``op``, or the variable names no backend
+            of any op.
+    """
+    table = _REGISTRY[op]
+    if backend is not None:
+        if backend not in table:
+            raise ValueError(f"backend: expected one of {list(table)} for {op}, got {backend!r}")
+        return backend
+    env = os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if env is None or env in table:
+        return env
+    known = sorted({name for ops in _REGISTRY.values() for name in ops})
+    if env not in known:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {known}, got {os.environ[BACKEND_ENV]!r}")
+    if (op, env, "absent") not in _WARNED:
+        _WARNED.add((op, env, "absent"))
+        warnings.warn(
+            f"lrnnx: {BACKEND_ENV}={env}: {op} has no {env!r} backend (it has {list(table)}); "
+            f"it runs on lrnnx's choice for the device",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return None
+
+
 def select(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
     """The backend ``op`` runs on for tensors on ``device``: its name and its function."""
     table = _REGISTRY[op]
-    requested = backend or os.environ.get("LRNNX_BACKEND") or None
+    requested = requested_backend(op, backend)
     skipped = []  # backends tried and unavailable, warned about once a working one is found
     if requested is not None:
-        if requested not in table:
-            raise ValueError(f"backend: expected one of {list(table)} for {op}, got {requested!r}")
         fn = _load(op, requested)
         if fn is not None:
             return requested, fn
@@ -199,7 +233,7 @@ def call_backend(
     (a backend asked for by name always runs).  Background compilation aside (see
     :mod:`lrnnx.ops._numba`)."""
     name, _ = select(op, device, backend)
-    requested = backend or os.environ.get("LRNNX_BACKEND") or None
+    requested = requested_backend(op, backend)
     if name != requested and name != "torch" and "torch" in _REGISTRY[op]:
         if small_call(op, args, kwargs):
             return "torch"

@@ -55,7 +55,7 @@ def linear(
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)} for linear, got {backend!r}")
-    name = backend or os.environ.get("LRNNX_BACKEND") or None
+    name = backend or os.environ.get("LRNNX_BACKEND", "").strip().lower() or None
     if name in (None, "cpu") and _cpu.applies(x, weight, bias, asked=name == "cpu"):
         return _cpu.linear(x, weight, bias)
     return F.linear(x, weight, bias)
