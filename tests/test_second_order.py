@@ -41,8 +41,10 @@ def _hvp_and_fd(name: str) -> tuple[float, float]:
     return float((hv * v).sum()), float(fd)
 
 
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("name", available_models(include_attention=True))
 def test_reference_backend_gives_exact_second_derivatives(name, monkeypatch):
+    """Attention included: it then runs SDPA's math kernel (the fused CPU kernel's backward
+    has no derivative)."""
     monkeypatch.setenv("LRNNX_BACKEND", "reference")
     analytic, fd = _hvp_and_fd(name)
     assert math.isclose(analytic, fd, rel_tol=1e-6), (analytic, fd)

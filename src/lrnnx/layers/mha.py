@@ -28,6 +28,7 @@ it (:func:`attention`; plain SDPA spread it to every query through 0 * NaN).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -46,6 +47,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.layers.linear import Linear
+from lrnnx.ops._dispatch import BACKEND_ENV
 from lrnnx.ops.linear_scan.packing import step_layout
 
 
@@ -53,6 +55,19 @@ def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
+    """``F.scaled_dot_product_attention``; on the reference backend (``LRNNX_BACKEND=reference``)
+    its math kernel, whose backward is differentiable again: torch's fused CPU kernel has no
+    second derivative ("derivative for ..._flash_attention_for_cpu_backward is not
+    implemented"), and second derivatives are exact on the reference backend for every model."""
+    if os.environ.get(BACKEND_ENV, "").strip().lower() == "reference":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def attention(
@@ -77,7 +92,7 @@ def attention(
     bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, H, S)
     k = k.masked_fill(bad[..., None], 0.0)
     v = v.masked_fill(bad[..., None], 0.0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    out = _sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     if is_causal:
         sees_bad = torch.cumsum(bad, dim=-1) > 0  # a bad key at or before the query
     elif attn_mask is not None:
@@ -365,9 +380,7 @@ class MHA(nn.Module):
         S = kc.shape[2] if capturing else offset + 1
         j = torch.arange(S, device=x.device)
         allowed = (j[None, :] <= seqlens[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(
-            q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype), attn_mask=allowed
-        )
+        out = _sdpa(q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype), attn_mask=allowed)
         seqlens.add_(1)
         inference_cache["seqlen_offset"] = offset + 1
         return self.out_proj(out.reshape(B, self.dim)), inference_cache
