@@ -669,3 +669,58 @@ def test_l_max_cuts_the_kernel_and_says_so(cls):
         cls(3, d_state=4, transposed="no")
     with pytest.raises(ValueError, match="lr"):
         cls(3, d_state=4, lr=-1.0)
+
+
+def test_functional_call_leaves_the_callers_tensors_and_the_module_alone():
+    """torch.func.functional_call puts the caller's tensors in the parameters' place: attuning
+    C~ (which rewrites C in place at the first forward and when a longer input comes) must then
+    happen out of place, for that call only."""
+    import copy
+
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = S4(8, d_state=8, transposed=False, verbose=False)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 16, 8)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    before = {k: v.clone() for k, v in params.items()}
+    y = functional_call(model, params, (x,))[0]
+    assert all(torch.equal(params[k], before[k]) for k in params), "the caller's tensors changed"
+    assert model.l_kernel == 0 and torch.equal(model.C, fresh.C)
+    assert_close_rel(y, fresh(x)[0], msg="functional_call")
+    assert_close_rel(model(x)[0], fresh(x)[0], msg="the module afterwards")
+    g = grad(lambda p: functional_call(model, p, (x,))[0].square().sum())(params)
+    assert all(torch.equal(params[k], before[k]) for k in params) and set(g) == set(params)
+
+
+def test_accumulated_gradient_over_a_longer_batch_is_with_respect_to_one_C():
+    """A longer micro-batch while a gradient is pending (accumulation) attunes C~ out of place:
+    its gradient is with respect to the C~ the first micro-batch used (finite differences of
+    the parameter as it stands), and the parameter is not rewritten under the pending sum."""
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).double()
+    x = torch.randn(2, 24, 4, dtype=torch.float64)
+    model(x[:, :8])[0].square().sum().backward()  # attunes C~ to 8, in place; a gradient pends
+    assert model.l_kernel == 8
+    C0, g0 = model.C.detach().clone(), model.C.grad.clone()
+    loss = model(x)[0].square().sum()  # 24 > 8: attuned out of place
+    loss.backward()
+    assert model.l_kernel == 8 and torch.equal(model.C, C0)
+    g_long = model.C.grad - g0
+    v = torch.randn_like(C0)
+    eps = 1e-6
+    with torch.no_grad():
+        model.C.copy_(C0 + eps * v)
+        up = model(x)[0].square().sum()
+        model.C.copy_(C0 - eps * v)
+        down = model(x)[0].square().sum()
+        model.C.copy_(C0)
+    fd = float((up - down) / (2 * eps))
+    assert math.isclose(float((g_long * v).sum()), fd, rel_tol=1e-6), (
+        float((g_long * v).sum()),
+        fd,
+    )
+    model.zero_grad()  # nothing pending: the next longer input re-attunes in place, once
+    model(x)
+    assert model.l_kernel == 32

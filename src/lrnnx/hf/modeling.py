@@ -155,6 +155,20 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported (see :mod:`lrnnx.hf`).
+
+        Raises:
+            NotImplementedError: always.  transformers' own would swap the embedding and head
+                but leave the LM's vocabulary (and its padding rows) as built: new ids refused,
+                the loss failing, a saved checkpoint that no longer loads.
+        """
+        raise NotImplementedError(
+            "resize_token_embeddings: the vocabulary size of an lrnnx LM is a constructor "
+            "argument (vocab_size, padded to pad_vocab_size_multiple); build a new "
+            "LRNNConfig(vocab_size=...) model and copy the rows you keep"
+        )
+
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
         self._lm.lm_head = value
@@ -266,6 +280,9 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
 
     def _loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Any) -> Tensor:
         """transformers' causal-LM loss (shifted cross-entropy, ignore_index -100)."""
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+            got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+            raise TypeError(f"labels: expected an integer tensor of token ids, got {got}")
         if labels.shape != logits.shape[:2]:
             raise ValueError(
                 f"labels: expected shape {tuple(logits.shape[:2])} (that of input_ids), got "

@@ -126,6 +126,11 @@ def _check_block_state(state: Mapping[str, Tensor], where: str) -> Dict[str, int
         if any(_LAYER_KEY.match(k) for k in state):
             hint = "; for a whole model's state_dict use recurrentgemma_layers_from_state_dict"
         raise ValueError(f"{where}: missing entries {missing}{hint}")
+    unexpected = sorted(set(state) - set(_BLOCK_KEYS))
+    if unexpected:  # another version's parameter would otherwise be dropped without a word
+        raise ValueError(
+            f"{where}: unexpected entries {unexpected} (a recurrent block has {list(_BLOCK_KEYS)})"
+        )
     for k in _BLOCK_KEYS:
         v = state[k]
         if not isinstance(v, Tensor) or not v.is_floating_point():
@@ -284,8 +289,9 @@ def _group_layers(keys: Iterable[str]) -> Dict[int, Dict[str, str]]:
         m = _LAYER_KEY.match(key)
         if m:
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = key
-    # attention temporal blocks have q_proj/k_proj/...: keep the layers with an RG-LRU
-    return {i: ks for i, ks in sorted(layers.items()) if "rg_lru.recurrent_param" in ks}
+    # attention temporal blocks have q_proj/k_proj/...: keep the layers with any recurrent
+    # block entry (one that lacks some is then named by _check_block_state, not dropped)
+    return {i: ks for i, ks in sorted(layers.items()) if any(k in _BLOCK_KEYS for k in ks)}
 
 
 def _check_layers_against_config(found: Iterable[int], config: Any, where: str) -> None:
@@ -345,7 +351,9 @@ def _weight_files(path: str) -> Dict[str, str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: expected a non-empty 'weight_map' of tensor -> file")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):

@@ -28,6 +28,15 @@ w = -1 finite.)  As in the paper the trainable C is C~: the parameter holds C~ f
 length ``l_kernel`` (set to ``l_max``, or to the first length seen), and longer inputs double that
 length with C~_{2L} = C~_L (I + dA^L).  Recurrent mode recovers C = C~ (I - dA^L)^{-1} and runs the
 dense recurrence x_t = dA x_t-1 + dB u_t, y_t = Re(C_full x_t) + D u_t.
+
+Attuning rewrites the parameter C in place (once per length, as state-spaces/s4 does), except
+where that would be wrong, where it is computed out of place for the call and the module stays as
+it was: under torch.func (``functional_call`` passes the caller's tensors), and while a gradient
+is pending on C (accumulation over micro-batches: every micro-batch's gradient is then with
+respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
+(extra state): parameters copied into another S4 by other means (an EMA or ``AveragedModel``,
+weight averaging) need the same ``l_kernel``.  Passing ``l_max`` >= the longest input attunes C~
+once, at construction, and keeps it there.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from lrnnx.core.autograd import transformed
 from lrnnx.models.lti._s4_block import (
     S4BlockBase,
     check_kernel_name,
@@ -247,11 +257,44 @@ class S4(S4BlockBase):
 
     def _multiply_C(self, L: int, sign: float) -> None:
         """C <- C (I + sign * dA^L), computed in double precision."""
-        dA, _ = self._dense(self._wide_dtype)
-        C = self._full(self._C().to(self._wide_dtype))
-        C = C + sign * torch.einsum("chm,hmn->chn", C, torch.linalg.matrix_power(dA, L))
-        C = C[..., : self.N]
+        C = self._attune(self._C(), [(L, sign)])
         self.C.copy_(C.to(self.C.dtype) if self.is_real else torch.view_as_real(C).to(self.C.dtype))
+
+    def _attune(self, C: Tensor, factors: list) -> Tensor:
+        """C (I + sign_1 dA^L_1) (I + sign_2 dA^L_2) ... for ``factors`` [(L_i, sign_i)], in
+        double precision, back in C's dtype; differentiable (the out-of-place path of
+        :meth:`_kernel_C`) and used under no_grad by :meth:`_multiply_C`."""
+        dA, _ = self._dense(self._wide_dtype)
+        Cw = self._full(C.to(self._wide_dtype))
+        for L, sign in factors:
+            Cw = Cw + sign * torch.einsum("chm,hmn->chn", Cw, torch.linalg.matrix_power(dA, L))
+        return Cw[..., : self.N].to(C.dtype)
+
+    def _rewrite_allowed(self) -> bool:
+        """Whether C~ may be re-attuned in place (:meth:`_ensure_length`): C is the module's own
+        nn.Parameter (not a tensor torch.func.functional_call put in its place, which belongs to
+        the caller), no gradient is pending on it (the gradients accumulated over several
+        backward calls must all be with respect to one C~), and no torch.func transform runs."""
+        C = self.C
+        return isinstance(C, torch.nn.Parameter) and C.grad is None and not transformed(C)
+
+    def _kernel_C(self, L: int) -> Tuple[Tensor, int]:
+        """C~ attuned to a kernel length M >= L, and M.
+
+        In place where :meth:`_rewrite_allowed` (the parameter is rewritten and ``l_kernel``
+        grows, once, as in state-spaces/s4); otherwise computed out of place for this call,
+        differentiably from the parameter, leaving the module as it was."""
+        if self._rewrite_allowed():
+            self._ensure_length(L)
+            return self._C(), self.l_kernel
+        M, factors = self.l_kernel, []
+        if M == 0:
+            M, factors = int(L), [(int(L), -1.0)]
+        while L > M:
+            factors.append((M, 1.0))
+            M *= 2
+        C = self._C()
+        return (self._attune(C, factors) if factors else C), M
 
     # ---- discrete system ----------------------------------------------------------------------
 
@@ -298,10 +341,9 @@ class S4(S4BlockBase):
         The state x_{-1} enters as an extra input vector dB_s = dA x_{-1}, i.e.
         Delta B_s = (I + Delta A / 2) x_{-1}, whose kernel is C dA^{l+1} x_{-1}.
         """
-        self._ensure_length(L)
-        M = self.l_kernel
+        C, M = self._kernel_C(L)
         dt = self._dt().expand(self.H, self.N)
-        Lam, B, C, P = self._A_diag(), self._B(), self._C(), self._P()
+        Lam, B, P = self._A_diag(), self._B(), self._P()
         Q = P if self.is_real else P.conj()
         rights = [(dt * B)[None]]
         if state is not None:
