@@ -260,6 +260,11 @@ def test_generate_rejects_right_padding_and_embeddings(checkpoint):
         model.generate(ids, num_beams=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, 32))
+    with pytest.raises(TypeError, match="^labels: expected an integer tensor"):
+        model(ids, labels=ids.float())
+    with pytest.raises(NotImplementedError, match="^resize_token_embeddings"):
+        model.resize_token_embeddings(V + 6)
+    assert model.get_input_embeddings().weight.shape[0] >= V  # untouched
 
 
 def test_loss_is_the_shifted_cross_entropy(checkpoint):

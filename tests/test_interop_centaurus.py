@@ -288,6 +288,8 @@ def test_s5_layer_sizes_from_a_layer():
 def test_bad_checkpoints_are_refused():
     sd = random_state_dict("neck")
     kw = dict(num_states=M, in_channels=CIN, out_channels=COUT, state_blocks=J)
+    with pytest.raises(TypeError, match="^state_dict: expected a mapping"):
+        from_state_dict(list(sd.items()), **kw, mode="neck")
     with pytest.raises(ValueError, match="mode.*'s5'.*'conv'"):
         from_state_dict(sd, **kw, mode="conv")
     with pytest.raises(ValueError, match="norm.*'group'"):

@@ -317,6 +317,8 @@ def test_unknown_and_unsupported_layouts_are_refused(tmp_path):
         detect_layout(["d_model"])
     with pytest.raises(ValueError, match="layout"):
         mamba_lm_config({"d_model": 8, "n_layer": 1}, layout="lrnnx")
+    swish = mamba_lm_config({"model_type": "mamba", "hidden_act": "swish"})  # silu's alias
+    assert swish == mamba_lm_config({"model_type": "mamba", "hidden_act": "silu"})
 
 
 def test_broken_checkpoints_are_refused(tmp_path):

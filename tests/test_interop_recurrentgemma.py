@@ -188,3 +188,13 @@ def test_bad_inputs_name_the_problem(tmp_path):
     full = {f"model.layers.2.temporal_block.{k}": v for k, v in sd.items()}
     with pytest.raises(ValueError, match=r"layers \[0, 1\] recurrent.*layers \[2\]"):
         recurrentgemma_layers_from_state_dict(full, config)
+    # a recurrent layer missing its recurrent_param is named, not taken for attention
+    two = {f"model.layers.{i}.temporal_block.{k}": v for i in (0, 1) for k, v in sd.items()}
+    del two["model.layers.1.temporal_block.rg_lru.recurrent_param"]
+    with pytest.raises(ValueError, match=r"missing entries \['rg_lru.recurrent_param'\]"):
+        recurrentgemma_layers_from_state_dict(two)
+    with pytest.raises(ValueError, match=r"unexpected entries \['rg_lru.a_param'\]"):
+        rglru_from_recurrentgemma(dict(sd, **{"rg_lru.a_param": sd["rg_lru.recurrent_param"]}))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="weight_map"):
+        load_recurrentgemma_recurrent_layers(tmp_path)

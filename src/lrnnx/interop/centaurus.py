@@ -208,6 +208,8 @@ def _check_tensors(sd: Mapping[str, Tensor]) -> None:
     """Every entry a real floating-point tensor (BatchNorm's ``num_batches_tracked`` an
     integer one), the SSM's own finite: an int would be read as a float silently, a complex
     tensor lose its imaginary part, a NaN pole give NaN outputs."""
+    if not isinstance(sd, Mapping):  # (checked before its items are read)
+        raise TypeError(f"state_dict: expected a mapping of tensors, got {type(sd).__name__}")
     for k, v in sd.items():
         if not isinstance(v, Tensor):
             raise TypeError(f"state_dict[{k!r}]: expected a tensor, got {type(v).__name__}")

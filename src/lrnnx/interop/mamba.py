@@ -173,10 +173,10 @@ def _foreign_layout(config: Mapping[str, Any], layout: Optional[str]) -> str:
 
 def _hf_lm_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     c = {**_HF_DEFAULTS, **config}
-    if c["hidden_act"] != "silu":
+    if c["hidden_act"] not in ("silu", "swish"):  # one function under two names (ACT2FN)
         raise ValueError(
             f"config: hidden_act {c['hidden_act']!r} is not supported (lrnnx's Mamba uses "
-            "'silu', as mamba_ssm does)"
+            "'silu' (alias 'swish'), as mamba_ssm does)"
         )
     hidden = int(c["hidden_size"])
     rank = c["time_step_rank"]
