@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lrnnx.tasks import IGNORE_INDEX, Split, TaskData, get_task, make_task
+from lrnnx.utils.optim import param_groups
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -946,10 +947,8 @@ def _train(
     out = Path(config.out) if config.out else None
     ckpt_path = out / CHECKPOINT_NAME if out else None
 
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "log" in n.lower()]
-    decay = [p for n, p in model.named_parameters() if not (p.dim() < 2 or "log" in n.lower())]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    groups.append({"params": no_decay, "weight_decay": 0.0})
+    # the models' own hints (S4/S4D's _optim, Mamba's and RG-LRU's _no_weight_decay) decide
+    groups = param_groups(model, config.weight_decay)
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
     warmup = config.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, config.steps))
@@ -965,7 +964,13 @@ def _train(
                 "use another --out or the same model settings"
             )
         model.load_state_dict(state["model_state"])
-        opt.load_state_dict(state["optimizer_state"])
+        try:
+            opt.load_state_dict(state["optimizer_state"])
+        except ValueError as e:  # its parameter groups differ (an older lrnnx's grouping)
+            raise ConfigError(
+                f"resume: {ckpt_path} holds an optimizer with other parameter groups ({e}); "
+                "start a new run (another --out, or --overwrite)"
+            ) from None
         sched.load_state_dict(state["scheduler_state"])
         start_step, history = state["step"], state["history"]
         elapsed_before = state.get("time_s", 0.0)
