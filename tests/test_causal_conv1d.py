@@ -40,7 +40,7 @@ def _explicit(x, weight, bias, init, silu):
 
 def _run(backend, inputs, activation, dy, dfinal):
     x, w, b, h = inputs
-    y, final = causal_conv1d(x, w, b, h, True, activation, backend=backend)
+    y, final = causal_conv1d(x, w, b, None, h, True, None, activation, backend=backend)
     wrt = [t for t in inputs if t is not None]
     # allow_unused: with K = 1 the (B, D, 0) initial states reach no output in some backends
     grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), wrt, allow_unused=True)
@@ -97,7 +97,7 @@ def test_streaming_equals_one_call(backend):
     whole = causal_conv1d(x, w, b, backend=backend)
     state, parts = None, []
     for lo, hi in ((0, 2), (2, 3), (3, 13), (13, 23)):
-        y, state = causal_conv1d(x[..., lo:hi], w, b, state, True, backend=backend)
+        y, state = causal_conv1d(x[..., lo:hi], w, b, None, state, True, backend=backend)
         parts.append(y)
     assert_close_rel(torch.cat(parts, -1), whole, length=4, msg="chunked")
 
@@ -110,8 +110,8 @@ def test_float32_and_non_contiguous(backend):
     x32 = x64.detach().float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     assert not x32.is_contiguous()
     args32 = (x32, *(t.detach().float().requires_grad_() for t in (w64, b64, h64)))
-    y32 = causal_conv1d(*args32, activation="silu", backend=backend)
-    y64 = causal_conv1d(x64, w64, b64, h64, activation="silu", backend="torch")
+    y32 = causal_conv1d(*args32[:3], None, args32[3], activation="silu", backend=backend)
+    y64 = causal_conv1d(x64, w64, b64, None, h64, activation="silu", backend="torch")
     assert y32.dtype == torch.float32
     assert_close_rel(y32, y64, dtype=torch.float32, length=4, msg="y")
     g32 = torch.autograd.grad(y32.sum(), args32)
@@ -126,11 +126,10 @@ def test_float32_and_non_contiguous(backend):
 def test_low_precision_accumulates_in_float32(backend, dtype):
     """bf16/fp16 in, same dtype out; the result is the float32 computation rounded once."""
     x, w, b, h = _inputs(2, 8, 64, 4, dtype=dtype)
-    y, final = causal_conv1d(x, w, b, h, True, "silu", backend=backend)
+    y, final = causal_conv1d(x, w, b, None, h, True, None, "silu", backend=backend)
     assert y.dtype == dtype and final.dtype == dtype
-    exact = causal_conv1d(
-        *(t.detach().double() for t in (x, w, b, h)), activation="silu", backend="reference"
-    )
+    x64, w64, b64, h64 = (t.detach().double() for t in (x, w, b, h))
+    exact = causal_conv1d(x64, w64, b64, None, h64, activation="silu", backend="reference")
     assert_close_rel(y, exact, dtype=dtype, msg="y")  # one rounding: no sqrt(K) growth
     assert torch.equal(final, x[..., -3:].detach())
     grads = torch.autograd.grad(y.float().sum(), [x, w, b, h])
@@ -141,8 +140,8 @@ def test_low_precision_accumulates_in_float32(backend, dtype):
 def test_promotes_to_the_widest_input():
     """A float64 weight with a float32 x: computed in float64, returned in x's dtype."""
     x, w, b, h = _inputs(1, 3, 9, 3)
-    y = causal_conv1d(x.float(), w, b, h)
-    exact = causal_conv1d(x, w, b, h, backend="reference")
+    y = causal_conv1d(x.float(), w, b, initial_states=h)
+    exact = causal_conv1d(x, w, b, initial_states=h, backend="reference")
     assert y.dtype == torch.float32
     assert_close_rel(y, exact, dtype=torch.float32, msg="y")
 
@@ -152,7 +151,7 @@ def test_promotes_to_the_widest_input():
 def test_empty(backend, shape):
     B, D, L = shape
     x, w, b, h = _inputs(B, D, L, 4)
-    y, final = causal_conv1d(x, w, b, h, True, "silu", backend=backend)
+    y, final = causal_conv1d(x, w, b, None, h, True, None, "silu", backend=backend)
     assert y.shape == (B, D, L) and final.shape == (B, D, 3)
     if L == 0:
         assert torch.equal(final, h.detach())  # no step: the states stay
@@ -169,7 +168,8 @@ def test_gradcheck_cpu():
         inputs = _inputs(2, 2, L, K, seed=K + L)
 
         def fn(*args, act=act):
-            return causal_conv1d(*args, True, act, backend="cpu")
+            x, w, b, h = args
+            return causal_conv1d(x, w, b, None, h, True, None, act, backend="cpu")
 
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -210,8 +210,16 @@ def test_default_without_env_is_cpu(monkeypatch):
         (lambda x, w, b, h: causal_conv1d(x, w[:, None]), ValueError, "weight: expected shape"),
         (lambda x, w, b, h: causal_conv1d(x, w[:, :0]), ValueError, "K >= 1"),
         (lambda x, w, b, h: causal_conv1d(x, w, b[:2]), ValueError, "bias: expected shape"),
-        (lambda x, w, b, h: causal_conv1d(x, w, b, h[..., :1]), ValueError, "initial_states"),
-        (lambda x, w, b, h: causal_conv1d(x, w, b, h[:1]), ValueError, "initial_states"),
+        (
+            lambda x, w, b, h: causal_conv1d(x, w, b, initial_states=h[..., :1]),
+            ValueError,
+            "initial_states",
+        ),
+        (
+            lambda x, w, b, h: causal_conv1d(x, w, b, initial_states=h[:1]),
+            ValueError,
+            "initial_states",
+        ),
         (lambda x, w, b, h: causal_conv1d(x, w, activation="relu"), ValueError, "activation"),
         (lambda x, w, b, h: causal_conv1d(x, w, activation=True), ValueError, "activation"),
         (lambda x, w, b, h: causal_conv1d(x.long(), w), TypeError, "x: expected a real"),
@@ -320,7 +328,7 @@ def test_channels_last_matches_reference(K, shape, activation):
     for name, a, e in zip(("x", "weight", "bias", "initial_states"), got[2], ref[2], strict=True):
         assert_close_rel(a, e, length=B * L * K, msg=f"d{name}")
     if L > 1:
-        y = causal_conv1d(x, w, b, h, activation=activation, backend="cpu")
+        y = causal_conv1d(x, w, b, initial_states=h, activation=activation, backend="cpu")
         assert y.stride(1) == 1, "y keeps x's channels-last order"
         (dx,) = torch.autograd.grad(y, x, dy)
         assert dx.stride(1) == 1, "dx keeps x's channels-last order"
@@ -337,8 +345,8 @@ def test_channels_last_packed_sequences(activation):
     x = _channels_last(1, D, T, seed=5)
     _, w, b, _ = _inputs(1, D, 1, K, seed=6)
     h = torch.randn(S, D, K - 1, dtype=torch.float64, requires_grad=True)
-    got = causal_conv1d(x, w, b, h, True, activation, "cpu", cu_seqlens=cu)
-    ref = causal_conv1d(x, w, b, h, True, activation, "reference", cu_seqlens=cu)
+    got = causal_conv1d(x, w, b, None, h, True, None, activation, "cpu", cu_seqlens=cu)
+    ref = causal_conv1d(x, w, b, None, h, True, None, activation, "reference", cu_seqlens=cu)
     assert_close_rel(got[0], ref[0], length=K, msg="y")
     assert torch.equal(got[1], ref[1])
     g = torch.Generator().manual_seed(7)
@@ -350,7 +358,7 @@ def test_channels_last_packed_sequences(activation):
     bad = x.detach().clone()
     bad[0, 3, 300] = float("nan")
     bad = bad.transpose(1, 2).contiguous().transpose(1, 2)
-    y = causal_conv1d(bad, w.detach(), b.detach(), h.detach(), activation=activation,
+    y = causal_conv1d(bad, w.detach(), b.detach(), None, h.detach(), activation=activation,
                       backend="cpu", cu_seqlens=cu)  # fmt: skip
     nan_steps = torch.isnan(y).any(1)[0].nonzero().flatten().tolist()
     assert nan_steps == [300, 301, 302, 303]
@@ -383,3 +391,34 @@ def test_channels_last_expanded_gradient_and_threads(monkeypatch):
     for a, s, e in zip(parallel, serial, ref, strict=True):
         assert_close_rel(a, s, dtype=torch.float32, length=900, msg="threads vs serial")
         assert_close_rel(s, e, dtype=torch.float32, length=900, msg="float32 vs float64")
+
+
+def test_causal_conv1d_fn_call_styles():
+    """Dao-AILab's causal_conv1d_fn(x, weight, bias, seq_idx, initial_states,
+    return_final_states, final_states_out, activation), positionally: the same results as the
+    keywords; seq_idx is its form of packed sequences; a tensor where a flag belongs (another
+    function's order) is a TypeError naming the flag."""
+    x, w, b, h = (t.detach() for t in _inputs(2, 4, 9, 4))
+    y, final = causal_conv1d(x, w, b, None, h, True, None, "silu")
+    y_kw, final_kw = causal_conv1d(
+        x, w, b, initial_states=h, return_final_states=True, activation="silu"
+    )
+    assert torch.equal(y, y_kw) and torch.equal(final, final_kw)
+    out = torch.empty_like(final)
+    _, got = causal_conv1d(x, w, b, None, h, True, out, "silu")
+    assert got is out and torch.equal(out, final)
+    xp = x[:1]
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 5, 9])
+    assert torch.equal(causal_conv1d(xp, w, b, seq_idx), causal_conv1d(xp, w, b, cu_seqlens=cu))
+    for call, error, match in [
+        (lambda: causal_conv1d(x, w, b, None, None, h), TypeError, "^return_final_states"),
+        (lambda: causal_conv1d(xp, w, b, seq_idx.float()), TypeError, "^seq_idx"),
+        (lambda: causal_conv1d(x, w, b, seq_idx), ValueError, "^seq_idx: expected shape"),
+        (lambda: causal_conv1d(xp, w, b, seq_idx.flip(1)), ValueError, "non-decreasing"),
+        (lambda: causal_conv1d(xp, w, b, seq_idx, cu_seqlens=cu), ValueError, "give one"),
+        (lambda: causal_conv1d(x, w, b, final_states_out=out), ValueError, "final_states_out"),
+        (lambda: causal_conv1d(x, w, b, None, h, True, out[:1]), ValueError, "final_states_out"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

@@ -70,7 +70,9 @@ def _conv_inputs(K: int, dtype=torch.float64, D: int = 3, cu=CU, bias=True, init
 
 def _conv_packed(inputs, backend, activation, cu=CU):
     x, w, b, h = inputs
-    y, final = causal_conv1d(x, w, b, h, True, activation, backend, cu_seqlens=torch.tensor(cu))
+    y, final = causal_conv1d(
+        x, w, b, None, h, True, None, activation, backend, cu_seqlens=torch.tensor(cu)
+    )
     return y, final, _grads(_loss(y, final), [t for t in inputs if t is not None])
 
 
@@ -81,7 +83,7 @@ def _conv_alone(inputs, activation, cu=CU):
     ys, finals = [], []
     for s, (i, j) in enumerate(_pieces(cu)):
         hs = None if h is None else h[s : s + 1]
-        y, f = causal_conv1d(x[..., i:j], w, b, hs, True, activation, "reference")
+        y, f = causal_conv1d(x[..., i:j], w, b, None, hs, True, None, activation, "reference")
         ys.append(y)
         finals.append(f)
     y, final = torch.cat(ys, -1), torch.cat(finals, 0)
@@ -132,7 +134,7 @@ def test_conv_single_sequence_is_the_unpacked_call(backend):
     inputs = _conv_inputs(4, cu=[0, T])
     got = _conv_packed(inputs, backend, "silu", cu=[0, T])
     x, w, b, h = inputs
-    y, final = causal_conv1d(x, w, b, h, True, "silu", backend)
+    y, final = causal_conv1d(x, w, b, None, h, True, None, "silu", backend)
     _check_conv(got, (y, final, _grads(_loss(y, final), inputs)), 4, msg=backend)
 
 
@@ -142,8 +144,8 @@ def test_conv_nan_stays_in_its_window(backend):
     x, w, b, h = (t.detach() for t in _conv_inputs(4))
     bad = x.clone()
     bad[..., 4] = float("nan")  # sequence 4 = steps 3 .. 11
-    y = causal_conv1d(x, w, b, h, backend=backend, cu_seqlens=torch.tensor(CU))
-    y_bad = causal_conv1d(bad, w, b, h, backend=backend, cu_seqlens=torch.tensor(CU))
+    y = causal_conv1d(x, w, b, None, h, backend=backend, cu_seqlens=torch.tensor(CU))
+    y_bad = causal_conv1d(bad, w, b, None, h, backend=backend, cu_seqlens=torch.tensor(CU))
     hit = torch.zeros(T, dtype=torch.bool)
     hit[4:8] = True
     assert torch.isnan(y_bad[..., hit]).all()
@@ -154,7 +156,9 @@ def test_conv_nan_stays_in_its_window(backend):
 def test_conv_packed_all_sequences_empty(backend):
     """T = 0: an empty y, and each sequence's final states are its initial states."""
     x, w, b, h = _conv_inputs(4, cu=[0, 0, 0])
-    y, final = causal_conv1d(x, w, b, h, True, backend=backend, cu_seqlens=torch.tensor([0, 0, 0]))
+    y, final = causal_conv1d(
+        x, w, b, None, h, True, backend=backend, cu_seqlens=torch.tensor([0, 0, 0])
+    )
     assert y.shape == (1, 3, 0) and torch.equal(final, h.detach())
     grads = torch.autograd.grad(y.sum() + final.sum(), [x, w, b, h])
     assert [g.shape for g in grads] == [t.shape for t in (x, w, b, h)]
@@ -175,7 +179,7 @@ def test_conv_packed_bad_arguments(kwargs, match):
     x, w, b, h = (t.detach() for t in _conv_inputs(4))
     args = dict(x=x, h=h, cu=torch.tensor(CU)) | kwargs
     with pytest.raises(ValueError, match=match):
-        causal_conv1d(args["x"], w, b, args["h"], cu_seqlens=args["cu"])
+        causal_conv1d(args["x"], w, b, None, args["h"], cu_seqlens=args["cu"])
 
 
 def test_causal_depthwise_conv_packed_window_tails():

@@ -301,3 +301,31 @@ def test_bad_inputs(bad, exc, msg):
     with pytest.raises(exc) as info:
         selective_scan_fn(**kw)
     assert msg in str(info.value)
+
+
+def test_mamba_ssm_layout_of_complex_input_dependent_B_and_C():
+    """mamba_ssm passes the input-dependent B, C of a complex A as real (b, n, 2L) or
+    (b, g, n, 2L) tensors, real and imaginary parts interleaved along time: accepted, equal to
+    the complex (b, n, L) form, gradients included."""
+    from _tol import assert_close_rel
+
+    torch.manual_seed(0)
+    u, dt = torch.randn(2, 4, 9, dtype=torch.float64), torch.rand(2, 4, 9, dtype=torch.float64)
+    A = torch.complex(
+        -torch.rand(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    )
+    for shape in ((2, 3, 18), (2, 2, 3, 18)):
+        B2 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        C2 = torch.randn(shape, dtype=torch.float64)
+        y = selective_scan_fn(u, dt, A, B2, C2, delta_softplus=True)
+        Bc = torch.view_as_complex(B2.detach().unflatten(-1, (9, 2))).requires_grad_()
+        Cc = torch.view_as_complex(C2.unflatten(-1, (9, 2)))
+        expect = selective_scan_fn(u, dt, A, Bc, Cc, delta_softplus=True, backend="reference")
+        assert_close_rel(y, expect, dtype=torch.float64, length=9)
+        (g2,) = torch.autograd.grad(y.square().sum(), B2)
+        (gc,) = torch.autograd.grad(expect.square().sum(), Bc)
+        assert_close_rel(g2, torch.view_as_real(gc).flatten(-2), dtype=torch.float64, length=9)
+    with pytest.raises(TypeError, match="^delta_softplus: expected a bool"):
+        selective_scan_fn(u, dt, A, Bc.detach(), Cc, None, None, None, torch.ones(2))
+    with pytest.raises(TypeError, match="^return_last_state: expected a bool"):
+        selective_scan_fn(u, dt, A, Bc.detach(), Cc, return_last_state=torch.ones(2))

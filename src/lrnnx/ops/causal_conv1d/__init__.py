@@ -1,5 +1,6 @@
 """``causal_conv1d``: the depthwise causal convolution of Mamba and Griffin (RG-LRU), with the
-argument names of Dao-AILab's ``causal_conv1d_fn``.
+signature of Dao-AILab's ``causal_conv1d_fn`` (its arguments, in its order: ``seq_idx`` and
+``final_states_out`` included).
 
 Backends (same signature, same results):
 
@@ -26,7 +27,7 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens, check_tensor
+from lrnnx.core.checks import check_bool, check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.causal_conv1d.packing import padded_window, segment_tails
 
@@ -46,8 +47,10 @@ def causal_conv1d(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor] = None,
+    seq_idx: Optional[Tensor] = None,
     initial_states: Optional[Tensor] = None,
     return_final_states: bool = False,
+    final_states_out: Optional[Tensor] = None,
     activation: Optional[str] = None,
     backend: Optional[str] = None,
     *,
@@ -71,12 +74,16 @@ def causal_conv1d(
         weight: (D, K), K >= 1 (an ``nn.Conv1d(D, D, K, groups=D)`` weight is (D, 1, K):
             pass ``weight[:, 0]``).
         bias: (D,) or None.
+        seq_idx: causal-conv1d's form of packed sequences: integer ids (1, L), equal within a
+            sequence and non-decreasing; turned into ``cu_seqlens`` (give one or the other).
         initial_states: (B, D, K - 1) the inputs before x (a previous call's final states);
             zeros when None.  (S, D, K - 1), one per sequence, with ``cu_seqlens``.
         return_final_states: also return the last K - 1 entries of ``xpad`` (B, D, K - 1):
             what the next call takes as ``initial_states`` to continue the sequence.  With
             L < K - 1 they reach back into ``initial_states``.  (S, D, K - 1) with
             ``cu_seqlens``, each sequence's own (a zero-length sequence's: its initial states).
+        final_states_out: a tensor of the final states' shape to write them into (and return),
+            as causal-conv1d's; needs ``return_final_states``.
         activation: None, ``"silu"`` or ``"swish"``.
         backend: force a backend ("reference", "torch", "cpu").
         cu_seqlens: int64 (or int32) offsets (S + 1,) of S packed sequences, keyword-only:
@@ -91,10 +98,15 @@ def causal_conv1d(
         sequence gives an empty y (and the final states: initial_states, or zeros).
 
     Raises:
-        TypeError: an argument is not a real floating-point tensor.
+        TypeError: an argument is not a real floating-point tensor, ``return_final_states`` is
+            not a bool (a tensor there: arguments passed in another function's order), or
+            ``seq_idx`` is not an integer tensor.
         ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, the
-            activation is unknown, or ``cu_seqlens`` is malformed or given with B != 1.
+            activation is unknown, ``cu_seqlens`` (or ``seq_idx``) is malformed or given with
+            B != 1, both are given, or ``final_states_out`` is given without
+            ``return_final_states`` or in another shape.
     """
+    return_final_states = check_bool("return_final_states", return_final_states)
     check_tensor("x", x)
     if x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D, L) = (batch, channels, length), got "
@@ -109,6 +121,10 @@ def causal_conv1d(
         )
     K = weight.shape[1]
     cu = None
+    if seq_idx is not None:
+        if cu_seqlens is not None:
+            raise ValueError("seq_idx, cu_seqlens: two forms of packed sequences; give one")
+        cu_seqlens = _offsets_of(seq_idx, B, L)
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, B, L, f"x {tuple(x.shape)} (1, D, T)")
     if bias is not None:
@@ -151,10 +167,47 @@ def causal_conv1d(
             y = fn(xc, wc, bc, hc, silu) if cu is None else fn(xc, wc, bc, hc, silu, cu)
     y = y.to(out_dtype)
     if not return_final_states:
+        if final_states_out is not None:
+            raise ValueError("final_states_out: given without return_final_states=True")
         return y
     if cu is not None:
-        return y, _packed_final_states(x, initial_states, cu, K)
-    return y, _final_states(x, initial_states, K)
+        final = _packed_final_states(x, initial_states, cu, K)
+    else:
+        final = _final_states(x, initial_states, K)
+    if final_states_out is not None:
+        check_tensor("final_states_out", final_states_out, device)
+        if final_states_out.shape != final.shape:
+            raise ValueError(
+                f"final_states_out: expected shape {tuple(final.shape)}, got "
+                f"{tuple(final_states_out.shape)}"
+            )
+        final = final_states_out.copy_(final)
+    return y, final
+
+
+def _offsets_of(seq_idx: object, batch: int, length: int) -> Tensor:
+    """causal-conv1d's ``seq_idx`` (1, L) -> ``cu_seqlens`` (S + 1,): a sequence where the id
+    changes.
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: another shape, B != 1, or ids that decrease (a sequence in two pieces).
+    """
+    if not isinstance(seq_idx, Tensor) or seq_idx.is_floating_point() or seq_idx.is_complex():
+        got = seq_idx.dtype if isinstance(seq_idx, Tensor) else type(seq_idx).__name__
+        raise TypeError(f"seq_idx: expected an integer tensor (1, L), got {got}")
+    if batch != 1 or tuple(seq_idx.shape) != (1, length):
+        raise ValueError(
+            f"seq_idx: expected shape (1, L) = (1, {length}) for packed sequences in x (1, D, L), "
+            f"got {tuple(seq_idx.shape)} with x's batch {batch}"
+        )
+    ids = seq_idx[0].to(_torch.int64)
+    step = ids[1:] - ids[:-1]
+    if bool((step < 0).any()):
+        raise ValueError("seq_idx: expected non-decreasing ids (each sequence in one piece)")
+    starts = (step != 0).nonzero().squeeze(1) + 1
+    ends = _torch.tensor([0, length], dtype=_torch.int64, device=ids.device)
+    return _torch.cat([ends[:1], starts, ends[1:]]) if length else ends[:1].repeat(2)
 
 
 def _final_states(x: Tensor, initial_states: Optional[Tensor], K: int) -> Tensor:

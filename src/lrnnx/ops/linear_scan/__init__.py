@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens, check_tensor
+from lrnnx.core.checks import check_bool, check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan.packing import scan_bounds
 
@@ -39,7 +39,13 @@ _LOW_PRECISION = (_torch.float16, _torch.bfloat16)
 
 
 def _final_state_flag(output_final_state, alias, alias_name: str) -> bool:
-    """``output_final_state`` (fla's name) or its alias; both given and different: an error."""
+    """``output_final_state`` (fla's name) or its alias; both given and different: an error.
+    Each is None or a bool (a tensor there, from arguments in another function's order, is a
+    TypeError naming it, not torch's "ambiguous truth value")."""
+    if output_final_state is not None:
+        check_bool("output_final_state", output_final_state)
+    if alias is not None:
+        check_bool(alias_name, alias)
     if output_final_state is not None and alias is not None:
         if bool(output_final_state) != bool(alias):
             raise ValueError(

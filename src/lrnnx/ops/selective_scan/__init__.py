@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
-from lrnnx.core.checks import check_cu_seqlens, check_tensor
+from lrnnx.core.checks import check_bool, check_cu_seqlens, check_tensor
 from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan import _final_state_flag
 from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
@@ -49,6 +49,15 @@ _NATIVE_REVERSE = ("reference", "torch", "triton", "cpu")
 def _check_shape(name: str, x: Tensor, expected: tuple[int, ...], label: str) -> None:
     if tuple(x.shape) != expected:
         raise ValueError(f"{name}: expected {label}={expected}, got {tuple(x.shape)}")
+
+
+def _complex_from_interleaved(X: Tensor, L: int) -> Tensor:
+    """mamba_ssm's layout of an input-dependent B or C with a complex A: a real (b, n, 2L) or
+    (b, g, n, 2L) tensor, real and imaginary parts interleaved along time, as a complex
+    (..., L) one (a view); anything else unchanged."""
+    if X.is_complex() or X.dim() < 3 or X.shape[-1] != 2 * L or L == 0:
+        return X
+    return _torch.view_as_complex(X.unflatten(-1, (L, 2)))
 
 
 def _check_bc(name: str, X: Tensor, b: int, d: int, n: int, L: int) -> Tensor:
@@ -121,7 +130,9 @@ def selective_scan_fn(
         delta: step sizes (b, d, L).
         A: continuous-time diagonal state matrix (d, n), real or complex.
         B, C: (d, n) time-invariant, (b, n, L) input-dependent, or (b, g, n, L) grouped
-            (g divides d; channel i uses group i // (d // g)).  Complex only when A is.
+            (g divides d; channel i uses group i // (d // g)).  Complex only when A is; with a
+            complex A an input-dependent B or C may also come in mamba_ssm's layout, real
+            (b, n, 2L) or (b, g, n, 2L) with real and imaginary parts interleaved along time.
         D: skip connection (d,).
         z: gate (b, d, L); the output is multiplied by silu(z).
         delta_bias: (d,) added to delta before the optional softplus.
@@ -170,10 +181,13 @@ def selective_scan_fn(
         raise ValueError(f"A: expected (d, n) with d={d} and n >= 1, got {tuple(A.shape)}")
     n = A.shape[1]
     is_complex = A.is_complex()
+    delta_softplus = check_bool("delta_softplus", delta_softplus)
     for name, X in (("B", B), ("C", C)):
         check_tensor(name, X, device, complex_ok=True, device_of="u")
         if X.is_complex() and not is_complex:
             raise TypeError(f"{name}: complex {name} needs a complex A, got A of dtype {A.dtype}")
+    if is_complex:
+        B, C = _complex_from_interleaved(B, L), _complex_from_interleaved(C, L)
     B = _check_bc("B", B, b, d, n, L)
     C = _check_bc("C", C, b, d, n, L)
     for name, X, shape, label in (
@@ -250,7 +264,7 @@ def selective_scan_fn(
             cast(D),
             args["z"],
             cast(delta_bias),
-            bool(delta_softplus),
+            delta_softplus,
             discretization,
             args["deltaA"],
             initial_state,
