@@ -268,7 +268,10 @@ class Mamba(LTV_LRNN):
         delta = delta.transpose(1, 2)  # (B, E, L)
         deltaA = None
         if integration_timesteps is not None:
-            deltaA = delta * integration_timesteps[:, None, :].to(delta.dtype)
+            ts = integration_timesteps
+            if mask is not None:  # a select first: padding's NaN times a zero gradient is NaN
+                ts = zero_where_not(ts, mask)
+            deltaA = delta * ts[:, None, :].to(delta.dtype)
         u_scan = u
         if mask is not None:
             # on padding: no input and a zero step, so A_bar = 1 and the state is carried as is
