@@ -28,7 +28,6 @@ it (:func:`attention`; plain SDPA spread it to every query through 0 * NaN).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -47,7 +46,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.layers.linear import Linear
-from lrnnx.ops._dispatch import BACKEND_ENV
+from lrnnx.ops._dispatch import env_backend
 from lrnnx.ops.linear_scan.packing import step_layout
 
 
@@ -62,7 +61,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
     its math kernel, whose backward is differentiable again: torch's fused CPU kernel has no
     second derivative ("derivative for ..._flash_attention_for_cpu_backward is not
     implemented"), and second derivatives are exact on the reference backend for every model."""
-    if os.environ.get(BACKEND_ENV, "").strip().lower() == "reference":
+    if env_backend() == "reference":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):

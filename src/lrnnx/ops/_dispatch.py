@@ -112,6 +112,12 @@ def _warn_unavailable(op: str, name: str, used: str) -> None:
 BACKEND_ENV = "LRNNX_BACKEND"
 
 
+def env_backend() -> Optional[str]:
+    """``LRNNX_BACKEND`` as a name (case and surrounding spaces ignored), or None when unset or
+    empty; not checked against any op's backends (see :func:`requested_backend`)."""
+    return os.environ.get(BACKEND_ENV, "").strip().lower() or None
+
+
 def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
     """The backend asked for: ``backend=``, else ``LRNNX_BACKEND`` (case and spaces ignored),
     else None (lrnnx's choice).  A name from the variable that another op has but ``op`` lacks
@@ -127,7 +133,7 @@ def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
         if backend not in table:
             raise ValueError(f"backend: expected one of {list(table)} for {op}, got {backend!r}")
         return backend
-    env = os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    env = env_backend()
     if env is None or env in table:
         return env
     known = sorted({name for ops in _REGISTRY.values() for name in ops})

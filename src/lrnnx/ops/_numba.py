@@ -594,14 +594,24 @@ def compile_here(module, key: tuple[str, ...]) -> None:
         return
     # tiny inputs, forward and backward, whatever context the first call came in
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        module.warm_up(tuple(getattr(torch, name) for name in key))
+        _warm_up(module, key)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.parent / f"{marker.name}.{os.getpid()}.tmp"
-        tmp.write_bytes(b"")
-        os.replace(tmp, marker)  # atomic, as the background process writes it
+        _write_marker(marker)
     except OSError:  # a read-only cache folder: numba's own cache still holds the kernels
         pass
+
+
+def _warm_up(module, key: tuple[str, ...]) -> None:
+    """Compile (or load) the kernels of variant ``key`` (dtype names) by ``module.warm_up``."""
+    module.warm_up(tuple(getattr(torch, name) for name in key))
+
+
+def _write_marker(marker: Path) -> None:
+    """Leave ``marker`` atomically: a reader sees no marker or a whole one."""
+    tmp = marker.parent / f"{marker.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(b"")
+    os.replace(tmp, marker)
 
 
 def deferred(module, fused: Callable, fallback: Callable) -> Callable:
@@ -679,7 +689,5 @@ def _worker_main() -> None:
         if replay is not None:
             _replay(module, replay)
         else:
-            module.warm_up(tuple(getattr(torch, name) for name in key))
-        tmp = marker.parent / f"{marker.name}.{os.getpid()}.tmp"
-        tmp.write_bytes(b"")
-        os.replace(tmp, marker)  # atomic: a reader sees no marker or a whole one
+            _warm_up(module, key)
+        _write_marker(marker)

@@ -20,12 +20,12 @@ autocast, not under torch.compile or a torch.func transform) and ``torch`` every
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from lrnnx.ops import _dispatch
 from lrnnx.ops.linear import cpu as _cpu
 
 __all__ = ["linear", "BACKENDS"]
@@ -55,7 +55,7 @@ def linear(
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)} for linear, got {backend!r}")
-    name = backend or os.environ.get("LRNNX_BACKEND", "").strip().lower() or None
+    name = backend or _dispatch.env_backend()
     if name in (None, "cpu") and _cpu.applies(x, weight, bias, asked=name == "cpu"):
         return _cpu.linear(x, weight, bias)
     return F.linear(x, weight, bias)
