@@ -23,6 +23,18 @@ def test_model_rows_and_reports(tmp_path):
     assert md.count("| lru |") == 2
 
 
+def test_contradictory_times_are_flagged():
+    """A forward timed slower than forward + backward (a busy machine) is marked and named under
+    the table; consistent rows are not."""
+    ok = bench.Row("model", "s4d", "B=1", "auto", 1.0, 3.0)
+    busy = bench.Row("model", "mamba", "B=1 L=256", "torch", 5.0, 3.0)
+    fwd_only = bench.Row("op", "cauchy", "B=1", "auto", 5.0)
+    assert [bench.implausible(r) for r in (ok, busy, fwd_only)] == [False, True, False]
+    md = bench.markdown([ok, busy, fwd_only], "test machine", 1.0)
+    assert md.count("(!)") == 2 and "mamba B=1 L=256 torch" in md and "quiet machine" in md
+    assert "(!)" not in bench.markdown([ok], "test machine", 1.0)
+
+
 def test_cli_registers_bench():
     from lrnnx.cli import SUBCOMMANDS
 

@@ -717,6 +717,7 @@ def markdown(rows: List[Row], info: str, copy_gbps: float) -> str:
         "| case | shape | backend | fwd ms | fwd+bwd ms | step us | peak MB | GB/s | of copy | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    noisy = []
     for r in rows:
         speed = ", ".join(
             f"{v:.1f}x vs {k}"
@@ -724,12 +725,30 @@ def markdown(rows: List[Row], info: str, copy_gbps: float) -> str:
             else ("auto picks the faster" if v else "auto picks the slower")
             for k, v in r.speedup.items()
         )
+        mark = ""
+        if implausible(r):
+            mark = " (!)"
+            noisy.append(f"{r.name} {r.shape} {r.backend}")
         lines.append(
-            f"| {r.name} | {r.shape} | {r.backend} | {r.fwd_ms:.2f} | {_fmt(r.fwdbwd_ms, '.2f')} | "
+            f"| {r.name} | {r.shape} | {r.backend} | {r.fwd_ms:.2f}{mark} | {_fmt(r.fwdbwd_ms, '.2f')} | "
             f"{_fmt(r.step_us, '.0f')} | {_fmt(r.peak_mb, '.0f')} | {_fmt(r.gbps, '.1f')} | "
             f"{_fmt(r.frac_copy and 100 * r.frac_copy, '.0f')}{'%' if r.frac_copy else ''} | {speed or '-'} |"
         )
+    if noisy:
+        lines += [
+            "",
+            "(!) The forward alone was timed slower than forward + backward, which cannot be: "
+            "other load on the machine hit these cases (" + "; ".join(noisy) + "). "
+            "Their times and ratios are not to be trusted; run again on a quiet machine.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def implausible(row: Row) -> bool:
+    """Whether a row's times contradict each other: the forward is part of forward + backward,
+    so a forward median above the forward + backward median (beyond 5 % of timing noise) means
+    the machine was busy while one of them ran."""
+    return row.fwdbwd_ms is not None and row.fwd_ms > 1.05 * row.fwdbwd_ms
 
 
 #: bar colours of the plot: lrnnx's own choice, then each baseline
