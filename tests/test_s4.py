@@ -193,11 +193,13 @@ def test_s4_kernel_matches_dense_dplr_powers(kw):
     C = raw_params(m)[3].clone()  # the true C, before the parameter turns into C~
     dA, dB, Cf = dense_dplr(m, C)
     L = 48
-    K, k_state = m.compute_kernel(L)
+    with torch.no_grad():
+        K, k_state = m.compute_kernel(L)
     assert K.shape == (m.channels, 4, L) and k_state is None
     torch.testing.assert_close(K, powered_kernel(dA, dB, Cf, L), atol=1e-12, rtol=0)
     # a longer request doubles the internal length: C~ <- C~ (I + dA^L); same system
-    K2, _ = m.compute_kernel(150)
+    with torch.no_grad():
+        K2, _ = m.compute_kernel(150)
     assert m.l_kernel == 192
     torch.testing.assert_close(K2, powered_kernel(dA, dB, Cf, 150), atol=1e-12, rtol=0)
 
@@ -724,3 +726,62 @@ def test_accumulated_gradient_over_a_longer_batch_is_with_respect_to_one_C():
     model.zero_grad()  # nothing pending: the next longer input re-attunes in place, once
     model(x)
     assert model.l_kernel == 32
+
+
+def test_one_graph_over_a_short_and_a_longer_input_is_with_respect_to_one_C():
+    """Two losses of different lengths summed in one graph (multi-resolution or multi-view
+    losses): the longer forward runs while the first graph awaits its backward, so it attunes
+    C~ out of place and the whole gradient is with respect to the C~ the first one used
+    (finite differences of the parameter as it stands)."""
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).double()
+    x = torch.randn(2, 24, 4, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return model(x[:, :8])[0].square().sum() + model(x)[0].square().sum()
+
+    loss().backward()
+    assert model.l_kernel == 8, "the longer forward rewrote C under the pending graph"
+    C0, g = model.C.detach().clone(), model.C.grad.clone()
+    v = torch.randn_like(C0)
+    eps = 1e-6
+    with torch.no_grad():
+        model.C.copy_(C0 + eps * v)
+        up = loss()
+        model.C.copy_(C0 - eps * v)
+        down = loss()
+        model.C.copy_(C0)
+    fd = float((up - down) / (2 * eps))
+    assert math.isclose(float((g * v).sum()), fd, rel_tol=1e-6), (float((g * v).sum()), fd)
+    model.zero_grad()  # the graph is spent: the next longer input re-attunes in place
+    y = model(x)[0]
+    assert model.l_kernel == 32
+    longer = torch.zeros(1, 40, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model(longer)  # y's graph is alive and may still be differentiated: out of place
+    assert model.l_kernel == 32
+    del y  # the graph is freed without a backward: nothing awaits
+    with torch.no_grad():
+        model(longer)
+    assert model.l_kernel == 64
+
+
+def test_state_dict_taken_before_a_forward_stays_matched():
+    """A state_dict holds l_kernel as it was when taken; the C beside it is a copy, so a later
+    forward that attunes the module's C in place does not change it (nor a model loaded from
+    it with assign=True)."""
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 16, 4)
+    sd = model.state_dict()
+    twin = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    twin.load_state_dict(model.state_dict(), assign=True)
+    with torch.no_grad():
+        y = model(x)[0]  # attunes the module's C to 16
+    assert sd["_extra_state"] == {"l_kernel": 0} and model.l_kernel == 16
+    loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    loaded.load_state_dict(sd)
+    with torch.no_grad():
+        assert_close_rel(loaded(x)[0], y, msg="loaded from the early state_dict")
+        assert_close_rel(twin(x)[0], y, msg="assigned from a state_dict")
+    assert model.state_dict(keep_vars=True)["C"] is model.C

@@ -32,20 +32,25 @@ dense recurrence x_t = dA x_t-1 + dB u_t, y_t = Re(C_full x_t) + D u_t.
 Attuning rewrites the parameter C in place (once per length, as state-spaces/s4 does), except
 where that would be wrong, where it is computed out of place for the call and the module stays as
 it was: under torch.func (``functional_call`` passes the caller's tensors), and while a gradient
-is pending on C (accumulation over micro-batches: every micro-batch's gradient is then with
-respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
+is pending on C or a graph built through it awaits its backward (accumulation over
+micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
+with respect to the same C~).  A state_dict keeps its own copy of C, so it stays matched with the
+``l_kernel`` it records.  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
 (extra state): parameters copied into another S4 by other means (an EMA or ``AveragedModel``,
-weight averaging) need the same ``l_kernel``.  Passing ``l_max`` >= the longest input attunes C~
-once, at construction, and keeps it there.
+weight averaging) need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write
+to their gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
+change, the function it gives does not.  Passing ``l_max`` >= the longest input attunes C~ once,
+at construction, and keeps it there: use it with EMA, FSDP or frozen weights.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lrnnx.core.autograd import transformed
 from lrnnx.models.lti._s4_block import (
@@ -55,6 +60,25 @@ from lrnnx.models.lti._s4_block import (
     log,
 )
 from lrnnx.ops import cauchy
+
+
+class _GraphToken:
+    """Held by a hook on the C~ of one autograd graph: alive while the graph is, ``spent`` once
+    the graph's gradient has reached C~."""
+
+    __slots__ = ("spent", "__weakref__")
+
+    def __init__(self) -> None:
+        self.spent = False
+
+
+#: the graphs each S4 module has built through its C~ (weakly held: a freed graph drops out)
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+
+
+def _graph_pending(module: nn.Module) -> bool:
+    """Whether a live autograd graph through ``module``'s C~ still awaits its backward."""
+    return any(not t.spent for t in _GRAPHS.get(module, ()))
 
 
 class S4(S4BlockBase):
@@ -207,6 +231,14 @@ class S4(S4BlockBase):
     def get_extra_state(self) -> Dict[str, int]:
         return {"l_kernel": self.l_kernel}
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """As nn.Module's, but C is saved as a copy: a state_dict holds ``l_kernel`` as it was
+        when taken, and a later forward that attunes C in place must not change the C beside it
+        (nor that of a model loaded from it with ``assign=True``)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and prefix + "C" in destination:
+            destination[prefix + "C"] = destination[prefix + "C"].clone()
+
     def set_extra_state(self, state: Dict[str, int]) -> None:
         self.l_kernel = int(state["l_kernel"])
 
@@ -276,7 +308,12 @@ class S4(S4BlockBase):
         the caller), no gradient is pending on it (the gradients accumulated over several
         backward calls must all be with respect to one C~), and no torch.func transform runs."""
         C = self.C
-        return isinstance(C, torch.nn.Parameter) and C.grad is None and not transformed(C)
+        return (
+            isinstance(C, torch.nn.Parameter)
+            and C.grad is None
+            and not _graph_pending(self)
+            and not transformed(C)
+        )
 
     def _kernel_C(self, L: int) -> Tuple[Tensor, int]:
         """C~ attuned to a kernel length M >= L, and M.
@@ -286,15 +323,38 @@ class S4(S4BlockBase):
         differentiably from the parameter, leaving the module as it was."""
         if self._rewrite_allowed():
             self._ensure_length(L)
-            return self._C(), self.l_kernel
-        M, factors = self.l_kernel, []
-        if M == 0:
-            M, factors = int(L), [(int(L), -1.0)]
-        while L > M:
-            factors.append((M, 1.0))
-            M *= 2
-        C = self._C()
-        return (self._attune(C, factors) if factors else C), M
+            C, M = self._C(), self.l_kernel
+        else:
+            M, factors = self.l_kernel, []
+            if M == 0:
+                M, factors = int(L), [(int(L), -1.0)]
+            while L > M:
+                factors.append((M, 1.0))
+                M *= 2
+            C = self._C()
+            C = self._attune(C, factors) if factors else C
+        return self._track_graph(C), M
+
+    def _track_graph(self, C: Tensor) -> Tensor:
+        """C~ as this call uses it; where autograd records through the parameter C, the graph
+        is noted (:func:`_graph_pending`) until its gradient reaches C~ or the graph is freed, so
+        that a forward at a longer length meanwhile (a second loss summed into the same graph,
+        say) attunes out of place: every part of one gradient is then with respect to one C~."""
+        if (
+            not (torch.is_grad_enabled() and self.C.requires_grad)
+            or transformed(C)
+            or torch.compiler.is_compiling()
+        ):
+            return C
+        C = C.view_as(C)  # a node of this graph: the hook lives and dies with the graph
+        token = _GraphToken()
+
+        def reached(grad: Tensor) -> None:
+            token.spent = True
+
+        C.register_hook(reached)
+        _GRAPHS.setdefault(self, weakref.WeakSet()).add(token)
+        return C
 
     # ---- discrete system ----------------------------------------------------------------------
 
