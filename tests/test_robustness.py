@@ -208,6 +208,53 @@ def test_deferred_init_on_meta_follows_the_policy(name, dtype):
         assert_close_rel(run(deferred, x).float(), run(cast, x).float(), dtype=dtype, msg=name)
 
 
+@pytest.fixture
+def default_dtype():
+    """Sets torch's default dtype for one test and restores it."""
+    before = torch.get_default_dtype()
+    yield torch.set_default_dtype
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_dtype_builds_the_cast_model(name, dtype, default_dtype):
+    """Built under ``torch.set_default_dtype(dt)`` a model is the one ``.to(dt)`` gives, as a
+    torch layer would be: float64 end to end (no float32 recurrence behind a float64 output),
+    and under a 16-bit default its own tensors float32."""
+    model = build(name)
+    cast = copy.deepcopy(model).to(dtype)
+    default_dtype(dtype)
+    built = MODELS[name]().eval()
+    default_dtype(torch.float32)
+    expect = {k: v.dtype for k, v in cast.state_dict().items() if isinstance(v, Tensor)}
+    got = {k: v.dtype for k, v in built.state_dict().items() if isinstance(v, Tensor)}
+    assert got == expect, name
+    built.load_state_dict(cast.state_dict())
+    x = torch.randn(2, 16, H).to(dtype)
+    with torch.no_grad():
+        assert_close_rel(run(built, x).float(), run(cast, x).float(), dtype=dtype, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_device_places_every_tensor(name):
+    """Built under ``with torch.device("meta")`` every tensor is on the meta device, those
+    initialised on the CPU (HiPPO matrices) included: nothing is allocated, nothing is left
+    behind for ``to_empty`` to overwrite."""
+    with torch.device("meta"):
+        model = MODELS[name]()
+    where = {k: t.device.type for k, t in model.state_dict().items() if isinstance(t, Tensor)}
+    assert set(where.values()) == {"meta"}, (name, where)
+
+
+@pytest.mark.parametrize("cls", [Mamba, RGLRU, S7, EventS5])
+def test_explicit_dtype_wins_over_the_default(cls, default_dtype):
+    default_dtype(torch.float64)
+    model = cls(H, dtype=torch.float32) if cls is RGLRU else cls(H, N, dtype=torch.float32)
+    default_dtype(torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}, cls.__name__
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_step_under_autocast_matches_forward(name):
     """Under bf16 autocast, step runs the recurrence as forward does (float32 state and
@@ -897,3 +944,22 @@ def test_forward_mode_ad_and_torch_func(name):
         xx = x.clone().requires_grad_()
         run(model, xx).square().sum().backward()
         assert_close_rel(g, xx.grad, msg=f"{name} {mode} torch.func.grad")
+
+
+def test_architectures_built_under_float64_are_float64(default_dtype):
+    """The LM (mixed mixers, attention included), classifier and U-Net built under a float64
+    default hold nothing narrower, so their float64 outputs are computed in float64."""
+    from lrnnx.architectures import Classifier, LRNNLMHeadModel, UNet
+
+    default_dtype(torch.float64)
+    models = [
+        LRNNLMHeadModel(
+            d_model=16, d_state=4, n_layer=3, vocab_size=20, mixer_types=["s5", "mamba", "attn"]
+        ),
+        Classifier(d_input=3, n_classes=4, d_model=8, d_state=4, n_layers=2, mixer="lru"),
+        UNet(d_input=3, d_output=2, d_model=8, d_state=4, depth=2, mixer="s5"),
+    ]
+    default_dtype(torch.float32)
+    for model in models:
+        dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+        assert dtypes == {torch.float64}, (type(model).__name__, dtypes)

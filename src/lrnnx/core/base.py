@@ -26,7 +26,17 @@ def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
     )
 
 
-class LRNN(nn.Module):
+class _Built(type):
+    """Metaclass of :class:`LRNN`: once a model's ``__init__`` has run, its tensors are settled
+    where torch's factory defaults say (:meth:`LRNN._settle`)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        model = super().__call__(*args, **kwargs)
+        model._settle(kwargs.get("dtype") is None, kwargs.get("device") is None)
+        return model
+
+
+class LRNN(nn.Module, metaclass=_Built):
     """Base class of all linear RNNs.
 
     Holds the discretization rule, chosen by name from
@@ -74,6 +84,23 @@ class LRNN(nn.Module):
             if discretization is None
             else get_discretization(discretization, self.allowed_discretizations)
         )
+
+    def _settle(self, by_default_dtype: bool, by_default_device: bool) -> None:
+        """Put a newly built model where torch's factory defaults say, as a torch layer would be:
+        built under ``torch.set_default_dtype(dt)`` it is the model ``.to(dt)`` gives (float64
+        end to end; under a 16-bit default its own tensors stay float32, the precision policy
+        above), and built under a default device (``with torch.device("meta")``,
+        ``torch.set_default_device``) every tensor is there, those initialised off-device (the
+        HiPPO matrices, computed on the CPU) included.  An explicit ``dtype``/``device`` argument
+        of the model's constructor wins over the default."""
+        dtype = torch.get_default_dtype()
+        if by_default_dtype and dtype != torch.float32:
+            self.to(dtype)
+        if by_default_device:
+            device = torch.get_default_device()
+            tensors = [*self.parameters(), *self.buffers()]
+            if any(t.device != device for t in tensors):
+                self.to(device)
 
     def _own_tensors(self) -> Tuple[list, list]:
         """The parameters and buffers the precision policy keeps in float32 under 16-bit
