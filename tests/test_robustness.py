@@ -713,10 +713,11 @@ def test_rglru_step_refuses_timesteps_as_its_forward_does():
         model(torch.randn(2, 3, H), integration_timesteps=torch.ones(2, 3))
 
 
-@pytest.mark.parametrize("name", [n for n in LTI if n not in ("s4", "s4d")])
+@pytest.mark.parametrize("name", LTI)
 def test_lti_models_ignore_timesteps_with_a_warning(name):
     """The original lrnnx documents ``integration_timesteps`` of the LTI models as "not used,
-    kept for interface compatibility with LTV models": accepted, checked, ignored, and said."""
+    kept for interface compatibility with LTV models": accepted, checked, ignored, and said
+    (S4 and S4D too, by keyword: one interface across the LTI models)."""
     model, x = build(name), torch.randn(2, 10, H)
     with pytest.warns(UserWarning, match="time-invariant and ignores"):
         y = run(model, x, integration_timesteps=torch.rand(2, 10) * 5)
@@ -725,6 +726,8 @@ def test_lti_models_ignore_timesteps_with_a_warning(name):
     ts[0, 6:] = float("nan")  # padding may hold anything
     with pytest.warns(UserWarning):
         run(model, x, integration_timesteps=ts, lengths=torch.tensor([6, 10]))
+    with pytest.raises(ValueError, match="integration_timesteps"):
+        run(model, x, integration_timesteps=torch.rand(2, 9))
 
 
 def test_interface_classes_instantiate_as_the_original_documents():
@@ -944,6 +947,16 @@ def test_forward_mode_ad_and_torch_func(name):
         xx = x.clone().requires_grad_()
         run(model, xx).square().sum().backward()
         assert_close_rel(g, xx.grad, msg=f"{name} {mode} torch.func.grad")
+
+
+@pytest.mark.parametrize("cls", [S4, S4D, S5, LRU, Centaurus, Mamba, EventS5, S7, RGLRU])
+def test_constructor_signatures_stay_visible(cls):
+    """The settling after construction wraps __init__ without hiding its arguments from
+    inspect.signature (help(), IDEs, build_mixer's keyword check)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    assert "d_model" in params and not any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def test_architectures_built_under_float64_are_float64(default_dtype):

@@ -26,17 +26,22 @@ def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
     )
 
 
-class _Built(type):
-    """Metaclass of :class:`LRNN`: once a model's ``__init__`` has run, its tensors are settled
-    where torch's factory defaults say (:meth:`LRNN._settle`)."""
+def _settling(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (a model class's own ``__init__``) followed, when it is the constructor of the
+    object's class (the outermost ``__init__`` of the chain), by :meth:`LRNN._settle`.  Wrapped
+    with functools.wraps, so ``inspect.signature`` of the class still shows its arguments."""
 
-    def __call__(cls, *args: Any, **kwargs: Any):
-        model = super().__call__(*args, **kwargs)
-        model._settle(kwargs.get("dtype") is None, kwargs.get("device") is None)
-        return model
+    @functools.wraps(init)
+    def __init__(self: LRNN, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is __init__:
+            self._settle(kwargs.get("dtype") is None, kwargs.get("device") is None)
+
+    __init__._settles = True  # type: ignore[attr-defined]
+    return __init__
 
 
-class LRNN(nn.Module, metaclass=_Built):
+class LRNN(nn.Module):
     """Base class of all linear RNNs.
 
     Holds the discretization rule, chosen by name from
@@ -65,6 +70,12 @@ class LRNN(nn.Module, metaclass=_Built):
     #: submodules that belong to the recurrence itself (e.g. S7's step projections): their
     #: tensors follow the precision policy of the model's own tensors (see the class docstring)
     _spectral_submodules: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = vars(cls).get("__init__")
+        if init is not None and not getattr(init, "_settles", False):
+            cls.__init__ = _settling(init)  # type: ignore[method-assign]
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if not vars(cls).get("_interface", False):

@@ -760,6 +760,7 @@ class S4BlockBase(LTI_LRNN):
         rate: float = 1.0,
         *,
         cu_seqlens: Optional[Tensor] = None,
+        integration_timesteps: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Run the block over a whole sequence.
 
@@ -781,6 +782,9 @@ class S4BlockBase(LTI_LRNN):
                 zero-length sequences.  The result equals running each sequence alone
                 (outputs, gradients, states), see :meth:`_packed_ssm` for how.  ValueError for
                 ``lengths`` with it, a batch other than 1 or bad offsets.
+            integration_timesteps: (B, L) as the LTV models take them, for one interface
+                across models: checked like theirs and ignored, with a warning (the kernel of
+                a time-invariant model is fixed).
 
         Returns:
             y of x's shape (with d_output features) and the state after each sequence's last valid
@@ -794,6 +798,7 @@ class S4BlockBase(LTI_LRNN):
         layout = "(1, H, T)" if self.transposed else "(1, T, H)"
         cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {layout}")
         lengths = self._lengths(lengths, Bsz, L, x.device)
+        self._ignore_timesteps(x, integration_timesteps, lengths)
         mask = None if lengths is None else lengths_mask(lengths, Bsz, L, x.device)
         h0 = self._initial_state(state, inference_cache, Bsz if cu is None else cu.shape[0] - 1, cu)
         if x.numel() == 0:  # no batch or no steps: empty output, the state stays

@@ -169,6 +169,13 @@ class LTI_LRNN(LRNN):
         model class).
         """
         check_sequence(x, self.d_model)
+        self._ignore_timesteps(x, integration_timesteps, lengths)
+
+    def _ignore_timesteps(
+        self, x: Tensor, integration_timesteps: Optional[Tensor], lengths: Any = None
+    ) -> None:
+        """Check ``integration_timesteps`` against x (B, L, H) and warn that they are ignored
+        (see :meth:`_check_forward_args`)."""
         if integration_timesteps is not None:
             B, L = x.shape[:2]
             check_timesteps(integration_timesteps, B, L, lengths_mask(lengths, B, L, x.device))
@@ -177,7 +184,7 @@ class LTI_LRNN(LRNN):
                 "them (its kernel is fixed); use an LTV model (lrnnx.models.ltv, e.g. the "
                 "event-driven S5) for irregularly sampled inputs",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def _diagonal_ssm(

@@ -412,7 +412,8 @@ class CentaurusBase(LTI_LRNN):
 
         Args:
             x: input sequence (B, L, H_in).
-            integration_timesteps: must be None (the block is time-invariant).
+            integration_timesteps: (B, L), for one interface with the LTV models: checked like
+                theirs and ignored, with a warning (the block is time-invariant).
             lengths: (B,) valid lengths; outputs past them are zero and padding never reaches the
                 valid outputs, the state or a train-mode BatchNorm's statistics.
             inference_cache: from :meth:`allocate_inference_cache`; the sequence starts from its
