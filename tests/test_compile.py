@@ -57,3 +57,14 @@ def test_fullgraph_with_the_torch_backend(make, monkeypatch):
             model.out_proj.weight if hasattr(model, "out_proj") else next(model.parameters()),
         )
     assert (g - g_eager).abs().max() <= 1e-4 * g_eager.abs().max()
+
+
+def test_fullgraph_with_mamba_use_fast_path_false():
+    """use_fast_path=False pins the torch backends of every op Mamba calls (the scan and the
+    causal convolution), so the model is one graph without the environment variable."""
+    torch._dynamo.reset()
+    model = Mamba(8, d_state=4, use_fast_path=False)
+    x = torch.randn(2, 24, 8)
+    with torch.no_grad():
+        y = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        assert_close_rel(y, model(x), length=24)

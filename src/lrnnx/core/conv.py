@@ -20,6 +20,7 @@ def causal_depthwise_conv(
     cu_seqlens: Optional[Tensor] = None,
     activation: Optional[str] = None,
     keep_window: bool = True,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """y_t = bias + sum_j weight[:, j] x_{t - K + 1 + j}, channel by channel (then silu(y_t)
     with ``activation="silu"``, fused in the kernels).
@@ -36,6 +37,8 @@ def causal_depthwise_conv(
         activation: None or ``"silu"`` (see :func:`lrnnx.ops.causal_conv1d`).
         keep_window: build the window (a copy of x); False when no cache needs it (the
             window returned is then None).
+        backend: the convolution's backend (``"torch"`` pins ``F.conv1d``); None: lrnnx's
+            choice (see :func:`lrnnx.ops.causal_conv1d`).
 
     The convolution is :func:`lrnnx.ops.causal_conv1d` (fused forward and backward kernels on
     CPU, ``F.conv1d`` elsewhere); y is in x's dtype, accumulated in float32 for bfloat16/float16.
@@ -53,7 +56,7 @@ def causal_depthwise_conv(
     D, K = weight.shape[0], weight.shape[-1]
     y = causal_conv1d(
         x, weight.reshape(D, K), bias, initial_states=history, activation=activation,
-        cu_seqlens=cu_seqlens,
+        backend=backend, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     if not keep_window:
         return y, None

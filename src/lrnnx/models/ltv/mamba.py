@@ -81,8 +81,9 @@ class Mamba(LTV_LRNN):
         dt_init_floor: lower clamp of the initial steps.
         conv_bias: bias in the depthwise convolution.
         bias: bias in in_proj and out_proj.
-        use_fast_path: run the selective scan on the fastest backend for the device (fused CPU
-            or GPU kernels); False pins the plain chunked torch backend.
+        use_fast_path: run the selective scan and the causal convolution on the fastest
+            backend for the device (fused CPU or GPU kernels); False pins their plain torch
+            backends (chunked scan, ``F.conv1d``), which torch.compile traces into one graph.
         layer_idx: position in a stack (kept for caches keyed by layer).
         device, dtype: factory arguments for the parameters.
         discretization: ``"mamba"``, ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
@@ -166,6 +167,11 @@ class Mamba(LTV_LRNN):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(E, device=device, dtype=own))
         self.D._no_weight_decay = True
+
+    @property
+    def _backend(self) -> Optional[str]:
+        """The ops' backend: None (lrnnx's choice) on the fast path, else ``"torch"``."""
+        return None if self.use_fast_path else "torch"
 
     @property
     def _acc_dtype(self) -> torch.dtype:
@@ -259,7 +265,7 @@ class Mamba(LTV_LRNN):
         history = None if cache is None else cache["conv_state"][..., 1:].clone()
         u, window = causal_depthwise_conv(  # silu(conv(xi)) (B, E, L)
             xi, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu,
-            activation="silu", keep_window=cache is not None,
+            activation="silu", keep_window=cache is not None, backend=self._backend,
         )  # fmt: skip
         # the scan adds dt_proj's bias and takes the softplus itself (fused, as mamba_ssm's
         # kernels do) unless delta is needed after them: scaled by the timesteps, or zeroed
@@ -295,7 +301,7 @@ class Mamba(LTV_LRNN):
             # a copy: the final state is written into the cache's tensor in place, which must
             # not change a value the scan keeps for its backward
             initial_state=None if cache is None else cache["lrnn_state"].clone(),
-            backend=None if self.use_fast_path else "torch",
+            backend=self._backend,
             cu_seqlens=cu,
         )
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
