@@ -190,3 +190,24 @@ def test_checks_name_the_argument():
     mask = lengths_mask(torch.tensor([0, 3]), 2, 4)
     assert mask.tolist() == [[False] * 4, [True, True, True, False]]
     assert math.isclose(float(mask.float().sum()), 3.0)
+
+
+@pytest.mark.parametrize("name", ["zoh", "bilinear", "dirac", "simplified_zoh"])
+def test_rules_with_timesteps_step_over_delta_times_dt(name):
+    """integration_timesteps dt_k make every rule but async discretize over delta * dt_k, the
+    broadcast (B, L, P) the event models use; no_discretization refuses them."""
+    rule = get_discretization(name)
+    A = torch.tensor([-0.5 + 3j, -2.0 + 0.5j], dtype=torch.complex128)
+    delta = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    dt = torch.tensor([[2.0], [5.0], [0.0]], dtype=torch.float64)  # (L, 1)
+    A_bar, gamma = rule(A, delta, integration_timesteps=dt)
+    A_ref, gamma_ref = rule(A, delta * dt)
+    assert A_bar.shape == (3, 2)
+    torch.testing.assert_close(A_bar, A_ref, rtol=1e-14, atol=0)
+    if isinstance(gamma_ref, float):
+        assert gamma == gamma_ref
+    else:
+        torch.testing.assert_close(gamma, gamma_ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(A_bar[2], torch.ones(2, dtype=A_bar.dtype))  # no time, no decay
+    with pytest.raises(ValueError, match="integration_timesteps: 'no_discretization'"):
+        get_discretization("no_discretization")(A, delta, integration_timesteps=dt)

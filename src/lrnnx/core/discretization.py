@@ -26,7 +26,9 @@ tends to 0, while ``bilinear``'s tends to -1 (A-stable, not L-stable), so after 
 event mode a bilinear state comes back with its sign flipped instead of decayed away.
 ``async`` is the asynchronous rule of Event-SSM (arXiv 2404.18508): the state decays over the
 elapsed time ``dt_k`` (``integration_timesteps``) scaled by the learned step while the input is
-integrated over the learned step alone, so ``dt_k = 1`` recovers ``zoh``.
+integrated over the learned step alone, so ``dt_k = 1`` recovers ``zoh``.  Given
+``integration_timesteps`` the other rules discretize over the step ``delta * dt_k`` (as the event
+models use them), and ``no_discretization`` refuses them.
 ``simplified_zoh`` keeps the exact decay of ``zoh`` but integrates the input with one Euler step
 (gamma_bar = delta, the first-order term of (exp(delta A) - 1) / A): the default of the official
 Centaurus code and of Mamba (see :func:`simplified_zoh`).
@@ -48,22 +50,33 @@ def _phi1(z: Tensor, A: Tensor) -> Tensor:
     return torch.expm1(z) / A
 
 
+def _step(delta: Tensor, integration_timesteps: Optional[Tensor]) -> Tensor:
+    """The step a rule discretizes over: ``delta``, or ``delta * dt_k`` with elapsed times (the
+    event models' time-varying step, for every rule but ``async``, which splits them)."""
+    return delta if integration_timesteps is None else delta * integration_timesteps
+
+
 def zoh(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
-    """Zero-order hold: the input is held constant over each step."""
+    """Zero-order hold: the input is held constant over each step (of ``delta * dt_k`` with
+    ``integration_timesteps`` dt_k, broadcast against ``delta * A``)."""
+    delta = _step(delta, integration_timesteps)
     dA = delta * A
     return torch.exp(dA), _phi1(dA, A)
 
 
 def bilinear(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
-    """Bilinear (Tustin) transform: A_bar = (1 + dA/2) / (1 - dA/2), B_bar = delta / (1 - dA/2)."""
+    """Bilinear (Tustin) transform: A_bar = (1 + dA/2) / (1 - dA/2), B_bar = delta / (1 - dA/2)
+    (the step is ``delta * dt_k`` with ``integration_timesteps``)."""
+    delta = _step(delta, integration_timesteps)
     half = delta * A / 2
     inv = 1.0 / (1.0 - half)
     return (1.0 + half) * inv, delta * inv
 
 
 def dirac(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
-    """Dirac-delta input: the impulse enters the state unscaled, A_bar = exp(delta A)."""
-    return torch.exp(delta * A), 1.0
+    """Dirac-delta input: the impulse enters the state unscaled, A_bar = exp(delta A) (the step
+    is ``delta * dt_k`` with ``integration_timesteps``)."""
+    return torch.exp(_step(delta, integration_timesteps) * A), 1.0
 
 
 def async_(A: Tensor, delta: Tensor, integration_timesteps: Optional[Tensor] = None):
@@ -83,16 +96,29 @@ def simplified_zoh(A: Tensor, delta: Tensor, integration_timesteps: Optional[Ten
     ``Kernelizer.discretize``: the B / E weights times dt, the kernel exp(dt A l)) and of Mamba
     (Gu & Dao, arXiv 2312.00752, Sec. 3.5; ``selective_scan_fn(discretization="mamba")``).
 
+    With ``integration_timesteps`` dt_k the step is ``delta * dt_k``.
+
     Returns:
         A_bar with the broadcast shape of ``delta * A``, and gamma_bar = ``delta`` broadcast to
         that shape (real: the input gain has no phase).
     """
+    delta = _step(delta, integration_timesteps)
     dA = delta * A
     return torch.exp(dA), torch.broadcast_to(delta, dA.shape)
 
 
 def no_discretization(A: Tensor, delta=None, integration_timesteps: Optional[Tensor] = None):
-    """The parameters are already discrete: A_bar = A, B_bar = B."""
+    """The parameters are already discrete: A_bar = A, B_bar = B.
+
+    Raises:
+        ValueError: for ``integration_timesteps``: a discrete A has no elapsed time to scale
+            (the event models read such an A as exp(Lambda) per unit of time themselves).
+    """
+    if integration_timesteps is not None:
+        raise ValueError(
+            "integration_timesteps: 'no_discretization' takes A as already discrete and cannot "
+            "scale it by elapsed times; use a rule with a step ('zoh', 'async', ...)"
+        )
     return A, 1.0
 
 

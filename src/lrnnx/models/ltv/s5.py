@@ -99,12 +99,9 @@ def event_discretize(
     """
     if name == "no_discretization":
         return torch.exp(Lambda if timesteps is None else Lambda * timesteps), 1.0
-    if timesteps is None:
-        return rule(Lambda, step)
-    if name == "async":
-        # decay over Delta * dt_k, input integrated over Delta (Event-SSM)
-        return rule(Lambda, step, timesteps)
-    return rule(Lambda, step * timesteps)  # time-varying step Delta * dt_k for A_bar and gamma_bar
+    # async: decay over Delta * dt_k, input integrated over Delta (Event-SSM); the other rules:
+    # the time-varying step Delta * dt_k for A_bar and gamma_bar
+    return rule(Lambda, step, timesteps)
 
 
 def check_cache(
