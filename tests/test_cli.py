@@ -681,3 +681,24 @@ def test_training_commands_compile_in_their_own_process(tmp_path, monkeypatch):
     assert main(_run(tmp_path / "b", steps=1, extra=["--threads", "1"])) == 0
     assert seen == [("wait", True), ("background", False)]
     assert not _numba.MARK_WAIT_COMPILES  # for the command's duration only
+
+
+def test_mixer_option_values_read_as_literals_or_words():
+    """--mixer-option reads Python literals and, as --task-option does, true/false/none."""
+    from lrnnx.cli import _key_value
+
+    assert _key_value("conj_sym=true") == ("conj_sym", True)
+    assert _key_value("conj-sym=False") == ("conj_sym", False)
+    assert _key_value("l_max=None") == ("l_max", None) == _key_value("l_max=none")
+    assert _key_value("dt_min=1e-3") == ("dt_min", 1e-3)
+    assert _key_value("discretization=zoh") == ("discretization", "zoh")
+
+
+def test_progress_lines_show_the_rate_each_step_ran_at(tmp_path, capsys):
+    """Without warm-up the first step runs at the peak rate, and its progress line says so (it
+    used to show the scheduler's next rate)."""
+    out = tmp_path / "run"
+    extra = ["--warmup", "0", "--lr", "0.002", "--log-every", "1", "--no-plot"]
+    assert main(_train_args("assoc-recall", out, steps=3, extra=extra)) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("step")]
+    assert "lr 2.00e-03" in lines[0], lines

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lrnnx.ops.linear.cpu as lin_cpu
 from _tol import assert_close_rel
 from lrnnx.layers.linear import Linear
+from lrnnx.ops.linear import cpu as lin_cpu
 from lrnnx.ops.linear import linear
 
 HAVE_ONEDNN = lin_cpu._pointwise() is not None and lin_cpu.self_check()

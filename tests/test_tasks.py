@@ -261,3 +261,8 @@ def test_importing_the_tasks_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_bad_seed_is_named():
+    with pytest.raises(ValueError, match="^seed: expected an int, got 'a'"):
+        make_task("selective-copy", n_train=8, n_test=8, seed="a")

@@ -872,7 +872,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="models to time (default: all available; none: --models with no names)",
     )
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="ops to time")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to measure: cpu, cuda or cuda:N (default: cuda when there is a GPU)",
+    )
     parser.add_argument(
         "--repeats", type=_positive_int, default=3, help="timed repeats per case (median)"
     )

@@ -104,15 +104,20 @@ def _key_text(text: str) -> tuple[str, str]:
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as a Python literal when it is one (else a string)."""
+    """``KEY=VALUE`` with VALUE read as a Python literal when it is one, true/false/none in any
+    case as the booleans and None (as ``--task-option`` reads them), else as a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        value = _WORDS.get(raw.strip().lower(), raw)
     return key.strip().replace("-", "_"), value
+
+
+#: values of ``--mixer-option`` read as words rather than Python literals
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
 def _model_name(text: str) -> str:
@@ -325,14 +330,26 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--weight-decay",
         type=float,
         default=d.weight_decay,
-        help=f"AdamW weight decay of the matrices (default {d.weight_decay:g})",
+        help="AdamW weight decay of the matrices (never of the SSM parameters a model marks)",
     )
-    p.add_argument("--warmup", type=_nonneg_int, default=None, help="warm-up steps")
+    p.add_argument(
+        "--warmup",
+        type=_nonneg_int,
+        default=None,
+        help="warm-up steps (default: 10%% of --steps, at most 100)",
+    )
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=d.seed, help="data, init and batch-order seed")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length")
-    p.add_argument("--n-train", type=_positive_int, default=None, help="training sequences")
-    p.add_argument("--n-test", type=_positive_int, default=None, help="held-out sequences")
+    task_default = "(default: the task's, see `lrnnx tasks`)"
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=None, help=f"sequence length {task_default}"
+    )
+    p.add_argument(
+        "--n-train", type=_positive_int, default=None, help=f"training sequences {task_default}"
+    )
+    p.add_argument(
+        "--n-test", type=_positive_int, default=None, help=f"held-out sequences {task_default}"
+    )
     p.add_argument(
         "--task-option",
         type=_key_text,
@@ -347,10 +364,22 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra constructor argument of every mixer (repeatable)",
+        help="extra constructor argument of every mixer (repeatable); VALUE is read as a "
+        "Python literal (3, 0.1, True, 'zoh'), true/false/none as booleans and None, else as "
+        "a string",
     )
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="evaluation interval")
-    p.add_argument("--log-every", type=_positive_int, default=None, help="progress interval")
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="evaluate and checkpoint every this many steps (default: 10 times per run)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=None,
+        help="print a progress line every this many steps (default: about 20 per run)",
+    )
     p.add_argument(
         "--max-time", type=_positive_float, default=None, help="stop after this many seconds"
     )

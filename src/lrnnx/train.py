@@ -1076,7 +1076,7 @@ def _train(
 
     t0 = time.perf_counter()
     step, interrupted = start_step, False
-    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0}
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "steps": 0, "lr": 0.0}
     t_window = time.perf_counter()
 
     def log_window(step: int) -> None:
@@ -1093,7 +1093,7 @@ def _train(
         say(
             f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {rec['loss']:.4f}"
             f"  acc {rec['acc']:6.1%}  tok/s {_fmt_rate(rec['tokens_per_s'])}"
-            f"  lr {sched.get_last_lr()[0]:.2e}"
+            f"  lr {window['lr']:.2e}"
             f"  {elapsed_before + time.perf_counter() - t0:.0f}s"
         )
         window = {k: 0 for k in window}
@@ -1117,6 +1117,7 @@ def _train(
                     diverged = f"the gradient norm at step {step + 1} is not finite ({norm})"
                     break
             opt.step()
+            window["lr"] = sched.get_last_lr()[0]  # the rate this step ran at, before the next
             sched.step()
             step += 1
             window["loss"] += loss_value

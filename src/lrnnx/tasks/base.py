@@ -117,8 +117,14 @@ def split_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
 
     Train uses stream 2*seed and test 2*seed + 1, so the train set does not depend on the test
     set's size (and vice versa) and no two seeds share a stream.
+
+    Raises:
+        ValueError: ``seed`` not an int.
     """
     import torch
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
 
     return (
         torch.Generator().manual_seed(2 * int(seed)),

@@ -120,7 +120,9 @@ class LRU(LTI_LRNN):
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str]] = None,
     ) -> Dict[str, Any]:
-        """Zero state (B, N) complex64 plus Lambda, B_norm, C and D.
+        """``{"lrnn_state": zeros (B, N) complex64 (complex128 for a float64 model),
+        "A_bar": Lambda (N,), "B_bar": gamma-normalised B (N, H), "C": (H, N), "D": (H,),
+        "seqlen_offset": 0}``: copies of the parameters as they are now.
 
         ``max_seqlen`` and ``dtype`` are unused; ``device``: where the cache is allocated
         (default: the parameters' device).
