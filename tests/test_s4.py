@@ -785,3 +785,53 @@ def test_state_dict_taken_before_a_forward_stays_matched():
         assert_close_rel(loaded(x)[0], y, msg="loaded from the early state_dict")
         assert_close_rel(twin(x)[0], y, msg="assigned from a state_dict")
     assert model.state_dict(keep_vars=True)["C"] is model.C
+
+
+@pytest.mark.parametrize("cls", [S4, S4D])
+def test_bare_state_step_after_inference_mode_backpropagates(cls):
+    """step on a bare state reuses setup_step's matrices; those made under inference_mode are
+    inference tensors, which autograd cannot save: leaving the mode recomputes them."""
+    torch.manual_seed(0)
+    model = cls(4, d_state=4, transposed=False, verbose=False).eval()
+    state = model.default_state(2)
+    with torch.inference_mode():
+        model.step(torch.randn(2, 4), state)
+    x = torch.randn(2, 4, requires_grad=True)
+    y, _ = model.step(x, state)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    fresh = cls(4, d_state=4, transposed=False, verbose=False).eval()
+    fresh.load_state_dict(model.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(fresh.step(x2, state)[0].sum(), x2)
+    assert_close_rel(g, g2)
+
+
+def test_threads_serving_one_model_attune_it_once():
+    """Threads calling one eval S4 at a new length at once (a server): the in-place attuning
+    of C~ happens once, every call gets the serial result and the model stays right after."""
+    import copy
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    base = S4(16, d_state=8, transposed=False, verbose=False).eval()
+    with torch.no_grad():
+        base(torch.randn(1, 32, 16))  # attuned to 32
+    x = torch.randn(2, 80, 16)  # longer: C~ is doubled (twice) in place
+    with torch.no_grad():
+        want = copy.deepcopy(base)(x)[0]
+    for _ in range(5):
+        model, start = copy.deepcopy(base), threading.Barrier(4)
+
+        def serve(x, model=model, start=start):
+            start.wait()
+            with torch.no_grad():
+                return model(x)[0]
+
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(serve, [x] * 4))
+        assert model.l_kernel == 128
+        for y in outs:
+            assert_close_rel(y, want, length=80)
+        with torch.no_grad():
+            assert_close_rel(model(x)[0], want, length=80)

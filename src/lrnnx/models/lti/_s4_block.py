@@ -969,9 +969,10 @@ class S4BlockBase(LTI_LRNN):
 
     def _step_constants(self) -> Dict[str, Tensor]:
         """:meth:`setup_step`'s matrices, recomputed only after a parameter or buffer changed
-        (in place, e.g. by an optimizer step, or by being moved)."""
+        (in place, e.g. by an optimizer step, or by being moved), or on leaving inference mode
+        (matrices made under it are inference tensors, which autograd cannot save)."""
         try:
-            key = tuple(
+            key = (torch.is_inference_mode_enabled(),) + tuple(
                 (id(t), t._version, t.device, t.dtype)
                 for t in itertools.chain(self.parameters(), self.buffers())
             )

@@ -46,6 +46,7 @@ at construction, and keeps it there: use it with EMA, FSDP or frozen weights.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -71,6 +72,9 @@ class _GraphToken:
     def __init__(self) -> None:
         self.spent = False
 
+
+#: serialises the in-place attuning of C~ (and reading C~ with its length) across threads
+_ATTUNE_LOCK = threading.Lock()
 
 #: the graphs each S4 module has built through its C~ (weakly held: a freed graph drops out)
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
@@ -322,8 +326,15 @@ class S4(S4BlockBase):
         grows, once, as in state-spaces/s4); otherwise computed out of place for this call,
         differentiably from the parameter, leaving the module as it was."""
         if self._rewrite_allowed():
-            self._ensure_length(L)
-            C, M = self._C(), self.l_kernel
+            if torch.compiler.is_compiling():  # (Dynamo traces no lock)
+                self._ensure_length(L)
+                C, M = self._C(), self.l_kernel
+            else:
+                # threads serving one model: one attunes, the others then find it done, and
+                # each reads C~ with its l_kernel (a copy, safe from a later rewrite)
+                with _ATTUNE_LOCK:
+                    self._ensure_length(L)
+                    C, M = self._C().clone(), self.l_kernel
         else:
             M, factors = self.l_kernel, []
             if M == 0:
