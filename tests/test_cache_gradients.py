@@ -2,7 +2,7 @@
 fills a cache backpropagates like one without (the cache's tensors are written after the graph
 has read copies of them), Mamba's and RG-LRU's ``step`` carry the graph through their state
 (gradients of a stepped sequence equal the parallel forward's, for the input and every
-parameter), empty inputs give empty outputs inside the graph, and caches for a batch of 0 are
+parameter), as attention's steps do through the keys and values they recorded, empty inputs give empty outputs inside the graph, and caches for a batch of 0 are
 allocated by the wrappers as by the models."""
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ def test_forward_that_fills_a_cache_backpropagates(name):
             assert_close_rel(b, a, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["mamba", "stream", "rglru"])
+@pytest.mark.parametrize("name", ["mamba", "stream", "rglru", "attn"])
 def test_step_gradients_equal_the_forward(name):
     torch.manual_seed(0)
-    model = build_mixer(name, 4, 4).double()
+    model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
+    model = model.double()
     x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
     y = _out(model(x))
     want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
-    cache = model.allocate_inference_cache(2)
+    cache = model.allocate_inference_cache(2, 6)
     steps = torch.stack([model.step(x[:, t], cache)[0].reshape(2, -1) for t in range(6)], 1)
     assert_close_rel(steps, y, dtype=torch.float64)
     got = torch.autograd.grad(steps.pow(2).sum(), [x, *params])
@@ -77,3 +78,26 @@ def test_caches_for_no_batch(name):
     lm = LRNNLMHeadModel(d_model=8, d_state=4, n_layer=1, vocab_size=11, mixer_types=name)
     logits, _ = lm.step(torch.zeros(0, dtype=torch.long), lm.allocate_inference_cache(0))
     assert logits.shape == (0, 11)
+
+
+def test_attention_prefill_then_steps_carry_the_graph():
+    """A prefill and steps of attention while autograd records: keys and values of every
+    recorded call reach the gradient (the KV cache itself holds detached copies); a call under
+    no_grad ends the recorded prefix, whose tokens are then constants."""
+    torch.manual_seed(0)
+    model = build_mixer("attn", 8, None, num_heads=2).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    want = torch.autograd.grad(y.pow(2).sum(), x)[0]
+    cache = model.allocate_inference_cache(2, max_seqlen=7)
+    first = model(x[:, :4], inference_cache=cache)
+    rest = [model.step(x[:, t], cache)[0] for t in range(4, 7)]
+    got = torch.cat([first, torch.stack(rest, 1)], 1)
+    assert_close_rel(got, y, dtype=torch.float64)
+    assert_close_rel(torch.autograd.grad(got.pow(2).sum(), x)[0], want, dtype=torch.float64)
+    cache = model.allocate_inference_cache(2, max_seqlen=7)
+    with torch.no_grad():
+        model(x[:, :4], inference_cache=cache)
+    last = model.step(x[:, 4], cache)[0]
+    g = torch.autograd.grad(last.pow(2).sum(), x)[0]
+    assert torch.all(g[:, :4] == 0) and torch.any(g[:, 4] != 0)

@@ -316,6 +316,39 @@ class MHA(nn.Module):
             allowed = allowed.tril()
         return attention(q, k, v, attn_mask=allowed)
 
+    @staticmethod
+    def _cached_kv(
+        cache: Dict[str, Any],
+        kc: Tensor,
+        vc: Tensor,
+        idx: Tensor,
+        k: Tensor,
+        v: Tensor,
+        offset: int,
+        S: int,
+    ) -> Tuple[Tensor, Tensor]:
+        """Store this call's k, v (B, H, L, hd) in the cache's buffers at ``idx`` and return
+        the keys and values (B, H, S, hd) to attend to, in k's dtype.
+
+        The buffers hold detached values.  Where autograd records, the keys and values are
+        built out of place instead, on those the cache's earlier calls recorded (kept in
+        ``cache["kv_graph"]`` while every call since records; cached tokens from a call that
+        did not record are constants), so gradients reach the inputs of earlier steps, as they
+        do through a recurrent model's state, and saved tensors are never overwritten by the
+        next step."""
+        kc.scatter_(2, idx, k.detach().to(kc.dtype))
+        vc.scatter_(2, idx, v.detach().to(vc.dtype))
+        if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+            cache.pop("kv_graph", None)  # a call without a graph: the recorded prefix ends
+            return kc[:, :, :S].to(k.dtype), vc[:, :, :S].to(v.dtype)
+        prev = cache.get("kv_graph")
+        if prev is None or prev[0].shape[2] != offset or prev[0].dtype != k.dtype:
+            prev = (kc[:, :, :offset].to(k.dtype), vc[:, :, :offset].to(v.dtype))
+        keys = F.pad(prev[0], (0, 0, 0, S - offset)).scatter(2, idx, k)
+        vals = F.pad(prev[1], (0, 0, 0, S - offset)).scatter(2, idx, v)
+        cache["kv_graph"] = (keys, vals)
+        return keys, vals
+
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, lengths: Optional[Tensor], cache: Dict[str, Any]
     ) -> Tensor:
@@ -328,12 +361,7 @@ class MHA(nn.Module):
         q, k = self.rotate(q, pos), self.rotate(k, pos)
         S = offset + L  # every slot in use lies below this (seqlens <= seqlen_offset)
         idx = pos[:, None, :, None].expand(B, H, L, hd)
-        # attend through an out-of-place copy so gradients reach this chunk's k, v; the cache
-        # itself only stores detached values
-        keys = kc[:, :, :S].to(q.dtype).scatter(2, idx, k)
-        vals = vc[:, :, :S].to(q.dtype).scatter(2, idx, v)
-        kc.scatter_(2, idx, k.detach().to(kc.dtype))
-        vc.scatter_(2, idx, v.detach().to(vc.dtype))
+        keys, vals = self._cached_kv(cache, kc, vc, idx, k, v, offset, S)
         n_new = L if lengths is None else lengths.to(seqlens.device)
         new_len = seqlens + n_new
         j = torch.arange(S, device=q.device)
@@ -368,18 +396,17 @@ class MHA(nn.Module):
         check_kv_room(inference_cache, 1)
         offset = int(inference_cache.get("seqlen_offset", 0))
         q, k, v = self._split(x[:, None])  # (B, H, 1, hd)
-        pos = seqlens[:, None]
+        pos = seqlens[:, None].clone()  # (a copy: seqlens advances in place below)
         q, k = self.rotate(q, pos), self.rotate(k, pos)
         idx = pos[:, None, :, None].expand(B, self.num_heads, 1, self.head_dim)
-        kc.scatter_(2, idx, k.detach().to(kc.dtype))
-        vc.scatter_(2, idx, v.detach().to(vc.dtype))
         # eager: only the used prefix; under CUDA-graph capture the whole buffer (fixed shape,
         # the mask hides unused slots), so a replay stays valid as the cache fills
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         S = kc.shape[2] if capturing else offset + 1
+        keys, vals = self._cached_kv(inference_cache, kc, vc, idx, k, v, offset, S)
         j = torch.arange(S, device=x.device)
         allowed = (j[None, :] <= seqlens[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        out = _sdpa(q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype), attn_mask=allowed)
+        out = _sdpa(q, keys, vals, attn_mask=allowed)
         seqlens.add_(1)
         inference_cache["seqlen_offset"] = offset + 1
         return self.out_proj(out.reshape(B, self.dim)), inference_cache
