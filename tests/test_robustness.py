@@ -949,6 +949,43 @@ def test_forward_mode_ad_and_torch_func(name):
         assert_close_rel(g, xx.grad, msg=f"{name} {mode} torch.func.grad")
 
 
+def test_dtype_and_device_given_anywhere_in_the_chain_win(default_dtype):
+    """A dtype or device reaches the model by keyword, by position or through a subclass's
+    super().__init__: each wins over the defaults; a cooperative mixin first in the MRO does
+    not keep the model from being settled."""
+
+    class MyMamba(Mamba):
+        def __init__(self, d, device=None, dtype=None):
+            super().__init__(d, device=device, dtype=dtype)
+
+    class Logged:
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class LoggedS5(Logged, S5):
+        pass
+
+    meta = {t.device.type for t in MyMamba(8, "meta").state_dict().values()}
+    assert meta == {"meta"}
+    default_dtype(torch.float64)
+    assert MyMamba(8, None, torch.float32).A_log.dtype == torch.float32
+    assert LoggedS5(H, N, "zoh").Lambda_re.dtype == torch.float64
+    default_dtype(torch.float32)
+    with torch.device("meta"):
+        model = LoggedS5(H, N, "zoh")
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+
+
+def test_accelerate_empty_weights_stay_on_meta():
+    """accelerate's init_empty_weights puts parameters on the meta device while torch's default
+    device stays the CPU: nothing is moved back (a copy out of meta would fail)."""
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        models = [Mamba(H, N), S5(H, N, "zoh"), S4(H, d_state=N), EventS5(H, N)]
+    for model in models:
+        assert {p.device.type for p in model.parameters()} == {"meta"}, type(model).__name__
+
+
 @pytest.mark.parametrize("cls", [S4, S4D, S5, LRU, Centaurus, Mamba, EventS5, S7, RGLRU])
 def test_constructor_signatures_stay_visible(cls):
     """The settling after construction wraps __init__ without hiding its arguments from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -27,18 +28,47 @@ def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
 
 
 def _settling(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` (a model class's own ``__init__``) followed, when it is the constructor of the
-    object's class (the outermost ``__init__`` of the chain), by :meth:`LRNN._settle`.  Wrapped
+    """``init`` (a model class's own ``__init__``) followed, once the outermost wrapped
+    ``__init__`` of a construction returns, by :meth:`LRNN._settle`.  Every wrapped ``__init__``
+    of the chain notes whether it was given a ``dtype`` or ``device`` (by keyword or position, by
+    the user or by a subclass's ``super().__init__``): those win over torch's defaults.  Wrapped
     with functools.wraps, so ``inspect.signature`` of the class still shows its arguments."""
+    signature = inspect.signature(init)
 
     @functools.wraps(init)
     def __init__(self: LRNN, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        if type(self).__init__ is __init__:
-            self._settle(kwargs.get("dtype") is None, kwargs.get("device") is None)
+        # (the instance's __dict__: nn.Module's attribute machinery is not set up yet)
+        building = self.__dict__.setdefault("_building", {"depth": 0, "given": set()})
+        building["depth"] += 1
+        building["given"] |= _factory_arguments(signature, self, args, kwargs)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            building["depth"] -= 1
+            if building["depth"] == 0:
+                del self.__dict__["_building"]
+        if building["depth"] == 0:
+            self._settle("dtype" not in building["given"], "device" not in building["given"])
 
     __init__._settles = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _factory_arguments(
+    signature: inspect.Signature, self: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> set:
+    """Which of ``dtype``/``device`` a call of an ``__init__`` with ``signature`` passes (not
+    None), by position, keyword or through its ``**kwargs``."""
+    try:
+        bound = signature.bind(self, *args, **kwargs)
+    except TypeError:  # the call itself will say what is wrong
+        return set()
+    given = set()
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        pairs = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
+        given |= {n for n, v in pairs if n in ("dtype", "device") and v is not None}
+    return given
 
 
 class LRNN(nn.Module):
@@ -108,10 +138,14 @@ class LRNN(nn.Module):
         if by_default_dtype and dtype != torch.float32:
             self.to(dtype)
         if by_default_device:
+            # only what was built on the CPU against a default elsewhere moves: tensors a
+            # framework put on the meta device itself (accelerate's init_empty_weights keeps
+            # torch's default device) stay there
             device = torch.get_default_device()
-            tensors = [*self.parameters(), *self.buffers()]
-            if any(t.device != device for t in tensors):
-                self.to(device)
+            if device.type != "cpu":
+                tensors = [*self.parameters(), *self.buffers()]
+                if any(t.device.type == "cpu" for t in tensors):
+                    self._apply(lambda t: t.to(device) if t.device.type == "cpu" else t)
 
     def _own_tensors(self) -> Tuple[list, list]:
         """The parameters and buffers the precision policy keeps in float32 under 16-bit
