@@ -68,3 +68,30 @@ def test_fullgraph_with_mamba_use_fast_path_false():
     with torch.no_grad():
         y = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
         assert_close_rel(y, model(x), length=24)
+
+
+@pytest.mark.slow  # compiling S4 takes ~15 s here
+def test_compiled_s4_over_two_lengths_in_one_graph_is_with_respect_to_one_C():
+    """Compiled, S4 sees a short and a longer input in one graph: the first forward attunes C~
+    (in place, nothing is built on it yet), the longer one out of place, so the gradient is
+    eager's, with respect to the C~ attuned to the first length."""
+    import copy
+
+    from lrnnx.models.lti import S4
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = S4(8, d_state=8, verbose=False)
+    a, b = torch.randn(2, 8, 16), torch.randn(2, 8, 32)
+
+    def grads(model, f):
+        (f(a)[0].pow(2).sum() + f(b)[0].pow(2).sum()).backward()
+        return [p.grad for p in model.parameters()]
+
+    eager = copy.deepcopy(base)
+    want = grads(eager, eager)
+    compiled = copy.deepcopy(base)
+    got = grads(compiled, torch.compile(compiled, backend="aot_eager"))
+    assert compiled.l_kernel == eager.l_kernel == 16
+    for g, w in zip(got, want, strict=True):
+        assert_close_rel(g, w, length=32, factor=10)

@@ -767,24 +767,29 @@ def test_one_graph_over_a_short_and_a_longer_input_is_with_respect_to_one_C():
 
 
 def test_state_dict_taken_before_a_forward_stays_matched():
-    """A state_dict holds l_kernel as it was when taken; the C beside it is a copy, so a later
-    forward that attunes the module's C in place does not change it (nor a model loaded from
-    it with assign=True)."""
+    """A state_dict shares C with the module, as torch's do (in-place EMA updates through it
+    rely on that), and shares its record of l_kernel too: a forward that attunes C in place
+    after the state_dict was taken leaves the two matched (also with keep_vars); a deepcopy is
+    a consistent snapshot."""
+    import copy
+
     torch.manual_seed(0)
     model = S4(4, d_state=4, transposed=False, verbose=False).eval()
     x = torch.randn(1, 16, 4)
-    sd = model.state_dict()
-    twin = S4(4, d_state=4, transposed=False, verbose=False).eval()
-    twin.load_state_dict(model.state_dict(), assign=True)
+    sd, sd_vars = model.state_dict(), model.state_dict(keep_vars=True)
+    snapshot = copy.deepcopy(model.state_dict())
     with torch.no_grad():
-        y = model(x)[0]  # attunes the module's C to 16
-    assert sd["_extra_state"] == {"l_kernel": 0} and model.l_kernel == 16
-    loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
-    loaded.load_state_dict(sd)
-    with torch.no_grad():
-        assert_close_rel(loaded(x)[0], y, msg="loaded from the early state_dict")
-        assert_close_rel(twin(x)[0], y, msg="assigned from a state_dict")
-    assert model.state_dict(keep_vars=True)["C"] is model.C
+        model(x[:, :8])  # attunes the module's C to 8
+        y = model(x)[0]  # and to 16
+    assert model.l_kernel == 16 and sd["_extra_state"]["l_kernel"] == 16
+    assert sd["C"].data_ptr() == model.C.data_ptr() and snapshot["_extra_state"]["l_kernel"] == 0
+    for state, which in ((sd, "state_dict"), (sd_vars, "keep_vars"), (snapshot, "deepcopy")):
+        loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
+        loaded.load_state_dict(state)
+        with torch.no_grad():
+            assert_close_rel(loaded(x)[0], y, msg=which)
+    loaded.l_kernel = 64  # a loaded module's record is its own
+    assert model.l_kernel == 16
 
 
 @pytest.mark.parametrize("cls", [S4, S4D])

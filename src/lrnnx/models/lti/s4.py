@@ -34,8 +34,8 @@ where that would be wrong, where it is computed out of place for the call and th
 it was: under torch.func (``functional_call`` passes the caller's tensors), and while a gradient
 is pending on C or a graph built through it awaits its backward (accumulation over
 micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
-with respect to the same C~).  A state_dict keeps its own copy of C, so it stays matched with the
-``l_kernel`` it records.  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
+with respect to the same C~).  A state_dict shares C and the record of ``l_kernel`` with the
+module, so the two stay matched.  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
 (extra state): parameters copied into another S4 by other means (an EMA or ``AveragedModel``,
 weight averaging) need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write
 to their gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
@@ -228,23 +228,29 @@ class S4(S4BlockBase):
         self.register("P", P.contiguous(), "A")
         # length that the parameter C~ = C (I - dA^L) is attuned to (0: C holds C itself)
         # (a Python int saved through the module's extra state: no device sync to read it)
-        self.l_kernel = 0
+        self._kernel_length = {"l_kernel": 0}
         if self.l_max is not None:
             self._ensure_length(self.l_max)
 
-    def get_extra_state(self) -> Dict[str, int]:
-        return {"l_kernel": self.l_kernel}
+    @property
+    def l_kernel(self) -> int:
+        """The length C~ is attuned to (0: not yet; C then holds C itself)."""
+        return self._kernel_length["l_kernel"]
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        """As nn.Module's, but C is saved as a copy: a state_dict holds ``l_kernel`` as it was
-        when taken, and a later forward that attunes C in place must not change the C beside it
-        (nor that of a model loaded from it with ``assign=True``)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not keep_vars and prefix + "C" in destination:
-            destination[prefix + "C"] = destination[prefix + "C"].clone()
+    @l_kernel.setter
+    def l_kernel(self, value: int) -> None:
+        self._kernel_length["l_kernel"] = int(value)
+
+    def get_extra_state(self) -> Dict[str, int]:
+        """The module's own record of ``l_kernel``, not a copy: a state_dict shares C with the
+        module (as torch's do, which in-place updates through it rely on, e.g. EMA), so it
+        shares the length C is attuned to as well, and the two stay matched when a forward
+        attunes C in place after the state_dict was taken.  A copy (``copy.deepcopy``,
+        ``torch.save``) is a consistent snapshot."""
+        return self._kernel_length
 
     def set_extra_state(self, state: Dict[str, int]) -> None:
-        self.l_kernel = int(state["l_kernel"])
+        self.l_kernel = int(state["l_kernel"])  # the value: never another module's record
 
     @property
     def state_dim(self) -> int:
@@ -310,14 +316,17 @@ class S4(S4BlockBase):
         """Whether C~ may be re-attuned in place (:meth:`_ensure_length`): C is the module's own
         nn.Parameter (not a tensor torch.func.functional_call put in its place, which belongs to
         the caller), no gradient is pending on it (the gradients accumulated over several
-        backward calls must all be with respect to one C~), and no torch.func transform runs."""
+        backward calls must all be with respect to one C~), no live graph through C~ awaits its
+        backward (under torch.compile, which such a graph escapes: no graph records through C
+        unless C~ is attuned for the first time), and no torch.func transform runs."""
         C = self.C
-        return (
-            isinstance(C, torch.nn.Parameter)
-            and C.grad is None
-            and not _graph_pending(self)
-            and not transformed(C)
-        )
+        if not isinstance(C, torch.nn.Parameter) or C.grad is not None or transformed(C):
+            return False
+        if torch.compiler.is_compiling():
+            # a compiled graph is not tracked (:meth:`_track_graph`): where it records through
+            # C, only the first attuning (nothing can have been built on C~ yet) is in place
+            return self.l_kernel == 0 or not (torch.is_grad_enabled() and C.requires_grad)
+        return not _graph_pending(self)
 
     def _kernel_C(self, L: int) -> Tuple[Tensor, int]:
         """C~ attuned to a kernel length M >= L, and M.
