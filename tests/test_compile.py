@@ -65,9 +65,14 @@ def test_fullgraph_with_mamba_use_fast_path_false():
     torch._dynamo.reset()
     model = Mamba(8, d_state=4, use_fast_path=False)
     x = torch.randn(2, 24, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ts = torch.rand(2, 24)
     with torch.no_grad():
-        y = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-        assert_close_rel(y, model(x), length=24)
+        assert_close_rel(compiled(x), model(x), length=24)
+        # event mode (STREAM) too: the timesteps' values are checked in eager runs only
+        assert_close_rel(
+            compiled(x, integration_timesteps=ts), model(x, integration_timesteps=ts), length=24
+        )
 
 
 @pytest.mark.slow  # compiling S4 takes ~15 s here

@@ -223,7 +223,8 @@ def check_timesteps(
     ts: Optional[Tensor], batch: int, seqlen: int, mask: Optional[Tensor] = None
 ) -> Optional[Tensor]:
     """Validate ``integration_timesteps`` (B, L): finite and >= 0 (at valid positions: with a
-    ``mask`` (B, L) of valid positions, padding may hold anything)."""
+    ``mask`` (B, L) of valid positions, padding may hold anything).  The values are read in
+    eager runs only (under torch.compile a host read would break the graph)."""
     if ts is None:
         return None
     if not isinstance(ts, Tensor):
@@ -234,6 +235,8 @@ def check_timesteps(
         raise ValueError(
             f"integration_timesteps: expected shape ({batch}, {seqlen}), got {tuple(ts.shape)}"
         )
+    if _compiling():
+        return ts
     valid = ts if mask is None else ts[mask.to(ts.device)]
     if not bool(torch.isfinite(valid).all()) or bool((valid < 0).any()):
         raise ValueError(
