@@ -1013,3 +1013,16 @@ def test_architectures_built_under_float64_are_float64(default_dtype):
     for model in models:
         dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
         assert dtypes == {torch.float64}, (type(model).__name__, dtypes)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_parameters_stay_resizable_through_the_kernels(name):
+    """The fused CPU kernels read tensors through numpy; Tensor.numpy() would mark a storage as
+    never to be resized, and FSDP2 frees each unsharded parameter by resizing its storage to 0
+    (RuntimeError: Trying to resize storage that is not resizable).  Parameters and inputs that
+    require grad are shared without that mark."""
+    model = MODELS[name]()
+    x = torch.randn(2, 16, H, requires_grad=True)
+    run(model, x).square().sum().backward()
+    tensors = [("x", x), *model.named_parameters()]
+    assert [n for n, t in tensors if not t.untyped_storage().resizable()] == [], name

@@ -274,20 +274,34 @@ def _resolved(t: Tensor) -> Tensor:
     return t.detach().resolve_conj().resolve_neg()
 
 
+def shared_array(t: Tensor, source: Optional[Tensor] = None):
+    """``t`` as a numpy array over its memory.  ``Tensor.numpy()`` marks a storage as never to
+    be resized again; where the memory belongs to a tensor autograd tracks (``source``, default
+    ``t``: a parameter or an input that requires grad, which FSDP2 frees by resizing its
+    storage to 0 after use) it is shared through DLPack instead, which leaves the storage as
+    it was.  Tensors lrnnx allocates itself take ``numpy()`` (cheaper by ~1.5 us)."""
+    source = t if source is None else source
+    if source.requires_grad and t.untyped_storage().resizable():
+        import numpy
+
+        return numpy.from_dlpack(t)
+    return t.numpy()
+
+
 def as_array(t: Tensor):
     """A CPU tensor as a contiguous numpy array (sharing its memory when it is contiguous and
-    carries no conjugate or negative bit)."""
-    return _resolved(t).contiguous().numpy()
+    carries no conjugate or negative bit; see :func:`shared_array`)."""
+    return shared_array(_resolved(t).contiguous(), t)
 
 
 def flat_view(X: Tensor) -> tuple:
     """X's elements as a flat 1-D numpy view starting at its first element, and its strides
     (elements): kernels index it themselves, so any memory order (a transposed view, a slice of
     a wider tensor, a stride-0 expansion) is read where it lies."""
-    X = _resolved(X)
+    source, X = X, _resolved(X)
     span = 1 + sum((size - 1) * stride for size, stride in zip(X.shape, X.stride(), strict=True))
     flat = torch.as_strided(X, (span,), (1,), X.storage_offset())
-    return flat.numpy(), X.stride()
+    return shared_array(flat, source), X.stride()
 
 
 def as_planes(t: Tensor) -> tuple:

@@ -33,6 +33,7 @@ from lrnnx.ops._numba import (
     as_planes,
     is_available,
     run_on_threads,
+    shared_array,
     threads_for,
 )
 
@@ -198,7 +199,7 @@ def _interleaved(t: Tensor):
     """A complex CPU tensor (..., K) as the (..., K, 2) float numpy array of its memory
     (contiguous first): the kernels read and write the (R, H, K) results and gradients there,
     with no planar copies of them."""
-    return torch.view_as_real(t.resolve_conj().contiguous()).numpy()
+    return shared_array(torch.view_as_real(t.resolve_conj().contiguous()), t)
 
 
 def warm_up(dtypes: tuple[torch.dtype, ...]) -> None:
