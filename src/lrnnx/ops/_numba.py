@@ -276,12 +276,14 @@ def _resolved(t: Tensor) -> Tensor:
 
 def shared_array(t: Tensor, source: Optional[Tensor] = None):
     """``t`` as a numpy array over its memory.  ``Tensor.numpy()`` marks a storage as never to
-    be resized again; where the memory belongs to a tensor autograd tracks (``source``, default
-    ``t``: a parameter or an input that requires grad, which FSDP2 frees by resizing its
-    storage to 0 after use) it is shared through DLPack instead, which leaves the storage as
-    it was.  Tensors lrnnx allocates itself take ``numpy()`` (cheaper by ~1.5 us)."""
+    be resized again; where the memory belongs to a leaf tensor that requires grad (``source``,
+    default ``t``, or the tensor it views: a parameter, which FSDP2 frees by resizing its
+    storage to 0 after use, or such an input) it is shared through DLPack instead, which
+    leaves the storage as it was.  Other tensors (activations, lrnnx's own buffers) take
+    ``numpy()``, cheaper by ~1.5 us a call."""
     source = t if source is None else source
-    if source.requires_grad and t.untyped_storage().resizable():
+    owner = source if source._base is None else source._base
+    if owner.is_leaf and owner.requires_grad and t.untyped_storage().resizable():
         import numpy
 
         return numpy.from_dlpack(t)
