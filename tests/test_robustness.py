@@ -230,6 +230,17 @@ def test_default_dtype_builds_the_cast_model(name, dtype, default_dtype):
     expect = {k: v.dtype for k, v in cast.state_dict().items() if isinstance(v, Tensor)}
     got = {k: v.dtype for k, v in built.state_dict().items() if isinstance(v, Tensor)}
     assert got == expect, name
+    if dtype != torch.float64:  # built in float32, then cast: the same initial values
+        torch.manual_seed(0)
+        model = build(name)
+        torch.manual_seed(0)
+        default_dtype(dtype)
+        again = MODELS[name]().eval()
+        default_dtype(torch.float32)
+        want = copy.deepcopy(model).to(dtype).state_dict()
+        for k, v in again.state_dict().items():
+            if isinstance(v, Tensor):
+                torch.testing.assert_close(v, want[k], msg=f"{name}: {k}")
     built.load_state_dict(cast.state_dict())
     x = torch.randn(2, 16, H).to(dtype)
     with torch.no_grad():

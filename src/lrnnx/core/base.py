@@ -31,24 +31,34 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` (a model class's own ``__init__``) followed, once the outermost wrapped
     ``__init__`` of a construction returns, by :meth:`LRNN._settle`.  Every wrapped ``__init__``
     of the chain notes whether it was given a ``dtype`` or ``device`` (by keyword or position, by
-    the user or by a subclass's ``super().__init__``): those win over torch's defaults.  Wrapped
-    with functools.wraps, so ``inspect.signature`` of the class still shows its arguments."""
+    the user or by a subclass's ``super().__init__``): those win over torch's defaults.  Under a
+    16-bit default dtype the model is built in float32 (its initial values drawn as the float32
+    model's, not rounded to 16 bits) and then cast.  Wrapped with functools.wraps, so
+    ``inspect.signature`` of the class still shows its arguments."""
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def __init__(self: LRNN, *args: Any, **kwargs: Any) -> None:
         # (the instance's __dict__: nn.Module's attribute machinery is not set up yet)
+        outermost = "_building" not in self.__dict__
         building = self.__dict__.setdefault("_building", {"depth": 0, "given": set()})
         building["depth"] += 1
         building["given"] |= _factory_arguments(signature, self, args, kwargs)
+        default = torch.get_default_dtype()
+        narrow = outermost and default in (torch.float16, torch.bfloat16)
         try:
+            if narrow:
+                torch.set_default_dtype(torch.float32)
             init(self, *args, **kwargs)
         finally:
+            if narrow:
+                torch.set_default_dtype(default)
             building["depth"] -= 1
             if building["depth"] == 0:
                 del self.__dict__["_building"]
         if building["depth"] == 0:
-            self._settle("dtype" not in building["given"], "device" not in building["given"])
+            given = building["given"]
+            self._settle(None if "dtype" in given else default, "device" not in given)
 
     __init__._settles = True  # type: ignore[attr-defined]
     return __init__
@@ -126,16 +136,16 @@ class LRNN(nn.Module):
             else get_discretization(discretization, self.allowed_discretizations)
         )
 
-    def _settle(self, by_default_dtype: bool, by_default_device: bool) -> None:
+    def _settle(self, dtype: Optional[torch.dtype], by_default_device: bool) -> None:
         """Put a newly built model where torch's factory defaults say, as a torch layer would be:
         built under ``torch.set_default_dtype(dt)`` it is the model ``.to(dt)`` gives (float64
         end to end; under a 16-bit default its own tensors stay float32, the precision policy
         above), and built under a default device (``with torch.device("meta")``,
         ``torch.set_default_device``) every tensor is there, those initialised off-device (the
         HiPPO matrices, computed on the CPU) included.  An explicit ``dtype``/``device`` argument
-        of the model's constructor wins over the default."""
-        dtype = torch.get_default_dtype()
-        if by_default_dtype and dtype != torch.float32:
+        of the model's constructor wins over the default (``dtype`` None: one was given;
+        otherwise the default dtype at construction)."""
+        if dtype is not None and dtype != torch.float32:
             self.to(dtype)
         if by_default_device:
             # only what was built on the CPU against a default elsewhere moves: tensors a

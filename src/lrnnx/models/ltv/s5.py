@@ -58,10 +58,9 @@ GammaBar = Union[Tensor, float]
 
 def param_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
     """Real dtype of the parameters: float32 or float64 (half precision belongs to autocast).
-    With no ``dtype``, torch's default dtype decides: float64 under float64, else float32 (a
-    16-bit default then casts the model as ``.to()`` would, keeping these float32)."""
-    if dtype is None:
-        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    With no ``dtype``, torch's default dtype (float32 while a model is built under a 16-bit
+    default, see :func:`lrnnx.core.base.LRNN._settle`)."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"dtype: expected torch.float32 or torch.float64 (the parameters stay in full "
