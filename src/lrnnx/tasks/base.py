@@ -6,6 +6,7 @@ torch is imported where it is used, so that listing the tasks (``lrnnx tasks``) 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -123,7 +124,7 @@ def split_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     """
     import torch
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy ints too
         raise ValueError(f"seed: expected an int, got {seed!r}")
 
     return (

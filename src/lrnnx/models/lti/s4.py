@@ -34,11 +34,11 @@ where that would be wrong, where it is computed out of place for the call and th
 it was: under torch.func (``functional_call`` passes the caller's tensors), and while a gradient
 is pending on C or a graph built through it awaits its backward (accumulation over
 micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
-with respect to the same C~).  A state_dict shares C and the record of ``l_kernel`` with the
-module, so the two stay matched.  What C means thus depends on ``l_kernel``, which ``state_dict`` carries
-(extra state): parameters copied into another S4 by other means (an EMA or ``AveragedModel``,
-weight averaging) need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write
-to their gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
+with respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict``
+carries (extra state: the module's own record, shared as C is, so the two stay matched):
+parameters copied into another S4 by other means (an EMA or ``AveragedModel``, weight averaging)
+need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write to their
+gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
 change, the function it gives does not.  Passing ``l_max`` >= the longest input attunes C~ once,
 at construction, and keeps it there: use it with EMA, FSDP or frozen weights.
 """
