@@ -162,6 +162,40 @@ def test_extra_state_travels_both_ways(tmp_path):
         assert_close_rel(back(ids), expected, length=40, msg="back in lrnnx")
 
 
+def test_missing_keys_get_the_models_initialisation(tmp_path):
+    """A checkpoint without some tensors (transformers reports them as newly initialised):
+    those are drawn by their module's own scheme (S4D-real A, S5's HiPPO-N spectrum, dt in
+    [dt_min, dt_max], unit gains, S4's attuned C with its length), never left as the
+    uninitialised memory of a meta-device load; every loaded tensor keeps its value."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    kw = dict(d_model=16, d_state=4, n_layer=3, vocab_size=V, mixer_types=["mamba", "s5", "s4"])
+    lm = LRNNLMHeadModel(**kw).eval()
+    lm(prompts(B=1, L=20))  # S4 attunes C to length 20 (extra state kept when C is loaded)
+    lm.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = ["layers.0.mixer.model.A_log", "layers.0.mixer.model.dt_proj.bias"]
+    missing += ["layers.1.mixer.model.Lambda_re", "norm_f.weight"]
+    save_file(
+        {k: v for k, v in weights.items() if k not in missing}, tmp_path / "model.safetensors"
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["_weights_sha256"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    fresh = LRNNLMHeadModel(**kw)
+    got, original = model.state_dict(), lm.state_dict()
+    for key in missing[0:1] + missing[2:]:  # deterministic initial values
+        assert_close_rel(got[key], fresh.state_dict()[key], msg=key)
+    dt = F.softplus(got["layers.0.mixer.model.dt_proj.bias"])
+    assert (dt >= 0.001 * (1 - 1e-6)).all() and (dt <= 0.1 * (1 + 1e-6)).all()
+    for key, value in original.items():
+        if key not in missing and isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+    assert model.layers[2].mixer.model.l_kernel == 20
+
+
 def test_config_without_lrnnx_model_type_is_rejected(checkpoint, tmp_path):
     path, lm = checkpoint
     lm.save_pretrained(tmp_path)

@@ -23,6 +23,7 @@ layers keep a KV cache and are stepped like the others.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.layers import Block, GatedMLP, RMSNorm
-from lrnnx.layers.linear import Linear
+from lrnnx.layers.linear import Embedding, Linear, normal
 from lrnnx.layers.mha import check_kv_room
 from lrnnx.models.registry import build_mixer
 
@@ -193,6 +194,11 @@ class CausalLMOutput(NamedTuple):
     logits: Tensor
 
 
+def _retie_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict's post-hook: ``assign=True`` gives each key its own parameter."""
+    module.tie_weights()
+
+
 class LRNNLMHeadModel(PretrainedMixin, nn.Module):
     """Language model with one mixer type per layer.
 
@@ -327,7 +333,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
         )
 
-        self.embedding = nn.Embedding(self.padded_vocab_size, d_model)
+        self.embedding = Embedding(self.padded_vocab_size, d_model)
+        init_embedding = functools.partial(normal, std=initializer_range)
+        self.embedding.init_fn = init_embedding
         layers = []
         for name in names:
             if name == "attn":
@@ -341,9 +349,25 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_f = norm_cls(d_model)
         self.lm_head = Linear(d_model, self.padded_vocab_size, bias=False)
-        nn.init.normal_(self.embedding.weight, std=initializer_range)
+        self.embedding.reset_parameters()
         if tie_embeddings:
+            self.lm_head.init_fn = init_embedding  # a reset of either draws the shared matrix
+        self.tie_weights()
+        self.register_load_state_dict_post_hook(_retie_after_load)
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the head's weight the embedding's parameter (one
+        tensor, one gradient, one optimizer entry).  Operations that give each module its own
+        parameter object break such a tie: ``to_empty`` (and any move off the meta device)
+        and ``load_state_dict(..., assign=True)``; the model calls this after them itself."""
+        if self.config["tie_embeddings"] and self.lm_head.weight is not self.embedding.weight:
             self.lm_head.weight = self.embedding.weight
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), then the tie again."""
+        out = super()._apply(fn, recurse)
+        self.tie_weights()
+        return out
 
     # --------------------------------------------------------------------------------- forward
     def _embed(self, input_ids: Tensor) -> Tensor:

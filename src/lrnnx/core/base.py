@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from abc import abstractmethod
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,35 @@ def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
     )
 
 
+@contextlib.contextmanager
+def _initial_value_dtype() -> Iterator[None]:
+    """Draw initial values in float32 while torch's default dtype is 16-bit (as the float32
+    model draws them; a 16-bit draw would round them before any cast), else in the default."""
+    default = torch.get_default_dtype()
+    narrow = default in (torch.float16, torch.bfloat16)
+    if narrow:
+        torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        if narrow:
+            torch.set_default_dtype(default)
+
+
+def reset_module_tree(module: nn.Module) -> None:
+    """Initialise ``module`` and everything under it again, as its construction does: an
+    lrnnx model's :meth:`LRNN.reset_parameters` covers its subtree; any other module with a
+    ``reset_parameters`` resets itself, and its children are visited in turn."""
+    if isinstance(module, LRNN):
+        module.reset_parameters()
+        return
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+    for child in module.children():
+        reset_module_tree(child)
+
+
 def _settling(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` (a model class's own ``__init__``) followed, once the outermost wrapped
     ``__init__`` of a construction returns, by :meth:`LRNN._settle`.  Every wrapped ``__init__``
@@ -45,14 +75,10 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
         building["depth"] += 1
         building["given"] |= _factory_arguments(signature, self, args, kwargs)
         default = torch.get_default_dtype()
-        narrow = outermost and default in (torch.float16, torch.bfloat16)
         try:
-            if narrow:
-                torch.set_default_dtype(torch.float32)
-            init(self, *args, **kwargs)
+            with _initial_value_dtype() if outermost else contextlib.nullcontext():
+                init(self, *args, **kwargs)
         finally:
-            if narrow:
-                torch.set_default_dtype(default)
             building["depth"] -= 1
             if building["depth"] == 0:
                 del self.__dict__["_building"]
@@ -135,6 +161,46 @@ class LRNN(nn.Module):
             if discretization is None
             else get_discretization(discretization, self.allowed_discretizations)
         )
+
+    # ---- initialisation ----------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Initialise the model again, as its construction does: every parameter and buffer,
+        its submodules' included, is drawn anew from its paper's scheme (HiPPO or ring
+        spectra, step sizes log-uniform in [dt_min, dt_max], ...), in place: each tensor keeps
+        its identity, dtype and device (an optimizer, a state_dict or a sharding holding it
+        stays valid), and what the model derived from the old values (S4's attuned C, cached
+        step constants) is discarded.
+
+        This is torch's convention for materialising a model built on the meta device
+        (``model.to_empty(device=...)`` then ``reset_parameters``), and a submodule that
+        initialises differently from its torch class (Mamba's dt projection, RG-LRU's
+        LeCun-normal projections) resets itself the same way, so calling ``reset_parameters``
+        on every module (FSDP's materialisation, ``for m in model.modules(): ...``) gives the
+        same distributions.  Values drawn under a 16-bit default dtype are drawn in float32."""
+        with _initial_value_dtype(), torch.no_grad():
+            self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """The submodules' initialisation, then the model's own tensors'
+        (:meth:`_init_parameters`).  Runs under no_grad."""
+        for child in self.children():
+            reset_module_tree(child)
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        """Create (at construction) or draw again (at a reset) the tensors the model holds
+        itself, through :meth:`_set_parameter`; a model without any leaves this as is."""
+
+    def _set_parameter(self, name: str, value: Tensor) -> None:
+        """Register ``value`` as the parameter ``name`` at construction; at a reset, copy it
+        into the existing parameter or buffer of that name (its dtype, device, identity and
+        attributes such as optimizer hints stay)."""
+        existing = self._parameters.get(name, self._buffers.get(name))
+        if existing is None:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            with torch.no_grad():
+                existing.copy_(value)
 
     def _settle(self, dtype: Optional[torch.dtype], by_default_device: bool) -> None:
         """Put a newly built model where torch's factory defaults say, as a torch layer would be:

@@ -21,6 +21,7 @@ explicit ``inference_cache=`` when there are attention layers.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -54,6 +55,11 @@ class LRNNCausalLMOutput(ModelOutput):
     inference_cache: Optional[Dict[Any, Any]] = None
 
 
+def _is_loaded(t: Tensor) -> bool:
+    """Whether transformers marked ``t`` as loaded from a checkpoint (or tied to one that is)."""
+    return bool(getattr(t, "_is_hf_initialized", False))
+
+
 class LRNNPreTrainedModel(PreTrainedModel):
     """transformers' base class settings shared by the lrnnx models."""
 
@@ -65,9 +71,31 @@ class LRNNPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Nothing: every lrnnx module initialises itself when built (its paper's scheme, e.g.
-        HiPPO or ring initialisations of the state matrices), which transformers' generic
-        normal initialisation would overwrite."""
+        """transformers' initialisation of the tensors a checkpoint did not provide (and of a
+        model built from a config): the module's own scheme (``reset_parameters``: its
+        paper's HiPPO or ring spectra, step ranges, ...; transformers' generic normal one
+        would break them), never touching what transformers marks as loaded (flag
+        ``_is_hf_initialized``): a model's reset covers its submodules, whose loaded tensors
+        (and, where all of a submodule's tensors were loaded, its extra state, e.g. S4's kernel
+        length) are put back afterwards."""
+        reset = getattr(module, "reset_parameters", None)
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not callable(reset) or all(getattr(t, "_is_hf_initialized", False) for t in own):
+            return
+        loaded = [t for t in (*module.parameters(), *module.buffers()) if _is_loaded(t)]
+        values = [t.detach().clone() for t in loaded]
+        extra = {
+            sub: copy.deepcopy(sub.get_extra_state())
+            for sub in module.modules()
+            if type(sub).get_extra_state is not nn.Module.get_extra_state
+            and all(map(_is_loaded, (*sub.parameters(False), *sub.buffers(False))))
+        }
+        with torch.no_grad():
+            reset()
+            for t, value in zip(loaded, values, strict=True):
+                t.copy_(value)
+        for sub, state in extra.items():
+            sub.set_extra_state(state)
 
 
 class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):

@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.base import reset_module_tree
 from lrnnx.core.checks import (
     as_lengths,
     check_sequence,
@@ -150,6 +151,12 @@ class Bidirectional(nn.Module):
         self.fwd, self.bwd = forward_mixer, backward_mixer
         width = getattr(forward_mixer, "d_model", getattr(forward_mixer, "dim", None))
         self.d_model: Optional[int] = width if isinstance(width, int) else None
+
+    def reset_parameters(self) -> None:
+        """Initialise both directions' mixers again, as their construction does."""
+        with torch.no_grad():
+            reset_module_tree(self.fwd)
+            reset_module_tree(self.bwd)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}"

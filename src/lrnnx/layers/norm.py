@@ -34,6 +34,10 @@ class RMSNorm(nn.Module):
         self.dim, self.eps = dim, float(eps)
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        """The gain back to ones."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D) in x's dtype."""
         if not isinstance(x, Tensor) or not x.is_floating_point():

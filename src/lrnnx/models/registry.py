@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.base import reset_module_tree
 from lrnnx.core.checks import (
     check_batch_size,
     check_sequence,
@@ -450,6 +451,12 @@ class MixerAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, family={self.family!r}"
+
+    def reset_parameters(self) -> None:
+        """Initialise the wrapped model again, as its construction does (see
+        :meth:`lrnnx.core.base.LRNN.reset_parameters`)."""
+        with torch.no_grad():
+            reset_module_tree(self.model)
 
     @property
     def supports_cu_seqlens(self) -> bool:

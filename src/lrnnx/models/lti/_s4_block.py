@@ -516,16 +516,8 @@ class S4BlockBase(LTI_LRNN):
             self.output_linear = nn.Sequential(Linear(d_inner, d_out), Activation(final_act))
             self._d_output = d_model
 
-        # step size: (H, 1) tied across the state, or (H, N)
-        log_dt = init_log_dt(self.H, 1 if dt_tie else self.N, dt_min, dt_max, deterministic)
-        raw = (
-            log_dt
-            if dt_transform == "exp"
-            else inv_transform(log_dt.exp(), dt_transform, "dt_transform")
-        )
-        if dt_fast:
-            raw = torch.asinh(raw)  # the parameter moves through sinh: fast saturating updates
-        self.register("inv_dt", raw, "dt")
+        self.dt_min, self.dt_max = dt_min, dt_max
+        self._init_dt()
         self._init_ssm()
         if verbose:
             log.info(
@@ -544,6 +536,25 @@ class S4BlockBase(LTI_LRNN):
 
     # ---- parameters -------------------------------------------------------------------------
 
+    def _init_parameters(self) -> None:
+        """D (channels, H) ~ N(0, 1), the step sizes and the SSM (A, B, C, ...)."""
+        self._set_parameter("D", torch.randn(self.channels, self.H))
+        self._init_dt()
+        self._init_ssm()
+
+    def _init_dt(self) -> None:
+        """The step sizes: (H, 1) tied across the state, or (H, N), log-uniform in [dt_min,
+        dt_max] (evenly log-spaced over H when ``deterministic``), under ``dt_transform``."""
+        width = 1 if self.dt_tie else self.N
+        log_dt = init_log_dt(self.H, width, self.dt_min, self.dt_max, self.deterministic)
+        if self.dt_transform == "exp":
+            raw = log_dt
+        else:
+            raw = inv_transform(log_dt.exp(), self.dt_transform, "dt_transform")
+        if self.dt_fast:
+            raw = torch.asinh(raw)  # the parameter moves through sinh: fast saturating updates
+        self.register("inv_dt", raw, "dt")
+
     def _hint(self, value, key: str, default_keys: Tuple[str, ...] = ("dt", "A", "B")):
         if value is None or isinstance(value, numbers.Real):
             return value if key in default_keys else None
@@ -556,6 +567,9 @@ class S4BlockBase(LTI_LRNN):
         a mapping applies per key.  The hints go to ``param._optim = {"lr": .., "weight_decay": ..}``
         (entries that are None are left out); ``lr == 0`` makes the tensor a frozen buffer.
         """
+        if name in self._parameters or name in self._buffers:  # a reset: new values in place
+            self._set_parameter(name, tensor)
+            return
         lr, wd = self._hint(self.lr, key), self._hint(self.wd, key)
         if lr == 0.0:
             self.register_buffer(name, tensor)

@@ -219,16 +219,21 @@ class CentaurusBase(LTI_LRNN):
         #: length of the kernel built by compute_kernel(); forward sets it to the input length
         self.kernel_length: int | None = None
         self.contraction = "auto"
-        S, M = self.n_rows, self.sub_state_dim
-        # Re(A) = -softplus(A_real_raw) starts at -0.5; Im(A_nm) = pi * m (reference initialisation)
-        self.A_real_raw = nn.Parameter(torch.full((S, M), math.log(math.expm1(0.5))))
-        self.A_imag = nn.Parameter((math.pi * torch.arange(M, dtype=torch.float32)).repeat(S, 1))
-        log_dt = torch.linspace(math.log(1e-3), math.log(1e-1), self.d_state)
-        if dt_per_sub_state:  # the sub-states of a state start from the state's step
-            log_dt = log_dt[:, None].expand(-1, M).reshape(self._log_dt_shape())
-        self.log_dt = nn.Parameter(log_dt.contiguous())
-        self._init_mode_parameters()
+        self._init_parameters()
         self._init_norm_acts(mix_norm, mix_activation, out_norm, out_activation)
+
+    def _init_parameters(self) -> None:
+        """The reference initialisation: Re(A) = -softplus(A_real_raw) = -0.5 and Im(A_nm) =
+        pi m (S, M); log_dt evenly spaced over [log 1e-3, log 1e-1] across the states; then
+        the mode's B, C, E (:meth:`_init_mode_parameters`)."""
+        S, M = self.n_rows, self.sub_state_dim
+        self._set_parameter("A_real_raw", torch.full((S, M), math.log(math.expm1(0.5))))
+        self._set_parameter("A_imag", (math.pi * torch.arange(M, dtype=torch.float32)).repeat(S, 1))
+        log_dt = torch.linspace(math.log(1e-3), math.log(1e-1), self.d_state)
+        if self.dt_per_sub_state:  # the sub-states of a state start from the state's step
+            log_dt = log_dt[:, None].expand(-1, M).reshape(self._log_dt_shape())
+        self._set_parameter("log_dt", log_dt.contiguous())
+        self._init_mode_parameters()
 
     def _init_norm_acts(
         self, mix_norm: Any, mix_activation: Any, out_norm: Any, out_activation: Any
@@ -265,7 +270,7 @@ class CentaurusBase(LTI_LRNN):
 
     @abstractmethod
     def _init_mode_parameters(self) -> None:
-        """Create the mode's input/output/mixing parameters."""
+        """Create (or draw again) the mode's input/output/mixing parameters B, C, E."""
 
     @abstractmethod
     def _weights(self) -> Weights:
@@ -721,9 +726,9 @@ class CentaurusNeck(Centaurus):
 
     def _init_mode_parameters(self) -> None:
         N, M, H, Ho = self.d_state, self.sub_state_dim, self.d_model, self.d_output
-        self.B = nn.Parameter(torch.ones(N, H) / math.sqrt(H))
-        self.C = nn.Parameter(torch.randn(Ho, N) * math.sqrt(2.0 / (N * M)))
-        self.E = nn.Parameter(torch.randn(N, M) * math.sqrt(2.0))
+        self._set_parameter("B", torch.ones(N, H) / math.sqrt(H))
+        self._set_parameter("C", torch.randn(Ho, N) * math.sqrt(2.0 / (N * M)))
+        self._set_parameter("E", torch.randn(N, M) * math.sqrt(2.0))
 
     def _weights(self) -> Weights:
         return {"B": self.B, "C": self.C, "E": self.E}
@@ -761,8 +766,8 @@ class CentaurusPWNeck(Centaurus):
 
     def _init_mode_parameters(self) -> None:
         NM, H = self.d_state * self.sub_state_dim, self.d_model
-        self.B = nn.Parameter(torch.ones(NM, H) / math.sqrt(H))
-        self.C = nn.Parameter(torch.randn(self.d_output, NM) * math.sqrt(2.0 / NM))
+        self._set_parameter("B", torch.ones(NM, H) / math.sqrt(H))
+        self._set_parameter("C", torch.randn(self.d_output, NM) * math.sqrt(2.0 / NM))
 
     def _log_dt_shape(self) -> Tuple[int, ...]:
         return (self.d_state * self.sub_state_dim,)  # flat like B and C
@@ -813,9 +818,9 @@ class CentaurusDWS(Centaurus):
 
     def _init_mode_parameters(self) -> None:
         N, M = self.d_state, self.sub_state_dim
-        self.E = nn.Parameter(torch.ones(N, M) / math.sqrt(M))
+        self._set_parameter("E", torch.ones(N, M) / math.sqrt(M))
         bound = 1.0 / math.sqrt(N)  # the default init of the reference's 1x1 convolution
-        self.C = nn.Parameter(torch.empty(self.d_output, N).uniform_(-bound, bound))
+        self._set_parameter("C", torch.empty(self.d_output, N).uniform_(-bound, bound))
 
     def _weights(self) -> Weights:
         return {"C": self.C, "E": self.E}
@@ -871,7 +876,7 @@ class CentaurusFull(Centaurus):
 
     def _init_mode_parameters(self) -> None:
         S, M = self.n_rows, self.sub_state_dim
-        self.E = nn.Parameter(torch.ones(S, M) / math.sqrt(self.d_model))
+        self._set_parameter("E", torch.ones(S, M) / math.sqrt(self.d_model))
 
     def _weights(self) -> Weights:
         return {"E": self.E}

@@ -14,7 +14,7 @@ import math
 from typing import Any, Dict, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lrnnx.core.checks import check_batch_size, check_positive_float, check_positive_int
 from lrnnx.models.lti.base import LTI_LRNN, cache_to_device
@@ -48,21 +48,30 @@ class LRU(LTI_LRNN):
                 f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}"
             )
         self.d_model, self.d_state = d_model, d_state
-        H, N = d_model, d_state
+        self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        """Lambda uniform on the ring r_min <= |Lambda| <= r_max with phase in [0, max_phase]
+        (as nu_log, theta_log), gamma_log = log sqrt(1 - |Lambda|^2), complex normal B (N, H)
+        and C (H, N) with variances 1/(2H) and 1/N per part, D (H,) ~ N(0, 1) (Orvieto et
+        al., arXiv 2303.06349)."""
+        H, N = self.d_model, self.d_state
+        r_min, r_max = self.r_min, self.r_max
         u1, u2 = torch.rand(N), torch.rand(N)
         # |Lambda|^2 uniform in [r_min^2, r_max^2]: uniform density on the ring
         radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
         nu = -0.5 * torch.log(radius_sq.clamp(min=1e-12))
-        theta = max_phase * u2
-        self.nu_log = nn.Parameter(torch.log(nu.clamp(min=1e-12)))
-        self.theta_log = nn.Parameter(torch.log(theta.clamp(min=1e-12)))
+        theta = self.max_phase * u2
+        self._set_parameter("nu_log", torch.log(nu.clamp(min=1e-12)))
+        self._set_parameter("theta_log", torch.log(theta.clamp(min=1e-12)))
         gamma = torch.sqrt((1 - radius_sq).clamp(min=1e-12))
-        self.gamma_log = nn.Parameter(torch.log(gamma))
-        self.B_re = nn.Parameter(torch.randn(N, H) / math.sqrt(2 * H))
-        self.B_im = nn.Parameter(torch.randn(N, H) / math.sqrt(2 * H))
-        self.C_re = nn.Parameter(torch.randn(H, N) / math.sqrt(N))
-        self.C_im = nn.Parameter(torch.randn(H, N) / math.sqrt(N))
-        self.D = nn.Parameter(torch.randn(H))
+        self._set_parameter("gamma_log", torch.log(gamma))
+        self._set_parameter("B_re", torch.randn(N, H) / math.sqrt(2 * H))
+        self._set_parameter("B_im", torch.randn(N, H) / math.sqrt(2 * H))
+        self._set_parameter("C_re", torch.randn(H, N) / math.sqrt(N))
+        self._set_parameter("C_im", torch.randn(H, N) / math.sqrt(N))
+        self._set_parameter("D", torch.randn(H))
 
     def _lambda(self) -> Tensor:
         return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))

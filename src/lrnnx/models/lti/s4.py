@@ -227,8 +227,12 @@ class S4(S4BlockBase):
         P = P.real.to(dtype) if self.is_real else torch.view_as_real(P.contiguous()).to(dtype)
         self.register("P", P.contiguous(), "A")
         # length that the parameter C~ = C (I - dA^L) is attuned to (0: C holds C itself)
-        # (a Python int saved through the module's extra state: no device sync to read it)
-        self._kernel_length = {"l_kernel": 0}
+        # (a Python int saved through the module's extra state: no device sync to read it);
+        # a reset writes 0 into the existing record, which state_dicts taken before share
+        if "_kernel_length" in self.__dict__:
+            self.l_kernel = 0
+        else:
+            self._kernel_length = {"l_kernel": 0}
         if self.l_max is not None:
             self._ensure_length(self.l_max)
 

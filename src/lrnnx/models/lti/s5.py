@@ -20,7 +20,7 @@ import math
 from typing import Any, Dict, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lrnnx.core.checks import check_batch_size, check_bool, check_dt_range, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
@@ -93,24 +93,26 @@ class S5(LTI_LRNN):
         conj_sym = check_bool("conj_sym", conj_sym)
         dt_min, dt_max = check_dt_range(dt_min, dt_max)
         self.d_model, self.d_state, self.conj_sym = d_model, d_state, conj_sym
-        init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        self.dt_min, self.dt_max = dt_min, dt_max
         #: the bound on Re(Lambda): Lambda_re above it is clamped (and gets no gradient)
         self.max_real = MAX_REAL_EIG
         if discretization == "no_discretization":
-            # learn log A_bar directly, starting from the ZOH image of the HiPPO spectrum;
-            # the bound scales with the steps as Lambda does
-            step = init["log_step"].exp()
+            self.max_real = MAX_REAL_EIG * dt_min  # scaled with the steps, as Lambda is
+        self._init_parameters()
+        self.out_scale = 2.0 if conj_sym else 1.0
+
+    def _init_parameters(self) -> None:
+        """HiPPO-N's spectrum and eigenbasis (:func:`hippo_n_init`): Lambda (P,), B (P, H),
+        C (H, P), D (H,) and log_step (P,) log-uniform in [dt_min, dt_max]."""
+        init = hippo_n_init(self.d_model, self.d_state, self.conj_sym, self.dt_min, self.dt_max)
+        if self.discretization == "no_discretization":
+            # learn log A_bar directly, starting from the ZOH image of the HiPPO spectrum
+            step = init.pop("log_step").exp()
             init["Lambda_re"] = init["Lambda_re"] * step
             init["Lambda_im"] = init["Lambda_im"] * step
-            self.max_real = MAX_REAL_EIG * dt_min
-        self.Lambda_re = nn.Parameter(init["Lambda_re"])
-        self.Lambda_im = nn.Parameter(init["Lambda_im"])
-        self.B = nn.Parameter(init["B"])
-        self.C = nn.Parameter(init["C"])
-        self.D = nn.Parameter(init["D"])
-        if discretization != "no_discretization":
-            self.log_step = nn.Parameter(init["log_step"])
-        self.out_scale = 2.0 if conj_sym else 1.0
+        for name in ("Lambda_re", "Lambda_im", "B", "C", "D", "log_step"):
+            if name in init:
+                self._set_parameter(name, init[name])
 
     @property
     def n_state(self) -> int:

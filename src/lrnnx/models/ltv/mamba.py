@@ -31,6 +31,7 @@ Parameter names and shapes match mamba_ssm's ``Mamba`` module, so its checkpoint
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -53,7 +54,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
-from lrnnx.layers.linear import Linear
+from lrnnx.layers.linear import Linear, dt_projection
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import selective_scan_fn
 from lrnnx.ops.linear import linear
@@ -148,25 +149,26 @@ class Mamba(LTV_LRNN):
         self.dt_proj = Linear(self.dt_rank, E, bias=True, **fk)
         self.out_proj = Linear(E, d_model, bias=bias, **fk)
 
-        std = self.dt_rank**-0.5 * dt_scale
-        with torch.no_grad():
-            if dt_init == "constant":
-                nn.init.constant_(self.dt_proj.weight, std)
-            else:
-                nn.init.uniform_(self.dt_proj.weight, -std, std)
-            # softplus(bias) = dt, log-uniform in [dt_min, dt_max]: bias = dt + log(1 - exp(-dt))
-            dt = torch.exp(
-                torch.rand(E, device=device) * (math.log(dt_max) - math.log(dt_min))
-                + math.log(dt_min)
-            ).clamp(min=dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.init_fn = functools.partial(
+            dt_projection,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_init=dt_init,
+            dt_scale=dt_scale,
+            dt_init_floor=dt_init_floor,
+        )
+        self.dt_proj.reset_parameters()
         self.dt_proj.bias._no_reinit = True
-        # S4D-real: A[:, n] = -(n + 1), float32 under 16-bit module dtypes
-        A = torch.arange(1, d_state + 1, dtype=own, device=device).repeat(E, 1)
-        self.A_log = nn.Parameter(torch.log(A))
+        self._init_parameters(device, own)
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(E, device=device, dtype=own))
         self.D._no_weight_decay = True
+
+    def _init_parameters(self, device=None, dtype: torch.dtype = torch.float32) -> None:
+        """A_log (E, N) of S4D-real's A[:, n] = -(n + 1) and D (E,) = 1 (``dtype``: float32
+        under 16-bit module dtypes, the precision policy of the recurrence's own tensors)."""
+        A = torch.arange(1, self.d_state + 1, dtype=dtype, device=device).repeat(self.d_inner, 1)
+        self._set_parameter("A_log", torch.log(A))
+        self._set_parameter("D", torch.ones(self.d_inner, device=device, dtype=dtype))
 
     @property
     def _backend(self) -> Optional[str]:

@@ -46,6 +46,7 @@ running each sequence alone.  A cache then holds one state per sequence (batch s
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Dict, Tuple
@@ -69,7 +70,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.core.conv import causal_depthwise_conv, window_tail
-from lrnnx.layers.linear import Linear
+from lrnnx.layers.linear import Conv1d, Linear, lecun_normal, normal
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
 
@@ -249,25 +250,23 @@ class RGLRU(LTV_LRNN):
         self.gate_proj = Linear(d_model, D, bias=bias, **fk)  # W_gate (GeLU branch)
         self.in_proj = Linear(d_model, D, bias=bias, **fk)  # W_in (recurrent branch)
         # depthwise causal conv; forward/step do the causal padding with the cached inputs
-        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, bias=conv_bias, **fk)
+        self.conv1d = Conv1d(D, D, d_conv, groups=D, bias=conv_bias, **fk)
+        # recurrentgemma's Conv1D: variance 0.01 / d_conv, zero bias
+        self.conv1d.init_fn = functools.partial(normal, std=math.sqrt(0.01 / d_conv))
         self.recurrent_gate_proj = BlockDiagonalLinear(D, num_heads, **fk)  # W_a, b_a
         self.input_gate_proj = BlockDiagonalLinear(D, num_heads, **fk)  # W_x, b_x
         lam_dtype = None if dtype is None else _acc_dtype(dtype)
         self.Lambda = nn.Parameter(torch.empty(D, device=device, dtype=lam_dtype))
         self.Lambda._no_weight_decay = True
         self.out_proj = Linear(D, d_model, bias=bias, **fk)  # W_out
+        for lin in (self.gate_proj, self.in_proj, self.out_proj):
+            lin.init_fn = lecun_normal
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def _reset_parameters(self) -> None:
         """Initialise as Griffin: LeCun-normal projections, small conv, a^c ~ U[a_init_range]."""
-        for lin in (self.gate_proj, self.in_proj, self.out_proj):
-            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        # recurrentgemma's Conv1D: variance 0.01 / d_conv, zero bias
-        nn.init.normal_(self.conv1d.weight, std=math.sqrt(0.01 / self.d_conv))
-        if self.conv1d.bias is not None:
-            nn.init.zeros_(self.conv1d.bias)
+        for layer in (self.gate_proj, self.in_proj, self.out_proj, self.conv1d):
+            layer.reset_parameters()
         self.recurrent_gate_proj.reset_parameters()
         self.input_gate_proj.reset_parameters()
         with torch.no_grad():

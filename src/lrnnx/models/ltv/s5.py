@@ -31,7 +31,7 @@ from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lrnnx.core.checks import (
     check_batch_size,
@@ -434,24 +434,26 @@ class S5(_EventSSM):
         check_step_size(dt_min, dt_max, step_rescale)
         real = param_dtype(dtype)
         self.step_rescale = float(step_rescale)
-        init = hippo_n_init(d_model, d_state, conj_sym, dt_min, dt_max)
+        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
         #: the bound on Re(Lambda): Lambda_re above it is clamped (and gets no gradient)
         self.max_real = MAX_REAL_EIG
-        if discretization == "no_discretization":
-            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N;
-            # the bound scales with the steps as Lambda does
-            step = init["log_step"].exp() * self.step_rescale
+        if discretization == "no_discretization":  # scaled with the steps, as Lambda is
+            self.max_real = MAX_REAL_EIG * dt_min * self.step_rescale
+        self._init_parameters(device=device, dtype=real)
+
+    def _init_parameters(self, **factory: Any) -> None:
+        """HiPPO-N's spectrum and eigenbasis (:func:`hippo_n_init`): Lambda (P,), B_tilde
+        (P, H) and C_tilde (H, P) as (real, imag), D (H,), log_step (P,) log-uniform in
+        [dt_min, dt_max]; ``factory``: the device and dtype of a construction."""
+        init = hippo_n_init(self.d_model, self.d_state, self.conj_sym, self.dt_min, self.dt_max)
+        if self.discretization == "no_discretization":
+            # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
+            step = init.pop("log_step").exp() * self.step_rescale
             init["Lambda_re"] = init["Lambda_re"] * step
             init["Lambda_im"] = init["Lambda_im"] * step
-            self.max_real = MAX_REAL_EIG * dt_min * self.step_rescale
-        fk = {"device": device, "dtype": real}
-        self.Lambda_re = nn.Parameter(init["Lambda_re"].to(**fk))
-        self.Lambda_im = nn.Parameter(init["Lambda_im"].to(**fk))
-        self.B = nn.Parameter(init["B"].to(**fk))  # B_tilde (P, H) as (real, imag)
-        self.C = nn.Parameter(init["C"].to(**fk))  # C_tilde (H, P) as (real, imag)
-        self.D = nn.Parameter(init["D"].to(**fk))
-        if discretization != "no_discretization":
-            self.log_step = nn.Parameter(init["log_step"].to(**fk))
+        for name in ("Lambda_re", "Lambda_im", "B", "C", "D", "log_step"):
+            if name in init:
+                self._set_parameter(name, init[name].to(**factory))
 
     def _tensors(self) -> Dict[str, Optional[Tensor]]:
         """The continuous system: Lambda (P,), step Delta (P,) or None, B_tilde (P, H), C (H, P), D."""

@@ -81,6 +81,7 @@ this module defines only S7's parameters and its input-dependent Delta_k, B_k, C
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
@@ -91,7 +92,7 @@ from torch import Tensor, nn
 from lrnnx.core.autograd import graph_by_formula, transformed
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
-from lrnnx.layers.linear import Linear
+from lrnnx.layers.linear import Linear, dt_projection, normal
 from lrnnx.models.ltv.s5 import GammaBar, _EventSSM, check_step_size, param_dtype
 
 #: the selective step is floored at this value when it is initialised (as Mamba and the authors)
@@ -408,12 +409,17 @@ class S7(_EventSSM):
         self.D = nn.Parameter(torch.empty(H, **fk))  # constant part of D_k
         self.D_proj = nn.Parameter(torch.empty(H, H, **fk))  # W_D[h, i]: u_i -> D_k[h]
         self.dt_down = Linear(H, dt_rank, bias=False, **fk)  # W_r
+        self.dt_down.init_fn = functools.partial(normal, std=1.0 / math.sqrt(H))
         self.dt_proj = Linear(dt_rank, P, bias=True, **fk)  # W_dt, b_dt
+        self.dt_proj.init_fn = functools.partial(
+            dt_projection, dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=_DT_INIT_FLOOR
+        )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Initialise as described in the module docstring (HiPPO-N spectrum, S5's B and C)."""
-        H, P, N = self.d_model, self.n_state, self.d_state
+    def _reset_parameters(self) -> None:
+        """Initialise as described in the module docstring (HiPPO-N spectrum, S5's B and C);
+        the dt projections as their own ``init_fn`` does."""
+        H, N = self.d_model, self.d_state
         f64 = torch.float64
         Lambda, V = hippo_blocks(N, self.J, self.conj_sym)
         w = torch.sqrt((1.0 / (-Lambda.real) - self.reparam_b) / self.reparam_a)
@@ -421,11 +427,6 @@ class S7(_EventSSM):
         B_tilde = V.conj().transpose(0, 1) @ B.to(V.dtype)
         C = torch.complex(torch.randn(H, N, dtype=f64), torch.randn(H, N, dtype=f64)) / math.sqrt(N)
         C_tilde = C @ V
-        dt = torch.exp(
-            torch.rand(P, dtype=f64) * (math.log(self.dt_max) - math.log(self.dt_min))
-            + math.log(self.dt_min)
-        ).clamp(min=_DT_INIT_FLOOR)
-        inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))
         with torch.no_grad():
             self.Lambda_w.copy_(w)
             self.Lambda_im.copy_(Lambda.imag)
@@ -434,10 +435,8 @@ class S7(_EventSSM):
             nn.init.normal_(self.D)
             self._reset_input_dependent()
             nn.init.normal_(self.D_proj, std=1.0 / math.sqrt(H))
-            nn.init.normal_(self.dt_down.weight, std=1.0 / math.sqrt(H))
-            bound = self.dt_rank**-0.5
-            nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-            self.dt_proj.bias.copy_(inv_softplus_dt)
+            self.dt_down.reset_parameters()
+            self.dt_proj.reset_parameters()
 
     def _reset_input_dependent(self) -> None:
         """W_B, W_C (or their factors): for unit-variance u, E|W_B (u x u)|^2 = E|B u|^2 ~ 1 and
