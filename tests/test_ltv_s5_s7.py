@@ -362,3 +362,21 @@ def test_step_rescale_scales_the_step():
     ts = torch.full((1, 30), 2.0)
     assert_close_rel(fast(x), base(x, integration_timesteps=ts), length=30)
     assert math.isclose(fast.step_rescale, 2.0)
+
+
+@pytest.mark.parametrize("cls", [S5, S7])
+def test_float32_gradients_hold_over_long_gaps(cls):
+    """An event after a gap long enough for the earlier state to decay to nothing: every
+    parameter's float32 gradient is the float64 model's (zoh's gamma_bar = (exp(z) - 1) / A
+    differentiated through exp, not through expm1's result + 1, whose rounding the gap
+    multiplied: 150% off at a gap of 1e8)."""
+    torch.manual_seed(0)
+    m32 = cls(d_model=4, d_state=4, discretization="zoh")
+    m64 = copy.deepcopy(m32).double()
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    ts = torch.tensor([[1.0, 1e8]], dtype=torch.float64)
+    grads = []
+    for m, dtype in ((m32, torch.float32), (m64, torch.float64)):
+        m(x.to(dtype), integration_timesteps=ts.to(dtype)).sum().backward()
+        grads.append(torch.cat([p.grad.double().flatten() for p in m.parameters()]))
+    assert_close_rel(grads[0], grads[1], dtype=torch.float32, length=2)

@@ -46,8 +46,16 @@ Discretization = Callable[..., tuple[Tensor, GammaBar]]
 
 
 def _phi1(z: Tensor, A: Tensor) -> Tensor:
-    """(exp(z) - 1) / A computed with expm1, accurate when z is small."""
-    return torch.expm1(z) / A
+    """(exp(z) - 1) / A, accurate in value and gradient for every z with Re z <= 0.
+
+    Near 0 the numerator is expm1(z) (exp(z) - 1 would cancel).  For Re z < -1 it is
+    exp(z) - 1 (no cancellation there), because autograd differentiates expm1 through its
+    result, d expm1(z) = expm1(z) + 1, whose rounding (one ulp of 1, ~1e-7 in float32) is all
+    that is left once exp(z) underflows; the event models multiply that gradient by long
+    elapsed times (relative errors of 100% and more), while exp's gradient is exp(z) itself.
+    """
+    real = z.real if z.is_complex() else z
+    return torch.where(real < -1, torch.exp(z) - 1, torch.expm1(z)) / A
 
 
 def _step(delta: Tensor, integration_timesteps: Optional[Tensor]) -> Tensor:
