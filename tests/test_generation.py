@@ -177,6 +177,16 @@ def test_filter_logits():
     assert torch.equal(filter_logits(logits), logits)
 
 
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    """As transformers' TopKLogitsWarper (which lrnnx.hf's generate uses): equal logits are
+    all kept or all dropped, never split by topk's arbitrary order."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0, 5.0]])
+    got = filter_logits(logits, top_k=2)
+    assert torch.isfinite(got).tolist() == [[True] * 4 + [False], [True] * 5]
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    assert torch.equal(got, warpers.TopKLogitsWarper(2)(None, logits.clone()))
+
+
 # -------------------------------------------------------------------------- repetition penalty
 class FixedLogits(torch.nn.Module):
     """A 'model' whose next-token logits are always ``logits``, whatever the input."""

@@ -72,16 +72,17 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
     Args:
         logits: (B, V).
-        top_k: keep the k largest logits per row (0: no limit).
+        top_k: keep the k largest logits per row and any tied with the k-th (0: no limit).
         top_p: keep the smallest set of largest-probability tokens whose total probability is
             >= top_p (1.0: no limit); the most likely token is always kept.
     """
     out = logits
     V = logits.shape[-1]
     if 0 < top_k < V:
-        idx = logits.topk(top_k, dim=-1).indices
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
-        out = out.masked_fill(~keep, float("-inf"))
+        # every logit tied with the k-th largest stays (transformers' TopKLogitsWarper): which
+        # of equal logits topk returns is arbitrary, and the sampler must not depend on it
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         probs, order = out.float().softmax(-1).sort(dim=-1, descending=True)
         before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
