@@ -58,8 +58,11 @@ def step(name, model, x_t, cache):
 
 
 def modes(name):
-    """LTI models are checked on both paths (FFT convolution and scan)."""
-    return ["fft", "scan"] if name in LTI else [None]
+    """LTI models are checked on each of their paths (FFT convolution and scan; S4 and S4D
+    only convolve)."""
+    if name not in LTI:
+        return [None]
+    return [m for m in ("fft", "scan") if m in MODELS[name]().modes]
 
 
 def with_mode(model, mode):

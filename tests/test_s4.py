@@ -840,3 +840,14 @@ def test_threads_serving_one_model_attune_it_once():
             assert_close_rel(y, want, length=80)
         with torch.no_grad():
             assert_close_rel(model(x)[0], want, length=80)
+
+
+@pytest.mark.parametrize("cls", [S4, S4D])
+def test_scan_mode_is_refused_not_ignored(cls):
+    """S4/S4D convolve with their kernel whatever the mode: "scan" says so instead of running
+    the FFT under another name."""
+    model = cls(d_model=4, d_state=4, transposed=False)
+    model.mode = "fft"
+    with pytest.raises(ValueError, match="mode: expected one of \\['auto', 'fft'\\], got 'scan'"):
+        model.mode = "scan"
+    assert model.mode == "fft"

@@ -385,6 +385,14 @@ class S4BlockBase(LTI_LRNN):
     (B, H', state_dim) in ``state_dtype``.
     """
 
+    # the S4 code base's block convolves with its kernel (cut at l_max, with kernel dropout):
+    # "auto" and "fft" are that; there is no scan mode to choose
+    modes = ("auto", "fft")
+    _modes_note = (
+        " (S4 and S4D always convolve with their kernel, as the S4 code base does; S5, LRU "
+        "and Centaurus also scan)"
+    )
+
     #: model name used in log messages
     _name = "S4"
 

@@ -83,6 +83,8 @@ class LTI_LRNN(LRNN):
     ``"auto"`` (the default, the fastest path measured): the scan whenever the device's
     linear_scan backend is a fused one (:data:`FUSED_SCAN_BACKENDS`), otherwise the FFT from
     :data:`AUTO_FFT_MIN_LEN` steps on.  All give the same result up to floating-point rounding.
+    A model lists the modes it implements in :attr:`modes`: S4 and S4D, the S4 code base's
+    convolution blocks, take ``"auto"`` and ``"fft"`` only (ValueError for ``"scan"``).
 
     Packed sequences (``cu_seqlens``, fla's convention: x (1, T, H) holds S sequences back to
     back) always run the scan with resets, in every mode, ``"fft"`` included: a convolution over
@@ -114,10 +116,17 @@ class LTI_LRNN(LRNN):
     def mode(self) -> str:
         return self._mode
 
+    #: the modes the model's forward implements (a subclass narrows it and says why in
+    #: :attr:`_modes_note`)
+    modes: Tuple[str, ...] = MODES
+    _modes_note = ""
+
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode: expected one of {list(MODES)}, got {value!r}")
+        if value not in self.modes:
+            raise ValueError(
+                f"mode: expected one of {list(self.modes)}, got {value!r}{self._modes_note}"
+            )
         self._mode = value
 
     def _use_fft(self, L: int, device: Optional[torch.device] = None) -> bool:
