@@ -133,6 +133,16 @@ def _compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def recording_program() -> bool:
+    """Whether this call is being recorded into a program that replays it without Python:
+    ``torch.export`` (strict or not) or ``torch.jit.trace``.  Such a program must hold no
+    in-place change of the model's own state (it would be replayed on every call) and no
+    kernel that reads raw memory (export traces with fake tensors): the ops take their
+    pure-torch backends and S4 attunes C~ out of place."""
+    exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return torch.jit.is_tracing() or bool(exporting is not None and exporting())
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from lrnnx.core.autograd import transformed
+from lrnnx.core.checks import recording_program
 
 #: preference order per device type; "reference" is only used when asked for
 PREFERENCE = {
@@ -320,7 +321,9 @@ def resolve(
     ``inputs``: the call's tensors.  Under a torch.func transform or with forward-mode tangents
     (:func:`lrnnx.core.autograd.transformed`) the op runs on its ``reference`` backend, plain
     differentiable torch that every transform handles, whatever was asked: the fused kernels
-    read raw memory and their Functions have no vmap or jvp rules.
+    read raw memory and their Functions have no vmap or jvp rules.  While ``torch.export`` or
+    ``torch.jit.trace`` records a program (:func:`lrnnx.core.checks.recording_program`) it runs
+    on its ``torch`` backend, which both record (the fused kernels read raw memory).
 
     Under torch.compile the pure-torch backend is returned as it is, so Dynamo traces it into
     the graph (``fullgraph=True`` works with it: ``LRNNX_BACKEND=torch`` or ``backend="torch"``);
@@ -328,6 +331,8 @@ def resolve(
     follow their launchers."""
     if inputs and transformed(*inputs):
         backend = "reference"
+    elif recording_program():
+        backend = "torch"
     name, fn = select(op, device, backend)
     if name == "torch":
         return fn

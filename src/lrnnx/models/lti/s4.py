@@ -31,7 +31,9 @@ dense recurrence x_t = dA x_t-1 + dB u_t, y_t = Re(C_full x_t) + D u_t.
 
 Attuning rewrites the parameter C in place (once per length, as state-spaces/s4 does), except
 where that would be wrong, where it is computed out of place for the call and the module stays as
-it was: under torch.func (``functional_call`` passes the caller's tensors), and while a gradient
+it was: under torch.func (``functional_call`` passes the caller's tensors), while torch.export
+or torch.jit.trace records a program (which would replay the rewrite at every call), and while a
+gradient
 is pending on C or a graph built through it awaits its backward (accumulation over
 micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
 with respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict``
@@ -39,8 +41,10 @@ carries (extra state: the module's own record, shared as C is, so the two stay m
 parameters copied into another S4 by other means (an EMA or ``AveragedModel``, weight averaging)
 need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write to their
 gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
-change, the function it gives does not.  Passing ``l_max`` >= the longest input attunes C~ once,
-at construction, and keeps it there: use it with EMA, FSDP or frozen weights.
+change, the function it gives does not.  An exported or traced program shares C with the
+model and keeps the ``l_kernel`` it was recorded with: an eager forward at a longer length later
+re-attunes C under it.  Passing ``l_max`` >= the longest input attunes C~ once, at construction,
+and keeps it there: use it with EMA, FSDP, frozen weights or exported programs.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.autograd import transformed
+from lrnnx.core.checks import recording_program
 from lrnnx.models.lti._s4_block import (
     S4BlockBase,
     check_kernel_name,
@@ -325,6 +330,8 @@ class S4(S4BlockBase):
         unless C~ is attuned for the first time), and no torch.func transform runs."""
         C = self.C
         if not isinstance(C, torch.nn.Parameter) or C.grad is not None or transformed(C):
+            return False
+        if recording_program():  # an exported/traced program would rewrite C at every call
             return False
         if torch.compiler.is_compiling():
             # a compiled graph is not tracked (:meth:`_track_graph`): where it records through

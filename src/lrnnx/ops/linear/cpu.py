@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lrnnx.core.autograd import transformed
-from lrnnx.core.checks import _autocast_enabled, _compiling
+from lrnnx.core.checks import _autocast_enabled, _compiling, recording_program
 
 #: x86 vendors whose CPUs get MKL's generic code path
 _GENERIC_VENDORS = ("AuthenticAMD", "HygonGenuine")
@@ -137,7 +137,9 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], asked: bool = Fal
         return False
     if _autocast_enabled("cpu"):
         return False
-    if _compiling() or transformed(x, weight, bias):  # no vmap/jvp rules: F.linear there
+    # no vmap/jvp rules, and a Python autograd Function: F.linear where transforms, compile,
+    # export or tracing record the call
+    if _compiling() or recording_program() or transformed(x, weight, bias):
         return False
     if not asked and not mkl_takes_generic_path():
         return False
