@@ -260,3 +260,16 @@ def test_unet_errors_and_save_load(tmp_path):
     x = torch.randn(1, 7, 2, dtype=torch.float64)
     ref = net(x)  # float64: relative 1e-12, never bitwise
     assert (loaded(x) - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["classifier", "unet"])
+def test_input_of_another_dtype_than_the_weights_is_named(arch):
+    """As the mixers do: a float32 input into a half() model is a TypeError naming x and both
+    dtypes, not torch's "mat1 and mat2 must have the same dtype" from inside the encoder."""
+    if arch == "classifier":
+        model = Classifier(d_input=2, n_classes=3, d_model=16, d_state=8, n_layers=1)
+    else:
+        model = UNet(d_input=2, d_output=2, d_model=8, d_state=8, depth=1)
+    model = model.half()
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float16 .* got torch.float32"):
+        model(torch.randn(2, 12, 2))

@@ -1040,3 +1040,18 @@ def test_parameters_stay_resizable_through_the_kernels(name):
     run(model, x).square().sum().backward()
     tensors = [("x", x), *model.named_parameters()]
     assert [n for n, t in tensors if not t.untyped_storage().resizable()] == [], name
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_channels_last_cast_changes_nothing(name):
+    """model.to(memory_format=torch.channels_last) re-lays out 4-D parameters (S4's C and P as
+    (..., 2) real views of complex tensors): the model computes and trains as before."""
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(2, 12, H)
+    want = run(model, x)
+    model.to(memory_format=torch.channels_last)
+    got = run(model, x)
+    assert_close_rel(got, want, length=12)
+    got.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -35,6 +35,7 @@ from lrnnx.architectures._common import (
 from lrnnx.core.base import empty_in_graph
 from lrnnx.core.checks import (
     as_lengths,
+    check_input_dtype,
     check_timesteps,
     lengths_mask,
     packed_offsets,
@@ -310,6 +311,7 @@ class Classifier(PretrainedMixin, nn.Module):
             )
         if x.dim() != 3 or x.shape[-1] != self.d_input:
             raise ValueError(f"x: expected shape (B, L, {self.d_input}), got {tuple(x.shape)}")
+        check_input_dtype(x, self.encoder.weight.dtype)
 
     def forward(
         self,

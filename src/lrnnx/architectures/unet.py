@@ -49,6 +49,7 @@ from lrnnx.architectures._common import (
 )
 from lrnnx.core.checks import (
     as_lengths,
+    check_input_dtype,
     check_sequence,
     check_step_input,
     lengths_mask,
@@ -276,6 +277,7 @@ class UNet(PretrainedMixin, nn.Module):
                 f"{self.d_input}) without cu_seqlens"
             )
         check_sequence(x, self.d_input)
+        check_input_dtype(x, self.in_proj.weight.dtype)
         B, L = x.shape[:2]
         mask = lengths_mask(lengths, B, L, x.device)
         if L == 0 or B == 0:

@@ -636,7 +636,9 @@ class S4BlockBase(LTI_LRNN):
         return B.repeat(self.H // self.n_ssm, 1)
 
     def _C(self) -> Tensor:
-        return self.C if self.is_real else torch.view_as_complex(self.C)
+        # (contiguous: a 4-D parameter takes channels_last strides from model.to(memory_format=
+        # torch.channels_last), which view_as_complex refuses; a no-op otherwise)
+        return self.C if self.is_real else torch.view_as_complex(self.C.contiguous())
 
     @property
     def state_dtype(self) -> torch.dtype:

@@ -267,7 +267,7 @@ class S4(S4BlockBase):
         return self.N if self.is_real else 2 * self.N
 
     def _P(self) -> Tensor:
-        P = self.P if self.is_real else torch.view_as_complex(self.P)
+        P = self.P if self.is_real else torch.view_as_complex(self.P.contiguous())  # (see _C)
         return P.repeat(1, self.H // self.n_ssm, 1)  # (R, H, N)
 
     def _full(self, x: Tensor) -> Tensor:
