@@ -533,3 +533,17 @@ def test_mamba_float64_constructor_is_float64_end_to_end():
     m = _cls("mamba")(8, d_state=4, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in m.parameters())
     assert m.allocate_inference_cache(1)["lrnn_state"].dtype == torch.float64
+
+
+def test_print_shows_each_models_sizes():
+    """print(model) says what model it is: its sizes and rules, not a bare ``S5()``."""
+    import warnings
+
+    from lrnnx.models.registry import available_models, build_mixer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in available_models():
+            text = repr(build_mixer(name, 8, 8).model).splitlines()
+            sizes = text[0] if text[0].endswith(")") else text[1]
+            assert "d_model=8" in sizes, (name, text[:2])

@@ -162,6 +162,20 @@ class LRNN(nn.Module):
             else get_discretization(discretization, self.allowed_discretizations)
         )
 
+    def extra_repr(self) -> str:
+        """The sizes and rules that tell one model from another in ``print(model)``."""
+        parts = [
+            f"{name}={value}"
+            for name in ("d_model", "d_state", "sub_state_dim", "expand")
+            if isinstance(value := getattr(self, name, None), int) and not isinstance(value, bool)
+        ]
+        if self.discretization is not None:
+            parts.append(f"discretization={self.discretization!r}")
+        mode = getattr(self, "_mode", None)
+        if mode is not None:
+            parts.append(f"mode={mode!r}")
+        return ", ".join(parts)
+
     # ---- initialisation ----------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Initialise the model again, as its construction does: every parameter and buffer,

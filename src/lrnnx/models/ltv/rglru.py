@@ -111,6 +111,9 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return f"width={self.width}, num_blocks={self.num_blocks}"
+
     def reset_parameters(self) -> None:
         # LeCun normal over each block's fan-in, zero bias (as recurrentgemma)
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.block_width))
