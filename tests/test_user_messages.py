@@ -105,3 +105,20 @@ def test_readme_says_how_to_run_the_installed_command_and_what_make_demo_costs()
     setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     assert "source .venv/bin/activate" in setup and ".venv/bin/lrnnx" in setup
     assert "--time-budget" in setup and "DEMO_ARGS" in setup and "minutes" in setup
+
+
+def test_warnings_point_at_the_callers_line():
+    """A warning raised deep inside a model's forward (under nn.Module's call machinery and
+    lrnnx's helpers) is reported at the user's line, as warnings' stacklevel intends."""
+    import warnings
+
+    from lrnnx.models.lti import S4D, S5
+
+    x = torch.randn(1, 5, 4)
+    ts = torch.ones(1, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        S4D(d_model=4, d_state=4, transposed=False)(x, integration_timesteps=ts)
+        S5(4, 4, "zoh")(x, integration_timesteps=ts)
+    assert len(caught) == 2
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -131,6 +133,23 @@ def _compiling() -> bool:
     """Inside torch.compile tracing: value checks that need the host are left to eager runs."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+#: the packages whose frames a warning skips to reach the user's line: torch's and lrnnx's
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (torch.__file__, os.path.dirname(os.path.abspath(__file__)))
+)
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for the caller of this function that points at the
+    first frame outside lrnnx and torch: the user's line that led to the warning (however deep
+    in nn.Module's call machinery and lrnnx's helpers the warning is raised)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def recording_program() -> bool:

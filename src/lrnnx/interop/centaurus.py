@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_positive_int
+from lrnnx.core.checks import check_positive_int, user_stacklevel
 from lrnnx.models.lti.centaurus import MIN_NEG_REAL, Centaurus
 
 __all__ = ["from_ssm_layer", "from_state_dict", "MODES", "NORMS", "POSTACTS"]
@@ -174,7 +174,7 @@ def from_state_dict(
         warnings.warn(
             f"dropout={dropout!r}: the lrnnx Centaurus block has no dropout; the import is exact "
             "in eval mode (where dropout is the identity), add dropout outside it to train",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     # their per-position norms over one channel are the identity (utils.get_norm)
     norm_for = {
@@ -326,5 +326,5 @@ def _warn_clamped_poles(A_real_raw: Tensor) -> None:
             f"{decay.min().item():.3g}); lrnnx clamps -Re(A) at {MIN_NEG_REAL}, so those poles "
             f"decay faster than in the source layer (relative change per step up to "
             f"{math.expm1(MIN_NEG_REAL):.1g} * dt)",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )

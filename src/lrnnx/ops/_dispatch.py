@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from lrnnx.core.autograd import transformed
-from lrnnx.core.checks import recording_program
+from lrnnx.core.checks import recording_program, user_stacklevel
 
 #: preference order per device type; "reference" is only used when asked for
 PREFERENCE = {
@@ -105,7 +105,7 @@ def _warn_unavailable(op: str, name: str, used: str) -> None:
         f"lrnnx: backend {name!r} of {op} is unavailable ({_REASONS.get(key, 'unknown reason')})"
         f"; falling back to {used!r}" + (f" ({what})" if what else ""),
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -146,7 +146,7 @@ def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
             f"lrnnx: {BACKEND_ENV}={env}: {op} has no {env!r} backend (it has {list(table)}); "
             f"it runs on lrnnx's choice for the device",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return None
 

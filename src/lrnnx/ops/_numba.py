@@ -53,6 +53,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
+from lrnnx.core.checks import user_stacklevel
+
 try:
     import numba
 
@@ -480,7 +482,7 @@ class _Job:
             f"{rc}: {' | '.join(tail) or 'no message'}); calls stay on the pure-torch backend. "
             f"{COMPILE_ENV}=wait compiles them in this process instead",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return False
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_positive_float
+from lrnnx.core.checks import check_positive_float, user_stacklevel
 
 
 @dataclass
@@ -515,7 +515,7 @@ def generate(
                 f"generate: do_sample=False decodes greedily, so {', '.join(unused)} has no "
                 "effect; pass do_sample=True to sample",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
     sample = do_sample and temperature != 0 and top_k != 1
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
@@ -554,7 +554,8 @@ def generate(
                 if cuda_graph:
                     raise
                 warnings.warn(
-                    f"generate: CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3
+                    f"generate: CUDA graph capture failed ({e}); decoding eagerly",
+                    stacklevel=user_stacklevel(),
                 )
         if repetition_penalty != 1.0:
             V = logits.shape[-1]

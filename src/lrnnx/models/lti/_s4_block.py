@@ -47,6 +47,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    user_stacklevel,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv
@@ -901,7 +902,7 @@ class S4BlockBase(LTI_LRNN):
                 "back, unlike step(), whose recurrence never forgets; pass l_max=None (or >= L) "
                 "for the full kernel (warned once per module)",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         k, k_state = self.compute_kernel(Lk, h0)
         k = self.kernel_dropout(k)
@@ -1031,7 +1032,7 @@ def _warn_positional_bottleneck(cls: type, args: Tuple[Any, ...], kwargs: Dict[s
         f"size; if you meant the state size, use {name}({args[0]!r}, d_state={args[1]!r}); "
         f"to keep the bottleneck without this warning, pass bottleneck={args[1]!r} by keyword",
         UserWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

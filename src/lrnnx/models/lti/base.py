@@ -20,6 +20,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    user_stacklevel,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv
@@ -174,8 +175,8 @@ class LTI_LRNN(LRNN):
         ``integration_timesteps`` is accepted for interface compatibility with the LTV models,
         as the original lrnnx documents it ("not used by S5"), and validated like theirs ((B, L),
         finite and >= 0 at valid positions); the fixed kernel cannot stretch per element, so
-        it is ignored, with a warning that says so (Python's default filter shows it once per
-        model class).
+        it is ignored, with a warning that says so, located at the caller's line (Python's
+        default filter shows it once per line).
         """
         check_sequence(x, self.d_model)
         self._ignore_timesteps(x, integration_timesteps, lengths)
@@ -193,7 +194,7 @@ class LTI_LRNN(LRNN):
                 "them (its kernel is fixed); use an LTV model (lrnnx.models.ltv, e.g. the "
                 "event-driven S5) for irregularly sampled inputs",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def _diagonal_ssm(

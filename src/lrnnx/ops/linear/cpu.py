@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lrnnx.core.autograd import transformed
-from lrnnx.core.checks import _autocast_enabled, _compiling, recording_program
+from lrnnx.core.checks import _autocast_enabled, _compiling, recording_program, user_stacklevel
 
 #: x86 vendors whose CPUs get MKL's generic code path
 _GENERIC_VENDORS = ("AuthenticAMD", "HygonGenuine")
@@ -94,11 +94,11 @@ def self_check() -> bool:
         )
     except Exception as e:  # a changed or missing op: keep F.linear
         msg = f"lrnnx: oneDNN linear unavailable ({type(e).__name__}: {e}); using F.linear"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
         return False
     if not ok:
         msg = "lrnnx: oneDNN linear disagrees with F.linear; using F.linear"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
     return ok
 
 
