@@ -6,15 +6,19 @@ PYTHON ?= python3
 DEMO_ARGS ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# A CPU build of PyTorch; the package itself only asks for torch>=2.4.
+# The PyTorch the tests are pinned to (the package itself only asks for torch>=2.4), in the
+# build pip finds: a CPU wheel where pip is configured with one (lrnnx's CI machines); from
+# PyPI on Linux the default build, which carries CUDA (several GB).  For the CPU-only build
+# from PyPI's side: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH  := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: demo test test-slow lint bench clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml
