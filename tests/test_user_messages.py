@@ -122,3 +122,33 @@ def test_warnings_point_at_the_callers_line():
         S5(4, 4, "zoh")(x, integration_timesteps=ts)
     assert len(caught) == 2
     assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+
+
+def test_loading_another_architecture_or_a_run_folder_names_the_way(tmp_path):
+    """from_pretrained on the wrong kind of directory says which class loads it, and on an
+    `lrnnx train` --out folder points at its best/ and last/ directories."""
+    import warnings
+
+    from lrnnx.architectures import Classifier, LRNNLMHeadModel, UNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = {
+            LRNNLMHeadModel: LRNNLMHeadModel(
+                d_model=8, d_state=4, n_layer=1, vocab_size=10, mixer_types="s5"
+            ),
+            Classifier: Classifier(d_input=2, n_classes=3, d_model=8, d_state=8, n_layers=1),
+            UNet: UNet(d_input=2, d_output=2, d_model=8, d_state=8, depth=1),
+        }
+    for cls, model in saved.items():
+        model.save_pretrained(tmp_path / cls.__name__)
+    for cls in saved:
+        for other in saved:
+            if other is not cls:
+                with pytest.raises(ValueError, match=f"{other.__name__}.from_pretrained"):
+                    cls.from_pretrained(tmp_path / other.__name__)
+    saved[LRNNLMHeadModel].save_pretrained(tmp_path / "run" / "best")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "run" / "best"))):
+        LRNNLMHeadModel.from_pretrained(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"allocate_inference_cache\(batch_size\)"):
+        saved[LRNNLMHeadModel].step(torch.tensor([1, 2]), {})

@@ -875,7 +875,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where to measure: cpu, cuda or cuda:N (default: cuda when there is a GPU)",
+        help="where to measure: cpu, cuda or cuda:N (cuda where there is a GPU)",
     )
     parser.add_argument(
         "--repeats", type=_positive_int, default=3, help="timed repeats per case (median)"

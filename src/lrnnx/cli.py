@@ -584,9 +584,11 @@ DEMO_DESCRIPTION = (
     f"(default {DemoSettings.time_budget:.0f}, about {DemoSettings.time_budget / 60:.0f} minutes; "
     f"on a fast machine the {DemoSettings.steps} steps finish sooner), plus\n"
     "about a minute of set-up: data, timing each model and, on the first run, compiling the\n"
-    "fused CPU kernels.  On a slower machine every model gets fewer steps (the same number for\n"
-    "all): a small budget gives a quick but less conclusive table, e.g.\n"
-    "`lrnnx demo --time-budget 120`.  Ctrl-C stops it and prints the table so far.\n"
+    "fused CPU kernels.  On a slower machine every model is planned fewer steps (the same\n"
+    "number for all, from a timing of a few steps); a model that runs slower than planned (a\n"
+    "machine busy with other work) stops at its share of the budget, and the table then says\n"
+    "the comparison is not like-for-like.  A small budget gives a quick but less conclusive\n"
+    "table, e.g. `lrnnx demo --time-budget 120`.  Ctrl-C stops it and prints the table so far.\n"
     "Writes results.json and selective_copy.png to --out."
 )
 

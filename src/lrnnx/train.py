@@ -1166,7 +1166,10 @@ def _train(
         if out is not None and ctx.is_main and last_dir_step != step:
             save_last(step)  # the weights reached, even before the first evaluation
         if last_ckpt_step is not None:
-            say(f"checkpoint of step {last_ckpt_step} kept: {ckpt_path} (continue with --resume)")
+            say(
+                f"checkpoint of step {last_ckpt_step} kept: {ckpt_path} (`lrnnx train` with the "
+                f"run's settings, --out {out} and --resume continues it)"
+            )
         elif out is not None:
             say(
                 f"no checkpoint yet (the first comes with the evaluation at step "

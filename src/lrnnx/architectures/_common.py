@@ -31,6 +31,32 @@ EXTRA_STATE_METADATA = "lrnnx_extra_state"
 _EXTRA_SUFFIX = "_extra_state"  # torch's state_dict key suffix for a module's extra state
 
 
+def architecture_of(config: Dict[str, Any]) -> Optional[str]:
+    """The lrnnx architecture a ``save_pretrained`` config belongs to, read off its keys
+    (None: none of lrnnx's), for messages that name the class to load it with."""
+    if "mixer_types" in config:
+        return "LRNNLMHeadModel"
+    if "n_classes" in config:
+        return "Classifier"
+    if "d_output" in config and "depth" in config:
+        return "UNet"
+    return None
+
+
+def _other_architecture(
+    cfg_path: str, cls: type, held: Optional[str], model_type: Any = None
+) -> ValueError:
+    """The error of ``cls.from_pretrained`` on a directory of another architecture."""
+    what = f"a checkpoint of {held}" if held else "another architecture's checkpoint"
+    if model_type is not None:
+        what += f" (model_type {model_type!r})"
+    how = f"load it with {held}.from_pretrained, or " if held else "load it with "
+    return ValueError(
+        f"{cfg_path}: the directory holds {what}, not of {cls.__name__}; {how}"
+        "for an `lrnnx train` run, lrnnx.train.load_pretrained"
+    )
+
+
 class ChecksumError(ValueError):
     """The weights file does not match the sha256 recorded in ``config.json`` (corrupted, or
     changed after :meth:`PretrainedMixin.save_pretrained`).  A subclass of ValueError."""
@@ -361,8 +387,20 @@ class PretrainedMixin:
         w_path = os.path.join(load_directory, WEIGHTS_NAME)
         for p in (cfg_path, w_path):
             if not os.path.isfile(p):
+                runs = [
+                    d
+                    for d in ("best", "last")
+                    if os.path.isfile(os.path.join(load_directory, d, CONFIG_NAME))
+                ]
+                hint = (
+                    "; this looks like an `lrnnx train` --out directory: load "
+                    + " or ".join(os.path.join(load_directory, d) for d in runs)
+                    + f", or lrnnx.train.load_pretrained({str(load_directory)!r})"
+                    if runs
+                    else ""
+                )
                 raise FileNotFoundError(
-                    f"load_directory: {p} not found (expected a save_pretrained directory)"
+                    f"load_directory: {p} not found (expected a save_pretrained directory){hint}"
                 )
         with open(cfg_path) as f:
             config = json.load(f)
@@ -468,6 +506,9 @@ def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> 
     Hugging Face integration) holds nothing but the arguments, all passed on.
     """
     if MODEL_TYPE_KEY not in config:
+        held = architecture_of(config)
+        if held is not None and all(c.__name__ != held for c in cls.__mro__):
+            raise _other_architecture(cfg_path, cls, held)
         return config
     model_type = config[MODEL_TYPE_KEY]
     # a subclass reads its base class's directories (it writes none: its arguments may differ)
@@ -476,10 +517,7 @@ def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> 
         None,
     )
     if model_type != own_type:
-        raise ValueError(
-            f"{cfg_path}: model_type {model_type!r} is not {cls.__name__}'s (expected "
-            f"{own_type!r}); the directory holds another architecture"
-        )
+        raise _other_architecture(cfg_path, cls, architecture_of(config), model_type)
     params = inspect.signature(cls.__init__).parameters
     named = {
         n

@@ -515,6 +515,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 f"inference_cache: expected the dict of allocate_inference_cache with layer keys "
                 f"0..{self.n_layer - 1}, got {type(cache).__name__}"
                 + (f" with keys {sorted(map(str, cache))}" if isinstance(cache, dict) else "")
+                + "; allocate one with model.allocate_inference_cache(batch_size)"
             )
         for i in range(self.n_layer):
             kc = cache[i].get("k_cache") if isinstance(cache[i], dict) else None

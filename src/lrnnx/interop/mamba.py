@@ -154,8 +154,13 @@ def detect_layout(config: Mapping[str, Any]) -> str:
         )
     if model_type is None and "d_model" in config and "n_layer" in config:
         return "mamba_ssm"
+    from lrnnx.architectures._common import architecture_of
+
+    held = architecture_of(dict(config))
     raise ValueError(
-        "config: expected an lrnnx config (with 'mixer_types'), a transformers Mamba config "
+        "config: "
+        + (f"a checkpoint of {held} (load it with {held}.from_pretrained); " if held else "")
+        + "expected an lrnnx config (with 'mixer_types'), a transformers Mamba config "
         "('model_type': 'mamba') or a mamba_ssm MambaLMHeadModel config ('d_model', 'n_layer'), "
         f"got model_type {model_type!r} with keys {sorted(config)[:12]}"
     )
