@@ -702,3 +702,28 @@ def test_progress_lines_show_the_rate_each_step_ran_at(tmp_path, capsys):
     assert main(_train_args("assoc-recall", out, steps=3, extra=extra)) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("step")]
     assert "lr 2.00e-03" in lines[0], lines
+
+
+def test_bad_out_and_unresumable_runs_fail_before_the_thread_timing(tmp_path, capsys, monkeypatch):
+    """Without --threads, lrnnx train times a few steps to choose the thread count: an --out
+    it cannot write and a --resume whose settings differ are refused before that timing."""
+    import lrnnx.cli as cli
+
+    out = tmp_path / "run"
+    assert main(_run(out)) == 0
+    capsys.readouterr()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before refusing")
+
+    monkeypatch.setattr(cli, "_time_steps", no_timing)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a machine with cores
+    threadless = _run(out)  # (no --threads)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad_out = [*threadless]
+    bad_out[bad_out.index("--out") + 1] = str(blocker / "sub")
+    assert main(bad_out) == 2
+    assert "out:" in capsys.readouterr().err
+    assert main([*threadless, "--resume", "--lr", "0.123"]) == 2
+    assert "resume:" in capsys.readouterr().err

@@ -514,15 +514,28 @@ def _pick_threads(config: Any) -> Any:
     Returns the prepared run (data and model, built once), or None when nothing was timed."""
     import torch
 
-    from lrnnx.train import check_output_dir, launch_env, prepare, resolve_device
+    from lrnnx.train import (
+        CHECKPOINT_NAME,
+        check_output_dir,
+        check_resume,
+        check_writable,
+        launch_env,
+        prepare,
+        resolve_device,
+    )
 
     if config.threads is not None or launch_env("WORLD_SIZE", 1) > 1:
         return None
     config.validate()
     if resolve_device(config.device).type != "cpu" or torch.get_num_threads() == 1:
         return None
-    check_output_dir(config, clear=False)  # a bad --out fails before the timing
+    # a bad --out and a resume that cannot continue fail before the timing
+    check_output_dir(config, clear=False)
+    if config.out is not None and not config.resume:
+        check_writable(Path(config.out))
     prep = prepare(config)
+    if config.resume and config.out is not None:
+        check_resume(Path(config.out) / CHECKPOINT_NAME, prep)
     _time_steps({prep.info.name: prep}, config.device, None)
     return prep
 

@@ -581,6 +581,23 @@ def _check_resumed_run(
         )
 
 
+def check_resume(ckpt_path: Path, prep: Prepared, map_location: Any = "cpu") -> Dict[str, Any]:
+    """The checkpoint to resume, once it is known to continue the run ``prep`` describes.
+
+    Raises:
+        ConfigError: an unreadable checkpoint, settings that differ from the run's
+            (:func:`_check_resumed_run`, checked first: a task change explains the rest), or
+            another architecture (its vocabulary, say)."""
+    state = read_checkpoint(ckpt_path, map_location)
+    _check_resumed_run(ckpt_path, state, prep.config, prep.data)
+    if state.get("architecture") != prep.arch:
+        raise ConfigError(
+            f"resume: {ckpt_path} was trained with a different architecture; "
+            "use another --out or the same model settings"
+        )
+    return state
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
@@ -956,13 +973,7 @@ def _train(
     history: Dict[str, List[Dict[str, float]]] = {"train": [], "eval": []}
     start_step, elapsed_before = 0, 0.0
     if config.resume and ckpt_path is not None:  # check_output_dir made sure it exists
-        state = read_checkpoint(ckpt_path, device)
-        _check_resumed_run(ckpt_path, state, config, data)  # first: a task change explains
-        if state.get("architecture") != arch:  # an architecture change (its vocabulary, say)
-            raise ConfigError(
-                f"resume: {ckpt_path} was trained with a different architecture; "
-                "use another --out or the same model settings"
-            )
+        state = check_resume(ckpt_path, prep, device)
         model.load_state_dict(state["model_state"])
         try:
             opt.load_state_dict(state["optimizer_state"])
