@@ -1,9 +1,10 @@
 """Autograd around caches and empty inputs, for every model of the registry: a forward that
 fills a cache backpropagates like one without (the cache's tensors are written after the graph
-has read copies of them), Mamba's and RG-LRU's ``step`` carry the graph through their state
-(gradients of a stepped sequence equal the parallel forward's, for the input and every
-parameter), as attention's steps do through the keys and values they recorded, empty inputs give empty outputs inside the graph, and caches for a batch of 0 are
-allocated by the wrappers as by the models."""
+has read copies of them), every model's ``step`` carries the graph through its state and
+reads the parameters while autograd records (gradients of a stepped sequence equal the parallel
+forward's, for the input and every parameter), as attention's steps do through the keys and
+values they recorded, empty inputs give empty outputs inside the graph, and caches for a batch
+of 0 are allocated by the wrappers as by the models."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_forward_that_fills_a_cache_backpropagates(name):
             assert_close_rel(b, a, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["mamba", "stream", "rglru", "attn"])
+@pytest.mark.parametrize("name", [*MODELS, "attn"])
 def test_step_gradients_equal_the_forward(name):
     torch.manual_seed(0)
     model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
@@ -101,3 +102,83 @@ def test_attention_prefill_then_steps_carry_the_graph():
     last = model.step(x[:, 4], cache)[0]
     g = torch.autograd.grad(last.pow(2).sum(), x)[0]
     assert torch.all(g[:, :4] == 0) and torch.any(g[:, 4] != 0)
+
+
+def _step_vs_forward(model, x, ts=None):
+    """Gradients of a stepped sequence and of the parallel forward, for x and every parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {} if ts is None else {"integration_timesteps": ts}
+    y = _out(model(x, **kw))
+    want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
+    cache = model.allocate_inference_cache(x.shape[0], x.shape[1])
+    steps = []
+    for t in range(x.shape[1]):
+        kw = {} if ts is None else {"integration_timesteps": ts[:, t]}
+        steps.append(model.step(x[:, t], cache, **kw)[0].reshape(x.shape[0], -1))
+    steps = torch.stack(steps, 1)
+    assert_close_rel(steps, y, dtype=torch.float64)
+    got = torch.autograd.grad(steps.pow(2).sum(), [x, *params])
+    for a, b in zip(want, got, strict=True):
+        assert_close_rel(b, a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["stream", "event-s5", "s7"])
+def test_step_gradients_with_timesteps(name):
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    ts = torch.rand(2, 6, dtype=torch.float64) + 0.1
+    _step_vs_forward(model, x, ts)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "pointwise"},
+        {"mode": "dws"},
+        {"mode": "full"},
+        {"mode": "neck", "dt_per_sub_state": True, "out_norm": "layer", "out_activation": "gelu"},
+    ],
+    ids=["pointwise", "dws", "full", "neck-options"],
+)
+def test_centaurus_step_gradients(kwargs):
+    from lrnnx.models.lti import Centaurus
+
+    torch.manual_seed(0)
+    model = Centaurus(d_model=4, d_state=4, sub_state_dim=2, **kwargs).double()
+    _step_vs_forward(model, torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True))
+
+
+def test_s4_block_options_step_gradients():
+    from lrnnx.models.lti import S4, S4D
+
+    torch.manual_seed(0)
+    for model in (
+        S4(4, d_state=4, transposed=False, gate=2, bottleneck=2, channels=2),
+        S4D(4, d_state=4, transposed=False, channels=2, disc="bilinear", is_real=True),
+    ):
+        model = model.double()
+        x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+        _step_vs_forward(model, x)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "attn"])
+def test_prefill_then_steps_have_the_forward_gradients(name):
+    """A forward that fills a cache stores its final state with its graph while autograd
+    records, so steps after a prefill (and a second prefill) continue the forward's graph."""
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
+    model = model.double()
+    x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    y = _out(model(x))
+    want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
+    cache = model.allocate_inference_cache(2, 7)
+    parts = [_out(model(x[:, :2], inference_cache=cache))]
+    parts.append(_out(model(x[:, 2:4], inference_cache=cache)))
+    parts += [model.step(x[:, t], cache)[0].reshape(2, 1, -1) for t in range(4, 7)]
+    got_y = torch.cat(parts, 1)
+    assert_close_rel(got_y, y, dtype=torch.float64)
+    got = torch.autograd.grad(got_y.pow(2).sum(), [x, *params])
+    for a, b in zip(want, got, strict=True):
+        assert_close_rel(b, a, dtype=torch.float64)

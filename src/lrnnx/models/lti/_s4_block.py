@@ -674,13 +674,21 @@ class S4BlockBase(LTI_LRNN):
     def _state_matrices(self) -> Tuple[Tensor, Tensor]:
         """(dA, dB) of the state recurrence in ``state_dtype``, differentiable."""
 
-    @abstractmethod
     def setup_step(self) -> Dict[str, Tensor]:
-        """Discrete dA, dB, dC for :meth:`step` (inference constants)."""
+        """Discrete dA, dB, dC for :meth:`step` (inference constants: copies, no graph)."""
+        with torch.no_grad():
+            return {k: t.clone() for k, t in self._step_system().items()}
 
     @abstractmethod
-    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
-        """Advance cache["lrnn_state"] in place by input u (B, H); return C x (B, channels, H)."""
+    def _step_system(self) -> Dict[str, Tensor]:
+        """dA, dB, dC of the recurrence :meth:`step` runs, in ``state_dtype``, from the
+        parameters as they are (differentiable)."""
+
+    @abstractmethod
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any], graph: bool = False) -> Tensor:
+        """Advance cache["lrnn_state"] by input u (B, H) and return C x (B, channels, H): in
+        place, or with ``graph`` (autograd records through the cache's matrices) computed out
+        of place and written back (copy_ carries the graph)."""
 
     # ---- interface ---------------------------------------------------------------------------
 
@@ -832,16 +840,16 @@ class S4BlockBase(LTI_LRNN):
             x = zero_where_not(x, mask[..., None])
         v = self.input_gate(x) if self.gate is not None else None
         u = self.input_linear(x) if self.bottleneck is not None else x
-        # a cache's state is an inference constant: no graph through it
-        state_grad = inference_cache is None
+        # the final state carries the graph while autograd records: into a given state's
+        # return, and into a cache's state, from which steps and later forwards continue
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.transpose(1, 2).to(self.A_real.dtype)  # (B, H', L)
             if mask is not None:
                 uf = zero_where_not(uf, mask[:, None])
             if cu is None:
-                y, next_state = self._ssm(uf, h0, lengths, state_grad)
+                y, next_state = self._ssm(uf, h0, lengths)
             else:
-                y, next_state = self._packed_ssm(uf, h0, cu, state_grad)
+                y, next_state = self._packed_ssm(uf, h0, cu)
             y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C, L)
             # (B, L, C*H') in its own memory order: the activation's backward on a transposed
             # view ran ~9x slower on the CPU (torch's gelu_backward), and the linear layer
@@ -856,7 +864,7 @@ class S4BlockBase(LTI_LRNN):
         if self.transposed:
             y = y.transpose(1, 2)
         if inference_cache is not None:
-            inference_cache["lrnn_state"].copy_(next_state.detach())
+            inference_cache["lrnn_state"].copy_(next_state)  # with its graph (steps continue it)
             advance = L if cu is None else packed_seqlen_offset(cu)
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
             next_state = inference_cache["lrnn_state"]
@@ -884,13 +892,13 @@ class S4BlockBase(LTI_LRNN):
         return self._check_cache(cache, rows)["lrnn_state"].to(self.state_dtype, copy=True)
 
     def _ssm(
-        self, uf: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], state_grad: bool
+        self, uf: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor]
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """The SSM of a batch by the FFT convolution with the kernel: uf (B, H', L) ->
         y (B, C, H', L) (D included), and the final state (B, H', N) when ``h0`` is given.
 
         ``lengths`` (B,): the state is read at each sequence's length (padding zeroed by the
-        caller); ``state_grad``: whether the state carries a graph."""
+        caller)."""
         L = uf.shape[-1]
         Lk = L if self.l_max is None else min(L, self.l_max)
         if Lk < L and not self._warned_l_max:
@@ -914,13 +922,12 @@ class S4BlockBase(LTI_LRNN):
             y = y + F.pad(k_state, (0, L - Lk))
         next_state = None
         if h0 is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and state_grad):
-                dA, dB = self._state_matrices()
-                next_state = ssm_final_state(dA, dB, uf, h0, lengths)
+            dA, dB = self._state_matrices()
+            next_state = ssm_final_state(dA, dB, uf, h0, lengths)
         return y, next_state
 
     def _packed_ssm(
-        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor, state_grad: bool
+        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """:meth:`_ssm` for S sequences packed along the T steps of uf (1, H', T) at the int64
         offsets ``cu`` (S + 1,); ``h0`` (S, H', N).  Returns y (1, C, H', T) and the final
@@ -938,7 +945,7 @@ class S4BlockBase(LTI_LRNN):
         valid = (pos[None] < lens[:, None]).to(dev)
         u_pad = zero_where_not(uf[0][:, src.to(dev)].transpose(0, 1), valid[:, None])
         short = None if bool((lens == longest).all()) else lens.to(dev)
-        y_pad, next_state = self._ssm(u_pad, h0, short, state_grad)  # (S, C, H', max length)
+        y_pad, next_state = self._ssm(u_pad, h0, short)  # (S, C, H', max length)
         seq, _, _ = step_layout(cu, reverse=False)
         y = y_pad[seq.to(dev), :, :, (torch.arange(T) - cu[seq]).to(dev)]  # (T, C, H')
         return y.permute(1, 2, 0)[None], next_state
@@ -961,9 +968,13 @@ class S4BlockBase(LTI_LRNN):
         self._check_cache(inference_cache, x.shape[0])
         v = self.input_gate(x) if self.gate is not None else None
         u = self.input_linear(x) if self.bottleneck is not None else x
+        # while autograd records, the recurrence comes from the parameters (a stepped sequence
+        # then has the forward's gradients); else from the cache's constants
+        graph = self._step_records_graph()
+        ssm_cache = {**inference_cache, **self._step_system()} if graph else inference_cache
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.to(self.A_real.dtype)
-            y = self._ssm_step(uf, inference_cache) + self.D * uf[:, None]  # (B, C, H')
+            y = self._ssm_step(uf, ssm_cache, graph) + self.D * uf[:, None]  # (B, C, H')
             y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C)
             y = y.reshape(x.shape[0], y.shape[1] * y.shape[2]).to(x.dtype)  # (B = 0 too)
         y = self.activation(self.conv_dropout(y))

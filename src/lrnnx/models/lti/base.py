@@ -260,7 +260,7 @@ class LTI_LRNN(LRNN):
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
         if inference_cache is not None and cu is not None:
-            inference_cache["lrnn_state"].copy_(final.detach())
+            inference_cache["lrnn_state"].copy_(final)
             offset = inference_cache.get("seqlen_offset", 0) + packed_seqlen_offset(cu)
             inference_cache["seqlen_offset"] = offset
         elif inference_cache is not None:
@@ -289,6 +289,8 @@ class LTI_LRNN(LRNN):
         """
         x = check_step_input(x, self.d_model)
         h = self._check_cache(cache, x.shape[0])["lrnn_state"]
+        if self._step_records_graph():
+            return self._diagonal_step_in_graph(x, cache, out_scale)
         bufs = self._step_buffers(cache, out_scale)
         Bsz, N = h.shape
         # the state and its readout stay in the cache's precision under autocast, as in forward
@@ -304,6 +306,40 @@ class LTI_LRNN(LRNN):
             y = torch.view_as_real(h).reshape(Bsz, 2 * N) @ bufs.W_out  # out_scale Re(C h)
             if cache.get("D") is not None:
                 y.addcmul_(xf, cache["D"])
+        cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
+        return y.to(x.dtype), cache
+
+    def _step_records_graph(self) -> bool:
+        """Whether ``step`` runs on the parameters as they are now, in autograd's graph: grad
+        mode is on and a parameter of the model's own requires grad.  Without autograd it runs
+        on the constants its cache captured (cheaper: nothing is re-derived per step)."""
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for p in self._parameters.values() if p is not None
+        )
+
+    def _step_matrices(self) -> Dict[str, Optional[Tensor]]:
+        """The discrete diagonal system from the parameters as they are now, differentiable:
+        ``A_bar`` (N,), ``B_bar`` (N, H), ``C`` (H, N) (complex) and ``D`` (H,) or None (a
+        diagonal model implements it; its cache holds detached copies)."""
+        raise not_implemented(self, "_step_matrices")
+
+    def _diagonal_step_in_graph(
+        self, x: Tensor, cache: Dict[str, Any], out_scale: float
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """:meth:`_diagonal_step` while autograd records: the system from the parameters
+        (:meth:`_step_matrices`) and the state computed out of place, then written back into
+        the cache's tensor (copy_ carries the graph), so a stepped sequence has the parallel
+        forward's gradients, the parameters' and through the state from step to step."""
+        h = cache["lrnn_state"]
+        m = self._step_matrices()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(self._precision)
+            A_bar, B_bar, C = (m[k].to(h.dtype) for k in ("A_bar", "B_bar", "C"))
+            h_new = A_bar * h.clone() + xf.to(h.dtype) @ B_bar.transpose(0, 1)
+            y = out_scale * (h_new @ C.transpose(0, 1)).real
+            if m.get("D") is not None:
+                y = y + m["D"].to(y.dtype) * xf
+            h.copy_(h_new)
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), cache
 
@@ -346,7 +382,7 @@ class LTI_LRNN(LRNN):
             idx = (lengths.to(h.device) - 1).clamp(min=0)
             final = h.gather(1, idx.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))[:, 0]
             final = torch.where((lengths == 0).to(h.device)[:, None], cache["lrnn_state"], final)
-        cache["lrnn_state"].copy_(final.detach())
+        cache["lrnn_state"].copy_(final)
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + h.shape[1]
 
 

@@ -496,7 +496,7 @@ class CentaurusBase(LTI_LRNN):
             if mask is not None:
                 y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
-            inference_cache["lrnn_state"].copy_(final.detach().reshape(h0.shape))
+            inference_cache["lrnn_state"].copy_(final.reshape(h0.shape))
             advance = L if cu is None else packed_seqlen_offset(cu)
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
         return y.to(x.dtype)
@@ -598,8 +598,10 @@ class CentaurusBase(LTI_LRNN):
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """Single-timestep streaming update for a Centaurus variant.
 
-        The sub-states advance in place, x_nm <- A_bar_nm x_nm + gamma_nm v_n, in the cached
-        (B, N, M) layout ((B, H_out, H_in, M) for full).  BatchNorms apply their running
+        The sub-states advance, x_nm <- A_bar_nm x_nm + gamma_nm v_n, in the cached (B, N, M)
+        layout ((B, H_out, H_in, M) for full): in place with the cache's constants, or, while
+        autograd records, from the parameters with the graph carried through the state (a
+        stepped sequence has the forward's gradients).  BatchNorms apply their running
         statistics (the eval-mode function) whatever the module's mode.
 
         Args:
@@ -612,12 +614,25 @@ class CentaurusBase(LTI_LRNN):
         x = check_step_input(x, self.d_model)
         h_full = self._check_cache(inference_cache, x.shape[0])
         h = h_full.view(x.shape[0], self.n_rows, self.sub_state_dim)
-        w = {k: inference_cache.get(k) for k in self._weights()}
+        # while autograd records, the system comes from the parameters and the state is
+        # computed out of place (see LTI_LRNN._diagonal_step_in_graph); else the cache's
+        # constants and an in-place update
+        graph = self._step_records_graph()
+        if graph:
+            A_bar, gamma, _ = self.discretize()
+            w = self._weights()
+        else:
+            A_bar, gamma = inference_cache["A_bar"], inference_cache["gamma_bar"]
+            w = {k: inference_cache.get(k) for k in self._weights()}
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.to(inference_cache["A_bar"].real.dtype)
-            v = inference_cache["gamma_bar"] * self._lanes(xf, w)
-            h.mul_(inference_cache["A_bar"]).add_(v)
-            y = self._output(self._mix(h.real, w), w, running_stats=True)
+            xf = x.to(A_bar.real.dtype)
+            v = gamma * self._lanes(xf, w)
+            if graph:
+                h_new = A_bar * h.clone() + v
+                h.copy_(h_new)
+            else:
+                h_new = h.mul_(A_bar).add_(v)
+            y = self._output(self._mix(h_new.real, w), w, running_stats=True)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), inference_cache
 

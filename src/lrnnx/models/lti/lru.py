@@ -138,19 +138,21 @@ class LRU(LTI_LRNN):
         """
         check_batch_size(batch_size)
         with torch.no_grad():  # the cache is for inference: constants, not graph nodes
-            Lambda, B, C = self._matrices()
-            Lambda, B_norm = self.compute_kernel(max_seqlen, Lambda, B)
-        state = torch.zeros(batch_size, self.d_state, dtype=Lambda.dtype, device=Lambda.device)
+            m = self._step_matrices()
+        state = torch.zeros(
+            batch_size, self.d_state, dtype=m["A_bar"].dtype, device=m["A_bar"].device
+        )
         # copies, never the parameters themselves (see S5.allocate_inference_cache)
-        cache = {
-            "lrnn_state": state,
-            "A_bar": Lambda.clone(),
-            "B_bar": B_norm.clone(),
-            "C": C.clone(),
-            "D": self.D.detach().clone(),
-            "seqlen_offset": 0,
-        }
+        cache = {"lrnn_state": state, **{k: v.detach().clone() for k, v in m.items()}}
+        cache["seqlen_offset"] = 0
         return cache_to_device(cache, device)
+
+    def _step_matrices(self) -> Dict[str, Tensor]:
+        """A_bar = Lambda (N,), the gamma-normalised B_bar (N, H), C (H, N) and D (H,) from
+        the parameters as they are."""
+        Lambda, B, C = self._matrices()
+        Lambda, B_norm = self.compute_kernel(1, Lambda, B)
+        return {"A_bar": Lambda, "B_bar": B_norm, "C": C, "D": self.D}
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""

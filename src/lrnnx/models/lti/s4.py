@@ -407,19 +407,20 @@ class S4(S4BlockBase):
     def _state_matrices(self) -> Tuple[Tensor, Tensor]:
         return self._dense(self.state_dtype)
 
-    def setup_step(self) -> Dict[str, Tensor]:
-        """dA, dB, dC of the dense recurrence (computed in double precision, then cast)."""
-        with torch.no_grad():
-            dA, dB, dC = self.discretize(self._wide_dtype)
+    def _step_system(self) -> Dict[str, Tensor]:
+        """dA, dB, dC of the dense recurrence (computed in double precision, then cast; copies
+        by setup_step: where the casts change nothing, a float64 real S4, dC would otherwise be
+        the parameter C itself, which the first forward rewrites in place, C -> C~)."""
+        dA, dB, dC = self.discretize(self._wide_dtype)
         mats = (("dA", dA), ("dB", dB), ("dC", dC))
-        # copies: where the casts change nothing (a float64 real S4), dC would otherwise be the
-        # parameter C itself, which the first forward rewrites in place (C -> C~, _multiply_C)
-        return {k: t.to(self.state_dtype, copy=True).contiguous() for k, t in mats}
+        return {k: t.to(self.state_dtype).contiguous() for k, t in mats}
 
-    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any], graph: bool = False) -> Tensor:
         x = cache["lrnn_state"]
-        x.copy_((cache["dA"] @ x[..., None])[..., 0] + cache["dB"] * u[..., None])
-        y = (cache["dC"] * x[:, None]).sum(-1)  # (B, C, H)
+        x_new = (cache["dA"] @ (x.clone() if graph else x)[..., None])[..., 0]
+        x_new = x_new + cache["dB"] * u[..., None]
+        x.copy_(x_new)
+        y = (cache["dC"] * x_new[:, None]).sum(-1)  # (B, C, H)
         return y if self.is_real else y.real
 
     # ---- kernel -------------------------------------------------------------------------------

@@ -247,14 +247,13 @@ class S4D(S4BlockBase):
         dA, dB, _ = self.discretize()
         return dA.to(self.state_dtype), dB.to(self.state_dtype)
 
-    def setup_step(self) -> Dict[str, Tensor]:
-        """dA, dB (H, N) and dC (channels, H, N) for the diagonal recurrence."""
-        with torch.no_grad():
-            dA, dB, dC = self.discretize()
-        return {"dA": dA.to(self.state_dtype), "dB": dB.to(self.state_dtype), "dC": dC.clone()}
+    def _step_system(self) -> Dict[str, Tensor]:
+        """dA, dB (H, N) and dC (channels, H, N) of the diagonal recurrence."""
+        dA, dB, dC = self.discretize()
+        return {"dA": dA.to(self.state_dtype), "dB": dB.to(self.state_dtype), "dC": dC}
 
     def _packed_ssm(
-        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor, state_grad: bool
+        self, uf: Tensor, h0: Optional[Tensor], cu: Tensor
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Packed sequences (uf (1, H, T), offsets ``cu`` (S + 1,), ``h0`` (S, H, N)) through
         the diagonal recurrence x_t = dA x_{t-1} + dB u_t with resets at the sequence starts
@@ -268,7 +267,7 @@ class S4D(S4BlockBase):
         kernel_dropout = self.training and isinstance(self.kernel_dropout, nn.Dropout)
         too_long = self.l_max is not None and int((cu[1:] - cu[:-1]).max()) > self.l_max
         if kernel_dropout or too_long:
-            return super()._packed_ssm(uf, h0, cu, state_grad)
+            return super()._packed_ssm(uf, h0, cu)
         dA, dB, C = self.discretize()
         b = dB * uf[0].transpose(0, 1)[..., None].to(dB.dtype)  # (T, H, N)
         h, final = linear_scan(
@@ -278,10 +277,14 @@ class S4D(S4BlockBase):
         y = (y.real if self.is_real else 2 * y.real)[None] + self.D[..., None] * uf[:, None]
         if h0 is None:  # as the convolution path: a final state only for a given initial one
             return y, None
-        return y, final if state_grad else final.detach()
+        return y, final
 
-    def _ssm_step(self, u: Tensor, cache: Dict[str, Any]) -> Tensor:
+    def _ssm_step(self, u: Tensor, cache: Dict[str, Any], graph: bool = False) -> Tensor:
         x = cache["lrnn_state"]
-        x.mul_(cache["dA"]).add_(cache["dB"] * u[..., None])
-        y = (cache["dC"] * x[:, None]).sum(-1)  # (B, C, H)
+        if graph:
+            x_new = cache["dA"] * x.clone() + cache["dB"] * u[..., None]
+            x.copy_(x_new)
+        else:
+            x_new = x.mul_(cache["dA"]).add_(cache["dB"] * u[..., None])
+        y = (cache["dC"] * x_new[:, None]).sum(-1)  # (B, C, H)
         return y if self.is_real else 2 * y.real

@@ -190,20 +190,21 @@ class S5(LTI_LRNN):
         """
         check_batch_size(batch_size)
         with torch.no_grad():  # the cache is for inference: constants, not graph nodes
-            A_bar, gamma_bar, C = self.discretize()
-            _, B_bar = self.compute_kernel(1, A_bar, gamma_bar)
-        state = torch.zeros(batch_size, self.n_state, dtype=A_bar.dtype, device=A_bar.device)
+            m = self._step_matrices()
+        state = torch.zeros(
+            batch_size, self.n_state, dtype=m["A_bar"].dtype, device=m["A_bar"].device
+        )
         # copies, never the parameters themselves: the cache is a snapshot of the model, which
         # an optimizer step or load_state_dict after the allocation must not half-update
-        cache = {
-            "lrnn_state": state,
-            "A_bar": A_bar.clone(),
-            "B_bar": B_bar.clone(),
-            "C": C.detach().clone(),
-            "D": self.D.detach().clone(),
-            "seqlen_offset": 0,
-        }
+        cache = {"lrnn_state": state, **{k: v.detach().clone() for k, v in m.items()}}
+        cache["seqlen_offset"] = 0
         return cache_to_device(cache, device)
+
+    def _step_matrices(self) -> Dict[str, Tensor]:
+        """A_bar (N,), B_bar (N, H), C (H, N) and D (H,) from the parameters as they are."""
+        A_bar, gamma_bar, C = self.discretize()
+        _, B_bar = self.compute_kernel(1, A_bar, gamma_bar)
+        return {"A_bar": A_bar, "B_bar": B_bar, "C": C, "D": self.D}
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
         """x (B, H) -> y (B, H); the state in the cache advances by one step."""

@@ -325,15 +325,16 @@ class Mamba(LTV_LRNN):
         """Store the final states of a forward: the SSM state and the last d_conv conv inputs
         of every sequence (at its own length; per packed sequence with ``cu``)."""
         K = self.d_conv
-        with torch.no_grad():
-            tail = window_tail(window, K, K - 1, lengths, cu_seqlens=cu)
-            if cu is not None:
-                # an empty sequence leaves its row as it was, as a forward of no steps does
-                # (window_tail zeroes the oldest entry, which lies before its window)
-                empty = (cu[1:] == cu[:-1]).to(tail.device)[:, None, None]
-                tail = torch.where(empty, cache["conv_state"].to(tail.dtype), tail)
-            cache["lrnn_state"].copy_(last)
-            cache["conv_state"].copy_(tail)
+        tail = window_tail(window, K, K - 1, lengths, cu_seqlens=cu)
+        if cu is not None:
+            # an empty sequence leaves its row as it was, as a forward of no steps does
+            # (window_tail zeroes the oldest entry, which lies before its window)
+            empty = (cu[1:] == cu[:-1]).to(tail.device)[:, None, None]
+            tail = torch.where(empty, cache["conv_state"].to(tail.dtype), tail)
+        # with their graph while autograd records (copy_ carries it; the forward read copies of
+        # the cache's tensors): steps after a prefill then have the forward's gradients
+        cache["lrnn_state"].copy_(last)
+        cache["conv_state"].copy_(tail)
         # packed: every row advanced by its own length; the longest is what a padded batch of
         # the same sequences would add
         steps = length if cu is None else int((cu[1:] - cu[:-1]).max())

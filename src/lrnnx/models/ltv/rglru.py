@@ -488,12 +488,14 @@ class RGLRU(LTV_LRNN):
     ) -> None:
         """Store a forward's final states: the last d_conv - 1 conv inputs and the recurrent
         state of each row (each packed sequence with ``cu``), at its own length."""
+        K = self.d_conv
+        # with their graph while autograd records (copy_ carries it; the forward read copies of
+        # the cache's tensors): steps after a prefill then have the forward's gradients.
+        # An empty packed sequence's tail is its own history: its row stays as it was
+        cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths, cu_seqlens=cu))
+        # padded positions carry the state unchanged, so it is each row's state at its end
+        cache["lrnn_state"].copy_(final)
         with torch.no_grad():
-            K = self.d_conv
-            # an empty packed sequence's tail is its own history: its row stays as it was
-            cache["conv_state"].copy_(window_tail(window, K - 1, K - 1, lengths, cu_seqlens=cu))
-            # padded positions carry the state unchanged, so it is each row's state at its end
-            cache["lrnn_state"].copy_(final)
             # a row has started once it took a valid step (a length-0 row has not)
             started = cache["started"]
             if cu is not None:

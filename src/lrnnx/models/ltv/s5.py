@@ -217,7 +217,8 @@ class _EventSSM(LTV_LRNN):
         return self._discretize(cache, u, timesteps)
 
     def _extend_cache(self, cache: Dict[str, Any]) -> None:
-        """Add precomputed inference constants to a new cache (runs under torch.no_grad)."""
+        """Add constants derived from the model's tensors to a new cache (under no_grad), or to
+        the step's constants while autograd records (differentiably)."""
 
     # ------------------------------------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class _EventSSM(LTV_LRNN):
                 y = zero_where_not(y, mask[..., None])
         if inference_cache is not None:
             # padded steps carry the state unchanged, so the final state is each length's
-            h0.copy_(final.detach())
+            h0.copy_(final)
             advance = x.shape[1] if cu is None else packed_seqlen_offset(cu)
             inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + advance
         return y.to(x.dtype)
@@ -341,12 +342,25 @@ class _EventSSM(LTV_LRNN):
         h = check_cache(inference_cache, Bsz, self.n_state, type(self).__name__, self._precision)
         real = inference_cache["D"].dtype
         ts = check_step_timesteps(integration_timesteps, Bsz, real, h.device)
+        # while autograd records (a parameter requires grad), the constants come from the
+        # parameters and the state is computed out of place, then written back (copy_ carries
+        # the graph): a stepped sequence has the forward's gradients; else the cache's copies
+        # and an in-place update
+        graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        consts = inference_cache
+        if graph:
+            consts = {**inference_cache, **self._tensors()}
+            self._extend_cache(consts)
         with torch.autocast(device_type=u_in.device.type, enabled=False):
             u = u_in.to(real)
-            A_bar, gamma_bar = self._step_discretize(inference_cache, u, ts)
-            Bu = self._input(inference_cache, u, h.dtype)
-            h.mul_(A_bar).add_(gamma_bar * Bu)
-            y = self._output(inference_cache, h, u)
+            A_bar, gamma_bar = self._step_discretize(consts, u, ts)
+            Bu = self._input(consts, u, h.dtype)
+            if graph:
+                h_new = A_bar * h.clone() + gamma_bar * Bu
+                h.copy_(h_new)
+            else:
+                h_new = h.mul_(A_bar).add_(gamma_bar * Bu)
+            y = self._output(consts, h_new, u)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype).reshape(x.shape), inference_cache
 
