@@ -75,6 +75,18 @@ def test_fullgraph_with_mamba_use_fast_path_false():
         )
 
 
+def test_fullgraph_with_rglru_use_fast_path_false():
+    """As Mamba's: use_fast_path=False pins the torch scan and causal convolution."""
+    from lrnnx.models.ltv import RGLRU
+
+    torch._dynamo.reset()
+    model = RGLRU(8, use_fast_path=False)
+    x = torch.randn(2, 24, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close_rel(compiled(x), model(x), length=24)
+
+
 @pytest.mark.slow  # compiling S4 takes ~15 s here
 def test_compiled_s4_over_two_lengths_in_one_graph_is_with_respect_to_one_C():
     """Compiled, S4 sees a short and a longer input in one graph: the first forward attunes C~

@@ -152,3 +152,21 @@ def test_loading_another_architecture_or_a_run_folder_names_the_way(tmp_path):
         LRNNLMHeadModel.from_pretrained(tmp_path / "run")
     with pytest.raises(ValueError, match=r"allocate_inference_cache\(batch_size\)"):
         saved[LRNNLMHeadModel].step(torch.tensor([1, 2]), {})
+
+
+def test_flags_and_choices_are_named_by_their_argument():
+    """String flags ("False" from a config file) are refused, not read as True; Centaurus's
+    norm/activation choices are named by the argument that took them."""
+    from lrnnx.models.lti import Centaurus
+    from lrnnx.models.ltv import RGLRU, Mamba
+
+    for cls in (Mamba, RGLRU):
+        for flag in ("conv_bias", "bias", "use_fast_path"):
+            with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+                cls(d_model=4, **{flag: "False"})
+    for arg, value in (("out_norm", "group"), ("out_activation", "softmax")):
+        with pytest.raises(ValueError, match=f"^{arg}: expected None or one of"):
+            Centaurus(d_model=4, d_state=4, sub_state_dim=2, **{arg: value})
+    for arg, value in (("mix_norm", "group"), ("mix_activation", "softmax")):
+        with pytest.raises(ValueError, match=f"^{arg}: expected None or one of"):
+            Centaurus(d_model=4, d_state=4, sub_state_dim=2, mode="dws", **{arg: value})

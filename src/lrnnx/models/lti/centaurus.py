@@ -244,6 +244,13 @@ class CentaurusBase(LTI_LRNN):
                 f"SSM and the mixing C, got mix_norm={mix_norm!r}, "
                 f"mix_activation={mix_activation!r} for {type(self).__name__}"
             )
+        for name, value, choices in (
+            ("mix_norm", mix_norm, NORMS),
+            ("mix_activation", mix_activation, tuple(ACTIVATIONS)),
+            ("out_norm", out_norm, NORMS),
+            ("out_activation", out_activation, tuple(ACTIVATIONS)),
+        ):
+            _check_choice(name, value, choices)  # named as the caller knows them
         self.mix_act = ChannelNormAct(self.n_rows, mix_norm, mix_activation)
         self.out_act = ChannelNormAct(self.d_output, out_norm, out_activation)
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from lrnnx.core.checks import (
     check_batch_size,
+    check_bool,
     check_dt_range,
     check_inference_cache,
     check_input_dtype,
@@ -131,6 +132,12 @@ class Mamba(LTV_LRNN):
         dt_min, dt_max = check_dt_range(dt_min, dt_max)
         dt_scale = check_positive_float("dt_scale", dt_scale, allow_zero=True)
         dt_init_floor = check_positive_float("dt_init_floor", dt_init_floor)
+        for name, flag in (
+            ("conv_bias", conv_bias),
+            ("bias", bias),
+            ("use_fast_path", use_fast_path),
+        ):
+            check_bool(name, flag)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
         self.discretization = discretization

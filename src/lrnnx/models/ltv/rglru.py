@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from lrnnx.core.checks import (
     check_batch_size,
+    check_bool,
     check_inference_cache,
     check_input_dtype,
     check_no_kwargs,
@@ -147,7 +148,8 @@ class RGLRU(LTV_LRNN):
             channel, so only None or 1 are valid (the state is (B, lru_width)).
         use_fast_path: if True (default), the recurrence runs through the fastest
             :func:`lrnnx.ops.linear_scan` backend for the device (fused CPU / Triton kernels);
-            False pins the portable pure-torch scan.  Both give the same result up to rounding.
+            False pins the portable pure-torch scan and causal convolution (as Mamba's), which
+            torch.compile traces into one graph.  Both give the same result up to rounding.
             (The original lrnnx selects its fused CUDA kernel with it.)
         lru_width: recurrent width D_rnn; overrides ``expand`` (then ``expand`` must stay 1).
         num_heads: number of diagonal blocks of the gate matrices W_a, W_x; must divide D_rnn.
@@ -229,11 +231,13 @@ class RGLRU(LTV_LRNN):
                 f"num_heads: expected a positive int dividing lru_width={lru_width}, "
                 f"got {num_heads!r}"
             )
-        if not isinstance(reset_at_start, bool):
-            raise TypeError(
-                f"reset_at_start: expected a bool, got {reset_at_start!r} "
-                f"({type(reset_at_start).__name__})"
-            )
+        for name, flag in (
+            ("reset_at_start", reset_at_start),
+            ("conv_bias", conv_bias),
+            ("bias", bias),
+            ("use_fast_path", use_fast_path),
+        ):
+            check_bool(name, flag)
         if gelu_approximate not in _GELU_APPROXIMATIONS:
             raise ValueError(
                 f"gelu_approximate: expected one of {_GELU_APPROXIMATIONS}, "
@@ -461,6 +465,7 @@ class RGLRU(LTV_LRNN):
         xc, window = causal_depthwise_conv(
             u, self.conv1d.weight, self.conv1d.bias, history, cu_seqlens=cu,
             keep_window=inference_cache is not None,
+            backend=None if self.use_fast_path else "torch",
         )  # fmt: skip
         reset = None
         if self.reset_at_start and inference_cache is not None:  # only rows not started yet
