@@ -38,21 +38,30 @@ def test_forward_that_fills_a_cache_backpropagates(name):
             assert_close_rel(b, a, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", [*MODELS, "attn"])
-def test_step_gradients_equal_the_forward(name):
-    torch.manual_seed(0)
-    model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
-    model = model.double()
-    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+def _step_vs_forward(model, x, ts=None):
+    """Gradients of a stepped sequence and of the parallel forward, for x and every parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
-    y = _out(model(x))
+    kw = {} if ts is None else {"integration_timesteps": ts}
+    y = _out(model(x, **kw))
     want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
-    cache = model.allocate_inference_cache(2, 6)
-    steps = torch.stack([model.step(x[:, t], cache)[0].reshape(2, -1) for t in range(6)], 1)
+    cache = model.allocate_inference_cache(x.shape[0], x.shape[1])
+    steps = []
+    for t in range(x.shape[1]):
+        kw = {} if ts is None else {"integration_timesteps": ts[:, t]}
+        steps.append(model.step(x[:, t], cache, **kw)[0].reshape(x.shape[0], -1))
+    steps = torch.stack(steps, 1)
     assert_close_rel(steps, y, dtype=torch.float64)
     got = torch.autograd.grad(steps.pow(2).sum(), [x, *params])
     for a, b in zip(want, got, strict=True):
         assert_close_rel(b, a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "attn"])
+def test_step_gradients_equal_the_forward(name):
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    _step_vs_forward(model.double(), x)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -102,24 +111,6 @@ def test_attention_prefill_then_steps_carry_the_graph():
     last = model.step(x[:, 4], cache)[0]
     g = torch.autograd.grad(last.pow(2).sum(), x)[0]
     assert torch.all(g[:, :4] == 0) and torch.any(g[:, 4] != 0)
-
-
-def _step_vs_forward(model, x, ts=None):
-    """Gradients of a stepped sequence and of the parallel forward, for x and every parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = {} if ts is None else {"integration_timesteps": ts}
-    y = _out(model(x, **kw))
-    want = torch.autograd.grad(y.pow(2).sum(), [x, *params])
-    cache = model.allocate_inference_cache(x.shape[0], x.shape[1])
-    steps = []
-    for t in range(x.shape[1]):
-        kw = {} if ts is None else {"integration_timesteps": ts[:, t]}
-        steps.append(model.step(x[:, t], cache, **kw)[0].reshape(x.shape[0], -1))
-    steps = torch.stack(steps, 1)
-    assert_close_rel(steps, y, dtype=torch.float64)
-    got = torch.autograd.grad(steps.pow(2).sum(), [x, *params])
-    for a, b in zip(want, got, strict=True):
-        assert_close_rel(b, a, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name", ["stream", "event-s5", "s7"])
