@@ -273,3 +273,10 @@ def test_input_of_another_dtype_than_the_weights_is_named(arch):
     model = model.half()
     with pytest.raises(TypeError, match=r"x: expected dtype torch.float16 .* got torch.float32"):
         model(torch.randn(2, 12, 2))
+
+
+def test_unet_step_names_an_input_of_another_dtype():
+    model = UNet(d_input=3, d_output=2, d_model=8, d_state=8, depth=1, causal=True)
+    model = model.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.bfloat16 .* got torch.float32"):
+        model.step(torch.randn(2, 3), model.allocate_inference_cache(2))

@@ -364,3 +364,43 @@ def test_trainer_trains(tmp_path):
     back = LRNNLMHeadModel.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         assert_close_rel(back(batch), model(batch).logits, length=batch.shape[1])
+
+
+def test_a_model_built_from_the_config_keeps_its_extra_state_and_seeded_values(tmp_path):
+    """from_config (then weights loaded by hand, as init_empty_weights flows do): the S4
+    kernel length from the config survives transformers' post_init, and the model draws its
+    tensors once, as LRNNLMHeadModel does for the same seed; a checkpoint lacking one of S4's
+    own tensors keeps the loaded C with the length it was attuned to."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    kw = dict(d_model=16, d_state=4, n_layer=1, vocab_size=V, mixer_types="s4")
+    lm = LRNNLMHeadModel(**kw).eval()
+    ids = prompts(B=1, L=20)
+    with torch.no_grad():
+        want = lm(ids)
+    lm.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path)).eval()
+    assert model.layers[0].mixer.model.l_kernel == 20
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    with torch.no_grad():
+        assert_close_rel(model(ids).logits, want, length=20)
+    torch.manual_seed(1)
+    built = lrnnx.hf.LRNNForCausalLM(lrnnx.hf.LRNNConfig(**kw))
+    torch.manual_seed(1)
+    plain = LRNNLMHeadModel(**kw)
+    for key, value in plain.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(built.state_dict()[key], value), key
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["layers.0.mixer.model.D"]
+    save_file(weights, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["_weights_sha256"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    partial = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    s4 = partial.layers[0].mixer.model
+    assert s4.l_kernel == 20 and torch.equal(s4.C, lm.layers[0].mixer.model.C)
+    with torch.no_grad():
+        lm.layers[0].mixer.model.D.copy_(s4.D)
+        assert_close_rel(partial(ids).logits, lm(ids), length=20)

@@ -41,6 +41,13 @@ BUILDERS.update(
 BUILDERS.update(
     {
         "s4-frozen-A": functools.partial(S4, d_model=8, d_state=8, lr={"A": 0.0}),
+        "s4-l_max": functools.partial(S4, d_model=8, d_state=8, l_max=16),
+        "s5-no-discretization": functools.partial(
+            build_mixer, "s5", 8, 8, discretization="no_discretization"
+        ),
+        "event-s5-no-discretization": functools.partial(
+            build_mixer, "event-s5", 8, 8, discretization="no_discretization"
+        ),
         "mamba-bidirectional": functools.partial(build_mixer, "mamba", 8, 4, bidirectional=True),
         "lm": functools.partial(
             LRNNLMHeadModel,
@@ -226,3 +233,64 @@ def test_lm_keeps_its_tie_through_to_empty_and_assign_loads():
     untied = LRNNLMHeadModel(**kw, tie_embeddings=False)
     untied.to_empty(device="cpu")
     assert untied.lm_head.weight is not untied.embedding.weight
+
+
+def test_lm_leaves_a_head_the_user_untied_or_loaded_apart():
+    kw = dict(d_model=8, d_state=4, n_layer=1, vocab_size=11, mixer_types="s5")
+    torch.manual_seed(0)
+    lm = LRNNLMHeadModel(**kw)
+    head = torch.randn_like(lm.lm_head.weight)
+    lm.load_state_dict({"lm_head.weight": head.clone()}, strict=False, assign=True)
+    assert torch.equal(lm.lm_head.weight, head)  # the loaded head, untied
+    lm = LRNNLMHeadModel(**kw)
+    lm.lm_head.weight = torch.nn.Parameter(head.clone())
+    lm.double()
+    assert lm.lm_head.weight is not lm.embedding.weight
+    assert torch.equal(lm.lm_head.weight, head.double())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_mixer("mamba", 8, 4, dtype=torch.float64),
+        lambda: S4(8, d_state=8).double(),
+        lambda: Centaurus(8, 8, sub_state_dim=4).double(),
+    ],
+    ids=["mamba-dtype", "s4-double", "centaurus-double"],
+)
+def test_a_float64_model_resets_in_float64(make):
+    """The deterministic initial values come back to float64 precision, not float32's."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make()
+    finally:
+        torch.set_default_dtype(default)
+    want = {k: v.clone() for k, v in _tensors(model).items()}
+    model.reset_parameters()
+    for key, value in _tensors(model).items():
+        if key.endswith(("A_log", "A_real", "A_imag", "A_real_raw", "log_dt")):
+            assert_close_rel(value, want[key], dtype=torch.float64, msg=key)
+
+
+def test_a_subclass_that_draws_its_own_tensors_only_in_init_says_so():
+    from lrnnx.models.ltv.base import LTV_LRNN
+
+    class Decay(LTV_LRNN):
+        def __init__(self, d_model):
+            super().__init__(discretization=None)
+            self.d_model = d_model
+            self.log_a = nn.Parameter(torch.full((d_model,), -0.1))
+
+        def forward(self, x):
+            return x
+
+        def step(self, x, cache):
+            return x, cache
+
+        def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None):
+            return {}
+
+    with pytest.raises(NotImplementedError, match="log_a.*_init_parameters"):
+        Decay(4).reset_parameters()

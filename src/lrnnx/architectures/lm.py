@@ -195,8 +195,11 @@ class CausalLMOutput(NamedTuple):
 
 
 def _retie_after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    """load_state_dict's post-hook: ``assign=True`` gives each key its own parameter."""
-    module.tie_weights()
+    """load_state_dict's post-hook: ``assign=True`` of a tied state_dict (one tensor under
+    both keys) gives each key its own parameter over that one tensor: one parameter again."""
+    head, emb = module.lm_head.weight, module.embedding.weight
+    if head is not emb and head.data_ptr() == emb.data_ptr() and head.shape == emb.shape:
+        module.tie_weights()
 
 
 class LRNNLMHeadModel(PretrainedMixin, nn.Module):
@@ -359,14 +362,17 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         """With ``tie_embeddings``, make the head's weight the embedding's parameter (one
         tensor, one gradient, one optimizer entry).  Operations that give each module its own
         parameter object break such a tie: ``to_empty`` (and any move off the meta device)
-        and ``load_state_dict(..., assign=True)``; the model calls this after them itself."""
+        and ``load_state_dict(..., assign=True)`` of a tied state_dict; the model restores it
+        after them itself (a head the user untied, or loaded apart, stays as it is)."""
         if self.config["tie_embeddings"] and self.lm_head.weight is not self.embedding.weight:
             self.lm_head.weight = self.embedding.weight
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
-        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), then the tie again."""
+        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), keeping a tie it had."""
+        tied = self.lm_head.weight is self.embedding.weight
         out = super()._apply(fn, recurse)
-        self.tie_weights()
+        if tied:
+            self.tie_weights()
         return out
 
     # --------------------------------------------------------------------------------- forward

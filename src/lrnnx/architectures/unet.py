@@ -328,6 +328,7 @@ class UNet(PretrainedMixin, nn.Module):
         if not self.causal:
             raise ValueError("step: streaming needs causal=True (this UNet is bidirectional)")
         x = check_step_input(x, self.d_input)
+        check_input_dtype(x, self.in_proj.weight.dtype)
         if not isinstance(inference_cache, dict) or "levels" not in inference_cache:
             raise ValueError(
                 "inference_cache: expected the dict returned by allocate_inference_cache"

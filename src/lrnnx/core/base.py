@@ -29,17 +29,19 @@ def not_implemented(model: nn.Module, method: str) -> NotImplementedError:
 
 
 @contextlib.contextmanager
-def _initial_value_dtype() -> Iterator[None]:
-    """Draw initial values in float32 while torch's default dtype is 16-bit (as the float32
-    model draws them; a 16-bit draw would round them before any cast), else in the default."""
+def _initial_value_dtype(dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """Draw initial values in ``dtype`` (a reset: the model's own precision, float32 or
+    float64), else in float32 while torch's default dtype is 16-bit (as the float32 model
+    draws them; a 16-bit draw would round them before any cast), else in the default."""
     default = torch.get_default_dtype()
-    narrow = default in (torch.float16, torch.bfloat16)
-    if narrow:
-        torch.set_default_dtype(torch.float32)
+    if dtype is None:
+        dtype = torch.float32 if default in (torch.float16, torch.bfloat16) else default
+    if dtype != default:
+        torch.set_default_dtype(dtype)
     try:
         yield
     finally:
-        if narrow:
+        if dtype != default:
             torch.set_default_dtype(default)
 
 
@@ -190,13 +192,28 @@ class LRNN(nn.Module):
         initialises differently from its torch class (Mamba's dt projection, RG-LRU's
         LeCun-normal projections) resets itself the same way, so calling ``reset_parameters``
         on every module (FSDP's materialisation, ``for m in model.modules(): ...``) gives the
-        same distributions.  Values drawn under a 16-bit default dtype are drawn in float32."""
-        with _initial_value_dtype(), torch.no_grad():
+        same distributions.  Values are drawn in the model's precision (float64 for a float64
+        model, else float32, whatever torch's default dtype).
+
+        Raises:
+            NotImplementedError: a subclass that holds tensors itself but draws them in its
+                ``__init__`` only (implement :meth:`_init_parameters` for them, or
+                ``reset_parameters``).
+        """
+        with _initial_value_dtype(self._precision), torch.no_grad():
             self._reset_parameters()
 
     def _reset_parameters(self) -> None:
         """The submodules' initialisation, then the model's own tensors'
         (:meth:`_init_parameters`).  Runs under no_grad."""
+        own = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        if own and type(self)._init_parameters is LRNN._init_parameters:
+            raise NotImplementedError(
+                f"{type(self).__name__}.reset_parameters: the model holds tensors of its own "
+                f"({', '.join(n for n, _ in self.named_parameters(recurse=False))}) that only "
+                "its __init__ draws; implement _init_parameters (creating them with "
+                "self._set_parameter, called from __init__ too) or reset_parameters"
+            )
         for child in self.children():
             reset_module_tree(child)
         self._init_parameters()

@@ -146,6 +146,8 @@ def user_stacklevel() -> int:
     """``warnings.warn``'s ``stacklevel`` for the caller of this function that points at the
     first frame outside lrnnx and torch: the user's line that led to the warning (however deep
     in nn.Module's call machinery and lrnnx's helpers the warning is raised)."""
+    if _compiling():  # (Dynamo cannot trace frame objects; the warning comes from its trace)
+        return 2
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1

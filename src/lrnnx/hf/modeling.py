@@ -76,8 +76,8 @@ class LRNNPreTrainedModel(PreTrainedModel):
         paper's HiPPO or ring spectra, step ranges, ...; transformers' generic normal one
         would break them), never touching what transformers marks as loaded (flag
         ``_is_hf_initialized``): a model's reset covers its submodules, whose loaded tensors
-        (and, where all of a submodule's tensors were loaded, its extra state, e.g. S4's kernel
-        length) are put back afterwards."""
+        and extra states (S4's kernel length, which the config gave and the loaded C means)
+        are put back afterwards."""
         reset = getattr(module, "reset_parameters", None)
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if not callable(reset) or all(getattr(t, "_is_hf_initialized", False) for t in own):
@@ -88,7 +88,6 @@ class LRNNPreTrainedModel(PreTrainedModel):
             sub: copy.deepcopy(sub.get_extra_state())
             for sub in module.modules()
             if type(sub).get_extra_state is not nn.Module.get_extra_state
-            and all(map(_is_loaded, (*sub.parameters(False), *sub.buffers(False))))
         }
         with torch.no_grad():
             reset()
@@ -136,6 +135,13 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
         object.__setattr__(self, "_lm", lm)
         for key, value in config.lrnnx_extra_state.items():
             _owner(self, key)[0].set_extra_state(value)
+        # initialised by the LM's construction: transformers' post_init need not draw every
+        # tensor again (and reset S4's kernel length the config gave).  Not on the meta device,
+        # where from_pretrained builds: there its loader marks what it loads, and the keys a
+        # checkpoint lacks must stay unmarked to be initialised
+        for t in (*self.parameters(), *self.buffers()):
+            if not t.is_meta:
+                t._is_hf_initialized = True
         self.post_init()
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:

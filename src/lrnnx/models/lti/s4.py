@@ -238,7 +238,9 @@ class S4(S4BlockBase):
             self.l_kernel = 0
         else:
             self._kernel_length = {"l_kernel": 0}
-        if self.l_max is not None:
+        # (not on the meta device: no values to attune; a load sets C and its length, and a
+        # reset after to_empty attunes the drawn C)
+        if self.l_max is not None and not any(p.is_meta for p in self.parameters(recurse=False)):
             self._ensure_length(self.l_max)
 
     @property

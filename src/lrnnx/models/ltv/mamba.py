@@ -170,9 +170,10 @@ class Mamba(LTV_LRNN):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def _init_parameters(self, device=None, dtype: torch.dtype = torch.float32) -> None:
+    def _init_parameters(self, device=None, dtype: Optional[torch.dtype] = None) -> None:
         """A_log (E, N) of S4D-real's A[:, n] = -(n + 1) and D (E,) = 1 (``dtype``: float32
         under 16-bit module dtypes, the precision policy of the recurrence's own tensors)."""
+        dtype = torch.get_default_dtype() if dtype is None else dtype  # (a reset: the model's)
         A = torch.arange(1, self.d_state + 1, dtype=dtype, device=device).repeat(self.d_inner, 1)
         self._set_parameter("A_log", torch.log(A))
         self._set_parameter("D", torch.ones(self.d_inner, device=device, dtype=dtype))

@@ -462,9 +462,9 @@ class S5(_EventSSM):
         init = hippo_n_init(self.d_model, self.d_state, self.conj_sym, self.dt_min, self.dt_max)
         if self.discretization == "no_discretization":
             # learn log A_bar (per unit of time) directly, starting at the ZOH image of HiPPO-N
-            step = init.pop("log_step").exp() * self.step_rescale
-            init["Lambda_re"] = init["Lambda_re"] * step
-            init["Lambda_im"] = init["Lambda_im"] * step
+            step = init.pop("log_step").exp() * self.step_rescale  # (see the LTI S5)
+            init["Lambda_re"] = init["Lambda_re"].to(step.device) * step
+            init["Lambda_im"] = init["Lambda_im"].to(step.device) * step
         for name in ("Lambda_re", "Lambda_im", "B", "C", "D", "log_step"):
             if name in init:
                 self._set_parameter(name, init[name].to(**factory))
