@@ -173,3 +173,53 @@ def test_prefill_then_steps_have_the_forward_gradients(name):
     got = torch.autograd.grad(got_y.pow(2).sum(), [x, *params])
     for a, b in zip(want, got, strict=True):
         assert_close_rel(b, a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["s4", "s4d", "s5", "lru", "centaurus", "event-s5", "s7"])
+def test_steps_share_their_constants_until_a_backward_or_an_update(name):
+    """Steps recorded in one graph derive the discretized system once; a backward after each
+    step (truncated backpropagation, reinforcement learning) and an optimizer step between
+    steps make the next step derive it again: every gradient is that of the model as it was."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4).double()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    cache = model.allocate_inference_cache(2)
+    state = None
+    for t in range(5):
+        # the model steps through its cache; the twin recomputes each step from a fresh cache
+        # holding the state the model reached (constants derived now, nothing shared)
+        y = model.step(x[:, t], cache)[0]
+        fresh = twin.allocate_inference_cache(2)
+        if state is not None:
+            fresh["lrnn_state"].copy_(state)
+        y_twin = twin.step(x[:, t], fresh)[0]
+        assert_close_rel(y, y_twin, dtype=torch.float64)
+        y.pow(2).sum().backward()
+        y_twin.pow(2).sum().backward()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            if p.grad is not None or q.grad is not None:
+                assert_close_rel(p.grad, q.grad, dtype=torch.float64)
+        if t % 2:  # an update every other step: the others reuse what the backward freed
+            opt.step()
+            opt_twin.step()
+        opt.zero_grad()
+        opt_twin.zero_grad()
+        cache["lrnn_state"].detach_()  # truncated backpropagation: the next graph starts here
+        state = cache["lrnn_state"].clone()
+    # weights changed in place without any backward (a load, a manual update): the next
+    # recorded step derives the system from them
+    model.step(x[:, 0], cache)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.mul_(0.9)
+            q.mul_(0.9)
+    fresh = twin.allocate_inference_cache(2)
+    fresh["lrnn_state"].copy_(cache["lrnn_state"].detach())
+    y, y_twin = model.step(x[:, 1], cache)[0], twin.step(x[:, 1], fresh)[0]
+    assert_close_rel(y, y_twin, dtype=torch.float64)
+    copy.deepcopy(model)  # nothing recorded is kept in the module itself

@@ -397,3 +397,27 @@ def test_reverse_makes_no_flipped_copy(small_chunk, monkeypatch, packed):
     got = run_reverse(kw, "mamba", "cpu", PACKED if packed else None, via_flip=False)
     assert calls == []
     assert_match_rel(got, expected, torch.float64, kw["u"].shape[-1], factor=100.0)
+
+
+def test_backward_reads_inputs_whose_storage_was_reallocated():
+    """FSDP frees a layer's gathered parameters after its forward and gathers them into new
+    memory for its backward: the backward must read the tensors as they are then (views kept
+    from the forward pointed at freed memory: gradients of 1e30)."""
+    from lrnnx.models.ltv import Mamba
+
+    torch.manual_seed(0)
+    model = Mamba(16, 8)
+    x = torch.randn(2, 24, 16)
+    want = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()))
+    y = model(x)
+    for p in model.parameters():  # as FSDP's reshard, then its all-gather into new storage
+        keep = p.detach().clone()
+        storage = p.untyped_storage()
+        size = storage.size()
+        storage.resize_(0)
+        torch.randn(1 << 16)  # reuse the freed memory
+        storage.resize_(size)
+        storage.copy_(keep.untyped_storage())  # (a storage copy: autograd sees no change)
+    got = torch.autograd.grad(y.pow(2).sum(), list(model.parameters()))
+    for a, b in zip(want, got, strict=True):
+        assert_close_rel(b, a, length=24)

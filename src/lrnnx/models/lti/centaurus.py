@@ -602,6 +602,11 @@ class CentaurusBase(LTI_LRNN):
         cache = {"lrnn_state": state, "A_bar": A_bar, "gamma_bar": gamma, **w, "seqlen_offset": 0}
         return cache_to_device(cache, device)
 
+    def _step_constants(self) -> Dict[str, Any]:
+        """A_bar, gamma_bar (S, M) and the mode's weights, from the parameters as they are."""
+        A_bar, gamma, _ = self.discretize()
+        return {"A_bar": A_bar, "gamma_bar": gamma, "weights": self._weights()}
+
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """Single-timestep streaming update for a Centaurus variant.
 
@@ -626,8 +631,8 @@ class CentaurusBase(LTI_LRNN):
         # constants and an in-place update
         graph = self._step_records_graph()
         if graph:
-            A_bar, gamma, _ = self.discretize()
-            w = self._weights()
+            m = self._recorded_step_constants(self._step_constants)
+            A_bar, gamma, w = m["A_bar"], m["gamma_bar"], m["weights"]
         else:
             A_bar, gamma = inference_cache["A_bar"], inference_cache["gamma_bar"]
             w = {k: inference_cache.get(k) for k in self._weights()}

@@ -32,15 +32,18 @@ dense recurrence x_t = dA x_t-1 + dB u_t, y_t = Re(C_full x_t) + D u_t.
 Attuning rewrites the parameter C in place (once per length, as state-spaces/s4 does), except
 where that would be wrong, where it is computed out of place for the call and the module stays as
 it was: under torch.func (``functional_call`` passes the caller's tensors), while torch.export
-or torch.jit.trace records a program (which would replay the rewrite at every call), and while a
+or torch.jit.trace records a program (which would replay the rewrite at every call), in a
+torch.distributed job of several processes (DDP's replicas or FSDP's shards would each attune
+their own copy at their own lengths and drift apart: there C~ is computed at every forward from
+the shared C, l_max avoids the cost; a warning says so once), and while a
 gradient
 is pending on C or a graph built through it awaits its backward (accumulation over
 micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
 with respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict``
 carries (extra state: the module's own record, shared as C is, so the two stay matched):
 parameters copied into another S4 by other means (an EMA or ``AveragedModel``, weight averaging)
-need the same ``l_kernel``, and FSDP's sharded parameters lose an in-place write to their
-gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
+need the same ``l_kernel``, and FSDP in a job of a single process loses an in-place write
+to its gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
 change, the function it gives does not.  An exported or traced program shares C with the
 model and keeps the ``l_kernel`` it was recorded with: an eager forward at a longer length later
 re-attunes C under it.  Passing ``l_max`` >= the longest input attunes C~ once, at construction,
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -58,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.autograd import transformed
-from lrnnx.core.checks import recording_program
+from lrnnx.core.checks import recording_program, user_stacklevel
 from lrnnx.models.lti._s4_block import (
     S4BlockBase,
     check_kernel_name,
@@ -83,6 +87,21 @@ _ATTUNE_LOCK = threading.Lock()
 
 #: the graphs each S4 module has built through its C~ (weakly held: a freed graph drops out)
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+
+
+def _replicated() -> bool:
+    """Whether this process is one of several of a torch.distributed job (DDP, FSDP)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+#: said once per process when a distributed S4 attunes C~ out of place
+L_MAX_HINT = (
+    "S4 under torch.distributed: C~ is attuned out of place at every forward (each process "
+    "rewriting its own copy in place would desynchronise the replicas); pass l_max >= the "
+    "longest input to attune it once, at construction"
+)
+_WARNED: set = set()
 
 
 def _graph_pending(module: nn.Module) -> bool:
@@ -334,6 +353,14 @@ class S4(S4BlockBase):
         if not isinstance(C, torch.nn.Parameter) or C.grad is not None or transformed(C):
             return False
         if recording_program():  # an exported/traced program would rewrite C at every call
+            return False
+        if _replicated():
+            # each process would attune its own copy at its own lengths: the replicas of DDP
+            # (or the shards of FSDP) would drift apart, each gradient taken with respect to
+            # another C~
+            if L_MAX_HINT not in _WARNED:
+                _WARNED.add(L_MAX_HINT)
+                warnings.warn(L_MAX_HINT, UserWarning, stacklevel=user_stacklevel())
             return False
         if torch.compiler.is_compiling():
             # a compiled graph is not tracked (:meth:`_track_graph`): where it records through

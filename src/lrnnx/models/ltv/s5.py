@@ -216,6 +216,12 @@ class _EventSSM(LTV_LRNN):
         """(A_bar, gamma_bar) of one step from the cache's constants."""
         return self._discretize(cache, u, timesteps)
 
+    def _step_constants(self) -> Dict[str, Any]:
+        """The constants :meth:`step` reads, from the parameters as they are (differentiable)."""
+        constants = dict(self._tensors())
+        self._extend_cache(constants)
+        return constants
+
     def _extend_cache(self, cache: Dict[str, Any]) -> None:
         """Add constants derived from the model's tensors to a new cache (under no_grad), or to
         the step's constants while autograd records (differentiably)."""
@@ -349,8 +355,7 @@ class _EventSSM(LTV_LRNN):
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         consts = inference_cache
         if graph:
-            consts = {**inference_cache, **self._tensors()}
-            self._extend_cache(consts)
+            consts = {**inference_cache, **self._recorded_step_constants(self._step_constants)}
         with torch.autocast(device_type=u_in.device.type, enabled=False):
             u = u_in.to(real)
             A_bar, gamma_bar = self._step_discretize(consts, u, ts)

@@ -1437,18 +1437,21 @@ class SelectiveScanCPUFunction(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, deltaA, h0, softplus, disc, chunk, cu, reverse
         )
         y, h_last, ckpt = prep.forward(save=True)
-        ctx.prep = prep  # kernel-ready views of the inputs
+        # backward prepares its views again from the saved inputs: raw views kept from here
+        # would outlive a storage that is freed and allocated anew in between (FSDP frees a
+        # layer's gathered parameters after its forward and gathers them again for backward;
+        # the kernels then read freed memory: gradients of 1e30); saving the inputs also
+        # makes autograd report in-place changes made before backward
+        ctx.args = (softplus, disc, chunk, cu, reverse)
         ctx.bc_shapes = (B.shape, C.shape)
-        # the inputs are saved too, so autograd reports in-place changes made before backward
-        inputs = (u, delta, A, B, C, D, z, delta_bias, deltaA, h0)
-        ctx.save_for_backward(ckpt, *inputs)
+        ctx.save_for_backward(ckpt, u, delta, A, B, C, D, z, delta_bias, deltaA, h0)
         return y, h_last
 
     @staticmethod
     @first_order("selective_scan (cpu backend)")  # the backward kernel is not differentiable
     def backward(ctx, dy: Tensor, dh: Tensor):
-        ckpt = ctx.saved_tensors[0]
-        prep = ctx.prep
+        ckpt, *inputs = ctx.saved_tensors
+        prep = _prepare(*inputs, *ctx.args)
         need = ctx.needs_input_grad
         grads = prep.backward(ckpt, dy, dh)
         B, C = ctx.bc_shapes
