@@ -184,3 +184,57 @@ def test_s4_replicas_stay_identical_when_processes_see_other_lengths(tmp_path):
     r1 = torch.load(tmp_path / "s4-rank1.pt", weights_only=True)
     assert torch.equal(r0["y"], r1["y"])
     assert r0["warned"] and r1["warned"]
+
+
+def _fsdp_meta_worker(rank: int, world: int, port: int, out: str) -> None:
+    """An LM of every mixer built on the meta device, sharded with FSDP2, moved with to_empty
+    and initialised with reset_parameters: its full tensors, from process 0."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lrnnx.architectures import LRNNLMHeadModel
+    from lrnnx.models.registry import available_models
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(rank)  # different draws: the shards must still be of one tensor
+    with torch.device("meta"):
+        lm = LRNNLMHeadModel(
+            d_model=8, d_state=4, n_layer=len(available_models()), vocab_size=16,
+            mixer_types=available_models(),
+        )  # fmt: skip
+    for block in lm.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+    lm.to_empty(device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on DTensor random ops on a CPU mesh
+        lm.reset_parameters()
+    full = {k: v.full_tensor() for k, v in lm.state_dict().items() if hasattr(v, "full_tensor")}
+    tied = lm.lm_head.weight is lm.embedding.weight
+    torch.save({"full": full, "tied": tied}, os.path.join(out, f"fsdp-rank{rank}.pt"))
+    dist.destroy_process_group()
+    exit_worker(0)
+
+
+def test_fsdp2_meta_model_resets_to_its_initialisation(tmp_path):
+    from lrnnx.architectures import LRNNLMHeadModel
+    from lrnnx.models.registry import available_models
+
+    mp.spawn(_fsdp_meta_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "fsdp-rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "fsdp-rank1.pt", weights_only=True)
+    assert r0["tied"] and r1["tied"]
+    fresh = LRNNLMHeadModel(
+        d_model=8, d_state=4, n_layer=len(available_models()), vocab_size=16,
+        mixer_types=available_models(),
+    ).state_dict()  # fmt: skip
+    for key, value in r0["full"].items():
+        assert torch.equal(value, r1["full"][key]), key  # one tensor, sharded
+        assert torch.isfinite(value).all(), key
+        if key.endswith(("A_log", "Lambda_im", "A_imag", "A_real_raw", "log_dt")) or "norm" in key:
+            torch.testing.assert_close(value, fresh[key], msg=key)  # deterministic values

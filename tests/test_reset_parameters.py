@@ -233,6 +233,12 @@ def test_lm_keeps_its_tie_through_to_empty_and_assign_loads():
     untied = LRNNLMHeadModel(**kw, tie_embeddings=False)
     untied.to_empty(device="cpu")
     assert untied.lm_head.weight is not untied.embedding.weight
+    # FSDP1 materialises module by module, the LM itself (holding no tensor) never
+    with torch.device("meta"):
+        lm = LRNNLMHeadModel(**kw)
+    for module in lm.modules():
+        module.to_empty(device="cpu", recurse=False)
+    assert lm.lm_head.weight is lm.embedding.weight
 
 
 def test_lm_leaves_a_head_the_user_untied_or_loaded_apart():

@@ -194,6 +194,31 @@ class CausalLMOutput(NamedTuple):
     logits: Tensor
 
 
+class _Head(Linear):
+    """The LM's output layer.  Tied, its weight is the embedding's parameter, which it takes
+    again after torch gave it a parameter of its own while moving this module alone: FSDP1
+    materialises a meta-device model module by module (``to_empty(recurse=False)``), the
+    embedding before the head, and the LM's own re-tie (:meth:`LRNNLMHeadModel._apply`)
+    never runs there, the LM holding no tensor itself."""
+
+    def tie_to(self, embedding: nn.Module) -> None:
+        # plain attributes, not submodules: the embedding is the LM's; the parameter the tie
+        # was made with tells torch's re-creation from a weight the user set apart
+        self.__dict__["_tied_embedding"] = embedding
+        self.__dict__["_tie_origin"] = self.weight
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        embedding = self.__dict__.get("_tied_embedding")
+        keep = embedding is not None and (
+            self.weight is embedding.weight or self.weight is self.__dict__.get("_tie_origin")
+        )
+        out = super()._apply(fn, recurse)
+        if keep and self.weight is not embedding.weight:
+            self.weight = embedding.weight
+            self.__dict__["_tie_origin"] = self.weight
+        return out
+
+
 def _retie_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     """load_state_dict's post-hook: ``assign=True`` of a tied state_dict (one tensor under
     both keys) gives each key its own parameter over that one tensor: one parameter again."""
@@ -351,7 +376,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             layers.append(Block(d_model, mixer, mlp=mlp, norm_cls=norm_cls))
         self.layers = nn.ModuleList(layers)
         self.norm_f = norm_cls(d_model)
-        self.lm_head = Linear(d_model, self.padded_vocab_size, bias=False)
+        self.lm_head = _Head(d_model, self.padded_vocab_size, bias=False)
         self.embedding.reset_parameters()
         if tie_embeddings:
             self.lm_head.init_fn = init_embedding  # a reset of either draws the shared matrix
@@ -366,6 +391,8 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         after them itself (a head the user untied, or loaded apart, stays as it is)."""
         if self.config["tie_embeddings"] and self.lm_head.weight is not self.embedding.weight:
             self.lm_head.weight = self.embedding.weight
+        if self.config["tie_embeddings"]:
+            self.lm_head.tie_to(self.embedding)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
         """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), keeping a tie it had."""

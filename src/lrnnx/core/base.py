@@ -46,6 +46,29 @@ def _initial_value_dtype(dtype: Optional[torch.dtype] = None) -> Iterator[None]:
             torch.set_default_dtype(default)
 
 
+def assign_(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)`` (under no_grad) for initial values computed as a plain tensor,
+    also where ``target`` is a DTensor (a parameter sharded by FSDP2 or tensor parallelism,
+    materialised from the meta device): ``value`` is then distributed like ``target``, from
+    process 0's draw, so every process holds shards of one tensor."""
+    with torch.no_grad():
+        if _is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            mesh = target.device_mesh
+            value = value.to(device=mesh.device_type, dtype=target.dtype)
+            value = distribute_tensor(value, mesh, target.placements)
+        target.copy_(value)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
 def reset_module_tree(module: nn.Module) -> None:
     """Initialise ``module`` and everything under it again, as its construction does: an
     lrnnx model's :meth:`LRNN.reset_parameters` covers its subtree; any other module with a
@@ -269,8 +292,7 @@ class LRNN(nn.Module):
         if existing is None:
             self.register_parameter(name, nn.Parameter(value))
         else:
-            with torch.no_grad():
-                existing.copy_(value)
+            assign_(existing, value)
 
     def _settle(self, dtype: Optional[torch.dtype], by_default_device: bool) -> None:
         """Put a newly built model where torch's factory defaults say, as a torch layer would be:

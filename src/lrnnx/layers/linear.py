@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.base import assign_
 from lrnnx.ops.linear import linear
 
 __all__ = ["Conv1d", "Embedding", "Linear", "lecun_normal", "normal", "dt_projection"]
@@ -93,4 +94,4 @@ def dt_projection(
     u = torch.rand(layer.out_features, device=layer.bias.device)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=dt_init_floor)
-    layer.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+    assign_(layer.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)

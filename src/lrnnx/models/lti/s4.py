@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.autograd import transformed
+from lrnnx.core.base import _is_dtensor
 from lrnnx.core.checks import recording_program, user_stacklevel
 from lrnnx.models.lti._s4_block import (
     S4BlockBase,
@@ -258,8 +259,10 @@ class S4(S4BlockBase):
         else:
             self._kernel_length = {"l_kernel": 0}
         # (not on the meta device: no values to attune; a load sets C and its length, and a
-        # reset after to_empty attunes the drawn C)
-        if self.l_max is not None and not any(p.is_meta for p in self.parameters(recurse=False)):
+        # reset after to_empty attunes the drawn C; not for a sharded C, which each forward
+        # attunes out of place, see _rewrite_allowed)
+        own = list(self.parameters(recurse=False))
+        if self.l_max is not None and not any(p.is_meta or _is_dtensor(p) for p in own):
             self._ensure_length(self.l_max)
 
     @property
@@ -358,9 +361,6 @@ class S4(S4BlockBase):
             # each process would attune its own copy at its own lengths: the replicas of DDP
             # (or the shards of FSDP) would drift apart, each gradient taken with respect to
             # another C~
-            if L_MAX_HINT not in _WARNED:
-                _WARNED.add(L_MAX_HINT)
-                warnings.warn(L_MAX_HINT, UserWarning, stacklevel=user_stacklevel())
             return False
         if torch.compiler.is_compiling():
             # a compiled graph is not tracked (:meth:`_track_graph`): where it records through
@@ -391,6 +391,9 @@ class S4(S4BlockBase):
             while L > M:
                 factors.append((M, 1.0))
                 M *= 2
+            if factors and _replicated() and L_MAX_HINT not in _WARNED:
+                _WARNED.add(L_MAX_HINT)
+                warnings.warn(L_MAX_HINT, UserWarning, stacklevel=user_stacklevel())
             C = self._C()
             C = self._attune(C, factors) if factors else C
         return self._track_graph(C), M

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.core.base import assign_
 from lrnnx.core.checks import (
     check_batch_size,
     check_bool,
@@ -281,7 +282,7 @@ class RGLRU(LTV_LRNN):
             ac = torch.empty(self.lru_width, dtype=torch.float64).uniform_(lo, hi)  # a^c
             log_a = torch.log(ac) / self.c
             # Lambda = logit(a) = log a - log(1 - a), with 1 - a from expm1 (a is close to 1)
-            self.Lambda.copy_(log_a - torch.log(-torch.expm1(log_a)))
+            assign_(self.Lambda, log_a - torch.log(-torch.expm1(log_a)))
 
     # ------------------------------------------------------------------------------------------
     # pieces shared by forward and step

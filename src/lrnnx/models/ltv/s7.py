@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.core.autograd import graph_by_formula, transformed
+from lrnnx.core.base import assign_
 from lrnnx.core.checks import ArgumentTypeError, check_positive_float, check_positive_int
 from lrnnx.core.hippo import dplr_hippo_legs
 from lrnnx.layers.linear import Linear, dt_projection, normal
@@ -428,10 +429,10 @@ class S7(_EventSSM):
         C = torch.complex(torch.randn(H, N, dtype=f64), torch.randn(H, N, dtype=f64)) / math.sqrt(N)
         C_tilde = C @ V
         with torch.no_grad():
-            self.Lambda_w.copy_(w)
-            self.Lambda_im.copy_(Lambda.imag)
-            self.B.copy_(torch.view_as_real(B_tilde))
-            self.C.copy_(torch.view_as_real(C_tilde))
+            assign_(self.Lambda_w, w)
+            assign_(self.Lambda_im, Lambda.imag)
+            assign_(self.B, torch.view_as_real(B_tilde))
+            assign_(self.C, torch.view_as_real(C_tilde))
             nn.init.normal_(self.D)
             self._reset_input_dependent()
             nn.init.normal_(self.D_proj, std=1.0 / math.sqrt(H))
