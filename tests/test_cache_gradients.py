@@ -176,10 +176,10 @@ def test_prefill_then_steps_have_the_forward_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["s4", "s4d", "s5", "lru", "centaurus", "event-s5", "s7"])
-def test_steps_share_their_constants_until_a_backward_or_an_update(name):
-    """Steps recorded in one graph derive the discretized system once; a backward after each
-    step (truncated backpropagation, reinforcement learning) and an optimizer step between
-    steps make the next step derive it again: every gradient is that of the model as it was."""
+def test_steps_under_truncated_backpropagation_and_weight_changes(name):
+    """A backward after each step (truncated backpropagation, reinforcement learning), an
+    optimizer step between steps, weights changed in place: every step's value and gradient
+    are those of the model as it is at that step."""
     import copy
 
     torch.manual_seed(0)
@@ -223,3 +223,96 @@ def test_steps_share_their_constants_until_a_backward_or_an_update(name):
     y, y_twin = model.step(x[:, 1], cache)[0], twin.step(x[:, 1], fresh)[0]
     assert_close_rel(y, y_twin, dtype=torch.float64)
     copy.deepcopy(model)  # nothing recorded is kept in the module itself
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_independent_step_sequences_and_checkpointing(name):
+    """Two sequences stepped through their own caches before either backward build two
+    graphs (as two forwards do); a cast between recorded steps is seen; a step loop under
+    non-reentrant activation checkpointing has eager's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = build_mixer(name, 4, 4).double()
+    xa, xb = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def roll(x):
+        cache = model.allocate_inference_cache(2)
+        return torch.stack([model.step(x[:, t], cache)[0].reshape(2, -1) for t in range(3)], 1)
+
+    la, lb = roll(xa).pow(2).sum(), roll(xb).pow(2).sum()
+    la.backward()
+    lb.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = xa.clone().requires_grad_()
+    want = torch.autograd.grad(roll(x).pow(2).sum(), [x, *params])
+    got = torch.autograd.grad(checkpoint(roll, x, use_reentrant=False).pow(2).sum(), [x, *params])
+    for a, b in zip(want, got, strict=True):
+        assert_close_rel(b, a, dtype=torch.float64)
+    roll(xa)  # recorded, no backward
+    model.float()
+    y = roll(xa.float())
+    assert y.dtype == torch.float32
+    y.pow(2).sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in params if p.grad is not None)
+
+
+@pytest.mark.parametrize("is_real", [False, True])
+def test_s4_steps_and_a_longer_forward_in_one_graph(is_real):
+    """Recorded steps read C~ as S4's recorded forwards do: a longer forward in the same graph
+    attunes out of place, so the gradient is with respect to one C~."""
+    import copy
+
+    from lrnnx.models.lti import S4
+
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, is_real=is_real).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    longer = torch.randn(2, 16, 4, dtype=torch.float64)
+
+    def step_loss(m):
+        cache = m.allocate_inference_cache(2)
+        return sum(m.step(x[:, t], cache)[0].pow(2).sum() for t in range(3))
+
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    step_loss(a).backward()
+    b.C.grad = torch.zeros_like(b.C)  # a pending gradient: b attunes out of place
+    b(longer)[0].pow(2).sum().backward()
+    (step_loss(model) + model(longer)[0].pow(2).sum()).backward()
+    assert model.l_kernel == 0
+    assert_close_rel(model.C.grad, a.C.grad + b.C.grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "attn", "lm"])
+def test_truncated_backpropagation_over_chunks_with_detach_cache(name):
+    """Training over chunks of a stream through one cache: each chunk's backward, then
+    detach_cache, for every model, attention and an LM's cache of layer caches: no backward
+    runs into an earlier chunk's freed graph, and nothing in the cache keeps a graph."""
+    from lrnnx.utils import detach_cache
+
+    torch.manual_seed(0)
+    if name == "lm":
+        model = LRNNLMHeadModel(
+            d_model=8, d_state=4, n_layer=3, vocab_size=8, mixer_types=["s5", "attn", "mamba"]
+        ).double()
+        x = torch.randint(0, 8, (2, 9))
+    else:
+        model = build_mixer(name, 4, 4, num_heads=2) if name == "attn" else build_mixer(name, 4, 4)
+        model = model.double()
+        x = torch.randn(2, 9, 4, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cache = model.allocate_inference_cache(2, 9)
+    for k in range(3):
+        chunk = x[:, 3 * k : 3 * k + 3]
+        loss = _out(model(chunk, inference_cache=cache)).pow(2).sum()
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in got)
+        detach_cache(cache)
+
+    # after detaching, nothing in the cache keeps a graph
+    def graphs(c):
+        if isinstance(c, dict):
+            return any(graphs(v) for v in c.values())
+        return isinstance(c, torch.Tensor) and c.grad_fn is not None
+
+    assert not graphs(cache)

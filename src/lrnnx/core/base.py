@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import weakref
 from abc import abstractmethod
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -133,21 +132,6 @@ def _factory_arguments(
     return given
 
 
-class _Spent:
-    """Whether a backward has reached a set of recorded step constants (see
-    :meth:`LRNN._recorded_step_constants`)."""
-
-    __slots__ = ("spent", "__weakref__")
-
-    def __init__(self) -> None:
-        self.spent = False
-
-
-#: each model's step constants of the graph being recorded: (key, _Spent, constants); kept
-#: beside the module, not in it (a tensor with a graph cannot be deep-copied with the module)
-_RECORDED_STEP: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
 class LRNN(nn.Module):
     """Base class of all linear RNNs.
 
@@ -217,29 +201,6 @@ class LRNN(nn.Module):
             parts.append(f"mode={mode!r}")
         return ", ".join(parts)
 
-    def _recorded_step_constants(self, compute: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-        """``compute()``'s constants for a step that autograd records (the discretized system,
-        differentiable from the parameters), shared by the steps of one graph: recomputed
-        once a backward has reached them (which frees the graph that made them) or a
-        parameter changed (an optimizer step), so a sequence of steps derives them once, as
-        its parallel forward does."""
-        key = tuple((id(p), p._version) for p in self.parameters())
-        entry = _RECORDED_STEP.get(self)
-        if entry is not None and entry[0] == key and not entry[1].spent:
-            return entry[2]
-        constants = compute()
-        token = _Spent()
-
-        def reached(grad: Tensor) -> None:
-            token.spent = True
-
-        for value in constants.values():
-            # (derived tensors only: a hook on a parameter itself would outlive the graph)
-            if isinstance(value, Tensor) and value.grad_fn is not None:
-                value.register_hook(reached)
-        _RECORDED_STEP[self] = (key, token, constants)
-        return constants
-
     # ---- initialisation ----------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Initialise the model again, as its construction does: every parameter and buffer,
@@ -268,7 +229,8 @@ class LRNN(nn.Module):
     def _reset_parameters(self) -> None:
         """The submodules' initialisation, then the model's own tensors'
         (:meth:`_init_parameters`).  Runs under no_grad."""
-        own = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        # (own buffers alone, constants a subclass derives from its sizes, need no reset)
+        own = list(self.parameters(recurse=False))
         if own and type(self)._init_parameters is LRNN._init_parameters:
             raise NotImplementedError(
                 f"{type(self).__name__}.reset_parameters: the model holds tensors of its own "

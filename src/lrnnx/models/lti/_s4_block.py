@@ -971,9 +971,7 @@ class S4BlockBase(LTI_LRNN):
         # while autograd records, the recurrence comes from the parameters (a stepped sequence
         # then has the forward's gradients); else from the cache's constants
         graph = self._step_records_graph()
-        ssm_cache = inference_cache
-        if graph:
-            ssm_cache = {**inference_cache, **self._recorded_step_constants(self._step_system)}
+        ssm_cache = {**inference_cache, **self._step_system()} if graph else inference_cache
         with torch.autocast(device_type=x.device.type, enabled=False):
             uf = u.to(self.A_real.dtype)
             y = self._ssm_step(uf, ssm_cache, graph) + self.D * uf[:, None]  # (B, C, H')

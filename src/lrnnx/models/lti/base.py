@@ -331,7 +331,7 @@ class LTI_LRNN(LRNN):
         the cache's tensor (copy_ carries the graph), so a stepped sequence has the parallel
         forward's gradients, the parameters' and through the state from step to step."""
         h = cache["lrnn_state"]
-        m = self._recorded_step_constants(self._step_matrices)
+        m = self._step_matrices()
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(self._precision)
             A_bar, B_bar, C = (m[k].to(h.dtype) for k in ("A_bar", "B_bar", "C"))

@@ -631,7 +631,7 @@ class CentaurusBase(LTI_LRNN):
         # constants and an in-place update
         graph = self._step_records_graph()
         if graph:
-            m = self._recorded_step_constants(self._step_constants)
+            m = self._step_constants()
             A_bar, gamma, w = m["A_bar"], m["gamma_bar"], m["weights"]
         else:
             A_bar, gamma = inference_cache["A_bar"], inference_cache["gamma_bar"]

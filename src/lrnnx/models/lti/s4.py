@@ -421,14 +421,17 @@ class S4(S4BlockBase):
 
     # ---- discrete system ----------------------------------------------------------------------
 
-    def discretize(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def discretize(
+        self, dtype: Optional[torch.dtype] = None, C_tilde: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Dense discrete system of the full state: dA (H, Nf, Nf), dB (H, Nf), dC (C, H, Nf).
 
-        dC is the true output matrix C, recovered from the parameter C~ as C~ (I - dA^L)^{-1}.
+        dC is the true output matrix C, recovered from the parameter C~ as C~ (I - dA^L)^{-1}
+        (``C_tilde``: C~ as the caller reads it, e.g. a view that notes a recorded graph).
         """
         dtype = self.state_dtype if dtype is None else dtype
         dA, dB = self._dense(dtype)
-        C = self._full(self._C().to(dtype))
+        C = self._full((self._C() if C_tilde is None else C_tilde).to(dtype))
         L = self.l_kernel
         if L > 0:
             eye = torch.eye(dA.shape[-1], dtype=dtype, device=dA.device)
@@ -443,7 +446,9 @@ class S4(S4BlockBase):
         """dA, dB, dC of the dense recurrence (computed in double precision, then cast; copies
         by setup_step: where the casts change nothing, a float64 real S4, dC would otherwise be
         the parameter C itself, which the first forward rewrites in place, C -> C~)."""
-        dA, dB, dC = self.discretize(self._wide_dtype)
+        # a recorded step notes its graph through C~, as a recorded forward does: a longer
+        # forward meanwhile then attunes out of place (see _track_graph)
+        dA, dB, dC = self.discretize(self._wide_dtype, self._track_graph(self._C()))
         mats = (("dA", dA), ("dB", dB), ("dC", dC))
         return {k: t.to(self.state_dtype).contiguous() for k, t in mats}
 

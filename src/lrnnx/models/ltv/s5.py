@@ -355,7 +355,7 @@ class _EventSSM(LTV_LRNN):
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         consts = inference_cache
         if graph:
-            consts = {**inference_cache, **self._recorded_step_constants(self._step_constants)}
+            consts = {**inference_cache, **self._step_constants()}
         with torch.autocast(device_type=u_in.device.type, enabled=False):
             u = u_in.to(real)
             A_bar, gamma_bar = self._step_discretize(consts, u, ts)
