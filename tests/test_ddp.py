@@ -175,6 +175,7 @@ def _s4_worker(rank: int, world: int, port: int, out: str) -> None:
     exit_worker(0)
 
 
+@pytest.mark.slow  # a process pair (~5 s)
 def test_s4_replicas_stay_identical_when_processes_see_other_lengths(tmp_path):
     """S4 attunes its C~ to the lengths it sees: each DDP process doing it in place would
     leave the replicas apart (7% after 20 steps); they attune out of place and say once that
@@ -221,6 +222,7 @@ def _fsdp_meta_worker(rank: int, world: int, port: int, out: str) -> None:
     exit_worker(0)
 
 
+@pytest.mark.slow  # a process pair (~5 s)
 def test_fsdp2_meta_model_resets_to_its_initialisation(tmp_path):
     from lrnnx.architectures import LRNNLMHeadModel
     from lrnnx.models.registry import available_models

@@ -47,8 +47,15 @@ def _record(how: str, model: nn.Module, x: torch.Tensor):
         return torch.jit.trace(model, (x,), check_trace=False)
 
 
+#: recorded in make test; the rest of the registry in make test-slow (a second each)
+FAST = {"s4", "s5", "mamba"}
+
+
 @pytest.mark.parametrize("how", ["export", "trace"])
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in available_models()],
+)
 def test_recorded_program_matches_eager_on_every_call(name, how):
     model = _mixer(name)
     x = torch.randn(2, 12, 8)
