@@ -113,15 +113,23 @@ class ChannelNormAct(nn.Module):
         channels: C.
         norm: None, ``"batch"``, ``"layer"`` or ``"rms"`` (torch's default eps for each).
         activation: None or a key of :data:`ACTIVATIONS`.
+        names: the names of ``norm`` and ``activation`` in error messages (the arguments the
+            caller took them as, e.g. ``("out_norm", "out_activation")``).
 
     Raises:
         ValueError: an unknown norm or activation name.
     """
 
-    def __init__(self, channels: int, norm: str | None = None, activation: str | None = None):
+    def __init__(
+        self,
+        channels: int,
+        norm: str | None = None,
+        activation: str | None = None,
+        names: Tuple[str, str] = ("norm", "activation"),
+    ):
         super().__init__()
-        _check_choice("norm", norm, NORMS)
-        self.activation = _check_choice("activation", activation, tuple(ACTIVATIONS))
+        _check_choice(names[0], norm, NORMS)
+        self.activation = _check_choice(names[1], activation, tuple(ACTIVATIONS))
         layers = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
         self.norm = None if norm is None else layers[norm](channels)
 
@@ -244,15 +252,12 @@ class CentaurusBase(LTI_LRNN):
                 f"SSM and the mixing C, got mix_norm={mix_norm!r}, "
                 f"mix_activation={mix_activation!r} for {type(self).__name__}"
             )
-        for name, value, choices in (
-            ("mix_norm", mix_norm, NORMS),
-            ("mix_activation", mix_activation, tuple(ACTIVATIONS)),
-            ("out_norm", out_norm, NORMS),
-            ("out_activation", out_activation, tuple(ACTIVATIONS)),
-        ):
-            _check_choice(name, value, choices)  # named as the caller knows them
-        self.mix_act = ChannelNormAct(self.n_rows, mix_norm, mix_activation)
-        self.out_act = ChannelNormAct(self.d_output, out_norm, out_activation)
+        self.mix_act = ChannelNormAct(
+            self.n_rows, mix_norm, mix_activation, names=("mix_norm", "mix_activation")
+        )
+        self.out_act = ChannelNormAct(
+            self.d_output, out_norm, out_activation, names=("out_norm", "out_activation")
+        )
 
     # ----------------------------------------------------------------------------- mode interface
     def _check_sizes(self, d_output: int | None) -> None:
