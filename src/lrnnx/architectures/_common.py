@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.base import keep_recurrence_precision, reset_module_tree
+from lrnnx.core.base import keep_recurrence_precision, reset_submodules
 from lrnnx.models.registry import MODEL_ALIASES, build_mixer, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
@@ -302,9 +302,7 @@ class PretrainedMixin:
         by its own scheme: the mixers' papers', the embedding's normal(0, initializer_range),
         torch's for plain layers); tied tensors stay tied.  The step after
         ``model.to_empty(device=...)`` for a model built on the meta device."""
-        with torch.no_grad():
-            for child in self.children():  # type: ignore[attr-defined]
-                reset_module_tree(child)
+        reset_submodules(self)  # type: ignore[arg-type]
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write ``model.safetensors`` and then ``config.json`` (with the weights' sha256)."""

@@ -196,10 +196,9 @@ class CausalLMOutput(NamedTuple):
 
 class _Head(Linear):
     """The LM's output layer.  Tied, its weight is the embedding's parameter, which it takes
-    again after torch gave it a parameter of its own while moving this module alone: FSDP1
-    materialises a meta-device model module by module (``to_empty(recurse=False)``), the
-    embedding before the head, and the LM's own re-tie (:meth:`LRNNLMHeadModel._apply`)
-    never runs there, the LM holding no tensor itself."""
+    again after torch gave it a parameter of its own (``to_empty`` off the meta device, of the
+    whole LM or, as FSDP1 materialises, module by module with ``recurse=False``: the
+    embedding, registered first, is moved before the head either way)."""
 
     def tie_to(self, embedding: nn.Module) -> None:
         # plain attributes, not submodules: the embedding is the LM's; the parameter the tie
@@ -393,14 +392,6 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             self.lm_head.weight = self.embedding.weight
         if self.config["tie_embeddings"]:
             self.lm_head.tie_to(self.embedding)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
-        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), keeping a tie it had."""
-        tied = self.lm_head.weight is self.embedding.weight
-        out = super()._apply(fn, recurse)
-        if tied:
-            self.tie_weights()
-        return out
 
     # --------------------------------------------------------------------------------- forward
     def _embed(self, input_ids: Tensor) -> Tensor:

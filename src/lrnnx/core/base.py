@@ -82,6 +82,15 @@ def reset_module_tree(module: nn.Module) -> None:
         reset_module_tree(child)
 
 
+def reset_submodules(module: nn.Module) -> None:
+    """:func:`reset_module_tree` of each of ``module``'s children (under no_grad): the
+    ``reset_parameters`` of a module that holds no tensor of its own (a wrapper, an
+    architecture) or that draws its own after its children's."""
+    with torch.no_grad():
+        for child in module.children():
+            reset_module_tree(child)
+
+
 def _settling(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` (a model class's own ``__init__``) followed, once the outermost wrapped
     ``__init__`` of a construction returns, by :meth:`LRNN._settle`.  Every wrapped ``__init__``
@@ -201,6 +210,12 @@ class LRNN(nn.Module):
             parts.append(f"mode={mode!r}")
         return ", ".join(parts)
 
+    def _step_records_graph(self) -> bool:
+        """Whether ``step`` runs on the parameters as they are now, in autograd's graph: grad
+        mode is on and a parameter of the model requires grad.  Without autograd the models
+        whose caches hold derived constants step on those (cheaper: nothing is re-derived)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
     # ---- initialisation ----------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Initialise the model again, as its construction does: every parameter and buffer,
@@ -238,8 +253,7 @@ class LRNN(nn.Module):
                 "its __init__ draws; implement _init_parameters (creating them with "
                 "self._set_parameter, called from __init__ too) or reset_parameters"
             )
-        for child in self.children():
-            reset_module_tree(child)
+        reset_submodules(self)
         self._init_parameters()
 
     def _init_parameters(self) -> None:

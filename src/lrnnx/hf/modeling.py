@@ -80,7 +80,7 @@ class LRNNPreTrainedModel(PreTrainedModel):
         are put back afterwards."""
         reset = getattr(module, "reset_parameters", None)
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if not callable(reset) or all(getattr(t, "_is_hf_initialized", False) for t in own):
+        if not callable(reset) or all(map(_is_loaded, own)):
             return
         loaded = [t for t in (*module.parameters(), *module.buffers()) if _is_loaded(t)]
         values = [t.detach().clone() for t in loaded]

@@ -43,7 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.base import reset_module_tree
+from lrnnx.core.base import reset_submodules
 from lrnnx.core.checks import (
     as_lengths,
     check_sequence,
@@ -154,9 +154,7 @@ class Bidirectional(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise both directions' mixers again, as their construction does."""
-        with torch.no_grad():
-            reset_module_tree(self.fwd)
-            reset_module_tree(self.bwd)
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}"

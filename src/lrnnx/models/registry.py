@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.base import reset_module_tree
+from lrnnx.core.base import reset_submodules
 from lrnnx.core.checks import (
     check_batch_size,
     check_sequence,
@@ -455,8 +455,7 @@ class MixerAdapter(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise the wrapped model again, as its construction does (see
         :meth:`lrnnx.core.base.LRNN.reset_parameters`)."""
-        with torch.no_grad():
-            reset_module_tree(self.model)
+        reset_submodules(self)
 
     @property
     def supports_cu_seqlens(self) -> bool:

@@ -309,14 +309,6 @@ class LTI_LRNN(LRNN):
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
         return y.to(x.dtype), cache
 
-    def _step_records_graph(self) -> bool:
-        """Whether ``step`` runs on the parameters as they are now, in autograd's graph: grad
-        mode is on and a parameter of the model's own requires grad.  Without autograd it runs
-        on the constants its cache captured (cheaper: nothing is re-derived per step)."""
-        return torch.is_grad_enabled() and any(
-            p.requires_grad for p in self._parameters.values() if p is not None
-        )
-
     def _step_matrices(self) -> Dict[str, Optional[Tensor]]:
         """The discrete diagonal system from the parameters as they are now, differentiable:
         ``A_bar`` (N,), ``B_bar`` (N, H), ``C`` (H, N) (complex) and ``D`` (H,) or None (a

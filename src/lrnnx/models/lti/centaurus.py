@@ -599,8 +599,9 @@ class CentaurusBase(LTI_LRNN):
         """
         check_batch_size(batch_size)
         with torch.no_grad():  # inference constants, not graph nodes
-            A_bar, gamma, _ = self.discretize()
-            w = {k: (None if v is None else v.detach().clone()) for k, v in self._weights().items()}
+            m = self._step_constants()
+        A_bar, gamma = m["A_bar"], m["gamma_bar"]
+        w = {k: (None if v is None else v.detach().clone()) for k, v in m["weights"].items()}
         state = torch.zeros(
             (batch_size,) + self._state_shape(), dtype=A_bar.dtype, device=A_bar.device
         )

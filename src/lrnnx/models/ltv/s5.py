@@ -223,8 +223,7 @@ class _EventSSM(LTV_LRNN):
         return constants
 
     def _extend_cache(self, cache: Dict[str, Any]) -> None:
-        """Add constants derived from the model's tensors to a new cache (under no_grad), or to
-        the step's constants while autograd records (differentiably)."""
+        """Add the constants derived from the model's tensors to :meth:`_step_constants`."""
 
     # ------------------------------------------------------------------------------------------
 
@@ -352,7 +351,7 @@ class _EventSSM(LTV_LRNN):
         # parameters and the state is computed out of place, then written back (copy_ carries
         # the graph): a stepped sequence has the forward's gradients; else the cache's copies
         # and an in-place update
-        graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        graph = self._step_records_graph()
         consts = inference_cache
         if graph:
             consts = {**inference_cache, **self._step_constants()}
@@ -392,9 +391,9 @@ class _EventSSM(LTV_LRNN):
             # copies, never the parameters themselves: the cache is a snapshot of the model,
             # which an optimizer step or load_state_dict after the allocation must not half-update
             cache = {
-                k: (None if v is None else v.detach().clone()) for k, v in self._tensors().items()
+                k: (v.detach().clone() if isinstance(v, Tensor) else v)
+                for k, v in self._step_constants().items()
             }
-            self._extend_cache(cache)
         cdtype = state_dtype(self.Lambda_im.dtype, dtype)
         cache["lrnn_state"] = torch.zeros(
             batch_size, self.n_state, dtype=cdtype, device=self.Lambda_im.device
