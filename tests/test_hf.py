@@ -120,7 +120,10 @@ def test_auto_loading_in_a_dtype_follows_the_precision_policy(checkpoint, dtype)
     for key, value in expect.items():
         if isinstance(value, torch.Tensor):
             assert theirs[key].dtype == value.dtype, (key, theirs[key].dtype, value.dtype)
-            assert_close_rel(theirs[key], value, dtype=value.dtype, msg=key)
+            if value.is_floating_point() or value.is_complex():
+                assert_close_rel(theirs[key], value, dtype=value.dtype, msg=key)
+            else:  # S4's kernel length
+                assert torch.equal(theirs[key], value), key
     ids = prompts()
     with torch.no_grad():
         assert_close_rel(model(ids).logits, ours(ids), dtype=dtype, length=9, msg="logits")
@@ -145,8 +148,11 @@ def test_a_transformers_directory_loads_in_lrnnx(checkpoint, tmp_path):
 
 
 def test_extra_state_travels_both_ways(tmp_path):
-    """S4's kernel length is a Python int (extra state) that its C parameter depends on:
-    transformers keeps it in the config, lrnnx in the weights' metadata."""
+    """S4's kernel length (extra state, a 0-d tensor) that its C parameter depends on travels
+    among the weights through transformers and back (lrnnx lists it in the weights' metadata,
+    transformers stores it under its state_dict key)."""
+    from safetensors.torch import load_file
+
     torch.manual_seed(0)
     lm = LRNNLMHeadModel(d_model=16, d_state=4, n_layer=1, vocab_size=V, mixer_types="s4").eval()
     ids = prompts(B=2, L=40)
@@ -156,7 +162,16 @@ def test_extra_state_travels_both_ways(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lrnnx")
     model.save_pretrained(tmp_path / "hf")
     back = LRNNLMHeadModel.from_pretrained(tmp_path / "hf")
-    assert back.state_dict()["layers.0.mixer.model._extra_state"] == {"l_kernel": 40}
+    assert int(back.state_dict()["layers.0.mixer.model._extra_state"]) == 40
+    assert model.config.lrnnx_extra_state == {}  # not in the config: among the weights
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert weights["layers.0.mixer.model._extra_state"] == 40
+    # what reads the weights file alone (the Trainer's resume_from_checkpoint) gets it too,
+    # and the model's own state_dict loads back in strict mode
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    fresh.load_state_dict(weights, strict=False)
+    assert fresh.layers[0].mixer.model.l_kernel == 40
+    fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert_close_rel(model(ids).logits, expected, length=40, msg="transformers")
         assert_close_rel(back(ids), expected, length=40, msg="back in lrnnx")
@@ -368,9 +383,10 @@ def test_trainer_trains(tmp_path):
 
 def test_a_model_built_from_the_config_keeps_its_extra_state_and_seeded_values(tmp_path):
     """from_config (then weights loaded by hand, as init_empty_weights flows do): the S4
-    kernel length from the config survives transformers' post_init, and the model draws its
-    tensors once, as LRNNLMHeadModel does for the same seed; a checkpoint lacking one of S4's
-    own tensors keeps the loaded C with the length it was attuned to."""
+    kernel length comes with the weights (a config of earlier checkpoints carrying it: that
+    survives transformers' post_init), and the model draws its tensors once, as
+    LRNNLMHeadModel does for the same seed; a checkpoint lacking one of S4's own tensors keeps
+    the loaded C with the length it was attuned to."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
@@ -380,11 +396,14 @@ def test_a_model_built_from_the_config_keeps_its_extra_state_and_seeded_values(t
     with torch.no_grad():
         want = lm(ids)
     lm.save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path)).eval()
-    assert model.layers[0].mixer.model.l_kernel == 20
+    config = AutoConfig.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert model.layers[0].mixer.model.l_kernel == 20
     with torch.no_grad():
         assert_close_rel(model(ids).logits, want, length=20)
+    config.lrnnx_extra_state = {"layers.0.mixer.model._extra_state": {"l_kernel": 20}}
+    assert AutoModelForCausalLM.from_config(config).layers[0].mixer.model.l_kernel == 20
     torch.manual_seed(1)
     built = lrnnx.hf.LRNNForCausalLM(lrnnx.hf.LRNNConfig(**kw))
     torch.manual_seed(1)
@@ -404,3 +423,27 @@ def test_a_model_built_from_the_config_keeps_its_extra_state_and_seeded_values(t
     with torch.no_grad():
         lm.layers[0].mixer.model.D.copy_(s4.D)
         assert_close_rel(partial(ids).logits, lm(ids), length=20)
+
+
+def test_trainer_resumes_s4_with_its_kernel_length(tmp_path):
+    """The Trainer's resume_from_checkpoint loads only the weights file into a model built
+    from the config: S4's kernel length travels there (a tensor extra state), so the resumed
+    model computes what the checkpointed one did."""
+    torch.manual_seed(0)
+    kw = dict(d_model=16, d_state=4, n_layer=1, vocab_size=V, mixer_types="s4")
+    data = CountingDataset(64)
+    args = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
+                per_device_train_batch_size=16, save_strategy="steps", save_steps=2,
+                disable_tqdm=True)  # fmt: skip
+    model = lrnnx.hf.LRNNForCausalLM(lrnnx.hf.LRNNConfig(**kw))
+    Trainer(model=model, args=TrainingArguments(**args), train_dataset=data).train()
+    model.eval()
+    assert model.layers[0].mixer.model.l_kernel == data.ids.shape[1]
+    resumed = lrnnx.hf.LRNNForCausalLM(lrnnx.hf.LRNNConfig(**kw))  # the script run again
+    trainer = Trainer(model=resumed, args=TrainingArguments(**args), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed.eval()
+    assert resumed.layers[0].mixer.model.l_kernel == data.ids.shape[1]
+    ids = data.ids[:4]
+    with torch.no_grad():
+        assert_close_rel(resumed(ids).logits, model(ids).logits, length=ids.shape[1])

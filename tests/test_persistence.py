@@ -112,12 +112,27 @@ def test_s4_extra_state_is_restored(tmp_path):
     for a, b in zip(loaded.layers, model.layers, strict=True):
         assert a.mixer.model.l_kernel == b.mixer.model.l_kernel == L
     assert_rel_close(loaded(ids), y, 1e-12)
-    # the extra state travels in the file's metadata, covered by the checksum
+    # the extra state travels in the weights file (a tensor the metadata lists), covered by
+    # the checksum
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
+    key = "layers.0.mixer.model._extra_state"
+    path = str(tmp_path / WEIGHTS_NAME)
+    with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["lrnnx_extra_state"])
-    assert meta["json"]["layers.0.mixer.model._extra_state"] == {"l_kernel": L}
+    assert key in meta["tensors"] and load_file(path)[key] == L
+    # files written while it was a JSON value in the metadata still load
+    weights = load_file(path)
+    del weights[key]
+    legacy = {"json": {key: {"l_kernel": L}}, "tensors": []}
+    save_file(weights, path, metadata={"lrnnx_extra_state": json.dumps(legacy)})
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["_weights_sha256"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = LRNNLMHeadModel.from_pretrained(tmp_path)
+    assert old.layers[0].mixer.model.l_kernel == L
+    assert_rel_close(old(ids), y, 1e-12)
 
 
 def test_float32_round_trip(tmp_path):
@@ -323,7 +338,9 @@ def test_missing_extra_state_is_an_error(tmp_path):
     model(torch.randint(0, V, (1, L)))
     model.save_pretrained(tmp_path)
     w = str(tmp_path / WEIGHTS_NAME)
-    save_file(load_file(w), w, metadata={"format": "pt"})  # drop the extra state
+    weights = load_file(w)
+    del weights["layers.0.mixer.model._extra_state"]
+    save_file(weights, w, metadata={"format": "pt"})  # drop the extra state
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     del cfg[CHECKSUM_KEY]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))

@@ -781,8 +781,8 @@ def test_state_dict_taken_before_a_forward_stays_matched():
     with torch.no_grad():
         model(x[:, :8])  # attunes the module's C to 8
         y = model(x)[0]  # and to 16
-    assert model.l_kernel == 16 and sd["_extra_state"]["l_kernel"] == 16
-    assert sd["C"].data_ptr() == model.C.data_ptr() and snapshot["_extra_state"]["l_kernel"] == 0
+    assert model.l_kernel == 16 and int(sd["_extra_state"]) == 16
+    assert sd["C"].data_ptr() == model.C.data_ptr() and int(snapshot["_extra_state"]) == 0
     for state, which in ((sd, "state_dict"), (sd_vars, "keep_vars"), (snapshot, "deepcopy")):
         loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
         loaded.load_state_dict(state)
@@ -790,6 +790,44 @@ def test_state_dict_taken_before_a_forward_stays_matched():
             assert_close_rel(loaded(x)[0], y, msg=which)
     loaded.l_kernel = 64  # a loaded module's record is its own
     assert model.l_kernel == 16
+
+
+def test_state_dict_is_a_dict_of_tensors(tmp_path):
+    """S4's kernel length travels as a 0-d int64 tensor: the idioms that treat a state_dict as
+    tensors work (a clone of every value, safetensors' save_file, an EMA loop over the values
+    as timm's), each copy loading into a fresh S4 with the length its C is attuned to; the
+    dict of earlier checkpoints and an averaged (float) value load too; a bad value is named."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 24, 4)
+    with torch.no_grad():
+        y = model(x)[0]  # attunes C to 24
+    sd = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd["_extra_state"].dtype == torch.int64 and int(sd["_extra_state"]) == 24
+    cloned = {k: v.clone() for k, v in sd.items()}
+    save_file(cloned, tmp_path / "s4.safetensors")
+    ema = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    for e, v in zip(ema.state_dict().values(), sd.values(), strict=True):
+        e.lerp_(v, 1.0) if e.is_floating_point() else e.copy_(v)  # timm's ModelEmaV3 update
+    averaged = {k: (v + v) / 2 for k, v in sd.items()}  # a float l_kernel
+    legacy = {**sd, "_extra_state": {"l_kernel": 24}}
+    states = dict(cloned=cloned, file=load_file(tmp_path / "s4.safetensors"), averaged=averaged,
+                  legacy=legacy)  # fmt: skip
+    for which, state in states.items():
+        loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
+        loaded.load_state_dict(state)
+        assert loaded.l_kernel == 24, which
+        with torch.no_grad():
+            assert_close_rel(loaded(x)[0], y, msg=which)
+    assert ema.l_kernel == 24
+    with torch.no_grad():
+        assert_close_rel(ema(x)[0], y, msg="ema")
+    for bad in (torch.tensor(-1), torch.tensor(float("nan")), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="S4 extra state"):
+            S4(4, d_state=4, transposed=False).load_state_dict({**sd, "_extra_state": bad})
 
 
 @pytest.mark.parametrize("cls", [S4, S4D])

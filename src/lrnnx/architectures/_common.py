@@ -432,6 +432,10 @@ class PretrainedMixin:
                     extra[k] = state.pop(k)
         elif by_transformers:  # its weights files keep no metadata: lrnnx.hf uses the config
             extra.update(config_extra)
+        # tensor extra states in a file without lrnnx's metadata (transformers writes them
+        # among the weights, under their state_dict keys)
+        for k in [k for k in state if k not in extra and _is_extra_key(model, k)]:
+            extra[k] = state.pop(k)
         model._assign_state(state, extra)
         model.to(target)
         if cast is not None:

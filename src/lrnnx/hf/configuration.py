@@ -63,9 +63,10 @@ class LRNNConfig(PretrainedConfig):
             default to :data:`REQUIRED_DEFAULTS`) and transformers' ``PretrainedConfig``
             arguments (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``use_cache``,
             ...).  ``tie_word_embeddings`` (transformers' name) is ``tie_embeddings``.
-            ``lrnnx_extra_state`` holds the modules' extra states (``get_extra_state``, e.g.
-            S4's kernel length; state_dict key -> JSON value), which transformers does not keep
-            in its weights files; ``LRNNForCausalLM`` fills it when saving.
+            ``lrnnx_extra_state`` holds the modules' extra states that are JSON values, not
+            tensors (``get_extra_state`` of a custom mixer; state_dict key -> value; S4's
+            kernel length in configs written before it was a tensor), which transformers does
+            not keep in its weights files; ``LRNNForCausalLM`` fills it when saving.
 
     Raises:
         ValueError: ``tie_embeddings`` and ``tie_word_embeddings`` disagree.

@@ -145,9 +145,9 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        """torch's ``state_dict`` without the modules' extra states (Python values such as
-        S4's kernel length, not tensors): transformers saves and loads the state_dict as
-        weights, so they travel in ``config.lrnnx_extra_state`` instead."""
+        """torch's ``state_dict`` without the modules' extra states that are Python values,
+        not tensors: transformers saves and loads the state_dict as weights, so those travel in
+        ``config.lrnnx_extra_state`` instead (tensor ones, S4's kernel length, stay)."""
         state = super().state_dict(*args, **kwargs)
         for key in [k for k in state if k.endswith("_extra_state")]:
             if not isinstance(state[key], Tensor):
@@ -155,21 +155,16 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
         return state
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``save_pretrained``, with the modules' current extra states in the
-        config (``LRNNLMHeadModel.from_pretrained`` reads them from there too).
+        """transformers' ``save_pretrained``, with the modules' current JSON extra states in
+        the config (``LRNNLMHeadModel.from_pretrained`` reads them from there too); tensor
+        extra states (S4's kernel length) are saved among the weights, as transformers does.
 
         Raises:
-            TypeError: an extra state that is a tensor (only JSON values travel in a config).
+            TypeError: an extra state that is neither a tensor nor a JSON value.
         """
         full = nn.Module.state_dict(self, keep_vars=True)
         extra = {k: v for k, v in full.items() if _is_extra_key(self, k)}
-        as_json, as_tensor = _encode_extra(self, extra)
-        if as_tensor:
-            raise TypeError(
-                f"{sorted(as_tensor)}: tensor extra states cannot be saved through transformers "
-                "(only JSON values, kept in the config); use LRNNLMHeadModel.save_pretrained"
-            )
-        self.config.lrnnx_extra_state = as_json
+        self.config.lrnnx_extra_state = _encode_extra(self, extra)[0]
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property

@@ -40,9 +40,10 @@ gradient
 is pending on C or a graph built through it awaits its backward (accumulation over
 micro-batches, or two losses of different lengths in one graph: every part of the gradient is then
 with respect to the same C~).  What C means thus depends on ``l_kernel``, which ``state_dict``
-carries (extra state: the module's own record, shared as C is, so the two stay matched):
-parameters copied into another S4 by other means (an EMA or ``AveragedModel``, weight averaging)
-need the same ``l_kernel``, and FSDP in a job of a single process loses an in-place write
+carries (extra state, a 0-d tensor: the module's own record, shared as C is, so the two stay
+matched; an EMA's in-place update of every state_dict tensor updates it with C): parameters
+copied into another S4 by other means (``AveragedModel``, weight averaging) need the same
+``l_kernel``, and FSDP in a job of a single process loses an in-place write
 to its gathered copy.  A frozen C (``requires_grad=False``) is attuned in place too: its values
 change, the function it gives does not.  An exported or traced program shares C with the
 model and keeps the ``l_kernel`` it was recorded with: an eager forward at a longer length later
@@ -251,13 +252,16 @@ class S4(S4BlockBase):
         dtype = torch.get_default_dtype()
         P = P.real.to(dtype) if self.is_real else torch.view_as_real(P.contiguous()).to(dtype)
         self.register("P", P.contiguous(), "A")
-        # length that the parameter C~ = C (I - dA^L) is attuned to (0: C holds C itself)
-        # (a Python int saved through the module's extra state: no device sync to read it);
-        # a reset writes 0 into the existing record, which state_dicts taken before share
+        # length that the parameter C~ = C (I - dA^L) is attuned to (0: C holds C itself): a
+        # Python int, which forwards read (no device sync; no tensor for torch.compile to guard
+        # on), mirrored in a 0-d int64 CPU tensor, the module's extra state in state_dicts (a
+        # tensor, so that they stay dicts of tensors: clone, safetensors, EMA loops); a reset
+        # writes 0 into the existing record, which state_dicts taken before share
         if "_kernel_length" in self.__dict__:
             self.l_kernel = 0
         else:
-            self._kernel_length = {"l_kernel": 0}
+            self._l_kernel, self._record_stale = 0, False
+            self._kernel_length = torch.zeros((), dtype=torch.int64, device="cpu")
         # (not on the meta device: no values to attune; a load sets C and its length, and a
         # reset after to_empty attunes the drawn C; not for a sharded C, which each forward
         # attunes out of place, see _rewrite_allowed)
@@ -268,22 +272,60 @@ class S4(S4BlockBase):
     @property
     def l_kernel(self) -> int:
         """The length C~ is attuned to (0: not yet; C then holds C itself)."""
-        return self._kernel_length["l_kernel"]
+        if not torch.compiler.is_compiling():
+            self._sync_length()
+        return self._l_kernel
 
     @l_kernel.setter
     def l_kernel(self, value: int) -> None:
-        self._kernel_length["l_kernel"] = int(value)
+        self._l_kernel = int(value)
+        if torch.compiler.is_compiling():  # a compiled graph writes no tensor attribute
+            self._record_stale = True
+        else:
+            self._kernel_length.fill_(self._l_kernel)
+            self._record_stale = False
 
-    def get_extra_state(self) -> Dict[str, int]:
-        """The module's own record of ``l_kernel``, not a copy: a state_dict shares C with the
-        module (as torch's do, which in-place updates through it rely on, e.g. EMA), so it
-        shares the length C is attuned to as well, and the two stay matched when a forward
-        attunes C in place after the state_dict was taken.  A copy (``copy.deepcopy``,
-        ``torch.save``) is a consistent snapshot."""
+    def _sync_length(self) -> None:
+        """Outside compiled graphs the record is the truth (a state_dict holds it: an EMA loop's
+        ``copy_`` into it, as into C, sets the length C is now attuned to), except after a
+        compiled graph attuned C, which leaves the record to the next eager read."""
+        record = self._kernel_length
+        if self.__dict__.get("_record_stale", False):
+            record.fill_(self._l_kernel)
+            self._record_stale = False
+        else:
+            self._l_kernel = int(record)
+
+    def get_extra_state(self) -> Tensor:
+        """``l_kernel`` as a 0-d int64 CPU tensor: the module's own record, not a copy.  A
+        state_dict shares C with the module (as torch's do, which in-place updates through it
+        rely on, e.g. EMA), so it shares the length C is attuned to as well: the two stay
+        matched when a forward attunes C in place after the state_dict was taken, and an
+        in-place update of both (an EMA's ``copy_``) leaves them matched in the module.  A
+        copy (``clone``, ``copy.deepcopy``, ``torch.save``, safetensors) is a consistent
+        snapshot."""
+        self._sync_length()
         return self._kernel_length
 
-    def set_extra_state(self, state: Dict[str, int]) -> None:
-        self.l_kernel = int(state["l_kernel"])  # the value: never another module's record
+    def set_extra_state(self, state: Union[Tensor, Mapping[str, int], int]) -> None:
+        """Take ``l_kernel`` from a state_dict: the tensor :meth:`get_extra_state` gives (any
+        numeric dtype or device: an averaged state_dict's value is rounded), or the
+        ``{"l_kernel": n}`` of checkpoints written before it was a tensor.
+
+        Raises:
+            ValueError: not a single finite value >= 0.
+        """
+        value = state["l_kernel"] if isinstance(state, Mapping) else state
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"S4 extra state: expected one value (l_kernel), got shape {tuple(value.shape)}"
+                )
+            value = value.item()
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"S4 extra state: expected l_kernel >= 0, got {value}")
+        self.l_kernel = round(value)  # the value: never another module's record
 
     @property
     def state_dim(self) -> int:
