@@ -198,6 +198,9 @@ def test_unet_deeper_streaming_with_factor_3():
     cache = net.allocate_inference_cache(1)
     ys = torch.stack([net.step(x[:, t], cache)[0] for t in range(31)], 1)
     torch.testing.assert_close(ys, net(x))
+    cache = net.allocate_inference_cache(1)  # (B, 1, d_input) steps give (B, 1, d_output)
+    ys = torch.cat([net.step(x[:, t : t + 1], cache)[0] for t in range(31)], 1)
+    torch.testing.assert_close(ys, net(x))
 
 
 def test_unet_non_causal():

@@ -124,7 +124,7 @@ def test_mha_step_prefill_and_chunks_match_forward():
     assert cache["seqlen_offset"] == 11 and cache["cache_seqlens"].tolist() == [11, 11]
     cache = m.allocate_inference_cache(2, max_seqlen=16)
     parts = [m(x[:, :4], inference_cache=cache), m(x[:, 4:7], inference_cache=cache)]
-    parts += [m.step(x[:, t : t + 1], cache)[0][:, None] for t in range(7, 11)]
+    parts += [m.step(x[:, t : t + 1], cache)[0] for t in range(7, 11)]  # (B, 1, D) each
     torch.testing.assert_close(torch.cat(parts, 1), y)
 
 
@@ -182,6 +182,11 @@ def test_block_formula_step_and_lengths():
     cache = block.allocate_inference_cache(2, 10)
     ys = torch.stack([block.step(x[:, t], cache)[0] for t in range(10)], 1)
     torch.testing.assert_close(ys, block(x))
+    # a (B, 1, D) step gives (B, 1, D), through the block and its mixer (an LTI model)
+    cache = block.allocate_inference_cache(2, 10)
+    ys = torch.cat([block.step(x[:, t : t + 1], cache)[0] for t in range(10)], 1)
+    torch.testing.assert_close(ys, block(x))
+    assert mixer.step(x[:, :1], mixer.allocate_inference_cache(2, 1))[0].shape == (2, 1, D)
     y = block(x, lengths=torch.tensor([10, 6]))
     torch.testing.assert_close(y[1, :6], block(x[1:, :6])[0])
     assert y[1, 6:].abs().max() == 0

@@ -1055,3 +1055,23 @@ def test_channels_last_cast_changes_nothing(name):
     assert_close_rel(got, want, length=12)
     got.square().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_step_output_keeps_the_input_layout(name):
+    """Every model steps on x (B, H) (the LTI interface) and on x (B, 1, H) (the LTV one) and
+    gives y in the same layout, (B, H) or (B, 1, H), with the same values: a loop over
+    ``x[:, t : t + 1]`` concatenates its outputs back into forward's (B, L, H)."""
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(2, 6, H)
+    with torch.no_grad():
+        y = run(model, x)
+        flat, three = model.allocate_inference_cache(2, 6), model.allocate_inference_cache(2, 6)
+        ys2, ys3 = [], []
+        for t in range(6):
+            ys2.append(model.step(x[:, t], flat)[0])
+            ys3.append(model.step(x[:, t : t + 1], three)[0])
+    assert all(o.shape == (2, H) for o in ys2) and all(o.shape == (2, 1, H) for o in ys3)
+    assert_close_rel(torch.cat(ys3, 1), y, length=6)
+    assert_close_rel(torch.stack(ys2, 1), y, length=6)

@@ -53,6 +53,7 @@ from lrnnx.core.checks import (
     check_sequence,
     check_step_input,
     lengths_mask,
+    step_output,
     zero_where_not,
 )
 from lrnnx.layers import Block, RMSNorm
@@ -324,10 +325,11 @@ class UNet(PretrainedMixin, nn.Module):
         }
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any]) -> tuple[Tensor, Dict[str, Any]]:
-        """One sample: x (B, d_input) -> (y (B, d_output), cache); zero latency, == forward."""
+        """One sample: x (B, d_input) -> (y (B, d_output), cache) (x (B, 1, d_input) -> y (B,
+        1, d_output)); zero latency, == forward."""
         if not self.causal:
             raise ValueError("step: streaming needs causal=True (this UNet is bidirectional)")
-        x = check_step_input(x, self.d_input)
+        layout, x = x, check_step_input(x, self.d_input)
         check_input_dtype(x, self.in_proj.weight.dtype)
         if not isinstance(inference_cache, dict) or "levels" not in inference_cache:
             raise ValueError(
@@ -335,4 +337,4 @@ class UNet(PretrainedMixin, nn.Module):
             )
         y = self.level.step(self.in_proj(x), inference_cache["levels"])
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
-        return self.out_proj(self.norm_f(y)), inference_cache
+        return step_output(self.out_proj(self.norm_f(y)), layout), inference_cache

@@ -41,6 +41,12 @@ def check_step_input(x: Tensor, d_model: int, name: str = "x") -> Tensor:
     return x
 
 
+def step_output(y: Tensor, x: Any) -> Tensor:
+    """A step's output (B, H_out) in its input's layout: (B, 1, H_out) for an x (B, 1, H), as
+    forward keeps (B, L, H), so a loop over ``x[:, t : t + 1]`` gets what it gave."""
+    return y.unsqueeze(1) if isinstance(x, Tensor) and x.dim() == 3 else y
+
+
 def as_lengths(lengths: Any, batch: int, seqlen: int, device=None) -> Optional[Tensor]:
     """Validate ``lengths`` (a (B,) integer tensor, list or array) and return it as a tensor.
 

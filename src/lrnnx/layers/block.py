@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_sequence, check_step_input, lengths_mask, zero_where_not
+from lrnnx.core.checks import (
+    check_sequence,
+    check_step_input,
+    lengths_mask,
+    step_output,
+    zero_where_not,
+)
 from lrnnx.layers.norm import RMSNorm
 
 #: pointwise activations a Block can apply to the mixer output
@@ -144,8 +150,9 @@ class Block(nn.Module):
         inference_cache: Dict[str, Any],
         integration_timesteps: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Dict[str, Any]]:
-        """One timestep: x (B, D) (or (B, 1, D)) -> (y (B, D), cache), cache updated in place."""
-        x = check_step_input(x, self.dim)
+        """One timestep: x (B, D) (or (B, 1, D)) -> (y (B, D) (or (B, 1, D)), cache), cache
+        updated in place."""
+        layout, x = x, check_step_input(x, self.dim)
         if integration_timesteps is None:
             h, inference_cache = self.mixer.step(self.norm(x), inference_cache)
         else:
@@ -155,7 +162,7 @@ class Block(nn.Module):
         x = x + self._mixer_out(h.reshape(x.shape))
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.norm2(x)))
-        return x, inference_cache
+        return step_output(x, layout), inference_cache
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None

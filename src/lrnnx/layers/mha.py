@@ -43,6 +43,7 @@ from lrnnx.core.checks import (
     check_timesteps,
     lengths_mask,
     packed_offsets,
+    step_output,
     zero_where_not,
 )
 from lrnnx.layers.linear import Linear
@@ -390,7 +391,7 @@ class MHA(nn.Module):
             raise ValueError(
                 "step: a non-causal MHA attends to future tokens and cannot decode step by step"
             )
-        x = check_step_input(x, self.dim)
+        layout, x = x, check_step_input(x, self.dim)
         B = x.shape[0]
         kc, vc, seqlens = self._check_cache(inference_cache, B)
         check_kv_room(inference_cache, 1)
@@ -409,7 +410,7 @@ class MHA(nn.Module):
         out = _sdpa(q, keys, vals, attn_mask=allowed)
         seqlens.add_(1)
         inference_cache["seqlen_offset"] = offset + 1
-        return self.out_proj(out.reshape(B, self.dim)), inference_cache
+        return step_output(self.out_proj(out.reshape(B, self.dim)), layout), inference_cache
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None

@@ -49,6 +49,7 @@ from lrnnx.core.checks import (
     check_sequence,
     check_step_input,
     lengths_mask,
+    step_output,
     zero_where_not,
 )
 
@@ -576,7 +577,8 @@ class MixerAdapter(nn.Module):
         inference_cache: Dict[str, Any],
         integration_timesteps: Optional[Union[Tensor, float]] = None,
     ) -> Tuple[Tensor, Dict[str, Any]]:
-        """x (B, D) (or (B, 1, D)) -> (y (B, D), cache); the cache is updated in place."""
+        """x (B, D) (or (B, 1, D)) -> (y (B, D) (or (B, 1, D)), cache); the cache is updated
+        in place."""
         x2 = check_step_input(x, self.d_model)
         B = x2.shape[0]
         ts = integration_timesteps
@@ -592,7 +594,7 @@ class MixerAdapter(nn.Module):
         else:
             out = self.model.step(xin, inference_cache)
         y = out[0] if isinstance(out, (tuple, list)) else out
-        return y.reshape(B, self.d_model), inference_cache
+        return step_output(y.reshape(B, self.d_model), x), inference_cache
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int = 1, dtype: Optional[torch.dtype] = None

@@ -47,6 +47,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    step_output,
     user_stacklevel,
     zero_where_not,
 )
@@ -953,7 +954,8 @@ class S4BlockBase(LTI_LRNN):
     def step(
         self, x: Tensor, inference_cache: Union[Dict[str, Any], Tensor]
     ) -> Tuple[Tensor, Union[Dict[str, Any], Tensor]]:
-        """One timestep: x (B, d_model) -> y (B, d_output); the cache's state advances in place.
+        """One timestep: x (B, d_model) -> y (B, d_output) (x (B, 1, d_model) -> y (B, 1,
+        d_output)); the cache's state advances in place.
 
         ``inference_cache`` may also be a bare state (B, H', N), e.g. from
         :meth:`default_state` (the state-spaces/s4 convention): then the state is not modified
@@ -961,7 +963,7 @@ class S4BlockBase(LTI_LRNN):
         """
         if isinstance(inference_cache, Tensor):
             return self._step_state(x, inference_cache)
-        x = check_step_input(x, self.d_model)
+        layout, x = x, check_step_input(x, self.d_model)
         proj = self._projection_dtype()
         if proj is not None:
             check_input_dtype(x, proj)
@@ -982,7 +984,7 @@ class S4BlockBase(LTI_LRNN):
             y = self.output_gate(y) * v
         y = self.output_linear(self.dropout(y))
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
-        return y, inference_cache
+        return step_output(y, layout), inference_cache
 
     def _empty_block_output(
         self, x: Tensor, h0: Optional[Tensor], cache: Optional[Dict[str, Any]]

@@ -20,6 +20,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    step_output,
     user_stacklevel,
     zero_where_not,
 )
@@ -282,15 +283,16 @@ class LTI_LRNN(LRNN):
     ) -> Tuple[Tensor, Dict[str, Any]]:
         """One step of h = A_bar h + B_bar x, y = out_scale Re(C h) + D x with the cached matrices.
 
-        x is (B, H) (or (B, 1, H)).  Per call, only the output y is allocated: the state is
+        x is (B, H) (or (B, 1, H), giving y (B, 1, H)).  Per call, only the output y is allocated: the state is
         updated in place, B_bar x goes into a buffer kept in the cache (unless x needs a
         gradient), and both products are real matrix products with weights prepared once
         (:class:`_StepBuffers`), so a real x is never cast to complex.
         """
-        x = check_step_input(x, self.d_model)
+        layout, x = x, check_step_input(x, self.d_model)
         h = self._check_cache(cache, x.shape[0])["lrnn_state"]
         if self._step_records_graph():
-            return self._diagonal_step_in_graph(x, cache, out_scale)
+            y, cache = self._diagonal_step_in_graph(x, cache, out_scale)
+            return step_output(y, layout), cache
         bufs = self._step_buffers(cache, out_scale)
         Bsz, N = h.shape
         # the state and its readout stay in the cache's precision under autocast, as in forward
@@ -307,7 +309,7 @@ class LTI_LRNN(LRNN):
             if cache.get("D") is not None:
                 y.addcmul_(xf, cache["D"])
         cache["seqlen_offset"] = cache.get("seqlen_offset", 0) + 1
-        return y.to(x.dtype), cache
+        return step_output(y.to(x.dtype), layout), cache
 
     def _step_matrices(self) -> Dict[str, Optional[Tensor]]:
         """The discrete diagonal system from the parameters as they are now, differentiable:

@@ -64,6 +64,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    step_output,
     zero_where_not,
 )
 from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
@@ -623,13 +624,14 @@ class CentaurusBase(LTI_LRNN):
         statistics (the eval-mode function) whatever the module's mode.
 
         Args:
-            x: (B, H_in) (or (B, 1, H_in)) input at the current timestep.
+            x: (B, H_in) (or (B, 1, H_in), giving y (B, 1, H_out)) input at the current
+                timestep.
             inference_cache: from :meth:`allocate_inference_cache`; updated in place.
 
         Returns:
             y (B, H_out) real, and the cache.
         """
-        x = check_step_input(x, self.d_model)
+        layout, x = x, check_step_input(x, self.d_model)
         h_full = self._check_cache(inference_cache, x.shape[0])
         h = h_full.view(x.shape[0], self.n_rows, self.sub_state_dim)
         # while autograd records, the system comes from the parameters and the state is
@@ -652,7 +654,7 @@ class CentaurusBase(LTI_LRNN):
                 h_new = h.mul_(A_bar).add_(v)
             y = self._output(self._mix(h_new.real, w), w, running_stats=True)
         inference_cache["seqlen_offset"] = inference_cache.get("seqlen_offset", 0) + 1
-        return y.to(x.dtype), inference_cache
+        return step_output(y.to(x.dtype), layout), inference_cache
 
 
 class Centaurus(CentaurusBase):
