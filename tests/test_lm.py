@@ -219,3 +219,54 @@ def test_errors():
         lm.step(torch.zeros(2, 2, dtype=torch.long), lm.allocate_inference_cache(2, 4))
     with pytest.raises(ValueError, match="inference_cache"):
         lm.step(torch.zeros(2, dtype=torch.long), {"seqlen_offset": 0})
+
+
+def test_residual_output_projections_are_scaled_by_depth():
+    """mamba_ssm's rescale_prenorm_residual: the residual branches' output projections
+    (out_proj of Mamba, RG-LRU and attention, the MLP's fc2) start at torch's Linear
+    initialisation divided by sqrt(n_residuals n_layer), so the residual stream's spread at
+    initialisation does not grow with depth; every other tensor is drawn as without it, and a
+    reset (the model's own, or module by module as FSDP does) draws the same distribution."""
+    import math
+
+    def lm(n_layer, **kw):
+        torch.manual_seed(0)
+        return LRNNLMHeadModel(d_model=64, d_state=8, n_layer=n_layer, vocab_size=50,
+                               mixer_types=["mamba", "rglru", "attn"] * (n_layer // 3),
+                               d_intermediate=128, **kw)  # fmt: skip
+
+    def projections(model):
+        names = ("out_proj.weight", "fc2.weight")
+        return {n: p for n, p in model.named_parameters() if n.endswith(names)}
+
+    torch_std = {128: 1 / math.sqrt(3 * 128), 64: 1 / math.sqrt(3 * 64)}  # U(+-1/sqrt(fan_in))
+    ids = torch.randint(0, 50, (4, 32))
+    spread = {}
+    for n in (3, 24):
+        scaled, plain = lm(n), lm(n, rescale_prenorm_residual=False)
+        for name, p in projections(scaled).items():
+            q = projections(plain)[name]
+            assert torch.allclose(p, q / math.sqrt(2 * n)), name  # the same draw, scaled
+        others = dict(plain.named_parameters())
+        for name, p in scaled.named_parameters():
+            if name not in projections(scaled):
+                assert torch.equal(p, others[name]), name
+        for reset in ("model", "modules"):
+            if reset == "model":
+                scaled.reset_parameters()
+            else:
+                for m in scaled.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+            for name, p in projections(scaled).items():
+                mixer = scaled.mixer_types[int(name.split(".")[1])]
+                lecun = mixer == "rglru" and ".mixer." in name  # RG-LRU's own scheme
+                std = 1 / math.sqrt(p.shape[1]) if lecun else torch_std[p.shape[1]]
+                want = std / math.sqrt(2 * n)
+                assert abs(p.std().item() / want - 1) < 0.15, (reset, name, p.std().item(), want)
+        with torch.no_grad():
+            h = scaled._embed(ids)
+            for layer in scaled.layers:
+                h = layer(h)
+        spread[n] = h.std().item()
+    assert spread[24] < 1.5 * spread[3], spread

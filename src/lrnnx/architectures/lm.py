@@ -48,7 +48,7 @@ from lrnnx.core.checks import (
     zero_where_not,
 )
 from lrnnx.layers import Block, GatedMLP, RMSNorm
-from lrnnx.layers.linear import Embedding, Linear, normal
+from lrnnx.layers.linear import Embedding, Linear, normal, rescaled
 from lrnnx.layers.mha import check_kv_room
 from lrnnx.models.registry import build_mixer
 
@@ -260,6 +260,12 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             transformers' Mamba do; each norm hands its mixer / MLP / the head the weights'
             dtype.  Only changes results for bf16 / fp16 weights.
         initializer_range: std of the normal initialisation of the embedding.
+        rescale_prenorm_residual: divide the initial weights of the residual branches' output
+            projections (the layers named ``out_proj``, as in Mamba, RG-LRU and attention, and
+            the MLPs' ``fc2``) by sqrt(n_residuals * n_layer), n_residuals = 2 with an MLP
+            (``d_intermediate`` > 0), else 1, so the residual stream's variance at
+            initialisation does not grow with depth (GPT-2's scheme, as mamba_ssm's
+            MambaLMHeadModel does by default); ``reset_parameters`` draws them the same way.
         bidirectional: must be False: a language model predicts the next token, so its mixers
             are causal (True raises a ValueError; use ``Classifier(bidirectional=True)`` or
             ``UNet(causal=False)`` for non-causal models).
@@ -283,6 +289,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         bidirectional: bool = False,
         norm_type: str = "rmsnorm",
         residual_in_fp32: bool = False,
+        rescale_prenorm_residual: bool = True,
     ) -> None:
         super().__init__()
         if bidirectional:
@@ -351,6 +358,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             "bidirectional": False,
             "norm_type": norm_type,
             "residual_in_fp32": residual_in_fp32,
+            "rescale_prenorm_residual": bool(rescale_prenorm_residual),
         }
         self.d_model, self.vocab_size, self.n_layer = d_model, vocab_size, n_layer
         self.mixer_types = names
@@ -374,6 +382,8 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             mlp = GatedMLP(d_model, hidden=d_intermediate) if d_intermediate > 0 else None
             layers.append(Block(d_model, mixer, mlp=mlp, norm_cls=norm_cls))
         self.layers = nn.ModuleList(layers)
+        if rescale_prenorm_residual:
+            self._rescale_residual_outputs(n_residuals=2 if d_intermediate > 0 else 1)
         self.norm_f = norm_cls(d_model)
         self.lm_head = _Head(d_model, self.padded_vocab_size, bias=False)
         self.embedding.reset_parameters()
@@ -381,6 +391,17 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             self.lm_head.init_fn = init_embedding  # a reset of either draws the shared matrix
         self.tie_weights()
         self.register_load_state_dict_post_hook(_retie_after_load)
+
+    def _rescale_residual_outputs(self, n_residuals: int) -> None:
+        """Scale the residual branches' output projections (``out_proj``, ``fc2``) by
+        1 / sqrt(n_residuals n_layer), now (the drawn values, so the draws of every other
+        tensor stay those of an unscaled model) and in their ``init_fn`` for later resets."""
+        scale = 1.0 / math.sqrt(n_residuals * self.n_layer)
+        for name, module in self.layers.named_modules():
+            if name.rpartition(".")[2] in ("out_proj", "fc2") and isinstance(module, Linear):
+                module.init_fn = functools.partial(rescaled, scale=scale, base=module.init_fn)
+                with torch.no_grad():
+                    module.weight.mul_(scale)
 
     def tie_weights(self) -> None:
         """With ``tie_embeddings``, make the head's weight the embedding's parameter (one

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from lrnnx.core.base import assign_
 from lrnnx.ops.linear import linear
 
-__all__ = ["Conv1d", "Embedding", "Linear", "lecun_normal", "normal", "dt_projection"]
+__all__ = [
+    "Conv1d",
+    "Embedding",
+    "Linear",
+    "lecun_normal",
+    "normal",
+    "dt_projection",
+    "rescaled",
+]
 
 
 class _OwnInit:
@@ -71,6 +79,18 @@ def normal(layer: nn.Module, std: float) -> None:
     nn.init.normal_(layer.weight, std=std)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
+
+
+def rescaled(
+    layer: nn.Linear, scale: float, base: Optional[Callable[[nn.Module], None]] = None
+) -> None:
+    """``base``'s initialisation (torch's ``nn.Linear`` one when None), then the weight times
+    ``scale``: the LM's depth scaling of the residual branches' output projections."""
+    if base is None:
+        nn.Linear.reset_parameters(layer)
+    else:
+        base(layer)
+    layer.weight.mul_(scale)
 
 
 def dt_projection(
