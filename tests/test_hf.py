@@ -447,3 +447,30 @@ def test_trainer_resumes_s4_with_its_kernel_length(tmp_path):
     ids = data.ids[:4]
     with torch.no_grad():
         assert_close_rel(resumed(ids).logits, model(ids).logits, length=ids.shape[1])
+
+
+def test_a_directory_with_the_length_in_its_config_loads_without_a_missing_report(tmp_path):
+    """transformers directories written while S4's kernel length travelled in the config (no
+    ``_extra_state`` among the weights) load with that length, and transformers does not
+    report the key as missing (newly initialised)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    lm = LRNNLMHeadModel(d_model=16, d_state=4, n_layer=1, vocab_size=V, mixer_types="s4").eval()
+    ids = prompts(B=1, L=24)
+    with torch.no_grad():
+        want = lm(ids)
+    lm.save_pretrained(tmp_path / "lrnnx")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lrnnx").save_pretrained(tmp_path)
+    key = "layers.0.mixer.model._extra_state"
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights[key]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["lrnnx_extra_state"] = {key: {"l_kernel": 24}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert key not in info["missing_keys"], info
+    assert model.layers[0].mixer.model.l_kernel == 24
+    with torch.no_grad():
+        assert_close_rel(model.eval()(ids).logits, want, length=24)

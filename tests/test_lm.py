@@ -270,3 +270,34 @@ def test_residual_output_projections_are_scaled_by_depth():
                 h = layer(h)
         spread[n] = h.std().item()
     assert spread[24] < 1.5 * spread[3], spread
+
+
+class _LinearMixer(torch.nn.Module):
+    """A custom mixer ending in a torch nn.Linear named out_proj."""
+
+    def __init__(self, d_model, d_state=None):
+        super().__init__()
+        self.out_proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, **kwargs):
+        return self.out_proj(x)
+
+    def step(self, x, inference_cache, **kwargs):
+        return self.out_proj(x), inference_cache
+
+    def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None):
+        return {}
+
+
+def test_a_custom_mixers_out_proj_is_scaled_too():
+    """mamba_ssm scales by name, whatever the layer's class: a custom mixer's torch Linear
+    named out_proj starts divided by sqrt(n_layer) too."""
+    import math
+
+    weights = {}
+    for rescale in (True, False):
+        torch.manual_seed(0)
+        lm = LRNNLMHeadModel(d_model=16, d_state=4, n_layer=4, vocab_size=20,
+                             mixer_types=_LinearMixer, rescale_prenorm_residual=rescale)  # fmt: skip
+        weights[rescale] = lm.layers[0].mixer.model.out_proj.weight
+    assert torch.allclose(weights[True], weights[False] / math.sqrt(4))

@@ -792,6 +792,39 @@ def test_state_dict_taken_before_a_forward_stays_matched():
     assert model.l_kernel == 16
 
 
+def test_state_dict_taken_before_a_compiled_forward_stays_matched():
+    """A compiled forward that attunes C in place writes the shared record too: a state_dict
+    taken before it (a trainer's checkpoint dict) reloads into the model it was."""
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 16, 4)
+    sd = model.state_dict()
+    with torch.no_grad():
+        y = torch.compile(model, backend="eager")(x)[0]
+    assert int(sd["_extra_state"]) == model.l_kernel == 16
+    loaded = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    loaded.load_state_dict({k: v.clone() for k, v in sd.items()})
+    with torch.no_grad():
+        assert_close_rel(loaded(x)[0], y)
+
+
+def test_a_module_pickled_with_the_dict_record_unpickles():
+    """Modules pickled whole (torch.save(model)) while the record was {"l_kernel": n} get
+    the tensor record when unpickled."""
+    torch.manual_seed(0)
+    model = S4(4, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 16, 4)
+    with torch.no_grad():
+        y = model(x)[0]
+    state = {**model.__dict__, "_kernel_length": {"l_kernel": 16}}
+    del state["_l_kernel"]
+    old = S4.__new__(S4)
+    old.__setstate__(state)
+    assert old.l_kernel == 16 and int(old.state_dict()["_extra_state"]) == 16
+    with torch.no_grad():
+        assert_close_rel(old(x)[0], y)
+
+
 def test_state_dict_is_a_dict_of_tensors(tmp_path):
     """S4's kernel length travels as a 0-d int64 tensor: the idioms that treat a state_dict as
     tensors work (a clone of every value, safetensors' save_file, an EMA loop over the values

@@ -261,11 +261,13 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             dtype.  Only changes results for bf16 / fp16 weights.
         initializer_range: std of the normal initialisation of the embedding.
         rescale_prenorm_residual: divide the initial weights of the residual branches' output
-            projections (the layers named ``out_proj``, as in Mamba, RG-LRU and attention, and
-            the MLPs' ``fc2``) by sqrt(n_residuals * n_layer), n_residuals = 2 with an MLP
-            (``d_intermediate`` > 0), else 1, so the residual stream's variance at
-            initialisation does not grow with depth (GPT-2's scheme, as mamba_ssm's
-            MambaLMHeadModel does by default); ``reset_parameters`` draws them the same way.
+            projections (the ``nn.Linear`` layers named ``out_proj``, as in Mamba, RG-LRU,
+            attention and custom mixers, and the MLPs' ``fc2``) by sqrt(n_residuals *
+            n_layer), n_residuals = 2 with an MLP (``d_intermediate`` > 0), else 1, so that
+            with such mixers the residual stream's variance at initialisation does not grow
+            with depth (GPT-2's scheme, as mamba_ssm's MambaLMHeadModel does by default; the
+            LTI mixers' outputs, which no such layer ends, are left as they are).  Resets draw
+            them the same way (a custom mixer's torch ``nn.Linear`` redraws torch's default).
         bidirectional: must be False: a language model predicts the next token, so its mixers
             are causal (True raises a ValueError; use ``Classifier(bidirectional=True)`` or
             ``UNet(causal=False)`` for non-causal models).
@@ -398,8 +400,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         tensor stay those of an unscaled model) and in their ``init_fn`` for later resets."""
         scale = 1.0 / math.sqrt(n_residuals * self.n_layer)
         for name, module in self.layers.named_modules():
-            if name.rpartition(".")[2] in ("out_proj", "fc2") and isinstance(module, Linear):
-                module.init_fn = functools.partial(rescaled, scale=scale, base=module.init_fn)
+            if name.rpartition(".")[2] in ("out_proj", "fc2") and isinstance(module, nn.Linear):
+                if isinstance(module, Linear):  # lrnnx's: its resets draw the same way
+                    module.init_fn = functools.partial(rescaled, scale=scale, base=module.init_fn)
                 with torch.no_grad():
                     module.weight.mul_(scale)
 

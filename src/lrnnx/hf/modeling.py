@@ -22,6 +22,7 @@ explicit ``inference_cache=`` when there are attention layers.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -135,6 +136,10 @@ class LRNNForCausalLM(LRNNPreTrainedModel, GenerationMixin):
         object.__setattr__(self, "_lm", lm)
         for key, value in config.lrnnx_extra_state.items():
             _owner(self, key)[0].set_extra_state(value)
+        # (their weights files lack these keys: transformers need not report them missing)
+        self._keys_to_ignore_on_load_missing = {
+            rf"^{re.escape(k)}$" for k in config.lrnnx_extra_state
+        }
         # initialised by the LM's construction: transformers' post_init need not draw every
         # tensor again (and reset S4's kernel length the config gave).  Not on the meta device,
         # where from_pretrained builds: there its loader marks what it loads, and the keys a

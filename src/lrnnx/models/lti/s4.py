@@ -260,7 +260,7 @@ class S4(S4BlockBase):
         if "_kernel_length" in self.__dict__:
             self.l_kernel = 0
         else:
-            self._l_kernel, self._record_stale = 0, False
+            self._l_kernel = 0
             self._kernel_length = torch.zeros((), dtype=torch.int64, device="cpu")
         # (not on the meta device: no values to attune; a load sets C and its length, and a
         # reset after to_empty attunes the drawn C; not for a sharded C, which each forward
@@ -279,31 +279,35 @@ class S4(S4BlockBase):
     @l_kernel.setter
     def l_kernel(self, value: int) -> None:
         self._l_kernel = int(value)
-        if torch.compiler.is_compiling():  # a compiled graph writes no tensor attribute
-            self._record_stale = True
-        else:
-            self._kernel_length.fill_(self._l_kernel)
-            self._record_stale = False
+        self._kernel_length.fill_(self._l_kernel)  # (a compiled graph replays it too)
 
     def _sync_length(self) -> None:
-        """Outside compiled graphs the record is the truth (a state_dict holds it: an EMA loop's
-        ``copy_`` into it, as into C, sets the length C is now attuned to), except after a
-        compiled graph attuned C, which leaves the record to the next eager read."""
-        record = self._kernel_length
-        if self.__dict__.get("_record_stale", False):
-            record.fill_(self._l_kernel)
-            self._record_stale = False
-        else:
-            self._l_kernel = int(record)
+        """Outside compiled graphs the record is the truth: a state_dict holds it, and an EMA
+        loop's ``copy_`` into it, as into C, sets the length C is now attuned to.  (A compiled
+        graph reads the Python int, as it was at compilation, and guards on it.)"""
+        self._l_kernel = int(self._kernel_length)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Unpickling (``torch.load`` of a whole module): a module pickled while its record was
+        the dict ``{"l_kernel": n}`` gets the tensor record."""
+        record = state.get("_kernel_length")
+        if isinstance(record, Mapping):
+            state["_l_kernel"] = int(record["l_kernel"])
+            state["_kernel_length"] = torch.tensor(state["_l_kernel"], dtype=torch.int64)
+        super().__setstate__(state)
 
     def get_extra_state(self) -> Tensor:
         """``l_kernel`` as a 0-d int64 CPU tensor: the module's own record, not a copy.  A
         state_dict shares C with the module (as torch's do, which in-place updates through it
         rely on, e.g. EMA), so it shares the length C is attuned to as well: the two stay
         matched when a forward attunes C in place after the state_dict was taken, and an
-        in-place update of both (an EMA's ``copy_``) leaves them matched in the module.  A
-        copy (``clone``, ``copy.deepcopy``, ``torch.save``, safetensors) is a consistent
-        snapshot."""
+        in-place update of both (an EMA's ``copy_``, as timm's ModelEmaV3 does) leaves them
+        matched in the module: eager forwards read the record back (a compiled one reads the
+        length it was compiled with until an eager call does).  A blend written into it (timm's
+        ModelEmaV2, ``copy_(decay * e + (1 - decay) * m)``) is truncated to an integer by the
+        copy, which can lose a step (a length one short): EMA loops should copy non-float
+        entries, as ModelEmaV3 does.  A copy (``clone``, ``copy.deepcopy``, ``torch.save``,
+        safetensors) is a consistent snapshot."""
         self._sync_length()
         return self._kernel_length
 
