@@ -385,6 +385,13 @@ def test_lengths_as_list(name):
     assert_close_rel(y_list, y_tensor, msg=name)
     with pytest.raises(TypeError, match="lengths"):
         run(model, x, lengths=[12.0, 5.0])
+    # one int: every sequence has that length (state-spaces/s4's convention, in every model)
+    with torch.no_grad():
+        assert_close_rel(run(model, x, lengths=7), run(model, x, lengths=[7, 7]), msg=name)
+    with pytest.raises(ValueError, match="lengths"):
+        run(model, x, lengths=13)
+    with pytest.raises(TypeError, match="lengths"):
+        run(model, x, lengths=True)
 
 
 @pytest.mark.parametrize("name", ["mamba", "event-s5", "s7"])

@@ -48,13 +48,16 @@ def step_output(y: Tensor, x: Any) -> Tensor:
 
 
 def as_lengths(lengths: Any, batch: int, seqlen: int, device=None) -> Optional[Tensor]:
-    """Validate ``lengths`` (a (B,) integer tensor, list or array) and return it as a tensor.
+    """Validate ``lengths`` (a (B,) integer tensor, list or array, or one Python int for
+    every sequence, as state-spaces/s4 takes it) and return it as a (B,) tensor.
 
     Raises TypeError for a non-integer dtype and ValueError for a wrong shape or a value
     outside [0, seqlen].  ``device`` moves the result (default: where it is).
     """
     if lengths is None:
         return None
+    if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
+        lengths = torch.full((batch,), int(lengths), dtype=torch.int64)
     if not isinstance(lengths, Tensor):
         try:
             lengths = torch.as_tensor(lengths)
