@@ -329,3 +329,26 @@ def test_mamba_ssm_layout_of_complex_input_dependent_B_and_C():
         selective_scan_fn(u, dt, A, Bc.detach(), Cc, None, None, None, torch.ones(2))
     with pytest.raises(TypeError, match="^return_last_state: expected a bool"):
         selective_scan_fn(u, dt, A, Bc.detach(), Cc, return_last_state=torch.ones(2))
+
+
+def test_selective_scan_ref_is_the_reference_backend():
+    """mamba_ssm's name for its reference: the reference backend, with every other argument
+    passed through (z, D, delta_bias, softplus, the last state, initial_state)."""
+    from lrnnx.ops.selective_scan import selective_scan_ref
+
+    torch.manual_seed(0)
+    b, d, n, L = 2, 4, 3, 9
+    f64 = dict(dtype=torch.float64)
+    u, delta, z = (
+        torch.randn(b, d, L, **f64),
+        torch.randn(b, d, L, **f64),
+        torch.randn(b, d, L, **f64),
+    )
+    A, D, bias = -torch.rand(d, n, **f64), torch.randn(d, **f64), torch.randn(d, **f64)
+    B, C, h0 = torch.randn(b, n, L, **f64), torch.randn(b, n, L, **f64), torch.randn(b, d, n, **f64)
+    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    y, h = selective_scan_ref(u, delta, A, B, C, initial_state=h0, **kw)
+    y2, h2 = selective_scan_fn(u, delta, A, B, C, initial_state=h0, backend="reference", **kw)
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+    with pytest.raises(TypeError, match="backend"):
+        selective_scan_ref(u, delta, A, B, C, backend="torch")

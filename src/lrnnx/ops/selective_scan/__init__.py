@@ -31,7 +31,13 @@ from lrnnx.ops import _dispatch
 from lrnnx.ops.linear_scan import _final_state_flag
 from lrnnx.ops.selective_scan.reference import DISCRETIZATIONS, discretize, effective_delta
 
-__all__ = ["selective_scan_fn", "discretize", "effective_delta", "DISCRETIZATIONS"]
+__all__ = [
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "discretize",
+    "effective_delta",
+    "DISCRETIZATIONS",
+]
 
 _dispatch.register(
     "selective_scan", "reference", "lrnnx.ops.selective_scan.reference:selective_scan"
@@ -276,6 +282,31 @@ def selective_scan_fn(
             last_state = last_state.flip(0)
     y = y.to(out_dtype)
     return (y, last_state) if want_final else y
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool | None = False,
+    **kwargs,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`selective_scan_fn` on the ``reference`` backend (the plain loop over time, the
+    specification), under mamba_ssm's name for its reference: same arguments and results
+    (``kwargs``: the other keyword arguments of :func:`selective_scan_fn`, ``backend``
+    excepted)."""
+    if "backend" in kwargs:
+        raise TypeError("selective_scan_ref: backend is always 'reference'")
+    return selective_scan_fn(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+        backend="reference", **kwargs,
+    )  # fmt: skip
 
 
 def _empty_scan(u: Tensor, delta: Tensor, A: Tensor, initial_state, want_final: bool, nstates: int):
