@@ -350,8 +350,10 @@ def test_bad_input_raises(name):
             S7(H, N, J=3)
         with pytest.raises(ValueError, match="reparam_b"):
             S7(H, N, reparam_b=2.5)
-    with pytest.raises(ValueError, match="dtype"):
-        cls(H, N, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype"):
+        cls(H, N, dtype=torch.int64)
+    # a 16-bit dtype: the model .to(dtype) gives (its own tensors float32, the precision policy)
+    assert all(p.dtype == torch.float32 for p in cls(H, N, dtype=torch.bfloat16).parameters())
 
 
 def test_step_rescale_scales_the_step():

@@ -1084,3 +1084,41 @@ def test_step_output_keeps_the_input_layout(name):
     assert all(o.shape == (2, H) for o in ys2) and all(o.shape == (2, 1, H) for o in ys3)
     assert_close_rel(torch.cat(ys3, 1), y, length=6)
     assert_close_rel(torch.stack(ys2, 1), y, length=6)
+
+
+#: every model's constructor with the test's shapes and extra keyword arguments
+BUILDERS = {
+    "s4": lambda **kw: S4(H, d_state=N, transposed=False, **kw),
+    "s4d": lambda **kw: S4D(H, d_state=N, transposed=False, **kw),
+    "s5": lambda **kw: S5(H, N, "zoh", **kw),
+    "lru": lambda **kw: LRU(H, N, **kw),
+    "centaurus-neck": lambda **kw: Centaurus(H, N, sub_state_dim=4, mode="neck", **kw),
+    "centaurus-pointwise": lambda **kw: Centaurus(H, N, sub_state_dim=4, mode="pointwise", **kw),
+    "centaurus-dws": lambda **kw: Centaurus(H, N, sub_state_dim=4, mode="dws", **kw),
+    "centaurus-full": lambda **kw: Centaurus(H, N, sub_state_dim=4, mode="full", **kw),
+    "mamba": lambda **kw: Mamba(H, N, **kw),
+    "event-s5": lambda **kw: EventS5(H, N, discretization="async", **kw),
+    "s7": lambda **kw: S7(H, N, **kw),
+    "rglru": lambda **kw: RGLRU(H, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_factory_arguments_in_every_model(name):
+    """Every model takes torch's factory arguments ``device`` and ``dtype``: each tensor gets
+    the dtype ``model.to(dtype)`` gives it (float64 end to end; under bfloat16 the recurrence's
+    own tensors float32, the precision policy) and the model runs in that dtype;
+    ``device="meta"`` puts every parameter there; a bad value is named."""
+    assert set(BUILDERS) == set(MODELS)
+    for dtype in (torch.float64, torch.bfloat16):
+        built, cast = BUILDERS[name](dtype=dtype).eval(), BUILDERS[name]().to(dtype).eval()
+        want = {k: v.dtype for k, v in cast.state_dict().items()}
+        assert {k: v.dtype for k, v in built.state_dict().items()} == want, (name, dtype)
+        with torch.no_grad():
+            assert run(built, torch.randn(2, 5, H, dtype=dtype)).dtype == dtype
+    meta = BUILDERS[name](device="meta")
+    assert {t.device.type for t in meta.parameters()} == {"meta"}
+    with pytest.raises(TypeError, match="dtype"):
+        BUILDERS[name](dtype=torch.int64)
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        BUILDERS[name](device="no-such-device")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lrnnx.core.checks import check_dtype_argument
 from lrnnx.core.discretization import DISCRETIZATIONS, get_discretization
 
 
@@ -98,30 +99,85 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
     the user or by a subclass's ``super().__init__``): those win over torch's defaults.  Under a
     16-bit default dtype the model is built in float32 (its initial values drawn as the float32
     model's, not rounded to 16 bits) and then cast.  Wrapped with functools.wraps, so
-    ``inspect.signature`` of the class still shows its arguments."""
+    ``inspect.signature`` of the class still shows its arguments.
+
+    An ``__init__`` without ``device``/``dtype`` arguments (nor ``**kwargs``) gets them as
+    keyword-only ones, torch's factory arguments as every layer takes them: the model is built
+    (initial values drawn in float32, or float64 for ``dtype=torch.float64``), then moved and
+    cast as ``model.to(device, dtype)`` does (the precision policy included)."""
     signature = inspect.signature(init)
+    params = signature.parameters
+    adds_factory = not ({"device", "dtype"} & set(params)) and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
 
     @functools.wraps(init)
     def __init__(self: LRNN, *args: Any, **kwargs: Any) -> None:
         # (the instance's __dict__: nn.Module's attribute machinery is not set up yet)
         outermost = "_building" not in self.__dict__
-        building = self.__dict__.setdefault("_building", {"depth": 0, "given": set()})
+        building = self.__dict__.setdefault(
+            "_building", {"depth": 0, "given": set(), "factory": {}}
+        )
+        if adds_factory:
+            for key in ("device", "dtype"):
+                value = kwargs.pop(key, None)
+                if value is not None:
+                    building["factory"][key] = value
+        factory = building["factory"]
+        if outermost:
+            factory = _check_factory_arguments(type(self).__name__, factory)
         building["depth"] += 1
         building["given"] |= _factory_arguments(signature, self, args, kwargs)
         default = torch.get_default_dtype()
+        draw = None if factory.get("dtype") is None else _draw_dtype(factory["dtype"])
         try:
-            with _initial_value_dtype() if outermost else contextlib.nullcontext():
+            with _initial_value_dtype(draw) if outermost else contextlib.nullcontext():
                 init(self, *args, **kwargs)
         finally:
             building["depth"] -= 1
             if building["depth"] == 0:
                 del self.__dict__["_building"]
         if building["depth"] == 0:
-            given = building["given"]
+            given = building["given"] | set(building["factory"])
             self._settle(None if "dtype" in given else default, "device" not in given)
+            if building["factory"]:
+                self.to(**building["factory"])
 
+    if adds_factory:
+        factory_params = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+            for name in ("device", "dtype")
+        ]
+        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*params.values(), *factory_params]
+        )
     __init__._settles = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype initial values are drawn in for a model built with ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_factory_arguments(owner: str, factory: Dict[str, Any]) -> Dict[str, Any]:
+    """``device``/``dtype`` given to a constructor that takes them as keyword-only factory
+    arguments: a floating-point dtype and a device torch understands.
+
+    Raises:
+        TypeError: ``dtype`` not a floating-point torch.dtype.
+        ValueError: ``device`` not a device.
+    """
+    check_dtype_argument(factory.get("dtype"), owner)
+    if factory.get("device") is not None:
+        try:
+            factory["device"] = torch.device(factory["device"])
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"{owner}: device: expected a torch.device or a name such as 'cpu' or "
+                f"'cuda:0', got {factory['device']!r}"
+            ) from e
+    return factory
 
 
 def _factory_arguments(

@@ -41,6 +41,20 @@ def check_step_input(x: Tensor, d_model: int, name: str = "x") -> Tensor:
     return x
 
 
+def check_dtype_argument(dtype: Any, owner: str = "") -> Optional[torch.dtype]:
+    """A constructor's ``dtype`` factory argument: None or a floating-point torch.dtype.
+
+    Raises:
+        TypeError: anything else (an integer or complex dtype, a string, ...).
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        prefix = f"{owner}: " if owner else ""
+        raise TypeError(
+            f"{prefix}dtype: expected None or a floating-point torch.dtype, got {dtype!r}"
+        )
+    return dtype
+
+
 def step_output(y: Tensor, x: Any) -> Tensor:
     """A step's output (B, H_out) in its input's layout: (B, 1, H_out) for an x (B, 1, H), as
     forward keeps (B, L, H), so a loop over ``x[:, t : t + 1]`` gets what it gave."""

@@ -696,6 +696,8 @@ class Centaurus(CentaurusBase):
         mix_activation: str | None = None,
         out_norm: str | None = None,
         out_activation: str | None = None,
+        device: Any = None,
+        dtype: Any = None,
     ) -> Centaurus:
         if cls is Centaurus:
             cls = _mode_class(mode)

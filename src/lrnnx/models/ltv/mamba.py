@@ -43,6 +43,7 @@ from lrnnx.core.checks import (
     check_batch_size,
     check_bool,
     check_dt_range,
+    check_dtype_argument,
     check_inference_cache,
     check_input_dtype,
     check_no_kwargs,
@@ -138,8 +139,7 @@ class Mamba(LTV_LRNN):
             ("use_fast_path", use_fast_path),
         ):
             check_bool(name, flag)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
+        check_dtype_argument(dtype)
         self.discretization = discretization
         fk = {"device": device, "dtype": dtype}
         # the recurrence's own tensors (A_log, D): float64 for a float64 model, else float32

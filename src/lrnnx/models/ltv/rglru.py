@@ -59,6 +59,7 @@ from lrnnx.core.base import assign_
 from lrnnx.core.checks import (
     check_batch_size,
     check_bool,
+    check_dtype_argument,
     check_inference_cache,
     check_input_dtype,
     check_no_kwargs,
@@ -244,7 +245,7 @@ class RGLRU(LTV_LRNN):
                 f"gelu_approximate: expected one of {_GELU_APPROXIMATIONS}, "
                 f"got {gelu_approximate!r}"
             )
-        fk = {"device": device, "dtype": dtype}
+        fk = {"device": device, "dtype": check_dtype_argument(dtype)}
         self.reset_at_start, self.gelu_approximate = reset_at_start, gelu_approximate
         self.d_model, self.d_conv, self.expand, self.c = d_model, d_conv, expand, float(c)
         self.a_init_range = (float(lo), float(hi))

@@ -37,6 +37,7 @@ from lrnnx.core.checks import (
     check_batch_size,
     check_bool,
     check_dt_range,
+    check_dtype_argument,
     check_inference_cache,
     check_no_kwargs,
     check_packed_cache,
@@ -57,16 +58,17 @@ GammaBar = Union[Tensor, float]
 
 
 def param_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """Real dtype of the parameters: float32 or float64 (half precision belongs to autocast).
-    With no ``dtype``, torch's default dtype (float32 while a model is built under a 16-bit
-    default, see :func:`lrnnx.core.base.LRNN._settle`)."""
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"dtype: expected torch.float32 or torch.float64 (the parameters stay in full "
-            f"precision; run under torch.autocast for bfloat16/float16), got {dtype}"
-        )
-    return dtype
+    """Real dtype of the recurrence's own parameters for a model built with ``dtype``: float64
+    for float64, else float32 (16-bit dtypes too: the precision policy of whole-model casts,
+    under which these tensors stay float32).  With no ``dtype``, torch's default dtype
+    (float32 while a model is built under a 16-bit default, see
+    :func:`lrnnx.core.base.LRNN._settle`).
+
+    Raises:
+        TypeError: ``dtype`` not a floating-point torch.dtype.
+    """
+    dtype = torch.get_default_dtype() if check_dtype_argument(dtype) is None else dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_step_size(dt_min: float, dt_max: float, step_rescale: float) -> None:
