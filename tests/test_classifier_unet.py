@@ -151,7 +151,8 @@ def test_classifier_save_load(tmp_path):
     clf = Classifier(
         3, 4, d_model=16, d_state=16, n_layers=2, mixer="lru", pool_between=("max", 2)
     ).eval()
-    assert set(clf.config) == set(inspect.signature(Classifier.__init__).parameters) - {"self"}
+    factory = {"self", "device", "dtype"}  # torch's factory arguments: not in the config
+    assert set(clf.config) == set(inspect.signature(Classifier.__init__).parameters) - factory
     clf.save_pretrained(tmp_path)
     loaded = Classifier.from_pretrained(tmp_path)
     assert not loaded.training
@@ -256,7 +257,8 @@ def test_unet_errors_and_save_load(tmp_path):
         make_unet("attn").allocate_inference_cache(1)
     with pytest.raises(ValueError, match="causal once"):
         UNet(1, 1, d_model=8, mixer="attn", mixer_kwargs={"causal": False})
-    assert set(net.config) == set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    factory = {"self", "device", "dtype"}  # torch's factory arguments: not in the config
+    assert set(net.config) == set(inspect.signature(UNet.__init__).parameters) - factory
     net.save_pretrained(tmp_path)
     loaded = UNet.from_pretrained(tmp_path)
     assert not loaded.training
@@ -283,3 +285,28 @@ def test_unet_step_names_an_input_of_another_dtype():
     model = model.to(torch.bfloat16)
     with pytest.raises(TypeError, match=r"x: expected dtype torch.bfloat16 .* got torch.float32"):
         model.step(torch.randn(2, 3), model.allocate_inference_cache(2))
+
+
+@pytest.mark.parametrize("arch", ["lm", "classifier", "unet"])
+def test_architectures_take_torch_factory_arguments(arch):
+    """LRNNLMHeadModel, Classifier and UNet take ``device`` and ``dtype`` as torch layers (and
+    mamba_ssm's LM) do: the model ``.to(device, dtype)`` gives, with the same tensors' dtypes
+    (the mixers' own tensors float32 under bfloat16), never stored in the config."""
+    from lrnnx.architectures import LRNNLMHeadModel
+
+    build = {
+        "lm": lambda **kw: LRNNLMHeadModel(8, 4, 2, 20, ["s5", "mamba"], **kw),
+        "classifier": lambda **kw: Classifier(3, 2, d_model=8, d_state=4, n_layers=1, **kw),
+        "unet": lambda **kw: UNet(2, 3, d_model=8, d_state=4, depth=1, **kw),
+    }[arch]
+    for dtype in (torch.float64, torch.bfloat16):
+        built, cast = build(dtype=dtype), build().to(dtype)
+        assert {k: v.dtype for k, v in built.state_dict().items()} == {
+            k: v.dtype for k, v in cast.state_dict().items()
+        }
+        assert "dtype" not in built.config and "device" not in built.config
+    assert {p.device.type for p in build(device="meta").parameters()} == {"meta"}
+    with pytest.raises(TypeError, match="dtype"):
+        build(dtype="float32")
+    with pytest.raises(ValueError, match="device"):
+        build(device="no-such-device")

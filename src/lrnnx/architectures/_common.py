@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.base import keep_recurrence_precision, reset_submodules
+from lrnnx.core.checks import check_factory_arguments
 from lrnnx.models.registry import MODEL_ALIASES, build_mixer, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
@@ -297,6 +298,19 @@ class PretrainedMixin:
 
     config: Dict[str, Any]
 
+    def _place(self, device: Any, dtype: Any) -> None:
+        """The constructor's factory arguments (torch's ``device`` and ``dtype``, not part of
+        the config): the built model moved and cast as ``.to(device, dtype)`` does, the
+        mixers' precision policy included.
+
+        Raises:
+            TypeError: ``dtype`` not a floating-point torch.dtype.
+            ValueError: ``device`` not a device.
+        """
+        factory = check_factory_arguments(type(self).__name__, device, dtype)
+        if factory:
+            self.to(**factory)  # type: ignore[attr-defined]
+
     def reset_parameters(self) -> None:
         """Initialise the whole network again, as its construction does, in place (each layer
         by its own scheme: the mixers' papers', the embedding's normal(0, initializer_range),
@@ -526,7 +540,7 @@ def _constructor_arguments(cls: type, config: Dict[str, Any], cfg_path: str) -> 
         for n, p in params.items()
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
-    named.discard("self")
+    named -= {"self", "device", "dtype"}  # (torch's factory arguments: never in a config)
     return {k: v for k, v in config.items() if k in named}
 
 

@@ -166,6 +166,9 @@ class Classifier(PretrainedMixin, nn.Module):
             mixers become :class:`lrnnx.layers.Bidirectional` (a forward and a time-reversed
             mixer, reversed within each sequence's length, outputs summed), attention is
             unmasked (``causal=False``).  The same rule as ``UNet(causal=False)``.
+        device, dtype: torch's factory arguments (not part of the config): the model is built,
+            then moved and cast as ``.to(device, dtype)`` does (the mixers' precision policy
+            included).
     """
 
     def __init__(
@@ -184,6 +187,9 @@ class Classifier(PretrainedMixin, nn.Module):
         d_intermediate: int = 0,
         activation: Optional[str] = "gelu",
         bidirectional: bool = False,
+        *,
+        device: Any = None,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -267,6 +273,7 @@ class Classifier(PretrainedMixin, nn.Module):
         self.norm_f = RMSNorm(d_model)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = Linear(d_model, n_classes)
+        self._place(device, dtype)
 
     def _encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x -> (B, L, d_model); with ``mask`` (B, L) of valid positions, the padding is

@@ -271,6 +271,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         bidirectional: must be False: a language model predicts the next token, so its mixers
             are causal (True raises a ValueError; use ``Classifier(bidirectional=True)`` or
             ``UNet(causal=False)`` for non-causal models).
+        device, dtype: torch's factory arguments (not part of the config): the model is built,
+            then moved and cast as ``.to(device, dtype)`` does (the mixers' precision policy
+            included).
     """
 
     def __init__(
@@ -292,6 +295,9 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         norm_type: str = "rmsnorm",
         residual_in_fp32: bool = False,
         rescale_prenorm_residual: bool = True,
+        *,
+        device: Any = None,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
         if bidirectional:
@@ -393,6 +399,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             self.lm_head.init_fn = init_embedding  # a reset of either draws the shared matrix
         self.tie_weights()
         self.register_load_state_dict_post_hook(_retie_after_load)
+        self._place(device, dtype)
 
     def _rescale_residual_outputs(self, n_residuals: int) -> None:
         """Scale the residual branches' output projections (``out_proj``, ``fc2``) by

@@ -161,6 +161,9 @@ class UNet(PretrainedMixin, nn.Module):
             Default True (unless ``bidirectional=True`` is given).
         bidirectional: the opposite of ``causal``, the name ``Classifier`` uses; give either
             (both only if they agree).  Saved configs store both.
+        device, dtype: torch's factory arguments (not part of the config): the model is built,
+            then moved and cast as ``.to(device, dtype)`` does (the mixers' precision policy
+            included).
         n_blocks: blocks per level on each of the encoder and decoder paths.
         channel_mult: width growth per level.
         activation: pointwise nonlinearity after each mixer (None for none).
@@ -181,6 +184,9 @@ class UNet(PretrainedMixin, nn.Module):
         channel_mult: int = 2,
         activation: Optional[str] = "gelu",
         bidirectional: Optional[bool] = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -246,6 +252,7 @@ class UNet(PretrainedMixin, nn.Module):
         self.level = _Level(widths, 0, factor, n_blocks, self.causal, make_block)
         self.norm_f = RMSNorm(d_model)
         self.out_proj = Linear(d_model, d_output)
+        self._place(device, dtype)
 
     @property
     def multiple(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx.core.checks import check_dtype_argument
+from lrnnx.core.checks import check_factory_arguments
 from lrnnx.core.discretization import DISCRETIZATIONS, get_discretization
 
 
@@ -125,7 +125,7 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
                     building["factory"][key] = value
         factory = building["factory"]
         if outermost:
-            factory = _check_factory_arguments(type(self).__name__, factory)
+            factory = building["factory"] = check_factory_arguments(type(self).__name__, **factory)
         building["depth"] += 1
         building["given"] |= _factory_arguments(signature, self, args, kwargs)
         default = torch.get_default_dtype()
@@ -158,26 +158,6 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
 def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype initial values are drawn in for a model built with ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_factory_arguments(owner: str, factory: Dict[str, Any]) -> Dict[str, Any]:
-    """``device``/``dtype`` given to a constructor that takes them as keyword-only factory
-    arguments: a floating-point dtype and a device torch understands.
-
-    Raises:
-        TypeError: ``dtype`` not a floating-point torch.dtype.
-        ValueError: ``device`` not a device.
-    """
-    check_dtype_argument(factory.get("dtype"), owner)
-    if factory.get("device") is not None:
-        try:
-            factory["device"] = torch.device(factory["device"])
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(
-                f"{owner}: device: expected a torch.device or a name such as 'cpu' or "
-                f"'cuda:0', got {factory['device']!r}"
-            ) from e
-    return factory
 
 
 def _factory_arguments(

@@ -55,6 +55,28 @@ def check_dtype_argument(dtype: Any, owner: str = "") -> Optional[torch.dtype]:
     return dtype
 
 
+def check_factory_arguments(owner: str, device: Any = None, dtype: Any = None) -> Dict[str, Any]:
+    """torch's factory arguments given to ``owner``'s constructor, checked: the given ones
+    ({"device": torch.device, "dtype": a floating-point torch.dtype}).
+
+    Raises:
+        TypeError: ``dtype`` not a floating-point torch.dtype.
+        ValueError: ``device`` not a device.
+    """
+    out: Dict[str, Any] = {}
+    if check_dtype_argument(dtype, owner) is not None:
+        out["dtype"] = dtype
+    if device is not None:
+        try:
+            out["device"] = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"{owner}: device: expected a torch.device or a name such as 'cpu' or "
+                f"'cuda:0', got {device!r}"
+            ) from e
+    return out
+
+
 def step_output(y: Tensor, x: Any) -> Tensor:
     """A step's output (B, H_out) in its input's layout: (B, 1, H_out) for an x (B, 1, H), as
     forward keeps (B, L, H), so a loop over ``x[:, t : t + 1]`` gets what it gave."""

@@ -44,6 +44,8 @@ def lm_arguments() -> Dict[str, Any]:
     for name, p in inspect.signature(LRNNLMHeadModel.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        if name in ("device", "dtype"):  # torch's factory arguments, not the architecture's
+            continue
         out[name] = REQUIRED_DEFAULTS[name] if p.default is p.empty else p.default
     return out
 
