@@ -415,10 +415,68 @@ def test_causal_conv1d_fn_call_styles():
         (lambda: causal_conv1d(x, w, b, None, None, h), TypeError, "^return_final_states"),
         (lambda: causal_conv1d(xp, w, b, seq_idx.float()), TypeError, "^seq_idx"),
         (lambda: causal_conv1d(x, w, b, seq_idx), ValueError, "^seq_idx: expected shape"),
-        (lambda: causal_conv1d(xp, w, b, seq_idx.flip(1)), ValueError, "non-decreasing"),
+        (lambda: causal_conv1d(xp, w, b, seq_idx.flip(1), h[:1]), ValueError, "initial_states"),
         (lambda: causal_conv1d(xp, w, b, seq_idx, cu_seqlens=cu), ValueError, "give one"),
         (lambda: causal_conv1d(x, w, b, final_states_out=out), ValueError, "final_states_out"),
         (lambda: causal_conv1d(x, w, b, None, h, True, out[:1]), ValueError, "final_states_out"),
     ]:
         with pytest.raises(error, match=match):
             call()
+
+
+def _seq_idx_loop(x, w, b, ids, silu):
+    """causal-conv1d's seq_idx rule as a float64 loop: y_t sums the taps at positions with t's
+    id (none before the row), silu, and 0 where the id is negative."""
+    B, D, L = x.shape
+    K = w.shape[1]
+    y = torch.zeros(B, D, L, dtype=torch.float64)
+    for bi in range(B):
+        for t in range(L):
+            if ids[bi, t] < 0:
+                continue
+            acc = b.double().clone()
+            for j in range(K):
+                s = t - K + 1 + j
+                if s >= 0 and ids[bi, s] == ids[bi, t]:
+                    acc += w[:, j].double() * x[bi, :, s].double()
+            y[bi, :, t] = torch.nn.functional.silu(acc) if silu else acc
+    return y
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_seq_idx_of_a_batch_with_padding_is_causal_conv1ds_rule(backend):
+    """seq_idx (B, L) with several sequences per row and -1 padding (causal-conv1d's
+    test_causal_conv1d_varlen and _varlen_padding): each sequence convolved alone, padding 0;
+    ids that repeat after another id (a sequence in two pieces) follow the same tap rule.
+    Gradients equal those of the float64 loop's; states are refused with such ids."""
+    torch.manual_seed(0)
+    B, D, L, K = 3, 5, 11, 4
+    ids = torch.tensor(
+        [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2],
+         [3, 3, 3, 3, 3, 4, 4, -1, -1, -1, -1],
+         [5, 5, 6, 5, 5, 5, 7, 7, 7, -1, -1]], dtype=torch.int32)  # fmt: skip
+    x = torch.randn(B, D, L, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(D, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    for silu in (False, True):
+        act = "silu" if silu else None
+        y = causal_conv1d(x, w, b, ids, activation=act, backend=backend)
+        want = _seq_idx_loop(x, w, b, ids, silu)
+        assert_close_rel(y, want, dtype=torch.float64)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), g)
+        expect = torch.autograd.grad(want, (x, w, b), g)
+        for a, e in zip(got, expect, strict=True):
+            assert_close_rel(a, e, dtype=torch.float64)
+    # a row of one packing (ids >= 0, non-decreasing) is the packed call, states included
+    row = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]])
+    cu = torch.tensor([0, 3, 8, 11])
+    assert_close_rel(
+        causal_conv1d(x[:1], w, b, row, backend=backend),
+        causal_conv1d(x[:1], w, b, cu_seqlens=cu, backend=backend),
+        dtype=torch.float64,
+    )
+    with pytest.raises(ValueError, match="initial_states"):
+        causal_conv1d(x, w, b, ids, torch.zeros(B, D, K - 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="final states"):
+        causal_conv1d(x, w, b, ids, return_final_states=True)

@@ -74,8 +74,12 @@ def causal_conv1d(
         weight: (D, K), K >= 1 (an ``nn.Conv1d(D, D, K, groups=D)`` weight is (D, 1, K):
             pass ``weight[:, 0]``).
         bias: (D,) or None.
-        seq_idx: causal-conv1d's form of packed sequences: integer ids (1, L), equal within a
-            sequence and non-decreasing; turned into ``cu_seqlens`` (give one or the other).
+        seq_idx: causal-conv1d's form of packed sequences: integer ids (B, L).  Ids (1, L)
+            that are >= 0 and non-decreasing are turned into ``cu_seqlens`` (give one or the
+            other; initial and final states then work per sequence).  Any other ids (a batch of
+            rows, -1 for padding) take causal-conv1d's rule as it is: y_t sums only the taps
+            whose position has t's id, and is 0 where the id is negative; as there, no
+            ``initial_states`` or final states then.
         initial_states: (B, D, K - 1) the inputs before x (a previous call's final states);
             zeros when None.  (S, D, K - 1), one per sequence, with ``cu_seqlens``.
         return_final_states: also return the last K - 1 entries of ``xpad`` (B, D, K - 1):
@@ -102,8 +106,9 @@ def causal_conv1d(
             not a bool (a tensor there: arguments passed in another function's order), or
             ``seq_idx`` is not an integer tensor.
         ValueError: a shape does not fit x's (B, D, L), a tensor is on another device, the
-            activation is unknown, ``cu_seqlens`` (or ``seq_idx``) is malformed or given with
-            B != 1, both are given, or ``final_states_out`` is given without
+            activation is unknown, ``cu_seqlens`` is malformed or given with B != 1,
+            ``seq_idx`` is not (B, L), both are given, ``seq_idx`` under causal-conv1d's rule
+            comes with initial or final states, or ``final_states_out`` is given without
             ``return_final_states`` or in another shape.
     """
     return_final_states = check_bool("return_final_states", return_final_states)
@@ -121,10 +126,19 @@ def causal_conv1d(
         )
     K = weight.shape[1]
     cu = None
+    ids = None  # seq_idx that is not a packing of x (1, D, L): causal-conv1d's masked taps
     if seq_idx is not None:
         if cu_seqlens is not None:
             raise ValueError("seq_idx, cu_seqlens: two forms of packed sequences; give one")
-        cu_seqlens = _offsets_of(seq_idx, B, L)
+        ids = _check_seq_idx(seq_idx, B, L, device)
+        if B == 1 and not _masked_ids(ids):
+            cu_seqlens, ids = _offsets_of(ids, L), None
+        elif initial_states is not None or return_final_states:
+            raise ValueError(
+                "seq_idx: ids of a batch of rows or with padding (-1) take causal-conv1d's rule, "
+                "which has no initial_states or final states (as causal_conv1d_fn); pack the "
+                "sequences into x (1, D, T) with cu_seqlens for those"
+            )
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, B, L, f"x {tuple(x.shape)} (1, D, T)")
     if bias is not None:
@@ -154,7 +168,9 @@ def causal_conv1d(
     bc = None if bias is None else bias.to(dtype)
     hc = None if initial_states is None else initial_states.to(dtype)
 
-    if x.numel() == 0:  # no batch, channel or step: an empty y, still attached to the inputs
+    if ids is not None and x.numel():
+        y = _masked_taps(xc, wc, bc, ids, silu)
+    elif x.numel() == 0:  # no batch, channel or step: an empty y, still attached to the inputs
         y = xc * wc.sum(-1)[:, None]
         if bc is not None:
             y = y + bc[:, None]
@@ -185,29 +201,57 @@ def causal_conv1d(
     return y, final
 
 
-def _offsets_of(seq_idx: object, batch: int, length: int) -> Tensor:
-    """causal-conv1d's ``seq_idx`` (1, L) -> ``cu_seqlens`` (S + 1,): a sequence where the id
-    changes.
+def _check_seq_idx(seq_idx: object, batch: int, length: int, device) -> Tensor:
+    """causal-conv1d's ``seq_idx``, checked: an integer tensor (B, L) on x's device, as int64.
 
     Raises:
         TypeError: not an integer tensor.
-        ValueError: another shape, B != 1, or ids that decrease (a sequence in two pieces).
+        ValueError: another shape or device.
     """
     if not isinstance(seq_idx, Tensor) or seq_idx.is_floating_point() or seq_idx.is_complex():
         got = seq_idx.dtype if isinstance(seq_idx, Tensor) else type(seq_idx).__name__
-        raise TypeError(f"seq_idx: expected an integer tensor (1, L), got {got}")
-    if batch != 1 or tuple(seq_idx.shape) != (1, length):
+        raise TypeError(f"seq_idx: expected an integer tensor (B, L), got {got}")
+    if tuple(seq_idx.shape) != (batch, length):
         raise ValueError(
-            f"seq_idx: expected shape (1, L) = (1, {length}) for packed sequences in x (1, D, L), "
-            f"got {tuple(seq_idx.shape)} with x's batch {batch}"
+            f"seq_idx: expected shape (B, L) = ({batch}, {length}) (x's batch and length), "
+            f"got {tuple(seq_idx.shape)}"
         )
-    ids = seq_idx[0].to(_torch.int64)
-    step = ids[1:] - ids[:-1]
-    if bool((step < 0).any()):
-        raise ValueError("seq_idx: expected non-decreasing ids (each sequence in one piece)")
-    starts = (step != 0).nonzero().squeeze(1) + 1
-    ends = _torch.tensor([0, length], dtype=_torch.int64, device=ids.device)
+    if seq_idx.device != device:
+        raise ValueError(f"seq_idx: expected a tensor on {device} (x's), got {seq_idx.device}")
+    return seq_idx.to(_torch.int64)
+
+
+def _masked_ids(ids: Tensor) -> bool:
+    """Whether ids (1, L) need causal-conv1d's masked rule: a negative (padding) id, or ids
+    that decrease (a sequence in two pieces), which packed offsets cannot express."""
+    row = ids[0]
+    return bool((row < 0).any()) or bool((row[1:] < row[:-1]).any())
+
+
+def _offsets_of(ids: Tensor, length: int) -> Tensor:
+    """Ids (1, L), >= 0 and non-decreasing -> ``cu_seqlens`` (S + 1,): a sequence where the
+    id changes."""
+    row = ids[0]
+    starts = (row[1:] != row[:-1]).nonzero().squeeze(1) + 1
+    ends = _torch.tensor([0, length], dtype=_torch.int64, device=row.device)
     return _torch.cat([ends[:1], starts, ends[1:]]) if length else ends[:1].repeat(2)
+
+
+def _masked_taps(x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, silu: bool):
+    """causal-conv1d's rule for ``seq_idx`` (B, L): y_t = bias + sum_j weight[:, j] x_s [ids_s
+    == ids_t] over the taps s = t - K + 1 + j >= 0, silu, then 0 where ids_t < 0 (padding).
+    Torch operations (autograd is torch's), one pass per tap: x (B, D, L) -> y (B, D, L)."""
+    K = weight.shape[1]
+    L = x.shape[2]
+    xpad = _torch.nn.functional.pad(x, (K - 1, 0))
+    idpad = _torch.nn.functional.pad(ids, (K - 1, 0), value=-1)  # (before x: no tap)
+    y = x.new_zeros(x.shape) if bias is None else bias[:, None].expand(x.shape).clone()
+    for j in range(K):
+        same = (idpad[:, j : j + L] == ids)[:, None, :]  # (B, 1, L)
+        y = y + _torch.where(same, weight[:, j, None] * xpad[..., j : j + L], 0.0)
+    if silu:
+        y = _torch.nn.functional.silu(y)
+    return _torch.where((ids >= 0)[:, None, :], y, 0.0)
 
 
 def _final_states(x: Tensor, initial_states: Optional[Tensor], K: int) -> Tensor:
