@@ -333,7 +333,7 @@ class Classifier(PretrainedMixin, nn.Module):
         Args:
             integration_timesteps: (B, L) elapsed times for event-driven mixers.
             lengths: (B,) valid lengths (>= 1); padding never changes the logits.
-            cu_seqlens: int64 offsets (S + 1,) of S sequences (each of length >= 1) packed in
+            cu_seqlens: int32/int64 offsets (S + 1,) of S sequences (each of length >= 1) packed in
                 the one row of x (1, T, d_input) (or (1, T) ids); returns (S, n_classes),
                 equal to classifying each sequence alone.  Not with ``lengths``.
 

@@ -67,7 +67,7 @@ def packed_next_token_labels(
 
     Args:
         input_ids: (1, T) token ids of S documents back to back.
-        cu_seqlens: int64 offsets (S + 1,) (0 first, T last; repeats: empty documents).
+        cu_seqlens: int32/int64 offsets (S + 1,) (0 first, T last; repeats: empty documents).
         ignore_index: the label of positions without a target.
 
     Raises:
@@ -98,7 +98,7 @@ def packed_lm_loss(
     Args:
         logits: (1, T, V) from ``LRNNLMHeadModel(input_ids, cu_seqlens=cu_seqlens)``.
         input_ids: (1, T) the packed token ids.
-        cu_seqlens: int64 offsets (S + 1,).
+        cu_seqlens: int32/int64 offsets (S + 1,).
         ignore_index: passed to :func:`packed_next_token_labels`.
 
     Returns:
@@ -461,7 +461,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
                 each sequence's cache holds its state after its own ``lengths[b]`` tokens.
             return_dict: return a :class:`CausalLMOutput` (``.logits``) instead of the tensor,
                 as transformers and mamba_ssm models do.
-            cu_seqlens: int64 offsets (S + 1,) of S documents packed in the one row of
+            cu_seqlens: int32/int64 offsets (S + 1,) of S documents packed in the one row of
                 ``input_ids`` (0 first, T last, repeats: empty documents); every layer gets
                 them and the logits equal running each document alone.  Not with
                 ``lengths``; a cache then holds one state per document (batch size S, where

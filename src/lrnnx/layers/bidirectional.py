@@ -24,7 +24,7 @@ the recording to the last event is unknown, so it keeps the gap the original fir
 whose input gain depends on dt (event-S5 with ``zoh``/``bilinear``); Mamba's event mode and
 event-S5's ``async`` use dt only in the decay of the (zero) previous state.
 
-Packed sequences.  With ``cu_seqlens`` (S + 1,) int64 offsets (fla's convention: x (1, T, D)
+Packed sequences.  With ``cu_seqlens`` (S + 1,) int32/int64 offsets (fla's convention: x (1, T, D)
 holds S sequences back to back), R reverses each sequence within its own span,
 R(x)[cu[s] + t] = x[cu[s + 1] - 1 - t], the elapsed times are reversed per sequence by the rule
 above, and both mixers get the same offsets (a reversed sequence keeps its span), so the
@@ -195,7 +195,7 @@ class Bidirectional(nn.Module):
             lengths: (B,) valid lengths; each sequence is reversed inside its length and the
                 padded outputs are zero.
             inference_cache: not supported (raises :class:`NoStreamingError`).
-            cu_seqlens: int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
+            cu_seqlens: int32/int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
                 T last, repeats are empty sequences): each is reversed within its own span
                 (see the module docstring); the result equals running each alone.
 

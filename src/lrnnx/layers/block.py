@@ -114,7 +114,7 @@ class Block(nn.Module):
         """(B, L, D) -> (B, L, D); with ``lengths`` the padded positions of the output are zero.
 
         The arguments are forwarded to the mixer (see the module docstring); with
-        ``cu_seqlens`` (S + 1,) int64 offsets, x is (1, T, D) holding S packed sequences.
+        ``cu_seqlens`` (S + 1,) int32/int64 offsets, x is (1, T, D) holding S packed sequences.
 
         Raises:
             ValueError: ``cu_seqlens`` with a mixer that does not take packed sequences (or

@@ -249,7 +249,7 @@ class MHA(nn.Module):
             inference_cache: from :meth:`allocate_inference_cache`; keys/values are appended at
                 each sequence's cached length, queries attend to the cached prefix too, and
                 ``cache_seqlens`` advances by ``lengths`` (or L), ``seqlen_offset`` by L.
-            cu_seqlens: int64 offsets (S + 1,) of S packed sequences (0 first, T last, repeats
+            cu_seqlens: int32/int64 offsets (S + 1,) of S packed sequences (0 first, T last, repeats
                 are empty sequences): attention stays within each sequence (causal within it,
                 or full within it when ``causal=False``) and rotary positions restart at 0 at
                 each sequence start, so the output equals running each sequence alone.  Builds

@@ -247,7 +247,7 @@ class Mamba(LTV_LRNN):
             inference_cache: from :meth:`allocate_inference_cache` (batch B, or S with
                 ``cu_seqlens``); the forward starts from its states and writes the final ones
                 back (``seqlen_offset`` advances by L, or by the longest packed sequence).
-            cu_seqlens: int64 offsets (S + 1,) of S sequences packed along time (0 first, T
+            cu_seqlens: int32/int64 offsets (S + 1,) of S sequences packed along time (0 first, T
                 last, repeats are empty sequences): the result equals running each alone.
 
         Raises:

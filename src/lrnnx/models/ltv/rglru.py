@@ -37,7 +37,7 @@ exact erf GeLU.  The recurrence runs through
 :func:`lrnnx.ops.linear_scan` in float32 (or wider), also under autocast.
 
 Packed sequences (``forward(x, cu_seqlens=...)``, fla's convention: x (1, T, H) holds S
-sequences back to back, int64 offsets (S + 1,)): the convolution windows start at each
+sequences back to back, int32/int64 offsets (S + 1,)): the convolution windows start at each
 sequence's own start (:func:`lrnnx.core.conv.causal_depthwise_conv` with ``cu_seqlens``), the
 recurrence restarts there (:func:`lrnnx.ops.linear_scan` with ``cu_seqlens``), and with
 ``reset_at_start`` Griffin's reset applies at each sequence's first step; the result equals
@@ -332,7 +332,7 @@ class RGLRU(LTV_LRNN):
             reset: (B, L) bool, True where a segment starts (Griffin's reset: a_t = 0, no
                 sqrt(1 - a_t^2) scaling, so h_t = i_t * x'_t).  None: t = 0 of every row (the
                 first step of every packed sequence) when ``reset_at_start``, else nowhere.
-            cu_seqlens: int64 offsets (S + 1,) of S sequences packed along time: the
+            cu_seqlens: int32/int64 offsets (S + 1,) of S sequences packed along time: the
                 recurrence restarts at each one's first step (fla's convention).
 
         Returns:
@@ -434,7 +434,7 @@ class RGLRU(LTV_LRNN):
                 advances by L), so :meth:`step` continues the sequence.  With
                 ``reset_at_start``, the rows whose ``"started"`` is still False take Griffin's
                 reset at t = 0 (and are marked started); without a cache every row does.
-            cu_seqlens: int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
+            cu_seqlens: int32/int64 offsets (S + 1,) of S sequences packed in x's one row (0 first,
                 T last, repeats: empty sequences): conv windows, the recurrence and Griffin's
                 reset restart at each sequence's start, so the result equals running each
                 alone.  A cache then holds one state per sequence (batch size S) and

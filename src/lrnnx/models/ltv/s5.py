@@ -265,7 +265,7 @@ class _EventSSM(LTV_LRNN):
             inference_cache: from :meth:`allocate_inference_cache`; the scan starts from its
                 ``"lrnn_state"`` and the final states are written back (``seqlen_offset``
                 advances by L), so :meth:`step` continues the sequence.
-            cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) into the
+            cu_seqlens: packed sequences (fla's convention): int32/int64 offsets (S + 1,) into the
                 T steps of x (1, T, H) and of ``integration_timesteps`` (1, T), 0 first and T
                 last (repeated offsets: zero-length sequences).  The result equals running each
                 sequence alone (outputs, gradients, states): the state restarts at each

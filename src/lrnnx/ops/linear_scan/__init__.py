@@ -82,7 +82,7 @@ def linear_scan(
         backend: force a backend ("reference", "torch", ...).
         output_final_state: also return the state after the last processed step, (B, *C)
             (``initial_state``, or zeros, when there are no steps); (S, *C) with ``cu_seqlens``.
-        cu_seqlens: packed sequences (fla's convention): int64 offsets (S + 1,) with
+        cu_seqlens: packed sequences (fla's convention): int32/int64 offsets (S + 1,) with
             ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = L`` and no decrease; B must be 1, and
             sequence s is steps ``cu_seqlens[s]:cu_seqlens[s + 1]`` (zero-length ones allowed:
             their final state is their initial state).  The result equals scanning each

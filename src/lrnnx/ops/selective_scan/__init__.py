@@ -158,7 +158,7 @@ def selective_scan_fn(
         output_final_state: also return the state after the last processed step (t = L - 1, or
             t = 0 with ``reverse``), (b, d, n); (S, d, n) with ``cu_seqlens`` (a zero-length
             sequence's is its initial state).  Keyword-only, as is ``cu_seqlens``.
-        cu_seqlens: int64 offsets (S + 1,) of S packed sequences: ``cu_seqlens[0] = 0``,
+        cu_seqlens: int32/int64 offsets (S + 1,) of S packed sequences: ``cu_seqlens[0] = 0``,
             ``cu_seqlens[-1] = T``, non-decreasing (repeats are zero-length sequences); u,
             delta, z, deltaA (1, d, T), B/C (d, n), (1, n, T) or (1, g, n, T).  The result
             equals scanning each sequence alone: y, final states and every gradient.
