@@ -480,3 +480,5 @@ def test_seq_idx_of_a_batch_with_padding_is_causal_conv1ds_rule(backend):
         causal_conv1d(x, w, b, ids, torch.zeros(B, D, K - 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="final states"):
         causal_conv1d(x, w, b, ids, return_final_states=True)
+    with pytest.raises(ValueError, match="backend"):
+        causal_conv1d(x, w, b, ids, backend="no-such-backend")

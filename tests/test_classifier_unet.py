@@ -306,7 +306,20 @@ def test_architectures_take_torch_factory_arguments(arch):
         }
         assert "dtype" not in built.config and "device" not in built.config
     assert {p.device.type for p in build(device="meta").parameters()} == {"meta"}
+    with torch.device("meta"):  # an explicit device wins over the default one
+        assert {p.device.type for p in build(device="cpu").parameters()} == {"cpu"}
     with pytest.raises(TypeError, match="dtype"):
         build(dtype="float32")
     with pytest.raises(ValueError, match="device"):
         build(device="no-such-device")
+    with pytest.raises(ValueError, match="mixer_kwargs: 'dtype' belongs to the whole model"):
+        build(mixer_kwargs={"dtype": torch.float64})  # (saved in the config, unlike dtype=)
+
+
+def test_attention_takes_torch_factory_arguments():
+    from lrnnx.layers import MHA
+    from lrnnx.models.registry import build_mixer
+
+    assert MHA(8, 2, dtype=torch.float64).out_proj.weight.dtype == torch.float64
+    mixer = build_mixer("attn", 8, num_heads=2, dtype=torch.bfloat16)
+    assert {p.dtype for p in mixer.parameters()} == {torch.bfloat16}

@@ -126,6 +126,9 @@ def test_mha_step_prefill_and_chunks_match_forward():
     parts = [m(x[:, :4], inference_cache=cache), m(x[:, 4:7], inference_cache=cache)]
     parts += [m.step(x[:, t : t + 1], cache)[0] for t in range(7, 11)]  # (B, 1, D) each
     torch.testing.assert_close(torch.cat(parts, 1), y)
+    cache = m.allocate_inference_cache(2, max_seqlen=16)  # lengths as one int: the same
+    torch.testing.assert_close(m(x[:, :6], lengths=4, inference_cache=cache)[:, :4], y[:, :4])
+    assert cache["cache_seqlens"].tolist() == [4, 4]
 
 
 def test_mha_prefill_with_lengths_continues_each_sequence():

@@ -1118,7 +1118,49 @@ def test_factory_arguments_in_every_model(name):
             assert run(built, torch.randn(2, 5, H, dtype=dtype)).dtype == dtype
     meta = BUILDERS[name](device="meta")
     assert {t.device.type for t in meta.parameters()} == {"meta"}
+    with torch.device("meta"):  # an explicit device wins over the default one, as in torch
+        on_cpu = BUILDERS[name](device="cpu")
+    assert {t.device.type for t in [*on_cpu.parameters(), *on_cpu.buffers()]} == {"cpu"}
     with pytest.raises(TypeError, match="dtype"):
         BUILDERS[name](dtype=torch.int64)
     with pytest.raises((ValueError, RuntimeError), match="device"):
         BUILDERS[name](device="no-such-device")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_cached_prefill_takes_lengths_in_every_form(name):
+    """A padded prefill into a cache takes ``lengths`` as a tensor, a list or one int alike:
+    the same outputs and the same cache (each sequence's state at its own length)."""
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(2, 9, H)
+    results = []
+    for lengths in (torch.tensor([5, 5]), [5, 5], 5):
+        cache = model.allocate_inference_cache(2, 16)
+        with torch.no_grad():
+            y = run(model, x, lengths=lengths, inference_cache=cache)
+            y_next = step(name, model, x[:, 5], cache)[0]
+        results.append((y, y_next))
+    for y, y_next in results[1:]:
+        assert_close_rel(y, results[0][0], msg=name)
+        assert_close_rel(y_next, results[0][1], msg=name)
+
+
+def test_a_subclass_passing_factory_arguments_on_gets_them_checked_and_drawn():
+    """A torch-style subclass whose __init__ takes device/dtype and hands them to the model's
+    constructor: the same checks and the same float64 draws as the model built directly."""
+
+    class MyLRU(LRU):
+        def __init__(self, d_model, device=None, dtype=None):
+            super().__init__(d_model, N, device=device, dtype=dtype)
+
+    torch.manual_seed(0)
+    direct = LRU(H, N, dtype=torch.float64)
+    torch.manual_seed(0)
+    sub = MyLRU(H, dtype=torch.float64)
+    for (name, a), b in zip(direct.state_dict().items(), sub.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with pytest.raises(TypeError, match="MyLRU: dtype"):
+        MyLRU(H, dtype=torch.int64)
+    with pytest.raises(ValueError, match="MyLRU: device"):
+        MyLRU(H, device="no-such-device")

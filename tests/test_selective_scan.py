@@ -352,3 +352,6 @@ def test_selective_scan_ref_is_the_reference_backend():
     assert torch.equal(y, y2) and torch.equal(h, h2)
     with pytest.raises(TypeError, match="backend"):
         selective_scan_ref(u, delta, A, B, C, backend="torch")
+    y3, h3 = selective_scan_ref(u, delta, A, B, C, output_final_state=True)  # fla's name
+    y4, h4 = selective_scan_fn(u, delta, A, B, C, output_final_state=True, backend="reference")
+    assert torch.equal(y3, y4) and torch.equal(h3, h4)

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx.core.base import keep_recurrence_precision, reset_submodules
-from lrnnx.core.checks import check_factory_arguments
 from lrnnx.models.registry import MODEL_ALIASES, build_mixer, class_path, resolve_name
 
 CONFIG_NAME = "config.json"
@@ -110,12 +109,20 @@ def build_layer_mixer(
 
 
 def check_no_dims(kwargs: Dict[str, Any], where: str = "mixer_kwargs") -> None:
-    """d_model / d_state are architecture arguments: repeating them in mixer kwargs is an error."""
+    """d_model / d_state are architecture arguments: repeating them in mixer kwargs is an error;
+    so are torch's factory arguments (device, dtype: the architecture's own, never saved in its
+    config, whereas mixer_kwargs are)."""
     for key in ("d_model", "d_state", "dim"):
         if key in kwargs:
             raise ValueError(
                 f"{where}: {key!r} is given twice; pass d_model/d_state once, as the "
                 f"architecture's own arguments"
+            )
+    for key in ("device", "dtype"):
+        if key in kwargs:
+            raise ValueError(
+                f"{where}: {key!r} belongs to the whole model: pass it as the architecture's "
+                f"own {key}= argument (mixer_kwargs are saved in its config)"
             )
 
 
@@ -297,19 +304,6 @@ class PretrainedMixin:
     """
 
     config: Dict[str, Any]
-
-    def _place(self, device: Any, dtype: Any) -> None:
-        """The constructor's factory arguments (torch's ``device`` and ``dtype``, not part of
-        the config): the built model moved and cast as ``.to(device, dtype)`` does, the
-        mixers' precision policy included.
-
-        Raises:
-            TypeError: ``dtype`` not a floating-point torch.dtype.
-            ValueError: ``device`` not a device.
-        """
-        factory = check_factory_arguments(type(self).__name__, device, dtype)
-        if factory:
-            self.to(**factory)  # type: ignore[attr-defined]
 
     def reset_parameters(self) -> None:
         """Initialise the whole network again, as its construction does, in place (each layer

@@ -32,7 +32,7 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
-from lrnnx.core.base import empty_in_graph
+from lrnnx.core.base import empty_in_graph, with_factory_arguments
 from lrnnx.core.checks import (
     as_lengths,
     check_input_dtype,
@@ -171,6 +171,7 @@ class Classifier(PretrainedMixin, nn.Module):
             included).
     """
 
+    @with_factory_arguments
     def __init__(
         self,
         d_input: int,
@@ -187,9 +188,6 @@ class Classifier(PretrainedMixin, nn.Module):
         d_intermediate: int = 0,
         activation: Optional[str] = "gelu",
         bidirectional: bool = False,
-        *,
-        device: Any = None,
-        dtype: Any = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -273,7 +271,6 @@ class Classifier(PretrainedMixin, nn.Module):
         self.norm_f = RMSNorm(d_model)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = Linear(d_model, n_classes)
-        self._place(device, dtype)
 
     def _encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x -> (B, L, d_model); with ``mask`` (B, L) of valid positions, the padding is

@@ -40,6 +40,7 @@ from lrnnx.architectures._common import (
     positive_int,
     split_mixer_kwargs,
 )
+from lrnnx.core.base import with_factory_arguments
 from lrnnx.core.checks import (
     check_batch_size,
     check_cu_seqlens,
@@ -276,6 +277,7 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             included).
     """
 
+    @with_factory_arguments
     def __init__(
         self,
         d_model: int,
@@ -295,9 +297,6 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
         norm_type: str = "rmsnorm",
         residual_in_fp32: bool = False,
         rescale_prenorm_residual: bool = True,
-        *,
-        device: Any = None,
-        dtype: Any = None,
     ) -> None:
         super().__init__()
         if bidirectional:
@@ -399,7 +398,6 @@ class LRNNLMHeadModel(PretrainedMixin, nn.Module):
             self.lm_head.init_fn = init_embedding  # a reset of either draws the shared matrix
         self.tie_weights()
         self.register_load_state_dict_post_hook(_retie_after_load)
-        self._place(device, dtype)
 
     def _rescale_residual_outputs(self, n_residuals: int) -> None:
         """Scale the residual branches' output projections (``out_proj``, ``fc2``) by

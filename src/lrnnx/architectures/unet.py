@@ -47,6 +47,7 @@ from lrnnx.architectures._common import (
     mixer_name,
     positive_int,
 )
+from lrnnx.core.base import with_factory_arguments
 from lrnnx.core.checks import (
     as_lengths,
     check_input_dtype,
@@ -169,6 +170,7 @@ class UNet(PretrainedMixin, nn.Module):
         activation: pointwise nonlinearity after each mixer (None for none).
     """
 
+    @with_factory_arguments
     def __init__(
         self,
         d_input: int,
@@ -184,9 +186,6 @@ class UNet(PretrainedMixin, nn.Module):
         channel_mult: int = 2,
         activation: Optional[str] = "gelu",
         bidirectional: Optional[bool] = None,
-        *,
-        device: Any = None,
-        dtype: Any = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -252,7 +251,6 @@ class UNet(PretrainedMixin, nn.Module):
         self.level = _Level(widths, 0, factor, n_blocks, self.causal, make_block)
         self.norm_f = RMSNorm(d_model)
         self.out_proj = Linear(d_model, d_output)
-        self._place(device, dtype)
 
     @property
     def multiple(self) -> int:

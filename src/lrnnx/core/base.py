@@ -102,9 +102,9 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
     ``inspect.signature`` of the class still shows its arguments.
 
     An ``__init__`` without ``device``/``dtype`` arguments (nor ``**kwargs``) gets them as
-    keyword-only ones, torch's factory arguments as every layer takes them: the model is built
-    (initial values drawn in float32, or float64 for ``dtype=torch.float64``), then moved and
-    cast as ``model.to(device, dtype)`` does (the precision policy included)."""
+    keyword-only ones, torch's factory arguments as every layer takes them (see
+    :func:`factory_construction`), whoever passes them (the user, or a subclass's
+    ``super().__init__``)."""
     signature = inspect.signature(init)
     params = signature.parameters
     adds_factory = not ({"device", "dtype"} & set(params)) and not any(
@@ -118,20 +118,26 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
         building = self.__dict__.setdefault(
             "_building", {"depth": 0, "given": set(), "factory": {}}
         )
+        factory: Dict[str, Any] = {}
         if adds_factory:
-            for key in ("device", "dtype"):
-                value = kwargs.pop(key, None)
-                if value is not None:
-                    building["factory"][key] = value
-        factory = building["factory"]
-        if outermost:
-            factory = building["factory"] = check_factory_arguments(type(self).__name__, **factory)
+            factory = check_factory_arguments(
+                type(self).__name__, kwargs.pop("device", None), kwargs.pop("dtype", None)
+            )
+            building["factory"].update(factory)
         building["depth"] += 1
-        building["given"] |= _factory_arguments(signature, self, args, kwargs)
+        passed = _factory_arguments(signature, self, args, kwargs)
+        building["given"] |= set(passed)
         default = torch.get_default_dtype()
-        draw = None if factory.get("dtype") is None else _draw_dtype(factory["dtype"])
+        # a device the __init__ takes itself: its tensors made without one go there too (built
+        # under that device, whatever the default: torch.device("meta") around device="cpu")
+        device = None if "device" not in passed else _device_of(passed["device"])
         try:
-            with _initial_value_dtype(draw) if outermost else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if outermost:
+                    stack.enter_context(_initial_value_dtype())
+                stack.enter_context(factory_construction(factory))
+                if device is not None:
+                    stack.enter_context(device)
                 init(self, *args, **kwargs)
         finally:
             building["depth"] -= 1
@@ -144,37 +150,82 @@ def _settling(init: Callable[..., None]) -> Callable[..., None]:
                 self.to(**building["factory"])
 
     if adds_factory:
-        factory_params = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-            for name in ("device", "dtype")
-        ]
-        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[*params.values(), *factory_params]
-        )
+        __init__.__signature__ = _with_factory_parameters(signature)  # type: ignore[attr-defined]
     __init__._settles = True  # type: ignore[attr-defined]
     return __init__
 
 
-def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype initial values are drawn in for a model built with ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _with_factory_parameters(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` with keyword-only ``device=None, dtype=None`` appended."""
+    factory = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in ("device", "dtype")
+    ]
+    return signature.replace(parameters=[*signature.parameters.values(), *factory])
+
+
+@contextlib.contextmanager
+def factory_construction(factory: Dict[str, Any]) -> Iterator[None]:
+    """Build under checked factory arguments (:func:`lrnnx.core.checks.check_factory_arguments`):
+    tensors are created on ``device`` (whatever the default device, e.g. inside
+    ``with torch.device("meta")``) and initial values drawn in float64 for ``dtype`` float64,
+    else in float32; the caller then moves and casts the model with ``.to(**factory)``, which
+    applies the precision policy."""
+    with contextlib.ExitStack() as stack:
+        if factory.get("dtype") is not None:
+            wide = factory["dtype"] == torch.float64
+            stack.enter_context(_initial_value_dtype(torch.float64 if wide else torch.float32))
+        if factory.get("device") is not None:
+            stack.enter_context(factory["device"])
+        yield
+
+
+def with_factory_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """An ``__init__`` (of a module that is not an :class:`LRNN`, e.g. an architecture or
+    attention) taking torch's factory arguments ``device`` and ``dtype`` as keyword-only ones:
+    built as :func:`factory_construction` says, then ``.to(device, dtype)``.
+
+    Raises:
+        TypeError: ``dtype`` not a floating-point torch.dtype.
+        ValueError: ``device`` not a device.
+    """
+
+    @functools.wraps(init)
+    def __init__(self: nn.Module, *args: Any, device: Any = None, dtype: Any = None, **kwargs):
+        factory = check_factory_arguments(type(self).__name__, device, dtype)
+        with factory_construction(factory):
+            init(self, *args, **kwargs)
+        if factory:
+            self.to(**factory)
+
+    __init__.__signature__ = _with_factory_parameters(inspect.signature(init))  # type: ignore
+    return __init__
 
 
 def _factory_arguments(
     signature: inspect.Signature, self: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> set:
-    """Which of ``dtype``/``device`` a call of an ``__init__`` with ``signature`` passes (not
-    None), by position, keyword or through its ``**kwargs``."""
+) -> Dict[str, Any]:
+    """The ``dtype``/``device`` a call of an ``__init__`` with ``signature`` passes (not None),
+    by position, keyword or through its ``**kwargs``: name -> value."""
     try:
         bound = signature.bind(self, *args, **kwargs)
     except TypeError:  # the call itself will say what is wrong
-        return set()
-    given = set()
+        return {}
+    given = {}
     for name, value in bound.arguments.items():
         kind = signature.parameters[name].kind
         pairs = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
-        given |= {n for n, v in pairs if n in ("dtype", "device") and v is not None}
+        given.update({n: v for n, v in pairs if n in ("dtype", "device") and v is not None})
     return given
+
+
+def _device_of(value: Any) -> Optional[torch.device]:
+    """``value`` as a torch.device, or None where torch does not take it as one (the model's
+    own check then names it)."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        return None
 
 
 class LRNN(nn.Module):

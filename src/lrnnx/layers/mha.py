@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnnx.core.base import with_factory_arguments
 from lrnnx.core.checks import (
+    as_lengths,
     check_batch_size,
     check_inference_cache,
     check_input_dtype,
@@ -138,6 +140,7 @@ class MHA(nn.Module):
         bias: biases in the qkv and output projections.
     """
 
+    @with_factory_arguments
     def __init__(
         self,
         dim: int,
@@ -263,6 +266,7 @@ class MHA(nn.Module):
         B, L, _ = x.shape
         check_timesteps(integration_timesteps, B, L)
         mask = lengths_mask(lengths, B, L, x.device)
+        lengths = as_lengths(lengths, B, L, x.device)  # (B,) (a list, an int)
         if mask is not None:  # a select: padding may hold NaN, and padded keys are cached
             x = zero_where_not(x, mask[..., None])
         q, k, v = self._split(x)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx.core.checks import (
+    as_lengths,
     check_batch_size,
     check_bool,
     check_dt_range,
@@ -256,6 +257,7 @@ class Mamba(LTV_LRNN):
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths)
+        lengths = as_lengths(lengths, x.shape[0], x.shape[1], x.device)  # (B,) (a list, an int)
         check_input_dtype(x, self.in_proj.weight.dtype)
         cu = packed_offsets(
             cu_seqlens, lengths, x.shape[0], x.shape[1], f"x {tuple(x.shape)} (1, T, H)"

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from lrnnx.core.base import assign_
 from lrnnx.core.checks import (
+    as_lengths,
     check_batch_size,
     check_bool,
     check_dtype_argument,
@@ -446,6 +447,7 @@ class RGLRU(LTV_LRNN):
         """
         x = merge_alias("x", x, "hidden_states", hidden_states)
         mask = self._check_forward_args(x, integration_timesteps, lengths, supports_timesteps=False)
+        lengths = as_lengths(lengths, x.shape[0], x.shape[1], x.device)  # (B,) (a list, an int)
         check_input_dtype(x, self.in_proj.weight.dtype)
         Bsz, L, _ = x.shape
         cu = packed_offsets(cu_seqlens, lengths, Bsz, L, f"x {tuple(x.shape)} (1, T, H)")

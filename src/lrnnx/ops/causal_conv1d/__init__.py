@@ -169,6 +169,7 @@ def causal_conv1d(
     hc = None if initial_states is None else initial_states.to(dtype)
 
     if ids is not None and x.numel():
+        _dispatch.resolve("causal_conv1d", device, backend, (xc, wc, bc))  # (a bad name: named)
         y = _masked_taps(xc, wc, bc, ids, silu)
     elif x.numel() == 0:  # no batch, channel or step: an empty y, still attached to the inputs
         y = xc * wc.sum(-1)[:, None]

@@ -294,7 +294,8 @@ def selective_scan_ref(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    return_last_state: bool | None = False,
+    return_last_state: bool | None = None,
+    discretization: str = "mamba",
     **kwargs,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`selective_scan_fn` on the ``reference`` backend (the plain loop over time, the
@@ -304,7 +305,7 @@ def selective_scan_ref(
     if "backend" in kwargs:
         raise TypeError("selective_scan_ref: backend is always 'reference'")
     return selective_scan_fn(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, discretization,
         backend="reference", **kwargs,
     )  # fmt: skip
 
