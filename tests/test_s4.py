@@ -922,3 +922,93 @@ def test_scan_mode_is_refused_not_ignored(cls):
     with pytest.raises(ValueError, match="mode: expected one of \\['auto', 'fft'\\], got 'scan'"):
         model.mode = "scan"
     assert model.mode == "fft"
+
+
+def test_a_cache_allocated_while_another_thread_attunes_computes_the_forward():
+    """Threads serving one model: a cache (setup_step's matrices) made while another thread's
+    forward attunes C~ in place reads C~ with its own length (one lock), never the new C~ with
+    the old length.  The attuning thread is held between the rewrite of C and that of its
+    length, the moment a reader without the lock would mix them."""
+    import threading
+    import time
+
+    import lrnnx.models.lti.s4 as s4_module
+
+    torch.manual_seed(0)
+    model = S4(8, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 12, 8)
+    with torch.no_grad():
+        ref = model(x)[0]  # attuned to 12
+    rewritten = threading.Event()
+    original = S4._multiply_C
+
+    def slow_multiply(self, L, sign):
+        original(self, L, sign)
+        rewritten.set()
+        time.sleep(0.3)  # C is new, l_kernel not yet
+
+    def long_forward():
+        with torch.no_grad():
+            model(torch.randn(1, 100, 8))
+
+    S4._multiply_C = slow_multiply
+    try:
+        worker = threading.Thread(target=long_forward)
+        worker.start()
+        assert rewritten.wait(30)
+        cache = model.allocate_inference_cache(1)
+        worker.join()
+    finally:
+        S4._multiply_C = original
+    assert model.l_kernel == 192 and s4_module._ATTUNE_LOCK is not None
+    with torch.no_grad():
+        ys = torch.stack([model.step(x[:, t], cache)[0] for t in range(12)], 1)
+    assert_close_rel(ys, ref, length=12)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_a_thread_holds_the_attune_lock_runs_s4():
+    """A process forked while another thread is inside an S4 forward (holding the attuning
+    lock) gets a lock of its own: its S4 forwards run instead of waiting forever."""
+    import os
+    import threading
+    import time
+
+    import lrnnx.models.lti.s4 as s4_module
+
+    model = S4(8, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 12, 8)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with s4_module._ATTUNE_LOCK:
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: torch's threads are not there either (see the README)
+            code = 1
+            try:
+                torch.set_num_threads(1)
+                with torch.no_grad():
+                    code = 0 if torch.isfinite(model(x)[0]).all() else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's S4 forward never returned")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        thread.join()

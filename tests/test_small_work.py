@@ -503,3 +503,35 @@ def test_small_cauchy_matches_the_reference(monkeypatch, K):
     ev, ew = torch.autograd.grad(ref, (v64, w64), g.cdouble())
     assert_close_rel(dv, ev.to(dv.dtype), length=16, msg="dv")
     assert_close_rel(dw, ew.to(dw.dtype), length=16, msg="dw")
+
+
+def test_the_kernel_pool_survives_threads_that_need_more_workers(monkeypatch):
+    """Threads with different thread counts sharing lrnnx's pool: one that needs more workers
+    replaces the pool, never between another's choice of the pool and its submits (which
+    raised "cannot schedule new futures after shutdown")."""
+    import sys
+
+    monkeypatch.setenv("LRNNX_KERNEL_THREADS", "pool")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    errors = []
+
+    def user(threads):
+        for _ in range(100):
+            try:
+                _numba.run_on_threads(lambda i, n: None, threads)
+            except Exception as e:  # noqa: BLE001 (any failure is the finding)
+                errors.append(repr(e))
+                return
+
+    try:
+        for _ in range(5):
+            monkeypatch.setattr(_numba, "_POOL", None)
+            workers = [threading.Thread(target=user, args=(2 + k,)) for k in range(6)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]

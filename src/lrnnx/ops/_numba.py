@@ -206,8 +206,9 @@ def _pool_run(fn: Callable[[int, int], None], threads: int) -> None:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
             _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrnnx-kernel")
-        pool = _POOL
-    futures = [pool.submit(fn, i, threads) for i in range(1, threads)]
+        # submitted under the lock: another thread that needs more workers shuts this pool
+        # down only after (its queued work still runs), never between the choice and a submit
+        futures = [_POOL.submit(fn, i, threads) for i in range(1, threads)]
     try:
         fn(0, threads)
     finally:

@@ -49,11 +49,18 @@ change, the function it gives does not.  An exported or traced program shares C 
 model and keeps the ``l_kernel`` it was recorded with: an eager forward at a longer length later
 re-attunes C under it.  Passing ``l_max`` >= the longest input attunes C~ once, at construction,
 and keeps it there: use it with EMA, FSDP, frozen weights or exported programs.
+
+Threads serving one model: forwards, steps, ``allocate_inference_cache`` and ``discretize`` read
+C~ together with its length under one lock, and the in-place attuning takes it too, so each
+computes the function of one C~.  A state_dict holds references to C~ and its length; a copy of
+it made while another thread's forward attunes C~ may pair the old C~ with the new length: pass
+``l_max`` (C~ never changes) to checkpoint a model that serves other threads.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 import weakref
@@ -85,7 +92,18 @@ class _GraphToken:
 
 
 #: serialises the in-place attuning of C~ (and reading C~ with its length) across threads
-_ATTUNE_LOCK = threading.Lock()
+_ATTUNE_LOCK = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    """In a forked child: a fresh lock (a thread of the parent may have held the old one at the
+    fork, and no thread of the child would ever release it)."""
+    global _ATTUNE_LOCK
+    _ATTUNE_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 #: the graphs each S4 module has built through its C~ (weakly held: a freed graph drops out)
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
@@ -420,29 +438,50 @@ class S4(S4BlockBase):
         In place where :meth:`_rewrite_allowed` (the parameter is rewritten and ``l_kernel``
         grows, once, as in state-spaces/s4); otherwise computed out of place for this call,
         differentiably from the parameter, leaving the module as it was."""
-        if self._rewrite_allowed():
-            if torch.compiler.is_compiling():  # (Dynamo traces no lock)
-                self._ensure_length(L)
-                C, M = self._C(), self.l_kernel
-            else:
-                # threads serving one model: one attunes, the others then find it done, and
-                # each reads C~ with its l_kernel (a copy, safe from a later rewrite)
-                with _ATTUNE_LOCK:
-                    self._ensure_length(L)
-                    C, M = self._C().clone(), self.l_kernel
+        if torch.compiler.is_compiling():  # (Dynamo traces no lock)
+            C, M, factors = self._choose_C(L)
         else:
-            M, factors = self.l_kernel, []
+            # threads serving one model: the choice, an in-place attuning, the read of C~ with
+            # its l_kernel (a copy, safe from a later rewrite) and the note of this call's
+            # graph are one step, so no thread rewrites C~ under another's read or graph
+            with _ATTUNE_LOCK:
+                C, M, factors = self._choose_C(L)
+        if factors and _replicated() and L_MAX_HINT not in _WARNED:
+            _WARNED.add(L_MAX_HINT)
+            warnings.warn(L_MAX_HINT, UserWarning, stacklevel=user_stacklevel())
+        return (self._attune(C, factors) if factors else C), M
+
+    def _choose_C(self, L: int) -> Tuple[Tensor, int, list]:
+        """For :meth:`_kernel_C` (under the lock, in eager mode): C~ as this call reads it
+        (attuned in place first where :meth:`_rewrite_allowed`; its graph noted), its length,
+        and the factors that attune it out of place to a length M >= L (none: in place)."""
+        factors: list = []
+        if self._rewrite_allowed():
+            self._ensure_length(L)
+            M = self.l_kernel
+        else:
+            M = self.l_kernel
             if M == 0:
                 M, factors = int(L), [(int(L), -1.0)]
             while L > M:
                 factors.append((M, 1.0))
                 M *= 2
-            if factors and _replicated() and L_MAX_HINT not in _WARNED:
-                _WARNED.add(L_MAX_HINT)
-                warnings.warn(L_MAX_HINT, UserWarning, stacklevel=user_stacklevel())
-            C = self._C()
-            C = self._attune(C, factors) if factors else C
-        return self._track_graph(C), M
+        return self._track_graph(self._read_C()), M, factors
+
+    def _read_C(self) -> Tensor:
+        """C~ as a forward reads it: a copy in eager mode (safe from a later in-place attuning
+        by another thread; differentiable), the parameter itself in a compiled graph."""
+        return self._C() if torch.compiler.is_compiling() else self._C().clone()
+
+    def _C_with_length(self, track: bool = False) -> Tuple[Tensor, int]:
+        """C~ (:meth:`_read_C`) and the length it is attuned to, read together (under the lock
+        in eager mode: never C~ of one length with another's); ``track``: the read notes its
+        graph (:meth:`_track_graph`) in the same step."""
+        if torch.compiler.is_compiling():
+            return self._track_graph(self._C()) if track else self._C(), self.l_kernel
+        with _ATTUNE_LOCK:
+            C = self._read_C()
+            return self._track_graph(C) if track else C, self.l_kernel
 
     def _track_graph(self, C: Tensor) -> Tensor:
         """C~ as this call uses it; where autograd records through the parameter C, the graph
@@ -475,10 +514,19 @@ class S4(S4BlockBase):
         dC is the true output matrix C, recovered from the parameter C~ as C~ (I - dA^L)^{-1}
         (``C_tilde``: C~ as the caller reads it, e.g. a view that notes a recorded graph).
         """
+        if C_tilde is None:
+            C_tilde, L = self._C_with_length()
+        else:
+            L = self.l_kernel
+        return self._discrete_system(dtype, C_tilde, L)
+
+    def _discrete_system(
+        self, dtype: Optional[torch.dtype], C_tilde: Tensor, L: int
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`discretize` for C~ attuned to length L (0: C~ is C)."""
         dtype = self.state_dtype if dtype is None else dtype
         dA, dB = self._dense(dtype)
-        C = self._full((self._C() if C_tilde is None else C_tilde).to(dtype))
-        L = self.l_kernel
+        C = self._full(C_tilde.to(dtype))
         if L > 0:
             eye = torch.eye(dA.shape[-1], dtype=dtype, device=dA.device)
             lhs = (eye - torch.linalg.matrix_power(dA, L)).transpose(-1, -2)
@@ -494,7 +542,7 @@ class S4(S4BlockBase):
         the parameter C itself, which the first forward rewrites in place, C -> C~)."""
         # a recorded step notes its graph through C~, as a recorded forward does: a longer
         # forward meanwhile then attunes out of place (see _track_graph)
-        dA, dB, dC = self.discretize(self._wide_dtype, self._track_graph(self._C()))
+        dA, dB, dC = self._discrete_system(self._wide_dtype, *self._C_with_length(track=True))
         mats = (("dA", dA), ("dB", dB), ("dC", dC))
         return {k: t.to(self.state_dtype).contiguous() for k, t in mats}
 
