@@ -23,6 +23,8 @@ Pick one with ``backend=`` or ``LRNNX_BACKEND``; otherwise the fastest available
 
 from __future__ import annotations
 
+import inspect
+
 import torch as _torch  # the sibling module `torch.py` takes the name `torch` here
 from torch import Tensor
 
@@ -284,30 +286,26 @@ def selective_scan_fn(
     return (y, last_state) if want_final else y
 
 
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool | None = None,
-    discretization: str = "mamba",
-    **kwargs,
-) -> Tensor | tuple[Tensor, Tensor]:
+def selective_scan_ref(*args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`selective_scan_fn` on the ``reference`` backend (the plain loop over time, the
-    specification), under mamba_ssm's name for its reference: same arguments and results
-    (``kwargs``: the other keyword arguments of :func:`selective_scan_fn`, ``backend``
-    excepted)."""
+    specification), under mamba_ssm's name for its reference: the same arguments (``backend``
+    excepted) and results."""
     if "backend" in kwargs:
         raise TypeError("selective_scan_ref: backend is always 'reference'")
-    return selective_scan_fn(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, discretization,
-        backend="reference", **kwargs,
-    )  # fmt: skip
+    return selective_scan_fn(*args, backend="reference", **kwargs)
+
+
+def _reference_signature() -> inspect.Signature:
+    """selective_scan_fn's signature without ``backend`` (``reverse``, after it, by keyword)."""
+    signature = inspect.signature(selective_scan_fn)
+    params = [p for n, p in signature.parameters.items() if n != "backend"]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return signature.replace(
+        parameters=[p.replace(kind=keyword) if p.name == "reverse" else p for p in params]
+    )
+
+
+selective_scan_ref.__signature__ = _reference_signature()  # type: ignore[attr-defined]
 
 
 def _empty_scan(u: Tensor, delta: Tensor, A: Tensor, initial_state, want_final: bool, nstates: int):
