@@ -1012,3 +1012,44 @@ def test_a_child_forked_while_a_thread_holds_the_attune_lock_runs_s4():
     finally:
         release.set()
         thread.join()
+
+
+def test_a_load_during_another_threads_attuning_keeps_the_loaded_model():
+    """load_state_dict while another thread's forward attunes C~ in place: the load waits for
+    the rewrite of C and of its length to end, so the model is the loaded one afterwards
+    (never the loaded C with the other thread's new length)."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    model = S4(8, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 12, 8)
+    with torch.no_grad():
+        model(x)  # attuned to 12
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x)[0]
+    rewritten = threading.Event()
+    original = S4._multiply_C
+
+    def slow_multiply(self, L, sign):
+        original(self, L, sign)
+        rewritten.set()
+        time.sleep(0.3)  # C is new, l_kernel not yet
+
+    def long_forward():
+        with torch.no_grad():
+            model(torch.randn(1, 100, 8))
+
+    S4._multiply_C = slow_multiply
+    try:
+        worker = threading.Thread(target=long_forward)
+        worker.start()
+        assert rewritten.wait(30)
+        model.load_state_dict(saved)
+        worker.join()
+    finally:
+        S4._multiply_C = original
+    assert model.l_kernel == 12
+    with torch.no_grad():
+        assert_close_rel(model(x)[0], ref, length=12)

@@ -51,8 +51,8 @@ re-attunes C under it.  Passing ``l_max`` >= the longest input attunes C~ once, 
 and keeps it there: use it with EMA, FSDP, frozen weights or exported programs.
 
 Threads serving one model: forwards, steps, ``allocate_inference_cache`` and ``discretize`` read
-C~ together with its length under one lock, and the in-place attuning takes it too, so each
-computes the function of one C~.  A state_dict holds references to C~ and its length; a copy of
+C~ together with its length under one lock, and the in-place attuning and ``load_state_dict``
+take it too, so each computes the function of one C~.  A state_dict holds references to C~ and its length; a copy of
 it made while another thread's forward attunes C~ may pair the old C~ with the new length: pass
 ``l_max`` (C~ never changes) to checkpoint a model that serves other threads.
 """
@@ -313,6 +313,15 @@ class S4(S4BlockBase):
             state["_l_kernel"] = int(record["l_kernel"])
             state["_kernel_length"] = torch.tensor(state["_l_kernel"], dtype=torch.int64)
         super().__setstate__(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        """torch's, under the attuning lock in eager mode: C~ and its length are loaded in one
+        step, never between another thread's in-place rewrite of C and that of its length."""
+        if torch.compiler.is_compiling():
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            return
+        with _ATTUNE_LOCK:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> Tensor:
         """``l_kernel`` as a 0-d int64 CPU tensor: the module's own record, not a copy.  A
