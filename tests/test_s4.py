@@ -924,21 +924,14 @@ def test_scan_mode_is_refused_not_ignored(cls):
     assert model.mode == "fft"
 
 
-def test_a_cache_allocated_while_another_thread_attunes_computes_the_forward():
-    """Threads serving one model: a cache (setup_step's matrices) made while another thread's
-    forward attunes C~ in place reads C~ with its own length (one lock), never the new C~ with
-    the old length.  The attuning thread is held between the rewrite of C and that of its
-    length, the moment a reader without the lock would mix them."""
+@contextlib.contextmanager
+def _mid_attune_in_another_thread(model):
+    """Runs the body while another thread's forward (length 100) attunes ``model``'s C~ in
+    place, held between its rewrite of C and that of its length: the moment a reader or
+    writer without the lock would mix them; the thread ends before the block is left."""
     import threading
     import time
 
-    import lrnnx.models.lti.s4 as s4_module
-
-    torch.manual_seed(0)
-    model = S4(8, d_state=4, transposed=False, verbose=False).eval()
-    x = torch.randn(1, 12, 8)
-    with torch.no_grad():
-        ref = model(x)[0]  # attuned to 12
     rewritten = threading.Event()
     original = S4._multiply_C
 
@@ -949,18 +942,32 @@ def test_a_cache_allocated_while_another_thread_attunes_computes_the_forward():
 
     def long_forward():
         with torch.no_grad():
-            model(torch.randn(1, 100, 8))
+            model(torch.randn(1, 100, model.d_model))
 
     S4._multiply_C = slow_multiply
     try:
         worker = threading.Thread(target=long_forward)
         worker.start()
         assert rewritten.wait(30)
-        cache = model.allocate_inference_cache(1)
+        yield
         worker.join()
     finally:
         S4._multiply_C = original
-    assert model.l_kernel == 192 and s4_module._ATTUNE_LOCK is not None
+
+
+def test_a_cache_allocated_while_another_thread_attunes_computes_the_forward():
+    """Threads serving one model: a cache (setup_step's matrices) made while another thread's
+    forward attunes C~ in place reads C~ with its own length (one lock), never the new C~ with
+    the old length.  The attuning thread is held between the rewrite of C and that of its
+    length, the moment a reader without the lock would mix them."""
+    torch.manual_seed(0)
+    model = S4(8, d_state=4, transposed=False, verbose=False).eval()
+    x = torch.randn(1, 12, 8)
+    with torch.no_grad():
+        ref = model(x)[0]  # attuned to 12
+    with _mid_attune_in_another_thread(model):
+        cache = model.allocate_inference_cache(1)
+    assert model.l_kernel == 192
     with torch.no_grad():
         ys = torch.stack([model.step(x[:, t], cache)[0] for t in range(12)], 1)
     assert_close_rel(ys, ref, length=12)
@@ -1018,9 +1025,6 @@ def test_a_load_during_another_threads_attuning_keeps_the_loaded_model():
     """load_state_dict while another thread's forward attunes C~ in place: the load waits for
     the rewrite of C and of its length to end, so the model is the loaded one afterwards
     (never the loaded C with the other thread's new length)."""
-    import threading
-    import time
-
     torch.manual_seed(0)
     model = S4(8, d_state=4, transposed=False, verbose=False).eval()
     x = torch.randn(1, 12, 8)
@@ -1029,27 +1033,8 @@ def test_a_load_during_another_threads_attuning_keeps_the_loaded_model():
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(x)[0]
-    rewritten = threading.Event()
-    original = S4._multiply_C
-
-    def slow_multiply(self, L, sign):
-        original(self, L, sign)
-        rewritten.set()
-        time.sleep(0.3)  # C is new, l_kernel not yet
-
-    def long_forward():
-        with torch.no_grad():
-            model(torch.randn(1, 100, 8))
-
-    S4._multiply_C = slow_multiply
-    try:
-        worker = threading.Thread(target=long_forward)
-        worker.start()
-        assert rewritten.wait(30)
+    with _mid_attune_in_another_thread(model):
         model.load_state_dict(saved)
-        worker.join()
-    finally:
-        S4._multiply_C = original
     assert model.l_kernel == 12
     with torch.no_grad():
         assert_close_rel(model(x)[0], ref, length=12)
