@@ -775,12 +775,8 @@ class S4BlockBase(LTI_LRNN):
     def _lengths(self, lengths, batch: int, L: int, device) -> Optional[Tensor]:
         if lengths is None:
             return None
-        if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
-            if not 0 <= lengths <= L:
-                raise ValueError(f"lengths: expected an int in [0, {L}], got {lengths}")
-            if lengths == L:
-                return None
-            return torch.full((batch,), int(lengths), device=device)
+        if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool) and lengths == L:
+            return None  # every sequence whole: no mask (other ints: as_lengths, as every model)
         if isinstance(lengths, Tensor) and lengths.shape == (1,) and batch != 1:
             lengths = lengths.expand(batch)  # one length for the whole batch
         return as_lengths(lengths, batch, L, device)  # validates type, shape and range
