@@ -12,6 +12,10 @@ PY     := $(VENV)/bin/python
 # from PyPI's side: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH  := torch==2.13.0
 TORCH_INDEX ?=
+# pytest-xdist workers for `make test`: one per core, at most 4 (a 2-core machine runs the suite
+# in about half the time: most tests are small and leave the second core idle); TEST_WORKERS=0
+# runs it in this process.  Each worker keeps a whole test file, so a file's kernels compile once.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test test-slow lint bench clean
 
@@ -32,7 +36,7 @@ demo: $(VENV)/.installed
 	@echo "or call it as $(VENV)/bin/lrnnx models."
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 # the long checks (marked slow): documented commands end to end, long sequences
 test-slow: $(VENV)/.installed

@@ -9,8 +9,14 @@ tests explicitly).  Subprocesses the tests start inherit it.
 
 import os
 
-import pytest
-import torch
+# (before torch starts its OpenMP runtime) torch's threads sleep when idle instead of spinning:
+# with the suite's pytest-xdist workers (make test) two processes share the cores, and a worker's
+# spinning threads took the cores the other worker's threads waited for (the suite ran 1.5x
+# longer on 2 cores)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("LRNNX_NUMBA_COMPILE", "wait")
 

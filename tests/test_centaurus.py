@@ -172,6 +172,7 @@ def test_step_matches_forward(mode, disc):
     assert torch.allclose(ys, m(x), atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow  # a long sequence (L >= 2048) stepped token by token: make test-slow
 def test_step_matches_forward_long():
     m = make("neck", "zoh", randomize=False)  # reference init: dt down to 1e-3, long memory
     x = torch.randn(1, 4096, H)

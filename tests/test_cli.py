@@ -115,6 +115,7 @@ def test_training_reduces_the_loss(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # nats
 
 
+@pytest.mark.slow  # the installed command in a fresh process: make test-slow
 def test_console_script_subprocess(tmp_path):
     exe = Path(sys.executable).with_name("lrnnx")
     if not exe.exists():
@@ -275,6 +276,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_notice(tmp_path, monkeypa
     assert not (out / "learning_curve.png").exists() and (out / METRICS_NAME).exists()
 
 
+@pytest.mark.slow  # the demo end to end: make test-slow
 def test_demo_smoke(tmp_path, capsys, portable_scan):
     for model in ("mamba", "lru"):
         _needs(model)
@@ -492,6 +494,7 @@ def test_demo_help_shows_what_it_does_and_its_time_budget(capsys):
     assert "--time-budget" in text and "540" in text and "minute" in text
 
 
+@pytest.mark.slow  # two fresh processes: make test-slow
 def test_models_table_is_cached_and_then_needs_no_torch(tmp_path):
     env = {"LRNNX_CACHE_DIR": str(tmp_path)}
     first = _run_cli_in_fresh_process(["models"], env)

@@ -114,6 +114,7 @@ def test_first_call_runs_torch_then_the_fused_kernel_once_compiled(probe):
     assert mod.CALLS[-1] == torch.float64 and len(_numba._JOBS) == jobs
 
 
+@pytest.mark.slow  # compile processes started from fresh interpreters: make test-slow
 def test_without_a_recipe_the_first_call_is_replayed(probe):
     mod = probe(recipe=False)
     torch_calls = []
@@ -167,6 +168,7 @@ def test_unknown_mode_is_a_clear_error(probe, monkeypatch):
         call(torch.ones(2))
 
 
+@pytest.mark.slow  # compile processes started from fresh interpreters: make test-slow
 def test_failed_compile_warns_once_and_stays_on_torch(probe):
     mod = probe(fails=True)
     torch_calls = []
@@ -179,6 +181,7 @@ def test_failed_compile_warns_once_and_stays_on_torch(probe):
     assert len(torch_calls) == 3 and not mod.CALLS
 
 
+@pytest.mark.slow  # compile processes started from fresh interpreters: make test-slow
 def test_processes_starting_together_compile_once(probe):
     """Two compile processes for the same kernels (as from two pytest-xdist workers or DDP
     ranks): they take turns through the cache directory's lock and both succeed."""
@@ -189,6 +192,7 @@ def test_processes_starting_together_compile_once(probe):
     assert _numba._marker(mod, ("float32",)).exists()
 
 
+@pytest.mark.slow  # compile processes started from fresh interpreters: make test-slow
 def test_compile_process_ends_with_its_parent(probe, tmp_path):
     mod = probe(sleep=300.0)
     code = textwrap.dedent(f"""
@@ -247,6 +251,7 @@ def test_notice_without_logging_is_one_stderr_line(monkeypatch, capsys):
     assert len(err) == 1 and "in a background process" in err[0] and "/some/cache" in err[0]
 
 
+@pytest.mark.slow  # compile processes started from fresh interpreters: make test-slow
 def test_bench_times_warm_fused_kernels_and_measures_a_cold_process(tmp_path):
     from lrnnx import bench
 

@@ -13,7 +13,8 @@ from lrnnx.models.ltv import Mamba
     [
         # inductor's fallback for complex ops takes ~5 s here: make test-slow
         pytest.param(lambda: LRU(8, 8), id="lru", marks=pytest.mark.slow),
-        pytest.param(lambda: Mamba(8, d_state=4), id="mamba"),
+        # (~8 s: make test-slow; the RG-LRU graph below stays in make test)
+        pytest.param(lambda: Mamba(8, d_state=4), id="mamba", marks=pytest.mark.slow),
     ],
 )
 def test_compiled_model_matches_eager(make):
@@ -29,6 +30,7 @@ def test_compiled_model_matches_eager(make):
     assert_close_rel(g_compiled, g_eager, length=40, msg="grad")
 
 
+@pytest.mark.slow  # torch.compile of a whole model (seconds): make test-slow
 @pytest.mark.parametrize(
     "make", [lambda: LRU(8, 8), lambda: Mamba(8, d_state=4)], ids=["lru", "mamba"]
 )
@@ -59,6 +61,7 @@ def test_fullgraph_with_the_torch_backend(make, monkeypatch):
     assert (g - g_eager).abs().max() <= 1e-4 * g_eager.abs().max()
 
 
+@pytest.mark.slow  # torch.compile of a whole model (seconds): make test-slow
 def test_fullgraph_with_mamba_use_fast_path_false():
     """use_fast_path=False pins the torch backends of every op Mamba calls (the scan and the
     causal convolution), so the model is one graph without the environment variable."""

@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     exit_worker(0)
 
 
+@pytest.mark.slow  # a process pair (~5 s): make test-slow
 def test_two_process_replicas_stay_identical(tmp_path, monkeypatch):
     out = str(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)

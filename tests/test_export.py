@@ -68,6 +68,7 @@ def test_recorded_program_matches_eager_on_every_call(name, how):
         assert_close_rel(model(x), want, length=12)  # the model itself is unchanged
 
 
+@pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
 def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone():
     """Recorded at a length the kernel is not attuned to yet (a fresh S4, then a longer one):
     C~ is computed in the program, never written into the shared parameter."""
@@ -87,6 +88,7 @@ def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone():
         assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
 
 
+@pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
 def test_mixed_lm_exports():
     torch.manual_seed(0)
     lm = LRNNLMHeadModel(

@@ -61,6 +61,7 @@ def prompts(B=3, L=9, seed=1):
     return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow  # a fresh process importing every module: make test-slow
 def test_import_lrnnx_never_imports_transformers():
     # every module but lrnnx.hf, listed from the files (pkgutil would import lrnnx.hf itself)
     code = (

@@ -15,6 +15,7 @@ from lrnnx.architectures import LRNNLMHeadModel
 V = 29
 
 
+@pytest.mark.slow  # torch.compile of a whole model (seconds): make test-slow
 def test_lm_compiles_with_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(0)

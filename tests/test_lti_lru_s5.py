@@ -78,7 +78,12 @@ def test_forward_matches_paper_loop(cfg, mode):
     assert torch.allclose(m64(x.double()), ref, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("cfg", ALL, ids=str)
+# the two at L = 4096 run in make test-slow
+@pytest.mark.parametrize(
+    "cfg",
+    [pytest.param(c, marks=pytest.mark.slow) if c in ("lru", ("zoh", True)) else c for c in ALL],
+    ids=str,
+)
 def test_step_matches_forward_long(cfg):
     m = make(cfg)
     L = 4096 if cfg in ("lru", ("zoh", True)) else 1024

@@ -157,6 +157,7 @@ def test_step_matches_forward(cfg):
     assert_close_rel(y1, m(x[:, :1], integration_timesteps=ts[:, :1])[:, 0], msg="one step")
 
 
+@pytest.mark.slow  # a long sequence (L >= 2048) stepped token by token: make test-slow
 @pytest.mark.parametrize("cfg", [("s5", "async", True), ("s7", "async", False)], ids=str)
 def test_step_matches_forward_long(cfg):
     m = make(cfg)

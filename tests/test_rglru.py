@@ -153,6 +153,7 @@ def test_sqrt_normaliser_is_accurate_near_one_in_float32():
     assert torch.isfinite(m.Lambda.grad).all() and torch.isfinite(xc.grad).all()
 
 
+@pytest.mark.slow  # a long sequence (L >= 2048) stepped token by token: make test-slow
 def test_step_matches_forward_long():
     torch.manual_seed(0)
     m = RGLRU(8, num_heads=2)

@@ -316,9 +316,9 @@ def test_model_kernel_independent_of_chunk_budget(cls):
 
 @pytest.mark.parametrize(
     "cls,kw,L",
-    [
-        (S4, dict(), 4096),
-        (S4D, dict(disc="zoh"), 4096),
+    [  # L = 4096: make test-slow
+        pytest.param(S4, dict(), 4096, marks=pytest.mark.slow),
+        pytest.param(S4D, dict(disc="zoh"), 4096, marks=pytest.mark.slow),
         (S4D, dict(disc="bilinear"), 1024),
         (S4D, dict(disc="dirac"), 1024),
         (S4, dict(is_real=True, init="legt", rank=2, channels=2), 512),
@@ -792,6 +792,7 @@ def test_state_dict_taken_before_a_forward_stays_matched():
     assert model.l_kernel == 16
 
 
+@pytest.mark.slow  # torch.compile (~5 s): make test-slow
 def test_state_dict_taken_before_a_compiled_forward_stays_matched():
     """A compiled forward that attunes C in place writes the shared record too: a state_dict
     taken before it (a trainer's checkpoint dict) reloads into the model it was."""

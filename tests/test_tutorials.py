@@ -49,7 +49,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+#: the tutorials taking seconds (a trained LM, every backend, a transformers round trip) run in
+#: make test-slow
+LONG_TUTORIALS = {
+    "03_language_model_and_generation.md",
+    "04_ops_and_backends.md",
+    "05_hugging_face.md",
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in LONG_TUTORIALS else p for p in TUTORIALS],
+    ids=lambda p: p.stem,
+)
 def test_tutorial_runs(path, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)  # tutorials save checkpoints into the working directory
     # the tutorials run on any backend; the torch one spares numba's first-use compilation
