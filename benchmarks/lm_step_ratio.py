@@ -1,7 +1,7 @@
 """Training-step time of the small selective-copying LM with Mamba against S4D (issue #11,
 "Small shapes"), with the torch profiler's table on request.
 
-    LRNNX_NUMBA_COMPILE=wait python benchmarks/lm_step_ratio.py [--threads N] [--repeats R]
+    python benchmarks/lm_step_ratio.py [--threads N] [--repeats R]
         [--models mamba s4d ...] [--profile]
 
 Both LMs are what ``lrnnx train`` builds for the task (2 layers, d_model = 64, d_state = 16,
@@ -16,10 +16,15 @@ step (where its time goes).
 from __future__ import annotations
 
 import argparse
+import os
 
-import torch
+# time the fused kernels, compiled in this process first: in the default "background" mode a cold
+# cache ran the steps on the torch fallback meanwhile (Mamba's step then took 15x longer)
+os.environ.setdefault("LRNNX_NUMBA_COMPILE", "wait")
 
-from lrnnx.bench_small import train_markdown, train_rows, train_step_fn
+import torch  # noqa: E402
+
+from lrnnx.bench_small import train_markdown, train_rows, train_step_fn  # noqa: E402
 
 
 def main() -> None:
