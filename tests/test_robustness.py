@@ -1052,6 +1052,49 @@ def test_parameters_stay_resizable_through_the_kernels(name):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+def test_kernels_run_where_numpy_shares_through_dlpack_read_only(name, monkeypatch):
+    """numpy before 2.0 makes arrays taken through DLPack read-only, which numba refuses to
+    write: with numpy 1.26 every kernel call with a parameter or an input requiring grad failed
+    (TypingError: Cannot modify readonly array).  Such tensors are shared writable without
+    DLPack; here DLPack is made read-only as numpy 1.26 makes it, and nothing changes."""
+    import numpy
+
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(2, 12, H, requires_grad=True)
+    want = run(model, x)
+    (want_dx,) = torch.autograd.grad(want.square().sum(), x)
+    dlpack = numpy.from_dlpack
+
+    def read_only(t, *args, **kwargs):
+        array = dlpack(t, *args, **kwargs)
+        array.flags.writeable = False
+        return array
+
+    monkeypatch.setattr(numpy, "from_dlpack", read_only)
+    got = run(model, x)
+    (dx,) = torch.autograd.grad(got.square().sum(), x)
+    assert_close_rel(got, want, length=12)
+    assert_close_rel(dx, want_dx, length=12)
+
+
+def test_shared_arrays_are_writable_views_that_keep_their_tensor():
+    from lrnnx.ops._numba import flat_view, shared_array
+
+    weight = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4))
+    array = shared_array(weight)
+    assert array.flags.writeable and array.shape == (3, 4)
+    array[1, 2] = -1.0  # the parameter's own memory
+    assert weight[1, 2].item() == -1.0 and weight.untyped_storage().resizable()
+    flat, strides = flat_view(weight.detach()[:, 1:])  # a strided view of it: from (0, 1) on
+    assert flat[0] == 1.0 and strides == (4, 1) and flat.flags.writeable
+    del weight
+    assert array.sum() == 66.0 - 6.0 - 1.0  # the array keeps the memory alive
+    empty = torch.zeros(0, 3, requires_grad=True)
+    assert shared_array(empty).shape == (0, 3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_channels_last_cast_changes_nothing(name):
     """model.to(memory_format=torch.channels_last) re-lays out 4-D parameters (S4's C and P as
     (..., 2) real views of complex tensors): the model computes and trains as before."""

@@ -162,6 +162,33 @@ def test_gradcheck(monkeypatch, disc, form, deltaA, n, L, chunk):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, nondet_tol=1e-12)
 
 
+@pytest.mark.parametrize("disc,cplx", [(d, False) for d in DISCS] + [("zoh", True)])
+def test_leaf_inputs_where_numpy_shares_through_dlpack_read_only(monkeypatch, disc, cplx):
+    """Inputs that require grad are leaves the kernels must not mark unresizable; numpy before
+    2.0 (with torch before 2.9) made the DLPack arrays they were once shared through read-only,
+    and numba refused to compile the backward that writes dz where delta's array lies
+    (TypingError: Cannot modify readonly array).  DLPack made read-only here as there: the
+    kernels still match the torch backend."""
+    import numpy
+
+    dlpack = numpy.from_dlpack
+
+    def read_only(t, *args, **kwargs):
+        array = dlpack(t, *args, **kwargs)
+        array.flags.writeable = False
+        return array
+
+    kw = make_inputs("input", cplx, b=2, d=3, L=9, dtype=torch.float64)
+    y_w, h_w, g_w = run(kw, disc, "torch")
+    monkeypatch.setattr(numpy, "from_dlpack", read_only)
+    y, h, g = run(kw, disc, "cpu")
+    assert_close_rel(y, y_w, length=9, msg="y")
+    assert_close_rel(h, h_w, length=9, msg="h")
+    assert set(g) == set(g_w)
+    for name in g:
+        assert_close_rel(g[name], g_w[name], length=9, msg=name)
+
+
 # ----------------------------------------------------------------------------- complex64
 
 

@@ -277,19 +277,56 @@ def _resolved(t: Tensor) -> Tensor:
     return t.detach().resolve_conj().resolve_neg()
 
 
+class _Memory:
+    """A tensor's memory described to numpy (``__array_interface__``, writable): the array's
+    ``base``, so the tensor lives as long as the array."""
+
+    __slots__ = ("tensor", "__array_interface__")
+
+    def __init__(self, t: Tensor) -> None:
+        size = t.element_size()
+        self.tensor = t
+        self.__array_interface__ = {
+            "version": 3,
+            "data": (t.data_ptr(), False),
+            "shape": tuple(t.shape),
+            "strides": tuple(stride * size for stride in t.stride()),
+            "typestr": _TYPESTR[t.dtype],
+        }
+
+
+#: numpy's names of the dtypes the kernels take
+_TYPESTR = {
+    torch.float32: "<f4",
+    torch.float64: "<f8",
+    torch.complex64: "<c8",
+    torch.complex128: "<c16",
+    torch.int64: "<i8",
+    torch.int32: "<i4",
+}
+
+
 def shared_array(t: Tensor, source: Optional[Tensor] = None):
-    """``t`` as a numpy array over its memory.  ``Tensor.numpy()`` marks a storage as never to
-    be resized again; where the memory belongs to a leaf tensor that requires grad (``source``,
-    default ``t``, or the tensor it views: a parameter, which FSDP2 frees by resizing its
-    storage to 0 after use, or such an input) it is shared through DLPack instead, which
-    leaves the storage as it was.  Other tensors (activations, lrnnx's own buffers) take
-    ``numpy()``, cheaper by ~1.5 us a call."""
+    """``t`` as a writable numpy array over its memory.  ``Tensor.numpy()`` marks a storage as
+    never to be resized again; where the memory belongs to a leaf tensor that requires grad
+    (``source``, default ``t``, or the tensor it views: a parameter, which FSDP2 frees by
+    resizing its storage to 0 after use, or such an input) the array is made from the memory's
+    address instead (:class:`_Memory`), which leaves the storage as it was.  Not through DLPack:
+    numpy makes such arrays read-only where the exporter predates DLPack 1.0 (torch before 2.9,
+    or numpy 1.x), and numba then refuses to compile a kernel writing one (the backward of the
+    general selective-scan kernels with a leaf delta failed so with torch 2.4 and numpy 1.26).
+    Other tensors (activations,
+    lrnnx's own buffers) take ``numpy()``, cheaper by ~1.5 us a call."""
     source = t if source is None else source
     owner = source if source._base is None else source._base
     if owner.is_leaf and owner.requires_grad and t.untyped_storage().resizable():
         import numpy
 
-        return numpy.from_dlpack(t)
+        if t.dtype not in _TYPESTR:  # no kernel takes it (and none writes it)
+            return numpy.from_dlpack(t)
+        if t.numel() == 0:  # no memory to share (its address may be 0)
+            return numpy.empty(t.shape, _TYPESTR[t.dtype])
+        return numpy.asarray(_Memory(t))
     return t.numpy()
 
 
