@@ -250,12 +250,17 @@ def test_default_dtype_builds_the_cast_model(name, dtype, default_dtype):
         assert_close_rel(run(built, x).float(), run(cast, x).float(), dtype=dtype, msg=name)
 
 
+@pytest.mark.parametrize("old_torch", [False, True], ids=["", "get_default_device-cpu"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_default_device_places_every_tensor(name):
+def test_default_device_places_every_tensor(name, old_torch, monkeypatch):
     """Built under ``with torch.device("meta")`` every tensor is on the meta device, those
     initialised on the CPU (HiPPO matrices) included: nothing is allocated, nothing is left
     behind for ``to_empty`` to overwrite.  (S4's kernel length, its extra state, is a 0-d CPU
-    tensor wherever the model is: forwards read it without a device sync.)"""
+    tensor wherever the model is: forwards read it without a device sync.)  Before torch 2.8
+    ``torch.get_default_device()`` said "cpu" inside the context (``old_torch``): the HiPPO
+    tensors of S4, S4D and S5 stayed on the CPU there."""
+    if old_torch:
+        monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cpu"))
     with torch.device("meta"):
         model = MODELS[name]()
     state = model.state_dict()

@@ -228,6 +228,14 @@ def _device_of(value: Any) -> Optional[torch.device]:
         return None
 
 
+def _default_device() -> torch.device:
+    """The device a factory call without ``device=`` uses now: ``torch.set_default_device``'s or
+    an enclosing ``with torch.device(...)``'s.  ``torch.get_default_device()`` saw the latter
+    only from torch 2.8 on (before, it said "cpu" inside ``with torch.device("meta")``); an
+    empty tensor's device is right in every version."""
+    return torch.empty(0).device
+
+
 class LRNN(nn.Module):
     """Base class of all linear RNNs.
 
@@ -372,7 +380,7 @@ class LRNN(nn.Module):
             # only what was built on the CPU against a default elsewhere moves: tensors a
             # framework put on the meta device itself (accelerate's init_empty_weights keeps
             # torch's default device) stay there
-            device = torch.get_default_device()
+            device = _default_device()
             if device.type != "cpu":
                 tensors = [*self.parameters(), *self.buffers()]
                 if any(t.device.type == "cpu" for t in tensors):
