@@ -61,6 +61,29 @@ def prompts(B=3, L=9, seed=1):
     return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize(
+    "version,refused",
+    [
+        ("4.46.0", True),
+        ("4.48.3", True),
+        ("4.49.0", False),
+        ("4.50.0.dev0", False),
+        ("5.24.0", False),
+    ],
+)
+def test_transformers_before_4_49_is_refused(version, refused):
+    """Before 4.49 from_pretrained renamed checkpoint keys containing "gamma" to "weight": an
+    LRU's gamma_log loaded re-initialised, silently (found with 4.46); those releases are refused
+    with the reason, the others pass."""
+    from lrnnx.hf import check_transformers_version
+
+    if refused:
+        with pytest.raises(ImportError, match=r"transformers>=4\.49.*gamma_log"):
+            check_transformers_version(version)
+    else:
+        check_transformers_version(version)
+
+
 @pytest.mark.slow  # a fresh process importing every module: make test-slow
 def test_import_lrnnx_never_imports_transformers():
     # every module but lrnnx.hf, listed from the files (pkgutil would import lrnnx.hf itself)

@@ -13,8 +13,10 @@ costs one ``LRNNLMHeadModel.step``.  transformers' own ``Cache`` classes are not
 (like ``MambaForCausalLM`` of transformers 4.x with its ``cache_params``), so the hooks this
 relies on are ``prepare_inputs_for_generation``, ``_update_model_kwargs_for_generation`` and
 ``_prepare_cache_for_generation`` (the last two are transformers-internal).  Supported and
-tested: transformers 5.24.  The hooks exist with the same leading arguments since 4.46 (the
-``hf`` extra's floor), but 4.x is not tested; a version whose ``generate`` no longer calls
+tested: transformers 5.24.  The hooks exist with the same leading arguments since 4.46; the
+``hf`` extra's floor is 4.49 (see :data:`lrnnx.hf.MIN_TRANSFORMERS`), and 4.x is not tested
+beyond a run of the suite at 4.46 (whose one wrong result, LRU's renamed gamma_log, set
+that floor); a version whose ``generate`` no longer calls
 ``_prepare_cache_for_generation`` still works for recurrent-only models and asks for an
 explicit ``inference_cache=`` when there are attention layers.
 """
