@@ -315,8 +315,8 @@ def shared_array(t: Tensor, source: Optional[Tensor] = None):
     numpy makes such arrays read-only where the exporter predates DLPack 1.0 (torch before 2.9,
     or numpy 1.x), and numba then refuses to compile a kernel writing one (the backward of the
     general selective-scan kernels with a leaf delta failed so with torch 2.4 and numpy 1.26).
-    Other tensors (activations,
-    lrnnx's own buffers) take ``numpy()``, cheaper by ~1.5 us a call."""
+    Other tensors (activations, lrnnx's own buffers) take ``numpy()``, cheaper by ~1.5 us a
+    call."""
     source = t if source is None else source
     owner = source if source._base is None else source._base
     if owner.is_leaf and owner.requires_grad and t.untyped_storage().resizable():

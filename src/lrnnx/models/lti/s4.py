@@ -52,9 +52,10 @@ and keeps it there: use it with EMA, FSDP, frozen weights or exported programs.
 
 Threads serving one model: forwards, steps, ``allocate_inference_cache`` and ``discretize`` read
 C~ together with its length under one lock, and the in-place attuning and ``load_state_dict``
-take it too, so each computes the function of one C~.  A state_dict holds references to C~ and its length; a copy of
-it made while another thread's forward attunes C~ may pair the old C~ with the new length: pass
-``l_max`` (C~ never changes) to checkpoint a model that serves other threads.
+take it too, so each computes the function of one C~.  A state_dict holds references to C~ and
+its length; a copy of it made while another thread's forward attunes C~ may pair the old C~
+with the new length: pass ``l_max`` (C~ never changes) to checkpoint a model that serves other
+threads.
 """
 
 from __future__ import annotations
@@ -465,11 +466,11 @@ class S4(S4BlockBase):
         (attuned in place first where :meth:`_rewrite_allowed`; its graph noted), its length,
         and the factors that attune it out of place to a length M >= L (none: in place)."""
         factors: list = []
-        if self._rewrite_allowed():
+        rewrite = self._rewrite_allowed()
+        if rewrite:
             self._ensure_length(L)
-            M = self.l_kernel
-        else:
-            M = self.l_kernel
+        M = self.l_kernel
+        if not rewrite:
             if M == 0:
                 M, factors = int(L), [(int(L), -1.0)]
             while L > M:
