@@ -16,6 +16,8 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
@@ -27,6 +29,10 @@ import lrnnx.hf  # noqa: E402
 from _tol import assert_close_rel  # noqa: E402
 from lrnnx.architectures.lm import LRNNLMHeadModel  # noqa: E402
 from lrnnx.utils.generation import generate  # noqa: E402
+
+#: from_pretrained's dtype keyword: "torch_dtype" before transformers 4.56 ("dtype" there is
+#: not read), "dtype" since (the old name warns)
+DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 V = 40
 MIXES = {
@@ -138,7 +144,7 @@ def test_auto_loading_in_a_dtype_follows_the_precision_policy(checkpoint, dtype)
     (float64 everywhere; the recurrences' own tensors float32 under bf16), as
     LRNNLMHeadModel.from_pretrained(dtype=...) gives them."""
     path, _ = checkpoint
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **{DTYPE_KW: dtype}).eval()
     ours = LRNNLMHeadModel.from_pretrained(path, dtype=dtype)
     theirs, expect = model.state_dict(), ours.state_dict()
     for key, value in expect.items():

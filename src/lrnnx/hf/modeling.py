@@ -71,6 +71,10 @@ class LRNNPreTrainedModel(PreTrainedModel):
     # the state after a token cannot be rolled back: no assisted / speculative decoding
     _is_stateful = True
     _no_split_modules = ["Block"]
+    # modules' extra states that are Python values travel in the config, not in the weights
+    # file.  transformers before 5 reads this class attribute (regexes); 5 reads the instance's,
+    # which each model sets to its own keys exactly (see LRNNForCausalLM.__init__)
+    _keys_to_ignore_on_load_missing = [r"(^|\.)_extra_state$"]
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
