@@ -113,10 +113,29 @@ def _warn_unavailable(op: str, name: str, used: str) -> None:
 BACKEND_ENV = "LRNNX_BACKEND"
 
 
+def _env_value() -> str:
+    """``LRNNX_BACKEND`` as set ("" when unset), read afresh at each eager call.
+
+    Marked a constant for torch.compile and torch.export (below): Dynamo calls it while
+    tracing and records its value in the graph, as torch 2.13's Dynamo does tracing
+    ``os.environ`` itself (with no guard either way: a graph keeps the backends it was traced
+    with); Dynamo 2.4 fails on ``os.environ.get`` ("constant fold exception:
+    KeyError(b'LRNNX_BACKEND')"; "const method call bytes.decode" when set)."""
+    return os.environ.get(BACKEND_ENV, "")
+
+
+# torch.compiler.assume_constant_result(_env_value) sets just this attribute (torch 2.4 to 2.13),
+# but imports Dynamo (over a second) when nothing may ever be compiled.  The name's leading
+# underscore matters with torch 2.4, whose Dynamo stores the value as a global of the traced
+# frame's module named after the function: "sub" + the name when it does not start with a
+# letter, never a name lrnnx uses.
+_env_value._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def env_backend() -> Optional[str]:
     """``LRNNX_BACKEND`` as a name (case and surrounding spaces ignored), or None when unset or
     empty; not checked against any op's backends (see :func:`requested_backend`)."""
-    return os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    return _env_value().strip().lower() or None
 
 
 def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
@@ -139,7 +158,7 @@ def requested_backend(op: str, backend: Optional[str] = None) -> Optional[str]:
         return env
     known = sorted({name for ops in _REGISTRY.values() for name in ops})
     if env not in known:
-        raise ValueError(f"{BACKEND_ENV}: expected one of {known}, got {os.environ[BACKEND_ENV]!r}")
+        raise ValueError(f"{BACKEND_ENV}: expected one of {known}, got {_env_value()!r}")
     if (op, env, "absent") not in _WARNED:
         _WARNED.add((op, env, "absent"))
         warnings.warn(
