@@ -126,15 +126,18 @@ def transformed(*tensors: Optional[Tensor]) -> bool:
     None or a wrong one), and under ``vmap`` it crashed reading a wrapper's memory.  False while
     torch.compile traces (Dynamo handles the Functions as opaque calls).
     """
+    # first: Dynamo 2.4 cannot trace peek_interpreter_stack ("Graph break due to unsupported
+    # builtin"), which fullgraph=True and torch.export reject
+    if _compiling():
+        return False
     # a torch.func transform is active exactly when functorch's interpreter stack is not empty
     # (its wrappers never outlive the transform); one call, not one per tensor
     stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     if stack is not None and stack() is not None:
-        return not _compiling()
+        return True
     # tangents exist only inside a dual_level (its counter is -1 outside one): the per-tensor
     # unpack_dual, a Python call, is skipped on the common path
     if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
         return False
     unpack = torch.autograd.forward_ad.unpack_dual
-    dual = any(isinstance(t, Tensor) and unpack(t).tangent is not None for t in tensors)
-    return dual and not _compiling()
+    return any(isinstance(t, Tensor) and unpack(t).tangent is not None for t in tensors)
