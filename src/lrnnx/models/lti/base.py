@@ -134,8 +134,10 @@ class LTI_LRNN(LRNN):
     def _use_fft(self, L: int, device: Optional[torch.device] = None) -> bool:
         """Whether a forward over ``L`` steps runs the FFT convolution (see ``mode``).
 
-        ``device`` defaults to the parameters' device; "auto" asks the dispatcher which
-        linear_scan backend would run there (``LRNNX_BACKEND`` included)."""
+        ``device`` (the forwards pass their input's) defaults to the parameters' device;
+        "auto" asks the dispatcher which linear_scan backend would run there
+        (``LRNNX_BACKEND`` included).  (The default is for eager calls: Dynamo 2.4 cannot trace
+        ``next(self.parameters(), None)``, which fullgraph=True and torch.export reject.)"""
         if self.mode != "auto":
             return self.mode == "fft"
         if device is None:
@@ -248,7 +250,7 @@ class LTI_LRNN(LRNN):
                 h, final = linear_scan(
                     A_bar, u, initial_state=h0, output_final_state=True, cu_seqlens=cu
                 )
-            elif self._use_fft(L):
+            elif self._use_fft(L, x.device):
                 K = diagonal_powers(A_bar, L) if powers is None else powers
                 h = causal_conv(u.transpose(1, 2), K).transpose(1, 2)  # (B, L, N)
                 if h0 is not None:

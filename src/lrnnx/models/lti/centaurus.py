@@ -479,7 +479,7 @@ class CentaurusBase(LTI_LRNN):
                 xf = zero_where_not(xf, mask[..., None])
             A_bar, gamma, _ = self.discretize()
             h0f = None if h0 is None else h0.reshape(rows, S, M).to(A_bar.dtype)
-            if cu is None and self._use_fft(L):
+            if cu is None and self._use_fft(L, x.device):
                 P = diagonal_powers(A_bar, L)
                 k = self._kernel(P, gamma, w)
                 free = None if h0f is None else self._free_response(h0f, A_bar, P, w)

@@ -159,7 +159,7 @@ class S5(LTI_LRNN):
         self._check_forward_args(x, integration_timesteps, lengths)
         A_bar, gamma_bar, C = self.discretize()
         L = x.shape[1]
-        if cu_seqlens is None and self._use_fft(L):
+        if cu_seqlens is None and self._use_fft(L, x.device):
             K, B_bar = self.compute_kernel(L, A_bar, gamma_bar)
         else:
             K, B_bar = None, self.compute_kernel(1, A_bar, gamma_bar)[1]
