@@ -745,8 +745,18 @@ class S4BlockBase(LTI_LRNN):
         return x
 
     def _projection_dtype(self) -> Optional[torch.dtype]:
-        """The dtype of the block's projection layers (None without any)."""
-        return next((p.dtype for n, p in self.named_parameters() if "." in n), None)
+        """The dtype of the block's projection layers (None without any): the weight of the
+        first one, in the order the constructor registers them."""
+        # named, not found through named_parameters(): Dynamo 2.4 cannot trace that in a module
+        # it treats as mutable (an S4 compiled once: "non-const NNModule method named_modules"),
+        # nor next() with a default, and fullgraph=True and torch.export reject the graph break
+        if self.bottleneck is not None:
+            return self.input_linear.weight.dtype
+        if self.gate is not None:
+            return self.input_gate.weight.dtype
+        if self.final_act is not None:
+            return self.output_linear[0].weight.dtype
+        return None
 
     def _check_cache(self, cache: Any, batch: int) -> Dict[str, Any]:
         """The shared cache validation, then the state's own shape and dtype."""
