@@ -18,6 +18,7 @@ from torch import nn
 
 from _tol import assert_close_rel
 from lrnnx.architectures import LRNNLMHeadModel
+from lrnnx.core import checks
 from lrnnx.models.lti import S4
 from lrnnx.models.registry import available_models, build_mixer
 
@@ -85,6 +86,50 @@ def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone():
         with torch.no_grad():
             for _ in range(2):
                 assert_close_rel(program(x), want, length=30)
+        assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
+
+
+class _Recording(nn.Module):
+    """x + 1 where lrnnx sees a program recorded, else x - 1."""
+
+    def forward(self, x):
+        return x + 1 if checks.recording_program() else x - 1
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_is_told_from_compile_without_is_exporting(monkeypatch, strict):
+    """torch 2.4 has no torch.compiler.is_exporting: there an export (strict, through Dynamo,
+    or not) is told from a torch.compile by is_compiling()'s flag, which only export sets
+    outside Dynamo, and by Dynamo's own tracer."""
+    monkeypatch.setattr(checks, "_IS_EXPORTING", None)
+    x = torch.zeros(2)
+    assert torch.equal(_Recording()(x), x - 1)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(_Recording(), fullgraph=True, backend="eager")(x), x - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(_Recording(), (x,), strict=strict).module()
+    assert torch.equal(program(x), x + 1)
+
+
+@pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
+def test_s4_exports_without_is_exporting(monkeypatch):
+    """As with torch 2.4 (no torch.compiler.is_exporting): exported beyond its kernel length,
+    S4 attunes C~ in the program, leaving the model as it was."""
+    monkeypatch.setattr(checks, "_IS_EXPORTING", None)
+    torch.manual_seed(0)
+    model = _First(S4(8, d_state=8, transposed=False)).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 12, 8))  # attuned to 12
+    x = torch.randn(2, 30, 8)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(x)
+    C = model.model.C.detach().clone()
+    for strict in (True, False):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (x,), strict=strict).module()
+            assert_close_rel(program(x), want, length=30)
         assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
 
 

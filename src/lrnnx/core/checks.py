@@ -205,8 +205,35 @@ def recording_program() -> bool:
     in-place change of the model's own state (it would be replayed on every call) and no
     kernel that reads raw memory (export traces with fake tensors): the ops take their
     pure-torch backends and S4 attunes C~ out of place."""
-    exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return torch.jit.is_tracing() or bool(exporting is not None and exporting())
+    if torch.jit.is_tracing():
+        return True
+    if _IS_EXPORTING is not None:
+        return bool(_IS_EXPORTING())
+    # torch 2.4 has no is_exporting: there export alone sets is_compiling()'s flag outside
+    # Dynamo (a non-strict export, and the export of Dynamo's graph), and Dynamo's own tracer
+    # says whether it exports (a strict export, the default there)
+    if not _compiling():
+        return False
+    return not torch.compiler.is_dynamo_compiling() or _dynamo_exports()
+
+
+#: torch.compiler.is_exporting; None with torch 2.4, which lacks it (recording_program)
+_IS_EXPORTING = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+
+
+def _dynamo_exports() -> bool:
+    """Whether Dynamo traces for torch.export (else for torch.compile).  Marked a constant for
+    Dynamo (as torch.compiler.assume_constant_result does, without importing Dynamo): it runs
+    while Dynamo traces, in plain Python, and reads the flag off the tracer."""
+    convert = sys.modules.get("torch._dynamo.symbolic_convert")
+    tracer = getattr(convert, "InstructionTranslator", None)
+    try:
+        return bool(tracer is not None and getattr(tracer.current_tx(), "export", False))
+    except AttributeError:  # no trace in progress (a thread-local never set)
+        return False
+
+
+_dynamo_exports._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _autocast_enabled(device_type: str) -> bool:
