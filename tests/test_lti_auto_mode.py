@@ -33,6 +33,17 @@ def test_auto_uses_fft_from_the_threshold_with_the_torch_scan(monkeypatch):
     assert not m._use_fft(64, device=torch.device("meta"))
 
 
+def test_auto_follows_the_torch_scan_while_a_program_is_recorded(no_backend_env, monkeypatch):
+    """While torch.export or torch.jit.trace records, the scan runs on its torch backend
+    (lrnnx.ops._dispatch.resolve), so auto takes that backend's rule, and imports no fused
+    backend to decide (Dynamo cannot trace an import: a strict export of an LTI model never run
+    before failed on it)."""
+    monkeypatch.setattr(lti_base, "recording_program", lambda: True)
+    m = LRU(4, 4, mode="auto")
+    assert not m._use_fft(lti_base.AUTO_FFT_MIN_LEN - 1)
+    assert m._use_fft(lti_base.AUTO_FFT_MIN_LEN)
+
+
 def test_default_mode_is_auto():
     """The default is the fastest path measured ("auto"), not the FFT."""
     from lrnnx.models.lti import Centaurus

@@ -20,6 +20,7 @@ from lrnnx.core.checks import (
     lengths_mask,
     packed_offsets,
     packed_seqlen_offset,
+    recording_program,
     step_output,
     user_stacklevel,
     zero_where_not,
@@ -143,7 +144,11 @@ class LTI_LRNN(LRNN):
         if device is None:
             param = next(self.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-        backend, _ = _dispatch.select("linear_scan", device)
+        # while a program is recorded the scan runs on its torch backend (resolve), and
+        # nothing may be imported: Dynamo cannot trace an import (a strict torch.export of a
+        # model never run before failed on importing the fused scan)
+        asked = "torch" if recording_program() else None
+        backend, _ = _dispatch.select("linear_scan", device, asked)
         if backend in FUSED_SCAN_BACKENDS:
             return False
         return L >= AUTO_FFT_MIN_LEN
