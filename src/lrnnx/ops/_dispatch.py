@@ -324,7 +324,10 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """A context with autocast off on ``device`` while an op's backend runs: the ops cast their
     inputs to their compute dtype (float32 at least) themselves, and autocast would otherwise
     run the torch backends' einsums and convolutions in bf16/fp16 inside them (the recurrences
-    must accumulate in float32 on every backend).  A null context when autocast is off."""
+    must accumulate in float32 on every backend); the models' recurrences enter it too.  A
+    null context when autocast is off: torch.export 2.4 records an autocast context, even a
+    disabling one, as a node its verifier then rejects ("Node.meta _enter_autocast is missing
+    val field")."""
     try:
         on = torch.is_autocast_enabled(device.type)
     except (RuntimeError, TypeError):  # a device without autocast (meta), or torch < 2.4

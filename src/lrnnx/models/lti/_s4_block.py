@@ -55,6 +55,7 @@ from lrnnx.core.fftconv import causal_conv
 from lrnnx.core.hippo import nplr
 from lrnnx.layers.linear import Linear
 from lrnnx.models.lti.base import LTI_LRNN
+from lrnnx.ops._dispatch import no_autocast
 from lrnnx.ops.linear_scan.packing import step_layout
 
 log = logging.getLogger(__name__)
@@ -849,7 +850,7 @@ class S4BlockBase(LTI_LRNN):
         u = self.input_linear(x) if self.bottleneck is not None else x
         # the final state carries the graph while autograd records: into a given state's
         # return, and into a cache's state, from which steps and later forwards continue
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device):
             uf = u.transpose(1, 2).to(self.A_real.dtype)  # (B, H', L)
             if mask is not None:
                 uf = zero_where_not(uf, mask[:, None])
@@ -980,7 +981,7 @@ class S4BlockBase(LTI_LRNN):
         # then has the forward's gradients); else from the cache's constants
         graph = self._step_records_graph()
         ssm_cache = {**inference_cache, **self._step_system()} if graph else inference_cache
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device):
             uf = u.to(self.A_real.dtype)
             y = self._ssm_step(uf, ssm_cache, graph) + self.D * uf[:, None]  # (B, C, H')
             y = y.transpose(1, 2) if self.swap_channels else y  # (B, H', C)

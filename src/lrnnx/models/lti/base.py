@@ -246,7 +246,7 @@ class LTI_LRNN(LRNN):
             # accepted, and receives the final state widened
             h0 = self._cached_state(inference_cache, Bsz, cu).to(A_bar.dtype)
         final = None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _dispatch.no_autocast(x.device):
             xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             if mask is not None:  # a select: padding may hold anything, NaN included
                 xf = zero_where_not(xf, mask[..., None])
@@ -303,7 +303,7 @@ class LTI_LRNN(LRNN):
         bufs = self._step_buffers(cache, out_scale)
         Bsz, N = h.shape
         # the state and its readout stay in the cache's precision under autocast, as in forward
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _dispatch.no_autocast(x.device):
             xf = x if x.dtype == bufs.W_in.dtype else x.to(bufs.W_in.dtype)
             if torch.is_grad_enabled() and xf.requires_grad:  # out= cannot carry a graph
                 u = xf @ bufs.W_in
@@ -333,7 +333,7 @@ class LTI_LRNN(LRNN):
         forward's gradients, the parameters' and through the state from step to step."""
         h = cache["lrnn_state"]
         m = self._step_matrices()
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _dispatch.no_autocast(x.device):
             xf = x.to(self._precision)
             A_bar, B_bar, C = (m[k].to(h.dtype) for k in ("A_bar", "B_bar", "C"))
             h_new = A_bar * h.clone() + xf.to(h.dtype) @ B_bar.transpose(0, 1)

@@ -70,6 +70,7 @@ from lrnnx.core.checks import (
 from lrnnx.core.fftconv import causal_conv, causal_conv_mix, fft_length
 from lrnnx.models.lti.base import LTI_LRNN, cache_to_device, diagonal_powers
 from lrnnx.ops import linear_scan
+from lrnnx.ops._dispatch import no_autocast
 
 #: -Re(A) is kept at or above this, so every discretization stays strictly stable
 MIN_NEG_REAL = 1e-4
@@ -473,7 +474,7 @@ class CentaurusBase(LTI_LRNN):
         self.kernel_length = L
         S, M = self.n_rows, self.sub_state_dim
         w = self._weights()
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device):
             xf = x.to(self.log_dt.dtype)
             if mask is not None:  # a select: padding may hold anything, NaN included
                 xf = zero_where_not(xf, mask[..., None])
@@ -644,7 +645,7 @@ class CentaurusBase(LTI_LRNN):
         else:
             A_bar, gamma = inference_cache["A_bar"], inference_cache["gamma_bar"]
             w = {k: inference_cache.get(k) for k in self._weights()}
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device):
             xf = x.to(A_bar.real.dtype)
             v = gamma * self._lanes(xf, w)
             if graph:

@@ -77,6 +77,7 @@ from lrnnx.core.conv import causal_depthwise_conv, window_tail
 from lrnnx.layers.linear import Conv1d, Linear, lecun_normal, normal
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
+from lrnnx.ops._dispatch import no_autocast
 
 #: values of ``gelu_approximate`` (F.gelu's ``approximate`` argument)
 _GELU_APPROXIMATIONS = ("tanh", "none")
@@ -352,7 +353,7 @@ class RGLRU(LTV_LRNN):
     ) -> Tuple[Tensor, Tensor]:
         """:meth:`rg_lru` with validated offsets ``cu``; returns (h, final state (B or S,
         D_rnn)), the final state being each row's (each packed sequence's) last state."""
-        with torch.autocast(device_type=xc.device.type, enabled=False):
+        with no_autocast(xc.device):
             xf = xc.to(_acc_dtype(self.Lambda.dtype))
             if reset is None and self.reset_at_start:
                 reset = self._first_step(xc.shape[0], xc.shape[1], None, xc.device, cu)
@@ -548,7 +549,7 @@ class RGLRU(LTV_LRNN):
         xc = (window * self.conv1d.weight[:, 0, :]).sum(-1)
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
-        with torch.autocast(device_type=xin.device.type, enabled=False):
+        with no_autocast(xin.device):
             xf = xc.to(_acc_dtype(self.Lambda.dtype))
             started = inference_cache["started"]
             reset = ~started if self.reset_at_start else None  # on the device: graph-capturable

@@ -53,6 +53,7 @@ from lrnnx.core.checks import (
 from lrnnx.models.lti.s5 import MAX_REAL_EIG, hippo_n_init
 from lrnnx.models.ltv.base import LTV_LRNN
 from lrnnx.ops import linear_scan
+from lrnnx.ops._dispatch import no_autocast
 
 GammaBar = Union[Tensor, float]
 
@@ -289,7 +290,7 @@ class _EventSSM(LTV_LRNN):
             x = zero_where_not(x, mask[..., None])
             if integration_timesteps is not None:
                 integration_timesteps = zero_where_not(integration_timesteps, mask)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device):
             u = x.to(self.Lambda_im.dtype)
             ts = self._timesteps(integration_timesteps)
             p = self._tensors()
@@ -357,7 +358,7 @@ class _EventSSM(LTV_LRNN):
         consts = inference_cache
         if graph:
             consts = {**inference_cache, **self._step_constants()}
-        with torch.autocast(device_type=u_in.device.type, enabled=False):
+        with no_autocast(u_in.device):
             u = u_in.to(real)
             A_bar, gamma_bar = self._step_discretize(consts, u, ts)
             Bu = self._input(consts, u, h.dtype)
