@@ -370,14 +370,18 @@ class S4(S4BlockBase):
 
     def _full(self, x: Tensor) -> Tensor:
         """Append the conjugate half along the last axis (no-op for real SSMs)."""
-        return x if self.is_real else torch.cat([x, x.conj()], dim=-1)
+        # conj_physical here and below, not the lazy conj() view: torch.export 2.4 recursed
+        # without end on that view ("maximum recursion depth exceeded", in its functionalized
+        # clone); parameter-sized tensors (R, H, N), copied once more at most
+        return x if self.is_real else torch.cat([x, x.conj_physical()], dim=-1)
 
     def _dense(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """Dense bilinear dA (H, Nf, Nf) and dB (H, Nf) of the full system A = Lambda - P P^*."""
         Lam = self._full(self._A_diag().to(dtype))
         P = self._full(self._P().to(dtype))
         dt = self._full(self._dt().expand(self.H, self.N).to(dtype))
-        A = torch.diag_embed(Lam) - torch.einsum("rhm,rhn->hmn", P, P.conj())
+        # (conj_physical: see _full)
+        A = torch.diag_embed(Lam) - torch.einsum("rhm,rhn->hmn", P, P.conj_physical())
         half = dt[..., None] / 2 * A  # Delta A / 2 with Delta = diag(dt)
         eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
         lhs = eye - half
@@ -577,7 +581,7 @@ class S4(S4BlockBase):
         C, M = self._kernel_C(L)
         dt = self._dt().expand(self.H, self.N)
         Lam, B, P = self._A_diag(), self._B(), self._P()
-        Q = P if self.is_real else P.conj()
+        Q = P if self.is_real else P.conj_physical()  # (see _full)
         rights = [(dt * B)[None]]
         if state is not None:
             s = state if self.is_real else state[..., : self.N]

@@ -89,8 +89,10 @@ def cauchy(
     dtype = _torch.complex128 if wide else _torch.complex64
     v, w, a, b = v.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
     if conj:
-        v = _torch.cat([v, v.conj()], dim=-1)
-        w = _torch.cat([w, w.conj()], dim=-1)
+        # conj_physical, not the lazy conj() view: torch.export 2.4 recursed without end on
+        # that view (S4's kernel); the cat copies the values either way
+        v = _torch.cat([v, v.conj_physical()], dim=-1)
+        w = _torch.cat([w, w.conj_physical()], dim=-1)
     lead = v.shape[:-2]
     v = v.reshape(math.prod(lead), H, v.shape[-1])
     K = a.shape[0]
