@@ -118,6 +118,25 @@ def test_real_fft_conv_gradients(u_shape, k_shape, chunk, monkeypatch):
         assert torch.allclose(a, b, atol=1e-12 * b.abs().max().item())
 
 
+def test_bit_length_and_fft_length():
+    """fftconv's bit_length (a loop Dynamo 2.4 traces) is int.bit_length; fft_length is the
+    smallest 2^a 3^b 5^c at or above its argument."""
+    from lrnnx.core.fftconv import bit_length, fft_length
+
+    for n in [*range(300), 2**40 - 1, 2**40, 2**40 + 1]:
+        assert bit_length(n) == n.bit_length()
+    smooth = [n for n in range(1, 400) if _only_235(n)]
+    for n in range(1, 300):
+        assert fft_length(n) == min(m for m in smooth if m >= n)
+
+
+def _only_235(n: int) -> bool:
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
 def test_real_fft_conv_second_derivatives():
     """Asked for a graph of its gradients (create_graph=True), the real-FFT convolution's
     backward differentiates the plain FFT formula: gradgradcheck in float64."""

@@ -26,9 +26,19 @@ from lrnnx.core.checks import _compiling, check_tensor
 DIRECT_MAX_LEN = 32
 
 
+def bit_length(n: int) -> int:
+    """``n.bit_length()`` for an int n >= 0, by a loop: torch 2.4's Dynamo cannot call
+    ``int.bit_length`` ("const method call int.bit_length"), and torch.compile(fullgraph=True)
+    and torch.export reject the graph break."""
+    bits = 0
+    while (1 << bits) <= n:
+        bits += 1
+    return bits
+
+
 def fft_length(n: int) -> int:
     """Smallest 2^a 3^b 5^c >= n (sizes the FFT handles fastest)."""
-    best = 1 << (n - 1).bit_length()
+    best = 1 << bit_length(n - 1)
     p5 = 1
     while p5 < best:
         p35 = p5

@@ -51,7 +51,7 @@ from lrnnx.core.checks import (
     user_stacklevel,
     zero_where_not,
 )
-from lrnnx.core.fftconv import causal_conv
+from lrnnx.core.fftconv import bit_length, causal_conv
 from lrnnx.core.hippo import nplr
 from lrnnx.layers.linear import Linear
 from lrnnx.models.lti.base import LTI_LRNN
@@ -354,7 +354,7 @@ def ssm_final_state(
         idx = torch.arange(L, device=u.device)[None] - (L - lengths.to(u.device))[:, None]
         gathered = u.gather(2, idx.clamp(min=0)[:, None].expand(Bsz, H, L))
         u = gathered * (idx >= 0)[:, None]
-    T = min(1 << max(L - 1, 0).bit_length(), chunk)
+    T = min(1 << bit_length(max(L - 1, 0)), chunk)
     if L % T:
         u = F.pad(u, (T - L % T, 0))
     S, power = dB[..., None], dA  # S[..., i] = dA^i dB; power = dA^(width of S)
@@ -368,7 +368,7 @@ def ssm_final_state(
     if h0 is not None:
         n = torch.full((Bsz,), L, device=u.device) if lengths is None else lengths.to(u.device)
         decay, p = h0.to(dA.dtype), dA
-        for bit in range(max(L, 1).bit_length()):
+        for bit in range(bit_length(max(L, 1))):
             take = ((n >> bit) & 1).bool()[:, None, None]
             decay = torch.where(take, _apply(p, decay), decay)
             p = p * p if dA.dim() == 2 else p @ p
