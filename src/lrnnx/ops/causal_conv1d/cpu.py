@@ -267,22 +267,6 @@ if HAVE_NUMBA:
                     z[i] += wj[i] * xr[i]
 
     @numba.njit(**_OPTS)
-    def _cl_out4(XT, wT, bl, n, W, silu, yf, o0, st):  # pragma: no cover - compiled
-        """yf[o0 + t st + i] = act(bias + sum_j w_j XT[t + j]) for t < n, i < W (K = 4): the
-        pre-activation, the silu and the store in one pass over each output row."""
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        for t in range(n):
-            x0, x1, x2, x3 = XT[t], XT[t + 1], XT[t + 2], XT[t + 3]
-            dst = yf[o0 + t * st : o0 + t * st + W]
-            if silu:
-                for i in range(W):
-                    z = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                    dst[i] = z * _sigmoid(z)
-            else:
-                for i in range(W):
-                    dst[i] = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-
-    @numba.njit(**_OPTS)
     def _cl_lanes(w, b, c0, W, wT, bl):  # pragma: no cover - compiled
         """wT[j, i] = w[c0 + i, j], bl[i] = bias[c0 + i]; lanes past W are 0."""
         K = w.shape[1]
@@ -313,111 +297,19 @@ if HAVE_NUMBA:
                 a, e = max(lo, t0), min(hi, t1)
                 if e > a:
                     _cl_window(xf, sx, h0, b, b * S + s, c0, W, nl, lo, a, e, P, XT)
-                    base = b * sy[0] + c0
-                    if K == 4:  # the usual width: taps in registers, one pass, no buffer
-                        _cl_out4(XT, wT, bl, e - a, W, silu, yf, base + a * sy[2], sy[2])
-                        s += 1
-                        continue
                     _cl_preact(XT, wT, bl, e - a, nl, Z)
                     if silu:
                         for t in range(e - a):
                             z = Z[t]
                             for i in range(nl):
                                 z[i] = z[i] * _sigmoid(z[i])
+                    base = b * sy[0] + c0
                     for t in range(e - a):
                         o = base + (a + t) * sy[2]
                         dst, z = yf[o : o + W], Z[t]
                         for i in range(W):
                             dst[i] = z[i]
                 s += 1
-
-    @numba.njit(**_OPTS)
-    def _cl_bwd_rows(
-        XT, G, Z, acc, wT, bl, dyf, sdy, dxf, sdx, b, c0, a, e, n2, W, nl, silu, dW, dB
-    ):  # pragma: no cover - compiled
-        """:func:`_cl_bwd`'s piece [a, e) for any width K: G = dz over n2 steps (then zeros),
-        dx written, dW and dB summed (see :func:`_cl_dz4` and :func:`_cl_grads4` for K = 4)."""
-        K = wT.shape[0]
-        P = K - 1
-        one, zero = XT.dtype.type(1.0), XT.dtype.type(0.0)
-        base = b * sdy[0] + c0
-        for t in range(n2):
-            o = base + (a + t) * sdy[2]
-            src, g = dyf[o : o + W], G[t]
-            for i in range(W):
-                g[i] = src[i]
-            for i in range(W, nl):
-                g[i] = zero
-        for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
-            for i in range(nl):
-                G[t, i] = zero
-        if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
-            _cl_preact(XT, wT, bl, n2, nl, Z)
-            for t in range(n2):
-                z, g = Z[t], G[t]
-                for i in range(nl):
-                    sg = _sigmoid(z[i])
-                    g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
-        base = b * sdx[0] + c0
-        for u in range(e - a):
-            for i in range(nl):
-                acc[i] = zero
-            for j in range(K):
-                g, wj = G[u + P - j], wT[j]
-                for i in range(nl):
-                    acc[i] += wj[i] * g[i]
-            o = base + (a + u) * sdx[2]
-            dst = dxf[o : o + W]
-            for i in range(W):
-                dst[i] = acc[i]
-        for t in range(e - a):
-            g = G[t]
-            for i in range(nl):
-                dB[i] += g[i]
-            for j in range(K):
-                xr, dw = XT[t + j], dW[j]
-                for i in range(nl):
-                    dw[i] += g[i] * xr[i]
-
-    @numba.njit(**_OPTS)
-    def _cl_dz4(XT, wT, bl, dyf, o0, st, n, W, nl, silu, G):  # pragma: no cover - compiled
-        """G[t] = dy_t silu'(z_t) (dy_t without silu) for t < n, i < W, lanes W to nl zero
-        (K = 4; z recomputed from the window XT; dy read at dyf[o0 + t st + i])."""
-        one, zero = XT.dtype.type(1.0), XT.dtype.type(0.0)
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        for t in range(n):
-            x0, x1, x2, x3 = XT[t], XT[t + 1], XT[t + 2], XT[t + 3]
-            src, g = dyf[o0 + t * st : o0 + t * st + W], G[t]
-            if silu:  # silu'(z) = s (1 + z (1 - s))
-                for i in range(W):
-                    z = bl[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                    sg = _sigmoid(z)
-                    g[i] = src[i] * (sg * (one + z * (one - sg)))
-            else:
-                for i in range(W):
-                    g[i] = src[i]
-            for i in range(W, nl):
-                g[i] = zero
-
-    @numba.njit(**_OPTS)
-    def _cl_grads4(XT, G, wT, n, W, nl, dxf, o0, st, dW, dB):  # pragma: no cover - compiled
-        """For u < n (K = 4): dx_u = sum_j w_j G[u + 3 - j] written to dxf[o0 + u st + i]
-        (i < W), and dW[j] += G[u] XT[u + j], dB += G[u] (lanes < nl)."""
-        w0, w1, w2, w3 = wT[0], wT[1], wT[2], wT[3]
-        d0, d1, d2, d3 = dW[0], dW[1], dW[2], dW[3]
-        for u in range(n):
-            g0, g1, g2, g3 = G[u], G[u + 1], G[u + 2], G[u + 3]
-            dst = dxf[o0 + u * st : o0 + u * st + W]
-            for i in range(W):
-                dst[i] = w3[i] * g0[i] + w2[i] * g1[i] + w1[i] * g2[i] + w0[i] * g3[i]
-            x0, x1, x2, x3 = XT[u], XT[u + 1], XT[u + 2], XT[u + 3]
-            for i in range(nl):
-                g = g0[i]
-                dB[i] += g
-                d0[i] += g * x0[i]
-                d1[i] += g * x1[i]
-                d2[i] += g * x2[i]
-                d3[i] += g * x3[i]
 
     @numba.njit(**_OPTS)
     def _cl_bwd(
@@ -437,7 +329,7 @@ if HAVE_NUMBA:
         L = cu[cu.shape[0] - 1]
         S = cu.shape[0] - 1
         dtype = xf.dtype
-        zero = dtype.type(0.0)
+        one, zero = dtype.type(1.0), dtype.type(0.0)
         XT = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
         G = np.zeros((TIME_BLOCK + 2 * P, LANES), dtype)
         Z = np.zeros((TIME_BLOCK + P, LANES), dtype)
@@ -464,17 +356,44 @@ if HAVE_NUMBA:
                 e2 = min(hi, e + P)  # dx at e - 1 reads dz up to e - 1 + P
                 n2 = e2 - a
                 _cl_window(xf, sx, h0, b, hs, c0, W, nl, lo, a, e2, P, XT)
-                if K == 4:  # the usual width: each pass reads its rows once, no buffers
-                    o_dy = b * sdy[0] + c0 + a * sdy[2]
-                    _cl_dz4(XT, wT, bl, dyf, o_dy, sdy[2], n2, W, nl, silu, G)
-                    for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
+                base = b * sdy[0] + c0
+                for t in range(n2):
+                    o = base + (a + t) * sdy[2]
+                    src, g = dyf[o : o + W], G[t]
+                    for i in range(W):
+                        g[i] = src[i]
+                    for i in range(W, nl):
+                        g[i] = zero
+                for t in range(n2, n2 + P):  # past the sequence (or unused): no gradient
+                    for i in range(nl):
+                        G[t, i] = zero
+                if silu:  # dz = dy silu'(z) = dy s (1 + z (1 - s)), z recomputed
+                    _cl_preact(XT, wT, bl, n2, nl, Z)
+                    for t in range(n2):
+                        z, g = Z[t], G[t]
                         for i in range(nl):
-                            G[t, i] = zero
-                    o_dx = b * sdx[0] + c0 + a * sdx[2]
-                    _cl_grads4(XT, G, wT, e - a, W, nl, dxf, o_dx, sdx[2], dW, dB)
-                else:
-                    _cl_bwd_rows(XT, G, Z, acc, wT, bl, dyf, sdy, dxf, sdx, b, c0, a, e, n2,
-                                 W, nl, silu, dW, dB)  # fmt: skip
+                            sg = _sigmoid(z[i])
+                            g[i] = g[i] * (sg * (one + z[i] * (one - sg)))
+                base = b * sdx[0] + c0
+                for u in range(e - a):
+                    for i in range(nl):
+                        acc[i] = zero
+                    for j in range(K):
+                        g, wj = G[u + P - j], wT[j]
+                        for i in range(nl):
+                            acc[i] += wj[i] * g[i]
+                    o = base + (a + u) * sdx[2]
+                    dst = dxf[o : o + W]
+                    for i in range(W):
+                        dst[i] = acc[i]
+                for t in range(e - a):
+                    g = G[t]
+                    for i in range(nl):
+                        dB[i] += g[i]
+                    for j in range(K):
+                        xr, dw = XT[t + j], dW[j]
+                        for i in range(nl):
+                            dw[i] += g[i] * xr[i]
                 if a == lo:  # the sequence's first step: its initial states' gradient
                     for k in range(P):
                         for i in range(W):
