@@ -25,3 +25,23 @@ os.environ.setdefault("LRNNX_NUMBA_COMPILE", "wait")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _process_state():
+    """A test leaves torch's thread count and default dtype as it found them: a leaked count
+    changes what later tests in the process exercise (``lrnnx train`` times steps to choose the
+    count only when torch has more than one thread; an interrupt test once passed only after a
+    test that left one).  A leak fails the test that made it, and is undone.  (Set up before
+    the test's own fixtures, so checked after monkeypatch has undone its patches.)"""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    leaked = []
+    if torch.get_num_threads() != threads:
+        leaked.append(f"torch's thread count {threads} -> {torch.get_num_threads()}")
+        torch.set_num_threads(threads)
+    if torch.get_default_dtype() != dtype:
+        leaked.append(f"torch's default dtype {dtype} -> {torch.get_default_dtype()}")
+        torch.set_default_dtype(dtype)
+    if leaked:
+        pytest.fail("the test left " + "; ".join(leaked), pytrace=False)

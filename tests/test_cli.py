@@ -180,6 +180,17 @@ def test_bad_arguments_exit_2(argv, expected, capsys):
     assert "error" in err and all(x in err for x in expected), err
 
 
+@pytest.fixture
+def pretend_threads(monkeypatch):
+    """``pretend_threads(n)``: torch.get_num_threads() answers n for the test, and torch's real
+    count is restored afterwards.  main() gives its caller back the count it read, here the
+    pretended one, and torch.set_num_threads kept it for the rest of the process (a test with
+    n = 1 left every later test in the process on one thread)."""
+    real = torch.get_num_threads()
+    yield lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+    torch.set_num_threads(real)  # (monkeypatch, set up first, undoes its patch after this)
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -194,12 +205,12 @@ def test_bad_arguments_exit_2(argv, expected, capsys):
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_impossible_configurations_exit_2_with_one_line(
-    extra, expected, threads, tmp_path, capsys, monkeypatch
+    extra, expected, threads, tmp_path, capsys, pretend_threads
 ):
     """Refused before --out is created, whatever the thread count: with more than one thread
     train first chooses the count by timing steps, and that path created --out before checking
     the model against the task (the test passed only after a test that left one thread)."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pretend_threads(threads)
     rc = main(["train", *extra, "--steps", "1", "--out", str(tmp_path / "x"), *SIZES])
     assert rc == 2
     captured = capsys.readouterr()
@@ -719,7 +730,9 @@ def test_progress_lines_show_the_rate_each_step_ran_at(tmp_path, capsys):
     assert "lr 2.00e-03" in lines[0], lines
 
 
-def test_bad_out_and_unresumable_runs_fail_before_the_thread_timing(tmp_path, capsys, monkeypatch):
+def test_bad_out_and_unresumable_runs_fail_before_the_thread_timing(
+    tmp_path, capsys, monkeypatch, pretend_threads
+):
     """Without --threads, lrnnx train times a few steps to choose the thread count: an --out
     it cannot write and a --resume whose settings differ are refused before that timing."""
     import lrnnx.cli as cli
@@ -732,7 +745,7 @@ def test_bad_out_and_unresumable_runs_fail_before_the_thread_timing(tmp_path, ca
         raise AssertionError("timed before refusing")
 
     monkeypatch.setattr(cli, "_time_steps", no_timing)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a machine with cores
+    pretend_threads(2)  # as on a machine with cores
     threadless = _run(out)  # (no --threads)
     blocker = tmp_path / "file"
     blocker.write_text("")
