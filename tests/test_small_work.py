@@ -46,6 +46,7 @@ def test_small_work_is_serial_and_large_work_follows_torch():
 def kernel_threads_from(request, monkeypatch):
     """run_on_threads on torch's OpenMP threads (where this build has them) or on lrnnx's
     Python thread pool (LRNNX_KERNEL_THREADS=pool, and every platform without the former)."""
+    _numba._find_openmp.cache_clear()  # (a test run before may have cached the pool's None)
     if request.param == "pool":
         monkeypatch.setenv(_numba.THREADS_ENV, "pool")
     elif _numba._find_openmp(os.getpid()) is None:
@@ -512,6 +513,9 @@ def test_the_kernel_pool_survives_threads_that_need_more_workers(monkeypatch):
     import sys
 
     monkeypatch.setenv("LRNNX_KERNEL_THREADS", "pool")
+    # read once per process: without this the test ran on the OpenMP runtime an earlier test
+    # found (the pool untouched), or later tests ran on the pool it found
+    _numba._find_openmp.cache_clear()
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     errors = []
@@ -534,4 +538,6 @@ def test_the_kernel_pool_survives_threads_that_need_more_workers(monkeypatch):
                 w.join()
     finally:
         sys.setswitchinterval(interval)
+        _numba._find_openmp.cache_clear()
     assert not errors, errors[:1]
+    assert _numba._POOL is not None  # the pool ran the calls
