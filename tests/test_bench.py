@@ -119,6 +119,25 @@ def test_packing_flag_prints_padded_and_packed_rows(tmp_path, capsys):
     assert "| s5 |" in md.read_text()
 
 
+def test_threads_option_leaves_the_callers_thread_count(tmp_path):
+    """`lrnnx bench --threads N` runs on N threads; a caller of main() keeps its own count
+    afterwards (as after train and demo)."""
+    from lrnnx.cli import main
+
+    argv = [
+        "bench", "--packing", "--models", "s5", "--pack-seqs", "2", "--pack-mean-len", "4",
+        "--pack-max-len", "8", "--pack-d-model", "8", "--repeats", "1", "--device", "cpu",
+        "--out", str(tmp_path), "--threads", "1",
+    ]  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_small_flag_reaches_the_small_work_rows(tmp_path, capsys):
     """`lrnnx bench --small` reaches lrnnx.bench_small: default vs torch rows per model."""
     from lrnnx.cli import main

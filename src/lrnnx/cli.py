@@ -1042,6 +1042,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from lrnnx import bench
     from lrnnx.train import ConfigError, canonical_model_name, check_writable, resolve_device
 
@@ -1053,7 +1055,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CommandError(str(e)) from None
 
-    return bench.run(args)
+    threads = torch.get_num_threads()
+    try:
+        return bench.run(args)
+    finally:  # --threads sets torch's count; a caller of main() keeps its own (as train, demo)
+        torch.set_num_threads(threads)
 
 
 #: every ``lrnnx`` subcommand, in help order (the one place to register a new one)
