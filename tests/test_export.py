@@ -41,10 +41,13 @@ def _mixer(name: str) -> nn.Module:
 
 
 def _record(how: str, model: nn.Module, x: torch.Tensor):
+    """``how``: "export" (torch.export's default strictness), "export-strict",
+    "export-nonstrict" or "trace" (torch.jit.trace)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values it fixes
-        if how == "export":
-            return torch.export.export(model, (x,)).module()
+        if how.startswith("export"):
+            kw = {} if how == "export" else {"strict": how == "export-strict"}
+            return torch.export.export(model, (x,), **kw).module()
         return torch.jit.trace(model, (x,), check_trace=False)
 
 
@@ -70,9 +73,18 @@ def test_recorded_program_matches_eager_on_every_call(name, how):
 
 
 @pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
-def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone():
+@pytest.mark.parametrize(
+    "how, is_exporting",
+    [("export", True), ("trace", True), ("export-strict", False), ("export-nonstrict", False)],
+)
+def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone(
+    how, is_exporting, monkeypatch
+):
     """Recorded at a length the kernel is not attuned to yet (a fresh S4, then a longer one):
-    C~ is computed in the program, never written into the shared parameter."""
+    C~ is computed in the program, never written into the shared parameter.  Also as with
+    torch 2.4, which has no torch.compiler.is_exporting (is_exporting False)."""
+    if not is_exporting:
+        monkeypatch.setattr(checks, "_IS_EXPORTING", None)
     torch.manual_seed(0)
     model = _First(S4(8, d_state=8, transposed=False)).eval()
     with torch.no_grad():
@@ -81,12 +93,11 @@ def test_s4_recorded_beyond_its_kernel_length_leaves_the_model_alone():
     with torch.no_grad():
         want = copy.deepcopy(model)(x)
     C = model.model.C.detach().clone()
-    for how in ("export", "trace"):
-        program = _record(how, model, x)
-        with torch.no_grad():
-            for _ in range(2):
-                assert_close_rel(program(x), want, length=30)
-        assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
+    program = _record(how, model, x)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close_rel(program(x), want, length=30)
+    assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
 
 
 class _Recording(nn.Module):
@@ -110,27 +121,6 @@ def test_export_is_told_from_compile_without_is_exporting(monkeypatch, strict):
         warnings.simplefilter("ignore")
         program = torch.export.export(_Recording(), (x,), strict=strict).module()
     assert torch.equal(program(x), x + 1)
-
-
-@pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
-def test_s4_exports_without_is_exporting(monkeypatch):
-    """As with torch 2.4 (no torch.compiler.is_exporting): exported beyond its kernel length,
-    S4 attunes C~ in the program, leaving the model as it was."""
-    monkeypatch.setattr(checks, "_IS_EXPORTING", None)
-    torch.manual_seed(0)
-    model = _First(S4(8, d_state=8, transposed=False)).eval()
-    with torch.no_grad():
-        model(torch.randn(2, 12, 8))  # attuned to 12
-    x = torch.randn(2, 30, 8)
-    with torch.no_grad():
-        want = copy.deepcopy(model)(x)
-    C = model.model.C.detach().clone()
-    for strict in (True, False):
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(model, (x,), strict=strict).module()
-            assert_close_rel(program(x), want, length=30)
-        assert torch.equal(model.model.C, C) and model.model.l_kernel == 12
 
 
 @pytest.mark.slow  # torch.export of a whole model (seconds): make test-slow
