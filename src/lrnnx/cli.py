@@ -489,6 +489,19 @@ def _compile_before_training() -> Iterator[None]:
         _numba.MARK_WAIT_COMPILES = marking
 
 
+@contextlib.contextmanager
+def _torch_threads_restored() -> Iterator[None]:
+    """torch's thread count as it was before the block: train, demo and bench may set another
+    (``--threads``, or the faster count they timed), and a caller of :func:`main` keeps its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 #: glibc's settings of when freed memory goes back to the system; a user who sets any of them
 #: (or its tunables) keeps their own choice
 _MALLOC_ENV = (
@@ -532,20 +545,15 @@ def keep_freed_memory() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from lrnnx.train import ConfigError, launch_env, train
 
     keep_freed_memory()
     config = _config_from_args(args)
-    threads = torch.get_num_threads()
     try:
-        with _compile_before_training():
+        with _torch_threads_restored(), _compile_before_training():
             result = train(config, prepared=_pick_threads(config))
     except (ConfigError, ImportError) as e:
         raise CommandError(str(e)) from None
-    finally:  # the run may pick another count; a caller of main() keeps its own (as demo)
-        torch.set_num_threads(threads)
     code = EXIT_INTERRUPTED if result.interrupted else 0
     if result.diverged is not None:
         print(f"lrnnx train: error: {result.diverged}", file=sys.stderr)
@@ -687,19 +695,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from lrnnx.train import ConfigError
 
-    threads = torch.get_num_threads()
     keep_freed_memory()
     try:
-        with _compile_before_training():
+        with _torch_threads_restored(), _compile_before_training():
             return _run_demo(args)
     except ConfigError as e:  # (the demo's own configs are valid: this is the environment)
         raise CommandError(str(e)) from None
-    finally:
-        torch.set_num_threads(threads)  # the demo may pick another count; leave it as it was
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -1042,8 +1045,6 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from lrnnx import bench
     from lrnnx.train import ConfigError, canonical_model_name, check_writable, resolve_device
 
@@ -1055,11 +1056,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CommandError(str(e)) from None
 
-    threads = torch.get_num_threads()
-    try:
+    with _torch_threads_restored():
         return bench.run(args)
-    finally:  # --threads sets torch's count; a caller of main() keeps its own (as train, demo)
-        torch.set_num_threads(threads)
 
 
 #: every ``lrnnx`` subcommand, in help order (the one place to register a new one)
